@@ -74,7 +74,7 @@ fn peer_key(conn: &quinn::Connection) -> Result<NodeKey, LinkError> {
 /// mutually authenticated with Ed25519 raw public keys.
 pub struct LinkEndpoint {
     endpoint: quinn::Endpoint,
-    identity: SigningKey,
+    identity: tls::Identity,
     transport: Arc<TransportConfig>,
     incoming: Mutex<mpsc::Receiver<Result<Link, LinkError>>>,
     acceptor: JoinHandle<()>,
@@ -99,21 +99,22 @@ impl LinkEndpoint {
     ) -> Result<Self, LinkError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| LinkError::NoRuntime)?;
         let transport = transport_config()?;
-        let tls = tls::server_config(identity, accept_from.clone())?;
+        let identity = tls::Identity::new(identity)?;
+        let tls = tls::server_config(&identity, accept_from.clone())?;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| LinkError::Config {
             context: "QUIC server crypto",
             detail: e.to_string(),
         })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
-        let endpoint =
-            quinn::Endpoint::server(server, addr).map_err(|source| LinkError::Bind { addr, source })?;
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|source| LinkError::Bind { addr, source })?;
 
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let acceptor = runtime.spawn(accept_loop(endpoint.clone(), accept_from, tx));
         Ok(Self {
             endpoint,
-            identity: identity.clone(),
+            identity,
             transport,
             incoming: Mutex::new(rx),
             acceptor,
@@ -122,15 +123,16 @@ impl LinkEndpoint {
 
     /// The bound UDP address (useful after binding port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, LinkError> {
-        self.endpoint
-            .local_addr()
-            .map_err(|source| LinkError::Config {
-                context: "local address",
-                detail: source.to_string(),
-            })
+        self.endpoint.local_addr().map_err(LinkError::LocalAddr)
     }
 
     /// Dial `addr` and require that the server proves `expected` (pinned from the directory).
+    ///
+    /// A wrong or unproven server key fails here. A server that does not list
+    /// *our* key refuses only after the client side of the TLS 1.3 handshake is
+    /// done, so that case shows as a link that closes within a round trip: the
+    /// first stream operation on it fails with [`LinkError::Closed`] or
+    /// [`LinkError::Write`].
     pub async fn connect(&self, addr: SocketAddr, expected: NodeKey) -> Result<Link, LinkError> {
         let tls = tls::client_config(&self.identity, expected)?;
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| LinkError::Config {

@@ -33,6 +33,10 @@ pub enum LinkError {
         detail: String,
     },
 
+    /// The endpoint's socket address could not be read.
+    #[error("cannot read the endpoint's local address")]
+    LocalAddr(#[source] io::Error),
+
     /// A dial could not even be started (endpoint closing, invalid address).
     #[error("cannot dial {addr}")]
     Connect {

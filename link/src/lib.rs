@@ -22,4 +22,5 @@ pub fn node_key(identity: &ed25519_dalek::SigningKey) -> NodeKey {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests;

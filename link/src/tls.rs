@@ -11,9 +11,7 @@ use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{
-    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
-};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -43,43 +41,51 @@ pub fn parse_ed25519_spki(der: &[u8]) -> Option<NodeKey> {
     key.try_into().ok()
 }
 
-/// The ring provider, restricted to TLS 1.3 at the config builders.
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The node's own raw public key with its signer, loaded once per endpoint.
+#[derive(Clone)]
+pub(crate) struct Identity {
+    provider: Arc<CryptoProvider>,
+    key: Arc<CertifiedKey>,
 }
 
-/// The node's own raw public key together with its signer.
-pub(crate) fn certified_key(
-    identity: &SigningKey,
-    provider: &CryptoProvider,
-) -> Result<Arc<CertifiedKey>, LinkError> {
-    let config_err = |detail: String| LinkError::Config {
-        context: "load node identity",
-        detail,
-    };
-    let pkcs8 = identity
-        .to_pkcs8_der()
-        .map_err(|e| config_err(e.to_string()))?;
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
-    let signer = provider
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| config_err(e.to_string()))?;
-    let spki = ed25519_spki(&identity.verifying_key().to_bytes());
-    Ok(Arc::new(CertifiedKey::new(
-        vec![CertificateDer::from(spki.to_vec())],
-        signer,
-    )))
+// The signer holds the private key; print nothing about it.
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Identity")
+    }
+}
+
+impl Identity {
+    /// Load `identity` into the ring provider (TLS 1.3 is enforced at the config builders).
+    pub(crate) fn new(identity: &SigningKey) -> Result<Self, LinkError> {
+        let config_err = |detail: String| LinkError::Config {
+            context: "load node identity",
+            detail,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pkcs8 = identity
+            .to_pkcs8_der()
+            .map_err(|e| config_err(e.to_string()))?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
+        let signer = provider
+            .key_provider
+            .load_private_key(der)
+            .map_err(|e| config_err(e.to_string()))?;
+        let spki = ed25519_spki(&identity.verifying_key().to_bytes());
+        let key = Arc::new(CertifiedKey::new(
+            vec![CertificateDer::from(spki.to_vec())],
+            signer,
+        ));
+        Ok(Self { provider, key })
+    }
 }
 
 /// Server side of every link: presents our key, requires a client key in `accept_from`.
 pub(crate) fn server_config(
-    identity: &SigningKey,
+    identity: &Identity,
     accept_from: PeerSet,
 ) -> Result<rustls::ServerConfig, LinkError> {
-    let provider = provider();
-    let key = certified_key(identity, &provider)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(identity.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| LinkError::Config {
             context: "TLS server versions",
@@ -87,7 +93,7 @@ pub(crate) fn server_config(
         })?
         .with_client_cert_verifier(Arc::new(PeerSetVerifier { accept_from }))
         .with_cert_resolver(Arc::new(
-            rustls::server::AlwaysResolvesServerRawPublicKeys::new(key),
+            rustls::server::AlwaysResolvesServerRawPublicKeys::new(identity.key.clone()),
         ));
     config.alpn_protocols = vec![ALPN.to_vec()];
     // No resumption: every handshake proves the keys again, so a PeerSet update
@@ -99,12 +105,10 @@ pub(crate) fn server_config(
 
 /// Client side of one dial: presents our key, requires the server to prove `expected`.
 pub(crate) fn client_config(
-    identity: &SigningKey,
+    identity: &Identity,
     expected: NodeKey,
 ) -> Result<rustls::ClientConfig, LinkError> {
-    let provider = provider();
-    let key = certified_key(identity, &provider)?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(identity.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| LinkError::Config {
             context: "TLS client versions",
@@ -113,7 +117,7 @@ pub(crate) fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedVerifier { expected }))
         .with_client_cert_resolver(Arc::new(
-            rustls::client::AlwaysResolvesClientRawPublicKeys::new(key),
+            rustls::client::AlwaysResolvesClientRawPublicKeys::new(identity.key.clone()),
         ));
     config.alpn_protocols = vec![ALPN.to_vec()];
     // All servers share one placeholder name, so a resumption cache keyed by
@@ -136,8 +140,9 @@ fn verify_ed25519(
             rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
         ));
     }
-    let key = parse_ed25519_spki(cert)
-        .ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let key = parse_ed25519_spki(cert).ok_or(rustls::Error::InvalidCertificate(
+        CertificateError::BadEncoding,
+    ))?;
     let bad_sig = || rustls::Error::InvalidCertificate(CertificateError::BadSignature);
     let key = VerifyingKey::from_bytes(&key).map_err(|_| bad_sig())?;
     let sig = Signature::from_slice(signature).map_err(|_| bad_sig())?;
@@ -285,6 +290,7 @@ impl ClientCertVerifier for PeerSetVerifier {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -292,10 +298,12 @@ mod tests {
     fn spki_matches_ring_encoding() {
         // ring's signer knows its own SPKI; ours must be byte-identical.
         let sk = SigningKey::from_bytes(&[7; 32]);
-        let p = provider();
-        let ck = certified_key(&sk, &p).unwrap();
-        let ring_spki = ck.key.public_key().unwrap();
-        assert_eq!(ring_spki.as_ref(), &ed25519_spki(&sk.verifying_key().to_bytes())[..]);
+        let id = Identity::new(&sk).unwrap();
+        let ring_spki = id.key.key.public_key().unwrap();
+        assert_eq!(
+            ring_spki.as_ref(),
+            &ed25519_spki(&sk.verifying_key().to_bytes())[..]
+        );
     }
 
     #[test]
@@ -327,7 +335,15 @@ mod tests {
         assert!(verify_ed25519(b"transcript", &cert, p256, &sig).is_err());
         let wrong = CertificateDer::from(ed25519_spki(&[9; 32]).to_vec());
         assert!(verify_ed25519(b"transcript", &wrong, ed, &sig).is_err());
-        assert!(verify_ed25519(b"transcript", &CertificateDer::from(vec![0u8; 44]), ed, &sig).is_err());
+        assert!(
+            verify_ed25519(
+                b"transcript",
+                &CertificateDer::from(vec![0u8; 44]),
+                ed,
+                &sig
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Building and unwrapping Shoal's Sphinx packets on top of `sphinx-packet`.
 //!
-//! Every route has exactly [`ROUTE_HOPS`] hops, so every header is the same size and
-//! the exit gateway is always the fifth hop. A node's Sphinx address is its Ed25519
+//! Client routes have [`ROUTE_HOPS`] hops; node loops may be shorter. The header is
+//! padded to the maximum either way, so every packet is the same size. A node's Sphinx address is its Ed25519
 //! identity key, so the next hop in a header is also the key its link is pinned to.
 
 use std::time::Duration;
@@ -60,8 +60,8 @@ pub enum Unwrapped {
 }
 
 fn to_nodes(route: &[Hop]) -> Result<Vec<Node>, PacketError> {
-    if route.len() != ROUTE_HOPS {
-        return Err(PacketError::Route("every route has exactly five hops"));
+    if route.is_empty() || route.len() > ROUTE_HOPS {
+        return Err(PacketError::Route("a route has one to five hops"));
     }
     Ok(route
         .iter()
@@ -69,9 +69,9 @@ fn to_nodes(route: &[Hop]) -> Result<Vec<Node>, PacketError> {
         .collect())
 }
 
-fn to_delays(delays: &[Duration]) -> Result<Vec<Delay>, PacketError> {
-    if delays.len() != ROUTE_HOPS {
-        return Err(PacketError::Route("every route has exactly five delays"));
+fn to_delays(route: &[Hop], delays: &[Duration]) -> Result<Vec<Delay>, PacketError> {
+    if delays.len() != route.len() {
+        return Err(PacketError::Route("a route needs one delay per hop"));
     }
     Ok(delays
         .iter()
@@ -80,14 +80,15 @@ fn to_delays(delays: &[Duration]) -> Result<Vec<Delay>, PacketError> {
 }
 
 /// Builds a forward packet carrying `plaintext` (exactly [`PLAINTEXT_SIZE`] bytes) to
-/// `mailbox` at the last hop of `route`.
+/// `mailbox` at the last hop of `route`. Also returns the random identifier the exit
+/// hop will see with it, which lets a node recognise its own returning loops.
 pub fn build_forward<R: CryptoRng + ?Sized>(
     rng: &mut R,
     route: &[Hop],
     delays: &[Duration],
     mailbox: &MailboxAddress,
     plaintext: &[u8],
-) -> Result<ForwardPacket, PacketError> {
+) -> Result<(ForwardPacket, SurbId), PacketError> {
     if plaintext.len() != PLAINTEXT_SIZE {
         return Err(PacketError::Length {
             what: "forward plaintext",
@@ -96,7 +97,7 @@ pub fn build_forward<R: CryptoRng + ?Sized>(
         });
     }
     let nodes = to_nodes(route)?;
-    let delays = to_delays(delays)?;
+    let delays = to_delays(route, delays)?;
     let mut surb_id = [0u8; 16];
     rng.fill_bytes(&mut surb_id);
     let destination = Destination::new(DestinationAddressBytes::from_bytes(*mailbox), surb_id);
@@ -105,10 +106,13 @@ pub fn build_forward<R: CryptoRng + ?Sized>(
         .with_payload_size(SPHINX_PAYLOAD_SIZE)
         .with_initial_secret(&initial)
         .build_packet(plaintext, &nodes, &destination, &delays)?;
-    Ok(ForwardPacket {
-        first_hop: route[0].address,
-        packet: packet.to_bytes(),
-    })
+    Ok((
+        ForwardPacket {
+            first_hop: route[0].address,
+            packet: packet.to_bytes(),
+        },
+        surb_id,
+    ))
 }
 
 /// Serialized size of a single-seed SURB: header, first hop, one payload key seed.
@@ -136,7 +140,7 @@ pub fn build_surb<R: CryptoRng + ?Sized>(
     mailbox: &MailboxAddress,
 ) -> Result<ReplyBlock, PacketError> {
     let nodes = to_nodes(route)?;
-    let delays = to_delays(delays)?;
+    let delays = to_delays(route, delays)?;
     let mut surb_id = [0u8; 16];
     while surb_id == [0u8; 16] {
         rng.fill_bytes(&mut surb_id);
@@ -292,12 +296,13 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let (secrets, hops) = route(&mut rng);
         let plaintext: Vec<u8> = (0..PLAINTEXT_SIZE).map(|i| i as u8).collect();
-        let fwd = build_forward(&mut rng, &hops, &delays(), &[9; 32], &plaintext).unwrap();
+        let (fwd, id) = build_forward(&mut rng, &hops, &delays(), &[9; 32], &plaintext).unwrap();
         assert_eq!(fwd.first_hop, hops[0].address);
         assert_eq!(fwd.packet.len(), SPHINX_PACKET_SIZE);
         match walk(&secrets, &hops, fwd.packet) {
-            Unwrapped::Final { destination, payload, .. } => {
+            Unwrapped::Final { destination, payload, surb_id } => {
                 assert_eq!(destination, [9; 32]);
+                assert_eq!(surb_id, id);
                 assert_eq!(payload.len(), SPHINX_PAYLOAD_SIZE);
                 assert_eq!(open_forward(&payload).unwrap(), plaintext);
             }
@@ -329,7 +334,7 @@ mod tests {
     fn replay_is_dropped_and_wrong_key_rejected() {
         let mut rng = StdRng::seed_from_u64(9);
         let (secrets, hops) = route(&mut rng);
-        let fwd = build_forward(&mut rng, &hops, &delays(), &[1; 32], &[0; PLAINTEXT_SIZE]).unwrap();
+        let (fwd, _) = build_forward(&mut rng, &hops, &delays(), &[1; 32], &[0; PLAINTEXT_SIZE]).unwrap();
         let filter = ReplayFilter::new(0, 1024);
         assert!(unwrap(&secrets[0], 0, &filter, &fwd.packet).is_ok());
         assert_eq!(unwrap(&secrets[0], 0, &filter, &fwd.packet).unwrap_err(), PacketError::Replayed);
@@ -349,7 +354,8 @@ mod tests {
         assert!(unwrap(&secrets[0], 0, &filter, &[]).is_err());
         assert!(unwrap(&secrets[0], 0, &filter, &[0u8; SPHINX_PACKET_SIZE]).is_err());
         assert!(use_surb(&[0u8; 5], b"x").is_err());
-        assert!(build_forward(&mut rng, &hops[..4], &delays()[..4], &[0; 32], &[0; PLAINTEXT_SIZE]).is_err());
+        assert!(build_forward(&mut rng, &[], &[], &[0; 32], &[0; PLAINTEXT_SIZE]).is_err());
+        assert!(build_forward(&mut rng, &hops[..4], &delays(), &[0; 32], &[0; PLAINTEXT_SIZE]).is_err());
         assert!(build_forward(&mut rng, &hops, &delays(), &[0; 32], &[0; 10]).is_err());
     }
 }

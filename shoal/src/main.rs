@@ -1,1 +1,47 @@
-fn main() {}
+//! `shoal`: the one front-door binary. Thin: parses arguments and config, wires crates.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod authority_cmd;
+mod relay_cmd;
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Shoal mix network and managed group messenger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run or set up a directory authority.
+    #[command(subcommand)]
+    Authority(authority_cmd::AuthorityCommand),
+    /// Run or set up a mix relay.
+    #[command(subcommand)]
+    Relay(relay_cmd::RelayCommand),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Authority(cmd) => authority_cmd::run(cmd),
+        Command::Relay(cmd) => relay_cmd::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

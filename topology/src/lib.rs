@@ -1,1 +1,33 @@
 #![doc = include_str!("../README.md")]
+
+pub mod authority;
+pub mod descriptor;
+pub mod document;
+pub mod epoch;
+pub mod params;
+pub mod route;
+
+mod encoding;
+mod error;
+
+pub use authority::{Authority, AuthorityConfig};
+pub use descriptor::{Descriptor, SignedDescriptor, SphinxKeyEntry};
+pub use document::{AuthoritySet, DocumentBody, NodeEntry, SignatureChecked, SignedDocument, Topology, UncheckedDocument};
+pub use encoding::{Hex32, Hex64};
+pub use epoch::EpochSchedule;
+pub use error::TopologyError;
+pub use params::NetworkParams;
+
+/// A node's identity: its Ed25519 public key. Also its Sphinx address and the key
+/// its QUIC links are pinned to.
+pub type NodeId = [u8; 32];
+
+/// What a node does in the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A mix in one of the layers.
+    Relay,
+    /// Entry and exit hop; hosts mailboxes.
+    Gateway,
+}
