@@ -179,7 +179,10 @@ pub enum Reassembled {
     /// Stored; more fragments are needed.
     Pending,
     /// The message is complete.
-    Complete { message_id: MessageId, message: Vec<u8> },
+    Complete {
+        message_id: MessageId,
+        message: Vec<u8>,
+    },
     /// A duplicate of a fragment or of a completed message; ignored.
     Duplicate,
     /// Inconsistent with earlier fragments of the same id; ignored.
@@ -226,10 +229,10 @@ impl Reassembler {
             };
         }
         if !self.pending.contains_key(&h.message_id) {
-            if self.pending.len() >= self.limits.max_pending {
-                if let Some(oldest) = self.order.pop_front() {
-                    self.pending.remove(&oldest);
-                }
+            if self.pending.len() >= self.limits.max_pending
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.pending.remove(&oldest);
             }
             self.order.push_back(h.message_id);
             self.pending.insert(
@@ -350,7 +353,10 @@ mod tests {
         assert_eq!(r.insert(frags[0].clone(), now), Reassembled::Pending);
         assert_eq!(r.insert(frags[0].clone(), now), Reassembled::Duplicate);
         assert_eq!(r.insert(frags[2].clone(), now), Reassembled::Pending);
-        assert!(matches!(r.insert(frags[1].clone(), now), Reassembled::Complete { .. }));
+        assert!(matches!(
+            r.insert(frags[1].clone(), now),
+            Reassembled::Complete { .. }
+        ));
         assert_eq!(r.insert(frags[1].clone(), now), Reassembled::Duplicate);
         // Pending messages are bounded and expire.
         for i in 2..6u8 {

@@ -128,9 +128,12 @@ impl ReplayFilter {
     pub fn contains(&self, epoch: u64, tag: &ReplayTag) -> bool {
         let gens = self.generations.read().unwrap_or_else(|e| e.into_inner());
         let (shard, fp) = split(tag);
-        gens.iter()
-            .find(|g| g.epoch == epoch)
-            .is_some_and(|g| g.shards[shard].lock().unwrap_or_else(|e| e.into_inner()).contains(&fp))
+        gens.iter().find(|g| g.epoch == epoch).is_some_and(|g| {
+            g.shards[shard]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&fp)
+        })
     }
 
     /// Records `tag` for `epoch`, atomically with the check.
@@ -140,7 +143,9 @@ impl ReplayFilter {
             return ReplayVerdict::UnknownEpoch;
         };
         let (shard, fp) = split(tag);
-        let mut set = generation.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = generation.shards[shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if set.contains(&fp) {
             return ReplayVerdict::Replayed;
         }

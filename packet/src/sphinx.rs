@@ -149,11 +149,14 @@ pub fn build_surb<R: CryptoRng + ?Sized>(
     let material = SURBMaterial::new(nodes, delays, destination, SINGLE_SEED_SURB_VERSION);
     let (surb, recovery) = SURB::new_recoverable(StaticSecret::random_from_rng(rng), material)?;
     let bytes = surb.to_bytes();
-    let surb: [u8; SURB_SIZE] = bytes.as_slice().try_into().map_err(|_| PacketError::Length {
-        what: "surb",
-        expected: SURB_SIZE,
-        got: bytes.len(),
-    })?;
+    let surb: [u8; SURB_SIZE] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| PacketError::Length {
+            what: "surb",
+            expected: SURB_SIZE,
+            got: bytes.len(),
+        })?;
     Ok(ReplyBlock { surb, recovery })
 }
 
@@ -273,10 +276,16 @@ mod tests {
     }
 
     fn walk(secrets: &[StaticSecret], hops: &[Hop], mut packet: Vec<u8>) -> Unwrapped {
-        let filters: Vec<ReplayFilter> = (0..ROUTE_HOPS).map(|_| ReplayFilter::new(0, 1 << 20)).collect();
+        let filters: Vec<ReplayFilter> = (0..ROUTE_HOPS)
+            .map(|_| ReplayFilter::new(0, 1 << 20))
+            .collect();
         for i in 0..ROUTE_HOPS {
             match unwrap(&secrets[i], 0, &filters[i], &packet).unwrap() {
-                Unwrapped::Forward { next_hop, delay, packet: next } => {
+                Unwrapped::Forward {
+                    next_hop,
+                    delay,
+                    packet: next,
+                } => {
                     assert_eq!(next_hop, hops[i + 1].address);
                     assert_eq!(delay, Duration::from_millis(i as u64 * 10 + 10));
                     assert_eq!(next.len(), SPHINX_PACKET_SIZE);
@@ -300,7 +309,11 @@ mod tests {
         assert_eq!(fwd.first_hop, hops[0].address);
         assert_eq!(fwd.packet.len(), SPHINX_PACKET_SIZE);
         match walk(&secrets, &hops, fwd.packet) {
-            Unwrapped::Final { destination, payload, surb_id } => {
+            Unwrapped::Final {
+                destination,
+                payload,
+                surb_id,
+            } => {
                 assert_eq!(destination, [9; 32]);
                 assert_eq!(surb_id, id);
                 assert_eq!(payload.len(), SPHINX_PAYLOAD_SIZE);
@@ -319,11 +332,18 @@ mod tests {
         assert_eq!(reply.packet.len(), SPHINX_PACKET_SIZE);
         assert_eq!(reply.first_hop, hops[0].address);
         match walk(&secrets, &hops, reply.packet) {
-            Unwrapped::Final { destination, surb_id, payload } => {
+            Unwrapped::Final {
+                destination,
+                surb_id,
+                payload,
+            } => {
                 assert_eq!(destination, [3; 32]);
                 assert_eq!(&surb_id, block.recovery.identifier());
                 // The exit hop cannot read it without the recovery material.
-                assert_ne!(open_forward(&payload).ok().as_deref(), Some(&b"ack ack"[..]));
+                assert_ne!(
+                    open_forward(&payload).ok().as_deref(),
+                    Some(&b"ack ack"[..])
+                );
                 assert_eq!(open_reply(&block.recovery, &payload).unwrap(), b"ack ack");
             }
             Unwrapped::Forward { .. } => unreachable!(),
@@ -334,16 +354,23 @@ mod tests {
     fn replay_is_dropped_and_wrong_key_rejected() {
         let mut rng = StdRng::seed_from_u64(9);
         let (secrets, hops) = route(&mut rng);
-        let (fwd, _) = build_forward(&mut rng, &hops, &delays(), &[1; 32], &[0; PLAINTEXT_SIZE]).unwrap();
+        let (fwd, _) =
+            build_forward(&mut rng, &hops, &delays(), &[1; 32], &[0; PLAINTEXT_SIZE]).unwrap();
         let filter = ReplayFilter::new(0, 1024);
         assert!(unwrap(&secrets[0], 0, &filter, &fwd.packet).is_ok());
-        assert_eq!(unwrap(&secrets[0], 0, &filter, &fwd.packet).unwrap_err(), PacketError::Replayed);
+        assert_eq!(
+            unwrap(&secrets[0], 0, &filter, &fwd.packet).unwrap_err(),
+            PacketError::Replayed
+        );
         let other = ReplayFilter::new(0, 1024);
         assert!(matches!(
             unwrap(&secrets[1], 0, &other, &fwd.packet),
             Err(PacketError::Sphinx(_))
         ));
-        assert!(other.is_empty(), "a packet that failed its MAC must not be recorded");
+        assert!(
+            other.is_empty(),
+            "a packet that failed its MAC must not be recorded"
+        );
     }
 
     #[test]
@@ -355,7 +382,16 @@ mod tests {
         assert!(unwrap(&secrets[0], 0, &filter, &[0u8; SPHINX_PACKET_SIZE]).is_err());
         assert!(use_surb(&[0u8; 5], b"x").is_err());
         assert!(build_forward(&mut rng, &[], &[], &[0; 32], &[0; PLAINTEXT_SIZE]).is_err());
-        assert!(build_forward(&mut rng, &hops[..4], &delays(), &[0; 32], &[0; PLAINTEXT_SIZE]).is_err());
+        assert!(
+            build_forward(
+                &mut rng,
+                &hops[..4],
+                &delays(),
+                &[0; 32],
+                &[0; PLAINTEXT_SIZE]
+            )
+            .is_err()
+        );
         assert!(build_forward(&mut rng, &hops, &delays(), &[0; 32], &[0; 10]).is_err());
     }
 }

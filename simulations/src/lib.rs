@@ -1,1 +1,8 @@
 #![doc = include_str!("../README.md")]
+
+pub mod harness;
+
+mod error;
+
+pub use error::SimError;
+pub use harness::{Behaviour, ClientPacket, Delivery, LinkConfig, Network, NetworkBuilder};

@@ -1,0 +1,92 @@
+//! The physical ceiling: raw `sphinx-packet` unwraps per second, on one core and on all.
+//!
+//! Every relay figure is reported as a ratio against these, measured in the same run,
+//! so the numbers mean the same thing on any machine.
+
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use shoal_packet::PLAINTEXT_SIZE;
+use shoal_packet::sphinx::{self, Hop};
+use sphinx_packet::SphinxPacket;
+use x25519_dalek::StaticSecret;
+
+/// Unwrap rates of the bare crate, without any of Shoal's pipeline.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Ceiling {
+    pub single_core_unwraps_per_sec: f64,
+    pub all_cores_unwraps_per_sec: f64,
+    pub cores: usize,
+}
+
+/// Packets for one node key, all distinct, built from a fixed seed.
+pub fn packets_for(secret: &StaticSecret, count: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let me = Hop {
+        address: [1; 32],
+        sphinx_key: x25519_dalek::PublicKey::from(secret),
+    };
+    let next = Hop {
+        address: [2; 32],
+        sphinx_key: sphinx::generate_key(&mut rng).1,
+    };
+    let plaintext = vec![0u8; PLAINTEXT_SIZE];
+    (0..count)
+        .filter_map(|_| {
+            sphinx::build_forward(
+                &mut rng,
+                &[me.clone(), next.clone()],
+                &[Duration::ZERO; 2],
+                &[3; 32],
+                &plaintext,
+            )
+            .ok()
+            .map(|(p, _)| p.packet)
+        })
+        .collect()
+}
+
+fn unwrap_for(secret: &StaticSecret, packets: &[Vec<u8>], dur: Duration) -> u64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    'outer: loop {
+        for p in packets {
+            if let Ok(packet) = SphinxPacket::from_bytes(p) {
+                let ok = packet.process(secret).is_ok();
+                std::hint::black_box(ok);
+            }
+            n += 1;
+            if n.is_multiple_of(64) && start.elapsed() >= dur {
+                break 'outer;
+            }
+        }
+    }
+    n
+}
+
+fn rate(secret: &StaticSecret, packets: &[Vec<u8>], threads: usize, dur: Duration) -> f64 {
+    let start = Instant::now();
+    let total: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| s.spawn(|| unwrap_for(secret, packets, dur)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Measures both ceilings, spending about `per_measurement` on each.
+pub fn measure(per_measurement: Duration) -> Ceiling {
+    let secret = StaticSecret::from([42u8; 32]);
+    let packets = packets_for(&secret, 512, 1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    Ceiling {
+        single_core_unwraps_per_sec: rate(&secret, &packets, 1, per_measurement),
+        all_cores_unwraps_per_sec: rate(&secret, &packets, cores, per_measurement),
+        cores,
+    }
+}
