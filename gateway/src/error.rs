@@ -1,0 +1,76 @@
+use shoal_packet::PacketError;
+
+/// Everything that can go wrong in the gateway's protocol core, mailbox and store.
+///
+/// Messages name what was being handled, never the bytes, keys or mailbox addresses
+/// involved: those are user data and must not reach logs.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// A control message ended before one of its fields. Peer misbehaviour.
+    #[error("{what}: truncated, needed {need} bytes, had {got}")]
+    Truncated {
+        what: &'static str,
+        need: usize,
+        got: usize,
+    },
+    /// A length (of a message, list or string) exceeds what the format allows.
+    #[error("{what}: length {len} exceeds the maximum of {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// A field held a value the format does not allow. Peer misbehaviour.
+    #[error("{what}: invalid value {value}")]
+    Field { what: &'static str, value: u64 },
+    /// Bytes after the end of a control message were not zero padding.
+    #[error("{what}: non-zero bytes after the message")]
+    TrailingBytes { what: &'static str },
+    /// A Sphinx frame was handed to the control-message decoder.
+    #[error("expected a control frame")]
+    NotControl,
+    /// Building or checking a frame failed.
+    #[error("frame: {0}")]
+    Frame(PacketError),
+    /// No account is registered for this key. For clients: authentication failed.
+    #[error("unknown account")]
+    UnknownAccount,
+    /// The account key is already registered.
+    #[error("account key already registered")]
+    AccountExists,
+    /// The mailbox address already belongs to another account.
+    #[error("mailbox address already has an account")]
+    MailboxTaken,
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// The database reported an error during `op`.
+    #[error("store: {op}: {detail}")]
+    Store { op: &'static str, detail: String },
+    /// A record read back from the database does not have the layout this version writes.
+    #[error("store: corrupt {what} record")]
+    Corrupt { what: &'static str },
+    /// The store's writer thread is gone (closed or crashed); nothing more will commit.
+    #[error("store writer is not running")]
+    StoreClosed,
+    /// The store's submission queue is full; try again later.
+    #[error("store queue is full")]
+    StoreBusy,
+    /// Turning an ack slot into a packet failed (the SURB is not a valid reply block).
+    #[error("ack: {0}")]
+    Ack(PacketError),
+    /// A bug in this crate, not the peer's fault.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl GatewayError {
+    pub(crate) fn store(op: &'static str, e: impl std::fmt::Display) -> Self {
+        // redb's messages describe files and pages, never record contents.
+        GatewayError::Store {
+            op,
+            detail: e.to_string(),
+        }
+    }
+}
