@@ -130,15 +130,18 @@ impl Unwrapper {
         }
         let (epoch, secret) = {
             let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            let (e, k) = keys.by_label(frame.key_epoch()).ok_or(DropReason::UnknownEpoch)?;
+            let (e, k) = keys
+                .by_label(frame.key_epoch())
+                .ok_or(DropReason::UnknownEpoch)?;
             (e, k.clone())
         };
-        let out = sphinx::unwrap(&secret, epoch, &self.replay, frame.body()).map_err(|e| match e {
-            PacketError::Replayed => DropReason::Replay,
-            PacketError::ReplayFilterFull => DropReason::ReplayFilterFull,
-            PacketError::UnknownEpoch { .. } => DropReason::UnknownEpoch,
-            _ => DropReason::BadPacket,
-        })?;
+        let out =
+            sphinx::unwrap(&secret, epoch, &self.replay, frame.body()).map_err(|e| match e {
+                PacketError::Replayed => DropReason::Replay,
+                PacketError::ReplayFilterFull => DropReason::ReplayFilterFull,
+                PacketError::UnknownEpoch { .. } => DropReason::UnknownEpoch,
+                _ => DropReason::BadPacket,
+            })?;
         Ok(match out {
             Unwrapped::Forward {
                 next_hop,
@@ -147,7 +150,8 @@ impl Unwrapper {
             } => Processed::Forward {
                 to: next_hop,
                 delay,
-                frame: Frame::sphinx(frame.key_epoch(), &packet).map_err(|_| DropReason::BadPacket)?,
+                frame: Frame::sphinx(frame.key_epoch(), &packet)
+                    .map_err(|_| DropReason::BadPacket)?,
             },
             Unwrapped::Final {
                 destination,
@@ -328,9 +332,15 @@ impl MixCore {
     }
 
     /// Second half of [`handle_packet`](Self::handle_packet), for drivers that unwrap elsewhere.
-    pub fn handle_processed(&mut self, processed: Result<Processed, DropReason>, now: Instant) -> Result<(), DropReason> {
+    pub fn handle_processed(
+        &mut self,
+        processed: Result<Processed, DropReason>,
+        now: Instant,
+    ) -> Result<(), DropReason> {
         let result = match processed {
-            Ok(Processed::Forward { to, delay, frame }) => self.schedule(to, frame, now + delay.min(self.config.max_delay)),
+            Ok(Processed::Forward { to, delay, frame }) => {
+                self.schedule(to, frame, now + delay.min(self.config.max_delay))
+            }
             Ok(Processed::Final {
                 destination,
                 surb_id,
@@ -402,10 +412,16 @@ impl MixCore {
     ///
     /// The loop schedule is a Poisson process at λM drawn from `rng` alone; it is the
     /// same whether the node is idle or saturated.
-    pub fn handle_timeout<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R, topology: Option<&Topology>) {
+    pub fn handle_timeout<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        topology: Option<&Topology>,
+    ) {
         let timeout = self.config.loop_timeout;
         let before = self.loops.len();
-        self.loops.retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
+        self.loops
+            .retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
         self.stats.loops_lost += (before - self.loops.len()) as u64;
 
         if self.config.loop_rate <= 0.0 {
@@ -415,7 +431,9 @@ impl MixCore {
         let Ok(exp) = Exp::new(self.config.loop_rate) else {
             return;
         };
-        let mut next = *self.next_loop.get_or_insert_with(|| now + Duration::from_secs_f64(exp.sample(rng)));
+        let mut next = *self
+            .next_loop
+            .get_or_insert_with(|| now + Duration::from_secs_f64(exp.sample(rng)));
         while next <= now {
             match topology.map(|t| self.build_loop(rng, t)) {
                 Some(Ok((first_hop, frame, id))) => {
@@ -431,14 +449,22 @@ impl MixCore {
         self.next_loop = Some(next);
     }
 
-    fn build_loop<R: CryptoRng + ?Sized>(&self, rng: &mut R, topo: &Topology) -> Result<(NodeId, Frame, SurbId), DropReason> {
+    fn build_loop<R: CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        topo: &Topology,
+    ) -> Result<(NodeId, Frame, SurbId), DropReason> {
         let epoch = topo.epoch();
-        let route = topo.loop_route(rng, epoch, &self.me).map_err(|_| DropReason::NoRoute)?;
+        let route = topo
+            .loop_route(rng, epoch, &self.me)
+            .map_err(|_| DropReason::NoRoute)?;
         let delays = sample_delays(rng, topo.params(), route.len());
         let mut plaintext = vec![0u8; PLAINTEXT_SIZE];
         rng.fill(&mut plaintext[..]);
-        let (built, id) = sphinx::build_forward(rng, &route, &delays, &self.me, &plaintext).map_err(|_| DropReason::BadPacket)?;
-        let frame = Frame::sphinx(EpochSchedule::frame_label(epoch), &built.packet).map_err(|_| DropReason::BadPacket)?;
+        let (built, id) = sphinx::build_forward(rng, &route, &delays, &self.me, &plaintext)
+            .map_err(|_| DropReason::BadPacket)?;
+        let frame = Frame::sphinx(EpochSchedule::frame_label(epoch), &built.packet)
+            .map_err(|_| DropReason::BadPacket)?;
         Ok((built.first_hop, frame, id))
     }
 

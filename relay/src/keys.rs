@@ -14,7 +14,9 @@ pub struct KeyRing {
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRing").field("epochs", &self.epochs()).finish()
+        f.debug_struct("KeyRing")
+            .field("epochs", &self.epochs())
+            .finish()
     }
 }
 
@@ -29,7 +31,11 @@ impl KeyRing {
 
     /// Makes sure keys exist for every epoch in `epochs`, generating missing ones.
     /// Returns the epochs that were generated.
-    pub fn ensure<R: CryptoRng + ?Sized>(&mut self, rng: &mut R, epochs: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    pub fn ensure<R: CryptoRng + ?Sized>(
+        &mut self,
+        rng: &mut R,
+        epochs: std::ops::RangeInclusive<u64>,
+    ) -> Vec<u64> {
         let mut made = Vec::new();
         for e in epochs {
             self.keys.entry(e).or_insert_with(|| {

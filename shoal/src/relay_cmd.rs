@@ -1,15 +1,121 @@
-//! `shoal relay ...`
+//! `shoal relay ...`: set up and run a mix relay.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
 use clap::Subcommand;
+use shoal_relay::config::{AuthorityAddr, Config, InitOptions, init_dir};
 
 #[derive(Subcommand, Debug)]
 pub enum RelayCommand {
-    /// Write a commented default config and fresh keys.
-    Init,
+    /// Write a commented default config (DIR/relay.toml) and a fresh identity key.
+    Init {
+        /// Directory to set up; it holds the config and the keys.
+        #[arg(long)]
+        dir: PathBuf,
+        /// QUIC link address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        listen: SocketAddr,
+        /// Address to advertise in the directory (needed when --listen is 0.0.0.0).
+        #[arg(long)]
+        public_addr: Option<SocketAddr>,
+        /// Serve Prometheus metrics on this address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// A directory authority as ADDR=HEXKEY (repeatable).
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY", value_parser = parse_authority)]
+        authorities: Vec<AuthorityAddr>,
+        /// Authority signatures a document needs (default: a majority).
+        #[arg(long)]
+        threshold: Option<usize>,
+    },
+    /// Run a relay until SIGINT or SIGTERM.
+    Run {
+        /// The relay's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
+    s.parse()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn run(cmd: RelayCommand) -> anyhow::Result<()> {
     match cmd {
-        RelayCommand::Init => anyhow::bail!("not yet built"),
+        RelayCommand::Init {
+            dir,
+            listen,
+            public_addr,
+            metrics,
+            authorities,
+            threshold,
+        } => {
+            if let Some(k) = threshold
+                && (k == 0 || k > authorities.len())
+            {
+                bail!(
+                    "--threshold {k} must be between 1 and the number of --authority ({})",
+                    authorities.len()
+                );
+            }
+            let no_authorities = authorities.is_empty();
+            let opts = InitOptions {
+                listen,
+                public_addr,
+                metrics_listen: metrics,
+                authorities,
+                threshold,
+            };
+            let (path, identity) = init_dir(&dir, &opts)?;
+            println!("relay identity: {}", hex(&identity));
+            println!("config written: {}", path.display());
+            if no_authorities {
+                println!("add the directory authorities to [directory] before `shoal relay run`");
+            }
+            Ok(())
+        }
+        RelayCommand::Run { config } => {
+            let config = Config::load(&config)?;
+            // Unwrapping runs on the relay's own worker threads; the async runtime only
+            // moves frames, so it gets a small share of the cores.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cores.div_ceil(4).max(1))
+                .thread_name("shoal-relay-io")
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async move {
+                let relay = shoal_relay::spawn(config).await?;
+                println!("relay identity: {}", hex(&relay.identity()));
+                wait_for_signal().await?;
+                tracing::info!("shutting down");
+                relay.shutdown().await;
+                Ok(())
+            })
+        }
     }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for Ctrl-C")?;
+    Ok(())
 }

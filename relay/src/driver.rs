@@ -1,0 +1,365 @@
+//! The relay driver: QUIC links (tokio + quinn) around worker threads running [`MixCore`].
+//!
+//! ```text
+//! link reader tasks ──try_send──> bounded queue per worker ──> worker thread (MixCore)
+//!                                                                 │ poll_transmit
+//! directory task (keys, descriptor, documents)       per-peer bounded queue ──> link task
+//! ```
+//! [`spawn`] starts everything inside the current tokio runtime and returns a
+//! [`RelayHandle`]; the same call serves `shoal relay run`, tests and benchmarks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use shoal_link::{FrameReceiver, Link, LinkEndpoint, LinkError, NodeKey, PeerSet, http};
+use shoal_packet::FRAME_SIZE;
+use shoal_topology::{NodeId, Topology};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info};
+
+use crate::config::Config;
+use crate::core::{MixConfig, MixCore, Unwrapper};
+use crate::directory::DirectoryTask;
+use crate::metrics::{Metrics, RelayStats};
+use crate::outbound::Router;
+use crate::worker::{Dispatch, Inbound, Worker};
+use crate::{RelayError, keystore};
+
+/// The directory as workers and link tasks see it.
+#[derive(Debug, Default)]
+pub(crate) struct View {
+    /// The document loops are built from (the current epoch's, else the newest before it).
+    pub current: Option<Arc<Topology>>,
+    /// Every held document (previous epoch in its grace period, current, next), for routing.
+    pub docs: BTreeMap<u64, Arc<Topology>>,
+    pub mix: MixConfig,
+}
+
+/// State shared by the tasks and threads of one relay.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub unwrapper: Arc<Unwrapper>,
+    view: RwLock<Arc<View>>,
+    view_generation: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_view(&self, view: View) {
+        let epoch = view.current.as_ref().map_or(0, |t| t.epoch() + 1);
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        self.view_generation.fetch_add(1, Ordering::AcqRel);
+        self.metrics.directory_epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    pub(crate) fn view_generation(&self) -> u64 {
+        self.view_generation.load(Ordering::Acquire)
+    }
+
+    /// Link address of `id` in the newest document that lists it.
+    pub(crate) fn address_of(&self, id: &NodeId) -> Option<SocketAddr> {
+        let view = self.view();
+        view.docs
+            .values()
+            .rev()
+            .find_map(|t| t.node(id).map(|n| n.addr))
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// A running relay. Dropping it stops the relay without waiting; prefer
+/// [`shutdown`](Self::shutdown).
+#[derive(Debug)]
+pub struct RelayHandle {
+    identity: NodeKey,
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    endpoint: Arc<LinkEndpoint>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RelayHandle {
+    /// The relay's Ed25519 identity: its node id, Sphinx address and pinned link key.
+    pub fn identity(&self) -> NodeKey {
+        self.identity
+    }
+
+    /// The bound QUIC address (the real port when the config said port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound `/metrics` address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Counters as of the workers' last snapshot (at most ~200 ms old).
+    pub fn stats(&self) -> RelayStats {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Unwrap, queue-wait and delay-error histograms (nanoseconds) over the last 30-60 s.
+    pub fn latencies(&self) -> crate::metrics::Latencies {
+        self.shared.metrics.latencies()
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render(Some(&self.shared.unwrapper))
+    }
+
+    /// Waits until a directory document is in use; `false` on timeout.
+    pub async fn wait_for_directory(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.stats().directory_epoch.is_none() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.endpoint.close();
+    }
+
+    /// Stops accepting, closes links and joins the worker threads.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        let workers = std::mem::take(&mut self.workers);
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("relay stopped");
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a relay from `config` in the current tokio runtime.
+///
+/// Reads the identity from `config.data_dir` (see [`keystore::create_identity`]) and any
+/// persisted Sphinx keys, binds the link endpoint and the metrics listener, starts
+/// `config.workers` worker threads, and starts talking to the authorities in the
+/// background. It returns once the sockets are bound; use
+/// [`RelayHandle::wait_for_directory`] to wait for the first document.
+pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
+    config.validate(Path::new("relay config"))?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
+    let identity = keystore::load_identity(&config.identity_path())?;
+    let me = identity.verifying_key().to_bytes();
+    let keys = keystore::load_sphinx_keys(&config.data_dir)?;
+    let unwrapper = Arc::new(Unwrapper::new(keys.clone(), config.replay_capacity));
+    let metrics = Metrics::new(config.workers);
+    let initial_mix = MixConfig {
+        max_queue: config.delay_queue_capacity.div_ceil(config.workers),
+        loop_rate: 0.0,
+        ..MixConfig::default()
+    };
+    let shared = Arc::new(Shared {
+        metrics: metrics.clone(),
+        unwrapper: unwrapper.clone(),
+        view: RwLock::new(Arc::new(View {
+            mix: initial_mix.clone(),
+            ..View::default()
+        })),
+        view_generation: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+
+    // Only nodes in the directory may connect; until the first document, nobody.
+    let peers = PeerSet::new();
+    let endpoint = Arc::new(
+        LinkEndpoint::bind(config.listen, &identity, peers.clone()).map_err(RelayError::Link)?,
+    );
+    let local_addr = endpoint.local_addr().map_err(RelayError::Link)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RelayError::MetricsBind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| RelayError::MetricsBind { addr, source })?;
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(http::serve(listener, move |req| {
+                if req.method == "GET" && req.path == "/metrics" {
+                    http::Response::new(
+                        200,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        shared.metrics.render(Some(&shared.unwrapper)),
+                    )
+                } else {
+                    http::Response::not_found()
+                }
+            })));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    let router = Router::new(
+        endpoint.clone(),
+        runtime.clone(),
+        shared.clone(),
+        config.peer_queue_capacity,
+        shutdown_rx.clone(),
+    );
+    let per_worker = config.queue_capacity.div_ceil(config.workers);
+    let mut queues = Vec::with_capacity(config.workers);
+    let mut workers = Vec::with_capacity(config.workers);
+    for index in 0..config.workers {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Inbound>(per_worker);
+        queues.push(tx);
+        let worker = Worker {
+            index,
+            core: MixCore::new(me, unwrapper.clone(), initial_mix.clone()),
+            inbox: rx,
+            shared: shared.clone(),
+            router: router.clone(),
+            rng: rand::make_rng(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("shoal-relay-worker-{index}"))
+            .spawn(move || worker.run());
+        match thread {
+            Ok(t) => workers.push(t),
+            Err(e) => {
+                shared.stop.store(true, Ordering::Relaxed);
+                return Err(RelayError::Thread(e));
+            }
+        }
+    }
+    let dispatch = Arc::new(Dispatch::new(queues, shared.clone()));
+    tasks.push(tokio::spawn(accept_loop(
+        endpoint.clone(),
+        dispatch,
+        shared.clone(),
+        shutdown_rx.clone(),
+    )));
+
+    let link_addr = config.public_addr.unwrap_or(local_addr).to_string();
+    let directory = DirectoryTask {
+        shared: shared.clone(),
+        router,
+        peers,
+        identity,
+        link_addr,
+        authority_set: config.authority_set(),
+        authorities: config.authorities.clone(),
+        data_dir: config.data_dir.clone(),
+        keys,
+        workers: config.workers,
+        delay_queue_capacity: config.delay_queue_capacity,
+        shutdown: shutdown_rx,
+    };
+    tasks.push(tokio::spawn(
+        directory.run().instrument(tracing::info_span!("directory")),
+    ));
+    info!(
+        identity = %hex::encode(me),
+        listen = %local_addr,
+        workers = config.workers,
+        "relay started"
+    );
+    Ok(RelayHandle {
+        identity: me,
+        local_addr,
+        metrics_addr,
+        shared,
+        endpoint,
+        shutdown: shutdown_tx,
+        tasks,
+        workers,
+    })
+}
+
+async fn accept_loop(
+    endpoint: Arc<LinkEndpoint>,
+    dispatch: Arc<Dispatch>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let next = tokio::select! {
+            n = endpoint.accept() => n,
+            _ = shutdown.changed() => return,
+        };
+        match next {
+            None => return,
+            Some(Ok(link)) => {
+                let span = tracing::debug_span!("inbound link", id = link.connection().stable_id());
+                tokio::spawn(link_task(link, dispatch.clone(), shared.clone()).instrument(span));
+            }
+            Some(Err(e)) => debug!(error = %e, "inbound link refused"),
+        }
+    }
+}
+
+async fn link_task(link: Link, dispatch: Arc<Dispatch>, shared: Arc<Shared>) {
+    shared.metrics.links_inbound.fetch_add(1, Ordering::Relaxed);
+    while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
+        tokio::spawn(stream_task(rx, dispatch.clone(), shared.clone()).in_current_span());
+    }
+    shared.metrics.links_inbound.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn stream_task(mut rx: FrameReceiver, dispatch: Arc<Dispatch>, shared: Arc<Shared>) {
+    let m = &shared.metrics;
+    loop {
+        let mut buf = Box::new([0u8; FRAME_SIZE]);
+        match rx.recv_into(&mut buf[..]).await {
+            Ok(true) => {
+                m.frames_received.fetch_add(1, Ordering::Relaxed);
+                dispatch.send(Inbound {
+                    bytes: buf,
+                    arrived: Instant::now(),
+                });
+            }
+            Ok(false) => return,
+            Err(LinkError::TruncatedFrame { .. }) => {
+                m.frames_received.fetch_add(1, Ordering::Relaxed);
+                m.inbound_truncated.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "inbound stream ended");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Keys on disk: the Ed25519 identity and one file per epoch's Sphinx key.
+//!
+//! Every file is hex text, mode 0600, written to a temporary name, fsync'd, renamed
+//! into place and the directory fsync'd, so a crash leaves either the old or the new
+//! file and a restarted relay unwraps with the keys it published.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use x25519_dalek::StaticSecret;
+
+use crate::{KeyRing, RelayError};
+
+/// File name of the identity key inside the data directory.
+pub const IDENTITY_FILE: &str = "identity.key";
+/// Subdirectory holding Sphinx keys, one `epoch-<n>.key` per epoch.
+pub const SPHINX_DIR: &str = "sphinx";
+
+fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RelayError {
+    let path = path.to_owned();
+    move |source| RelayError::Io {
+        context,
+        path,
+        source,
+    }
+}
+
+/// Creates `dir` (and parents) with owner-only access if it does not exist.
+pub fn create_private_dir(dir: &Path) -> Result<(), RelayError> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(io("cannot create directory", dir))
+}
+
+/// Writes `contents` to `path` atomically and durably, readable by the owner only.
+/// With `exclusive`, fails if `path` exists.
+pub fn write_private(path: &Path, contents: &[u8], exclusive: bool) -> Result<(), RelayError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if exclusive && path.exists() {
+        return Err(RelayError::AlreadyExists {
+            path: path.to_owned(),
+        });
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp).map_err(io("cannot create", &tmp))?;
+    f.write_all(contents).map_err(io("cannot write", &tmp))?;
+    f.sync_all().map_err(io("cannot sync", &tmp))?;
+    drop(f);
+    if exclusive {
+        // hard_link fails if the target exists, so two racing inits cannot both win.
+        fs::hard_link(&tmp, path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                RelayError::AlreadyExists {
+                    path: path.to_owned(),
+                }
+            } else {
+                io("cannot create", path)(e)
+            }
+        })?;
+        fs::remove_file(&tmp).map_err(io("cannot remove", &tmp))?;
+    } else {
+        fs::rename(&tmp, path).map_err(io("cannot rename into", path))?;
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), RelayError> {
+    #[cfg(unix)]
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot sync directory", dir))?;
+    Ok(())
+}
+
+fn read_hex32(path: &Path) -> Result<[u8; 32], RelayError> {
+    let text = fs::read_to_string(path).map_err(io("cannot read", path))?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut out).map_err(|_| RelayError::KeyFile {
+        path: path.to_owned(),
+        reason: "expected 64 hex digits",
+    })?;
+    Ok(out)
+}
+
+/// Generates an identity key and writes it to `dir/identity.key`; refuses to overwrite.
+pub fn create_identity<R: rand::CryptoRng + ?Sized>(
+    dir: &Path,
+    rng: &mut R,
+) -> Result<SigningKey, RelayError> {
+    create_private_dir(dir)?;
+    let key = SigningKey::generate(rng);
+    let text = format!("{}\n", hex::encode(key.to_bytes()));
+    write_private(&dir.join(IDENTITY_FILE), text.as_bytes(), true)?;
+    Ok(key)
+}
+
+/// Reads the identity key from `path`.
+pub fn load_identity(path: &Path) -> Result<SigningKey, RelayError> {
+    Ok(SigningKey::from_bytes(&read_hex32(path)?))
+}
+
+fn sphinx_path(data_dir: &Path, epoch: u64) -> PathBuf {
+    data_dir.join(SPHINX_DIR).join(format!("epoch-{epoch}.key"))
+}
+
+/// Loads every persisted Sphinx key. Files that are not `epoch-<n>.key` are ignored.
+pub fn load_sphinx_keys(data_dir: &Path) -> Result<KeyRing, RelayError> {
+    let dir = data_dir.join(SPHINX_DIR);
+    let mut ring = KeyRing::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ring),
+        Err(e) => return Err(io("cannot list", &dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io("cannot list", &dir))?;
+        let name = entry.file_name();
+        let Some(epoch) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("epoch-"))
+            .and_then(|n| n.strip_suffix(".key"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        ring.insert(epoch, StaticSecret::from(read_hex32(&entry.path())?));
+    }
+    Ok(ring)
+}
+
+/// Persists the keys of `epochs` from `ring`.
+pub fn save_sphinx_keys(data_dir: &Path, ring: &KeyRing, epochs: &[u64]) -> Result<(), RelayError> {
+    let dir = data_dir.join(SPHINX_DIR);
+    create_private_dir(&dir)?;
+    for &e in epochs {
+        if let Some(secret) = ring.get(e) {
+            let text = format!("{}\n", hex::encode(secret.to_bytes()));
+            write_private(&sphinx_path(data_dir, e), text.as_bytes(), false)?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the files of retired epochs.
+pub fn remove_sphinx_keys(data_dir: &Path, epochs: &[u64]) -> Result<(), RelayError> {
+    for &e in epochs {
+        let p = sphinx_path(data_dir, e);
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io("cannot remove", &p)(err)),
+        }
+    }
+    sync_dir(&data_dir.join(SPHINX_DIR))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    /// A fresh empty directory under the system temp dir.
+    pub(crate) fn temp_dir(tag: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "shoal-relay-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        p
+    }
+
+    #[test]
+    fn identity_roundtrip_and_no_overwrite() {
+        let dir = temp_dir("identity");
+        let mut rng = StdRng::seed_from_u64(1);
+        let key = create_identity(&dir, &mut rng).unwrap();
+        let back = load_identity(&dir.join(IDENTITY_FILE)).unwrap();
+        assert_eq!(key.to_bytes(), back.to_bytes());
+        assert!(matches!(
+            create_identity(&dir, &mut rng),
+            Err(RelayError::AlreadyExists { .. })
+        ));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.join(IDENTITY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        fs::write(dir.join(IDENTITY_FILE), "zz").unwrap();
+        let e = load_identity(&dir.join(IDENTITY_FILE))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("identity.key"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sphinx_keys_survive_a_restart() {
+        let dir = temp_dir("sphinx");
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut ring = KeyRing::new();
+        let made = ring.ensure(&mut rng, 5..=7);
+        save_sphinx_keys(&dir, &ring, &made).unwrap();
+        let back = load_sphinx_keys(&dir).unwrap();
+        assert_eq!(back.epochs(), vec![5, 6, 7]);
+        assert_eq!(back.public(6), ring.public(6));
+        remove_sphinx_keys(&dir, &[5]).unwrap();
+        assert_eq!(load_sphinx_keys(&dir).unwrap().epochs(), vec![6, 7]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
