@@ -1,1 +1,19 @@
 #![doc = include_str!("../README.md")]
+
+pub mod contact;
+pub mod core;
+pub mod schedule;
+pub mod seal;
+pub mod store;
+
+#[cfg(test)]
+mod testnet;
+
+pub use contact::{CardError, Contact, ContactCard};
+pub use core::{
+    ClientConfig, ClientCore, ClientError, ClientSnapshot, ClientStats, Event, Identity,
+    OutgoingFragment, OutgoingMessage, RetransmitPolicy,
+};
+pub use schedule::Stream;
+pub use seal::SealError;
+pub use store::ClientStore;
