@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod authority_cmd;
 mod relay_cmd;
+mod sim_cmd;
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal", version, about = "Shoal mix network and managed group messenger")]
@@ -22,12 +23,16 @@ enum Command {
     /// Run or set up a mix relay.
     #[command(subcommand)]
     Relay(relay_cmd::RelayCommand),
+    /// Traffic-analysis simulation (model mode) and parameter sweeps.
+    Sim(sim_cmd::SimArgs),
 }
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Authority(cmd) => authority_cmd::run(cmd),
         Command::Relay(cmd) => relay_cmd::run(cmd),
+        Command::Sim(args) => sim_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,8 +4,9 @@
 //!
 //! Agreement comes from determinism: authorities exchange descriptors (union, newest
 //! wins per node) until their inputs match, so their bodies match byte for byte and
-//! their signatures combine. A document that reached the threshold is final; an
-//! authority that built a different body adopts the published one.
+//! their signatures combine. A document that reached the threshold is final for its
+//! body; an authority that built a different body adopts the published one without
+//! signing it. See the crate README for how competing documents resolve.
 
 use std::collections::BTreeMap;
 
@@ -14,11 +15,12 @@ use sha2::{Digest, Sha256};
 
 use crate::document::AuthoritySignature;
 use crate::{
-    AuthoritySet, Descriptor, DocumentBody, EpochSchedule, Hex32, NetworkParams, NodeEntry, NodeId, Role,
-    SignedDescriptor, SignedDocument, TopologyError, UncheckedDocument,
+    AuthoritySet, Descriptor, DocumentBody, EpochSchedule, Hex32, NetworkParams, NodeEntry, NodeId,
+    Role, SignedDescriptor, SignedDocument, TopologyError, UncheckedDocument,
 };
 
-/// What every authority of a network must configure identically.
+/// An authority's configuration. All but the two timing fields must be identical at
+/// every authority of a network, or their documents will not match.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthorityConfig {
     pub authorities: AuthoritySet,
@@ -26,6 +28,11 @@ pub struct AuthorityConfig {
     pub params: NetworkParams,
     /// A descriptor older than this (by its own timestamp) is left out of documents.
     pub descriptor_max_age_secs: u64,
+    /// Vote for epoch e+1 this many seconds before it starts.
+    pub vote_lead_secs: u64,
+    /// After startup, collect descriptors this long before voting for the current
+    /// epoch when no document for it has been published.
+    pub bootstrap_delay_secs: u64,
 }
 
 #[derive(Debug)]
@@ -42,13 +49,32 @@ pub struct Authority {
     config: AuthorityConfig,
     descriptors: BTreeMap<NodeId, (SignedDescriptor, Descriptor)>,
     ballots: BTreeMap<u64, Ballot>,
-    published: BTreeMap<u64, (SignedDocument, DocumentBody)>,
+    published: BTreeMap<u64, Published>,
+}
+
+/// A document with at least k signatures, and its parsed body.
+#[derive(Debug)]
+struct Published {
+    doc: SignedDocument,
+    body: DocumentBody,
 }
 
 impl Authority {
     pub fn new(key: SigningKey, config: AuthorityConfig) -> Result<Self, TopologyError> {
         config.authorities.validate()?;
         config.params.validate()?;
+        if config.schedule.length_secs == 0 {
+            return Err(TopologyError::Invalid {
+                what: "epoch schedule",
+                reason: "length_secs must be at least 1".into(),
+            });
+        }
+        if config.vote_lead_secs >= config.schedule.length_secs {
+            return Err(TopologyError::Invalid {
+                what: "vote_lead_secs",
+                reason: "must be shorter than an epoch".into(),
+            });
+        }
         let me = Hex32(key.verifying_key().to_bytes());
         if !config.authorities.keys.contains(&me) {
             return Err(TopologyError::Invalid {
@@ -75,7 +101,11 @@ impl Authority {
 
     /// Accepts a node's descriptor if its signature checks and it is newer than what we hold.
     /// Returns whether it changed our inputs.
-    pub fn handle_descriptor(&mut self, signed: SignedDescriptor, now_unix: u64) -> Result<bool, TopologyError> {
+    pub fn handle_descriptor(
+        &mut self,
+        signed: SignedDescriptor,
+        now_unix: u64,
+    ) -> Result<bool, TopologyError> {
         let d = signed.check()?;
         if d.published_unix > now_unix.saturating_add(300) {
             return Err(TopologyError::Invalid {
@@ -83,13 +113,31 @@ impl Authority {
                 reason: "in the future".into(),
             });
         }
+        // Newest wins; equal timestamps fall back to the signed bytes, so the merged
+        // set does not depend on the order descriptors arrived in.
         match self.descriptors.get(&d.id()) {
-            Some((_, old)) if old.published_unix >= d.published_unix => Ok(false),
+            Some((old_signed, old))
+                if (old.published_unix, old_signed.body.as_str())
+                    >= (d.published_unix, signed.body.as_str()) =>
+            {
+                Ok(false)
+            }
             _ => {
                 self.descriptors.insert(d.id(), (signed, d));
                 Ok(true)
             }
         }
+    }
+
+    /// Forgets descriptors too old to appear in the document of the current epoch or
+    /// any later one.
+    pub fn expire_descriptors(&mut self, now_unix: u64) {
+        let schedule = &self.config.schedule;
+        let oldest = schedule
+            .start_of(schedule.epoch_at(now_unix))
+            .saturating_sub(self.config.descriptor_max_age_secs);
+        self.descriptors
+            .retain(|_, (_, d)| d.published_unix >= oldest);
     }
 
     /// The descriptors we hold, for peers to merge.
@@ -101,13 +149,15 @@ impl Authority {
         epoch
             .checked_sub(1)
             .and_then(|p| self.published.get(&p))
-            .map(|(_, b)| b)
+            .map(|p| &p.body)
     }
 
     /// Builds the body for `epoch` from our current inputs. Pure and deterministic.
     pub fn build_body(&self, epoch: u64) -> DocumentBody {
         let schedule = &self.config.schedule;
-        let oldest = schedule.start_of(epoch).saturating_sub(self.config.descriptor_max_age_secs);
+        let oldest = schedule
+            .start_of(epoch)
+            .saturating_sub(self.config.descriptor_max_age_secs);
         let usable: Vec<&Descriptor> = self
             .descriptors
             .values()
@@ -117,9 +167,18 @@ impl Authority {
         let prev = self.previous(epoch);
         let shared_random = shared_random(epoch, prev.map(|p| p.shared_random.0), &usable);
         let prior: BTreeMap<NodeId, u8> = prev
-            .map(|p| p.nodes.iter().filter_map(|n| n.layer.map(|l| (n.identity.0, l))).collect())
+            .map(|p| {
+                p.nodes
+                    .iter()
+                    .filter_map(|n| n.layer.map(|l| (n.identity.0, l)))
+                    .collect()
+            })
             .unwrap_or_default();
-        let relays: Vec<NodeId> = usable.iter().filter(|d| d.role == Role::Relay).map(|d| d.id()).collect();
+        let relays: Vec<NodeId> = usable
+            .iter()
+            .filter(|d| d.role == Role::Relay)
+            .map(|d| d.id())
+            .collect();
         let layers = assign_layers(&relays, &prior, shoal_packet::MIX_LAYERS, &shared_random);
         let nodes = usable
             .iter()
@@ -138,8 +197,12 @@ impl Authority {
             .collect();
         DocumentBody {
             epoch,
-            valid_after: schedule.start_of(epoch).saturating_sub(schedule.length_secs),
-            valid_until: schedule.end_of(epoch).saturating_add(self.config.params.key_grace_secs),
+            valid_after: schedule
+                .start_of(epoch)
+                .saturating_sub(schedule.length_secs),
+            valid_until: schedule
+                .end_of(epoch)
+                .saturating_add(self.config.params.key_grace_secs),
             layers: shoal_packet::MIX_LAYERS as u8,
             params: self.config.params.clone(),
             shared_random: Hex32(shared_random),
@@ -148,16 +211,36 @@ impl Authority {
     }
 
     /// Builds (or rebuilds, if inputs changed) our body for `epoch` and signs it.
-    /// A published epoch is final and returns its existing signature.
+    ///
+    /// A published epoch is final: we return our signature in it, or sign it now if our
+    /// own inputs build exactly that body; otherwise we refuse, so we never vouch for a
+    /// body we did not build.
     pub fn vote(&mut self, epoch: u64) -> Result<AuthoritySignature, TopologyError> {
         let me = self.id();
-        if let Some((doc, _)) = self.published.get(&epoch) {
-            if let Some(s) = doc.signatures.iter().find(|s| s.authority.0 == me) {
+        if let Some(p) = self.published.get(&epoch) {
+            if let Some(s) = p.doc.signatures.iter().find(|s| s.authority.0 == me) {
                 return Ok(s.clone());
             }
-            return Ok(AuthoritySignature::sign(&self.key, &doc.body));
+            if self.build_body(epoch).to_bytes()? != p.doc.body {
+                return Err(TopologyError::Invalid {
+                    what: "vote",
+                    reason: format!(
+                        "our inputs for epoch {epoch} differ from its published document"
+                    ),
+                });
+            }
+            let sig = AuthoritySignature::sign(&self.key, &p.doc.body);
+            self.add_signature(epoch, sig.clone());
+            return Ok(sig);
         }
         let parsed = self.build_body(epoch);
+        if parsed.nodes.is_empty() {
+            // An empty document would be final for its epoch and route nothing.
+            return Err(TopologyError::Invalid {
+                what: "vote",
+                reason: format!("no usable descriptors for epoch {epoch}"),
+            });
+        }
         let body = parsed.to_bytes()?;
         let keep = self.ballots.get(&epoch).is_some_and(|b| b.body == body);
         if !keep {
@@ -178,10 +261,45 @@ impl Authority {
         Ok(sig)
     }
 
-    /// Adds a peer's signature for `epoch`. Returns whether it matched our body.
+    /// Our signature for `epoch` as peers should see it: the one in the published
+    /// document, else the one on our current ballot. Does not sign anything.
+    pub fn signature_for(&self, epoch: u64) -> Option<AuthoritySignature> {
+        let me = self.id();
+        match self.published.get(&epoch) {
+            Some(p) => p
+                .doc
+                .signatures
+                .iter()
+                .find(|s| s.authority.0 == me)
+                .cloned(),
+            None => self
+                .ballots
+                .get(&epoch)
+                .and_then(|b| b.signatures.get(&me))
+                .cloned(),
+        }
+    }
+
+    /// Adds a peer's signature for `epoch`, to our ballot or to the published document.
+    /// Returns whether it was a valid signature over that body.
     pub fn add_signature(&mut self, epoch: u64, sig: AuthoritySignature) -> bool {
         if !self.config.authorities.keys.contains(&sig.authority) {
             return false;
+        }
+        if let Some(p) = self.published.get_mut(&epoch) {
+            if !sig.verify(&p.doc.body) {
+                return false;
+            }
+            if !p
+                .doc
+                .signatures
+                .iter()
+                .any(|s| s.authority == sig.authority)
+            {
+                p.doc.signatures.push(sig);
+                p.doc.signatures.sort_by_key(|s| s.authority);
+            }
+            return true;
         }
         let Some(b) = self.ballots.get_mut(&epoch) else {
             return false;
@@ -202,29 +320,82 @@ impl Authority {
         if ready && let Some(b) = self.ballots.remove(&epoch) {
             let doc = SignedDocument {
                 body: b.body,
+                // A BTreeMap's values come sorted by authority key: the canonical order.
                 signatures: b.signatures.into_values().collect(),
             };
-            self.published.insert(epoch, (doc, b.parsed));
-            self.prune(epoch);
+            self.published.insert(
+                epoch,
+                Published {
+                    doc,
+                    body: b.parsed,
+                },
+            );
+            self.prune();
         }
     }
 
-    /// Adopts a document another authority published, if it carries enough valid signatures.
+    /// Adopts a document another authority published, if it carries enough valid
+    /// signatures. Returns its epoch.
+    ///
+    /// Only valid signatures from distinct configured authorities are kept, sorted by
+    /// key. If we already hold the same body, the signatures are merged, so all
+    /// authorities converge on byte-identical documents. If we hold a different body for
+    /// the same epoch (possible when an authority re-signed after its inputs changed),
+    /// the one with more signatures wins, then the one with the smaller body bytes: a
+    /// total order, so every authority ends up with the same document.
     pub fn adopt(&mut self, doc: SignedDocument) -> Result<u64, TopologyError> {
-        let checked = UncheckedDocument::from_signed(doc.clone())?.check_signatures(&self.config.authorities)?;
+        let checked = UncheckedDocument::from_signed(doc.clone())?
+            .check_signatures(&self.config.authorities)?;
         let topo = checked.dangerously_assume_timely()?;
         let epoch = topo.epoch();
-        if !self.published.contains_key(&epoch) {
-            self.ballots.remove(&epoch);
-            self.published.insert(epoch, (doc, topo.body().clone()));
-            self.prune(epoch);
+        let mut sigs: BTreeMap<[u8; 32], AuthoritySignature> = BTreeMap::new();
+        for s in doc.signatures {
+            if self.config.authorities.keys.contains(&s.authority) && s.verify(&doc.body) {
+                sigs.entry(s.authority.0).or_insert(s);
+            }
+        }
+        let incoming = SignedDocument {
+            body: doc.body,
+            signatures: sigs.into_values().collect(),
+        };
+        match self.published.get(&epoch) {
+            Some(p) if p.doc.body == incoming.body => {
+                for s in incoming.signatures {
+                    self.add_signature(epoch, s);
+                }
+            }
+            Some(p) if !preferred(&incoming, &p.doc) => {}
+            _ => {
+                self.ballots.remove(&epoch);
+                self.published.insert(
+                    epoch,
+                    Published {
+                        doc: incoming,
+                        body: topo.body().clone(),
+                    },
+                );
+                self.prune();
+            }
         }
         Ok(epoch)
     }
 
     /// The published document for `epoch`, once it has at least k signatures.
     pub fn document(&self, epoch: u64) -> Option<&SignedDocument> {
-        self.published.get(&epoch).map(|(d, _)| d)
+        self.published.get(&epoch).map(|p| &p.doc)
+    }
+
+    /// The parsed body of the published document for `epoch`.
+    pub fn document_body(&self, epoch: u64) -> Option<&DocumentBody> {
+        self.published.get(&epoch).map(|p| &p.body)
+    }
+
+    /// The published document for the epoch containing `now_unix`, else the newest
+    /// published one.
+    pub fn current_document(&self, now_unix: u64) -> Option<&SignedDocument> {
+        let current = self.config.schedule.epoch_at(now_unix);
+        self.document(current)
+            .or_else(|| self.published.values().next_back().map(|p| &p.doc))
     }
 
     /// Epochs with a published document.
@@ -232,11 +403,49 @@ impl Authority {
         self.published.keys().copied().collect()
     }
 
-    fn prune(&mut self, newest: u64) {
+    /// Epochs whose documents a driver should fetch from peers at `now_unix`: the
+    /// current one and the next.
+    pub fn epochs_of_interest(&self, now_unix: u64) -> [u64; 2] {
+        let current = self.config.schedule.epoch_at(now_unix);
+        [current, current.saturating_add(1)]
+    }
+
+    /// Epochs we should vote for at `now_unix`, given that we started at `started_unix`:
+    /// the current epoch if it has no document and the bootstrap delay has passed, and
+    /// the next epoch once it is less than `vote_lead_secs` away and has no document.
+    pub fn epochs_to_vote(&self, now_unix: u64, started_unix: u64) -> Vec<u64> {
+        let schedule = &self.config.schedule;
+        let current = schedule.epoch_at(now_unix);
+        let next = current.saturating_add(1);
+        let mut out = Vec::new();
+        if !self.published.contains_key(&current)
+            && now_unix >= started_unix.saturating_add(self.config.bootstrap_delay_secs)
+        {
+            out.push(current);
+        }
+        if !self.published.contains_key(&next)
+            && now_unix.saturating_add(self.config.vote_lead_secs) >= schedule.start_of(next)
+        {
+            out.push(next);
+        }
+        out
+    }
+
+    fn prune(&mut self) {
+        let Some(&newest) = self.published.keys().next_back() else {
+            return;
+        };
         let keep_from = newest.saturating_sub(4);
         self.published.retain(|&e, _| e >= keep_from);
         self.ballots.retain(|&e, _| e >= keep_from);
     }
+}
+
+/// Whether document `a` should replace `b` for the same epoch: more signatures, then
+/// smaller body bytes.
+fn preferred(a: &SignedDocument, b: &SignedDocument) -> bool {
+    (std::cmp::Reverse(a.signatures.len()), a.body.as_bytes())
+        < (std::cmp::Reverse(b.signatures.len()), b.body.as_bytes())
 }
 
 fn shared_random(epoch: u64, prev: Option<[u8; 32]>, nodes: &[&Descriptor]) -> [u8; 32] {
@@ -253,6 +462,10 @@ fn shared_random(epoch: u64, prev: Option<[u8; 32]>, nodes: &[&Descriptor]) -> [
 /// Stable layer assignment: a relay keeps the layer it had; a new relay joins the
 /// smallest layer, in an order drawn from the shared randomness. Layers therefore do
 /// not reshuffle between epochs, which would split anonymity sets.
+///
+/// The one exception: a layer left empty (all its relays gone, no newcomers) takes a
+/// relay from the largest layer, if that has at least two, because no route can be
+/// built across an empty layer.
 pub fn assign_layers(
     relays: &[NodeId],
     prior: &BTreeMap<NodeId, u8>,
@@ -260,31 +473,592 @@ pub fn assign_layers(
     shared_random: &[u8; 32],
 ) -> BTreeMap<NodeId, u8> {
     let mut out = BTreeMap::new();
-    let mut counts = vec![0usize; layers];
-    let mut fresh = Vec::new();
-    for id in relays {
-        match prior.get(id) {
-            Some(&l) if usize::from(l) < layers => {
-                counts[usize::from(l)] += 1;
-                out.insert(*id, l);
-            }
-            _ => fresh.push(*id),
-        }
+    if layers == 0 {
+        return out;
     }
-    fresh.sort_by_key(|id| {
+    let rank = |id: &NodeId| -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(shared_random);
         h.update(id);
-        <[u8; 32]>::from(h.finalize())
-    });
+        h.finalize().into()
+    };
+    let mut members: Vec<Vec<NodeId>> = vec![Vec::new(); layers];
+    let mut fresh = Vec::new();
+    for id in relays {
+        match prior.get(id) {
+            Some(&l) if usize::from(l) < layers => members[usize::from(l)].push(*id),
+            _ => fresh.push(*id),
+        }
+    }
+    fresh.sort_by_key(rank);
+    fresh.dedup();
     for id in fresh {
-        let (layer, _) = counts
-            .iter()
-            .enumerate()
-            .min_by_key(|&(i, c)| (*c, i))
-            .unwrap_or((0, &0));
-        counts[layer] += 1;
-        out.insert(id, layer as u8);
+        let smallest = (0..layers)
+            .min_by_key(|&i| (members[i].len(), i))
+            .unwrap_or(0);
+        members[smallest].push(id);
+    }
+    while let Some(empty) = members.iter().position(Vec::is_empty) {
+        let largest = (0..layers)
+            .max_by_key(|&i| (members[i].len(), std::cmp::Reverse(i)))
+            .unwrap_or(0);
+        if members[largest].len() < 2 {
+            break;
+        }
+        members[largest].sort_by_key(rank);
+        let moved = members[largest].remove(0);
+        members[empty].push(moved);
+    }
+    for (layer, ids) in members.iter().enumerate() {
+        for id in ids {
+            out.insert(*id, layer as u8);
+        }
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::SphinxKeyEntry;
+    use crate::document::tests::{authority_key, authority_set, node_key, sphinx_key};
+    use proptest::prelude::*;
+
+    const LENGTH: u64 = 100;
+    const GENESIS: u64 = 1000;
+
+    fn config(n: u8, k: usize) -> AuthorityConfig {
+        AuthorityConfig {
+            authorities: authority_set(n, k),
+            schedule: EpochSchedule {
+                genesis_unix: GENESIS,
+                length_secs: LENGTH,
+            },
+            params: NetworkParams::default(),
+            descriptor_max_age_secs: 1000,
+            vote_lead_secs: 20,
+            bootstrap_delay_secs: 10,
+        }
+    }
+
+    /// Authorities 0..n of a k-of-n network.
+    fn authorities(n: u8, k: usize) -> Vec<Authority> {
+        (0..n)
+            .map(|i| Authority::new(authority_key(i), config(n, k)).unwrap())
+            .collect()
+    }
+
+    /// Node `i`'s descriptor: relays for i < 100, gateways above.
+    fn node(i: u8, published_unix: u64, epochs: &[u64]) -> SignedDescriptor {
+        let key = node_key(i);
+        Descriptor {
+            identity: Hex32(key.verifying_key().to_bytes()),
+            role: if i < 100 { Role::Relay } else { Role::Gateway },
+            link_addr: format!("127.0.0.1:{}", 4000 + u16::from(i)),
+            sphinx_keys: epochs
+                .iter()
+                .map(|&epoch| SphinxKeyEntry {
+                    epoch,
+                    key: sphinx_key(i, epoch),
+                })
+                .collect(),
+            published_unix,
+        }
+        .sign(&key)
+        .unwrap()
+    }
+
+    fn feed(a: &mut Authority, descriptors: &[SignedDescriptor], now: u64) {
+        for d in descriptors {
+            a.handle_descriptor(d.clone(), now).unwrap();
+        }
+    }
+
+    /// Every authority merges every other's descriptors.
+    fn exchange_descriptors(auths: &mut [Authority], now: u64) {
+        let all: Vec<Vec<SignedDescriptor>> = auths.iter().map(Authority::descriptors).collect();
+        for a in auths.iter_mut() {
+            for ds in &all {
+                feed(a, ds, now);
+            }
+        }
+    }
+
+    /// Every authority votes, then takes every other's signature.
+    fn exchange_votes(auths: &mut [Authority], epoch: u64) {
+        for a in auths.iter_mut() {
+            let _ = a.vote(epoch);
+        }
+        let sigs: Vec<Option<AuthoritySignature>> =
+            auths.iter().map(|a| a.signature_for(epoch)).collect();
+        for a in auths.iter_mut() {
+            for s in sigs.iter().flatten() {
+                a.add_signature(epoch, s.clone());
+            }
+        }
+    }
+
+    fn check(doc: &SignedDocument, auths: &AuthoritySet, now: u64) -> crate::Topology {
+        UncheckedDocument::parse(&doc.to_json())
+            .unwrap()
+            .check_signatures(auths)
+            .unwrap()
+            .check_valid_at(now)
+            .unwrap()
+    }
+
+    #[test]
+    fn three_authorities_agree_byte_for_byte() {
+        let now = GENESIS + 5 * LENGTH + 30; // epoch 5
+        let epoch = 5;
+        let mut descriptors: Vec<SignedDescriptor> =
+            (1..=7).map(|i| node(i, now - 10, &[5, 6])).collect();
+        descriptors.extend((101..=102).map(|i| node(i, now - 10, &[5, 6])));
+        // Node 1 re-published; its newer descriptor must win wherever it arrives first.
+        let newer = node(1, now - 5, &[5, 6, 7]);
+        let mut auths = authorities(3, 2);
+        // Different orders, and each sees only part of the network.
+        feed(&mut auths[0], &descriptors[..6], now);
+        feed(&mut auths[0], std::slice::from_ref(&newer), now);
+        let mut reversed = descriptors.clone();
+        reversed.reverse();
+        feed(&mut auths[1], &reversed[..5], now);
+        feed(&mut auths[2], std::slice::from_ref(&newer), now);
+        feed(&mut auths[2], &descriptors[3..], now);
+        feed(&mut auths[2], &descriptors[..1], now);
+
+        exchange_descriptors(&mut auths, now);
+        let held: Vec<Vec<SignedDescriptor>> = auths.iter().map(Authority::descriptors).collect();
+        assert_eq!(held[0].len(), 9);
+        assert!(held.iter().all(|h| *h == held[0]));
+        assert!(held[0].contains(&newer));
+
+        exchange_votes(&mut auths, epoch);
+        let docs: Vec<Vec<u8>> = auths
+            .iter()
+            .map(|a| a.document(epoch).unwrap().to_json())
+            .collect();
+        assert!(docs.iter().all(|d| *d == docs[0]), "documents differ");
+        let doc = auths[0].document(epoch).unwrap();
+        assert_eq!(doc.signatures.len(), 3);
+        let topo = check(doc, &authority_set(3, 2), now);
+        assert_eq!(topo.epoch(), epoch);
+        assert_eq!(topo.nodes().count(), 9);
+        assert_eq!(topo.gateways().len(), 2);
+        let sizes: Vec<usize> = (0..3).map(|l| topo.layer(l).len()).collect();
+        assert!(sizes.iter().all(|&s| s >= 2), "{sizes:?}");
+        // Keys for this epoch and the next only.
+        let n1 = topo.node(&node_key(1).verifying_key().to_bytes()).unwrap();
+        assert_eq!(
+            n1.sphinx_keys.keys().copied().collect::<Vec<_>>(),
+            vec![5, 6]
+        );
+        // What the driver serves.
+        assert_eq!(auths[1].current_document(now), Some(doc));
+        assert_eq!(
+            auths[1].signature_for(epoch).unwrap().authority.0,
+            auths[1].id()
+        );
+    }
+
+    #[test]
+    fn one_of_two_needed_signatures_never_publishes() {
+        let now = GENESIS + 30;
+        let mut auths = authorities(3, 2);
+        feed(&mut auths[0], &[node(1, now, &[0, 1])], now);
+        let sig = auths[0].vote(0).unwrap();
+        assert!(auths[0].document(0).is_none());
+        assert!(auths[0].current_document(now).is_none());
+        // Its own signature offered again does not count twice.
+        assert!(auths[0].add_signature(0, sig));
+        assert!(auths[0].document(0).is_none());
+        // Nor does a signature from outside the set.
+        let outsider = AuthoritySignature::sign(
+            &authority_key(9),
+            &auths[0].build_body(0).to_bytes().unwrap(),
+        );
+        assert!(!auths[0].add_signature(0, outsider));
+        assert!(auths[0].document(0).is_none());
+        assert!(auths[0].published_epochs().is_empty());
+    }
+
+    #[test]
+    fn authority_with_different_inputs_does_not_sign_but_adopts() {
+        let now = GENESIS + 30;
+        let shared: Vec<SignedDescriptor> = (1..=4)
+            .chain([101])
+            .map(|i| node(i, now, &[0, 1]))
+            .collect();
+        let mut auths = authorities(3, 2);
+        for a in auths.iter_mut() {
+            feed(a, &shared, now);
+        }
+        // Authority 2 alone knows one more relay and does not pass it on.
+        feed(&mut auths[2], &[node(5, now, &[0, 1])], now);
+        exchange_votes(&mut auths, 0);
+        let published = auths[0].document(0).unwrap().clone();
+        assert_eq!(auths[1].document(0), Some(&published));
+        assert_eq!(published.signatures.len(), 2);
+        let c = auths[2].id();
+        assert!(published.signatures.iter().all(|s| s.authority.0 != c));
+        // Its own body got no signature but its own: nothing published.
+        assert!(auths[2].document(0).is_none());
+        // Offering it the others' signatures does not help: they are over another body.
+        for s in &published.signatures {
+            assert!(!auths[2].add_signature(0, s.clone()));
+        }
+        // And the others do not take its signature.
+        let c_sig = auths[2].signature_for(0).unwrap();
+        assert!(!auths[0].add_signature(0, c_sig));
+        // It adopts the published document, and still refuses to co-sign it.
+        assert_eq!(auths[2].adopt(published.clone()).unwrap(), 0);
+        assert_eq!(auths[2].document(0), Some(&published));
+        assert!(auths[2].vote(0).is_err());
+        assert!(auths[2].signature_for(0).is_none());
+        assert_eq!(auths[2].document(0), Some(&published));
+        // A document short of the threshold is not adopted.
+        let mut short = published.clone();
+        short.signatures.truncate(1);
+        assert!(matches!(
+            authorities(3, 2)[2].adopt(short),
+            Err(TopologyError::NotEnoughSignatures { .. })
+        ));
+    }
+
+    /// Regression: a descriptor replaced by one with the same timestamp made the
+    /// merged set depend on arrival order, so authorities never agreed.
+    #[test]
+    fn same_timestamp_descriptors_merge_independently_of_order() {
+        let now = GENESIS + 30;
+        let a = node(1, now, &[0, 1]);
+        let b = node(1, now, &[0, 1, 2]);
+        let mut auths = authorities(2, 2);
+        feed(&mut auths[0], &[a.clone(), b.clone()], now);
+        feed(&mut auths[1], &[b, a], now);
+        assert_eq!(auths[0].descriptors(), auths[1].descriptors());
+        // Older loses, future is refused.
+        assert!(
+            !auths[0]
+                .handle_descriptor(node(1, now - 1, &[0]), now)
+                .unwrap()
+        );
+        assert!(
+            auths[0]
+                .handle_descriptor(node(1, now + 301, &[0]), now)
+                .is_err()
+        );
+    }
+
+    /// Regression: `adopt` stored the document as received, so junk or duplicate
+    /// signatures next to k good ones were served on.
+    #[test]
+    fn adopt_keeps_only_valid_distinct_signatures_sorted() {
+        let now = GENESIS + 30;
+        let mut auths = authorities(3, 2);
+        feed(&mut auths[0], &[node(1, now, &[0, 1])], now);
+        let body = auths[0].build_body(0).to_bytes().unwrap();
+        let (a, b, c) = (authority_key(0), authority_key(1), authority_key(2));
+        let mut bad_c = AuthoritySignature::sign(&c, &body);
+        bad_c.signature.0[0] ^= 1;
+        let doc = SignedDocument {
+            body: body.clone(),
+            signatures: vec![
+                AuthoritySignature::sign(&b, &body),
+                AuthoritySignature::sign(&authority_key(9), &body),
+                bad_c,
+                AuthoritySignature::sign(&a, &body),
+                AuthoritySignature::sign(&b, &body),
+            ],
+        };
+        auths[1].adopt(doc).unwrap();
+        let mut expected = vec![
+            AuthoritySignature::sign(&a, &body),
+            AuthoritySignature::sign(&b, &body),
+        ];
+        expected.sort_by_key(|s| s.authority);
+        assert_eq!(auths[1].document(0).unwrap().signatures, expected);
+    }
+
+    #[test]
+    fn signatures_merge_after_publication() {
+        let now = GENESIS + 30;
+        let mut auths = authorities(3, 2);
+        for a in auths.iter_mut() {
+            feed(a, &[node(1, now, &[0, 1]), node(101, now, &[0, 1])], now);
+        }
+        let sa = auths[0].vote(0).unwrap();
+        let sb = auths[1].vote(0).unwrap();
+        let sc = auths[2].vote(0).unwrap();
+        // 0 publishes {0, 1}; 2 publishes {0, 2}.
+        assert!(auths[0].add_signature(0, sb));
+        assert!(auths[2].add_signature(0, sa.clone()));
+        assert!(auths[1].add_signature(0, sa));
+        let (d0, d2) = (
+            auths[0].document(0).unwrap().clone(),
+            auths[2].document(0).unwrap().clone(),
+        );
+        assert_ne!(d0, d2);
+        for (i, doc) in [(0, &d2), (2, &d0), (1, &d2)] {
+            auths[i].adopt(doc.clone()).unwrap();
+        }
+        assert!(auths[0].add_signature(0, sc));
+        let docs: Vec<Vec<u8>> = auths
+            .iter()
+            .map(|a| a.document(0).unwrap().to_json())
+            .collect();
+        assert!(docs.iter().all(|d| *d == docs[0]));
+        assert_eq!(auths[0].document(0).unwrap().signatures.len(), 3);
+    }
+
+    /// Two bodies for one epoch can each reach k if an authority re-signed after its
+    /// inputs changed; every authority must still end up with the same one.
+    #[test]
+    fn competing_documents_resolve_the_same_everywhere() {
+        let now = GENESIS + 30;
+        let mut builder = authorities(4, 2).remove(0);
+        feed(&mut builder, &[node(1, now, &[0, 1])], now);
+        let body1 = builder.build_body(0).to_bytes().unwrap();
+        feed(&mut builder, &[node(2, now, &[0, 1])], now);
+        let body2 = builder.build_body(0).to_bytes().unwrap();
+        let k: Vec<SigningKey> = (0..4).map(authority_key).collect();
+        let doc = |body: &str, who: &[usize]| SignedDocument {
+            body: body.to_owned(),
+            signatures: who
+                .iter()
+                .map(|&i| AuthoritySignature::sign(&k[i], body))
+                .collect(),
+        };
+        // More signatures win, whatever the order.
+        let (small, big) = (doc(&body1, &[0, 1]), doc(&body2, &[0, 2, 3]));
+        for order in [[&small, &big], [&big, &small]] {
+            let mut a = authorities(4, 2).remove(1);
+            for d in order {
+                a.adopt(d.clone()).unwrap();
+            }
+            assert_eq!(a.document(0).unwrap().body, body2);
+        }
+        // Equal counts: the smaller body wins, whatever the order.
+        let (x, y) = (doc(&body1, &[0, 1]), doc(&body2, &[2, 3]));
+        let smaller = body1.clone().min(body2.clone());
+        for order in [[&x, &y], [&y, &x]] {
+            let mut a = authorities(4, 2).remove(1);
+            for d in order {
+                a.adopt(d.clone()).unwrap();
+            }
+            assert_eq!(a.document(0).unwrap().body, smaller);
+        }
+    }
+
+    #[test]
+    fn vote_timing() {
+        let mut a = authorities(1, 1).remove(0);
+        let started = GENESIS + 5;
+        // Before the bootstrap delay, nothing; after it, the current epoch.
+        assert!(a.epochs_to_vote(GENESIS + 14, started).is_empty());
+        assert_eq!(a.epochs_to_vote(GENESIS + 15, started), vec![0]);
+        // Within vote_lead of the next epoch, that one too.
+        assert_eq!(a.epochs_to_vote(GENESIS + 80, started), vec![0, 1]);
+        feed(&mut a, &[node(1, GENESIS, &[0, 1])], GENESIS + 80);
+        a.vote(0).unwrap();
+        assert_eq!(a.published_epochs(), vec![0]);
+        assert!(a.epochs_to_vote(GENESIS + 79, started).is_empty());
+        assert_eq!(a.epochs_to_vote(GENESIS + 80, started), vec![1]);
+        assert_eq!(a.epochs_of_interest(GENESIS + 80), [0, 1]);
+        // The next epoch's document does not replace the current one before it starts.
+        a.vote(1).unwrap();
+        assert_eq!(
+            a.current_document(GENESIS + 99).unwrap().body,
+            a.document(0).unwrap().body
+        );
+        assert_eq!(
+            a.current_document(GENESIS + 100).unwrap().body,
+            a.document(1).unwrap().body
+        );
+        // Long after, the newest one is what there is.
+        assert_eq!(
+            a.current_document(GENESIS + 1000).unwrap().body,
+            a.document(1).unwrap().body
+        );
+    }
+
+    #[test]
+    fn no_vote_without_nodes() {
+        let mut a = authorities(1, 1).remove(0);
+        assert!(a.vote(0).is_err());
+        assert!(a.signature_for(0).is_none());
+        // A node with no key for the epoch does not count.
+        feed(&mut a, &[node(1, GENESIS, &[1])], GENESIS);
+        assert!(a.vote(0).is_err());
+        a.vote(1).unwrap();
+        assert!(a.document(1).is_some());
+    }
+
+    #[test]
+    fn new_rejects_bad_config() {
+        let key = authority_key(0);
+        assert!(
+            Authority::new(authority_key(5), config(3, 2)).is_err(),
+            "key not in set"
+        );
+        assert!(Authority::new(key.clone(), config(3, 0)).is_err());
+        let mut c = config(3, 2);
+        c.schedule.length_secs = 0;
+        assert!(Authority::new(key.clone(), c).is_err());
+        let mut c = config(3, 2);
+        c.vote_lead_secs = LENGTH;
+        assert!(Authority::new(key.clone(), c).is_err());
+        let mut c = config(3, 2);
+        c.params.lambda_l = f64::NAN;
+        assert!(Authority::new(key, c).is_err());
+    }
+
+    #[test]
+    fn descriptors_expire() {
+        let mut a = authorities(1, 1).remove(0);
+        let now = GENESIS + 2000; // epoch 20 starts at 3000; max age 1000
+        feed(&mut a, &[node(1, 1999, &[20]), node(2, 2000, &[20])], now);
+        a.expire_descriptors(now);
+        assert_eq!(a.descriptors().len(), 1);
+    }
+
+    fn layer_of(a: &Authority, epoch: u64, i: u8) -> Option<u8> {
+        let id = Hex32(node_key(i).verifying_key().to_bytes());
+        let doc = a.document(epoch).unwrap();
+        let body: DocumentBody = serde_json::from_str(&doc.body).unwrap();
+        body.nodes
+            .iter()
+            .find(|n| n.identity == id)
+            .and_then(|n| n.layer)
+    }
+
+    #[test]
+    fn relays_keep_their_layer_across_epochs() {
+        let mut a = authorities(1, 1).remove(0);
+        let t = GENESIS + 10;
+        // Epoch 0: relays 1..=9. Relay 2 publishes no key for epoch 1, so it leaves.
+        let mut ds: Vec<SignedDescriptor> = (1..=9)
+            .filter(|&i| i != 2)
+            .map(|i| node(i, t, &[0, 1, 2]))
+            .collect();
+        ds.push(node(2, t, &[0]));
+        feed(&mut a, &ds, t);
+        a.vote(0).unwrap();
+        let before: Vec<Option<u8>> = (1..=9).map(|i| layer_of(&a, 0, i)).collect();
+        assert!(before.iter().all(Option::is_some));
+        let gone_layer = before[1].unwrap();
+        // Epoch 1: relays 10 joins.
+        feed(&mut a, &[node(10, t, &[1, 2])], t);
+        a.vote(1).unwrap();
+        for i in (1..=9).filter(|&i| i != 2) {
+            assert_eq!(
+                layer_of(&a, 1, i),
+                before[usize::from(i - 1)],
+                "relay {i} moved"
+            );
+        }
+        assert_eq!(layer_of(&a, 1, 2), None);
+        // Layers were 3/3/3; relay 2 left, so its layer was the smallest.
+        assert_eq!(layer_of(&a, 1, 10), Some(gone_layer));
+        // Epoch 2: relays 11 and 12 join, spread over the two smallest layers.
+        feed(&mut a, &[node(11, t, &[2]), node(12, t, &[2])], t);
+        a.vote(2).unwrap();
+        for i in (1..=10).filter(|&i| i != 2) {
+            assert_eq!(layer_of(&a, 2, i), layer_of(&a, 1, i), "relay {i} moved");
+        }
+        assert_ne!(layer_of(&a, 2, 11), layer_of(&a, 2, 12));
+    }
+
+    #[test]
+    fn new_relays_fill_the_smallest_layer() {
+        let id = |i: u8| [i; 32];
+        let prior: BTreeMap<NodeId, u8> = [
+            (id(1), 0),
+            (id(2), 0),
+            (id(3), 0),
+            (id(4), 1),
+            (id(5), 2),
+            (id(6), 2),
+        ]
+        .into_iter()
+        .collect();
+        let relays: Vec<NodeId> = (1..=8).map(id).collect();
+        let out = assign_layers(&relays, &prior, 3, &[7; 32]);
+        for (k, v) in &prior {
+            assert_eq!(out[k], *v);
+        }
+        // 3/1/2: the first newcomer goes to layer 1 (3/2/2), and so does the second,
+        // because ties go to the lower layer (3/3/2).
+        let mut new: Vec<u8> = [out[&id(7)], out[&id(8)]].to_vec();
+        new.sort();
+        assert_eq!(new, vec![1, 1]);
+        // A prior layer beyond the count is treated as new.
+        let odd: BTreeMap<NodeId, u8> = [(id(1), 9)].into_iter().collect();
+        assert_eq!(assign_layers(&[id(1)], &odd, 3, &[0; 32])[&id(1)], 0);
+    }
+
+    #[test]
+    fn empty_layer_is_refilled_from_the_largest() {
+        let id = |i: u8| [i; 32];
+        // Everything in layer 1 left.
+        let prior: BTreeMap<NodeId, u8> =
+            [(id(1), 0), (id(2), 0), (id(3), 0), (id(5), 2), (id(6), 2)]
+                .into_iter()
+                .collect();
+        let relays: Vec<NodeId> = [1, 2, 3, 5, 6].map(id).to_vec();
+        let out = assign_layers(&relays, &prior, 3, &[7; 32]);
+        let mut counts = [0; 3];
+        for l in out.values() {
+            counts[usize::from(*l)] += 1;
+        }
+        assert_eq!(counts, [2, 1, 2]);
+        // Only one relay moved, from layer 0.
+        let moved: Vec<_> = out.iter().filter(|(k, v)| prior[*k] != **v).collect();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(prior[moved[0].0], 0);
+        // Too few relays to fill every layer: nothing moves.
+        let out = assign_layers(&[id(1)], &[(id(1), 2)].into_iter().collect(), 3, &[7; 32]);
+        assert_eq!(out[&id(1)], 2);
+    }
+
+    proptest! {
+        #[test]
+        fn layers_from_empty_are_balanced(ids in proptest::collection::btree_set(any::<[u8; 32]>(), 0..80),
+                                          seed in any::<[u8; 32]>()) {
+            let relays: Vec<NodeId> = ids.into_iter().collect();
+            let out = assign_layers(&relays, &BTreeMap::new(), 3, &seed);
+            prop_assert_eq!(out.len(), relays.len());
+            let mut counts = [0usize; 3];
+            for l in out.values() {
+                counts[usize::from(*l)] += 1;
+            }
+            let (min, max) = (counts.iter().min().copied(), counts.iter().max().copied());
+            prop_assert!(max.unwrap_or(0) - min.unwrap_or(0) <= 1, "{:?}", counts);
+        }
+
+        #[test]
+        fn kept_relays_keep_their_layer(ids in proptest::collection::btree_set(any::<[u8; 32]>(), 6..60),
+                                        leave in proptest::collection::vec(any::<bool>(), 60),
+                                        joiners in proptest::collection::btree_set(any::<[u8; 32]>(), 0..20)) {
+            let relays: Vec<NodeId> = ids.iter().copied().collect();
+            let first = assign_layers(&relays, &BTreeMap::new(), 3, &[1; 32]);
+            let mut next: Vec<NodeId> = relays.iter().zip(&leave).filter(|(_, l)| !**l).map(|(id, _)| *id).collect();
+            next.extend(joiners.iter().filter(|j| !ids.contains(*j)));
+            let second = assign_layers(&next, &first, 3, &[2; 32]);
+            let mut counts = [0usize; 3];
+            for l in second.values() {
+                counts[usize::from(*l)] += 1;
+            }
+            // Unless a layer had to be refilled, no kept relay moved.
+            let refilled = next.iter().filter(|id| first.contains_key(*id)).map(|id| first[id]).collect::<std::collections::BTreeSet<_>>().len() < 3;
+            if !refilled {
+                for id in next.iter().filter(|id| first.contains_key(*id)) {
+                    prop_assert_eq!(second[id], first[id]);
+                }
+            }
+            if next.len() >= 3 {
+                prop_assert!(counts.iter().all(|&c| c > 0), "{:?}", counts);
+            }
+        }
+    }
 }

@@ -34,7 +34,10 @@ impl Descriptor {
 
     /// The Sphinx key for `epoch`, if published.
     pub fn key_for(&self, epoch: u64) -> Option<[u8; 32]> {
-        self.sphinx_keys.iter().find(|k| k.epoch == epoch).map(|k| k.key.0)
+        self.sphinx_keys
+            .iter()
+            .find(|k| k.epoch == epoch)
+            .map(|k| k.key.0)
     }
 
     fn validate(&self) -> Result<(), TopologyError> {
@@ -47,10 +50,17 @@ impl Descriptor {
         if self.sphinx_keys.is_empty() || self.sphinx_keys.len() > 8 {
             return Err(TopologyError::Invalid {
                 what: "descriptor sphinx_keys",
-                reason: format!("{} keys; between 1 and 8 are allowed", self.sphinx_keys.len()),
+                reason: format!(
+                    "{} keys; between 1 and 8 are allowed",
+                    self.sphinx_keys.len()
+                ),
             });
         }
-        if self.sphinx_keys.windows(2).any(|w| w[0].epoch >= w[1].epoch) {
+        if self
+            .sphinx_keys
+            .windows(2)
+            .any(|w| w[0].epoch >= w[1].epoch)
+        {
             return Err(TopologyError::Invalid {
                 what: "descriptor sphinx_keys",
                 reason: "epochs must be strictly ascending".into(),
@@ -102,29 +112,40 @@ impl SignedDescriptor {
 
     /// Checks the self-signature and returns the content.
     pub fn check(&self) -> Result<Descriptor, TopologyError> {
-        let d: Descriptor = serde_json::from_str(&self.body).map_err(|e| TopologyError::Malformed {
-            what: DESCRIPTOR_DOMAIN,
-            reason: e.to_string(),
-        })?;
+        let d: Descriptor =
+            serde_json::from_str(&self.body).map_err(|e| TopologyError::Malformed {
+                what: DESCRIPTOR_DOMAIN,
+                reason: e.to_string(),
+            })?;
         d.validate()?;
-        let key = VerifyingKey::from_bytes(&d.identity.0).map_err(|_| TopologyError::BadSignature {
-            what: DESCRIPTOR_DOMAIN,
-        })?;
-        key.verify(self.body.as_bytes(), &Signature::from_bytes(&self.signature.0))
-            .map_err(|_| TopologyError::BadSignature {
+        let key =
+            VerifyingKey::from_bytes(&d.identity.0).map_err(|_| TopologyError::BadSignature {
                 what: DESCRIPTOR_DOMAIN,
             })?;
+        key.verify(
+            self.body.as_bytes(),
+            &Signature::from_bytes(&self.signature.0),
+        )
+        .map_err(|_| TopologyError::BadSignature {
+            what: DESCRIPTOR_DOMAIN,
+        })?;
         Ok(d)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub(crate) mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
-    pub(crate) fn descriptor(rng: &mut StdRng, role: Role, port: u16, epochs: &[u64]) -> (SigningKey, Descriptor) {
+    pub(crate) fn descriptor(
+        rng: &mut StdRng,
+        role: Role,
+        port: u16,
+        epochs: &[u64],
+    ) -> (SigningKey, Descriptor) {
         let key = SigningKey::generate(rng);
         let d = Descriptor {
             identity: Hex32(key.verifying_key().to_bytes()),
@@ -163,4 +184,103 @@ pub(crate) mod tests {
         assert!(bad.sign(&key).is_err());
         assert!(SignedDescriptor::from_json(b"{").is_err());
     }
+
+    #[test]
+    fn check_rejects_bad_content() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let (key, d) = descriptor(&mut rng, Role::Gateway, 4000, &[1]);
+        let good = d.sign(&key).unwrap();
+        // Content that `sign` would refuse, signed anyway, is refused by `check`.
+        let sign_raw = |body: String| SignedDescriptor {
+            signature: Hex64(key.sign(body.as_bytes()).to_bytes()),
+            body,
+        };
+        let too_many = {
+            let mut t = d.clone();
+            t.sphinx_keys = (0..9)
+                .map(|epoch| SphinxKeyEntry {
+                    epoch,
+                    key: Hex32([1; 32]),
+                })
+                .collect();
+            t
+        };
+        let no_keys = Descriptor {
+            sphinx_keys: vec![],
+            ..d.clone()
+        };
+        let bad_addr = Descriptor {
+            link_addr: "localhost:4000".into(),
+            ..d.clone()
+        };
+        for bad in [too_many, no_keys, bad_addr] {
+            let err = sign_raw(serde_json::to_string(&bad).unwrap())
+                .check()
+                .unwrap_err();
+            assert!(matches!(err, TopologyError::Invalid { .. }), "{err}");
+            assert!(bad.sign(&key).is_err());
+        }
+        // Unknown fields are refused, even when signed.
+        let extra = good.body.replacen('{', r#"{"extra":1,"#, 1);
+        assert!(matches!(
+            sign_raw(extra).check(),
+            Err(TopologyError::Malformed { .. })
+        ));
+        // A signature by another key over the same body.
+        let other = SigningKey::generate(&mut rng);
+        let forged = SignedDescriptor {
+            body: good.body.clone(),
+            signature: Hex64(other.sign(good.body.as_bytes()).to_bytes()),
+        };
+        assert!(matches!(
+            forged.check(),
+            Err(TopologyError::BadSignature { .. })
+        ));
+        // An identity that is not a curve point.
+        let mut not_point = d.clone();
+        not_point.identity = Hex32([0xff; 32]);
+        let raw = sign_raw(serde_json::to_string(&not_point).unwrap());
+        assert!(matches!(
+            raw.check(),
+            Err(TopologyError::BadSignature { .. })
+        ));
+    }
+
+    /// Fixed key → exact bytes and signature; decode → re-encode gives the same bytes.
+    #[test]
+    fn testvec_descriptor() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let d = Descriptor {
+            identity: Hex32(key.verifying_key().to_bytes()),
+            role: Role::Relay,
+            link_addr: "127.0.0.1:4001".into(),
+            sphinx_keys: vec![
+                SphinxKeyEntry {
+                    epoch: 7,
+                    key: Hex32([0x07; 32]),
+                },
+                SphinxKeyEntry {
+                    epoch: 8,
+                    key: Hex32([0x08; 32]),
+                },
+            ],
+            published_unix: 1650,
+        };
+        let signed = d.sign(&key).unwrap();
+        let wire = String::from_utf8(signed.to_json()).unwrap();
+        assert_eq!(wire, TESTVEC_SIGNED_DESCRIPTOR, "\n{wire}\n");
+        let decoded = SignedDescriptor::from_json(TESTVEC_SIGNED_DESCRIPTOR.as_bytes()).unwrap();
+        assert_eq!(decoded.check().unwrap(), d);
+        assert_eq!(decoded.to_json(), TESTVEC_SIGNED_DESCRIPTOR.as_bytes());
+    }
+
+    const TESTVEC_SIGNED_DESCRIPTOR: &str = concat!(
+        r#"{"body":"{\"identity\":\"8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c\","#,
+        r#"\"role\":\"relay\",\"link_addr\":\"127.0.0.1:4001\",\"sphinx_keys\":["#,
+        r#"{\"epoch\":7,\"key\":\"0707070707070707070707070707070707070707070707070707070707070707\"},"#,
+        r#"{\"epoch\":8,\"key\":\"0808080808080808080808080808080808080808080808080808080808080808\"}],"#,
+        r#"\"published_unix\":1650}","#,
+        r#""signature":"dad24c8b235ea4afedf1a1215036cc8e48dc6f93495a079290188887310cb483"#,
+        r#"5bc5534935c349455a3d06d5396e2beb13d1bde6b4d06326c61bf26a39477904"}"#,
+    );
 }

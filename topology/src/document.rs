@@ -60,7 +60,10 @@ pub struct AuthoritySet {
 impl AuthoritySet {
     pub fn validate(&self) -> Result<(), TopologyError> {
         let distinct: BTreeSet<_> = self.keys.iter().collect();
-        if self.threshold == 0 || self.threshold > distinct.len() || distinct.len() != self.keys.len() {
+        if self.threshold == 0
+            || self.threshold > distinct.len()
+            || distinct.len() != self.keys.len()
+        {
             return Err(TopologyError::Invalid {
                 what: "authority set",
                 reason: format!(
@@ -130,18 +133,20 @@ pub struct UncheckedDocument {
 
 impl UncheckedDocument {
     pub fn parse(bytes: &[u8]) -> Result<Self, TopologyError> {
-        let signed: SignedDocument = serde_json::from_slice(bytes).map_err(|e| TopologyError::Malformed {
-            what: "signed document",
-            reason: e.to_string(),
-        })?;
+        let signed: SignedDocument =
+            serde_json::from_slice(bytes).map_err(|e| TopologyError::Malformed {
+                what: "signed document",
+                reason: e.to_string(),
+            })?;
         Self::from_signed(signed)
     }
 
     pub fn from_signed(signed: SignedDocument) -> Result<Self, TopologyError> {
-        let body: DocumentBody = serde_json::from_str(&signed.body).map_err(|e| TopologyError::Malformed {
-            what: "document body",
-            reason: e.to_string(),
-        })?;
+        let body: DocumentBody =
+            serde_json::from_str(&signed.body).map_err(|e| TopologyError::Malformed {
+                what: "document body",
+                reason: e.to_string(),
+            })?;
         Ok(UncheckedDocument { signed, body })
     }
 
@@ -237,7 +242,11 @@ impl Topology {
         if body.layers == 0 || usize::from(body.layers) != shoal_packet::MIX_LAYERS {
             return Err(TopologyError::Invalid {
                 what: "document layers",
-                reason: format!("{} (routes need exactly {})", body.layers, shoal_packet::MIX_LAYERS),
+                reason: format!(
+                    "{} (routes need exactly {})",
+                    body.layers,
+                    shoal_packet::MIX_LAYERS
+                ),
             });
         }
         let mut nodes = BTreeMap::new();
@@ -249,7 +258,9 @@ impl Topology {
                 reason: "not ip:port".into(),
             })?;
             match (n.role, n.layer) {
-                (Role::Relay, Some(l)) if l < body.layers => layers[usize::from(l)].push(n.identity.0),
+                (Role::Relay, Some(l)) if l < body.layers => {
+                    layers[usize::from(l)].push(n.identity.0)
+                }
                 (Role::Gateway, None) => gateways.push(n.identity.0),
                 _ => {
                     return Err(TopologyError::Invalid {
@@ -322,4 +333,341 @@ impl Topology {
             .filter_map(|n| n.layer.map(|l| (n.id, l)))
             .collect()
     }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Authority key `i`, from a fixed seed.
+    pub(crate) fn authority_key(i: u8) -> SigningKey {
+        SigningKey::from_bytes(&[0xa0 + i; 32])
+    }
+
+    pub(crate) fn authority_set(n: u8, threshold: usize) -> AuthoritySet {
+        AuthoritySet {
+            threshold,
+            keys: (0..n)
+                .map(|i| Hex32(authority_key(i).verifying_key().to_bytes()))
+                .collect(),
+        }
+    }
+
+    /// Node key `i`, from a fixed seed.
+    pub(crate) fn node_key(i: u8) -> SigningKey {
+        SigningKey::from_bytes(&[i; 32])
+    }
+
+    /// The Sphinx public key node `i` publishes for `epoch`, from a fixed secret.
+    pub(crate) fn sphinx_key(i: u8, epoch: u64) -> Hex32 {
+        let mut secret = [i; 32];
+        secret[0] = epoch as u8;
+        Hex32(x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret)).to_bytes())
+    }
+
+    /// Epoch 7 of a 100-second schedule starting at 1000: 3 relays per layer and two
+    /// gateways, keys for epochs 7 and 8.
+    pub(crate) fn sample_body() -> DocumentBody {
+        let epoch = 7;
+        let mut nodes: Vec<NodeEntry> = (1..=11u8)
+            .map(|i| {
+                let (role, layer) = if i <= 9 {
+                    (Role::Relay, Some((i - 1) % 3))
+                } else {
+                    (Role::Gateway, None)
+                };
+                NodeEntry {
+                    identity: Hex32(node_key(i).verifying_key().to_bytes()),
+                    role,
+                    layer,
+                    link_addr: format!("127.0.0.1:{}", 4000 + u16::from(i)),
+                    sphinx_keys: [epoch, epoch + 1]
+                        .iter()
+                        .map(|&e| SphinxKeyEntry {
+                            epoch: e,
+                            key: sphinx_key(i, e),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        nodes.sort_by_key(|n| n.identity);
+        DocumentBody {
+            epoch,
+            valid_after: 1600,
+            valid_until: 1860,
+            layers: 3,
+            params: NetworkParams::default(),
+            shared_random: Hex32([0x5a; 32]),
+            nodes,
+        }
+    }
+
+    pub(crate) fn sign(body: &str, signers: &[&SigningKey]) -> SignedDocument {
+        SignedDocument {
+            body: body.to_owned(),
+            signatures: signers
+                .iter()
+                .map(|k| AuthoritySignature::sign(k, body))
+                .collect(),
+        }
+    }
+
+    fn check(
+        doc: &SignedDocument,
+        auths: &AuthoritySet,
+        now: u64,
+    ) -> Result<Topology, TopologyError> {
+        UncheckedDocument::parse(&doc.to_json())?
+            .check_signatures(auths)?
+            .check_valid_at(now)
+    }
+
+    #[test]
+    fn chain_accepts_k_of_n() {
+        let body = sample_body().to_bytes().unwrap();
+        let (a, b, c) = (authority_key(0), authority_key(1), authority_key(2));
+        let auths = authority_set(3, 2);
+        for signers in [vec![&a, &b], vec![&b, &c], vec![&a, &b, &c]] {
+            let topo = check(&sign(&body, &signers), &auths, 1750).unwrap();
+            assert_eq!(topo.epoch(), 7);
+            assert_eq!(topo.body(), &sample_body());
+            assert_eq!(topo.gateways().len(), 2);
+            assert!((0..3).all(|l| topo.layer(l).len() == 3));
+            assert_eq!(topo.signed().body, body);
+            assert_eq!(topo.layer_assignment().len(), 9);
+        }
+    }
+
+    #[test]
+    fn chain_rejects_fewer_than_k() {
+        let body = sample_body().to_bytes().unwrap();
+        let doc = sign(&body, &[&authority_key(0)]);
+        let err = check(&doc, &authority_set(3, 2), 1750).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TopologyError::NotEnoughSignatures {
+                    epoch: 7,
+                    valid: 1,
+                    needed: 2
+                }
+            ),
+            "{err}"
+        );
+        assert!(check(&sign(&body, &[]), &authority_set(3, 2), 1750).is_err());
+    }
+
+    #[test]
+    fn duplicate_signatures_count_once() {
+        let body = sample_body().to_bytes().unwrap();
+        let a = authority_key(0);
+        let doc = sign(&body, &[&a, &a, &a]);
+        let err = check(&doc, &authority_set(3, 2), 1750).unwrap_err();
+        assert!(
+            matches!(err, TopologyError::NotEnoughSignatures { valid: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn signatures_outside_the_set_are_ignored() {
+        let body = sample_body().to_bytes().unwrap();
+        let (a, b) = (authority_key(0), authority_key(1));
+        let outsider = authority_key(9);
+        let auths = authority_set(3, 2);
+        let err = check(&sign(&body, &[&a, &outsider]), &auths, 1750).unwrap_err();
+        assert!(
+            matches!(err, TopologyError::NotEnoughSignatures { valid: 1, .. }),
+            "{err}"
+        );
+        check(&sign(&body, &[&outsider, &a, &b]), &auths, 1750).unwrap();
+        // An outsider's signature relabelled as a member's does not verify.
+        let mut forged = sign(&body, &[&a, &outsider]);
+        forged.signatures[1].authority = Hex32(b.verifying_key().to_bytes());
+        assert!(check(&forged, &auths, 1750).is_err());
+    }
+
+    #[test]
+    fn tampered_body_is_rejected() {
+        let body = sample_body().to_bytes().unwrap();
+        let mut doc = sign(&body, &[&authority_key(0), &authority_key(1)]);
+        doc.body = doc.body.replace("127.0.0.1:4001", "127.0.0.1:4999");
+        assert_ne!(doc.body, body);
+        let err = check(&doc, &authority_set(3, 2), 1750).unwrap_err();
+        assert!(
+            matches!(err, TopologyError::NotEnoughSignatures { valid: 0, .. }),
+            "{err}"
+        );
+        // Re-encoding with different whitespace also breaks the signatures: they are over bytes.
+        let mut spaced = sign(&body, &[&authority_key(0), &authority_key(1)]);
+        spaced.body = format!(" {}", spaced.body);
+        assert!(check(&spaced, &authority_set(3, 2), 1750).is_err());
+    }
+
+    #[test]
+    fn validity_window_is_enforced() {
+        let body = sample_body().to_bytes().unwrap();
+        let doc = sign(&body, &[&authority_key(0), &authority_key(1)]);
+        let auths = authority_set(3, 2);
+        for now in [1600, 1700, 1860] {
+            check(&doc, &auths, now).unwrap();
+        }
+        for now in [0, 1599, 1861, u64::MAX] {
+            let err = check(&doc, &auths, now).unwrap_err();
+            assert!(
+                matches!(err, TopologyError::NotValidAt { epoch: 7, .. }),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_rejected() {
+        let body = sample_body().to_bytes().unwrap();
+        let a = authority_key(0);
+        let mut with_unknown = body.clone();
+        with_unknown.insert_str(1, "\"extra\":1,");
+        let cases: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"{".to_vec(),
+            b"[]".to_vec(),
+            br#"{"body":"{}","signatures":[]}"#.to_vec(),
+            br#"{"body":"not json","signatures":[]}"#.to_vec(),
+            br#"{"body":"{}","signatures":[],"more":1}"#.to_vec(),
+            sign(&with_unknown, &[&a]).to_json(),
+            sign(&body, &[&a])
+                .to_json()
+                .iter()
+                .map(|&c| if c == b'"' { b'\'' } else { c })
+                .collect(),
+        ];
+        for bytes in cases {
+            let err = UncheckedDocument::parse(&bytes).unwrap_err();
+            assert!(matches!(err, TopologyError::Malformed { .. }), "{err}");
+        }
+        // A signature that is not 64 bytes of hex.
+        let mut short = serde_json::to_value(sign(&body, &[&a])).unwrap();
+        short["signatures"][0]["signature"] = "abcd".into();
+        let err = UncheckedDocument::parse(short.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(err, TopologyError::Malformed { .. }), "{err}");
+    }
+
+    #[test]
+    fn invalid_params_and_nodes_are_rejected_after_signatures() {
+        let keys = [authority_key(0), authority_key(1)];
+        let auths = authority_set(3, 2);
+        let mutations: Vec<fn(&mut DocumentBody)> = vec![
+            |b| b.params.frame_size += 1,
+            |b| b.params.mean_hop_delay_ms = -1.0,
+            |b| b.params.max_hop_delay_ms = 1.0,
+            |b| b.params.lambda_p = 1e9,
+            |b| b.layers = 2,
+            |b| b.nodes[0].layer = Some(3),
+            |b| {
+                let g = b
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.role == Role::Gateway)
+                    .unwrap();
+                g.layer = Some(0);
+            },
+            |b| b.nodes[0].link_addr = "nowhere".into(),
+            |b| {
+                let n = b.nodes[0].clone();
+                b.nodes.push(n);
+            },
+        ];
+        for (i, mutate) in mutations.into_iter().enumerate() {
+            let mut body = sample_body();
+            mutate(&mut body);
+            let doc = sign(&body.to_bytes().unwrap(), &[&keys[0], &keys[1]]);
+            let err = check(&doc, &auths, 1750).unwrap_err();
+            assert!(
+                matches!(err, TopologyError::Invalid { .. }),
+                "case {i}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_authority_sets_are_rejected() {
+        let body = sample_body().to_bytes().unwrap();
+        let doc = sign(&body, &[&authority_key(0), &authority_key(1)]);
+        let mut dup = authority_set(2, 1);
+        dup.keys.push(dup.keys[0]);
+        for auths in [authority_set(3, 0), authority_set(3, 4), dup] {
+            let err = check(&doc, &auths, 1750).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    TopologyError::Invalid {
+                        what: "authority set",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            AuthoritySet::majority(authority_set(3, 0).keys).threshold,
+            2
+        );
+        assert_eq!(
+            AuthoritySet::majority(authority_set(4, 0).keys).threshold,
+            3
+        );
+    }
+
+    /// Fixed keys → exact bytes; decode → re-encode gives the same bytes, and the
+    /// signature of authority 0 over them is fixed (Ed25519 is deterministic).
+    #[test]
+    fn testvec_document_body() {
+        // The sample, cut to one relay and one gateway to keep the vector short.
+        let mut expected = sample_body();
+        expected
+            .nodes
+            .retain(|n| ["127.0.0.1:4001", "127.0.0.1:4010"].contains(&n.link_addr.as_str()));
+        let body = expected.to_bytes().unwrap();
+        assert_eq!(body, TESTVEC_BODY, "\n{body}\n");
+        let decoded: DocumentBody = serde_json::from_str(TESTVEC_BODY).unwrap();
+        assert_eq!(decoded, expected);
+        assert_eq!(decoded.to_bytes().unwrap(), TESTVEC_BODY);
+        let sig = AuthoritySignature::sign(&authority_key(0), TESTVEC_BODY);
+        assert_eq!(hex::encode(sig.signature.0), TESTVEC_SIGNATURE);
+        assert_eq!(hex::encode(sig.authority.0), TESTVEC_AUTHORITY);
+        let doc = SignedDocument {
+            body: TESTVEC_BODY.into(),
+            signatures: vec![sig],
+        };
+        let json = doc.to_json();
+        let reparsed: SignedDocument = serde_json::from_slice(&json).unwrap();
+        assert_eq!(reparsed.to_json(), json);
+        UncheckedDocument::parse(&json)
+            .unwrap()
+            .check_signatures(&authority_set(3, 1))
+            .unwrap();
+    }
+
+    const TESTVEC_BODY: &str = concat!(
+        r#"{"epoch":7,"valid_after":1600,"valid_until":1860,"layers":3,"#,
+        r#""params":{"mean_hop_delay_ms":50.0,"max_hop_delay_ms":1000.0,"lambda_p":2.0,"lambda_l":0.5,"#,
+        r#""lambda_d":0.5,"lambda_m":0.5,"frame_size":2400,"key_grace_secs":60},"#,
+        r#""shared_random":"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a","nodes":["#,
+        r#"{"identity":"43a72e714401762df66b68c26dfbdf2682aaec9f2474eca4613e424a0fbafd3c","#,
+        r#""role":"gateway","layer":null,"link_addr":"127.0.0.1:4010","sphinx_keys":["#,
+        r#"{"epoch":7,"key":"6c01eb150e9d00778728c5ab4416da158dc2e33078a52e8ed28be8b710b98156"},"#,
+        r#"{"epoch":8,"key":"f77ff4b10788bfdca62ca0bb160d427cf5762d85f2b5cad6807ec9c3febbde09"}]},"#,
+        r#"{"identity":"8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c","#,
+        r#""role":"relay","layer":0,"link_addr":"127.0.0.1:4001","sphinx_keys":["#,
+        r#"{"epoch":7,"key":"a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209"},"#,
+        r#"{"epoch":8,"key":"0fd16a33e45c8c8fc31462cc57cf2e7bdf997e5fa9d3bfc731f3120398751633"}]}]}"#,
+    );
+    const TESTVEC_AUTHORITY: &str =
+        "b533d8ad9fcfbdde0b481c1b334ddc3c53412fd614564e7e5afd020368d382c3";
+    const TESTVEC_SIGNATURE: &str = concat!(
+        "74d29ac292b085e100dae31fb6f864464d63057d35fe51d23375e37ddc1ca04e",
+        "857c3581f142d1f7c8b5c1836bbff09b3dbf2f76128af1a92af8fa8bd980df0e",
+    );
 }

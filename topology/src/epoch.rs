@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// Maps Unix time to epoch numbers and back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EpochSchedule {
     /// Unix seconds at which epoch 0 starts.
     pub genesis_unix: u64,

@@ -10,9 +10,15 @@ pub enum TopologyError {
     BadSignature { what: &'static str },
     /// Fewer than the threshold of distinct authorities signed.
     #[error("document for epoch {epoch} has {valid} valid authority signatures, needs {needed}")]
-    NotEnoughSignatures { epoch: u64, valid: usize, needed: usize },
+    NotEnoughSignatures {
+        epoch: u64,
+        valid: usize,
+        needed: usize,
+    },
     /// The document is not valid at the given time.
-    #[error("document for epoch {epoch} is valid from {valid_after} to {valid_until}, not at {now}")]
+    #[error(
+        "document for epoch {epoch} is valid from {valid_after} to {valid_until}, not at {now}"
+    )]
     NotValidAt {
         epoch: u64,
         valid_after: u64,

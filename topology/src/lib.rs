@@ -12,7 +12,10 @@ mod error;
 
 pub use authority::{Authority, AuthorityConfig};
 pub use descriptor::{Descriptor, SignedDescriptor, SphinxKeyEntry};
-pub use document::{AuthoritySet, DocumentBody, NodeEntry, SignatureChecked, SignedDocument, Topology, UncheckedDocument};
+pub use document::{
+    AuthoritySet, AuthoritySignature, DocumentBody, NodeEntry, SignatureChecked, SignedDocument,
+    Topology, UncheckedDocument,
+};
 pub use encoding::{Hex32, Hex64};
 pub use epoch::EpochSchedule;
 pub use error::TopologyError;
@@ -23,7 +26,9 @@ pub use params::NetworkParams;
 pub type NodeId = [u8; 32];
 
 /// What a node does in the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// A mix in one of the layers.

@@ -51,7 +51,11 @@ impl NetworkParams {
         if self.frame_size as usize != shoal_packet::FRAME_SIZE {
             return bad(
                 "frame_size",
-                format!("{} (this software uses {})", self.frame_size, shoal_packet::FRAME_SIZE),
+                format!(
+                    "{} (this software uses {})",
+                    self.frame_size,
+                    shoal_packet::FRAME_SIZE
+                ),
             );
         }
         if !(self.mean_hop_delay_ms.is_finite() && self.mean_hop_delay_ms > 0.0) {
@@ -67,7 +71,10 @@ impl NetworkParams {
             ("lambda_m", self.lambda_m),
         ] {
             if !(v.is_finite() && (0.0..=10_000.0).contains(&v)) {
-                return bad(what, "must be a finite rate in [0, 10000] per second".into());
+                return bad(
+                    what,
+                    "must be a finite rate in [0, 10000] per second".into(),
+                );
             }
         }
         Ok(())
