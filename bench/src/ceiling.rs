@@ -16,7 +16,11 @@ use x25519_dalek::StaticSecret;
 /// Unwrap rates of the bare crate, without any of Shoal's pipeline.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Ceiling {
+    /// Unwraps per second of wall time on one thread.
     pub single_core_unwraps_per_sec: f64,
+    /// Unwraps per second of CPU time actually received by that thread: the per-core
+    /// cost, unaffected by other load on the machine.
+    pub unwraps_per_cpu_sec: f64,
     pub all_cores_unwraps_per_sec: f64,
     pub cores: usize,
 }
@@ -48,6 +52,12 @@ pub fn packets_for(secret: &StaticSecret, count: usize, seed: u64) -> Vec<Vec<u8
         .collect()
 }
 
+/// CPU time this thread has run, from the scheduler's nanosecond account.
+pub fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 fn unwrap_for(secret: &StaticSecret, packets: &[Vec<u8>], dur: Duration) -> u64 {
     let start = Instant::now();
     let mut n = 0u64;
@@ -64,6 +74,21 @@ fn unwrap_for(secret: &StaticSecret, packets: &[Vec<u8>], dur: Duration) -> u64 
         }
     }
     n
+}
+
+fn per_cpu_second(secret: &StaticSecret, packets: &[Vec<u8>], dur: Duration) -> f64 {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let cpu0 = thread_cpu_ns();
+            let n = unwrap_for(secret, packets, dur);
+            match (cpu0, thread_cpu_ns()) {
+                (Some(a), Some(b)) if b > a => n as f64 / ((b - a) as f64 / 1e9),
+                _ => 0.0,
+            }
+        })
+        .join()
+        .unwrap_or(0.0)
+    })
 }
 
 fn rate(secret: &StaticSecret, packets: &[Vec<u8>], threads: usize, dur: Duration) -> f64 {
@@ -86,6 +111,7 @@ pub fn measure(per_measurement: Duration) -> Ceiling {
         .unwrap_or(1);
     Ceiling {
         single_core_unwraps_per_sec: rate(&secret, &packets, 1, per_measurement),
+        unwraps_per_cpu_sec: per_cpu_second(&secret, &packets, per_measurement),
         all_cores_unwraps_per_sec: rate(&secret, &packets, cores, per_measurement),
         cores,
     }

@@ -2,6 +2,7 @@
 
 pub mod contact;
 pub mod core;
+pub mod driver;
 pub mod schedule;
 pub mod seal;
 pub mod store;
@@ -16,4 +17,4 @@ pub use core::{
 };
 pub use schedule::Stream;
 pub use seal::SealError;
-pub use store::ClientStore;
+pub use store::{ClientStore, ReceivedMessage};

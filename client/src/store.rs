@@ -11,20 +11,43 @@ use std::path::Path;
 
 use redb::backends::InMemoryBackend;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use shoal_packet::MessageId;
 
 use crate::contact::ContactCard;
 use crate::core::{ClientError, ClientSnapshot, Identity};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONTACTS: TableDefinition<&str, &str> = TableDefinition::new("contacts");
+/// Received messages by message id (so storing one twice is harmless); values are JSON
+/// [`ReceivedMessage`]s.
+const INBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("inbox");
 const SCHEMA_VERSION: u32 = 1;
 
 fn store_err(op: &'static str) -> impl FnOnce(redb::Error) -> ClientError {
     move |e| ClientError::Store {
         op,
         reason: e.to_string(),
+    }
+}
+
+/// A message as kept in the inbox.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceivedMessage {
+    pub message_id: MessageId,
+    /// Wall-clock milliseconds since the Unix epoch when it was stored.
+    pub received_unix_ms: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for ReceivedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Message bodies are user data.
+        f.debug_struct("ReceivedMessage")
+            .field("len", &self.bytes.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,6 +99,8 @@ impl ClientStore {
             }
             txn.open_table(CONTACTS)
                 .map_err(|e| store_err("open contacts")(e.into()))?;
+            txn.open_table(INBOX)
+                .map_err(|e| store_err("open inbox")(e.into()))?;
         }
         txn.commit().map_err(|e| store_err("commit")(e.into()))?;
         Ok(ClientStore { db })
@@ -131,6 +156,69 @@ impl ClientStore {
 
     pub fn load_snapshot(&self) -> Result<Option<ClientSnapshot>, ClientError> {
         self.get("snapshot")
+    }
+
+    /// Stores received messages and the snapshot that remembers their ids in one durable
+    /// transaction. Only after this returns may the mailbox items they came in be acked.
+    pub fn save_received(
+        &self,
+        messages: &[ReceivedMessage],
+        snapshot: &ClientSnapshot,
+    ) -> Result<(), ClientError> {
+        let snap = serde_json::to_vec(snapshot)
+            .map_err(|_| ClientError::Internal("serialize store value"))?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| store_err("begin write")(e.into()))?;
+        {
+            let mut inbox = txn
+                .open_table(INBOX)
+                .map_err(|e| store_err("open inbox")(e.into()))?;
+            for m in messages {
+                let value = serde_json::to_vec(m)
+                    .map_err(|_| ClientError::Internal("serialize store value"))?;
+                inbox
+                    .insert(m.message_id.as_slice(), value.as_slice())
+                    .map_err(|e| store_err("write inbox")(e.into()))?;
+            }
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| store_err("open meta")(e.into()))?;
+            meta.insert("snapshot", snap.as_slice())
+                .map_err(|e| store_err("write meta")(e.into()))?;
+        }
+        txn.commit().map_err(|e| store_err("commit")(e.into()))
+    }
+
+    /// Every received message, oldest first.
+    pub fn received_messages(&self) -> Result<Vec<ReceivedMessage>, ClientError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| store_err("begin read")(e.into()))?;
+        let t = txn
+            .open_table(INBOX)
+            .map_err(|e| store_err("open inbox")(e.into()))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| store_err("read inbox")(e.into()))? {
+            let (_, v) = entry.map_err(|e| store_err("read inbox")(e.into()))?;
+            out.push(
+                serde_json::from_slice::<ReceivedMessage>(v.value())
+                    .map_err(|_| ClientError::Corrupt("inbox message"))?,
+            );
+        }
+        out.sort_by_key(|m| (m.received_unix_ms, m.message_id));
+        Ok(out)
+    }
+
+    /// The Ed25519 secret key that authenticates this client's link to its gateway.
+    pub fn save_account_key(&self, secret: &[u8; 32]) -> Result<(), ClientError> {
+        self.put("account_key", secret)
+    }
+
+    pub fn load_account_key(&self) -> Result<Option<[u8; 32]>, ClientError> {
+        self.get("account_key")
     }
 
     /// Adds or replaces the contact stored under the card's name.
@@ -237,6 +325,32 @@ mod tests {
         assert_eq!(back.secret.to_bytes(), identity.secret.to_bytes());
         assert_eq!(store.load_snapshot().unwrap().unwrap(), snapshot);
         assert_eq!(store.contacts().unwrap(), vec![card]);
+    }
+
+    #[test]
+    fn inbox_is_idempotent_and_ordered() {
+        let store = ClientStore::in_memory().unwrap();
+        let snapshot = ClientSnapshot {
+            version: SNAPSHOT_VERSION,
+            outgoing: vec![],
+            received: vec![[2; 16], [1; 16]],
+        };
+        let a = ReceivedMessage {
+            message_id: [2; 16],
+            received_unix_ms: 20,
+            bytes: b"second".to_vec(),
+        };
+        let b = ReceivedMessage {
+            message_id: [1; 16],
+            received_unix_ms: 10,
+            bytes: b"first".to_vec(),
+        };
+        store.save_received(&[a.clone()], &snapshot).unwrap();
+        store.save_received(&[b.clone(), a.clone()], &snapshot).unwrap();
+        assert_eq!(store.received_messages().unwrap(), vec![b, a]);
+        assert_eq!(store.load_snapshot().unwrap().unwrap(), snapshot);
+        store.save_account_key(&[9; 32]).unwrap();
+        assert_eq!(store.load_account_key().unwrap(), Some([9; 32]));
     }
 
     #[test]

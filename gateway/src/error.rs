@@ -1,3 +1,5 @@
+use std::path::PathBuf;
+
 use shoal_packet::PacketError;
 
 /// Everything that can go wrong in the gateway's protocol core, mailbox and store.
@@ -60,12 +62,54 @@ pub enum GatewayError {
     /// Turning an ack slot into a packet failed (the SURB is not a valid reply block).
     #[error("ack: {0}")]
     Ack(PacketError),
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {detail}")]
+    ConfigRead { path: PathBuf, detail: String },
+    /// The config file is not valid TOML for this schema (unknown key, wrong type, ...).
+    #[error("{path}: {message}")]
+    ConfigParse { path: PathBuf, message: String },
+    /// A config value parsed but is not usable.
+    #[error("{path}: `{key}`: {reason}")]
+    ConfigValue {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+    /// `init` refuses to overwrite an existing gateway.
+    #[error("{path} already exists; refusing to overwrite it")]
+    AlreadyExists { path: PathBuf },
+    /// The mixing half (the relay pipeline: keys, node links, workers) failed.
+    #[error("mixing pipeline: {0}")]
+    Node(String),
+    /// The client link endpoint or the metrics listener could not be set up.
+    #[error("cannot listen for {what} on {addr}: {detail}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        detail: String,
+    },
+    /// No tokio runtime is running; [`crate::driver::spawn`] needs one.
+    #[error("no tokio runtime is running")]
+    NoRuntime,
     /// A bug in this crate, not the peer's fault.
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
 
 impl GatewayError {
+    /// An error of the mixing pipeline, with its chain of causes.
+    pub(crate) fn node(e: shoal_relay::RelayError) -> Self {
+        // Relay errors name files, keys of the config and addresses, never user data.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        GatewayError::Node(text)
+    }
+
     pub(crate) fn store(op: &'static str, e: impl std::fmt::Display) -> Self {
         // redb's messages describe files and pages, never record contents.
         GatewayError::Store {

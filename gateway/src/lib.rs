@@ -1,12 +1,19 @@
 #![doc = include_str!("../README.md")]
 
+pub mod admin;
+pub mod config;
+pub mod driver;
 pub mod mailbox;
+pub mod metrics;
 pub mod protocol;
 pub mod store;
 
 mod error;
 
+pub use config::Config;
+pub use driver::{GatewayHandle, spawn};
 pub use error::GatewayError;
+pub use metrics::{AckDrop, GatewayStats};
 pub use mailbox::{
     AccountKey, AckToSend, BatchId, CommitFailed, CommitResult, Committed, DeliverOutcome, ItemId,
     Mailbox, MailboxConfig, MailboxStats, MailboxTag, PullItem, PullPlan, Recovered, Salt,
@@ -14,3 +21,7 @@ pub use mailbox::{
 };
 pub use protocol::{ClientMsg, ErrorCode, GatewayMsg};
 pub use store::{Store, StoreConfig, StoreStats, TrySubmitError};
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

@@ -68,6 +68,7 @@ pub(crate) struct DirectoryTask {
     pub router: Arc<Router>,
     pub peers: PeerSet,
     pub identity: SigningKey,
+    pub role: Role,
     pub link_addr: String,
     pub authorities: Vec<AuthorityAddr>,
     pub authority_set: AuthoritySet,
@@ -157,7 +158,7 @@ impl DirectoryTask {
         let current = schedule.epoch_at(now);
         let descriptor = Descriptor {
             identity: Hex32(self.identity.verifying_key().to_bytes()),
-            role: Role::Relay,
+            role: self.role,
             link_addr: self.link_addr.clone(),
             sphinx_keys: self
                 .keys

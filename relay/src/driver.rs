@@ -15,15 +15,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use shoal_link::{FrameReceiver, Link, LinkEndpoint, LinkError, NodeKey, PeerSet, http};
-use shoal_packet::FRAME_SIZE;
-use shoal_topology::{NodeId, Topology};
+use shoal_packet::{FRAME_SIZE, Frame};
+use shoal_topology::{NodeId, Role, Topology};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info};
 
 use crate::config::Config;
-use crate::core::{MixConfig, MixCore, Unwrapper};
+use crate::core::{DropReason, Event, MixConfig, MixCore, Unwrapper};
 use crate::directory::DirectoryTask;
 use crate::metrics::{Metrics, RelayStats};
 use crate::outbound::Router;
@@ -80,6 +81,96 @@ impl Shared {
     }
 }
 
+/// Called on a worker thread for every packet that ends at this node and is not one of
+/// its own loops. Keep it short and non-blocking (a `try_send` on a channel).
+pub type DeliverFn = Arc<dyn Fn(Event) + Send + Sync>;
+/// Returns Prometheus text appended to this node's `/metrics`.
+pub type MetricsFn = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// How a node built on this pipeline differs from a plain relay. A gateway runs the same
+/// links, workers, delay queues, outbound links and directory task, and plugs in here.
+#[derive(Clone)]
+pub struct NodeHooks {
+    /// The role published in the node's descriptor.
+    pub role: Role,
+    /// Where final-hop packets go. `None` (a relay): counted as `delivered` and discarded.
+    pub on_delivered: Option<DeliverFn>,
+    /// Extra families for `/metrics`.
+    pub extra_metrics: Option<MetricsFn>,
+}
+
+impl NodeHooks {
+    /// A mix relay: no deliveries, no extra metrics.
+    pub fn relay() -> Self {
+        NodeHooks {
+            role: Role::Relay,
+            on_delivered: None,
+            extra_metrics: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHooks")
+            .field("role", &self.role)
+            .field("on_delivered", &self.on_delivered.is_some())
+            .field("extra_metrics", &self.extra_metrics.is_some())
+            .finish()
+    }
+}
+
+/// A handle into a running node's packet path, for front ends built on it (a gateway's
+/// client links and SURB-acks). Cheap to clone; usable from any thread.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    dispatch: Arc<Dispatch>,
+    router: Arc<Router>,
+    shared: Arc<Shared>,
+}
+
+impl Pipeline {
+    /// Hands a frame to the workers as if it had arrived on a link at `arrived` (this node
+    /// is its first hop). Never blocks; `false` if every worker queue was full (counted
+    /// as `overload`).
+    pub fn inject(&self, frame: Box<[u8; FRAME_SIZE]>, arrived: Instant) -> bool {
+        self.shared
+            .metrics
+            .frames_injected
+            .fetch_add(1, Ordering::Relaxed);
+        self.dispatch.send(Inbound {
+            bytes: frame,
+            arrived,
+        })
+    }
+
+    /// Puts `frame` on the link to `to` now, without a mixing delay. Never blocks.
+    /// `NoRoute` if no held document lists `to`, `Overload` if its link queue is full.
+    pub fn send(&self, to: &NodeId, frame: &Frame) -> Result<(), DropReason> {
+        let sender = self.router.sender(to).ok_or(DropReason::NoRoute)?;
+        match sender.try_send(Bytes::copy_from_slice(frame.as_bytes())) {
+            Ok(()) => Ok(()),
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Err(DropReason::Overload),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(DropReason::NoRoute),
+        }
+    }
+
+    /// The document in use for routing and loops, if any.
+    pub fn current_document(&self) -> Option<Arc<Topology>> {
+        self.shared.view().current.clone()
+    }
+
+    /// Every held document, oldest epoch first (previous in its grace period, current, next).
+    pub fn documents(&self) -> Vec<Arc<Topology>> {
+        self.shared.view().docs.values().cloned().collect()
+    }
+
+    /// Whether any held document lists node `id`.
+    pub fn is_listed(&self, id: &NodeId) -> bool {
+        self.shared.address_of(id).is_some()
+    }
+}
+
 /// A running relay. Dropping it stops the relay without waiting; prefer
 /// [`shutdown`](Self::shutdown).
 #[derive(Debug)]
@@ -92,9 +183,15 @@ pub struct RelayHandle {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    pipeline: Pipeline,
 }
 
 impl RelayHandle {
+    /// A handle into the packet path (inject frames, send to a peer, read the directory).
+    pub fn pipeline(&self) -> Pipeline {
+        self.pipeline.clone()
+    }
+
     /// The relay's Ed25519 identity: its node id, Sphinx address and pinned link key.
     pub fn identity(&self) -> NodeKey {
         self.identity
@@ -175,6 +272,12 @@ impl Drop for RelayHandle {
 /// background. It returns once the sockets are bound; use
 /// [`RelayHandle::wait_for_directory`] to wait for the first document.
 pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
+    spawn_with(config, NodeHooks::relay()).await
+}
+
+/// [`spawn`] for a node that is more than a relay (a gateway): `hooks` set its published
+/// role, where final-hop packets go, and extra `/metrics` families.
+pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle, RelayError> {
     config.validate(Path::new("relay config"))?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
     let identity = keystore::load_identity(&config.identity_path())?;
@@ -216,13 +319,14 @@ pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
                 .local_addr()
                 .map_err(|source| RelayError::MetricsBind { addr, source })?;
             let shared = shared.clone();
+            let extra = hooks.extra_metrics.clone();
             tasks.push(tokio::spawn(http::serve(listener, move |req| {
                 if req.method == "GET" && req.path == "/metrics" {
-                    http::Response::new(
-                        200,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        shared.metrics.render(Some(&shared.unwrapper)),
-                    )
+                    let mut text = shared.metrics.render(Some(&shared.unwrapper));
+                    if let Some(extra) = &extra {
+                        text.push_str(&extra());
+                    }
+                    http::Response::new(200, "text/plain; version=0.0.4; charset=utf-8", text)
                 } else {
                     http::Response::not_found()
                 }
@@ -252,6 +356,7 @@ pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
             shared: shared.clone(),
             router: router.clone(),
             rng: rand::make_rng(),
+            on_delivered: hooks.on_delivered.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("shoal-relay-worker-{index}"))
@@ -265,6 +370,11 @@ pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
         }
     }
     let dispatch = Arc::new(Dispatch::new(queues, shared.clone()));
+    let pipeline = Pipeline {
+        dispatch: dispatch.clone(),
+        router: router.clone(),
+        shared: shared.clone(),
+    };
     tasks.push(tokio::spawn(accept_loop(
         endpoint.clone(),
         dispatch,
@@ -278,6 +388,7 @@ pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
         router,
         peers,
         identity,
+        role: hooks.role,
         link_addr,
         authority_set: config.authority_set(),
         authorities: config.authorities.clone(),
@@ -294,7 +405,8 @@ pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
         identity = %hex::encode(me),
         listen = %local_addr,
         workers = config.workers,
-        "relay started"
+        role = ?hooks.role,
+        "node started"
     );
     Ok(RelayHandle {
         identity: me,
@@ -305,6 +417,7 @@ pub async fn spawn(config: Config) -> Result<RelayHandle, RelayError> {
         shutdown: shutdown_tx,
         tasks,
         workers,
+        pipeline,
     })
 }
 

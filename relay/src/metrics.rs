@@ -30,8 +30,9 @@ pub struct Latencies {
 
 // The bounds are constants that `new_with_bounds` accepts (low >= 1, high >= 2 * low,
 // sigfig <= 5), so it cannot fail.
+/// An empty histogram of nanoseconds, 1 ns to 10 min at 2 significant digits.
 #[allow(clippy::expect_used)]
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     // 1 ns to 10 min at 2 significant digits: a few kB each.
     Histogram::new_with_bounds(1, 600_000_000_000, 2).expect("constant histogram bounds are valid")
 }
@@ -46,7 +47,8 @@ impl Default for Latencies {
     }
 }
 
-pub(crate) fn record(h: &mut Histogram<u64>, d: Duration) {
+/// Records `d` in nanoseconds, saturating.
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
     h.saturating_record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1));
 }
 
@@ -84,6 +86,8 @@ pub(crate) struct WorkerSnapshot {
 #[derive(Debug)]
 pub struct Metrics {
     pub(crate) frames_received: AtomicU64,
+    /// Frames handed in through [`crate::driver::Pipeline::inject`] (a gateway's clients).
+    pub(crate) frames_injected: AtomicU64,
     /// Frames dropped by readers because every worker queue was full.
     pub(crate) inbound_overload: AtomicU64,
     /// Streams that ended mid-frame (the partial frame is dropped).
@@ -104,6 +108,8 @@ pub struct Metrics {
 pub struct RelayStats {
     /// Frames read off inbound links, including those dropped before a worker saw them.
     pub frames_received: u64,
+    /// Frames handed in by the node's own front end (a gateway's clients).
+    pub frames_injected: u64,
     /// Worker counters summed, with the driver's own drops (full worker queues, truncated
     /// streams, full or missing next-hop links) folded into `core.dropped`.
     pub core: Stats,
@@ -122,6 +128,7 @@ impl Metrics {
     pub(crate) fn new(workers: usize) -> Arc<Self> {
         Arc::new(Metrics {
             frames_received: AtomicU64::new(0),
+            frames_injected: AtomicU64::new(0),
             inbound_overload: AtomicU64::new(0),
             inbound_truncated: AtomicU64::new(0),
             link_errors: AtomicU64::new(0),
@@ -168,6 +175,7 @@ impl Metrics {
     pub fn snapshot(&self) -> RelayStats {
         let mut s = RelayStats {
             frames_received: self.frames_received.load(Ordering::Relaxed),
+            frames_injected: self.frames_injected.load(Ordering::Relaxed),
             link_errors: self.link_errors.load(Ordering::Relaxed),
             worker_queue_depth: self.worker_queue_depth.load(Ordering::Relaxed),
             links_inbound: self.links_inbound.load(Ordering::Relaxed),
@@ -210,6 +218,12 @@ impl Metrics {
             "counter",
             "Frames read from inbound links.",
             &[("", c(s.frames_received))],
+        );
+        metric(
+            "shoal_relay_frames_injected_total",
+            "counter",
+            "Frames handed in by the node's own front end (a gateway's clients).",
+            &[("", c(s.frames_injected))],
         );
         metric(
             "shoal_relay_packets_processed_total",
@@ -355,7 +369,8 @@ impl Metrics {
     }
 }
 
-fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+/// Appends `h` (nanoseconds) as a Prometheus summary in seconds: p50, p99, max, sum, count.
+pub fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
     let secs = |ns: u64| ns as f64 / 1e9;
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
     for (q, label) in [(0.5, "0.5"), (0.99, "0.99"), (1.0, "1")] {

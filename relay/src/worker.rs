@@ -53,20 +53,21 @@ impl Dispatch {
     }
 
     /// Offers `item` to each worker in turn, starting from a rotating one; if every queue
-    /// is full the frame is dropped and counted as overload.
-    pub(crate) fn send(&self, mut item: Inbound) {
+    /// is full the frame is dropped and counted as overload (`false`).
+    pub(crate) fn send(&self, mut item: Inbound) -> bool {
         let m = &self.shared.metrics;
         let n = self.queues.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         m.worker_queue_depth.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
             match self.queues[(start + i) % n].try_send(item) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => item = back,
             }
         }
         m.worker_queue_depth.fetch_sub(1, Ordering::Relaxed);
         m.inbound_overload.fetch_add(1, Ordering::Relaxed);
+        false
     }
 }
 
@@ -77,6 +78,8 @@ pub(crate) struct Worker {
     pub shared: Arc<Shared>,
     pub router: Arc<Router>,
     pub rng: StdRng,
+    /// Where final-hop packets go (gateways); `None` discards them (relays).
+    pub on_delivered: Option<crate::driver::DeliverFn>,
 }
 
 struct Local {
@@ -159,10 +162,13 @@ impl Worker {
             record(&mut local.latencies.unwrap, start.elapsed());
         }
         while let Some(event) = self.core.poll_event() {
-            match event {
+            match (&self.on_delivered, event) {
+                (Some(deliver), event) => deliver(event),
                 // A relay is never an exit: a final hop here is a misrouted or probing
                 // packet. It is counted (`delivered`) and discarded.
-                Event::Delivered { .. } => trace!("discarded a packet that ended at this relay"),
+                (None, Event::Delivered { .. }) => {
+                    trace!("discarded a packet that ended at this relay")
+                }
             }
         }
     }

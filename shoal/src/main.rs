@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod authority_cmd;
+mod bench_cmd;
+mod client_cmd;
+mod demo_cmd;
+mod gateway_cmd;
 mod relay_cmd;
 mod sim_cmd;
 
@@ -23,8 +27,18 @@ enum Command {
     /// Run or set up a mix relay.
     #[command(subcommand)]
     Relay(relay_cmd::RelayCommand),
+    /// Run or set up a gateway (entry/exit hop with mailboxes), and manage its accounts.
+    #[command(subcommand)]
+    Gateway(gateway_cmd::GatewayCommand),
     /// Traffic-analysis simulation (model mode) and parameter sweeps.
     Sim(sim_cmd::SimArgs),
+    /// Benchmarks: ratios against ceilings measured in the same run.
+    Bench(bench_cmd::BenchArgs),
+    /// A Loopix client: identity, contacts, send, read, run.
+    #[command(subcommand)]
+    Client(client_cmd::ClientCommand),
+    /// A whole mix network on loopback: send messages, deliver them, report.
+    Demo(demo_cmd::DemoArgs),
 }
 
 fn init_logging() {
@@ -41,7 +55,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Authority(cmd) => authority_cmd::run(cmd),
         Command::Relay(cmd) => relay_cmd::run(cmd),
+        Command::Gateway(cmd) => gateway_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
+        Command::Client(cmd) => client_cmd::run(cmd),
+        Command::Demo(args) => demo_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

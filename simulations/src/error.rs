@@ -31,4 +31,10 @@ pub enum SimError {
     /// `drive_until_idle` was asked to wait for a network that is never idle.
     #[error("the network is never idle while relay loop cover is on; use drive_until")]
     NeverIdle,
+    /// A model-mode output file could not be written.
+    #[error("writing {path}: {reason}")]
+    Output {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod harness;
+pub mod model;
 
 mod error;
 

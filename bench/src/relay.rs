@@ -1,0 +1,351 @@
+//! `shoal bench relay`: one real `shoal relay run` process forwarding pre-built packets
+//! over QUIC on loopback, against the raw unwrap ceiling measured in the same run.
+//!
+//! Phases, each with fresh packets (the relay's replay filter is on):
+//! 1. **ceiling**: raw `sphinx-packet` unwraps/s on one core and on all cores, before
+//!    any process starts;
+//! 2. **saturation**: offer 1.3 × the all-core ceiling for a few seconds; the relay's
+//!    forwarded rate is its capacity C, and its CPU time gives `cpu_efficiency`;
+//! 3. the relay is killed (SIGKILL) and restarted from its config, so its latency
+//!    histograms start empty (its Sphinx keys are on disk and survive);
+//! 4. **50 % load**: offer 0.5 × C paced, read the relay's added-latency quantiles;
+//! 5. **80 % load**: offer 0.8 × C paced; `lost` = offered − arrived at the sink.
+//!
+//! The load generator and the sink are stand-in gateways in this process; they share
+//! the machine with the relay, so their CPU time is reported too.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use shoal_link::FrameSender;
+use shoal_packet::sphinx::{self, Hop};
+use shoal_packet::{FRAME_SIZE, Frame, PLAINTEXT_SIZE};
+use shoal_topology::route::sample_delays;
+use shoal_topology::{EpochSchedule, Topology};
+
+use crate::ceiling::{self, Ceiling};
+use crate::standin::{StandIn, network_info, wait_for_topology};
+use crate::testnet::{Testnet, TestnetConfig, sum_metric};
+
+/// Knobs of the relay benchmark.
+#[derive(Debug, Clone)]
+pub struct RelayBenchOptions {
+    pub saturation: Duration,
+    pub paced: Duration,
+    pub ceiling_time: Duration,
+    pub mean_hop_delay_ms: f64,
+}
+
+impl Default for RelayBenchOptions {
+    fn default() -> Self {
+        RelayBenchOptions {
+            saturation: Duration::from_secs(4),
+            paced: Duration::from_secs(5),
+            ceiling_time: Duration::from_secs(2),
+            mean_hop_delay_ms: 50.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Quantiles {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadPhase {
+    pub offered_per_sec: f64,
+    pub offered: u64,
+    pub arrived: u64,
+    pub lost: u64,
+    pub relay_dropped: u64,
+}
+
+/// Everything `shoal bench relay --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayReport {
+    pub cores: usize,
+    pub ceiling_unwraps_per_sec: f64,
+    pub single_core_unwraps_per_sec: f64,
+    /// The per-core cost basis of `cpu_efficiency`: unwraps per CPU-second on one thread.
+    pub unwraps_per_cpu_sec: f64,
+    pub relay_packets_per_sec: f64,
+    pub ratio: f64,
+    pub cpu_efficiency: f64,
+    pub relay_cpu_seconds: f64,
+    pub harness_cpu_seconds: f64,
+    pub saturation_offered_per_sec: f64,
+    pub saturation_dropped_overload: u64,
+    /// Offered minus forwarded at 80 % load, excluding deliberate drops (there are none).
+    pub lost: u64,
+    pub load_80: LoadPhase,
+    pub load_50: LoadPhase,
+    /// Time in the relay beyond the scheduled delay at 50 % load (arrival at the link
+    /// reader to hand-off to the next hop's link), microseconds.
+    pub added_latency_us: Quantiles,
+    pub unwrap_us: Quantiles,
+    pub mean_hop_delay_ms: f64,
+}
+
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) are space separated.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+fn self_cpu_seconds() -> f64 {
+    cpu_seconds_of(std::process::id())
+}
+
+/// Builds `n` distinct packets routed `[relay, sink]` on all cores.
+fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) -> Vec<Bytes> {
+    let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
+    let label = EpochSchedule::frame_label(topo.epoch());
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(seed ^ (t as u64 + 1) * 0x9e37_79b9);
+                    let mut plaintext = vec![0u8; PLAINTEXT_SIZE];
+                    let mut out = Vec::with_capacity(per);
+                    for i in 0..per {
+                        plaintext[..8].copy_from_slice(&((t * per + i) as u64).to_be_bytes());
+                        let mut delays = sample_delays(&mut rng, topo.params(), 1);
+                        delays.push(Duration::ZERO);
+                        if let Ok((p, _)) = sphinx::build_forward(
+                            &mut rng,
+                            &[relay.clone(), sink.clone()],
+                            &delays,
+                            &[0; 32],
+                            &plaintext,
+                        ) && let Ok(f) = Frame::sphinx(label, &p.packet)
+                        {
+                            out.push(Bytes::copy_from_slice(f.as_bytes()));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .take(n)
+            .collect()
+    })
+}
+
+/// Sends `packets` at `rate` per second in 1 ms batches; returns how many were sent.
+async fn paced_send(sender: &mut FrameSender, packets: &mut [Bytes], rate: f64) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while sent < packets.len() {
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(packets.len());
+        if due > sent {
+            sender.send_many(&mut packets[sent..due]).await?;
+            sent = due;
+        } else {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    Ok(sent as u64)
+}
+
+async fn metrics_text(addr: SocketAddr) -> String {
+    match shoal_link::http::get(addr, "/metrics").await {
+        Ok((_, body)) => String::from_utf8_lossy(&body).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+async fn wait_relay_ready(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let text = metrics_text(addr).await;
+        if sum_metric(&text, "shoal_relay_directory_epoch") > 0.0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn wait_quiet(sink: &StandIn, expect: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = sink.received.frames.load(Ordering::Relaxed);
+        if got >= expect || (got == last) || Instant::now() >= deadline {
+            return got;
+        }
+        last = got;
+    }
+}
+
+/// Runs the whole benchmark. `dir` holds the processes' configs and logs.
+pub async fn run(shoal: &Path, dir: &Path, opts: &RelayBenchOptions) -> anyhow::Result<RelayReport> {
+    let ceiling: Ceiling = tokio::task::spawn_blocking({
+        let t = opts.ceiling_time;
+        move || ceiling::measure(t)
+    })
+    .await?;
+
+    let cfg = TestnetConfig {
+        relays_per_layer: 0,
+        extra_relays: 1,
+        mean_hop_delay_ms: opts.mean_hop_delay_ms,
+        max_hop_delay_ms: opts.mean_hop_delay_ms * 20.0,
+        bootstrap_secs: 3,
+        ..TestnetConfig::default()
+    };
+    let mut net = Testnet::start(shoal, dir, &cfg)?;
+    let info = network_info_retry(net.authority_addr).await?;
+    let mut loadgen = StandIn::bind(11)?;
+    let mut sink = StandIn::bind(12)?;
+    loadgen.register(&[net.authority_addr], &info).await?;
+    sink.register(&[net.authority_addr], &info).await?;
+    sink.spawn_sink(false, false);
+    let relay_id = net.relays[0].id;
+    let topo = wait_for_topology(
+        net.authority_addr,
+        &net.authorities,
+        &[relay_id, loadgen.id(), sink.id()],
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| net.log_tail("authority"))?;
+    let epoch = topo.epoch();
+    let relay_hop = topo.hop(&relay_id, epoch)?;
+    let sink_hop = topo.hop(&sink.id(), epoch)?;
+    if !wait_relay_ready(net.relays[0].metrics_addr, Duration::from_secs(30)).await {
+        bail!("relay did not load the directory: {}", net.log_tail("relay0"));
+    }
+
+    // Packets for every phase are built before any timed window.
+    let sat_rate = ceiling.all_cores_unwraps_per_sec * 1.3;
+    let sat_n = (sat_rate * opts.saturation.as_secs_f64()) as usize;
+    let mut sat = tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, sat_n, 1));
+
+    let relay_addr = net.relays[0].link_addr;
+    let connect = |l: &StandIn| {
+        let ep = l.endpoint.clone();
+        let addr = relay_addr;
+        async move {
+            let link = ep.connect(addr, relay_id).await?;
+            anyhow::Ok(link.open_frames(FRAME_SIZE).await?)
+        }
+    };
+    let mut sender = connect(&loadgen).await?;
+
+    // Phase 2: saturation.
+    let pid = net.relays[0].proc.pid();
+    let before_arrived = sink.received.frames.load(Ordering::Relaxed);
+    let cpu0 = cpu_seconds_of(pid);
+    let me0 = self_cpu_seconds();
+    let t0 = Instant::now();
+    let offered = paced_send(&mut sender, &mut sat, sat_rate).await?;
+    let send_elapsed = t0.elapsed().as_secs_f64();
+    let arrived = wait_quiet(&sink, before_arrived + offered, Duration::from_secs(10)).await - before_arrived;
+    let elapsed = t0.elapsed().as_secs_f64() - 0.3;
+    let relay_cpu = cpu_seconds_of(pid) - cpu0;
+    let harness_cpu = self_cpu_seconds() - me0;
+    let sat_text = metrics_text(net.relays[0].metrics_addr).await;
+    let overload = sum_metric(&sat_text, "shoal_relay_packets_dropped_total{reason=\"overload\"}") as u64;
+    drop(sat);
+    // Forwarding continues after the sender stops until the queues drain; the rate is
+    // what arrived over the time it took.
+    let relay_rate = arrived as f64 / elapsed.max(send_elapsed);
+    let cpu_efficiency = (arrived as f64 / relay_cpu.max(1e-9)) / ceiling.unwraps_per_cpu_sec;
+
+    // Phase 3: restart the relay for clean latency histograms.
+    net.relays[0].proc.kill();
+    net.restart_relay(shoal, 0)?;
+    if !wait_relay_ready(net.relays[0].metrics_addr, Duration::from_secs(30)).await {
+        bail!("restarted relay did not load the directory: {}", net.log_tail("relay0"));
+    }
+    let mut sender = connect(&loadgen).await?;
+
+    let phase = |fraction: f64, seed: u64| {
+        let rate = relay_rate * fraction;
+        let n = (rate * opts.paced.as_secs_f64()) as usize;
+        (rate, tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, n, seed)))
+    };
+    let (rate50, mut p50) = phase(0.5, 2);
+    let (rate80, mut p80) = phase(0.8, 3);
+
+    let mut run_phase = async |rate: f64, packets: &mut Vec<Bytes>| -> anyhow::Result<LoadPhase> {
+        let before = sink.received.frames.load(Ordering::Relaxed);
+        let dropped_before = sum_metric(&metrics_text(net.relays[0].metrics_addr).await, "shoal_relay_packets_dropped_total");
+        let offered = paced_send(&mut sender, packets, rate).await?;
+        let arrived = wait_quiet(&sink, before + offered, Duration::from_secs(10)).await - before;
+        let dropped = sum_metric(&metrics_text(net.relays[0].metrics_addr).await, "shoal_relay_packets_dropped_total") - dropped_before;
+        Ok(LoadPhase {
+            offered_per_sec: rate,
+            offered,
+            arrived,
+            lost: offered.saturating_sub(arrived),
+            relay_dropped: dropped.max(0.0) as u64,
+        })
+    };
+    let load_50 = run_phase(rate50, &mut p50).await?;
+    let text = metrics_text(net.relays[0].metrics_addr).await;
+    let q = |name: &str, q: &str| sum_metric(&text, &format!("{name}{{quantile=\"{q}\"}}")) * 1e6;
+    let added_latency_us = Quantiles {
+        p50: q("shoal_relay_delay_error_seconds", "0.5"),
+        p99: q("shoal_relay_delay_error_seconds", "0.99"),
+    };
+    let unwrap_us = Quantiles {
+        p50: q("shoal_relay_unwrap_seconds", "0.5"),
+        p99: q("shoal_relay_unwrap_seconds", "0.99"),
+    };
+    let load_80 = run_phase(rate80, &mut p80).await?;
+
+    Ok(RelayReport {
+        cores: ceiling.cores,
+        ceiling_unwraps_per_sec: ceiling.all_cores_unwraps_per_sec,
+        single_core_unwraps_per_sec: ceiling.single_core_unwraps_per_sec,
+        unwraps_per_cpu_sec: ceiling.unwraps_per_cpu_sec,
+        relay_packets_per_sec: relay_rate,
+        ratio: relay_rate / ceiling.all_cores_unwraps_per_sec,
+        cpu_efficiency,
+        relay_cpu_seconds: relay_cpu,
+        harness_cpu_seconds: harness_cpu,
+        saturation_offered_per_sec: sat_rate,
+        saturation_dropped_overload: overload,
+        lost: load_80.lost,
+        load_80,
+        load_50,
+        added_latency_us,
+        unwrap_us,
+        mean_hop_delay_ms: opts.mean_hop_delay_ms,
+    })
+}
+
+async fn network_info_retry(addr: SocketAddr) -> anyhow::Result<crate::standin::NetworkInfo> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match network_info(addr).await {
+            Ok(i) => return Ok(i),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

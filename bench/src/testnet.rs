@@ -1,0 +1,491 @@
+//! A network of real `shoal` processes on loopback: one authority and some relays,
+//! each set up with its own `init` command and run with `run --config`.
+//!
+//! Used by the end-to-end tests, `shoal bench relay` and the demo. Processes are
+//! killed when the [`Testnet`] is dropped, also on panic.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use shoal_topology::{AuthoritySet, Hex32, NodeId};
+
+/// A child process that is killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_udp_port() -> anyhow::Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+pub fn free_tcp_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn run_init(shoal: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(shoal)
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .with_context(|| format!("cannot run {}", shoal.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`shoal {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn spawn(shoal: &Path, name: &str, args: &[&str], log: &Path) -> anyhow::Result<Proc> {
+    let log = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let child = Command::new(shoal)
+        .args(args)
+        .env("SHOAL_LOG", std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+    })
+}
+
+fn spawn_relay(shoal: &Path, dir: &Path, i: usize) -> anyhow::Result<Proc> {
+    let config = dir.join(format!("relay{i}")).join("relay.toml");
+    // Append to the log so a restart keeps the earlier run's lines.
+    let log = dir.join(format!("relay{i}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let child = Command::new(shoal)
+        .args(["relay", "run", "--config", &config.to_string_lossy()])
+        .env("SHOAL_LOG", std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .context("cannot start a relay")?;
+    Ok(Proc {
+        name: format!("relay{i}"),
+        child,
+    })
+}
+
+/// Replaces `key = ...` lines of a TOML file we generated ourselves.
+fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = String::new();
+    for line in text.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        match values.iter().find(|(k, _)| *k == key && !line.trim_start().starts_with('#')) {
+            Some((k, v)) => out.push_str(&format!("{k} = {v}\n")),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+/// What kind of network to start.
+#[derive(Debug, Clone)]
+pub struct TestnetConfig {
+    pub relays_per_layer: usize,
+    /// Relays beyond `3 × relays_per_layer` (the authority assigns them layers too).
+    pub extra_relays: usize,
+    pub mean_hop_delay_ms: f64,
+    pub max_hop_delay_ms: f64,
+    pub lambda_m: f64,
+    /// The authority waits this long for descriptors before publishing the first document.
+    pub bootstrap_secs: u64,
+    pub epoch_secs: u64,
+    /// Worker threads per relay (None: all cores).
+    pub workers: Option<usize>,
+    /// Client cover rates λP, λL, λD (None: the authority's defaults).
+    pub client_rates: Option<[f64; 3]>,
+}
+
+impl Default for TestnetConfig {
+    fn default() -> Self {
+        TestnetConfig {
+            relays_per_layer: 2,
+            extra_relays: 0,
+            mean_hop_delay_ms: 20.0,
+            max_hop_delay_ms: 500.0,
+            lambda_m: 0.0,
+            bootstrap_secs: 4,
+            epoch_secs: 3600,
+            workers: None,
+            client_rates: None,
+        }
+    }
+}
+
+/// A running relay process.
+#[derive(Debug)]
+pub struct RelayProc {
+    pub proc: Proc,
+    pub id: NodeId,
+    pub link_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+/// One authority and `3 × relays_per_layer` relays, as real processes.
+#[derive(Debug)]
+pub struct Testnet {
+    pub dir: PathBuf,
+    pub authority: Proc,
+    pub authority_addr: SocketAddr,
+    pub authorities: AuthoritySet,
+    pub relays: Vec<RelayProc>,
+    /// Gateways started with [`Testnet::run_gateway`].
+    pub gateways: Vec<GatewayProc>,
+}
+
+/// Gateway settings the testnet writes into `gateway.toml`.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// Seconds before an offered, unacked mailbox item is offered again.
+    pub redelivery_timeout_secs: u64,
+    /// Worker threads (None: all cores).
+    pub workers: Option<usize>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            redelivery_timeout_secs: 2,
+            workers: Some(1),
+        }
+    }
+}
+
+/// A gateway set up with `shoal gateway init`, not yet running. Register accounts
+/// (`shoal gateway account add` needs the store, which a running gateway locks), then
+/// hand it to [`Testnet::run_gateway`].
+#[derive(Debug, Clone)]
+pub struct GatewayInit {
+    pub name: String,
+    pub config: PathBuf,
+    pub id: NodeId,
+    pub link_addr: SocketAddr,
+    pub client_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+}
+
+/// A running gateway process.
+#[derive(Debug)]
+pub struct GatewayProc {
+    pub proc: Proc,
+    pub init: GatewayInit,
+}
+
+impl Testnet {
+    /// Sets up gateway number `index` under the testnet's directory.
+    pub fn init_gateway(
+        &self,
+        shoal: &Path,
+        index: usize,
+        opts: &GatewayOptions,
+    ) -> anyhow::Result<GatewayInit> {
+        let name = format!("gateway{index}");
+        let gdir = self.dir.join(&name);
+        let link_addr = free_udp_port()?;
+        let client_addr = free_udp_port()?;
+        let metrics_addr = free_tcp_port()?;
+        let key_hex = hex::encode(self.authorities.keys.first().context("no authority")?.0);
+        let out = run_init(
+            shoal,
+            &[
+                "gateway",
+                "init",
+                "--dir",
+                &gdir.to_string_lossy(),
+                "--listen",
+                &link_addr.to_string(),
+                "--client-listen",
+                &client_addr.to_string(),
+                "--metrics",
+                &metrics_addr.to_string(),
+                "--authority",
+                &format!("{}={key_hex}", self.authority_addr),
+                "--threshold",
+                "1",
+            ],
+        )?;
+        let id_hex = out
+            .lines()
+            .find_map(|l| l.strip_prefix("gateway identity: "))
+            .context("gateway init did not print its identity")?;
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(id_hex.trim(), &mut id)?;
+        let config = gdir.join("gateway.toml");
+        set_keys(
+            &config,
+            &[(
+                "redelivery_timeout_secs",
+                opts.redelivery_timeout_secs.to_string(),
+            )],
+        )?;
+        if let Some(w) = opts.workers {
+            let text = std::fs::read_to_string(&config)?;
+            std::fs::write(&config, format!("workers = {w}\n{text}"))?;
+        }
+        Ok(GatewayInit {
+            name,
+            config,
+            id,
+            link_addr,
+            client_addr,
+            metrics_addr,
+        })
+    }
+
+    /// Registers an account (Ed25519 link key, mailbox address) at a stopped gateway.
+    pub fn add_account(
+        shoal: &Path,
+        gateway: &GatewayInit,
+        key: &[u8; 32],
+        mailbox: &[u8; 32],
+    ) -> anyhow::Result<()> {
+        run_init(
+            shoal,
+            &[
+                "gateway",
+                "account",
+                "add",
+                "--config",
+                &gateway.config.to_string_lossy(),
+                "--key",
+                &hex::encode(key),
+                "--mailbox",
+                &hex::encode(mailbox),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Starts a gateway process.
+    pub fn run_gateway(&mut self, shoal: &Path, init: GatewayInit) -> anyhow::Result<()> {
+        let proc = spawn(
+            shoal,
+            &init.name,
+            &["gateway", "run", "--config", &init.config.to_string_lossy()],
+            &self.dir.join(format!("{}.log", init.name)),
+        )?;
+        self.gateways.push(GatewayProc { proc, init });
+        Ok(())
+    }
+
+    /// Initialises and starts every process under `dir`. Returns once they are running;
+    /// the first document appears `bootstrap_secs` after the authority starts.
+    pub fn start(shoal: &Path, dir: &Path, cfg: &TestnetConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let auth_dir = dir.join("authority");
+        let authority_addr = free_tcp_port()?;
+        let out = run_init(
+            shoal,
+            &[
+                "authority",
+                "init",
+                "--dir",
+                &auth_dir.to_string_lossy(),
+                "--listen",
+                &authority_addr.to_string(),
+                "--epoch-secs",
+                &cfg.epoch_secs.to_string(),
+            ],
+        )?;
+        let key_hex = out.lines().last().unwrap_or("").trim().to_string();
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(&key_hex, &mut key).context("authority init did not print its key")?;
+        let auth_config = auth_dir.join("authority.toml");
+        set_keys(
+            &auth_config,
+            &[
+                ("sync_interval_secs", "1".into()),
+                ("bootstrap_delay_secs", cfg.bootstrap_secs.to_string()),
+                ("vote_lead_secs", (cfg.epoch_secs / 4).max(1).to_string()),
+                ("mean_hop_delay_ms", format!("{:?}", cfg.mean_hop_delay_ms)),
+                ("max_hop_delay_ms", format!("{:?}", cfg.max_hop_delay_ms)),
+                ("lambda_m", format!("{:?}", cfg.lambda_m)),
+            ],
+        )?;
+        if let Some([p, l, d]) = cfg.client_rates {
+            set_keys(
+                &auth_config,
+                &[
+                    ("lambda_p", format!("{p:?}")),
+                    ("lambda_l", format!("{l:?}")),
+                    ("lambda_d", format!("{d:?}")),
+                ],
+            )?;
+        }
+        let authority = spawn(
+            shoal,
+            "authority",
+            &["authority", "run", "--config", &auth_config.to_string_lossy()],
+            &dir.join("authority.log"),
+        )?;
+
+        let mut relays = Vec::new();
+        for i in 0..cfg.relays_per_layer * shoal_packet::MIX_LAYERS + cfg.extra_relays {
+            let rdir = dir.join(format!("relay{i}"));
+            let link_addr = free_udp_port()?;
+            let metrics_addr = free_tcp_port()?;
+            let out = run_init(
+                shoal,
+                &[
+                    "relay",
+                    "init",
+                    "--dir",
+                    &rdir.to_string_lossy(),
+                    "--listen",
+                    &link_addr.to_string(),
+                    "--metrics",
+                    &metrics_addr.to_string(),
+                    "--authority",
+                    &format!("{authority_addr}={key_hex}"),
+                    "--threshold",
+                    "1",
+                ],
+            )?;
+            let id_hex = out
+                .lines()
+                .find_map(|l| l.strip_prefix("relay identity: "))
+                .context("relay init did not print its identity")?;
+            let mut id = [0u8; 32];
+            hex::decode_to_slice(id_hex.trim(), &mut id)?;
+            let config = rdir.join("relay.toml");
+            if let Some(w) = cfg.workers {
+                let text = std::fs::read_to_string(&config)?;
+                std::fs::write(&config, format!("workers = {w}\n{text}"))?;
+            }
+            let proc = spawn_relay(shoal, dir, i)?;
+            relays.push(RelayProc {
+                proc,
+                id,
+                link_addr,
+                metrics_addr,
+            });
+        }
+        Ok(Testnet {
+            dir: dir.to_path_buf(),
+            authority,
+            authority_addr,
+            authorities: AuthoritySet {
+                threshold: 1,
+                keys: vec![Hex32(key)],
+            },
+            relays,
+            gateways: Vec::new(),
+        })
+    }
+
+    /// Starts relay `i` again from its config (after a kill); its keys are on disk.
+    pub fn restart_relay(&mut self, shoal: &Path, i: usize) -> anyhow::Result<()> {
+        let proc = spawn_relay(shoal, &self.dir, i)?;
+        let r = self.relays.get_mut(i).context("no such relay")?;
+        r.proc = proc;
+        Ok(())
+    }
+
+    pub fn relay_ids(&self) -> Vec<NodeId> {
+        self.relays.iter().map(|r| r.id).collect()
+    }
+
+    /// Reads one counter or gauge (summing all label sets) from a relay's `/metrics`.
+    pub async fn metric(&self, relay: usize, name: &str) -> anyhow::Result<f64> {
+        let r = self.relays.get(relay).context("no such relay")?;
+        let (_, body) = shoal_link::http::get(r.metrics_addr, "/metrics").await?;
+        Ok(sum_metric(&String::from_utf8_lossy(&body), name))
+    }
+
+    /// The tail of a process's log, for failure messages.
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+/// Sums the samples of metric `name` (any labels) in Prometheus text.
+pub fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Finds the `shoal` binary next to the running executable (for `shoal bench` and
+/// `shoal demo`), or at `CARGO_BIN_EXE_shoal`.
+pub fn shoal_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("CARGO_BIN_EXE_shoal") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    if exe.file_name().is_some_and(|n| n == "shoal") {
+        return Ok(exe);
+    }
+    if let Some(dir) = exe.parent() {
+        for cand in [dir.join("shoal"), dir.join("../shoal")] {
+            if cand.exists() {
+                return Ok(cand);
+            }
+        }
+    }
+    bail!("cannot find the shoal binary; build it with `cargo build -p shoal`")
+}
+
+/// Sleeps in small steps until `f` is true or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}

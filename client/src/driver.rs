@@ -1,0 +1,877 @@
+//! The tokio driver around [`ClientCore`]: one QUIC link to the client's gateway, the
+//! constant pull schedule, the directory, and the durable store.
+//!
+//! ```text
+//!             ┌────────────── one task owns the core ───────────────┐
+//! commands ──►│ send_message ─► save snapshot ─► reply               │
+//!             │ poll_timeout ─► handle_timeout ─► poll_transmit ──────┼──► uni stream ─► gateway
+//!             │ pull tick (constant) ─► Pull ─────────────────────────┼──►
+//! gateway ───►│ Item ─► handle_mailbox_item; PullDone ─► store ─► Ack │◄── uni stream ◄─ gateway
+//!             │ DirectoryChunk ─► parse ─► signatures ─► time ─► set_topology
+//!             └──► events (broadcast), stats (shared)                 ┘
+//! ```
+//!
+//! The core keeps its schedule whether or not the link is up: frames produced while
+//! disconnected are discarded and counted (`frames_unsent`), and real fragments among
+//! them are retransmitted like any lost packet. Reconnection backs off exponentially.
+//!
+//! **Acked ⇒ durable, on the client side too.** A pulled item is acked only once what it
+//! carried is durable: completed messages (and the snapshot naming their ids) are written
+//! in one redb transaction first. A fragment of a multi-fragment message that is still
+//! being reassembled is *not* acked, because partial reassemblies are not persisted; the
+//! gateway offers it again after its redelivery timeout, and the driver acks every held
+//! fragment of a message once the whole message is stored.
+//!
+//! **Emulated loss** (`DriverConfig::emulated_loss`, for demos and tests): each Sphinx
+//! frame the client sends and each `Item` it receives is discarded with that
+//! probability, before the link sees it (outbound) or the core sees it (inbound). A
+//! discarded item is not acked, so the gateway offers it again after its redelivery
+//! timeout. QUIC would hide real link loss; this emulates packets lost in the mixnet.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use shoal_gateway::protocol::{
+    ClientMsg, DirectoryAssembler, GatewayMsg, MAX_ACK_IDS,
+};
+use shoal_link::{FrameSender, Link, LinkEndpoint, LinkError, NodeKey, PeerSet};
+use shoal_packet::sphinx::SurbId;
+use shoal_packet::{BodyKind, FRAME_SIZE, Fragment, Frame, FrameKind, MessageId, payload};
+use shoal_topology::{AuthoritySet, Topology, UncheckedDocument};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::sleep_until;
+use tracing::{Instrument, debug, info, trace, warn};
+use x25519_dalek::StaticSecret;
+
+use crate::contact::Contact;
+use crate::core::{ClientConfig, ClientCore, ClientError, ClientStats, Event, Identity};
+use crate::seal;
+use crate::store::{ClientStore, ReceivedMessage};
+
+/// Largest directory document accepted from a gateway.
+const MAX_DIRECTORY_BYTES: usize = 16 << 20;
+/// Inbound gateway messages buffered between the link reader and the core task.
+const INBOUND_QUEUE: usize = 4096;
+/// Completed message ids remembered to ack late fragments of them.
+const REMEMBER_COMPLETED: usize = 65536;
+
+/// How the driver runs; the network parameters themselves come from the directory.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The gateway's client endpoint (QUIC).
+    pub gateway_addr: SocketAddr,
+    /// The gateway's Ed25519 node key, pinned on the link.
+    pub gateway_key: NodeKey,
+    /// Authorities whose signatures make a directory valid (k of N).
+    pub authorities: AuthoritySet,
+    /// Where the client's QUIC endpoint binds (port 0: any).
+    pub bind: SocketAddr,
+    /// A pull is sent every `pull_interval`, whatever the client is doing.
+    pub pull_interval: Duration,
+    /// The directory is fetched again this often (and when the current one expires).
+    pub directory_refresh: Duration,
+    /// The core's snapshot is saved this often when it changed.
+    pub snapshot_interval: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Probability of discarding each outbound Sphinx frame and each inbound item
+    /// (see the module docs). 0 in production.
+    pub emulated_loss: f64,
+    pub client: ClientConfig,
+}
+
+impl DriverConfig {
+    /// Defaults for everything but the gateway and the authorities.
+    pub fn new(gateway_addr: SocketAddr, gateway_key: NodeKey, authorities: AuthoritySet) -> Self {
+        let bind = if gateway_addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        DriverConfig {
+            gateway_addr,
+            gateway_key,
+            authorities,
+            bind,
+            pull_interval: Duration::from_secs(1),
+            directory_refresh: Duration::from_secs(300),
+            snapshot_interval: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+            emulated_loss: 0.0,
+            client: ClientConfig::default(),
+        }
+    }
+}
+
+/// What the driver tells its user.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DriverEvent {
+    /// The link to the gateway is up.
+    Connected,
+    /// The link went down; the driver reconnects by itself.
+    Disconnected,
+    /// A verified directory for `epoch` is in use.
+    Directory { epoch: u64 },
+    /// A complete message arrived and is durable in the store.
+    Message {
+        message_id: MessageId,
+        bytes: Vec<u8>,
+        received_unix_ms: u64,
+    },
+    /// A message we sent is durable in its recipient's mailbox.
+    Acked { message_id: MessageId },
+}
+
+impl std::fmt::Debug for DriverEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DriverEvent::Connected => f.write_str("Connected"),
+            DriverEvent::Disconnected => f.write_str("Disconnected"),
+            DriverEvent::Directory { epoch } => write!(f, "Directory({epoch})"),
+            // Bodies are user data.
+            DriverEvent::Message { bytes, .. } => write!(f, "Message({} bytes)", bytes.len()),
+            DriverEvent::Acked { .. } => f.write_str("Acked"),
+        }
+    }
+}
+
+/// Driver counters plus the core's. Aggregates only.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DriverStats {
+    pub core: ClientStats,
+    pub connected: bool,
+    pub directory_epoch: Option<u64>,
+    pub connects: u64,
+    pub connect_failures: u64,
+    /// Sphinx frames written to the link.
+    pub frames_sent: u64,
+    /// Sphinx frames the core produced while the link was down.
+    pub frames_unsent: u64,
+    pub pulls_sent: u64,
+    pub pull_answers: u64,
+    /// Pull answers whose `more` bit was set (the schedule does not speed up for it).
+    pub pull_answers_more: u64,
+    pub items_received: u64,
+    pub dummies_received: u64,
+    /// Item ids acked to the gateway.
+    pub items_acked: u64,
+    /// Fragments of incomplete messages waiting to be acked.
+    pub items_held: usize,
+    pub directory_updates: u64,
+    pub directory_rejected: u64,
+    pub gateway_errors: u64,
+    pub emulated_lost_out: u64,
+    pub emulated_lost_in: u64,
+    pub snapshots_saved: u64,
+    pub store_errors: u64,
+}
+
+/// Why the driver refused a request or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("client link: {0}")]
+    Link(#[from] LinkError),
+    #[error("the driver needs a tokio runtime")]
+    NoRuntime,
+    #[error("the driver has stopped")]
+    Stopped,
+    #[error("driver config: {0}")]
+    Config(&'static str),
+}
+
+enum Command {
+    Send {
+        to: Contact,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<MessageId, ClientError>>,
+    },
+    Shutdown,
+}
+
+/// A running client. Dropping it stops the driver without a final snapshot; prefer
+/// [`shutdown`](Self::shutdown).
+#[derive(Debug)]
+pub struct ClientHandle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<DriverEvent>,
+    stats: Arc<Mutex<DriverStats>>,
+    contact: Contact,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ClientHandle {
+    /// How others reach this client.
+    pub fn contact(&self) -> Contact {
+        self.contact
+    }
+
+    /// Queues a message. Returns once it is durable in the local store (it survives a
+    /// restart); it goes out in the client's λP slots.
+    pub async fn send(&self, to: Contact, bytes: Vec<u8>) -> Result<MessageId, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Send { to, bytes, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        Ok(rx.await.map_err(|_| DriverError::Stopped)??)
+    }
+
+    /// Events from now on. A subscriber that falls more than 4096 events behind misses
+    /// some (`RecvError::Lagged`); the store still has every message.
+    pub fn subscribe(&self) -> broadcast::Receiver<DriverEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn stats(&self) -> DriverStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until a directory is in use; `false` on timeout.
+    pub async fn wait_for_directory(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.stats().directory_epoch.is_none() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Saves the snapshot and closes the link.
+    pub async fn shutdown(mut self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts a client in the current tokio runtime: restores the core from `store`'s
+/// snapshot, binds a QUIC endpoint with `account_key` as its identity and starts
+/// connecting to the gateway in the background.
+pub fn spawn(
+    config: DriverConfig,
+    identity: Identity,
+    account_key: &SigningKey,
+    store: Arc<ClientStore>,
+) -> Result<ClientHandle, DriverError> {
+    tokio::runtime::Handle::try_current().map_err(|_| DriverError::NoRuntime)?;
+    if !(0.0..1.0).contains(&config.emulated_loss) {
+        return Err(DriverError::Config("emulated_loss must be in [0, 1)"));
+    }
+    if config.pull_interval.is_zero() || config.snapshot_interval.is_zero() {
+        return Err(DriverError::Config("intervals must be positive"));
+    }
+    let mut rng: StdRng = rand::make_rng();
+    let contact = identity.contact();
+    let secret = identity.secret.clone();
+    let mut core = ClientCore::new(identity, config.client.clone(), &mut rng);
+    let mut completed = Completed::default();
+    if let Some(snapshot) = store.load_snapshot()? {
+        for id in &snapshot.received {
+            completed.insert(*id);
+        }
+        core.restore(snapshot)?;
+    }
+    // The client dials only; nobody may connect to it.
+    let endpoint = Arc::new(LinkEndpoint::bind(config.bind, account_key, PeerSet::new())?);
+    let (commands, command_rx) = mpsc::channel(256);
+    let (events, _) = broadcast::channel(4096);
+    let stats = Arc::new(Mutex::new(DriverStats::default()));
+    let loss_rng = StdRng::from_rng(&mut rng);
+    let driver = Driver {
+        config,
+        core,
+        secret,
+        store,
+        endpoint,
+        rng,
+        loss_rng,
+        events: events.clone(),
+        stats: stats.clone(),
+        counters: DriverStats::default(),
+        completed,
+        held: HashMap::new(),
+        directory_valid_until: None,
+        dirty: false,
+        unsaved: Vec::new(),
+        unacked: Vec::new(),
+    };
+    let task = tokio::spawn(
+        driver
+            .run(command_rx)
+            .instrument(tracing::info_span!("client")),
+    );
+    Ok(ClientHandle {
+        commands,
+        events,
+        stats,
+        contact,
+        task: Some(task),
+    })
+}
+
+/// A bounded set of completed message ids.
+#[derive(Debug, Default)]
+struct Completed {
+    set: HashSet<MessageId>,
+    order: VecDeque<MessageId>,
+}
+
+impl Completed {
+    fn insert(&mut self, id: MessageId) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > REMEMBER_COMPLETED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+/// One live link to the gateway.
+struct Conn {
+    link: Link,
+    tx: FrameSender,
+    rx: mpsc::Receiver<GatewayMsg>,
+    reader: JoinHandle<()>,
+    assembler: DirectoryAssembler,
+    /// Item ids of the pull answer being received.
+    batch: Vec<u64>,
+    /// Of `batch`, items that are fragments of multi-fragment messages.
+    batch_partial: Vec<(u64, MessageId)>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.link.close();
+    }
+}
+
+struct Driver {
+    config: DriverConfig,
+    core: ClientCore,
+    secret: StaticSecret,
+    store: Arc<ClientStore>,
+    endpoint: Arc<LinkEndpoint>,
+    rng: StdRng,
+    loss_rng: StdRng,
+    events: broadcast::Sender<DriverEvent>,
+    stats: Arc<Mutex<DriverStats>>,
+    counters: DriverStats,
+    completed: Completed,
+    /// Item ids of fragments of messages not yet complete, by message.
+    held: HashMap<MessageId, BTreeSet<u64>>,
+    directory_valid_until: Option<u64>,
+    /// The core changed since the last saved snapshot.
+    dirty: bool,
+    /// Completed messages not yet durable (the store failed).
+    unsaved: Vec<ReceivedMessage>,
+    /// Item ids to ack once `unsaved` is durable.
+    unacked: Vec<u64>,
+}
+
+type Connecting = JoinHandle<Result<Conn, LinkError>>;
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut conn: Option<Conn> = None;
+        let mut connecting: Option<Connecting> = Some(self.start_connect(Duration::ZERO));
+        let mut backoff = self.config.reconnect_min;
+        let mut next_pull = tokio::time::Instant::now() + self.config.pull_interval;
+        let mut next_snapshot = tokio::time::Instant::now() + self.config.snapshot_interval;
+        let mut next_directory = tokio::time::Instant::now() + self.config.directory_refresh;
+        let far = Duration::from_secs(3600);
+        loop {
+            self.publish_stats(conn.is_some());
+            let core_due = self
+                .core
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + far);
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Send { to, bytes, reply }) => {
+                        let result = self.queue(to, &bytes).await;
+                        let _ = reply.send(result);
+                    }
+                    Some(Command::Shutdown) | None => break,
+                },
+                _ = sleep_until(core_due) => {
+                    self.core.handle_timeout(Instant::now(), &mut self.rng);
+                    if let Err(e) = self.flush(&mut conn).await {
+                        self.lost_link(&mut conn, &e);
+                        connecting = Some(self.start_connect(backoff));
+                        backoff = (backoff * 2).min(self.config.reconnect_max);
+                    }
+                }
+                _ = sleep_until(next_pull) => {
+                    // The schedule is fixed: a pull every interval, busy or idle.
+                    next_pull += self.config.pull_interval;
+                    if let Some(c) = conn.as_mut() {
+                        match send_msg(&mut c.tx, &ClientMsg::Pull).await {
+                            Ok(()) => self.counters.pulls_sent += 1,
+                            Err(e) => {
+                                self.lost_link(&mut conn, &e);
+                                connecting = Some(self.start_connect(backoff));
+                                backoff = (backoff * 2).min(self.config.reconnect_max);
+                            }
+                        }
+                    }
+                }
+                _ = sleep_until(next_snapshot) => {
+                    next_snapshot += self.config.snapshot_interval;
+                    if self.dirty {
+                        self.save_snapshot().await;
+                    }
+                }
+                _ = sleep_until(next_directory) => {
+                    next_directory = tokio::time::Instant::now() + self.directory_wait();
+                    if let Some(c) = conn.as_mut()
+                        && let Err(e) = send_msg(&mut c.tx, &ClientMsg::GetDirectory).await
+                    {
+                        self.lost_link(&mut conn, &e);
+                        connecting = Some(self.start_connect(backoff));
+                        backoff = (backoff * 2).min(self.config.reconnect_max);
+                    }
+                }
+                done = join_connect(&mut connecting), if connecting.is_some() => {
+                    connecting = None;
+                    match done {
+                        Ok(Ok(c)) => {
+                            info!("connected to gateway");
+                            self.counters.connects += 1;
+                            backoff = self.config.reconnect_min;
+                            conn = Some(c);
+                            self.emit(DriverEvent::Connected);
+                        }
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "cannot connect to gateway");
+                            self.counters.connect_failures += 1;
+                            connecting = Some(self.start_connect(backoff));
+                            backoff = (backoff * 2).min(self.config.reconnect_max);
+                        }
+                        Err(_) => {
+                            self.counters.connect_failures += 1;
+                            connecting = Some(self.start_connect(backoff));
+                        }
+                    }
+                }
+                msg = next_inbound(&mut conn), if conn.is_some() => {
+                    let result = match msg {
+                        Some(m) => self.on_gateway_msg(&mut conn, m).await,
+                        None => Err(LinkError::StreamClosed),
+                    };
+                    if let Err(e) = result {
+                        self.lost_link(&mut conn, &e);
+                        connecting = Some(self.start_connect(backoff));
+                        backoff = (backoff * 2).min(self.config.reconnect_max);
+                    }
+                }
+            }
+        }
+        if let Some(t) = connecting {
+            t.abort();
+        }
+        self.save_snapshot().await;
+        drop(conn);
+        self.endpoint.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        self.publish_stats(false);
+        info!("client stopped");
+    }
+
+    fn emit(&self, event: DriverEvent) {
+        // No subscriber is fine: the store keeps what matters.
+        let _ = self.events.send(event);
+    }
+
+    fn publish_stats(&self, connected: bool) {
+        let mut s = self.counters.clone();
+        s.core = self.core.stats();
+        s.connected = connected;
+        s.items_held = self.held.values().map(BTreeSet::len).sum();
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// How long until the directory should be fetched again.
+    fn directory_wait(&self) -> Duration {
+        let refresh = self.config.directory_refresh;
+        match self.directory_valid_until {
+            Some(until) => {
+                let left = until.saturating_sub(unix_now());
+                // Shortly after the current document expires, its successor is out.
+                refresh.min(Duration::from_secs(left + 1))
+            }
+            None => refresh.min(Duration::from_secs(2)),
+        }
+    }
+
+    fn start_connect(&self, delay: Duration) -> Connecting {
+        let endpoint = self.endpoint.clone();
+        let addr = self.config.gateway_addr;
+        let key = self.config.gateway_key;
+        tokio::spawn(
+            async move {
+                tokio::time::sleep(delay).await;
+                connect(&endpoint, addr, key).await
+            }
+            .in_current_span(),
+        )
+    }
+
+    fn lost_link(&mut self, conn: &mut Option<Conn>, error: &LinkError) {
+        if conn.take().is_some() {
+            info!(error = %error, "gateway link lost; reconnecting");
+            self.emit(DriverEvent::Disconnected);
+        }
+    }
+
+    async fn queue(&mut self, to: Contact, bytes: &[u8]) -> Result<MessageId, ClientError> {
+        let id = self.core.send_message(&mut self.rng, to, bytes)?;
+        // Durable before the caller hears "queued".
+        let snapshot = self.core.snapshot();
+        let store = self.store.clone();
+        let saved = tokio::task::spawn_blocking(move || store.save_snapshot(&snapshot))
+            .await
+            .map_err(|_| ClientError::Internal("store task failed"))?;
+        match saved {
+            Ok(()) => {
+                self.counters.snapshots_saved += 1;
+                self.dirty = false;
+                Ok(id)
+            }
+            Err(e) => {
+                self.counters.store_errors += 1;
+                // Still queued in memory: the next snapshot may succeed.
+                self.dirty = true;
+                Err(e)
+            }
+        }
+    }
+
+    async fn save_snapshot(&mut self) {
+        let snapshot = self.core.snapshot();
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.save_snapshot(&snapshot)).await {
+            Ok(Ok(())) => {
+                self.counters.snapshots_saved += 1;
+                self.dirty = false;
+            }
+            Ok(Err(e)) => {
+                self.counters.store_errors += 1;
+                warn!(error = %e, "cannot save client snapshot");
+            }
+            Err(_) => self.counters.store_errors += 1,
+        }
+    }
+
+    /// Writes every frame the core has ready to the link (or discards them when it is down).
+    async fn flush(&mut self, conn: &mut Option<Conn>) -> Result<(), LinkError> {
+        while let Some(frame) = self.core.poll_transmit() {
+            let Some(c) = conn.as_mut() else {
+                self.counters.frames_unsent += 1;
+                continue;
+            };
+            if self.config.emulated_loss > 0.0
+                && self.loss_rng.random_bool(self.config.emulated_loss)
+            {
+                self.counters.emulated_lost_out += 1;
+                continue;
+            }
+            c.tx.send(frame.as_bytes()).await?;
+            self.counters.frames_sent += 1;
+        }
+        Ok(())
+    }
+
+    async fn on_gateway_msg(
+        &mut self,
+        conn: &mut Option<Conn>,
+        msg: GatewayMsg,
+    ) -> Result<(), LinkError> {
+        let Some(c) = conn.as_mut() else {
+            return Ok(());
+        };
+        match msg {
+            GatewayMsg::Item {
+                id,
+                surb_id,
+                payload,
+            } => {
+                self.counters.items_received += 1;
+                if self.config.emulated_loss > 0.0
+                    && self.loss_rng.random_bool(self.config.emulated_loss)
+                {
+                    self.counters.emulated_lost_in += 1;
+                    return Ok(());
+                }
+                if let Some(message_id) = self.multi_fragment_of(&surb_id, &payload[..]) {
+                    c.batch_partial.push((id, message_id));
+                } else {
+                    c.batch.push(id);
+                }
+                self.core
+                    .handle_mailbox_item(surb_id, &payload[..], Instant::now());
+            }
+            GatewayMsg::Dummy => self.counters.dummies_received += 1,
+            GatewayMsg::PullDone { more } => {
+                self.counters.pull_answers += 1;
+                if more {
+                    self.counters.pull_answers_more += 1;
+                }
+                let batch = std::mem::take(&mut c.batch);
+                let partial = std::mem::take(&mut c.batch_partial);
+                let ids = self.finish_batch(batch, partial).await;
+                for chunk in ids.chunks(MAX_ACK_IDS) {
+                    let ack = ClientMsg::Ack {
+                        ids: chunk.to_vec(),
+                    };
+                    if let Some(c) = conn.as_mut() {
+                        send_msg(&mut c.tx, &ack).await?;
+                        self.counters.items_acked += chunk.len() as u64;
+                    }
+                }
+            }
+            GatewayMsg::DirectoryChunk {
+                index,
+                count,
+                bytes,
+            } => match c.assembler.push(index, count, &bytes) {
+                Ok(Some(document)) => self.install_directory(&document),
+                Ok(None) => {}
+                Err(e) => {
+                    self.counters.directory_rejected += 1;
+                    debug!(error = %e, "bad directory chunk");
+                }
+            },
+            GatewayMsg::Error { code, message } => {
+                self.counters.gateway_errors += 1;
+                warn!(?code, %message, "gateway refused a request");
+            }
+        }
+        Ok(())
+    }
+
+    /// After a pull answer: makes received messages durable, then returns the item ids
+    /// that may be acked: `ids` (items that carried no fragment to keep) plus held
+    /// fragments of messages now complete. If the store fails, nothing is acked; the
+    /// messages stay in memory and are written with the next answer.
+    async fn finish_batch(&mut self, ids: Vec<u64>, partial: Vec<(u64, MessageId)>) -> Vec<u64> {
+        let mut acked = Vec::new();
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                Event::Message {
+                    message_id, bytes, ..
+                } => self.unsaved.push(ReceivedMessage {
+                    message_id,
+                    received_unix_ms: unix_ms(),
+                    bytes,
+                }),
+                Event::MessageAcked { message_id } => acked.push(message_id),
+            }
+        }
+        if !acked.is_empty() {
+            self.dirty = true;
+        }
+        for message_id in acked {
+            self.emit(DriverEvent::Acked { message_id });
+        }
+        for (id, message_id) in partial {
+            self.held.entry(message_id).or_default().insert(id);
+        }
+        self.unacked.extend(ids);
+        if !self.unsaved.is_empty() {
+            let snapshot = self.core.snapshot();
+            let store = self.store.clone();
+            let batch = self.unsaved.clone();
+            let saved =
+                tokio::task::spawn_blocking(move || store.save_received(&batch, &snapshot)).await;
+            if !matches!(saved, Ok(Ok(()))) {
+                self.counters.store_errors += 1;
+                warn!("cannot store received messages; their items stay unacked");
+                return Vec::new();
+            }
+            self.counters.snapshots_saved += 1;
+            self.dirty = false;
+            for m in std::mem::take(&mut self.unsaved) {
+                self.completed.insert(m.message_id);
+                self.emit(DriverEvent::Message {
+                    message_id: m.message_id,
+                    bytes: m.bytes,
+                    received_unix_ms: m.received_unix_ms,
+                });
+            }
+        }
+        let mut out = std::mem::take(&mut self.unacked);
+        // Fragments of messages that are now complete (or were before) can go.
+        let done: Vec<MessageId> = self
+            .held
+            .keys()
+            .filter(|id| self.completed.set.contains(*id))
+            .copied()
+            .collect();
+        for id in done {
+            if let Some(items) = self.held.remove(&id) {
+                out.extend(items);
+            }
+        }
+        out
+    }
+
+    /// If the item is a fragment of a message of more than one fragment, its message id.
+    /// Costs one X25519 exchange; only items that are forward packets get that far.
+    fn multi_fragment_of(&self, _surb_id: &SurbId, item: &[u8]) -> Option<MessageId> {
+        let plaintext = shoal_packet::sphinx::open_forward(item).ok()?;
+        let (_, sealed) = payload::split_plaintext(&plaintext).ok()?;
+        let inner = seal::open(&self.secret, sealed).ok()?;
+        let fragment = Fragment::decode(&inner).ok()?;
+        (fragment.kind == BodyKind::Real && fragment.header.count > 1)
+            .then_some(fragment.header.message_id)
+    }
+
+    fn install_directory(&mut self, document: &[u8]) {
+        let checked = UncheckedDocument::parse(document)
+            .and_then(|d| d.check_signatures(&self.config.authorities))
+            .and_then(|d| d.check_valid_at(unix_now()));
+        match checked {
+            Ok(topology) => {
+                let epoch = topology.epoch();
+                self.directory_valid_until = Some(topology.body().valid_until);
+                if topology.node(&self.config.gateway_key).is_none() {
+                    warn!(epoch, "our gateway is not in the directory");
+                }
+                self.set_topology(topology);
+                self.counters.directory_updates += 1;
+                self.counters.directory_epoch = Some(epoch);
+                debug!(epoch, "directory installed");
+                self.emit(DriverEvent::Directory { epoch });
+            }
+            Err(e) => {
+                self.counters.directory_rejected += 1;
+                debug!(error = %e, "directory rejected");
+            }
+        }
+    }
+
+    fn set_topology(&mut self, topology: Topology) {
+        self.core.set_topology(Arc::new(topology), Instant::now());
+    }
+}
+
+/// Dials the gateway, opens our frame stream with a `GetDirectory` (so the gateway sees
+/// the stream at once) and accepts the gateway's stream.
+async fn connect(
+    endpoint: &LinkEndpoint,
+    addr: SocketAddr,
+    key: NodeKey,
+) -> Result<Conn, LinkError> {
+    let link = endpoint.connect(addr, key).await?;
+    let mut tx = link.open_frames(FRAME_SIZE).await?;
+    send_msg(&mut tx, &ClientMsg::GetDirectory).await?;
+    let mut rx = tokio::time::timeout(Duration::from_secs(10), link.accept_frames(FRAME_SIZE))
+        .await
+        .map_err(|_| LinkError::StreamClosed)??;
+    let (queue, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let reader = tokio::spawn(
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(Some(bytes)) => {
+                        let msg = Frame::decode(bytes)
+                            .ok()
+                            .filter(|f| f.kind() == FrameKind::Control)
+                            .and_then(|f| GatewayMsg::from_frame(&f).ok());
+                        match msg {
+                            Some(m) => {
+                                if queue.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => trace!("undecodable frame from gateway"),
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        debug!(error = %e, "gateway stream ended");
+                        return;
+                    }
+                }
+            }
+        }
+        .in_current_span(),
+    );
+    Ok(Conn {
+        link,
+        tx,
+        rx: inbound,
+        reader,
+        assembler: DirectoryAssembler::new(MAX_DIRECTORY_BYTES),
+        batch: Vec::new(),
+        batch_partial: Vec::new(),
+    })
+}
+
+async fn join_connect(
+    connecting: &mut Option<Connecting>,
+) -> Result<Result<Conn, LinkError>, tokio::task::JoinError> {
+    match connecting {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_inbound(conn: &mut Option<Conn>) -> Option<GatewayMsg> {
+    match conn {
+        Some(c) => c.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_msg(tx: &mut FrameSender, msg: &ClientMsg) -> Result<(), LinkError> {
+    let frame = msg
+        .to_frame()
+        .map_err(|_| LinkError::FrameSize {
+            expected: FRAME_SIZE,
+            got: 0,
+        })?;
+    tx.send(frame.as_bytes()).await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,444 @@
+//! Gateway configuration, in two phases: [`RawConfig`] is exactly what `gateway.toml`
+//! says (unknown keys are errors), [`Config`] is the checked form the driver runs with.
+//!
+//! The mixing half is a relay pipeline, so its part of the file has the relay's keys and
+//! is checked by the relay's own second phase ([`shoal_relay::Config::from_raw`]).
+//! Relative paths are resolved against the directory holding the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use shoal_relay::config::{AuthorityAddr, RawDirectory};
+
+use crate::GatewayError;
+use crate::mailbox::{DEFAULT_PULL_BATCH, MailboxConfig};
+use crate::store::StoreConfig;
+
+/// File name `shoal gateway init` gives the config.
+pub const CONFIG_FILE: &str = "gateway.toml";
+/// File name of the mailbox store inside `data_dir`.
+pub const STORE_FILE: &str = "mailboxes.redb";
+/// Items an account may hold unless its own quota says otherwise.
+pub const DEFAULT_QUOTA: u32 = 10_000;
+/// Default time-to-live of an unfetched item.
+pub const DEFAULT_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Default time before an offered, unacked item is offered again.
+pub const DEFAULT_REDELIVERY_SECS: u64 = 30;
+
+/// The config file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    pub public_addr: Option<String>,
+    pub client_listen: String,
+    pub metrics_listen: Option<String>,
+    pub workers: Option<usize>,
+    pub queue_capacity: Option<usize>,
+    pub delay_queue_capacity: Option<usize>,
+    pub replay_capacity: Option<usize>,
+    pub peer_queue_capacity: Option<usize>,
+    pub directory: RawDirectory,
+    #[serde(default)]
+    pub mailbox: RawMailbox,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+/// `[mailbox]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMailbox {
+    pub pull_batch: Option<usize>,
+    pub ttl_secs: Option<u64>,
+    pub default_quota: Option<u32>,
+    pub redelivery_timeout_secs: Option<u64>,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub max_batch: Option<usize>,
+    pub queue_capacity: Option<usize>,
+}
+
+/// A checked gateway configuration. Build it with [`Config::load`], or directly (tests)
+/// and then call [`Config::validate`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The mixing half: node links, workers, keys in `data_dir`, directory authorities.
+    pub node: shoal_relay::Config,
+    /// QUIC address clients connect to.
+    pub client_listen: SocketAddr,
+    pub mailbox: MailboxConfig,
+    /// Quota of accounts added without one.
+    pub default_quota: u32,
+    pub store: StoreConfig,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, GatewayError> {
+        let text = std::fs::read_to_string(path).map_err(|e| GatewayError::ConfigRead {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `path` resolves relative paths and names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, GatewayError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| GatewayError::ConfigParse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        Self::from_raw(raw, path)
+    }
+
+    /// Second phase: turns what the file says into what the gateway runs with.
+    pub fn from_raw(raw: RawConfig, path: &Path) -> Result<Self, GatewayError> {
+        let bad = |key: &'static str, reason: String| GatewayError::ConfigValue {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        let node_raw = shoal_relay::config::RawConfig {
+            data_dir: raw.data_dir,
+            listen: raw.listen,
+            public_addr: raw.public_addr,
+            metrics_listen: raw.metrics_listen,
+            workers: raw.workers,
+            queue_capacity: raw.queue_capacity,
+            delay_queue_capacity: raw.delay_queue_capacity,
+            replay_capacity: raw.replay_capacity,
+            peer_queue_capacity: raw.peer_queue_capacity,
+            directory: raw.directory,
+        };
+        let node = shoal_relay::Config::from_raw(node_raw, path).map_err(|e| relay_config(e, path))?;
+        let client_listen = raw
+            .client_listen
+            .parse::<SocketAddr>()
+            .map_err(|_| bad("client_listen", format!("{:?} is not ip:port", raw.client_listen)))?;
+        let m = raw.mailbox;
+        let config = Config {
+            node,
+            client_listen,
+            mailbox: MailboxConfig {
+                pull_batch: m.pull_batch.unwrap_or(DEFAULT_PULL_BATCH),
+                redelivery_timeout: Duration::from_secs(
+                    m.redelivery_timeout_secs.unwrap_or(DEFAULT_REDELIVERY_SECS),
+                ),
+                ttl: Duration::from_secs(m.ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
+            },
+            default_quota: m.default_quota.unwrap_or(DEFAULT_QUOTA),
+            store: StoreConfig {
+                max_batch: raw
+                    .store
+                    .max_batch
+                    .unwrap_or(StoreConfig::default().max_batch),
+                queue_capacity: raw
+                    .store
+                    .queue_capacity
+                    .unwrap_or(StoreConfig::default().queue_capacity),
+            },
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks a config however it was built; `path` only names the source in errors.
+    pub fn validate(&self, path: &Path) -> Result<(), GatewayError> {
+        self.node.validate(path).map_err(|e| relay_config(e, path))?;
+        let bad = |key: &'static str, reason: &str| {
+            Err(GatewayError::ConfigValue {
+                path: path.to_owned(),
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.client_listen == self.node.listen && self.client_listen.port() != 0 {
+            return bad("client_listen", "must differ from `listen`");
+        }
+        if let Err(GatewayError::Config(reason)) = self.mailbox.validate() {
+            let key = if reason.starts_with("pull_batch") {
+                "mailbox.pull_batch"
+            } else {
+                "mailbox.ttl_secs"
+            };
+            return bad(key, reason);
+        }
+        if self.default_quota == 0 {
+            return bad("mailbox.default_quota", "must be at least 1");
+        }
+        if let Err(GatewayError::Config(reason)) = self.store.validate() {
+            let key = if reason.starts_with("max_batch") {
+                "store.max_batch"
+            } else {
+                "store.queue_capacity"
+            };
+            return bad(key, reason);
+        }
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.node.data_dir
+    }
+
+    /// Where the mailbox store lives.
+    pub fn store_path(&self) -> PathBuf {
+        self.node.data_dir.join(STORE_FILE)
+    }
+}
+
+fn relay_config(e: shoal_relay::RelayError, path: &Path) -> GatewayError {
+    match e {
+        shoal_relay::RelayError::ConfigValue { path, key, reason } => {
+            GatewayError::ConfigValue { path, key, reason }
+        }
+        shoal_relay::RelayError::ConfigParse { path, message } => {
+            GatewayError::ConfigParse { path, message }
+        }
+        other => GatewayError::ConfigValue {
+            path: path.to_owned(),
+            key: "(node)",
+            reason: GatewayError::node(other).to_string(),
+        },
+    }
+}
+
+/// Values `shoal gateway init` fills into the config it writes.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub listen: SocketAddr,
+    pub public_addr: Option<SocketAddr>,
+    pub client_listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Authorities as (HTTP address, Ed25519 key).
+    pub authorities: Vec<AuthorityAddr>,
+    /// Defaults to a majority of `authorities`.
+    pub threshold: Option<usize>,
+}
+
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The commented config `shoal gateway init` writes. `data_dir` is the file's own directory.
+pub fn render_template(opts: &InitOptions) -> String {
+    let on_off = |v: Option<SocketAddr>, key: &str, example: &str| match v {
+        Some(a) => format!("{key} = {}\n", toml_str(&a.to_string())),
+        None => format!("# {key} = \"{example}\"\n"),
+    };
+    let threshold = opts
+        .threshold
+        .unwrap_or(opts.authorities.len() / 2 + 1)
+        .max(1);
+    let mut auths = String::new();
+    for a in &opts.authorities {
+        auths.push_str(&format!(
+            "  {{ addr = {}, key = {} }},\n",
+            toml_str(&a.addr.to_string()),
+            toml_str(&hex::encode(a.key))
+        ));
+    }
+    if opts.authorities.is_empty() {
+        auths.push_str("  # { addr = \"192.0.2.1:8000\", key = \"<64 hex digits>\" },\n");
+    }
+    let store = StoreConfig::default();
+    format!(
+        r#"# Shoal gateway configuration. Unknown keys are errors.
+# Relative paths are resolved against the directory holding this file.
+
+# Where the identity key (identity.key), the per-epoch Sphinx keys (sphinx/) and the
+# mailbox store ({store_file}) live. Keep it private and on a disk that honours fsync:
+# a SURB-ack is sent only after the packet it acknowledges is durable here.
+data_dir = "."
+
+# UDP address of the QUIC link endpoint other nodes (relays, gateways) send packets to.
+listen = {listen}
+
+# Address published in the directory for other nodes to dial. Defaults to `listen`;
+# required when `listen` is a wildcard address such as 0.0.0.0.
+{public}
+# UDP address of the QUIC endpoint clients connect to. Any key may connect; only keys
+# registered as accounts (`shoal gateway account add`) are served.
+client_listen = {client}
+
+# HTTP address serving Prometheus metrics at /metrics. Omit to disable.
+# Metrics are aggregate counters only; bind it to a private interface anyway.
+{metrics}
+# Unwrapping worker threads. Defaults to the number of CPU cores.
+# workers = 2
+
+# Frames that may wait for a worker (all workers together); beyond it they are shed.
+# queue_capacity = 8192
+
+[directory]
+# The directory authorities: HTTP address and Ed25519 public key (hex). The gateway
+# publishes its descriptor to every one, fetches documents from any, and serves the
+# documents to its clients.
+authorities = [
+{auths}]
+# Distinct authority signatures a directory document needs to be accepted.
+threshold = {threshold}
+
+[mailbox]
+# Items in every pull answer: real ones padded with dummies, so the volume a client
+# downloads says nothing about how much mail it has.
+pull_batch = {pull_batch}
+# Unfetched items are deleted after this many seconds.
+ttl_secs = {ttl}
+# Items an account may hold unless `account add --quota` says otherwise. Deliveries
+# beyond it are refused without an ack, so senders retry later.
+default_quota = {quota}
+# An item offered in a pull and not acked is offered again after this many seconds.
+redelivery_timeout_secs = {redelivery}
+
+[store]
+# Write batches made durable in one transaction (one fsync) at most: the group commit.
+max_batch = {max_batch}
+# Write batches that may wait for the store's writer.
+queue_capacity = {store_queue}
+"#,
+        store_file = STORE_FILE,
+        listen = toml_str(&opts.listen.to_string()),
+        public = on_off(opts.public_addr, "public_addr", "203.0.113.7:7101"),
+        client = toml_str(&opts.client_listen.to_string()),
+        metrics = on_off(opts.metrics_listen, "metrics_listen", "127.0.0.1:9102"),
+        pull_batch = DEFAULT_PULL_BATCH,
+        ttl = DEFAULT_TTL_SECS,
+        quota = DEFAULT_QUOTA,
+        redelivery = DEFAULT_REDELIVERY_SECS,
+        max_batch = store.max_batch,
+        store_queue = store.queue_capacity,
+    )
+}
+
+/// Sets up a gateway directory: a fresh identity key and a commented `gateway.toml`
+/// whose `data_dir` is the directory itself. Refuses to overwrite either file. Returns
+/// the config path and the gateway's identity.
+pub fn init_dir(dir: &Path, opts: &InitOptions) -> Result<(PathBuf, [u8; 32]), GatewayError> {
+    let config_path = dir.join(CONFIG_FILE);
+    if config_path.exists() {
+        return Err(GatewayError::AlreadyExists { path: config_path });
+    }
+    let text = render_template(opts);
+    // Refuse a config that would not load, before anything is written. A template
+    // without authorities is allowed: the operator fills them in.
+    match Config::parse(&text, &config_path) {
+        Ok(_) => {}
+        Err(GatewayError::ConfigValue {
+            key: "directory.authorities",
+            ..
+        }) if opts.authorities.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let identity = shoal_relay::keystore::create_identity(dir, &mut rand::rng())
+        .map_err(GatewayError::node)?;
+    shoal_relay::keystore::write_private(&config_path, text.as_bytes(), true)
+        .map_err(GatewayError::node)?;
+    Ok((config_path, identity.verifying_key().to_bytes()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    fn minimal(extra: &str, tables: &str) -> String {
+        format!(
+            "data_dir = \"keys\"\nlisten = \"127.0.0.1:7101\"\nclient_listen = \"127.0.0.1:7102\"\n{extra}\n[directory]\nauthorities = [{{ addr = \"127.0.0.1:8000\", key = \"{KEY}\" }}]\nthreshold = 1\n{tables}"
+        )
+    }
+
+    fn parse(text: &str) -> Result<Config, GatewayError> {
+        Config::parse(text, Path::new("/etc/shoal/gateway.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&minimal("", "")).unwrap();
+        assert_eq!(c.data_dir(), Path::new("/etc/shoal/keys"));
+        assert_eq!(c.store_path(), Path::new("/etc/shoal/keys/mailboxes.redb"));
+        assert_eq!(c.client_listen, "127.0.0.1:7102".parse().unwrap());
+        assert_eq!(c.mailbox.pull_batch, DEFAULT_PULL_BATCH);
+        assert_eq!(c.default_quota, DEFAULT_QUOTA);
+        assert_eq!(c.store, StoreConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_every_table() {
+        for text in [
+            minimal("colour = \"blue\"", ""),
+            minimal("", "[mailbox]\npull_bacth = 3\n"),
+            minimal("", "[store]\nfsync = false\n"),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with("/etc/shoal/gateway.toml"), "{e}");
+            assert!(
+                e.contains("colour") || e.contains("pull_bacth") || e.contains("fsync"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (minimal("", "").replace("127.0.0.1:7102", "nope"), "`client_listen`"),
+            (minimal("", "").replace("127.0.0.1:7101", "x"), "`listen`"),
+            (minimal("", "[mailbox]\npull_batch = 0\n"), "`mailbox.pull_batch`"),
+            (minimal("", "[mailbox]\nttl_secs = 0\n"), "`mailbox.ttl_secs`"),
+            (minimal("", "[mailbox]\ndefault_quota = 0\n"), "`mailbox.default_quota`"),
+            (minimal("", "[store]\nmax_batch = 0\n"), "`store.max_batch`"),
+            (
+                minimal("", "").replace("threshold = 1", "threshold = 2"),
+                "`directory.threshold`",
+            ),
+            (
+                minimal("", "").replace("127.0.0.1:7102", "127.0.0.1:7101"),
+                "`client_listen`",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn template_parses_back_and_init_refuses_to_overwrite() {
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(KEY, &mut key).unwrap();
+        let opts = InitOptions {
+            listen: "127.0.0.1:7101".parse().unwrap(),
+            public_addr: None,
+            client_listen: "127.0.0.1:7102".parse().unwrap(),
+            metrics_listen: Some("127.0.0.1:9102".parse().unwrap()),
+            authorities: vec![AuthorityAddr {
+                addr: "192.0.2.1:8000".parse().unwrap(),
+                key,
+            }],
+            threshold: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (path, id) = init_dir(dir.path(), &opts).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.node.authorities, opts.authorities);
+        assert_eq!(c.node.metrics_listen, opts.metrics_listen);
+        assert_eq!(c.client_listen, opts.client_listen);
+        let identity = shoal_relay::keystore::load_identity(&c.node.identity_path()).unwrap();
+        assert_eq!(identity.verifying_key().to_bytes(), id);
+        assert!(matches!(
+            init_dir(dir.path(), &opts),
+            Err(GatewayError::AlreadyExists { .. })
+        ));
+    }
+}

@@ -1,0 +1,747 @@
+//! The gateway driver: the relay's mixing pipeline plus mailboxes and client links.
+//!
+//! ```text
+//!            node links ──┐                                   ┌──> next-hop links
+//!  client links (Sphinx) ─┴─> shoal-relay pipeline (workers) ─┤
+//!                                                             └─ Event::Delivered ─┐
+//!  client links (Pull/Ack/GetDirectory) ──requests──> mailbox task <─deliveries────┘
+//!                                                      │ poll_write ──> Store writer (fsync)
+//!                  SURB-acks (into the mixnet) <──────┘ <── on_commit ───┘
+//! ```
+//! [`spawn`] starts the mixing half with [`shoal_relay::spawn_with`] (role `Gateway`,
+//! final-hop packets to the mailbox task, gateway families on `/metrics`), then the
+//! mailbox task, which alone owns the [`Mailbox`] core, and the client endpoint.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use shoal_link::{FrameReceiver, FrameSender, Link, LinkEndpoint, NodeKey, PeerSet};
+use shoal_packet::frame::FRAME_VERSION;
+use shoal_packet::sphinx::{MailboxAddress, SurbId};
+use shoal_packet::{FRAME_SIZE, Frame, FrameKind};
+use shoal_relay::{Event, NodeHooks, Pipeline, RelayHandle, RelayStats};
+use shoal_topology::{EpochSchedule, Role, Topology};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, trace, warn};
+
+use crate::config::Config;
+use crate::mailbox::{AccountKey, AckToSend, ItemId, Mailbox, PullPlan, WriteBatch};
+use crate::metrics::{AckDrop, GatewayStats, Metrics};
+use crate::protocol::{ClientMsg, ErrorCode, GatewayMsg, directory_chunks};
+use crate::store::{Store, TrySubmitError};
+use crate::{CommitResult, GatewayError};
+
+/// Final-hop packets the mailbox task takes per wake-up (one write batch).
+const DELIVERY_BATCH: usize = 256;
+/// Control requests one client may have waiting for its responder.
+const CLIENT_QUEUE: usize = 64;
+/// Longest the mailbox task sleeps between expiry checks.
+const EXPIRE_CHECK: Duration = Duration::from_secs(60);
+/// How long a refused client gets to read its `Error` frame before the link closes.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// A packet that ended here, on its way from a worker to the mailbox task.
+struct Delivery {
+    destination: MailboxAddress,
+    surb_id: SurbId,
+    payload: Vec<u8>,
+}
+
+/// What client links ask of the mailbox task.
+enum Request {
+    Authenticate {
+        key: AccountKey,
+        reply: oneshot::Sender<bool>,
+    },
+    Pull {
+        key: AccountKey,
+        reply: oneshot::Sender<Result<PullPlan, GatewayError>>,
+    },
+    Ack {
+        key: AccountKey,
+        ids: Vec<ItemId>,
+    },
+}
+
+/// A store report, timed from submission.
+struct Commit {
+    result: CommitResult,
+    ops: usize,
+    submitted: Instant,
+}
+
+/// A running gateway. Dropping it stops the gateway without waiting; prefer
+/// [`shutdown`](Self::shutdown).
+#[derive(Debug)]
+pub struct GatewayHandle {
+    node: Option<RelayHandle>,
+    pipeline: Pipeline,
+    client_addr: SocketAddr,
+    client_endpoint: Arc<LinkEndpoint>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    mailbox_task: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl GatewayHandle {
+    fn node(&self) -> Option<&RelayHandle> {
+        self.node.as_ref()
+    }
+
+    /// The gateway's Ed25519 identity: node id, Sphinx address, and the key both its
+    /// node links and its client links authenticate with.
+    pub fn identity(&self) -> NodeKey {
+        self.node().map_or([0; 32], RelayHandle::identity)
+    }
+
+    /// The bound address of the node link endpoint (relays and gateways dial it).
+    pub fn node_addr(&self) -> Option<SocketAddr> {
+        self.node().map(RelayHandle::local_addr)
+    }
+
+    /// The bound address clients dial.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// The bound `/metrics` address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.node().and_then(RelayHandle::metrics_addr)
+    }
+
+    /// Mailbox, store, ack and client-link counters.
+    pub fn stats(&self) -> GatewayStats {
+        self.metrics.snapshot()
+    }
+
+    /// The mixing half's counters (unwraps, drops, loops, links).
+    pub fn relay_stats(&self) -> RelayStats {
+        self.node().map(RelayHandle::stats).unwrap_or_default()
+    }
+
+    /// The `/metrics` text: the mixing families followed by the gateway's own.
+    pub fn metrics_text(&self) -> String {
+        let mut text = self.node().map(RelayHandle::metrics_text).unwrap_or_default();
+        text.push_str(&self.metrics.render());
+        text
+    }
+
+    /// The directory document in use, if any.
+    pub fn current_document(&self) -> Option<Arc<Topology>> {
+        self.pipeline.current_document()
+    }
+
+    /// Waits until a directory document is in use; `false` on timeout.
+    pub async fn wait_for_directory(&self, timeout: Duration) -> bool {
+        match self.node() {
+            Some(n) => n.wait_for_directory(timeout).await,
+            None => false,
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.client_endpoint.close();
+    }
+
+    /// Closes client links, stops the mixing half, lets the store finish what it was
+    /// given and closes it. Items whose SURB-ack went out are durable already.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        if let Some(task) = self.mailbox_task.take() {
+            // The task hands its store reference back when it sees the shutdown signal.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        if let Some(node) = self.node.take() {
+            node.shutdown().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client_endpoint.wait_idle()).await;
+        info!("gateway stopped");
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(t) = &self.mailbox_task {
+            t.abort();
+        }
+    }
+}
+
+/// Starts a gateway from `config` in the current tokio runtime.
+///
+/// Opens (or creates) the mailbox store in `data_dir` and rebuilds the mailbox core from
+/// it, starts the mixing pipeline (keys, node links, workers on all cores, directory),
+/// and binds the client endpoint. Returns once everything is bound; use
+/// [`GatewayHandle::wait_for_directory`] to wait for the first document.
+pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
+    config.validate(Path::new("gateway config"))?;
+    tokio::runtime::Handle::try_current().map_err(|_| GatewayError::NoRuntime)?;
+    let identity = shoal_relay::keystore::load_identity(&config.node.identity_path())
+        .map_err(GatewayError::node)?;
+    let me = identity.verifying_key().to_bytes();
+
+    let (store_path, store_config, mailbox_config) =
+        (config.store_path(), config.store.clone(), config.mailbox.clone());
+    let (store, mailbox) = tokio::task::spawn_blocking(move || {
+        let (store, recovered) = Store::open(&store_path, &store_config, &mut rand::rng())?;
+        info!(
+            accounts = recovered.accounts(),
+            items = recovered.items(),
+            "mailbox store opened"
+        );
+        let mailbox = Mailbox::restore(mailbox_config, recovered)?;
+        Ok::<_, GatewayError>((store, mailbox))
+    })
+    .await
+    .map_err(|_| GatewayError::Internal("store open task failed"))??;
+    let store = Arc::new(store);
+
+    let metrics = Arc::new(Metrics::new());
+    let (delivery_tx, delivery_rx) = mpsc::channel::<Delivery>(config.node.queue_capacity);
+    let (request_tx, request_rx) = mpsc::channel::<Request>(1024);
+    let (commit_tx, commit_rx) = mpsc::unbounded_channel::<Commit>();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let hooks = {
+        let metrics = metrics.clone();
+        let render = metrics.clone();
+        NodeHooks {
+            role: Role::Gateway,
+            on_delivered: Some(Arc::new(move |event: Event| match event {
+                Event::Delivered {
+                    destination,
+                    surb_id,
+                    payload,
+                } => {
+                    let d = Delivery {
+                        destination,
+                        surb_id,
+                        payload,
+                    };
+                    if delivery_tx.try_send(d).is_err() {
+                        metrics.deliveries_overload.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })),
+            extra_metrics: Some(Arc::new(move || render.render())),
+        }
+    };
+    let node = shoal_relay::spawn_with(config.node.clone(), hooks)
+        .await
+        .map_err(GatewayError::node)?;
+    let pipeline = node.pipeline();
+
+    let client_endpoint = Arc::new(
+        LinkEndpoint::bind(config.client_listen, &identity, PeerSet::any()).map_err(|e| {
+            GatewayError::Listen {
+                what: "clients",
+                addr: config.client_listen,
+                detail: e.to_string(),
+            }
+        })?,
+    );
+    let client_addr = client_endpoint
+        .local_addr()
+        .map_err(|e| GatewayError::Listen {
+            what: "clients",
+            addr: config.client_listen,
+            detail: e.to_string(),
+        })?;
+
+    let task = MailboxTask {
+        mailbox,
+        store: Some(store.clone()),
+        pipeline: pipeline.clone(),
+        me,
+        metrics: metrics.clone(),
+        deliveries: delivery_rx,
+        requests: request_rx,
+        commit_tx,
+        commits: commit_rx,
+        pending: VecDeque::new(),
+        shutdown: shutdown_rx.clone(),
+    };
+    let mailbox_task = tokio::spawn(task.run().instrument(tracing::info_span!("mailbox")));
+
+    let clients = Arc::new(Clients {
+        requests: request_tx,
+        store: Arc::downgrade(&store),
+        pipeline: pipeline.clone(),
+        metrics: metrics.clone(),
+    });
+    drop(store);
+    let tasks = vec![tokio::spawn(accept_clients(
+        client_endpoint.clone(),
+        clients,
+        shutdown_rx,
+    ))];
+    info!(
+        identity = %hex::encode(me),
+        client_listen = %client_addr,
+        "gateway started"
+    );
+    Ok(GatewayHandle {
+        node: Some(node),
+        pipeline,
+        client_addr,
+        client_endpoint,
+        metrics,
+        shutdown: shutdown_tx,
+        mailbox_task: Some(mailbox_task),
+        tasks,
+    })
+}
+
+/// The one owner of the mailbox core. Everything that changes mailboxes goes through it,
+/// so batches leave `poll_write` and reach the store's single writer in order.
+struct MailboxTask {
+    mailbox: Mailbox,
+    /// `None` once shutting down. Client links hold only weak references, so dropping
+    /// this lets the store finish its queue and close.
+    store: Option<Arc<Store>>,
+    pipeline: Pipeline,
+    me: NodeKey,
+    metrics: Arc<Metrics>,
+    deliveries: mpsc::Receiver<Delivery>,
+    requests: mpsc::Receiver<Request>,
+    commit_tx: mpsc::UnboundedSender<Commit>,
+    commits: mpsc::UnboundedReceiver<Commit>,
+    /// Batches taken from the core that the store's queue had no room for yet.
+    pending: VecDeque<WriteBatch>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl MailboxTask {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(DELIVERY_BATCH);
+        // Orphans found on restore are deleted at once.
+        self.flush();
+        self.publish();
+        loop {
+            let wait = self.expiry_wait();
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => break,
+                Some(c) = self.commits.recv() => {
+                    self.on_commit(c);
+                    while let Ok(c) = self.commits.try_recv() {
+                        self.on_commit(c);
+                    }
+                }
+                n = self.deliveries.recv_many(&mut batch, DELIVERY_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    let now = SystemTime::now();
+                    for d in batch.drain(..) {
+                        // The outcome is in the core's counters; nothing here is logged.
+                        let _ = self.mailbox.deliver(&d.destination, d.surb_id, &d.payload, now);
+                    }
+                }
+                Some(r) = self.requests.recv() => self.on_request(r),
+                () = tokio::time::sleep(wait) => {
+                    let n = self.mailbox.expire(SystemTime::now());
+                    if n > 0 {
+                        debug!(items = n, "expired items past their TTL");
+                    }
+                }
+            }
+            self.flush();
+            self.publish();
+        }
+        // Batches already with the writer finish (and their acks are simply not sent);
+        // the store closes when the last reference goes, joining its writer thread.
+        if let Some(store) = self.store.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+        }
+    }
+
+    fn expiry_wait(&self) -> Duration {
+        match self.mailbox.next_expiry() {
+            Some(at) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(100), EXPIRE_CHECK),
+            None => EXPIRE_CHECK,
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Authenticate { key, reply } => {
+                let _ = reply.send(self.mailbox.is_account(&key));
+            }
+            Request::Pull { key, reply } => {
+                let _ = reply.send(self.mailbox.pull(&key, SystemTime::now()));
+            }
+            Request::Ack { key, ids } => {
+                // An unknown account here was deleted while connected; its link finds out
+                // on its next pull.
+                let _ = self.mailbox.ack(&key, &ids);
+            }
+        }
+    }
+
+    /// Hands every batch the core has ready to the store, in order, without blocking.
+    fn flush(&mut self) {
+        while let Some(b) = self.mailbox.poll_write() {
+            self.pending.push_back(b);
+        }
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        while let Some(batch) = self.pending.pop_front() {
+            let (ops, submitted, tx) = (batch.len(), Instant::now(), self.commit_tx.clone());
+            let done = move |result| {
+                let _ = tx.send(Commit {
+                    result,
+                    ops,
+                    submitted,
+                });
+            };
+            match store.try_submit(batch, done) {
+                Ok(()) => {}
+                Err(TrySubmitError::Full(batch)) => {
+                    // The writer is busy; its next report brings us back here.
+                    self.pending.push_front(batch);
+                    break;
+                }
+                Err(TrySubmitError::Closed(failed)) => {
+                    warn!("mailbox store writer is gone; deliveries are not acknowledged");
+                    self.mailbox.on_commit_failed(&failed);
+                }
+            }
+        }
+    }
+
+    fn on_commit(&mut self, c: Commit) {
+        let now = Instant::now();
+        self.metrics
+            .commit(now.saturating_duration_since(c.submitted), c.ops, now);
+        if let Err(f) = &c.result {
+            warn!(error = %f.error, "a mailbox write failed; its acks are withheld");
+        }
+        let acks = self.mailbox.on_commit(c.result);
+        if acks.is_empty() {
+            return;
+        }
+        let current = self.pipeline.current_document();
+        let documents = self.pipeline.documents();
+        for ack in acks {
+            match self.send_ack(ack, current.as_deref(), &documents) {
+                Ok(()) => {
+                    self.metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(why) => self.metrics.ack_dropped(why),
+            }
+        }
+    }
+
+    /// Builds the ack packet (symmetric work only) and puts it on the link to its first
+    /// hop. The first hop must be where packets enter the mix (a layer-1 relay, or a
+    /// gateway); cover traffic's random ack slots name no such node and end here.
+    fn send_ack(
+        &self,
+        ack: AckToSend,
+        current: Option<&Topology>,
+        documents: &[Arc<Topology>],
+    ) -> Result<(), AckDrop> {
+        let current = current.ok_or(AckDrop::NoDirectory)?;
+        let packet = ack.into_packet().map_err(|_| AckDrop::BadSurb)?;
+        let entry = documents.iter().any(|t| {
+            t.node(&packet.first_hop)
+                .is_some_and(|n| n.role == Role::Gateway || n.layer == Some(0))
+        });
+        if !entry {
+            return Err(AckDrop::NotInDirectory);
+        }
+        // The SURB does not say which epoch's keys it was built with; its creator used
+        // the document current to it, which is ours outside epoch edges.
+        let frame = Frame::sphinx(EpochSchedule::frame_label(current.epoch()), &packet.packet)
+            .map_err(|_| AckDrop::BadSurb)?;
+        if packet.first_hop == self.me {
+            if self
+                .pipeline
+                .inject(Box::new(*frame.as_bytes()), Instant::now())
+            {
+                Ok(())
+            } else {
+                Err(AckDrop::Overload)
+            }
+        } else {
+            self.pipeline
+                .send(&packet.first_hop, &frame)
+                .map_err(|r| match r {
+                    shoal_relay::DropReason::Overload => AckDrop::Overload,
+                    _ => AckDrop::NotInDirectory,
+                })
+        }
+    }
+
+    fn publish(&self) {
+        let store = self.store.as_ref().map(|s| s.stats()).unwrap_or_default();
+        self.metrics.publish(
+            self.mailbox.stats(),
+            store,
+            self.mailbox.accounts(),
+            self.mailbox.total_items(),
+            self.mailbox.in_flight_batches() + self.pending.len(),
+        );
+    }
+}
+
+/// What every client link task shares.
+struct Clients {
+    requests: mpsc::Sender<Request>,
+    /// Weak, so a lingering client task cannot keep the store open after shutdown.
+    store: std::sync::Weak<Store>,
+    pipeline: Pipeline,
+    metrics: Arc<Metrics>,
+}
+
+async fn accept_clients(
+    endpoint: Arc<LinkEndpoint>,
+    clients: Arc<Clients>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let next = tokio::select! {
+            n = endpoint.accept() => n,
+            _ = shutdown.changed() => return,
+        };
+        match next {
+            None => return,
+            Some(Ok(link)) => {
+                let span = tracing::debug_span!("client", id = link.connection().stable_id());
+                tokio::spawn(client_task(link, clients.clone()).instrument(span));
+            }
+            Some(Err(e)) => debug!(error = %e, "client handshake failed"),
+        }
+    }
+}
+
+/// A control message from a client's stream, or a frame that was not one.
+enum Control {
+    Msg(ClientMsg),
+    Malformed,
+}
+
+async fn ask<T>(
+    clients: &Clients,
+    make: impl FnOnce(oneshot::Sender<T>) -> Request,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    clients.requests.send(make(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn client_task(link: Link, clients: Arc<Clients>) {
+    let key = link.peer();
+    let known = ask(&clients, |reply| Request::Authenticate { key, reply })
+        .await
+        .unwrap_or(false);
+    if !known {
+        clients.metrics.clients_refused.fetch_add(1, Ordering::Relaxed);
+        trace!("client key is not an account; refusing");
+        refuse(&link, ErrorCode::Unauthenticated, "unknown account").await;
+        return;
+    }
+    let m = &clients.metrics;
+    m.clients_connected.fetch_add(1, Ordering::Relaxed);
+    let (control_tx, control_rx) = mpsc::channel(CLIENT_QUEUE);
+    let responder = tokio::spawn(
+        respond(link.clone(), key, control_rx, clients.clone()).in_current_span(),
+    );
+    // The client sends on one long-lived stream; a reconnecting client may open another.
+    while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
+        tokio::spawn(read_client(rx, control_tx.clone(), clients.clone()).in_current_span());
+    }
+    drop(control_tx);
+    responder.abort();
+    m.clients_connected.fetch_sub(1, Ordering::Relaxed);
+    trace!("client link closed");
+}
+
+/// Sends one `Error` frame, gives the client a moment to read it, and closes.
+async fn refuse(link: &Link, code: ErrorCode, message: &str) {
+    let msg = GatewayMsg::Error {
+        code,
+        message: message.to_owned(),
+    };
+    if let (Ok(frame), Ok(mut tx)) = (msg.to_frame(), link.open_frames(FRAME_SIZE).await)
+        && tx.send(frame.as_bytes()).await.is_ok()
+    {
+        let _ = tx.finish();
+        let _ = tokio::time::timeout(REFUSAL_LINGER, link.connection().closed()).await;
+    }
+    link.close();
+}
+
+/// Reads fixed-size frames: Sphinx packets go straight into the mixing pipeline (this
+/// gateway is their first hop, and their delay counts from now); control messages go
+/// to the link's responder.
+async fn read_client(
+    mut rx: FrameReceiver,
+    control: mpsc::Sender<Control>,
+    clients: Arc<Clients>,
+) {
+    let m = &clients.metrics;
+    loop {
+        let mut buf = Box::new([0u8; FRAME_SIZE]);
+        match rx.recv_into(&mut buf[..]).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                trace!(error = %e, "client stream ended");
+                return;
+            }
+        }
+        let arrived = Instant::now();
+        let item = if buf[0] != FRAME_VERSION {
+            Control::Malformed
+        } else if buf[1] == FrameKind::Sphinx as u8 {
+            m.client_sphinx_frames.fetch_add(1, Ordering::Relaxed);
+            // Overload is counted by the pipeline; the client's retransmission covers it.
+            let _ = clients.pipeline.inject(buf, arrived);
+            continue;
+        } else {
+            match Frame::decode(&buf[..])
+                .ok()
+                .and_then(|f| ClientMsg::from_frame(&f).ok())
+            {
+                Some(msg) => {
+                    m.client_control_frames.fetch_add(1, Ordering::Relaxed);
+                    Control::Msg(msg)
+                }
+                None => Control::Malformed,
+            }
+        };
+        if matches!(item, Control::Malformed) {
+            m.client_malformed.fetch_add(1, Ordering::Relaxed);
+        }
+        if control.send(item).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers a client's control messages in order on one gateway→client stream.
+async fn respond(
+    link: Link,
+    key: AccountKey,
+    mut control: mpsc::Receiver<Control>,
+    clients: Arc<Clients>,
+) {
+    let mut out: Option<FrameSender> = None;
+    while let Some(c) = control.recv().await {
+        let (messages, close) = match c {
+            Control::Malformed => (
+                vec![GatewayMsg::Error {
+                    code: ErrorCode::Malformed,
+                    message: "malformed frame".into(),
+                }],
+                false,
+            ),
+            Control::Msg(ClientMsg::Ack { ids }) => {
+                if clients.requests.send(Request::Ack { key, ids }).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Control::Msg(ClientMsg::Pull) => pull(&clients, key).await,
+            Control::Msg(ClientMsg::GetDirectory) => (directory(&clients.pipeline), false),
+        };
+        let mut frames = Vec::with_capacity(messages.len());
+        for m in &messages {
+            match m.to_frame() {
+                Ok(f) => frames.push(Bytes::copy_from_slice(f.as_bytes())),
+                Err(e) => {
+                    warn!(error = %e, "cannot encode a client message");
+                    return;
+                }
+            }
+        }
+        if out.is_none() {
+            match link.open_frames(FRAME_SIZE).await {
+                Ok(s) => out = Some(s),
+                Err(_) => return,
+            }
+        }
+        let Some(tx) = out.as_mut() else { return };
+        if tx.send_many(&mut frames).await.is_err() {
+            return;
+        }
+        if close {
+            let _ = tx.finish();
+            let _ = tokio::time::timeout(REFUSAL_LINGER, link.connection().closed()).await;
+            link.close();
+            return;
+        }
+    }
+}
+
+/// A pull answer: exactly `pull_batch` Item/Dummy messages and `PullDone`, read from
+/// the store off the async threads. The flag says whether to close the link after.
+async fn pull(clients: &Clients, key: AccountKey) -> (Vec<GatewayMsg>, bool) {
+    let error = |code, message: &str| {
+        vec![GatewayMsg::Error {
+            code,
+            message: message.to_owned(),
+        }]
+    };
+    let plan = match ask(clients, |reply| Request::Pull { key, reply }).await {
+        Some(Ok(plan)) => plan,
+        Some(Err(GatewayError::UnknownAccount)) => {
+            return (error(ErrorCode::Unauthenticated, "unknown account"), true);
+        }
+        Some(Err(_)) => return (error(ErrorCode::Internal, "pull failed"), false),
+        None => return (error(ErrorCode::Unavailable, "shutting down"), true),
+    };
+    let Some(store) = clients.store.upgrade() else {
+        return (error(ErrorCode::Unavailable, "shutting down"), true);
+    };
+    match tokio::task::spawn_blocking(move || store.load(&plan)).await {
+        Ok(Ok(messages)) => (messages, false),
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot read a pull answer from the store");
+            (error(ErrorCode::Internal, "store read failed"), false)
+        }
+        Err(_) => (error(ErrorCode::Internal, "store read failed"), false),
+    }
+}
+
+/// The signed documents of the current and next epoch, each as a run of chunks.
+fn directory(pipeline: &Pipeline) -> Vec<GatewayMsg> {
+    let Some(current) = pipeline.current_document() else {
+        return vec![GatewayMsg::Error {
+            code: ErrorCode::Unavailable,
+            message: "no directory yet".into(),
+        }];
+    };
+    let mut out = Vec::new();
+    let docs = std::iter::once(current.clone()).chain(
+        pipeline
+            .documents()
+            .into_iter()
+            .filter(|t| t.epoch() > current.epoch()),
+    );
+    for doc in docs {
+        match directory_chunks(&doc.signed().to_json()) {
+            Ok(chunks) => out.extend(chunks),
+            Err(e) => warn!(epoch = doc.epoch(), error = %e, "cannot serve a directory document"),
+        }
+    }
+    out
+}

@@ -1,0 +1,177 @@
+//! `shoal gateway ...`: set up and run a gateway, and manage its accounts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use shoal_gateway::config::{Config, InitOptions, init_dir};
+use shoal_relay::config::AuthorityAddr;
+
+#[derive(Subcommand, Debug)]
+pub enum GatewayCommand {
+    /// Write a commented default config (DIR/gateway.toml) and a fresh identity key.
+    Init {
+        /// Directory to set up; it holds the config, the keys and the mailbox store.
+        #[arg(long)]
+        dir: PathBuf,
+        /// QUIC address for links with other nodes.
+        #[arg(long, default_value = "127.0.0.1:7101")]
+        listen: SocketAddr,
+        /// Address to advertise in the directory (needed when --listen is 0.0.0.0).
+        #[arg(long)]
+        public_addr: Option<SocketAddr>,
+        /// QUIC address clients connect to.
+        #[arg(long, default_value = "127.0.0.1:7102")]
+        client_listen: SocketAddr,
+        /// Serve Prometheus metrics on this address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// A directory authority as ADDR=HEXKEY (repeatable).
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY", value_parser = parse_authority)]
+        authorities: Vec<AuthorityAddr>,
+        /// Authority signatures a document needs (default: a majority).
+        #[arg(long)]
+        threshold: Option<usize>,
+    },
+    /// Run a gateway until SIGINT or SIGTERM.
+    Run {
+        /// The gateway's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage accounts (the gateway must be stopped: the store has one writer).
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccountCommand {
+    /// Register a client key and its mailbox address.
+    Add {
+        #[arg(long)]
+        config: PathBuf,
+        /// The client's Ed25519 public key (64 hex digits), as its link authenticates.
+        #[arg(long, value_parser = parse_hex32)]
+        key: [u8; 32],
+        /// The mailbox address packets for this client arrive with (64 hex digits).
+        #[arg(long, value_parser = parse_hex32)]
+        mailbox: [u8; 32],
+        /// Items the mailbox may hold (default: the config's `mailbox.default_quota`).
+        #[arg(long)]
+        quota: Option<u32>,
+    },
+    /// Remove an account and every item in its mailbox.
+    Remove {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_parser = parse_hex32)]
+        key: [u8; 32],
+    },
+}
+
+fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
+    s.parse()
+}
+
+fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| format!("{s:?} is not 64 hex digits"))?;
+    Ok(out)
+}
+
+pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
+    match cmd {
+        GatewayCommand::Init {
+            dir,
+            listen,
+            public_addr,
+            client_listen,
+            metrics,
+            authorities,
+            threshold,
+        } => {
+            if let Some(k) = threshold
+                && (k == 0 || k > authorities.len())
+            {
+                bail!(
+                    "--threshold {k} must be between 1 and the number of --authority ({})",
+                    authorities.len()
+                );
+            }
+            let no_authorities = authorities.is_empty();
+            let opts = InitOptions {
+                listen,
+                public_addr,
+                client_listen,
+                metrics_listen: metrics,
+                authorities,
+                threshold,
+            };
+            let (path, identity) = init_dir(&dir, &opts)?;
+            println!("gateway identity: {}", hex::encode(identity));
+            println!("config written: {}", path.display());
+            if no_authorities {
+                println!("add the directory authorities to [directory] before `shoal gateway run`");
+            }
+            Ok(())
+        }
+        GatewayCommand::Run { config } => {
+            let config = Config::load(&config)?;
+            // Unwrapping runs on the pipeline's own worker threads; the async runtime moves
+            // frames and serves clients, so it gets a small share of the cores.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cores.div_ceil(4).max(1))
+                .thread_name("shoal-gateway-io")
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async move {
+                let gateway = shoal_gateway::spawn(config).await?;
+                println!("gateway identity: {}", hex::encode(gateway.identity()));
+                println!("clients connect to: {}", gateway.client_addr());
+                wait_for_signal().await?;
+                tracing::info!("shutting down");
+                gateway.shutdown().await;
+                Ok(())
+            })
+        }
+        GatewayCommand::Account(AccountCommand::Add {
+            config,
+            key,
+            mailbox,
+            quota,
+        }) => {
+            let config = Config::load(&config)?;
+            shoal_gateway::admin::add_account(&config, key, &mailbox, quota)
+                .context("cannot add the account (is the gateway running?)")?;
+            println!("account added");
+            Ok(())
+        }
+        GatewayCommand::Account(AccountCommand::Remove { config, key }) => {
+            let config = Config::load(&config)?;
+            shoal_gateway::admin::remove_account(&config, &key)
+                .context("cannot remove the account (is the gateway running?)")?;
+            println!("account removed");
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for Ctrl-C")?;
+    Ok(())
+}
