@@ -6,10 +6,10 @@
 
 use shoal_packet::sphinx::MailboxAddress;
 
+use crate::GatewayError;
 use crate::config::Config;
 use crate::mailbox::{AccountKey, Mailbox};
 use crate::store::Store;
-use crate::GatewayError;
 
 fn with_mailbox(
     config: &Config,

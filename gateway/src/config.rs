@@ -118,11 +118,14 @@ impl Config {
             peer_queue_capacity: raw.peer_queue_capacity,
             directory: raw.directory,
         };
-        let node = shoal_relay::Config::from_raw(node_raw, path).map_err(|e| relay_config(e, path))?;
-        let client_listen = raw
-            .client_listen
-            .parse::<SocketAddr>()
-            .map_err(|_| bad("client_listen", format!("{:?} is not ip:port", raw.client_listen)))?;
+        let node =
+            shoal_relay::Config::from_raw(node_raw, path).map_err(|e| relay_config(e, path))?;
+        let client_listen = raw.client_listen.parse::<SocketAddr>().map_err(|_| {
+            bad(
+                "client_listen",
+                format!("{:?} is not ip:port", raw.client_listen),
+            )
+        })?;
         let m = raw.mailbox;
         let config = Config {
             node,
@@ -152,7 +155,9 @@ impl Config {
 
     /// Checks a config however it was built; `path` only names the source in errors.
     pub fn validate(&self, path: &Path) -> Result<(), GatewayError> {
-        self.node.validate(path).map_err(|e| relay_config(e, path))?;
+        self.node
+            .validate(path)
+            .map_err(|e| relay_config(e, path))?;
         let bad = |key: &'static str, reason: &str| {
             Err(GatewayError::ConfigValue {
                 path: path.to_owned(),
@@ -392,11 +397,23 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
-            (minimal("", "").replace("127.0.0.1:7102", "nope"), "`client_listen`"),
+            (
+                minimal("", "").replace("127.0.0.1:7102", "nope"),
+                "`client_listen`",
+            ),
             (minimal("", "").replace("127.0.0.1:7101", "x"), "`listen`"),
-            (minimal("", "[mailbox]\npull_batch = 0\n"), "`mailbox.pull_batch`"),
-            (minimal("", "[mailbox]\nttl_secs = 0\n"), "`mailbox.ttl_secs`"),
-            (minimal("", "[mailbox]\ndefault_quota = 0\n"), "`mailbox.default_quota`"),
+            (
+                minimal("", "[mailbox]\npull_batch = 0\n"),
+                "`mailbox.pull_batch`",
+            ),
+            (
+                minimal("", "[mailbox]\nttl_secs = 0\n"),
+                "`mailbox.ttl_secs`",
+            ),
+            (
+                minimal("", "[mailbox]\ndefault_quota = 0\n"),
+                "`mailbox.default_quota`",
+            ),
             (minimal("", "[store]\nmax_batch = 0\n"), "`store.max_batch`"),
             (
                 minimal("", "").replace("threshold = 1", "threshold = 2"),

@@ -128,7 +128,10 @@ impl GatewayHandle {
 
     /// The `/metrics` text: the mixing families followed by the gateway's own.
     pub fn metrics_text(&self) -> String {
-        let mut text = self.node().map(RelayHandle::metrics_text).unwrap_or_default();
+        let mut text = self
+            .node()
+            .map(RelayHandle::metrics_text)
+            .unwrap_or_default();
         text.push_str(&self.metrics.render());
         text
     }
@@ -165,7 +168,8 @@ impl GatewayHandle {
         if let Some(node) = self.node.take() {
             node.shutdown().await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client_endpoint.wait_idle()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.client_endpoint.wait_idle()).await;
         info!("gateway stopped");
     }
 }
@@ -192,8 +196,11 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
         .map_err(GatewayError::node)?;
     let me = identity.verifying_key().to_bytes();
 
-    let (store_path, store_config, mailbox_config) =
-        (config.store_path(), config.store.clone(), config.mailbox.clone());
+    let (store_path, store_config, mailbox_config) = (
+        config.store_path(),
+        config.store.clone(),
+        config.mailbox.clone(),
+    );
     let (store, mailbox) = tokio::task::spawn_blocking(move || {
         let (store, recovered) = Store::open(&store_path, &store_config, &mut rand::rng())?;
         info!(
@@ -538,10 +545,7 @@ enum Control {
     Malformed,
 }
 
-async fn ask<T>(
-    clients: &Clients,
-    make: impl FnOnce(oneshot::Sender<T>) -> Request,
-) -> Option<T> {
+async fn ask<T>(clients: &Clients, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
     let (tx, rx) = oneshot::channel();
     clients.requests.send(make(tx)).await.ok()?;
     rx.await.ok()
@@ -553,7 +557,10 @@ async fn client_task(link: Link, clients: Arc<Clients>) {
         .await
         .unwrap_or(false);
     if !known {
-        clients.metrics.clients_refused.fetch_add(1, Ordering::Relaxed);
+        clients
+            .metrics
+            .clients_refused
+            .fetch_add(1, Ordering::Relaxed);
         trace!("client key is not an account; refusing");
         refuse(&link, ErrorCode::Unauthenticated, "unknown account").await;
         return;
@@ -561,9 +568,8 @@ async fn client_task(link: Link, clients: Arc<Clients>) {
     let m = &clients.metrics;
     m.clients_connected.fetch_add(1, Ordering::Relaxed);
     let (control_tx, control_rx) = mpsc::channel(CLIENT_QUEUE);
-    let responder = tokio::spawn(
-        respond(link.clone(), key, control_rx, clients.clone()).in_current_span(),
-    );
+    let responder =
+        tokio::spawn(respond(link.clone(), key, control_rx, clients.clone()).in_current_span());
     // The client sends on one long-lived stream; a reconnecting client may open another.
     while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
         tokio::spawn(read_client(rx, control_tx.clone(), clients.clone()).in_current_span());
@@ -592,11 +598,7 @@ async fn refuse(link: &Link, code: ErrorCode, message: &str) {
 /// Reads fixed-size frames: Sphinx packets go straight into the mixing pipeline (this
 /// gateway is their first hop, and their delay counts from now); control messages go
 /// to the link's responder.
-async fn read_client(
-    mut rx: FrameReceiver,
-    control: mpsc::Sender<Control>,
-    clients: Arc<Clients>,
-) {
+async fn read_client(mut rx: FrameReceiver, control: mpsc::Sender<Control>, clients: Arc<Clients>) {
     let m = &clients.metrics;
     loop {
         let mut buf = Box::new([0u8; FRAME_SIZE]);
@@ -655,7 +657,12 @@ async fn respond(
                 false,
             ),
             Control::Msg(ClientMsg::Ack { ids }) => {
-                if clients.requests.send(Request::Ack { key, ids }).await.is_err() {
+                if clients
+                    .requests
+                    .send(Request::Ack { key, ids })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;

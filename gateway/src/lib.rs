@@ -13,12 +13,12 @@ mod error;
 pub use config::Config;
 pub use driver::{GatewayHandle, spawn};
 pub use error::GatewayError;
-pub use metrics::{AckDrop, GatewayStats};
 pub use mailbox::{
     AccountKey, AckToSend, BatchId, CommitFailed, CommitResult, Committed, DeliverOutcome, ItemId,
     Mailbox, MailboxConfig, MailboxStats, MailboxTag, PullItem, PullPlan, Recovered, Salt,
     WriteBatch,
 };
+pub use metrics::{AckDrop, GatewayStats};
 pub use protocol::{ClientMsg, ErrorCode, GatewayMsg};
 pub use store::{Store, StoreConfig, StoreStats, TrySubmitError};
 

@@ -169,6 +169,7 @@ impl Store {
         rng: &mut R,
     ) -> Result<(Store, Recovered), GatewayError> {
         config.validate()?;
+        create_private(path)?;
         let db = Database::create(path).map_err(|e| GatewayError::store("open", e))?;
         Self::start(db, config, rng)
     }
@@ -348,6 +349,23 @@ impl Drop for Store {
         if self.shutdown().is_err() {
             tracing::error!("store writer panicked");
         }
+    }
+}
+
+/// Creates an empty store file readable by the owner only, unless one exists: it holds
+/// every mailbox's items.
+fn create_private(path: &Path) -> Result<(), GatewayError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(GatewayError::store("create", e)),
     }
 }
 

@@ -11,7 +11,9 @@ use ed25519_dalek::SigningKey;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use shoal_link::{FrameReceiver, FrameSender, Link, LinkEndpoint, PeerSet, http, node_key};
-use shoal_packet::payload::{AckSlot, BODY_SIZE, ack_message, join_plaintext, parse_ack_message, split_plaintext};
+use shoal_packet::payload::{
+    AckSlot, BODY_SIZE, ack_message, join_plaintext, parse_ack_message, split_plaintext,
+};
 use shoal_packet::sphinx::{self, Hop, MailboxAddress, ReplyBlock};
 use shoal_packet::{FRAME_SIZE, Frame};
 use shoal_relay::config::AuthorityAddr;
@@ -45,7 +47,10 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
 
 /// An authority (threshold 1) behind the real HTTP API that answers 404 for documents
 /// until `nodes` descriptors are in, then votes on first request.
-async fn serve_authority(authority: Authority, nodes: usize) -> (SocketAddr, Arc<Mutex<Authority>>) {
+async fn serve_authority(
+    authority: Authority,
+    nodes: usize,
+) -> (SocketAddr, Arc<Mutex<Authority>>) {
     let info = {
         let c = authority.config();
         serde_json::json!({ "schedule": c.schedule, "params": c.params }).to_string()
@@ -87,7 +92,12 @@ async fn serve_authority(authority: Authority, nodes: usize) -> (SocketAddr, Arc
     (addr, authority)
 }
 
-fn node_config(data_dir: PathBuf, authority: SocketAddr, key: [u8; 32], workers: usize) -> shoal_relay::Config {
+fn node_config(
+    data_dir: PathBuf,
+    authority: SocketAddr,
+    key: [u8; 32],
+    workers: usize,
+) -> shoal_relay::Config {
     shoal_relay::Config {
         data_dir,
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -154,11 +164,19 @@ impl TestClient {
 
     async fn recv(&mut self) -> Option<GatewayMsg> {
         if self.rx.is_none() {
-            self.rx = Some(within("gateway stream", self.link.accept_frames(FRAME_SIZE)).await.ok()?);
+            self.rx = Some(
+                within("gateway stream", self.link.accept_frames(FRAME_SIZE))
+                    .await
+                    .ok()?,
+            );
         }
         let rx = self.rx.as_mut()?;
         let bytes = within("gateway frame", rx.recv()).await.ok()??;
-        assert_eq!(bytes.len(), FRAME_SIZE, "every frame on a client link has one size");
+        assert_eq!(
+            bytes.len(),
+            FRAME_SIZE,
+            "every frame on a client link has one size"
+        );
         Some(GatewayMsg::from_frame(&Frame::decode(bytes).unwrap()).unwrap())
     }
 
@@ -174,7 +192,10 @@ impl TestClient {
             );
             items.push(m);
         }
-        assert!(matches!(self.recv().await.unwrap(), GatewayMsg::PullDone { .. }));
+        assert!(matches!(
+            self.recv().await.unwrap(),
+            GatewayMsg::PullDone { .. }
+        ));
         items.retain(|m| matches!(m, GatewayMsg::Item { .. }));
         items
     }
@@ -192,13 +213,18 @@ impl TestClient {
     }
 
     async fn directory(&mut self) -> Vec<Vec<u8>> {
-        self.send(&ClientMsg::GetDirectory.to_frame().unwrap()).await;
+        self.send(&ClientMsg::GetDirectory.to_frame().unwrap())
+            .await;
         let mut assembler = DirectoryAssembler::new(1 << 20);
         let mut docs = Vec::new();
         // Current and next epoch: two documents.
         while docs.len() < 2 {
             match self.recv().await.unwrap() {
-                GatewayMsg::DirectoryChunk { index, count, bytes } => {
+                GatewayMsg::DirectoryChunk {
+                    index,
+                    count,
+                    bytes,
+                } => {
                     if let Some(doc) = assembler.push(index, count, &bytes).unwrap() {
                         docs.push(doc);
                     }
@@ -235,20 +261,28 @@ fn real_packet(
     let body = vec![ack_id[0]; BODY_SIZE];
     let plaintext = join_plaintext(&slot, &body).unwrap();
     let route = topo.client_route(rng, epoch, entry, exit).unwrap();
-    let (fwd, _) = sphinx::build_forward(rng, &route, &delays(route.len()), mailbox, &plaintext).unwrap();
+    let (fwd, _) =
+        sphinx::build_forward(rng, &route, &delays(route.len()), mailbox, &plaintext).unwrap();
     assert_eq!(&fwd.first_hop, entry);
     let frame = Frame::sphinx(EpochSchedule::frame_label(epoch), &fwd.packet).unwrap();
     (frame, block, body)
 }
 
-async fn wait_for(what: &str, gateway: &GatewayHandle, cond: impl Fn(&crate::GatewayStats) -> bool) {
+async fn wait_for(
+    what: &str,
+    gateway: &GatewayHandle,
+    cond: impl Fn(&crate::GatewayStats) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = gateway.stats();
         if cond(&s) {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -341,26 +375,49 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
     assert_eq!(topo.gateways().len(), 2);
 
     // Alice → [A, L1, L2, L3, B] → Bob's mailbox.
-    let (frame, surb, body) = real_packet(&mut rng, &topo, &a_id, &b_id, &BOB_BOX, &ALICE_BOX, [1; 16]);
+    let (frame, surb, body) =
+        real_packet(&mut rng, &topo, &a_id, &b_id, &BOB_BOX, &ALICE_BOX, [1; 16]);
     alice_c.send(&frame).await;
 
     let mut bob_c = TestClient::connect(&bob, &gw_b).await;
     let item = bob_c.pull_until_item().await;
-    let GatewayMsg::Item { id, payload, .. } = item else { unreachable!() };
+    let GatewayMsg::Item { id, payload, .. } = item else {
+        unreachable!()
+    };
     let plaintext = sphinx::open_forward(&payload[..]).unwrap();
     assert_eq!(split_plaintext(&plaintext).unwrap().1, &body[..]);
     // Bob acks: the item is deleted, and the next pull is all dummies.
-    bob_c.send(&ClientMsg::Ack { ids: vec![id] }.to_frame().unwrap()).await;
-    wait_for("bob's ack", &gw_b, |s| s.mailbox.items_acked == 1 && s.items == 0).await;
+    bob_c
+        .send(&ClientMsg::Ack { ids: vec![id] }.to_frame().unwrap())
+        .await;
+    wait_for("bob's ack", &gw_b, |s| {
+        s.mailbox.items_acked == 1 && s.items == 0
+    })
+    .await;
     assert!(bob_c.pull().await.is_empty());
 
     // The SURB-ack went out after the commit and lands in Alice's mailbox at A.
     let ack = alice_c.pull_until_item().await;
-    let GatewayMsg::Item { id: ack_item, surb_id, payload } = ack else { unreachable!() };
+    let GatewayMsg::Item {
+        id: ack_item,
+        surb_id,
+        payload,
+    } = ack
+    else {
+        unreachable!()
+    };
     assert_eq!(&surb_id, surb.recovery.identifier());
     let reply = sphinx::open_reply(&surb.recovery, &payload[..]).unwrap();
     assert_eq!(parse_ack_message(&reply).unwrap(), [1; 16]);
-    alice_c.send(&ClientMsg::Ack { ids: vec![ack_item] }.to_frame().unwrap()).await;
+    alice_c
+        .send(
+            &ClientMsg::Ack {
+                ids: vec![ack_item],
+            }
+            .to_frame()
+            .unwrap(),
+        )
+        .await;
 
     let b = gw_b.stats();
     assert_eq!(b.mailbox.accepted, 1);
@@ -369,9 +426,14 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
     assert_eq!(b.client_sphinx_frames, 0);
     let a = gw_a.stats();
     assert_eq!(a.client_sphinx_frames, 1);
-    assert_eq!(a.mailbox.without_ack_slot, 1, "a SURB reply carries no ack of its own");
+    assert_eq!(
+        a.mailbox.without_ack_slot, 1,
+        "a SURB reply carries no ack of its own"
+    );
 
-    let (status, text) = http::get(gw_b.metrics_addr().unwrap(), "/metrics").await.unwrap();
+    let (status, text) = http::get(gw_b.metrics_addr().unwrap(), "/metrics")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let text = String::from_utf8(text).unwrap();
     for line in [
@@ -381,23 +443,40 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
         "shoal_gateway_accounts 1",
         "shoal_relay_directory_epoch 0",
     ] {
-        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
     }
-    assert!(text.contains("shoal_gateway_commit_seconds_count"), "{text}");
+    assert!(
+        text.contains("shoal_gateway_commit_seconds_count"),
+        "{text}"
+    );
     assert!(text.contains("shoal_gateway_pulls_total "), "{text}");
     assert!(gw_b.stats().mailbox.pulls >= 2);
 
     // A second message is acked (so durable at B), B restarts, and Bob still gets it.
-    let (frame, surb, body) = real_packet(&mut rng, &topo, &a_id, &b_id, &BOB_BOX, &ALICE_BOX, [2; 16]);
+    let (frame, surb, body) =
+        real_packet(&mut rng, &topo, &a_id, &b_id, &BOB_BOX, &ALICE_BOX, [2; 16]);
     alice_c.send(&frame).await;
-    let GatewayMsg::Item { payload, .. } = alice_c.pull_until_item().await else { unreachable!() };
-    assert_eq!(parse_ack_message(&sphinx::open_reply(&surb.recovery, &payload[..]).unwrap()).unwrap(), [2; 16]);
+    let GatewayMsg::Item { payload, .. } = alice_c.pull_until_item().await else {
+        unreachable!()
+    };
+    assert_eq!(
+        parse_ack_message(&sphinx::open_reply(&surb.recovery, &payload[..]).unwrap()).unwrap(),
+        [2; 16]
+    );
     drop(bob_c);
     gw_b.shutdown().await;
     gw_b = crate::spawn(configs[1].clone()).await.unwrap();
-    wait_for("the acked item to survive the restart", &gw_b, |s| s.items == 1).await;
+    wait_for("the acked item to survive the restart", &gw_b, |s| {
+        s.items == 1
+    })
+    .await;
     let mut bob_c = TestClient::connect(&bob, &gw_b).await;
-    let GatewayMsg::Item { payload, .. } = bob_c.pull_until_item().await else { unreachable!() };
+    let GatewayMsg::Item { payload, .. } = bob_c.pull_until_item().await else {
+        unreachable!()
+    };
     let plaintext = sphinx::open_forward(&payload[..]).unwrap();
     assert_eq!(split_plaintext(&plaintext).unwrap().1, &body[..]);
 

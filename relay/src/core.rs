@@ -280,11 +280,36 @@ pub struct MixCore {
     events: VecDeque<Event>,
     stats: Stats,
     next_loop: Option<Instant>,
-    loops: HashMap<SurbId, Instant>,
+    loops: Arc<LoopRegistry>,
+}
+
+/// Loops a node sent and awaits, shared by all its workers: a loop returns to
+/// whichever worker its frame is dispatched to, not necessarily the one that sent it.
+#[derive(Debug, Default)]
+pub struct LoopRegistry(std::sync::Mutex<HashMap<SurbId, Instant>>);
+
+impl LoopRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SurbId, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl MixCore {
+    /// A core with its own loop registry. Workers of one node share one through
+    /// [`with_loops`](Self::with_loops).
     pub fn new(me: NodeId, unwrapper: Arc<Unwrapper>, config: MixConfig) -> Self {
+        Self::with_loops(me, unwrapper, config, Arc::default())
+    }
+
+    pub fn with_loops(me: NodeId, unwrapper: Arc<Unwrapper>, config: MixConfig, loops: Arc<LoopRegistry>) -> Self {
         MixCore {
             me,
             unwrapper,
@@ -294,7 +319,7 @@ impl MixCore {
             events: VecDeque::new(),
             stats: Stats::default(),
             next_loop: None,
-            loops: HashMap::new(),
+            loops,
         }
     }
 
@@ -346,7 +371,7 @@ impl MixCore {
                 surb_id,
                 payload,
             }) => {
-                if destination == self.me && self.loops.remove(&surb_id).is_some() {
+                if destination == self.me && self.loops.lock().remove(&surb_id).is_some() {
                     self.stats.loops_returned += 1;
                 } else {
                     self.stats.delivered += 1;
@@ -419,10 +444,12 @@ impl MixCore {
         topology: Option<&Topology>,
     ) {
         let timeout = self.config.loop_timeout;
-        let before = self.loops.len();
-        self.loops
-            .retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
-        self.stats.loops_lost += (before - self.loops.len()) as u64;
+        {
+            let mut loops = self.loops.lock();
+            let before = loops.len();
+            loops.retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
+            self.stats.loops_lost += (before - loops.len()) as u64;
+        }
 
         if self.config.loop_rate <= 0.0 {
             self.next_loop = None;
@@ -438,7 +465,7 @@ impl MixCore {
             match topology.map(|t| self.build_loop(rng, t)) {
                 Some(Ok((first_hop, frame, id))) => {
                     if self.schedule(first_hop, frame, now).is_ok() {
-                        self.loops.insert(id, now);
+                        self.loops.lock().insert(id, now);
                         self.stats.loops_sent += 1;
                     }
                 }

@@ -254,7 +254,7 @@ impl RelayHandle {
         })
         .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        info!("relay stopped");
+        info!("node stopped");
     }
 }
 
@@ -346,12 +346,13 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
     let per_worker = config.queue_capacity.div_ceil(config.workers);
     let mut queues = Vec::with_capacity(config.workers);
     let mut workers = Vec::with_capacity(config.workers);
+    let loops = Arc::new(crate::core::LoopRegistry::default());
     for index in 0..config.workers {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Inbound>(per_worker);
         queues.push(tx);
         let worker = Worker {
             index,
-            core: MixCore::new(me, unwrapper.clone(), initial_mix.clone()),
+            core: MixCore::with_loops(me, unwrapper.clone(), initial_mix.clone(), loops.clone()),
             inbox: rx,
             shared: shared.clone(),
             router: router.clone(),

@@ -15,7 +15,9 @@ mod worker;
 pub use crate::config::{Config, InitOptions};
 pub use crate::core::{DropReason, Event, MixConfig, MixCore, Stats, Transmit, Unwrapper};
 pub use crate::directory::NetworkInfo;
-pub use crate::driver::{DeliverFn, MetricsFn, NodeHooks, Pipeline, RelayHandle, spawn, spawn_with};
+pub use crate::driver::{
+    DeliverFn, MetricsFn, NodeHooks, Pipeline, RelayHandle, spawn, spawn_with,
+};
 pub use crate::error::RelayError;
 pub use crate::keys::KeyRing;
 pub use crate::metrics::RelayStats;

@@ -602,7 +602,9 @@ fn test_authority(rng: &mut StdRng, params: NetworkParams) -> (SigningKey, Autho
 }
 
 /// Three relays (one per layer) and a forwarding stand-in gateway: every relay's λM loops
-/// go round the whole layered cycle over real links and come back.
+/// go round the whole layered cycle over real links and come back. Two workers per relay:
+/// a loop usually returns to a worker other than the one that sent it (regression: loops
+/// returning to another worker were taken for deliveries and later counted lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loops_return_through_three_layers() {
     let mut rng = StdRng::seed_from_u64(77);
@@ -625,7 +627,7 @@ async fn loops_return_through_three_layers() {
         let dir = temp_dir(&format!("loops{i}"));
         keystore::create_identity(&dir, &mut rng).unwrap();
         let mut config = relay_config(dir.clone(), auth_addr, node_key(&auth_key));
-        config.workers = 1;
+        config.workers = 2;
         config.metrics_listen = None;
         relays.push(crate::spawn(config).await.unwrap());
         dirs.push(dir);
@@ -697,6 +699,7 @@ async fn loops_return_through_three_layers() {
         wait_until("loops to return", r, |s| s.core.loops_returned >= 5).await;
         let s = r.stats();
         assert_eq!(s.core.loops_lost, 0);
+        assert_eq!(s.core.delivered, 0, "every returning loop is recognised");
         assert_eq!(s.core.loop_build_failures, 0);
         assert_eq!(s.core.dropped(DropReason::Replay), 0);
     }
