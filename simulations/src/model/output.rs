@@ -105,22 +105,14 @@ pub fn write_run(dir: &Path, summary: &Summary, raw: &RawRun, plots: bool) -> Re
             &format!("{} anonymity (Shannon entropy)", summary.entropy_metric),
             "entropy (bits)",
             &values,
-            None,
         )?;
         plot_latency(&dir.join("latency.png"), summary, raw)?;
     }
     Ok(())
 }
 
-/// A histogram of `values` with 50 bins and an optional density curve (scaled to counts).
-fn plot_histogram(
-    path: &Path,
-    title: &str,
-    xlabel: &str,
-    values: &[f64],
-    density: Option<&dyn Fn(f64) -> f64>,
-) -> Result<(), SimError> {
-    let e = |e: &dyn std::fmt::Display| io_err(path, e);
+/// A histogram of `values` with 50 bins.
+fn plot_histogram(path: &Path, title: &str, xlabel: &str, values: &[f64]) -> Result<(), SimError> {
     let (mut lo, mut hi) = values
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
@@ -129,16 +121,48 @@ fn plot_histogram(
     if !lo.is_finite() {
         (lo, hi) = (0.0, 1.0);
     }
-    if hi - lo < 1e-9 {
-        hi = lo + 1.0;
-    }
-    let bins = 50usize;
-    let width = (hi - lo) / bins as f64;
-    let mut counts = vec![0u64; bins];
+    let bins = Bins::new(lo, hi);
+    let mut counts = vec![0u64; BINS];
     for &x in values {
-        let i = (((x - lo) / width) as usize).min(bins - 1);
-        counts[i] += 1;
+        counts[bins.index(x)] += 1;
     }
+    plot_bins(path, title, xlabel, &bins, &counts, None)
+}
+
+const BINS: usize = 50;
+
+/// `BINS` equal bins over `[lo, hi]`.
+struct Bins {
+    lo: f64,
+    width: f64,
+}
+
+impl Bins {
+    fn new(lo: f64, hi: f64) -> Self {
+        let hi = if hi - lo < 1e-9 { lo + 1.0 } else { hi };
+        Self {
+            lo,
+            width: (hi - lo) / BINS as f64,
+        }
+    }
+
+    fn index(&self, x: f64) -> usize {
+        (((x - self.lo) / self.width).max(0.0) as usize).min(BINS - 1)
+    }
+}
+
+/// Draws pre-binned counts and an optional density curve (scaled to counts).
+fn plot_bins(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    bins: &Bins,
+    counts: &[u64],
+    density: Option<&dyn Fn(f64) -> f64>,
+) -> Result<(), SimError> {
+    let e = |e: &dyn std::fmt::Display| io_err(path, e);
+    let (lo, width) = (bins.lo, bins.width);
+    let hi = lo + width * BINS as f64;
     let ymax = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
     let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
@@ -146,7 +170,7 @@ fn plot_histogram(
         .caption(title, ("sans-serif", 24))
         .margin(15)
         .x_label_area_size(45)
-        .y_label_area_size(70)
+        .y_label_area_size(80)
         .build_cartesian_2d(lo..hi, 0.0..ymax)
         .map_err(|x| e(&x))?;
     chart
@@ -162,7 +186,7 @@ fn plot_histogram(
         }))
         .map_err(|x| e(&x))?;
     if let Some(f) = density {
-        let n = values.len() as f64;
+        let n = counts.iter().sum::<u64>() as f64;
         let pts: Vec<(f64, f64)> = (0..=400)
             .map(|i| lo + (hi - lo) * f64::from(i) / 400.0)
             .map(|x| (x, f(x) * n * width))
@@ -184,25 +208,28 @@ fn plot_histogram(
 }
 
 fn plot_latency(path: &Path, summary: &Summary, raw: &RawRun) -> Result<(), SimError> {
-    // Rebuild a sample from the histogram's buckets, capped to the 99.9th percentile for readability.
-    let cap = raw.latency_us.value_at_quantile(0.999);
-    let mut values = Vec::new();
-    for v in raw.latency_us.iter_recorded() {
-        if v.value_iterated_to() <= cap {
-            let x = v.value_iterated_to() as f64 / 1e6;
-            let k = v.count_at_value().min(1_000_000);
-            values.extend(std::iter::repeat_n(x, k as usize));
+    // Bin straight from the histogram's buckets (never one value per message), up to the 99.9th
+    // percentile for readability.
+    let h = &raw.latency_us;
+    let cap = h.value_at_quantile(0.999) as f64 / 1e6;
+    let bins = Bins::new(h.min() as f64 / 1e6, cap);
+    let mut counts = vec![0u64; BINS];
+    for v in h.iter_recorded() {
+        let x = v.value_iterated_to() as f64 / 1e6;
+        if x <= cap {
+            counts[bins.index(x)] += v.count_at_value();
         }
     }
     let l = summary.config.network.layers;
     let theta = summary.config.network.mean_hop_delay_ms / 1e3;
     let fixed = summary.latency_s.fixed_links_s;
     let f = move |x: f64| gamma_pdf(l, theta, x - fixed);
-    plot_histogram(
+    plot_bins(
         path,
         "end-to-end latency of measured real messages",
         "latency (s)",
-        &values,
+        &bins,
+        &counts,
         Some(&f),
     )
 }
