@@ -222,3 +222,95 @@ fn bind_outside_runtime_is_an_error() {
         Err(LinkError::NoRuntime)
     ));
 }
+
+/// A UDP proxy between client and server that records the payload size of every
+/// datagram in each direction: what a passive observer of the link sees.
+async fn recording_proxy(
+    server: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<(bool, usize)>>>) {
+    use std::sync::{Arc, Mutex};
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind(localhost()).await.unwrap());
+    let back = Arc::new(UdpSocket::bind(localhost()).await.unwrap());
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let client = Arc::new(Mutex::new(None::<SocketAddr>));
+    {
+        let (front, back, seen, client) = (front.clone(), back.clone(), seen.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                seen.lock().unwrap().push((true, n));
+                let _ = back.send(&buf[..n]).await;
+            }
+        });
+    }
+    {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                seen.lock().unwrap().push((false, n));
+                let to = *client.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+    }
+    (addr, seen)
+}
+
+/// On the wire, every datagram that carries frames has the same size: frame
+/// boundaries, write bursts and the sender's activity pattern are not visible in
+/// datagram lengths. The only other datagrams are small control packets (ACKs,
+/// keep-alives), which carry no frame bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_carrying_frames_all_have_one_size() {
+    let (a, b) = (key(40), key(41));
+    let (server, server_addr) = endpoint(&b, PeerSet::from_keys([node_key(&a)]));
+    let (client, _) = endpoint(&a, PeerSet::new());
+    let (proxy, seen) = recording_proxy(server_addr).await;
+
+    let recv = tokio::spawn(async move {
+        let link = server.accept().await.unwrap().unwrap();
+        let mut rx = link.accept_frames(FRAME).await.unwrap();
+        let mut n = 0;
+        while let Ok(Some(_)) = rx.recv().await {
+            n += 1;
+            if n == 600 {
+                break;
+            }
+        }
+        n
+    });
+    let link = within(client.connect(proxy, node_key(&b))).await.unwrap();
+    let mut tx = link.open_frames(FRAME).await.unwrap();
+    // Irregular bursts: single frames, pairs and batches, with pauses between.
+    let mut i = 0u32;
+    while i < 600 {
+        let burst = [1, 2, 7, 1, 30][(i % 5) as usize];
+        let mut batch: Vec<Bytes> = (0..burst).map(|k| Bytes::from(frame(i + k))).collect();
+        tx.send_many(&mut batch).await.unwrap();
+        i += burst;
+        tokio::time::sleep(Duration::from_millis((i % 3) as u64)).await;
+    }
+    assert_eq!(within(recv).await.unwrap(), 600);
+
+    let seen = seen.lock().unwrap().clone();
+    let big: Vec<usize> = seen.iter().filter(|(_, n)| *n > 200).map(|(_, n)| *n).collect();
+    let small = seen.iter().filter(|(_, n)| *n <= 200).count();
+    assert!(
+        big.len() >= 600 * FRAME / usize::from(crate::WIRE_DATAGRAM_SIZE),
+        "the frames crossed the proxy ({} large datagrams)",
+        big.len()
+    );
+    let sizes: std::collections::BTreeSet<usize> = big.iter().copied().collect();
+    assert_eq!(
+        sizes,
+        [usize::from(crate::WIRE_DATAGRAM_SIZE)].into(),
+        "every datagram carrying data has the same size ({small} small control datagrams)"
+    );
+}
