@@ -36,10 +36,6 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Authenticated links waiting for [`LinkEndpoint::accept`].
 const ACCEPT_QUEUE: usize = 64;
 
-/// UDP payload size of every datagram that carries frames. 1200 bytes is QUIC's
-/// minimum, so it fits every path.
-pub const WIRE_DATAGRAM_SIZE: u16 = 1200;
-
 /// Application close code sent by [`LinkEndpoint::close`] and [`Link::close`].
 const CLOSE_CODE: u32 = 0;
 
@@ -58,14 +54,7 @@ fn transport_config() -> Result<Arc<TransportConfig>, LinkError> {
         // Frames travel on unidirectional streams only; datagrams are too small
         // for a Sphinx packet.
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
-        .datagram_receive_buffer_size(None)
-        // Every datagram that carries frames is padded to one fixed size, so an
-        // observer of the UDP flow sees neither frame boundaries nor write bursts.
-        // MTU discovery is off so that size never changes.
-        .pad_to_mtu(true)
-        .initial_mtu(WIRE_DATAGRAM_SIZE)
-        .min_mtu(WIRE_DATAGRAM_SIZE)
-        .mtu_discovery_config(None);
+        .datagram_receive_buffer_size(None);
     Ok(Arc::new(t))
 }
 

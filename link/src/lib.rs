@@ -8,7 +8,6 @@ mod tls;
 
 pub use endpoint::{
     FrameReceiver, FrameSender, IDLE_TIMEOUT, KEEP_ALIVE, Link, LinkEndpoint, MAX_FRAME_SIZE,
-    WIRE_DATAGRAM_SIZE,
 };
 pub use error::LinkError;
 pub use peers::PeerSet;
