@@ -122,7 +122,7 @@ fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) 
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(seed ^ (t as u64 + 1) * 0x9e37_79b9);
+                    let mut rng = StdRng::seed_from_u64(seed ^ ((t as u64 + 1) * 0x9e37_79b9));
                     let mut plaintext = vec![0u8; PLAINTEXT_SIZE];
                     let mut out = Vec::with_capacity(per);
                     for i in 0..per {

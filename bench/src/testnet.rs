@@ -68,10 +68,14 @@ fn run_init(shoal: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn spawn(shoal: &Path, name: &str, args: &[&str], log: &Path) -> anyhow::Result<Proc> {
-    let log = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let log =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let child = Command::new(shoal)
         .args(args)
-        .env("SHOAL_LOG", std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "SHOAL_LOG",
+            std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -94,7 +98,10 @@ fn spawn_relay(shoal: &Path, dir: &Path, i: usize) -> anyhow::Result<Proc> {
         .with_context(|| format!("cannot open {}", log.display()))?;
     let child = Command::new(shoal)
         .args(["relay", "run", "--config", &config.to_string_lossy()])
-        .env("SHOAL_LOG", std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "SHOAL_LOG",
+            std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file)
@@ -112,7 +119,10 @@ fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result<()> {
     let mut out = String::new();
     for line in text.lines() {
         let key = line.split('=').next().unwrap_or("").trim();
-        match values.iter().find(|(k, _)| *k == key && !line.trim_start().starts_with('#')) {
+        match values
+            .iter()
+            .find(|(k, _)| *k == key && !line.trim_start().starts_with('#'))
+        {
             Some((k, v)) => out.push_str(&format!("{k} = {v}\n")),
             None => {
                 out.push_str(line);
@@ -361,7 +371,12 @@ impl Testnet {
         let authority = spawn(
             shoal,
             "authority",
-            &["authority", "run", "--config", &auth_config.to_string_lossy()],
+            &[
+                "authority",
+                "run",
+                "--config",
+                &auth_config.to_string_lossy(),
+            ],
             &dir.join("authority.log"),
         )?;
 
@@ -440,7 +455,8 @@ impl Testnet {
 
     /// The tail of a process's log, for failure messages.
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }

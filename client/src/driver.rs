@@ -37,9 +37,7 @@ use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
-use shoal_gateway::protocol::{
-    ClientMsg, DirectoryAssembler, GatewayMsg, MAX_ACK_IDS,
-};
+use shoal_gateway::protocol::{ClientMsg, DirectoryAssembler, ErrorCode, GatewayMsg, MAX_ACK_IDS};
 use shoal_link::{FrameSender, Link, LinkEndpoint, LinkError, NodeKey, PeerSet};
 use shoal_packet::sphinx::SurbId;
 use shoal_packet::{BodyKind, FRAME_SIZE, Fragment, Frame, FrameKind, MessageId, payload};
@@ -295,7 +293,11 @@ pub fn spawn(
         core.restore(snapshot)?;
     }
     // The client dials only; nobody may connect to it.
-    let endpoint = Arc::new(LinkEndpoint::bind(config.bind, account_key, PeerSet::new())?);
+    let endpoint = Arc::new(LinkEndpoint::bind(
+        config.bind,
+        account_key,
+        PeerSet::new(),
+    )?);
     let (commands, command_rx) = mpsc::channel(256);
     let (events, _) = broadcast::channel(4096);
     let stats = Arc::new(Mutex::new(DriverStats::default()));
@@ -404,7 +406,9 @@ impl Driver {
         let mut backoff = self.config.reconnect_min;
         let mut next_pull = tokio::time::Instant::now() + self.config.pull_interval;
         let mut next_snapshot = tokio::time::Instant::now() + self.config.snapshot_interval;
-        let mut next_directory = tokio::time::Instant::now() + self.config.directory_refresh;
+        // The first GetDirectory goes out with the connection; until a document is in
+        // use, ask again every couple of seconds.
+        let mut next_directory = tokio::time::Instant::now() + self.directory_wait();
         let far = Duration::from_secs(3600);
         loop {
             self.publish_stats(conn.is_some());
@@ -671,7 +675,12 @@ impl Driver {
             },
             GatewayMsg::Error { code, message } => {
                 self.counters.gateway_errors += 1;
-                warn!(?code, %message, "gateway refused a request");
+                if code == ErrorCode::Unavailable {
+                    // A gateway that just started has no directory yet; we ask again.
+                    debug!(%message, "gateway: unavailable");
+                } else {
+                    warn!(?code, %message, "gateway refused a request");
+                }
             }
         }
         Ok(())
@@ -853,12 +862,10 @@ async fn next_inbound(conn: &mut Option<Conn>) -> Option<GatewayMsg> {
 }
 
 async fn send_msg(tx: &mut FrameSender, msg: &ClientMsg) -> Result<(), LinkError> {
-    let frame = msg
-        .to_frame()
-        .map_err(|_| LinkError::FrameSize {
-            expected: FRAME_SIZE,
-            got: 0,
-        })?;
+    let frame = msg.to_frame().map_err(|_| LinkError::FrameSize {
+        expected: FRAME_SIZE,
+        got: 0,
+    })?;
     tx.send(frame.as_bytes()).await
 }
 

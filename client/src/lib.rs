@@ -3,6 +3,7 @@
 pub mod contact;
 pub mod core;
 pub mod driver;
+pub mod group;
 pub mod schedule;
 pub mod seal;
 pub mod store;

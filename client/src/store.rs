@@ -345,8 +345,12 @@ mod tests {
             received_unix_ms: 10,
             bytes: b"first".to_vec(),
         };
-        store.save_received(&[a.clone()], &snapshot).unwrap();
-        store.save_received(&[b.clone(), a.clone()], &snapshot).unwrap();
+        store
+            .save_received(std::slice::from_ref(&a), &snapshot)
+            .unwrap();
+        store
+            .save_received(&[b.clone(), a.clone()], &snapshot)
+            .unwrap();
         assert_eq!(store.received_messages().unwrap(), vec![b, a]);
         assert_eq!(store.load_snapshot().unwrap().unwrap(), snapshot);
         store.save_account_key(&[9; 32]).unwrap();

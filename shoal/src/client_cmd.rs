@@ -156,7 +156,8 @@ impl Default for TimingSection {
 
 fn hex32(s: &str, what: &str) -> anyhow::Result<[u8; 32]> {
     let mut out = [0u8; 32];
-    hex::decode_to_slice(s.trim(), &mut out).with_context(|| format!("{what} is not 32 hex bytes"))?;
+    hex::decode_to_slice(s.trim(), &mut out)
+        .with_context(|| format!("{what} is not 32 hex bytes"))?;
     Ok(out)
 }
 
@@ -169,8 +170,10 @@ pub struct Loaded {
 }
 
 pub fn load_config(path: &Path) -> anyhow::Result<Loaded> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let file: ClientFile = toml::from_str(&text).with_context(|| format!("{} is not a valid client config", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: ClientFile = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid client config", path.display()))?;
     let gateway_key = hex32(&file.gateway.node_key, "gateway.node_key")?;
     let mut keys = Vec::new();
     for k in &file.directory.authority_keys {
@@ -204,17 +207,28 @@ pub fn load_config(path: &Path) -> anyhow::Result<Loaded> {
 fn open_store(dir: &Path) -> anyhow::Result<ClientStore> {
     let path = dir.join(STORE_FILE);
     if !path.exists() {
-        bail!("{} has no client; run `shoal client init --dir {}` first", dir.display(), dir.display());
+        bail!(
+            "{} has no client; run `shoal client init --dir {}` first",
+            dir.display(),
+            dir.display()
+        );
     }
     ClientStore::open(&path).with_context(|| {
-        format!("cannot open {} (is `shoal client run` using it?)", path.display())
+        format!(
+            "cannot open {} (is `shoal client run` using it?)",
+            path.display()
+        )
     })
 }
 
 /// The identity and account key of the client in `store`.
 pub fn load_identity(store: &ClientStore) -> anyhow::Result<(Identity, SigningKey)> {
-    let identity = store.load_identity()?.context("the store holds no identity")?;
-    let key = store.load_account_key()?.context("the store holds no account key")?;
+    let identity = store
+        .load_identity()?
+        .context("the store holds no identity")?;
+    let key = store
+        .load_account_key()?
+        .context("the store holds no account key")?;
     Ok((identity, SigningKey::from_bytes(&key)))
 }
 
@@ -242,8 +256,13 @@ pub fn init_dir(
         "# Shoal client. The identity and keys are in {STORE_FILE}; keep this directory private.\n{}",
         toml::to_string(client_file).context("cannot write the config")?
     );
-    std::fs::write(&config_path, text).with_context(|| format!("cannot write {}", config_path.display()))?;
-    Ok((account.verifying_key().to_bytes(), identity.mailbox, card.to_text()))
+    std::fs::write(&config_path, text)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    Ok((
+        account.verifying_key().to_bytes(),
+        identity.mailbox,
+        card.to_text(),
+    ))
 }
 
 /// A message waiting in `outbox/` for a running client.
@@ -290,7 +309,9 @@ fn find_contact(store: &ClientStore, name: &str) -> anyhow::Result<ContactCard> 
         .contacts()?
         .into_iter()
         .find(|c| c.name == name)
-        .with_context(|| format!("no contact named {name:?}; add one with `shoal client contact add`"))
+        .with_context(|| {
+            format!("no contact named {name:?}; add one with `shoal client contact add`")
+        })
 }
 
 pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
@@ -305,7 +326,10 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         } => {
             let threshold = threshold.unwrap_or(authorities.len() / 2 + 1);
             if threshold == 0 || threshold > authorities.len() {
-                bail!("--threshold {threshold} must be between 1 and the number of --authority ({})", authorities.len());
+                bail!(
+                    "--threshold {threshold} must be between 1 and the number of --authority ({})",
+                    authorities.len()
+                );
             }
             let file = ClientFile {
                 name,
@@ -323,12 +347,9 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             println!("account key: {}", hex::encode(account));
             println!("mailbox: {}", hex::encode(mailbox));
             println!("contact card: {card}");
+            println!("config written: {}", dir.join(CONFIG_FILE).display());
             println!(
-                "config written: {}",
-                dir.join(CONFIG_FILE).display()
-            );
-            println!(
-                "ask the gateway operator to run: shoal gateway account add --config <gateway.toml> {} {}",
+                "ask the gateway operator to run: shoal gateway account add --config <gateway.toml> --key {} --mailbox {}",
                 hex::encode(account),
                 hex::encode(mailbox)
             );
@@ -338,14 +359,16 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             let loaded = load_config(&dir.join(CONFIG_FILE))?;
             let store = open_store(&dir)?;
             let (identity, _) = load_identity(&store)?;
-            let card = ContactCard::new(loaded.name, identity.contact()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let card = ContactCard::new(loaded.name, identity.contact())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{}", card.to_text());
             Ok(())
         }
         ClientCommand::Contact(ContactCommand::Add { dir, name, card }) => {
             let store = open_store(&dir)?;
             let parsed = ContactCard::parse(&card).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let card = ContactCard::new(name.clone(), parsed.contact).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let card = ContactCard::new(name.clone(), parsed.contact)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             store.put_contact(&card)?;
             println!("contact {name:?} saved");
             Ok(())
@@ -506,6 +529,8 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         }
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.context("cannot listen for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for Ctrl-C")?;
     Ok(())
 }

@@ -85,13 +85,15 @@ struct Report {
     delivered: usize,
     lost: usize,
     duplicates: usize,
+    /// Messages that reached a client they were not sent to (should never happen).
+    misdelivered: usize,
     /// Messages whose sender saw the SURB-ack (durable in the recipient's mailbox).
     acked: usize,
     latency_ms: Latency,
     /// Mean of the sum of the forward route's sampled delays: 5 hops × mean.
     expected_mixing_delay_ms: f64,
-    /// Mean wait for a λP slot (1/λP) plus half the pull interval: the rest of the
-    /// expected latency on an idle network.
+    /// Mean wait for a λP slot (a client queues its messages at once, so the k-th waits
+    /// k slots of 1/λP) plus half the pull interval: the rest of the expected latency.
     expected_queueing_ms: f64,
     real_packets: u64,
     cover_packets: u64,
@@ -162,7 +164,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
         mean_hop_delay_ms: args.mean_hop_delay_ms,
         max_hop_delay_ms: (args.mean_hop_delay_ms * 20.0).max(100.0),
         lambda_m: 1.0,
-        bootstrap_secs: 5,
+        bootstrap_secs: 3,
         epoch_secs: 3600,
         workers: Some(1),
         client_rates: Some([lambda_p, lambda_p / 5.0, lambda_p / 5.0]),
@@ -210,7 +212,10 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     .with_context(|| format!("authority log:\n{}", net.log_tail("authority")))?;
     let params = topology.params().clone();
 
-    say(args, "starting clients (in-process, real QUIC links to their gateways)");
+    say(
+        args,
+        "starting clients (in-process, real QUIC links to their gateways)",
+    );
     let mut clients = Vec::new();
     for (g, c, account, identity) in clients_setup {
         let init = &inits[g];
@@ -283,12 +288,19 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     let mut expected_to: HashMap<String, usize> = HashMap::new();
     let mut message_ids: HashMap<[u8; 16], String> = HashMap::new();
     for (i, c) in clients.iter().enumerate() {
-        let other = if c.gateway == 0 { per + i % per } else { i % per };
+        let other = if c.gateway == 0 {
+            per + i % per
+        } else {
+            i % per
+        };
         let text = clients[other].card.to_text();
         let card = ContactCard::parse(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
         for m in 0..args.messages {
             let body = format!("hello #{m} from {} to {}", c.card.name, card.name);
-            let id = c.handle.send(card.contact, body.clone().into_bytes()).await?;
+            let id = c
+                .handle
+                .send(card.contact, body.clone().into_bytes())
+                .await?;
             sent_at.insert(body.clone(), Instant::now());
             expected_to.insert(body.clone(), other);
             message_ids.insert(id, body);
@@ -298,6 +310,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     let sent = sent_at.len();
     let mut delivered: HashMap<String, Instant> = HashMap::new();
     let mut duplicates = 0usize;
+    let mut misdelivered = 0usize;
     let mut acked = 0usize;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     while delivered.len() < sent || acked < sent {
@@ -309,9 +322,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
             DriverEvent::Message { bytes, .. } => {
                 let body = String::from_utf8_lossy(&bytes).into_owned();
                 if expected_to.get(&body) != Some(&i) {
-                    // Not a message we sent to this client: count it as a duplicate of
-                    // nothing rather than a delivery.
-                    duplicates += 1;
+                    misdelivered += 1;
                     continue;
                 }
                 if delivered.insert(body, at).is_some() {
@@ -388,6 +399,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
         delivered: delivered.len(),
         lost: sent - delivered.len(),
         duplicates,
+        misdelivered,
         acked,
         latency_ms: Latency {
             p50: pct(0.50),
@@ -395,7 +407,9 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
             max: pct(1.0),
         },
         expected_mixing_delay_ms: ROUTE_HOPS * params.mean_hop_delay_ms,
-        expected_queueing_ms: 1000.0 / params.lambda_p.max(f64::MIN_POSITIVE)
+        // The k-th of a client's n queued messages waits k λP slots: (n + 1) / 2 on average.
+        expected_queueing_ms: (args.messages as f64 + 1.0) / 2.0 * 1000.0
+            / params.lambda_p.max(f64::MIN_POSITIVE)
             + PULL_INTERVAL.as_secs_f64() * 500.0,
         real_packets: packets.real,
         cover_packets: packets.cover,
@@ -413,12 +427,21 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
 }
 
 fn print_summary(r: &Report) {
-    println!("Shoal demo: {} relays in 3 layers, {} gateways, {} clients, on loopback", r.relays, r.gateways, r.clients);
+    println!(
+        "Shoal demo: {} relays in 3 layers, {} gateways, {} clients, on loopback",
+        r.relays, r.gateways, r.clients
+    );
     if r.loss_percent > 0.0 {
-        println!("  emulated loss        {}% of client↔gateway frames", r.loss_percent);
+        println!(
+            "  emulated loss        {}% of client↔gateway frames",
+            r.loss_percent
+        );
     }
     println!("  messages sent        {}", r.sent);
-    println!("  delivered            {}  (acked to senders: {})", r.delivered, r.acked);
+    println!(
+        "  delivered            {}  (acked to senders: {})",
+        r.delivered, r.acked
+    );
     println!("  lost                 {}", r.lost);
     println!("  duplicates           {}", r.duplicates);
     println!(
@@ -426,16 +449,27 @@ fn print_summary(r: &Report) {
         r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.max
     );
     println!(
-        "  expected             {:.0} ms mixing (5 hops × mean) + {:.0} ms waiting for a λP slot and a pull",
+        "  expected             {:.0} ms mixing (5 hops × mean) + {:.0} ms waiting for λP slots and a pull",
         r.expected_mixing_delay_ms, r.expected_queueing_ms
     );
     println!(
         "  packets from clients {} real ({} retransmissions), {} cover ({} λP cover loops, {} λL loops, {} λD drops)",
-        r.packets.real, r.packets.retransmissions, r.cover_packets, r.packets.payload_cover, r.packets.loops, r.packets.drops
+        r.packets.real,
+        r.packets.retransmissions,
+        r.cover_packets,
+        r.packets.payload_cover,
+        r.packets.loops,
+        r.packets.drops
     );
-    println!("  loops                {} returned, {} lost", r.loops_returned, r.loops_lost);
+    println!(
+        "  loops                {} returned, {} lost",
+        r.loops_returned, r.loops_lost
+    );
     println!("  took                 {:.1} s", r.elapsed_secs);
-    if r.lost == 0 && r.duplicates == 0 {
+    if r.misdelivered > 0 {
+        println!("  MISDELIVERED         {}", r.misdelivered);
+    }
+    if r.lost == 0 && r.duplicates == 0 && r.misdelivered == 0 {
         println!("every message arrived exactly once.");
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use shoal_sim::attacks;
 use shoal_sim::model::{self, ModelConfig, output, sweep};
 
 #[derive(Args, Debug)]
@@ -95,6 +96,28 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 raw.counters.events as f64 / raw.wall_s.max(1e-9) / 1e6,
                 out.display()
             );
+            if let Some(report) = attacks::run(&cfg)? {
+                attacks::write_attacks(&out, &report, cfg.output.plots)?;
+                for l in &report.levels {
+                    let mut line = format!(
+                        "shoal sim attacks, loop {} drop {} /s:",
+                        l.loop_rate, l.drop_rate
+                    );
+                    if let Some(p) = l.disclosure.as_ref().and_then(|d| d.last()) {
+                        line += &format!(
+                            " disclosure mean rank {:.1} (top-k {:.2}) after {} s;",
+                            p.mean_rank, p.topk_fraction, p.time_s
+                        );
+                    }
+                    if let Some(p) = l.organisation.as_ref().and_then(|o| o.last()) {
+                        line += &format!(" organisations NMI {:.2} ARI {:.2};", p.nmi, p.ari);
+                    }
+                    if let Some(t) = &l.timing {
+                        line += &format!(" timing TPR {:.3} at FPR {};", t.tpr_at_fpr, t.fpr);
+                    }
+                    eprintln!("{line}");
+                }
+            }
             Ok(())
         }
     }

@@ -29,6 +29,7 @@ fn check(r: &serde_json::Value) {
     assert_eq!(r["delivered"].as_u64().unwrap(), sent, "{r}");
     assert_eq!(r["lost"].as_u64().unwrap(), 0, "{r}");
     assert_eq!(r["duplicates"].as_u64().unwrap(), 0, "{r}");
+    assert_eq!(r["misdelivered"].as_u64().unwrap(), 0, "{r}");
     let p50 = r["latency_ms"]["p50"].as_f64().unwrap();
     let p99 = r["latency_ms"]["p99"].as_f64().unwrap();
     assert!(p50 > 0.0 && p99 >= p50, "{r}");

@@ -2,6 +2,8 @@
 //! processes, and two stand-in gateways in this test. 10,000 packets cross all five
 //! hops and every one arrives; 1,000 replays are all dropped and counted.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;

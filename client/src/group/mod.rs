@@ -1,0 +1,1266 @@
+//! End-to-end encrypted groups with MLS (RFC 9420, `openmls`), checked against subnet
+//! policy.
+//!
+//! [`GroupManager`] is sans-IO: bytes in ([`GroupManager::handle_message`]), bytes out
+//! ([`GroupManager::poll_outgoing`], each with the members it must reach), events out
+//! ([`GroupManager::poll_event`]), timers by [`GroupManager::poll_timeout`] /
+//! [`GroupManager::handle_timeout`] with the caller's clock (unix milliseconds). The
+//! bytes travel through [`crate::ClientCore::send_message`], fragmented, one copy per
+//! recipient; nothing here knows about packets.
+//!
+//! # Credentials
+//! A member's MLS credential is a `BasicCredential` whose identity is the admin-signed
+//! [`SignedCredential`] bytes, and its MLS signature key must be the credential's
+//! `signing_key`. Every member checks every other leaf — on a Welcome, after every
+//! commit, and on every application message — with its **own** subnet's policy
+//! ([`Policy::may_share_group`] / [`Policy::may_receive`]). A group that policy forbids
+//! is refused: a Welcome is not joined, and a commit bringing in a forbidden member
+//! makes this member drop the group ([`GroupEvent::Refused`]). A leaf that appears with
+//! a handle some other leaf already has (an admin minting a second credential for an
+//! existing person) is reported as [`GroupEvent::DuplicateHandle`], never merged
+//! silently into the known identity.
+//!
+//! # Concurrent commits: lowest hash wins, after a settle window
+//! Shoal has no delivery service to order commits, so two members may commit in the
+//! same epoch. The rule:
+//! 1. A commit (own or received) for the current epoch is not applied at once. It is
+//!    held, with the SHA-256 of its exact bytes, until `commit_settle_ms` after the
+//!    first commit for that epoch was seen.
+//! 2. At the deadline, the held commit with the **lowest hash** among those that
+//!    verify is applied by every member; the others are dropped. A member's own commit
+//!    that lost yields [`GroupEvent::OwnCommitLost`], and its author re-issues the
+//!    change in the next epoch. A Welcome is released only when its commit wins, so an
+//!    invitee never joins a losing branch.
+//! 3. Every application message carries, in its authenticated data, an 8-byte check of
+//!    the sender's epoch authenticator. A receiver whose authenticator for that epoch
+//!    differs reports [`GroupEvent::Diverged`] and delivers nothing. A commit for an
+//!    epoch already decided with a hash lower than the applied one means this member
+//!    decided too early (the settle window was shorter than the delivery spread); that
+//!    is reported as [`GroupEvent::Diverged`] too. So a fork is never silent.
+//!
+//! The settle window must exceed the spread of commit delivery times between members
+//! (mix delays plus mailbox pull interval); members offline for longer see every
+//! commit of the epoch in their mailbox at once and decide correctly.
+//!
+//! # Persistence
+//! [`GroupManager::snapshot`] serialises the openmls in-memory store (every group's
+//! state and keys) with this manager's own per-group state; [`GroupManager::restore`]
+//! loads it. The caller stores the bytes (e.g. in the client's redb store).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use serde::{Deserialize, Serialize};
+use sha2_0_11::{Digest, Sha256};
+use shoal_subnet::{MemberCredential, MessageOptions, Policy, PolicyRefusal, SignedCredential};
+
+use crate::Contact;
+
+const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+const EPOCH_CHECK_DOMAIN: &[u8] = b"shoal group epoch check";
+/// Epochs whose secrets are kept, so messages sent just before a commit still open.
+const MAX_PAST_EPOCHS: usize = 4;
+
+/// A group's id as carried on the wire.
+pub type GroupId = Vec<u8>;
+
+/// Settings for all groups of one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupConfig {
+    /// How long commits for one epoch are collected before the lowest hash is applied.
+    pub commit_settle_ms: u64,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            commit_settle_ms: 30_000,
+        }
+    }
+}
+
+/// Why a group operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    #[error("malformed {what}: {reason}")]
+    Malformed { what: &'static str, reason: String },
+    #[error("membership credential: {0}")]
+    Credential(#[from] shoal_subnet::SubnetError),
+    #[error("policy refuses {handle:?}: {refusal}")]
+    Policy {
+        handle: String,
+        refusal: PolicyRefusal,
+    },
+    #[error("MLS leaf key does not match the key in its membership credential")]
+    KeyMismatch,
+    #[error("no such group")]
+    UnknownGroup,
+    #[error("no member {0:?} in this group")]
+    UnknownMember(String),
+    #[error("a commit of this member is already waiting to settle")]
+    CommitPending,
+    #[error("group state diverged from the sender's (epoch {epoch})")]
+    Diverged { epoch: u64 },
+    #[error("MLS: {0}")]
+    Mls(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn mls<E: std::fmt::Debug>(e: E) -> GroupError {
+    GroupError::Mls(format!("{e:?}"))
+}
+
+/// A member as this client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub leaf: u32,
+    pub credential: MemberCredential,
+}
+
+impl MemberInfo {
+    /// Where to send this member's copy of group traffic.
+    pub fn contact(&self) -> Contact {
+        contact_of(&self.credential)
+    }
+}
+
+/// The [`Contact`] a credential names.
+pub fn contact_of(cred: &MemberCredential) -> Contact {
+    let b = cred.body();
+    Contact {
+        mailbox: b.mailbox.0,
+        gateway: b.gateway.0,
+        public_key: b.seal_key.0,
+    }
+}
+
+/// Bytes to send, and to whom.
+#[derive(Debug, Clone)]
+pub struct GroupOutgoing {
+    pub group: GroupId,
+    pub kind: OutgoingKind,
+    pub bytes: Vec<u8>,
+    /// Each gets one copy via `ClientCore::send_message`.
+    pub recipients: Vec<MemberCredential>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutgoingKind {
+    Application,
+    Commit,
+    Welcome,
+    Proposal,
+}
+
+/// What happened, for the application.
+// Events are few (one per message or epoch) and moved once, so boxing the credential
+// variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GroupEvent {
+    Joined {
+        group: GroupId,
+    },
+    Message {
+        group: GroupId,
+        from: MemberCredential,
+        options: MessageOptions,
+        body: Vec<u8>,
+    },
+    /// The group moved to a new epoch (a commit was applied).
+    EpochChanged {
+        group: GroupId,
+        epoch: u64,
+    },
+    MemberAdded {
+        group: GroupId,
+        member: MemberInfo,
+    },
+    MemberRemoved {
+        group: GroupId,
+        member: MemberInfo,
+    },
+    /// A leaf's signature key changed (its credential was replaced).
+    KeyChanged {
+        group: GroupId,
+        member: MemberInfo,
+    },
+    /// A new leaf claims a handle (of a subnet) that another leaf already holds, with a
+    /// different key: a second device, or an admin impersonating the person.
+    DuplicateHandle {
+        group: GroupId,
+        existing: MemberInfo,
+        new: MemberInfo,
+    },
+    /// This member's commit lost to a concurrent one; re-issue the change.
+    OwnCommitLost {
+        group: GroupId,
+        epoch: u64,
+    },
+    /// This member's state no longer matches another member's (see module docs).
+    Diverged {
+        group: GroupId,
+        epoch: u64,
+    },
+    /// Policy forbids this group (or a commit made it so); it was dropped.
+    Refused {
+        group: GroupId,
+        handle: String,
+        refusal: PolicyRefusal,
+    },
+    /// This member was removed from the group, or left.
+    Removed {
+        group: GroupId,
+    },
+    /// A message dropped because policy refuses its sender or options, counted.
+    PolicyDrop {
+        group: GroupId,
+        handle: String,
+        refusal: PolicyRefusal,
+    },
+}
+
+/// Counters (for metrics and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStats {
+    pub policy_drops: u64,
+    pub commits_applied: u64,
+    pub commits_lost: u64,
+    pub stale_commits: u64,
+    pub divergences: u64,
+    pub malformed: u64,
+}
+
+/// A commit waiting for its epoch to settle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct HeldCommit {
+    hash: [u8; 32],
+    bytes: Vec<u8>,
+    own: bool,
+    /// The Welcome to release if this (own) commit wins.
+    welcome: Option<Vec<u8>>,
+    /// Members to send the Welcome to.
+    invitees: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct GroupMeta {
+    held: Vec<HeldCommit>,
+    settle_at: Option<u64>,
+    /// Hash of the commit applied to leave each recent epoch.
+    applied: BTreeMap<u64, [u8; 32]>,
+    /// Epoch check of recent epochs.
+    checks: BTreeMap<u64, [u8; 8]>,
+    /// Leaf index → credential bytes, as last validated.
+    known: BTreeMap<u32, Vec<u8>>,
+}
+
+/// All MLS groups of one member.
+pub struct GroupManager {
+    provider: OpenMlsRustCrypto,
+    signer: SignatureKeyPair,
+    signing_secret: [u8; 32],
+    me: MemberCredential,
+    policy: Policy,
+    config: GroupConfig,
+    groups: BTreeMap<GroupId, (MlsGroup, GroupMeta)>,
+    events: VecDeque<GroupEvent>,
+    outgoing: VecDeque<GroupOutgoing>,
+    stats: GroupStats,
+}
+
+impl std::fmt::Debug for GroupManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupManager")
+            .field("groups", &self.groups.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    signing_secret: Vec<u8>,
+    credential: Vec<u8>,
+    policy: Vec<u8>,
+    config: GroupConfig,
+    store: Vec<(Vec<u8>, Vec<u8>)>,
+    groups: Vec<(GroupId, GroupMeta)>,
+    stats: GroupStats,
+}
+
+fn epoch_check(ea: &[u8]) -> [u8; 8] {
+    let mut h = Sha256::new();
+    h.update(EPOCH_CHECK_DOMAIN);
+    h.update(ea);
+    let d = h.finalize();
+    let mut out = [0; 8];
+    out.copy_from_slice(&d[..8]);
+    out
+}
+
+fn hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn ser(msg: &MlsMessageOut) -> Result<Vec<u8>, GroupError> {
+    msg.tls_serialize_detached()
+        .map_err(|e| GroupError::Internal(format!("serialize: {e:?}")))
+}
+
+fn encode_app(opts: &MessageOptions, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + body.len());
+    out.extend_from_slice(&opts.ttl_secs.to_be_bytes());
+    out.push(u8::from(opts.burn_on_read));
+    out.extend_from_slice(body);
+    out
+}
+
+fn decode_app(bytes: &[u8]) -> Option<(MessageOptions, Vec<u8>)> {
+    if bytes.len() < 9 {
+        return None;
+    }
+    let ttl = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+    let burn = match bytes[8] {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    Some((
+        MessageOptions {
+            ttl_secs: ttl,
+            burn_on_read: burn,
+        },
+        bytes[9..].to_vec(),
+    ))
+}
+
+impl GroupManager {
+    /// `signing_secret` is the Ed25519 secret whose public key `credential` names.
+    pub fn new(
+        signing_secret: [u8; 32],
+        credential: &SignedCredential,
+        policy: Policy,
+        config: GroupConfig,
+        now_ms: u64,
+    ) -> Result<Self, GroupError> {
+        let me = MemberCredential::verify(&credential.to_bytes(), now_ms / 1000)?;
+        let public = ed25519_dalek::SigningKey::from_bytes(&signing_secret)
+            .verifying_key()
+            .to_bytes();
+        if public != me.signing_key() {
+            return Err(GroupError::KeyMismatch);
+        }
+        let signer = SignatureKeyPair::from_raw(
+            CIPHERSUITE.signature_algorithm(),
+            signing_secret.to_vec(),
+            public.to_vec(),
+        );
+        Ok(GroupManager {
+            provider: OpenMlsRustCrypto::default(),
+            signer,
+            signing_secret,
+            me,
+            policy,
+            config,
+            groups: BTreeMap::new(),
+            events: VecDeque::new(),
+            outgoing: VecDeque::new(),
+            stats: GroupStats::default(),
+        })
+    }
+
+    pub fn credential(&self) -> &MemberCredential {
+        &self.me
+    }
+    pub fn stats(&self) -> GroupStats {
+        self.stats
+    }
+    /// Replaces the policy with a newer one of the same subnet.
+    pub fn update_policy(&mut self, newer: Policy) -> Result<(), GroupError> {
+        Ok(self.policy.update(newer)?)
+    }
+
+    fn credential_with_key(&self) -> CredentialWithKey {
+        CredentialWithKey {
+            credential: BasicCredential::new(self.me.to_bytes()).into(),
+            signature_key: self.signer.public().into(),
+        }
+    }
+
+    /// A fresh KeyPackage carrying this member's credential: the group half of an
+    /// invite (the other half is the contact card). Single use.
+    pub fn key_package(&mut self) -> Result<Vec<u8>, GroupError> {
+        let bundle = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &self.provider,
+                &self.signer,
+                self.credential_with_key(),
+            )
+            .map_err(mls)?;
+        bundle
+            .key_package()
+            .tls_serialize_detached()
+            .map_err(|e| GroupError::Internal(format!("{e:?}")))
+    }
+
+    /// Checks one leaf: credential signature, key binding, own policy at `now_ms`.
+    fn check_leaf(
+        &self,
+        credential: &Credential,
+        signature_key: &[u8],
+        now_ms: u64,
+    ) -> Result<MemberCredential, GroupError> {
+        let basic =
+            BasicCredential::try_from(credential.clone()).map_err(|e| GroupError::Malformed {
+                what: "MLS credential",
+                reason: format!("{e:?}"),
+            })?;
+        let cred = shoal_subnet::UncheckedCredential::parse(basic.identity())?
+            .check_signature()?
+            .ignore_validity();
+        if cred.signing_key().as_slice() != signature_key {
+            return Err(GroupError::KeyMismatch);
+        }
+        if cred.signing_key() != self.me.signing_key() {
+            self.policy
+                .may_share_group(&self.me, &cred, now_ms / 1000)
+                .map_err(|refusal| GroupError::Policy {
+                    handle: cred.handle().into(),
+                    refusal,
+                })?;
+        }
+        Ok(cred)
+    }
+
+    fn join_config() -> MlsGroupJoinConfig {
+        MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build()
+    }
+
+    /// Creates a group with only this member.
+    pub fn create_group(&mut self, now_ms: u64) -> Result<GroupId, GroupError> {
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .build();
+        let group = MlsGroup::new(
+            &self.provider,
+            &self.signer,
+            &config,
+            self.credential_with_key(),
+        )
+        .map_err(mls)?;
+        let id = group.group_id().as_slice().to_vec();
+        let mut meta = GroupMeta::default();
+        meta.known
+            .insert(group.own_leaf_index().u32(), self.me.to_bytes());
+        self.groups.insert(id.clone(), (group, meta));
+        self.after_epoch_change(&id, now_ms);
+        Ok(id)
+    }
+
+    pub fn group_ids(&self) -> Vec<GroupId> {
+        self.groups.keys().cloned().collect()
+    }
+
+    pub fn epoch(&self, group: &[u8]) -> Option<u64> {
+        self.groups.get(group).map(|(g, _)| g.epoch().as_u64())
+    }
+
+    pub fn epoch_authenticator(&self, group: &[u8]) -> Option<Vec<u8>> {
+        self.groups
+            .get(group)
+            .map(|(g, _)| g.epoch_authenticator().as_slice().to_vec())
+    }
+
+    /// Current members, as their credentials (unchecked for expiry).
+    pub fn members(&self, group: &[u8]) -> Vec<MemberInfo> {
+        let Some((g, _)) = self.groups.get(group) else {
+            return Vec::new();
+        };
+        g.members()
+            .filter_map(|m| {
+                let basic = BasicCredential::try_from(m.credential).ok()?;
+                let cred = shoal_subnet::UncheckedCredential::parse(basic.identity())
+                    .ok()?
+                    .check_signature()
+                    .ok()?
+                    .ignore_validity();
+                Some(MemberInfo {
+                    leaf: m.index.u32(),
+                    credential: cred,
+                })
+            })
+            .collect()
+    }
+
+    fn others(&self, group: &[u8]) -> Vec<MemberCredential> {
+        let me = self.me.signing_key();
+        self.members(group)
+            .into_iter()
+            .filter(|m| m.credential.signing_key() != me)
+            .map(|m| m.credential)
+            .collect()
+    }
+
+    fn own_commit_held(&self, group: &[u8]) -> bool {
+        self.groups
+            .get(group)
+            .is_some_and(|(_, m)| m.held.iter().any(|h| h.own))
+    }
+
+    /// Holds an own commit (just created, pending in openmls) until the epoch settles.
+    fn hold_own_commit(
+        &mut self,
+        group: &[u8],
+        commit: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+        invitees: Vec<Vec<u8>>,
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        let recipients = self.others(group);
+        let settle = self.config.commit_settle_ms;
+        let (_, meta) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        meta.held.push(HeldCommit {
+            hash: hash(&commit),
+            bytes: commit.clone(),
+            own: true,
+            welcome,
+            invitees,
+        });
+        meta.settle_at.get_or_insert(now_ms + settle);
+        self.outgoing.push_back(GroupOutgoing {
+            group: group.to_vec(),
+            kind: OutgoingKind::Commit,
+            bytes: commit,
+            recipients,
+        });
+        Ok(())
+    }
+
+    /// Invites the owners of `key_packages` (from their invites), in one commit. The
+    /// commit goes out at once; the Welcome only once the commit has won its epoch.
+    pub fn add_members(
+        &mut self,
+        group: &[u8],
+        key_packages: &[&[u8]],
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        if self.own_commit_held(group) {
+            return Err(GroupError::CommitPending);
+        }
+        let mut kps = Vec::with_capacity(key_packages.len());
+        let mut invitees = Vec::with_capacity(key_packages.len());
+        for bytes in key_packages {
+            let kp = KeyPackageIn::tls_deserialize_exact(bytes)
+                .map_err(|e| GroupError::Malformed {
+                    what: "key package",
+                    reason: format!("{e:?}"),
+                })?
+                .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(mls)?;
+            let leaf = kp.leaf_node();
+            let cred =
+                self.check_leaf(leaf.credential(), leaf.signature_key().as_slice(), now_ms)?;
+            invitees.push(cred.to_bytes());
+            kps.push(kp);
+        }
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        let (commit, welcome, _) = g
+            .add_members(&self.provider, &self.signer, &kps)
+            .map_err(mls)?;
+        let (commit, welcome) = (ser(&commit)?, ser(&welcome)?);
+        self.hold_own_commit(group, commit, Some(welcome), invitees, now_ms)
+    }
+
+    /// Invites one member; see [`Self::add_members`].
+    pub fn add_member(
+        &mut self,
+        group: &[u8],
+        key_package: &[u8],
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        self.add_members(group, &[key_package], now_ms)
+    }
+
+    fn leaf_of(&self, group: &[u8], handle: &str) -> Result<LeafNodeIndex, GroupError> {
+        self.members(group)
+            .into_iter()
+            .find(|m| {
+                m.credential.handle() == handle
+                    && m.credential.signing_key() != self.me.signing_key()
+            })
+            .map(|m| LeafNodeIndex::new(m.leaf))
+            .ok_or_else(|| GroupError::UnknownMember(handle.into()))
+    }
+
+    /// Removes the leaves at `leaves`.
+    pub fn remove_leaves(
+        &mut self,
+        group: &[u8],
+        leaves: &[u32],
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        if self.own_commit_held(group) {
+            return Err(GroupError::CommitPending);
+        }
+        let leaves: Vec<_> = leaves.iter().map(|l| LeafNodeIndex::new(*l)).collect();
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        let provider = &self.provider;
+        let (commit, _, _) = g
+            .remove_members(provider, &self.signer, &leaves)
+            .map_err(mls)?;
+        let commit = ser(&commit)?;
+        self.hold_own_commit(group, commit, None, Vec::new(), now_ms)
+    }
+
+    /// Removes the member with `handle` (every leaf but this member's own is looked at).
+    pub fn remove_member(
+        &mut self,
+        group: &[u8],
+        handle: &str,
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        let leaf = self.leaf_of(group, handle)?;
+        self.remove_leaves(group, &[leaf.u32()], now_ms)
+    }
+
+    /// Members this member's policy now refuses (revoked, expired, no longer
+    /// federated): the leaves to remove at the next commit.
+    pub fn refused_members(&self, group: &[u8], now_ms: u64) -> Vec<MemberInfo> {
+        let me = self.me.signing_key();
+        self.members(group)
+            .into_iter()
+            .filter(|m| {
+                m.credential.signing_key() != me
+                    && self
+                        .policy
+                        .may_share_group(&self.me, &m.credential, now_ms / 1000)
+                        .is_err()
+            })
+            .collect()
+    }
+
+    /// Commits the removal of every member policy now refuses; `Ok(false)` if none.
+    pub fn remove_refused(&mut self, group: &[u8], now_ms: u64) -> Result<bool, GroupError> {
+        let leaves: Vec<u32> = self
+            .refused_members(group, now_ms)
+            .iter()
+            .map(|m| m.leaf)
+            .collect();
+        if leaves.is_empty() {
+            return Ok(false);
+        }
+        self.remove_leaves(group, &leaves, now_ms)?;
+        Ok(true)
+    }
+
+    /// Fresh leaf keys for post-compromise security.
+    pub fn self_update(&mut self, group: &[u8], now_ms: u64) -> Result<(), GroupError> {
+        if self.own_commit_held(group) {
+            return Err(GroupError::CommitPending);
+        }
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        let provider = &self.provider;
+        let bundle = g
+            .self_update(provider, &self.signer, LeafNodeParameters::default())
+            .map_err(mls)?;
+        let commit = ser(bundle.commit())?;
+        self.hold_own_commit(group, commit, None, Vec::new(), now_ms)
+    }
+
+    /// Asks to leave: sends a remove proposal that the next commit by any other member
+    /// carries out ([`GroupEvent::Removed`] follows then).
+    pub fn leave(&mut self, group: &[u8]) -> Result<(), GroupError> {
+        let recipients = self.others(group);
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        let provider = &self.provider;
+        let proposal = g.leave_group(provider, &self.signer).map_err(mls)?;
+        let bytes = ser(&proposal)?;
+        self.outgoing.push_back(GroupOutgoing {
+            group: group.to_vec(),
+            kind: OutgoingKind::Proposal,
+            bytes,
+            recipients,
+        });
+        Ok(())
+    }
+
+    /// Commits pending proposals (e.g. someone's leave request).
+    pub fn commit_pending(&mut self, group: &[u8], now_ms: u64) -> Result<bool, GroupError> {
+        if self.own_commit_held(group) {
+            return Err(GroupError::CommitPending);
+        }
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        if g.pending_proposals().next().is_none() {
+            return Ok(false);
+        }
+        let provider = &self.provider;
+        let (commit, _, _) = g
+            .commit_to_pending_proposals(provider, &self.signer)
+            .map_err(mls)?;
+        let commit = ser(&commit)?;
+        self.hold_own_commit(group, commit, None, Vec::new(), now_ms)?;
+        Ok(true)
+    }
+
+    /// Encrypts `body` to the group, after checking policy for every recipient.
+    pub fn send(
+        &mut self,
+        group: &[u8],
+        options: MessageOptions,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        self.policy
+            .check_options(&options)
+            .map_err(|refusal| GroupError::Policy {
+                handle: self.me.handle().into(),
+                refusal,
+            })?;
+        let recipients = self.others(group);
+        for r in &recipients {
+            self.policy
+                .may_send(&self.me, r, now_ms / 1000)
+                .map_err(|refusal| GroupError::Policy {
+                    handle: r.handle().into(),
+                    refusal,
+                })?;
+        }
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        g.set_aad(epoch_check(g.epoch_authenticator().as_slice()).to_vec());
+        let provider = &self.provider;
+        let msg = g
+            .create_message(provider, &self.signer, &encode_app(&options, body))
+            .map_err(mls)?;
+        let bytes = ser(&msg)?;
+        self.outgoing.push_back(GroupOutgoing {
+            group: group.to_vec(),
+            kind: OutgoingKind::Application,
+            bytes,
+            recipients,
+        });
+        Ok(())
+    }
+
+    /// Takes any group bytes that arrived (Welcome, commit, proposal, application).
+    pub fn handle_message(&mut self, bytes: &[u8], now_ms: u64) -> Result<(), GroupError> {
+        let msg = MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| {
+            self.stats.malformed += 1;
+            GroupError::Malformed {
+                what: "MLS message",
+                reason: format!("{e:?}"),
+            }
+        })?;
+        match msg.extract() {
+            MlsMessageBodyIn::Welcome(w) => self.handle_welcome(w, now_ms),
+            MlsMessageBodyIn::PrivateMessage(m) => {
+                // The epoch check is in the clear, so a divergent state is reported
+                // before (and instead of) a decryption failure.
+                if m.content_type() == ContentType::Application {
+                    let id = m.group_id().as_slice().to_vec();
+                    let epoch = m.epoch().as_u64();
+                    let expected = self
+                        .groups
+                        .get(&id)
+                        .and_then(|(_, meta)| meta.checks.get(&epoch));
+                    if expected.is_some_and(|c| c.as_slice() != m.aad()) {
+                        self.stats.divergences += 1;
+                        self.events
+                            .push_back(GroupEvent::Diverged { group: id, epoch });
+                        return Err(GroupError::Diverged { epoch });
+                    }
+                }
+                self.handle_protocol(m.into(), bytes, now_ms)
+            }
+            MlsMessageBodyIn::PublicMessage(m) => self.handle_protocol(m.into(), bytes, now_ms),
+            _ => {
+                self.stats.malformed += 1;
+                Err(GroupError::Malformed {
+                    what: "MLS message",
+                    reason: "not a Welcome or group message".into(),
+                })
+            }
+        }
+    }
+
+    fn handle_welcome(&mut self, welcome: Welcome, now_ms: u64) -> Result<(), GroupError> {
+        let staged =
+            StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None)
+                .map_err(mls)?;
+        let mut known = BTreeMap::new();
+        for m in staged.members() {
+            match self.check_leaf(&m.credential, &m.signature_key, now_ms) {
+                Ok(c) => {
+                    known.insert(m.index.u32(), c.to_bytes());
+                }
+                Err(GroupError::Policy { handle, refusal }) => {
+                    let group = staged.group_context().group_id().as_slice().to_vec();
+                    self.events.push_back(GroupEvent::Refused {
+                        group,
+                        handle: handle.clone(),
+                        refusal: refusal.clone(),
+                    });
+                    return Err(GroupError::Policy { handle, refusal });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let group = staged.into_group(&self.provider).map_err(mls)?;
+        let id = group.group_id().as_slice().to_vec();
+        let meta = GroupMeta {
+            known,
+            ..GroupMeta::default()
+        };
+        self.groups.insert(id.clone(), (group, meta));
+        self.events
+            .push_back(GroupEvent::Joined { group: id.clone() });
+        self.after_epoch_change(&id, now_ms);
+        Ok(())
+    }
+
+    fn handle_protocol(
+        &mut self,
+        msg: ProtocolMessage,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        let id = msg.group_id().as_slice().to_vec();
+        let epoch = msg.epoch().as_u64();
+        let settle = self.config.commit_settle_ms;
+        let (g, meta) = self.groups.get_mut(&id).ok_or(GroupError::UnknownGroup)?;
+        let current = g.epoch().as_u64();
+        if msg.content_type() == ContentType::Commit {
+            let h = hash(bytes);
+            if epoch < current {
+                // A commit for an epoch already decided.
+                if meta.applied.get(&epoch).is_some_and(|applied| h < *applied) {
+                    self.stats.divergences += 1;
+                    self.events
+                        .push_back(GroupEvent::Diverged { group: id, epoch });
+                } else {
+                    self.stats.stale_commits += 1;
+                }
+                return Ok(());
+            }
+            if epoch > current {
+                // From a branch this member has not seen: it missed a commit.
+                self.stats.divergences += 1;
+                self.events
+                    .push_back(GroupEvent::Diverged { group: id, epoch });
+                return Err(GroupError::Diverged { epoch });
+            }
+            if !meta.held.iter().any(|c| c.hash == h) {
+                meta.held.push(HeldCommit {
+                    hash: h,
+                    bytes: bytes.to_vec(),
+                    own: false,
+                    welcome: None,
+                    invitees: Vec::new(),
+                });
+            }
+            meta.settle_at.get_or_insert(now_ms + settle);
+            return Ok(());
+        }
+        // Application messages and proposals.
+        let processed = g.process_message(&self.provider, msg).map_err(|e| {
+            if epoch == current {
+                GroupError::Mls(format!("{e:?}"))
+            } else {
+                GroupError::Mls(format!("epoch {epoch} (at {current}): {e:?}"))
+            }
+        })?;
+        let sender_leaf = match processed.sender() {
+            Sender::Member(l) => Some(*l),
+            _ => None,
+        };
+        let aad = processed.aad().to_vec();
+        let cred = processed.credential().clone();
+        let sig_key = sender_leaf
+            .and_then(|l| g.member_at(l))
+            .map(|m| m.signature_key)
+            .unwrap_or_default();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                if let Some(expected) = meta.checks.get(&epoch)
+                    && aad.as_slice() != expected.as_slice()
+                {
+                    self.stats.divergences += 1;
+                    self.events
+                        .push_back(GroupEvent::Diverged { group: id, epoch });
+                    return Err(GroupError::Diverged { epoch });
+                }
+                let from = match self.check_leaf(&cred, &sig_key, now_ms) {
+                    Ok(c) => c,
+                    Err(GroupError::Policy { handle, refusal }) => {
+                        self.policy_drop(id, handle, refusal);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
+                let from_check = self.policy.may_receive(&self.me, &from, now_ms / 1000);
+                let Some((options, body)) = decode_app(&app.into_bytes()) else {
+                    self.stats.malformed += 1;
+                    return Err(GroupError::Malformed {
+                        what: "group message body",
+                        reason: "short or bad options".into(),
+                    });
+                };
+                if let Err(refusal) = from_check.and_then(|()| self.policy.check_options(&options))
+                {
+                    self.policy_drop(id, from.handle().into(), refusal);
+                    return Ok(());
+                }
+                self.events.push_back(GroupEvent::Message {
+                    group: id,
+                    from,
+                    options,
+                    body,
+                });
+            }
+            ProcessedMessageContent::ProposalMessage(p) => {
+                // Only self-removal (leave) requests are taken from others.
+                if let Proposal::Remove(r) = p.proposal()
+                    && Some(r.removed()) == sender_leaf
+                {
+                    g.store_pending_proposal(self.provider.storage(), *p)
+                        .map_err(mls)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn policy_drop(&mut self, group: GroupId, handle: String, refusal: PolicyRefusal) {
+        self.stats.policy_drops += 1;
+        self.events.push_back(GroupEvent::PolicyDrop {
+            group,
+            handle,
+            refusal,
+        });
+    }
+
+    /// The next instant `handle_timeout` must be called at, if any.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.groups.values().filter_map(|(_, m)| m.settle_at).min()
+    }
+
+    /// Applies the winning commit of every group whose settle window has passed.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let due: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, (_, m))| m.settle_at.is_some_and(|t| t <= now_ms))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.settle(&id, now_ms);
+        }
+    }
+
+    fn settle(&mut self, id: &[u8], now_ms: u64) {
+        let Some((g, meta)) = self.groups.get_mut(id) else {
+            return;
+        };
+        let epoch = g.epoch().as_u64();
+        let mut held = std::mem::take(&mut meta.held);
+        meta.settle_at = None;
+        held.sort_by_key(|c| c.hash);
+        let had_own = held.iter().any(|c| c.own);
+        // The lowest hash that verifies wins; verification is the same for every member.
+        let mut winner = None;
+        for c in held {
+            if c.own {
+                winner = Some(c);
+                break;
+            }
+            if g.pending_commit().is_some() {
+                // Our own (higher-hash) commit must go before another can be staged.
+                if g.clear_pending_commit(self.provider.storage()).is_err() {
+                    continue;
+                }
+            }
+            let Ok(msg) = MlsMessageIn::tls_deserialize_exact(&c.bytes) else {
+                continue;
+            };
+            let Ok(pm) = msg.try_into_protocol_message() else {
+                continue;
+            };
+            match g.process_message(&self.provider, pm) {
+                Ok(p) => {
+                    if let ProcessedMessageContent::StagedCommitMessage(staged) = p.into_content() {
+                        winner = Some(c);
+                        let hash = winner.as_ref().map(|c| c.hash).unwrap_or_default();
+                        if g.merge_staged_commit(&self.provider, *staged).is_err() {
+                            return;
+                        }
+                        meta.applied.insert(epoch, hash);
+                        break;
+                    }
+                }
+                Err(_) => self.stats.malformed += 1,
+            }
+        }
+        let Some(w) = winner else {
+            return;
+        };
+        if w.own {
+            if g.merge_pending_commit(&self.provider).is_err() {
+                return;
+            }
+            meta.applied.insert(epoch, w.hash);
+            if let Some(welcome) = w.welcome {
+                let recipients = w
+                    .invitees
+                    .iter()
+                    .filter_map(|b| {
+                        shoal_subnet::UncheckedCredential::parse(b)
+                            .ok()?
+                            .check_signature()
+                            .ok()
+                            .map(|c| c.ignore_validity())
+                    })
+                    .collect();
+                self.outgoing.push_back(GroupOutgoing {
+                    group: id.to_vec(),
+                    kind: OutgoingKind::Welcome,
+                    bytes: welcome,
+                    recipients,
+                });
+            }
+        } else if had_own {
+            self.stats.commits_lost += 1;
+            self.events.push_back(GroupEvent::OwnCommitLost {
+                group: id.to_vec(),
+                epoch,
+            });
+        }
+        while meta.applied.len() > MAX_PAST_EPOCHS {
+            meta.applied.pop_first();
+        }
+        self.stats.commits_applied += 1;
+        self.after_epoch_change(id, now_ms);
+    }
+
+    /// After any epoch change: record the epoch check, diff and validate the members.
+    fn after_epoch_change(&mut self, id: &[u8], now_ms: u64) {
+        let Some((g, meta)) = self.groups.get_mut(id) else {
+            return;
+        };
+        if !g.is_active() {
+            let _ = g.delete(self.provider.storage());
+            self.groups.remove(id);
+            self.events
+                .push_back(GroupEvent::Removed { group: id.to_vec() });
+            return;
+        }
+        let epoch = g.epoch().as_u64();
+        meta.checks
+            .insert(epoch, epoch_check(g.epoch_authenticator().as_slice()));
+        while meta.checks.len() > MAX_PAST_EPOCHS + 1 {
+            meta.checks.pop_first();
+        }
+        let old = std::mem::take(&mut meta.known);
+        let leaves: Vec<(u32, Credential, Vec<u8>)> = g
+            .members()
+            .map(|m| (m.index.u32(), m.credential, m.signature_key))
+            .collect();
+        let group = id.to_vec();
+        self.events.push_back(GroupEvent::EpochChanged {
+            group: group.clone(),
+            epoch,
+        });
+        let mut known = BTreeMap::new();
+        let mut refused = None;
+        let mut infos = Vec::new();
+        for (leaf, cred, key) in leaves {
+            match self.check_leaf(&cred, &key, now_ms) {
+                Ok(c) => {
+                    known.insert(leaf, c.to_bytes());
+                    infos.push(MemberInfo {
+                        leaf,
+                        credential: c,
+                    });
+                }
+                Err(GroupError::Policy { handle, refusal }) => {
+                    refused.get_or_insert((handle, refusal));
+                }
+                Err(e) => {
+                    refused.get_or_insert((
+                        format!("leaf {leaf}"),
+                        PolicyRefusal::UnknownRole {
+                            role: e.to_string(),
+                        },
+                    ));
+                }
+            }
+        }
+        let parse = |b: &Vec<u8>| {
+            shoal_subnet::UncheckedCredential::parse(b)
+                .ok()
+                .map(|c| c.dangerously_assume_signed().ignore_validity())
+        };
+        for (leaf, bytes) in &old {
+            if !known.contains_key(leaf)
+                && let Some(c) = parse(bytes)
+            {
+                self.events.push_back(GroupEvent::MemberRemoved {
+                    group: group.clone(),
+                    member: MemberInfo {
+                        leaf: *leaf,
+                        credential: c,
+                    },
+                });
+            }
+        }
+        for m in &infos {
+            match old.get(&m.leaf) {
+                Some(b) if *b == m.credential.to_bytes() => {}
+                Some(_) => self.events.push_back(GroupEvent::KeyChanged {
+                    group: group.clone(),
+                    member: m.clone(),
+                }),
+                None if !old.is_empty() || m.credential.signing_key() != self.me.signing_key() => {
+                    if let Some(existing) = infos.iter().find(|o| {
+                        o.leaf != m.leaf
+                            && o.credential.handle() == m.credential.handle()
+                            && o.credential.subnet() == m.credential.subnet()
+                    }) {
+                        self.events.push_back(GroupEvent::DuplicateHandle {
+                            group: group.clone(),
+                            existing: existing.clone(),
+                            new: m.clone(),
+                        });
+                    }
+                    self.events.push_back(GroupEvent::MemberAdded {
+                        group: group.clone(),
+                        member: m.clone(),
+                    });
+                }
+                None => {}
+            }
+        }
+        if let Some((handle, refusal)) = refused {
+            // Policy forbids the group as it now is: drop it, loudly.
+            if let Some((g, _)) = self.groups.get_mut(id) {
+                let _ = g.delete(self.provider.storage());
+            }
+            self.groups.remove(id);
+            self.events.push_back(GroupEvent::Refused {
+                group,
+                handle,
+                refusal,
+            });
+            return;
+        }
+        if let Some((_, meta)) = self.groups.get_mut(id) {
+            meta.known = known;
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<GroupEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_outgoing(&mut self) -> Option<GroupOutgoing> {
+        self.outgoing.pop_front()
+    }
+
+    /// Everything needed to continue after a restart, including secret keys: store it
+    /// encrypted at rest.
+    pub fn snapshot(&self) -> Result<Vec<u8>, GroupError> {
+        let store = self
+            .provider
+            .storage()
+            .values
+            .read()
+            .map_err(|_| GroupError::Internal("store lock poisoned".into()))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let snap = Snapshot {
+            signing_secret: self.signing_secret.to_vec(),
+            credential: self.me.to_bytes(),
+            policy: self.policy.signed().to_bytes(),
+            config: self.config,
+            store,
+            groups: self
+                .groups
+                .iter()
+                .map(|(id, (_, m))| (id.clone(), m.clone()))
+                .collect(),
+            stats: self.stats,
+        };
+        serde_json::to_vec(&snap).map_err(|e| GroupError::Internal(e.to_string()))
+    }
+
+    /// Loads a [`Self::snapshot`].
+    pub fn restore(bytes: &[u8], now_ms: u64) -> Result<Self, GroupError> {
+        let bad = |reason: String| GroupError::Malformed {
+            what: "group snapshot",
+            reason,
+        };
+        let snap: Snapshot = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        let secret: [u8; 32] = snap
+            .signing_secret
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad("signing secret length".into()))?;
+        let unchecked = shoal_subnet::UncheckedCredential::parse(&snap.credential)?;
+        let subnet = unchecked.claimed_subnet();
+        let policy = Policy::verify(&snap.policy, &subnet)?;
+        let me = unchecked.check_signature()?.ignore_validity();
+        let signer = SignatureKeyPair::from_raw(
+            CIPHERSUITE.signature_algorithm(),
+            secret.to_vec(),
+            me.signing_key().to_vec(),
+        );
+        let provider = OpenMlsRustCrypto::default();
+        {
+            let mut values = provider
+                .storage()
+                .values
+                .write()
+                .map_err(|_| GroupError::Internal("store lock poisoned".into()))?;
+            values.extend(snap.store);
+        }
+        let mut groups = BTreeMap::new();
+        for (id, meta) in snap.groups {
+            let g = MlsGroup::load(
+                provider.storage(),
+                &openmls::group::GroupId::from_slice(&id),
+            )
+            .map_err(mls)?
+            .ok_or_else(|| bad("group missing from store".into()))?;
+            groups.insert(id, (g, meta));
+        }
+        let _ = now_ms;
+        Ok(GroupManager {
+            provider,
+            signer,
+            signing_secret: secret,
+            me,
+            policy,
+            config: snap.config,
+            groups,
+            events: VecDeque::new(),
+            outgoing: VecDeque::new(),
+            stats: snap.stats,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

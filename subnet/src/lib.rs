@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+
+pub mod command;
+pub mod credential;
+pub mod policy;
+
+mod envelope;
+mod error;
+
+pub use command::{
+    AccountAction, AdminCommand, CommandBody, CommandGuard, SignedCheckedCommand, SignedCommand,
+    UncheckedCommand,
+};
+pub use credential::{
+    CredentialBody, MemberCredential, SignedCredential, UncheckedCredential, VerifiedCredential,
+};
+pub use envelope::SubnetAdmin;
+pub use error::{PolicyRefusal, SubnetError};
+pub use policy::{
+    BurnOnRead, Federation, MessageOptions, Policy, PolicyBody, RoleRule, SignedPolicy,
+    UncheckedPolicy,
+};
+
+/// A subnet is named by its admin's Ed25519 public key.
+pub type SubnetId = shoal_topology::Hex32;
