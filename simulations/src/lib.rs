@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod attacks;
 pub mod harness;
 pub mod model;
 

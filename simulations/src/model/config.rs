@@ -21,6 +21,12 @@ pub struct ModelConfig {
     pub metrics: MetricsSection,
     #[serde(default)]
     pub output: OutputSection,
+    /// Workload of the attacks (organisations, groups, on/offline).
+    #[serde(default)]
+    pub workload: crate::attacks::WorkloadSection,
+    /// Which attacks run, at which cover levels.
+    #[serde(default)]
+    pub attacks: crate::attacks::AttacksSection,
 }
 
 /// `[network]`: the stratified mix network.
