@@ -115,7 +115,9 @@ fn self_cpu_seconds() -> f64 {
 
 /// Builds `n` distinct packets routed `[relay, sink]` on all cores.
 fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) -> Vec<Bytes> {
-    let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1);
     let label = EpochSchedule::frame_label(topo.epoch());
     let per = n.div_ceil(threads);
     std::thread::scope(|s| {
@@ -153,7 +155,11 @@ fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) 
 }
 
 /// Sends `packets` at `rate` per second in 1 ms batches; returns how many were sent.
-async fn paced_send(sender: &mut FrameSender, packets: &mut [Bytes], rate: f64) -> anyhow::Result<u64> {
+async fn paced_send(
+    sender: &mut FrameSender,
+    packets: &mut [Bytes],
+    rate: f64,
+) -> anyhow::Result<u64> {
     let start = Instant::now();
     let mut sent = 0usize;
     while sent < packets.len() {
@@ -201,7 +207,11 @@ async fn wait_quiet(sink: &StandIn, expect: u64, timeout: Duration) -> u64 {
 }
 
 /// Runs the whole benchmark. `dir` holds the processes' configs and logs.
-pub async fn run(shoal: &Path, dir: &Path, opts: &RelayBenchOptions) -> anyhow::Result<RelayReport> {
+pub async fn run(
+    shoal: &Path,
+    dir: &Path,
+    opts: &RelayBenchOptions,
+) -> anyhow::Result<RelayReport> {
     let ceiling: Ceiling = tokio::task::spawn_blocking({
         let t = opts.ceiling_time;
         move || ceiling::measure(t)
@@ -236,13 +246,17 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &RelayBenchOptions) -> anyhow::
     let relay_hop = topo.hop(&relay_id, epoch)?;
     let sink_hop = topo.hop(&sink.id(), epoch)?;
     if !wait_relay_ready(net.relays[0].metrics_addr, Duration::from_secs(30)).await {
-        bail!("relay did not load the directory: {}", net.log_tail("relay0"));
+        bail!(
+            "relay did not load the directory: {}",
+            net.log_tail("relay0")
+        );
     }
 
     // Packets for every phase are built before any timed window.
     let sat_rate = ceiling.all_cores_unwraps_per_sec * 1.3;
     let sat_n = (sat_rate * opts.saturation.as_secs_f64()) as usize;
-    let mut sat = tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, sat_n, 1));
+    let mut sat =
+        tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, sat_n, 1));
 
     let relay_addr = net.relays[0].link_addr;
     let connect = |l: &StandIn| {
@@ -263,12 +277,16 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &RelayBenchOptions) -> anyhow::
     let t0 = Instant::now();
     let offered = paced_send(&mut sender, &mut sat, sat_rate).await?;
     let send_elapsed = t0.elapsed().as_secs_f64();
-    let arrived = wait_quiet(&sink, before_arrived + offered, Duration::from_secs(10)).await - before_arrived;
+    let arrived =
+        wait_quiet(&sink, before_arrived + offered, Duration::from_secs(10)).await - before_arrived;
     let elapsed = t0.elapsed().as_secs_f64() - 0.3;
     let relay_cpu = cpu_seconds_of(pid) - cpu0;
     let harness_cpu = self_cpu_seconds() - me0;
     let sat_text = metrics_text(net.relays[0].metrics_addr).await;
-    let overload = sum_metric(&sat_text, "shoal_relay_packets_dropped_total{reason=\"overload\"}") as u64;
+    let overload = sum_metric(
+        &sat_text,
+        "shoal_relay_packets_dropped_total{reason=\"overload\"}",
+    ) as u64;
     drop(sat);
     // Forwarding continues after the sender stops until the queues drain; the rate is
     // what arrived over the time it took.
@@ -279,24 +297,36 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &RelayBenchOptions) -> anyhow::
     net.relays[0].proc.kill();
     net.restart_relay(shoal, 0)?;
     if !wait_relay_ready(net.relays[0].metrics_addr, Duration::from_secs(30)).await {
-        bail!("restarted relay did not load the directory: {}", net.log_tail("relay0"));
+        bail!(
+            "restarted relay did not load the directory: {}",
+            net.log_tail("relay0")
+        );
     }
     let mut sender = connect(&loadgen).await?;
 
     let phase = |fraction: f64, seed: u64| {
         let rate = relay_rate * fraction;
         let n = (rate * opts.paced.as_secs_f64()) as usize;
-        (rate, tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, n, seed)))
+        (
+            rate,
+            tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, n, seed)),
+        )
     };
     let (rate50, mut p50) = phase(0.5, 2);
     let (rate80, mut p80) = phase(0.8, 3);
 
     let mut run_phase = async |rate: f64, packets: &mut Vec<Bytes>| -> anyhow::Result<LoadPhase> {
         let before = sink.received.frames.load(Ordering::Relaxed);
-        let dropped_before = sum_metric(&metrics_text(net.relays[0].metrics_addr).await, "shoal_relay_packets_dropped_total");
+        let dropped_before = sum_metric(
+            &metrics_text(net.relays[0].metrics_addr).await,
+            "shoal_relay_packets_dropped_total",
+        );
         let offered = paced_send(&mut sender, packets, rate).await?;
         let arrived = wait_quiet(&sink, before + offered, Duration::from_secs(10)).await - before;
-        let dropped = sum_metric(&metrics_text(net.relays[0].metrics_addr).await, "shoal_relay_packets_dropped_total") - dropped_before;
+        let dropped = sum_metric(
+            &metrics_text(net.relays[0].metrics_addr).await,
+            "shoal_relay_packets_dropped_total",
+        ) - dropped_before;
         Ok(LoadPhase {
             offered_per_sec: rate,
             offered,

@@ -760,7 +760,7 @@ impl ClientCore {
         Some((
             AckSlot {
                 surb: block.surb,
-                message: payload::ack_message(&ack_id),
+                message: payload::ack_message(&ack_id, EpochSchedule::frame_label(epoch)),
             },
             sum(&delays),
         ))

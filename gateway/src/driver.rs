@@ -25,7 +25,7 @@ use shoal_packet::frame::FRAME_VERSION;
 use shoal_packet::sphinx::{MailboxAddress, SurbId};
 use shoal_packet::{FRAME_SIZE, Frame, FrameKind};
 use shoal_relay::{Event, NodeHooks, Pipeline, RelayHandle, RelayStats};
-use shoal_topology::{EpochSchedule, Role, Topology};
+use shoal_topology::{Role, Topology};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, trace, warn};
@@ -465,7 +465,8 @@ impl MailboxTask {
         current: Option<&Topology>,
         documents: &[Arc<Topology>],
     ) -> Result<(), AckDrop> {
-        let current = current.ok_or(AckDrop::NoDirectory)?;
+        current.ok_or(AckDrop::NoDirectory)?;
+        let label = ack.key_epoch_label();
         let packet = ack.into_packet().map_err(|_| AckDrop::BadSurb)?;
         let entry = documents.iter().any(|t| {
             t.node(&packet.first_hop)
@@ -474,10 +475,8 @@ impl MailboxTask {
         if !entry {
             return Err(AckDrop::NotInDirectory);
         }
-        // The SURB does not say which epoch's keys it was built with; its creator used
-        // the document current to it, which is ours outside epoch edges.
-        let frame = Frame::sphinx(EpochSchedule::frame_label(current.epoch()), &packet.packet)
-            .map_err(|_| AckDrop::BadSurb)?;
+        // The SURB's creator says in the ack message which epoch's keys it used.
+        let frame = Frame::sphinx(label, &packet.packet).map_err(|_| AckDrop::BadSurb)?;
         if packet.first_hop == self.me {
             if self
                 .pipeline

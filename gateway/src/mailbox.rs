@@ -164,6 +164,11 @@ impl AckToSend {
     pub fn into_packet(self) -> Result<ForwardPacket, GatewayError> {
         sphinx::use_surb(&self.surb[..], &self.message).map_err(GatewayError::Ack)
     }
+
+    /// The key-epoch label the SURB's creator built it with, to frame the ack.
+    pub fn key_epoch_label(&self) -> u16 {
+        shoal_packet::payload::ack_key_epoch_label(&self.message)
+    }
 }
 
 /// One entry of a pull answer.
@@ -930,7 +935,7 @@ pub(crate) mod tests {
             let block = build_surb(&mut self.rng, &hops, &[Duration::ZERO], ack_to).unwrap();
             let slot = AckSlot {
                 surb: block.surb,
-                message: ack_message(&ack_id),
+                message: ack_message(&ack_id, 0),
             };
             let plaintext = join_plaintext(&slot, &[0x5a; BODY_SIZE]).unwrap();
             let (fwd, _) =

@@ -256,7 +256,7 @@ fn real_packet(
     let block = sphinx::build_surb(rng, &ack_route, &delays(ack_route.len()), ack_box).unwrap();
     let slot = AckSlot {
         surb: block.surb,
-        message: ack_message(&ack_id),
+        message: ack_message(&ack_id, EpochSchedule::frame_label(epoch)),
     };
     let body = vec![ack_id[0]; BODY_SIZE];
     let plaintext = join_plaintext(&slot, &body).unwrap();

@@ -7,8 +7,9 @@
 //! sealed body, once the recipient opens its end-to-end seal (INNER_BODY_SIZE)
 //! | kind (1) | fragment header (22) | fragment data (len) | zero padding               |
 //!
-//! ack message (ACK_MESSAGE_SIZE), readable only by the SURB's creator
-//! | kind = Ack (1) | ack id (16) | zero padding (15)                                    |
+//! ack message (ACK_MESSAGE_SIZE), the SURB's payload: the exit gateway reads the
+//! key-epoch label, only the SURB's creator reads the reply that carries it
+//! | kind = Ack (1) | ack id (16) | key-epoch label u16 (2) | zero padding (13)          |
 //! ```
 //! The exit gateway sees only the ack slot and an opaque sealed body. It turns the
 //! SURB and ack message into an ack packet once the body is durable. Packets that need
@@ -75,12 +76,24 @@ impl std::fmt::Debug for AckSlot {
     }
 }
 
-/// Encodes the ack message for `id`.
-pub fn ack_message(id: &AckId) -> [u8; ACK_MESSAGE_SIZE] {
+/// Encodes the ack message for `id`, for a SURB built with the keys of the epoch
+/// labelled `key_epoch_label`.
+///
+/// The exit gateway needs the label to frame the ack: a SURB does not say which
+/// epoch's keys its header was built with, and near an epoch edge the gateway's
+/// current document may not be the one the sender used. Every sender in an epoch uses
+/// the same label, so it identifies no one.
+pub fn ack_message(id: &AckId, key_epoch_label: u16) -> [u8; ACK_MESSAGE_SIZE] {
     let mut m = [0u8; ACK_MESSAGE_SIZE];
     m[0] = BodyKind::Ack as u8;
     m[1..17].copy_from_slice(id);
+    m[17..19].copy_from_slice(&key_epoch_label.to_be_bytes());
     m
+}
+
+/// The key-epoch label an ack message carries (see [`ack_message`]).
+pub fn ack_key_epoch_label(message: &[u8; ACK_MESSAGE_SIZE]) -> u16 {
+    u16::from_be_bytes([message[17], message[18]])
 }
 
 /// Decodes an ack message read from a reply.
@@ -150,11 +163,12 @@ mod tests {
 
     #[test]
     fn testvec_ack_message() {
-        let m = ack_message(&[0x11; 16]);
+        let m = ack_message(&[0x11; 16], 0x0102);
         assert_eq!(
             hex::encode(m),
-            "0411111111111111111111111111111111000000000000000000000000000000"
+            "0411111111111111111111111111111111010200000000000000000000000000"
         );
+        assert_eq!(ack_key_epoch_label(&m), 0x0102);
         assert_eq!(parse_ack_message(&m).unwrap(), [0x11; 16]);
         assert!(parse_ack_message(&[2u8; 32]).is_err());
         assert!(parse_ack_message(&[4u8; 3]).is_err());

@@ -309,7 +309,12 @@ impl MixCore {
         Self::with_loops(me, unwrapper, config, Arc::default())
     }
 
-    pub fn with_loops(me: NodeId, unwrapper: Arc<Unwrapper>, config: MixConfig, loops: Arc<LoopRegistry>) -> Self {
+    pub fn with_loops(
+        me: NodeId,
+        unwrapper: Arc<Unwrapper>,
+        config: MixConfig,
+        loops: Arc<LoopRegistry>,
+    ) -> Self {
         MixCore {
             me,
             unwrapper,

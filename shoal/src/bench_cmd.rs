@@ -75,12 +75,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn print_relay(r: &RelayReport) {
-    println!("relay benchmark ({} cores, mean hop delay {} ms)", r.cores, r.mean_hop_delay_ms);
-    println!("  ceiling (raw unwrap, all cores)  {:>10.0} /s", r.ceiling_unwraps_per_sec);
-    println!("  ceiling (raw unwrap, one core)   {:>10.0} /s", r.single_core_unwraps_per_sec);
-    println!("  relay forwarding                 {:>10.0} /s", r.relay_packets_per_sec);
+    println!(
+        "relay benchmark ({} cores, mean hop delay {} ms)",
+        r.cores, r.mean_hop_delay_ms
+    );
+    println!(
+        "  ceiling (raw unwrap, all cores)  {:>10.0} /s",
+        r.ceiling_unwraps_per_sec
+    );
+    println!(
+        "  ceiling (raw unwrap, one core)   {:>10.0} /s",
+        r.single_core_unwraps_per_sec
+    );
+    println!(
+        "  relay forwarding                 {:>10.0} /s",
+        r.relay_packets_per_sec
+    );
     println!("  ratio                            {:>10.3}", r.ratio);
-    println!("  cpu_efficiency                   {:>10.3}", r.cpu_efficiency);
+    println!(
+        "  cpu_efficiency                   {:>10.3}",
+        r.cpu_efficiency
+    );
     println!(
         "  lost at 80% load                 {:>10}  (offered {}, arrived {})",
         r.lost, r.load_80.offered, r.load_80.arrived

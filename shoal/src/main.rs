@@ -13,7 +13,11 @@ mod relay_cmd;
 mod sim_cmd;
 
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about = "Shoal mix network and managed group messenger")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal mix network and managed group messenger"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,9 @@ enum Command {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -14,8 +14,8 @@ use rand::rngs::StdRng;
 use shoal_bench::standin::{StandIn, network_info, wait_for_topology};
 use shoal_bench::testnet::{Testnet, TestnetConfig};
 use shoal_packet::{FRAME_SIZE, Frame, PLAINTEXT_SIZE};
-use shoal_relay::core::Processed;
 use shoal_relay::Unwrapper;
+use shoal_relay::core::Processed;
 use shoal_topology::route::sample_delays;
 use shoal_topology::{EpochSchedule, NodeId, Topology};
 
@@ -37,15 +37,21 @@ fn build(topo: &Topology, a: &StandIn, b: NodeId, n: usize) -> Vec<(NodeId, Vec<
                     let mut rng = StdRng::seed_from_u64(t as u64 + 100);
                     let mut out = Vec::new();
                     for i in t * per..((t + 1) * per).min(n) {
-                        let route = topo.client_route(&mut rng, topo.epoch(), &a.id(), &b).unwrap();
+                        let route = topo
+                            .client_route(&mut rng, topo.epoch(), &a.id(), &b)
+                            .unwrap();
                         let delays = sample_delays(&mut rng, topo.params(), route.len());
                         let mut plaintext = vec![0u8; PLAINTEXT_SIZE];
                         plaintext[..8].copy_from_slice(&(i as u64).to_be_bytes());
-                        let (p, _) =
-                            shoal_packet::sphinx::build_forward(&mut rng, &route, &delays, &[7; 32], &plaintext).unwrap();
+                        let (p, _) = shoal_packet::sphinx::build_forward(
+                            &mut rng, &route, &delays, &[7; 32], &plaintext,
+                        )
+                        .unwrap();
                         let frame = Frame::sphinx(label, &p.packet).unwrap();
                         match unwrapper.unwrap_frame(frame.as_bytes()).unwrap() {
-                            Processed::Forward { to, frame, .. } => out.push((to, frame.as_bytes().to_vec())),
+                            Processed::Forward { to, frame, .. } => {
+                                out.push((to, frame.as_bytes().to_vec()))
+                            }
                             Processed::Final { .. } => panic!("first hop was final"),
                         }
                     }
@@ -53,7 +59,10 @@ fn build(topo: &Topology, a: &StandIn, b: NodeId, n: usize) -> Vec<(NodeId, Vec<
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     })
 }
 
@@ -63,7 +72,10 @@ async fn send_all(a: &StandIn, topo: &Topology, frames: &[(NodeId, Vec<u8>)]) {
         if !senders.contains_key(to) {
             let addr = topo.node(to).unwrap().addr;
             let link = a.endpoint.connect(addr, *to).await.unwrap();
-            senders.insert(*to, (link.clone(), link.open_frames(FRAME_SIZE).await.unwrap()));
+            senders.insert(
+                *to,
+                (link.clone(), link.open_frames(FRAME_SIZE).await.unwrap()),
+            );
         }
     }
     for chunk in frames.chunks(256) {
@@ -105,9 +117,14 @@ async fn ten_thousand_packets_cross_five_hops_and_replays_are_dropped() {
     b.spawn_sink(true, true);
     let mut expect = net.relay_ids();
     expect.extend([a.id(), b.id()]);
-    let topo = wait_for_topology(net.authority_addr, &net.authorities, &expect, Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", net.log_tail("authority")));
+    let topo = wait_for_topology(
+        net.authority_addr,
+        &net.authorities,
+        &expect,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", net.log_tail("authority")));
     for l in 0..3 {
         assert_eq!(topo.layer(l).len(), 2, "layer {l} has two relays");
     }
@@ -121,10 +138,17 @@ async fn ten_thousand_packets_cross_five_hops_and_replays_are_dropped() {
     let arrivals = b.received.arrivals.lock().unwrap().clone();
     let seqs: HashSet<u64> = arrivals
         .iter()
-        .filter_map(|a| a.tag.map(|t| u64::from_be_bytes(t[..8].try_into().unwrap())))
+        .filter_map(|a| {
+            a.tag
+                .map(|t| u64::from_be_bytes(t[..8].try_into().unwrap()))
+        })
         .collect();
     assert_eq!(got, PACKETS as u64, "every packet arrives exactly once");
-    assert_eq!(b.received.bad.load(Ordering::Relaxed), 0, "every arrival unwraps at the exit");
+    assert_eq!(
+        b.received.bad.load(Ordering::Relaxed),
+        0,
+        "every arrival unwraps at the exit"
+    );
     assert_eq!(seqs.len(), PACKETS, "every sequence number arrives");
     assert!(seqs.iter().all(|&s| s < PACKETS as u64));
 
@@ -143,7 +167,14 @@ async fn ten_thousand_packets_cross_five_hops_and_replays_are_dropped() {
     );
     let mut forwarded = 0.0;
     for i in 0..net.relays.len() {
-        forwarded += net.metric(i, "shoal_relay_packets_forwarded_total").await.unwrap();
+        forwarded += net
+            .metric(i, "shoal_relay_packets_forwarded_total")
+            .await
+            .unwrap();
     }
-    assert_eq!(forwarded as usize, PACKETS * 3, "three relay hops per packet");
+    assert_eq!(
+        forwarded as usize,
+        PACKETS * 3,
+        "three relay hops per packet"
+    );
 }
