@@ -72,20 +72,10 @@ pub async fn run(cfg: AuthorityFileConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         () = sync => {}
-        r = shutdown_signal() => r?,
+        r = crate::signal::wait_for_signal() => r?,
     }
     server.abort();
     info!("directory authority stopped");
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot install the SIGINT handler")?,
-        _ = term.recv() => {}
-    }
     Ok(())
 }
 

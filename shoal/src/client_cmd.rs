@@ -452,7 +452,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 let handle = driver::spawn(loaded.driver, identity, &account, store.clone())?;
                 let mut events = handle.subscribe();
                 let mut outbox_tick = tokio::time::interval(Duration::from_millis(500));
-                let signal = wait_for_signal();
+                let signal = crate::signal::wait_for_signal();
                 tokio::pin!(signal);
                 loop {
                     tokio::select! {
@@ -516,21 +516,4 @@ fn format_ms(ms: u64) -> String {
     let secs = ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     format!("{h:02}:{m:02}:{s:02} UTC")
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for Ctrl-C")?;
-    Ok(())
 }

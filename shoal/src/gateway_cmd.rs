@@ -131,7 +131,7 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
                 let gateway = shoal_gateway::spawn(config).await?;
                 println!("gateway identity: {}", hex::encode(gateway.identity()));
                 println!("clients connect to: {}", gateway.client_addr());
-                wait_for_signal().await?;
+                crate::signal::wait_for_signal().await?;
                 tracing::info!("shutting down");
                 gateway.shutdown().await;
                 Ok(())
@@ -157,21 +157,4 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for Ctrl-C")?;
-    Ok(())
 }

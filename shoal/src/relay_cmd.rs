@@ -94,28 +94,11 @@ pub fn run(cmd: RelayCommand) -> anyhow::Result<()> {
             runtime.block_on(async move {
                 let relay = shoal_relay::spawn(config).await?;
                 println!("relay identity: {}", hex(&relay.identity()));
-                wait_for_signal().await?;
+                crate::signal::wait_for_signal().await?;
                 tracing::info!("shutting down");
                 relay.shutdown().await;
                 Ok(())
             })
         }
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for Ctrl-C")?;
-    Ok(())
 }
