@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use shoal_relay::config::{AuthorityAddr, RawDirectory};
+use shoal_relay::config::{AuthorityAddr, RawDirectory, render_authorities, toml_str};
 
 use crate::GatewayError;
 use crate::mailbox::{DEFAULT_PULL_BATCH, MailboxConfig};
@@ -229,31 +229,13 @@ pub struct InitOptions {
     pub threshold: Option<usize>,
 }
 
-fn toml_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 /// The commented config `shoal gateway init` writes. `data_dir` is the file's own directory.
 pub fn render_template(opts: &InitOptions) -> String {
     let on_off = |v: Option<SocketAddr>, key: &str, example: &str| match v {
         Some(a) => format!("{key} = {}\n", toml_str(&a.to_string())),
         None => format!("# {key} = \"{example}\"\n"),
     };
-    let threshold = opts
-        .threshold
-        .unwrap_or(opts.authorities.len() / 2 + 1)
-        .max(1);
-    let mut auths = String::new();
-    for a in &opts.authorities {
-        auths.push_str(&format!(
-            "  {{ addr = {}, key = {} }},\n",
-            toml_str(&a.addr.to_string()),
-            toml_str(&hex::encode(a.key))
-        ));
-    }
-    if opts.authorities.is_empty() {
-        auths.push_str("  # { addr = \"192.0.2.1:8000\", key = \"<64 hex digits>\" },\n");
-    }
+    let (auths, threshold) = render_authorities(&opts.authorities, opts.threshold);
     let store = StoreConfig::default();
     format!(
         r#"# Shoal gateway configuration. Unknown keys are errors.

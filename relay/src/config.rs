@@ -295,9 +295,30 @@ pub struct InitOptions {
     pub threshold: Option<usize>,
 }
 
-fn toml_str(s: &str) -> String {
-    // Only addresses and hex go through here; escape anyway.
+/// A TOML string literal. Only addresses and hex go through here; escape anyway.
+pub fn toml_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The `authorities = [...]` entries and the threshold (default: a majority) that
+/// every node's `init` writes into its `[directory]` table.
+pub fn render_authorities(
+    authorities: &[AuthorityAddr],
+    threshold: Option<usize>,
+) -> (String, usize) {
+    let threshold = threshold.unwrap_or(authorities.len() / 2 + 1).max(1);
+    let mut auths = String::new();
+    for a in authorities {
+        auths.push_str(&format!(
+            "  {{ addr = {}, key = {} }},\n",
+            toml_str(&a.addr.to_string()),
+            toml_str(&hex::encode(a.key))
+        ));
+    }
+    if authorities.is_empty() {
+        auths.push_str("  # { addr = \"192.0.2.1:8000\", key = \"<64 hex digits>\" },\n");
+    }
+    (auths, threshold)
 }
 
 /// The commented config `shoal relay init` writes. `data_dir` is the file's own directory.
@@ -306,21 +327,7 @@ pub fn render_template(opts: &InitOptions) -> String {
         Some(a) => format!("{key} = {}\n", toml_str(&a.to_string())),
         None => format!("# {key} = \"{example}\"\n"),
     };
-    let threshold = opts
-        .threshold
-        .unwrap_or(opts.authorities.len() / 2 + 1)
-        .max(1);
-    let mut auths = String::new();
-    for a in &opts.authorities {
-        auths.push_str(&format!(
-            "  {{ addr = {}, key = {} }},\n",
-            toml_str(&a.addr.to_string()),
-            toml_str(&hex::encode(a.key))
-        ));
-    }
-    if opts.authorities.is_empty() {
-        auths.push_str("  # { addr = \"192.0.2.1:8000\", key = \"<64 hex digits>\" },\n");
-    }
+    let (auths, threshold) = render_authorities(&opts.authorities, opts.threshold);
     format!(
         r#"# Shoal mix relay configuration. Unknown keys are errors.
 # Relative paths are resolved against the directory holding this file.
