@@ -95,7 +95,9 @@ pub struct RelayReport {
     pub mean_hop_delay_ms: f64,
 }
 
-fn cpu_seconds_of(pid: u32) -> f64 {
+/// utime + stime of process `pid` from `/proc/PID/stat`, in seconds (100 ticks/s); 0 if
+/// it cannot be read.
+pub fn cpu_seconds_of(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };

@@ -20,6 +20,14 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Takes ownership of a spawned child (killed on drop like the others).
+    pub fn from_child(name: &str, child: Child) -> Self {
+        Proc {
+            name: name.to_string(),
+            child,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use shoal_bench::e2e::{E2eOptions, E2eReport};
 use shoal_bench::relay::{RelayBenchOptions, RelayReport};
 
 #[derive(Args, Debug)]
@@ -30,6 +31,29 @@ enum BenchCommand {
         #[arg(long, default_value_t = 50.0)]
         mean_delay_ms: f64,
         /// Keep the processes' configs and logs here instead of a temp dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// A loopback network at the default parameters: the CPU and memory of one idle
+    /// `shoal client run` process, then end-to-end latency and goodput of in-process
+    /// clients (see `shoal_bench::e2e`).
+    E2e {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds the client process idles (measured after it has a directory).
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        /// Relays per mix layer (3 layers).
+        #[arg(long, default_value_t = 1)]
+        relays_per_layer: usize,
+        /// In-process clients of the latency phase.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Messages each of them sends, one per second.
+        #[arg(long, default_value_t = 15)]
+        messages: usize,
+        /// Keep the processes' configs, stores and logs here instead of a temp dir.
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -71,7 +95,82 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCommand::E2e {
+            json,
+            idle_secs,
+            relays_per_layer,
+            clients,
+            messages,
+            dir,
+        } => {
+            let opts = E2eOptions {
+                idle: Duration::from_secs(idle_secs),
+                relays_per_layer,
+                clients,
+                messages,
+                ..E2eOptions::default()
+            };
+            let tmp;
+            let dir = match dir {
+                Some(d) => d,
+                None => {
+                    tmp = tempfile::tempdir().context("cannot create a temp dir")?;
+                    tmp.path().to_path_buf()
+                }
+            };
+            let shoal = shoal_bench::testnet::shoal_binary()?;
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(shoal_bench::e2e::run(&shoal, &dir, &opts))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_e2e(&report);
+            }
+            Ok(())
+        }
     }
+}
+
+fn print_e2e(r: &E2eReport) {
+    println!(
+        "end-to-end benchmark ({} relays, {} gateway; λP {} λL {} λD {} /s, mean hop delay {} ms, pull every {} ms)",
+        r.relays,
+        r.gateways,
+        r.lambda_p,
+        r.lambda_l,
+        r.lambda_d,
+        r.mean_hop_delay_ms,
+        r.pull_interval_ms
+    );
+    println!(
+        "  idle client process             {:.3} % of one core, {:.1} MiB RSS (over {:.0} s)",
+        r.idle_client_cpu_percent_of_one_core, r.idle_client_rss_mb, r.idle_secs
+    );
+    println!(
+        "  delivered                       {} of {} ({} duplicates), {} clients, {} B bodies",
+        r.delivered, r.sent, r.duplicates, r.clients, r.message_bytes
+    );
+    println!(
+        "  latency (send → stored)         p50 {:.0} ms, p99 {:.0} ms, mean {:.0} ms, max {:.0} ms",
+        r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.mean, r.latency_ms.max
+    );
+    println!(
+        "  expected mixing delay           {:.0} ms (mean latency − it: {:.0} ms; model: {:.0} ms slot wait + {:.0} ms pull wait)",
+        r.expected_mixing_delay_ms,
+        r.mean_latency_minus_expected_mixing_ms,
+        r.expected_slot_wait_ms,
+        r.expected_pull_wait_ms
+    );
+    println!(
+        "  goodput                         {:.2} msg/s, {:.0} B/s (offered {:.1} msg/s); real share of client packets {:.3}",
+        r.goodput_messages_per_sec,
+        r.goodput_bytes_per_sec,
+        r.offered_messages_per_sec,
+        r.real_packet_fraction
+    );
 }
 
 fn print_relay(r: &RelayReport) {

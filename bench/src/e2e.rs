@@ -1,0 +1,460 @@
+//! `shoal bench e2e`: what a client costs and what it sees, on a loopback network of
+//! real processes (1 authority, 3 × `relays_per_layer` relays, 1 gateway) running with
+//! [`NetworkParams::default()`] (cover rates, mixing delay).
+//!
+//! 1. **Idle client.** One client runs as a real `shoal client run` process, set up with
+//!    `shoal client init` and `shoal gateway account add` like a user would. Once it has
+//!    installed a directory, it idles for `idle` (no messages: only its λP, λL, λD cover
+//!    and its pulls). Its CPU time (utime + stime from `/proc/PID/stat`, 100 ticks/s)
+//!    over that window divided by the window's wall time gives
+//!    `idle_client_cpu_percent_of_one_core`; `VmRSS` from `/proc/PID/status` at the end
+//!    of the window gives `idle_client_rss_mb` (MiB). The idle process is then stopped.
+//! 2. **Latency and goodput.** `clients` in-process drivers (own QUIC endpoint, account
+//!    key and redb store each, as in `shoal demo`) on the same gateway, also at the
+//!    default rates and pull interval. Each sends one `message_bytes` message to the next
+//!    client every `send_interval`, `messages` times. Latency is from the return of
+//!    `send` (the message is durable in the sender's queue) to the recipient's
+//!    `DriverEvent::Message` (the message is durable in the recipient's store).
+//!
+//! The only overhead figure is `mean_latency_minus_expected_mixing_ms`: the measured
+//! mean latency minus the analytical mean of the forward route's mixing delay
+//! (`ROUTE_HOPS` × mean hop delay). It still contains the wait for a λP slot, the wait
+//! for the next pull and link/processing time; their expected values from the model are
+//! reported beside it (`expected_slot_wait_ms`, `expected_pull_wait_ms`), not subtracted.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ed25519_dalek::SigningKey;
+use serde::Serialize;
+use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
+use shoal_client::{ClientStore, Identity};
+use shoal_topology::NetworkParams;
+
+use crate::relay::cpu_seconds_of;
+use crate::standin::wait_for_topology;
+use crate::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
+
+/// Hops on a forward route, each with its own Exp(μ) delay.
+const ROUTE_HOPS: f64 = shoal_packet::ROUTE_HOPS as f64;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct E2eOptions {
+    pub relays_per_layer: usize,
+    /// Idle window of the client process, measured after it has a directory.
+    pub idle: Duration,
+    /// In-process clients of the latency phase.
+    pub clients: usize,
+    /// Messages each of them sends.
+    pub messages: usize,
+    /// Each client sends one message per interval.
+    pub send_interval: Duration,
+    pub message_bytes: usize,
+    /// Give up waiting for deliveries this long after the last send.
+    pub drain_timeout: Duration,
+}
+
+impl Default for E2eOptions {
+    fn default() -> Self {
+        E2eOptions {
+            relays_per_layer: 1,
+            idle: Duration::from_secs(30),
+            clients: 4,
+            messages: 15,
+            send_interval: Duration::from_secs(1),
+            message_bytes: 256,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyMs {
+    pub p50: f64,
+    pub p99: f64,
+    pub mean: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct E2eReport {
+    pub relays: usize,
+    pub gateways: usize,
+    /// Client rates from the directory (equal to `NetworkParams::default()`).
+    pub lambda_p: f64,
+    pub lambda_l: f64,
+    pub lambda_d: f64,
+    pub mean_hop_delay_ms: f64,
+    /// Client pull interval (the client's default).
+    pub pull_interval_ms: f64,
+    pub idle_secs: f64,
+    /// CPU seconds of the idle `shoal client run` process per wall second, × 100.
+    pub idle_client_cpu_percent_of_one_core: f64,
+    /// VmRSS of the idle client process at the end of the window, MiB.
+    pub idle_client_rss_mb: f64,
+    /// λP + λL + λD: packets per second the idle client's schedule sends (not measured).
+    pub idle_client_expected_packets_per_sec: f64,
+    pub clients: usize,
+    pub sent: usize,
+    pub delivered: usize,
+    pub duplicates: usize,
+    pub message_bytes: usize,
+    /// `send` returned → message stored at the recipient.
+    pub latency_ms: LatencyMs,
+    /// ROUTE_HOPS × mean hop delay: the mean of the sampled mixing delays.
+    pub expected_mixing_delay_ms: f64,
+    /// Measured mean latency − expected_mixing_delay_ms (see the module docs).
+    pub mean_latency_minus_expected_mixing_ms: f64,
+    /// 1/λP: mean wait for the next λP slot of a message that finds the queue empty.
+    pub expected_slot_wait_ms: f64,
+    /// Half the pull interval: mean wait for the recipient's next pull.
+    pub expected_pull_wait_ms: f64,
+    /// Messages all clients offered per second (clients / send_interval).
+    pub offered_messages_per_sec: f64,
+    /// Distinct delivered messages ÷ (last delivery − first send).
+    pub goodput_messages_per_sec: f64,
+    /// Message-body bytes of distinct delivered messages ÷ (last delivery − first send).
+    pub goodput_bytes_per_sec: f64,
+    /// Of the latency-phase clients' packets: real fragments ÷ all (real + cover).
+    pub real_packet_fraction: f64,
+    pub elapsed_secs: f64,
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// VmRSS of `pid` in MiB (0 if unreadable).
+fn rss_mib(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn run_cmd(shoal: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(shoal)
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .with_context(|| format!("cannot run {}", shoal.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`shoal {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn hex32_after(out: &str, prefix: &str) -> anyhow::Result<[u8; 32]> {
+    let v = out
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .with_context(|| format!("`shoal client init` printed no {prefix:?}"))?;
+    let mut b = [0u8; 32];
+    hex::decode_to_slice(v.trim(), &mut b)?;
+    Ok(b)
+}
+
+/// `shoal client init` + `shoal gateway account add`; returns the config path.
+fn init_client_process(
+    shoal: &Path,
+    net: &Testnet,
+    gw: &GatewayInit,
+    dir: &Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    let key_hex = hex::encode(net.authorities.keys.first().context("no authority")?.0);
+    let out = run_cmd(
+        shoal,
+        &[
+            "client",
+            "init",
+            "--dir",
+            &dir.to_string_lossy(),
+            "--gateway",
+            &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
+            "--gateway-client-addr",
+            &gw.client_addr.to_string(),
+            "--authority",
+            &format!("{}={key_hex}", net.authority_addr),
+            "--threshold",
+            "1",
+            "--name",
+            "idle",
+        ],
+    )?;
+    let account = hex32_after(&out, "account key: ")?;
+    let mailbox = hex32_after(&out, "mailbox: ")?;
+    Testnet::add_account(shoal, gw, &account, &mailbox)?;
+    Ok(dir.join("client.toml"))
+}
+
+type Sent = HashMap<Vec<u8>, (usize, Instant)>;
+
+/// Notes a delivery to client `i` if that message was sent to it.
+fn record(
+    (i, bytes, at): (usize, Vec<u8>, Instant),
+    sent_at: &Sent,
+    delivered: &mut HashMap<Vec<u8>, Instant>,
+    duplicates: &mut usize,
+) {
+    if sent_at.get(&bytes).is_some_and(|(to, _)| *to == i) && delivered.insert(bytes, at).is_some()
+    {
+        *duplicates += 1;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    round1(sorted[idx])
+}
+
+/// Runs both phases. `dir` holds the processes' configs, stores and logs.
+pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<E2eReport> {
+    if opts.clients < 2 || opts.messages == 0 || opts.idle.is_zero() {
+        bail!("need at least 2 clients, 1 message and a non-zero idle window");
+    }
+    let started = Instant::now();
+    let defaults = NetworkParams::default();
+    let cfg = TestnetConfig {
+        relays_per_layer: opts.relays_per_layer,
+        mean_hop_delay_ms: defaults.mean_hop_delay_ms,
+        max_hop_delay_ms: defaults.max_hop_delay_ms,
+        lambda_m: defaults.lambda_m,
+        bootstrap_secs: 4,
+        epoch_secs: 3600,
+        workers: Some(1),
+        client_rates: None,
+        ..TestnetConfig::default()
+    };
+    let mut net = Testnet::start(shoal, &dir.join("net"), &cfg)?;
+    let gw = net.init_gateway(shoal, 0, &GatewayOptions::default())?;
+
+    // Accounts must exist before the gateway runs (it locks its store).
+    let idle_config = init_client_process(shoal, &net, &gw, &dir.join("idle-client"))?;
+    let mut setups = Vec::new();
+    for _ in 0..opts.clients {
+        let mut rng = rand::rng();
+        let account = SigningKey::generate(&mut rng);
+        let identity = Identity::generate(&mut rng, gw.id);
+        Testnet::add_account(
+            shoal,
+            &gw,
+            &account.verifying_key().to_bytes(),
+            &identity.mailbox,
+        )?;
+        setups.push((account, identity));
+    }
+    net.run_gateway(shoal, gw.clone())?;
+    let mut expect = net.relay_ids();
+    expect.push(gw.id);
+    let topology = wait_for_topology(
+        net.authority_addr,
+        &net.authorities,
+        &expect,
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| format!("authority log:\n{}", net.log_tail("authority")))?;
+    let params = topology.params().clone();
+    if (params.lambda_p, params.lambda_l, params.lambda_d)
+        != (defaults.lambda_p, defaults.lambda_l, defaults.lambda_d)
+    {
+        bail!("the directory's client rates differ from NetworkParams::default()");
+    }
+
+    // Phase 1: one idle client process.
+    let log_path = dir.join("idle-client.log");
+    let log = std::fs::File::create(&log_path)?;
+    let child = Command::new(shoal)
+        .args(["client", "run", "--config", &idle_config.to_string_lossy()])
+        // "directory installed" is a debug line of the driver.
+        .env("SHOAL_LOG", "info,shoal_client::driver=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start `shoal client run`")?;
+    let mut idle = Proc::from_child("idle-client", child);
+    let has_directory = crate::testnet::wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log_path).is_ok_and(|t| t.contains("directory installed"))
+    })
+    .await;
+    if !has_directory || !idle.alive() {
+        bail!(
+            "the client process got no directory; its log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    let pid = idle.pid();
+    let (cpu0, t0) = (cpu_seconds_of(pid), Instant::now());
+    tokio::time::sleep(opts.idle).await;
+    let (cpu1, wall) = (cpu_seconds_of(pid), t0.elapsed().as_secs_f64());
+    let rss = rss_mib(pid);
+    if !idle.alive() {
+        bail!("the idle client process died during the window");
+    }
+    idle.kill();
+    let idle_cpu_percent = (cpu1 - cpu0) / wall * 100.0;
+
+    // Phase 2: in-process clients, default rates and pull interval.
+    let mut clients: Vec<ClientHandle> = Vec::new();
+    let mut pull_interval = Duration::ZERO;
+    for (i, (account, identity)) in setups.into_iter().enumerate() {
+        let config = DriverConfig::new(gw.client_addr, gw.id, net.authorities.clone());
+        pull_interval = config.pull_interval;
+        let cdir = dir.join(format!("client-{i}"));
+        std::fs::create_dir_all(&cdir)?;
+        let store = Arc::new(ClientStore::open(cdir.join("client.redb"))?);
+        store.save_identity(&identity)?;
+        store.save_account_key(&account.to_bytes())?;
+        clients.push(driver::spawn(config, identity, &account, store)?);
+    }
+    for (i, c) in clients.iter().enumerate() {
+        if !c.wait_for_directory(Duration::from_secs(20)).await {
+            bail!(
+                "client {i} got no directory; gateway log:\n{}",
+                net.log_tail("gateway0")
+            );
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>, Instant)>();
+    for (i, c) in clients.iter().enumerate() {
+        let mut events = c.subscribe();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(DriverEvent::Message { bytes, .. }) => {
+                        if tx.send((i, bytes, Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    drop(tx);
+    let stats_before: Vec<_> = clients.iter().map(|c| c.stats().core).collect();
+
+    let n = clients.len();
+    let mut sent_at: Sent = HashMap::new();
+    let mut delivered: HashMap<Vec<u8>, Instant> = HashMap::new();
+    let mut duplicates = 0usize;
+    let first_send = Instant::now();
+    let mut tick = tokio::time::interval(opts.send_interval);
+    for m in 0..opts.messages {
+        tick.tick().await;
+        for (i, c) in clients.iter().enumerate() {
+            let to = (i + 1) % n;
+            let mut body = format!("e2e #{m} from {i} to {to} ").into_bytes();
+            body.resize(opts.message_bytes.max(body.len()), b'.');
+            c.send(clients[to].contact(), body.clone()).await?;
+            sent_at.insert(body, (to, Instant::now()));
+        }
+        while let Ok(ev) = rx.try_recv() {
+            record(ev, &sent_at, &mut delivered, &mut duplicates);
+        }
+    }
+    let sent = sent_at.len();
+    let deadline = tokio::time::Instant::now() + opts.drain_timeout;
+    while delivered.len() < sent {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ev)) => record(ev, &sent_at, &mut delivered, &mut duplicates),
+            _ => break,
+        }
+    }
+    let mut real = 0u64;
+    let mut all = 0u64;
+    for (c, before) in clients.iter().zip(&stats_before) {
+        let s = c.stats().core;
+        let r = s.real_sent - before.real_sent;
+        let cover = (s.payload_cover_sent - before.payload_cover_sent)
+            + (s.loops_sent - before.loops_sent)
+            + (s.drops_sent - before.drops_sent);
+        real += r;
+        all += r + cover;
+    }
+    for c in clients {
+        c.shutdown().await;
+    }
+
+    let mut latencies: Vec<f64> = delivered
+        .iter()
+        .filter_map(|(body, at)| {
+            let (_, s) = sent_at.get(body)?;
+            Some(at.saturating_duration_since(*s).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let mean = if latencies.is_empty() {
+        0.0
+    } else {
+        latencies.iter().sum::<f64>() / latencies.len() as f64
+    };
+    let last_delivery = delivered.values().max().copied().unwrap_or(first_send);
+    let span = last_delivery
+        .saturating_duration_since(first_send)
+        .as_secs_f64()
+        .max(f64::MIN_POSITIVE);
+    let bytes_delivered: usize = delivered.keys().map(Vec::len).sum();
+    let expected_mixing = ROUTE_HOPS * params.mean_hop_delay_ms;
+    for i in 0..net.gateways.len() {
+        if !net.gateways[i].proc.alive() {
+            let name = net.gateways[i].init.name.clone();
+            bail!("{name} died; log:\n{}", net.log_tail(&name));
+        }
+    }
+    let report = E2eReport {
+        relays: net.relays.len(),
+        gateways: net.gateways.len(),
+        lambda_p: params.lambda_p,
+        lambda_l: params.lambda_l,
+        lambda_d: params.lambda_d,
+        mean_hop_delay_ms: params.mean_hop_delay_ms,
+        pull_interval_ms: pull_interval.as_secs_f64() * 1000.0,
+        idle_secs: round1(wall),
+        idle_client_cpu_percent_of_one_core: round3(idle_cpu_percent),
+        idle_client_rss_mb: round1(rss),
+        idle_client_expected_packets_per_sec: params.lambda_p + params.lambda_l + params.lambda_d,
+        clients: n,
+        sent,
+        delivered: delivered.len(),
+        duplicates,
+        message_bytes: opts.message_bytes,
+        latency_ms: LatencyMs {
+            p50: percentile(&latencies, 0.50),
+            p99: percentile(&latencies, 0.99),
+            mean: round1(mean),
+            max: percentile(&latencies, 1.0),
+        },
+        expected_mixing_delay_ms: expected_mixing,
+        mean_latency_minus_expected_mixing_ms: round1(mean - expected_mixing),
+        expected_slot_wait_ms: 1000.0 / params.lambda_p.max(f64::MIN_POSITIVE),
+        expected_pull_wait_ms: pull_interval.as_secs_f64() * 500.0,
+        offered_messages_per_sec: n as f64 / opts.send_interval.as_secs_f64(),
+        goodput_messages_per_sec: round3(delivered.len() as f64 / span),
+        goodput_bytes_per_sec: round1(bytes_delivered as f64 / span),
+        real_packet_fraction: round3(real as f64 / (all.max(1)) as f64),
+        elapsed_secs: round1(started.elapsed().as_secs_f64()),
+    };
+    drop(net);
+    Ok(report)
+}
