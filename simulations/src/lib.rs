@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod attacks;
+pub mod faithful;
 pub mod harness;
 pub mod model;
 
