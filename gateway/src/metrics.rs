@@ -4,13 +4,12 @@
 //! snapshot of the core's and the store's counters after each round of work; link tasks
 //! bump relaxed atomics.
 
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use shoal_relay::metrics::{histogram, record, summary};
+use shoal_relay::metrics::{family, histogram, record, summary, summary_scaled};
 
 use crate::mailbox::MailboxStats;
 use crate::store::StoreStats;
@@ -190,10 +189,7 @@ impl Metrics {
         let m = &s.mailbox;
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
+            family(&mut out, name, kind, help, samples)
         };
         let c = |v: u64| v as f64;
         metric(
@@ -354,28 +350,13 @@ impl Metrics {
             "Submission of a write batch to its durable commit (last 30-60 s).",
             &latency,
         );
-        count_summary(
+        summary_scaled(
             &mut out,
             "shoal_gateway_commit_batch_ops",
             "Writes per batch handed to the store (last 30-60 s).",
             &ops,
+            1.0,
         );
         out
     }
-}
-
-fn count_summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-    for (q, label) in [(0.5, "0.5"), (0.99, "0.99"), (1.0, "1")] {
-        let v = if h.is_empty() {
-            f64::NAN
-        } else if q >= 1.0 {
-            h.max() as f64
-        } else {
-            h.value_at_quantile(q) as f64
-        };
-        let _ = writeln!(out, "{name}{{quantile=\"{label}\"}} {v}");
-    }
-    let _ = writeln!(out, "{name}_sum {}", h.mean() * h.len() as f64);
-    let _ = writeln!(out, "{name}_count {}", h.len());
 }

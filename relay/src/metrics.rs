@@ -207,10 +207,7 @@ impl Metrics {
         let s = self.snapshot();
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
+            family(&mut out, name, kind, help, samples)
         };
         let c = |v: u64| v as f64;
         metric(
@@ -369,21 +366,33 @@ impl Metrics {
     }
 }
 
+/// Appends one metric family: its HELP and TYPE lines and a sample per label set.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
 /// Appends `h` (nanoseconds) as a Prometheus summary in seconds: p50, p99, max, sum, count.
 pub fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
-    let secs = |ns: u64| ns as f64 / 1e9;
+    summary_scaled(out, name, help, h, 1e-9);
+}
+
+/// Appends `h` as a Prometheus summary, each recorded value multiplied by `scale`.
+pub fn summary_scaled(out: &mut String, name: &str, help: &str, h: &Histogram<u64>, scale: f64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
     for (q, label) in [(0.5, "0.5"), (0.99, "0.99"), (1.0, "1")] {
         let v = if h.is_empty() {
             f64::NAN
         } else if q >= 1.0 {
-            secs(h.max())
+            h.max() as f64 * scale
         } else {
-            secs(h.value_at_quantile(q))
+            h.value_at_quantile(q) as f64 * scale
         };
         let _ = writeln!(out, "{name}{{quantile=\"{label}\"}} {v}");
     }
-    let _ = writeln!(out, "{name}_sum {}", h.mean() * h.len() as f64 / 1e9);
+    let _ = writeln!(out, "{name}_sum {}", h.mean() * h.len() as f64 * scale);
     let _ = writeln!(out, "{name}_count {}", h.len());
 }
 
