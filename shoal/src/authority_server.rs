@@ -72,7 +72,7 @@ pub async fn run(cfg: AuthorityFileConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         () = sync => {}
-        r = crate::signal::wait_for_signal() => r?,
+        r = crate::runtime::wait_for_signal() => r?,
     }
     server.abort();
     info!("directory authority stopped");

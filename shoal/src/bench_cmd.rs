@@ -1,6 +1,6 @@
 //! `shoal bench ...`: benchmarks that report ratios against ceilings measured in the same run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -74,26 +74,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 mean_hop_delay_ms: mean_delay_ms,
                 ..RelayBenchOptions::default()
             };
-            let tmp;
-            let dir = match dir {
-                Some(d) => d,
-                None => {
-                    tmp = tempfile::tempdir().context("cannot create a temp dir")?;
-                    tmp.path().to_path_buf()
-                }
-            };
-            let shoal = shoal_bench::testnet::shoal_binary()?;
-            let report = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(shoal_bench::relay::run(&shoal, &dir, &opts))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print_relay(&report);
-            }
-            Ok(())
+            run_bench(dir, json, print_relay, async |shoal, dir| {
+                shoal_bench::relay::run(shoal, dir, &opts).await
+            })
         }
         BenchCommand::E2e {
             json,
@@ -110,26 +93,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 messages,
                 ..E2eOptions::default()
             };
-            let tmp;
-            let dir = match dir {
-                Some(d) => d,
-                None => {
-                    tmp = tempfile::tempdir().context("cannot create a temp dir")?;
-                    tmp.path().to_path_buf()
-                }
-            };
-            let shoal = shoal_bench::testnet::shoal_binary()?;
-            let report = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(shoal_bench::e2e::run(&shoal, &dir, &opts))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print_e2e(&report);
-            }
-            Ok(())
+            run_bench(dir, json, print_e2e, async |shoal, dir| {
+                shoal_bench::e2e::run(shoal, dir, &opts).await
+            })
         }
     }
 }
@@ -171,6 +137,36 @@ fn print_e2e(r: &E2eReport) {
         r.offered_messages_per_sec,
         r.real_packet_fraction
     );
+}
+
+/// Runs one benchmark with the `shoal` binary in `dir` (a temp dir if none) and prints
+/// its report as JSON or as a table.
+fn run_bench<R: serde::Serialize>(
+    dir: Option<PathBuf>,
+    json: bool,
+    print: fn(&R),
+    bench: impl AsyncFnOnce(&Path, &Path) -> anyhow::Result<R>,
+) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            tmp = tempfile::tempdir().context("cannot create a temp dir")?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let shoal = shoal_bench::testnet::shoal_binary()?;
+    let report = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(bench(&shoal, &dir))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print(&report);
+    }
+    Ok(())
 }
 
 fn print_relay(r: &RelayReport) {

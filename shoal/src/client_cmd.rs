@@ -452,7 +452,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 let handle = driver::spawn(loaded.driver, identity, &account, store.clone())?;
                 let mut events = handle.subscribe();
                 let mut outbox_tick = tokio::time::interval(Duration::from_millis(500));
-                let signal = crate::signal::wait_for_signal();
+                let signal = crate::runtime::wait_for_signal();
                 tokio::pin!(signal);
                 loop {
                     tokio::select! {

@@ -118,20 +118,12 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
         }
         GatewayCommand::Run { config } => {
             let config = Config::load(&config)?;
-            // Unwrapping runs on the pipeline's own worker threads; the async runtime moves
-            // frames and serves clients, so it gets a small share of the cores.
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cores.div_ceil(4).max(1))
-                .thread_name("shoal-gateway-io")
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let runtime = crate::runtime::node_runtime("shoal-gateway-io")?;
             runtime.block_on(async move {
                 let gateway = shoal_gateway::spawn(config).await?;
                 println!("gateway identity: {}", hex::encode(gateway.identity()));
                 println!("clients connect to: {}", gateway.client_addr());
-                crate::signal::wait_for_signal().await?;
+                crate::runtime::wait_for_signal().await?;
                 tracing::info!("shutting down");
                 gateway.shutdown().await;
                 Ok(())

@@ -10,7 +10,7 @@ mod client_cmd;
 mod demo_cmd;
 mod gateway_cmd;
 mod relay_cmd;
-mod signal;
+mod runtime;
 mod sim_cmd;
 
 #[derive(Parser, Debug)]

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Subcommand;
 use shoal_relay::config::{AuthorityAddr, Config, InitOptions, init_dir};
 
@@ -82,19 +82,11 @@ pub fn run(cmd: RelayCommand) -> anyhow::Result<()> {
         }
         RelayCommand::Run { config } => {
             let config = Config::load(&config)?;
-            // Unwrapping runs on the relay's own worker threads; the async runtime only
-            // moves frames, so it gets a small share of the cores.
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cores.div_ceil(4).max(1))
-                .thread_name("shoal-relay-io")
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let runtime = crate::runtime::node_runtime("shoal-relay-io")?;
             runtime.block_on(async move {
                 let relay = shoal_relay::spawn(config).await?;
                 println!("relay identity: {}", hex(&relay.identity()));
-                crate::signal::wait_for_signal().await?;
+                crate::runtime::wait_for_signal().await?;
                 tracing::info!("shutting down");
                 relay.shutdown().await;
                 Ok(())
