@@ -192,7 +192,8 @@ pub fn open_forward(payload: &[u8]) -> Result<Vec<u8>, PacketError> {
 /// Unwraps one layer with `secret`, dropping replays of packets seen in `epoch`.
 ///
 /// The replay tag is checked before the expensive payload decryption and recorded
-/// only after the header MAC verified, so garbage cannot fill the filter.
+/// only after the packet processed (its header MAC verified), so garbage cannot fill
+/// the filter.
 pub fn unwrap(
     secret: &StaticSecret,
     epoch: KeyEpoch,
@@ -213,7 +214,8 @@ pub fn unwrap(
     if replay.contains(epoch, &tag) {
         return Err(PacketError::Replayed);
     }
-    header.ensure_header_integrity(&expanded)?;
+    // `process_with_expanded_secret` verifies the header MAC before anything else; a
+    // second check here would cost one more HMAC per packet.
     let payload = sphinx_packet::payload::Payload::from_bytes(&packet[header_len..])?;
     let processed = SphinxPacket { header, payload }.process_with_expanded_secret(&expanded)?;
     match replay.insert(epoch, &tag) {
