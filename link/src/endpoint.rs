@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, trace};
 
+use crate::socket::PaddingSocket;
 use crate::tls::{self, parse_ed25519_spki};
 use crate::{LinkError, NodeKey, PeerSet};
 
@@ -36,6 +37,10 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Authenticated links waiting for [`LinkEndpoint::accept`].
 const ACCEPT_QUEUE: usize = 64;
 
+/// UDP payload size of every datagram on a link. 1200 bytes is QUIC's minimum, so
+/// it fits every path without discovery.
+pub const WIRE_DATAGRAM_SIZE: u16 = 1200;
+
 /// Application close code sent by [`LinkEndpoint::close`] and [`Link::close`].
 const CLOSE_CODE: u32 = 0;
 
@@ -54,7 +59,17 @@ fn transport_config() -> Result<Arc<TransportConfig>, LinkError> {
         // Frames travel on unidirectional streams only; datagrams are too small
         // for a Sphinx packet.
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        // One datagram size on the wire: quinn pads every 1-RTT datagram (ACK-only
+        // ones included) to the path MTU, which is fixed because discovery is off
+        // and the initial and minimum MTU are the same. One datagram per send call
+        // (no GSO) so the socket wrapper sees each datagram.
+        .pad_to_mtu(true)
+        .initial_mtu(WIRE_DATAGRAM_SIZE)
+        .min_mtu(WIRE_DATAGRAM_SIZE)
+        .mtu_discovery_config(None)
+        .enable_segmentation_offload(false)
+        .congestion_controller_factory(Arc::new(crate::congestion::FloorFactory::new()));
     Ok(Arc::new(t))
 }
 
@@ -107,8 +122,18 @@ impl LinkEndpoint {
         })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
-        let endpoint = quinn::Endpoint::server(server, addr)
+        let socket =
+            std::net::UdpSocket::bind(addr).map_err(|source| LinkError::Bind { addr, source })?;
+        let udp = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)
             .map_err(|source| LinkError::Bind { addr, source })?;
+        let padded = Arc::new(PaddingSocket::new(udp, WIRE_DATAGRAM_SIZE));
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            padded,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| LinkError::Bind { addr, source })?;
 
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let acceptor = runtime.spawn(accept_loop(endpoint.clone(), accept_from, tx));

@@ -1,13 +1,16 @@
 #![doc = include_str!("../README.md")]
 
+mod congestion;
 mod endpoint;
 mod error;
 pub mod http;
 mod peers;
+mod socket;
 mod tls;
 
 pub use endpoint::{
     FrameReceiver, FrameSender, IDLE_TIMEOUT, KEEP_ALIVE, Link, LinkEndpoint, MAX_FRAME_SIZE,
+    WIRE_DATAGRAM_SIZE,
 };
 pub use error::LinkError;
 pub use peers::PeerSet;

@@ -222,3 +222,58 @@ fn bind_outside_runtime_is_an_error() {
         Err(LinkError::NoRuntime)
     ));
 }
+
+/// Regression: with every datagram padded, ACK-only packets count as in flight
+/// (RFC 9002) and are acked only when the peer sends something. After the server
+/// pushes a burst, the client's window was full of its own padded ACKs and its next
+/// frame waited for the server's keep-alive (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_after_a_burst_from_the_peer_is_not_held_back() {
+    const ROUNDS: u32 = 200;
+    fn burst(round: u32) -> u32 {
+        1 + (round * 7919) % 60
+    }
+    let (a, b) = (key(50), key(51));
+    let (server, server_addr) = endpoint(&a, PeerSet::from_keys([node_key(&b)]));
+    let (client, _) = endpoint(&b, PeerSet::new());
+    let server_task = tokio::spawn(async move {
+        let link = server.accept().await.unwrap().unwrap();
+        let mut rx = link.accept_frames(FRAME).await.unwrap();
+        let mut tx = link.open_frames(FRAME).await.unwrap();
+        let mut worst = Duration::ZERO;
+        for round in 0..ROUNDS {
+            // A burst like a pull answer, then wait for the client's next frame.
+            let mut batch: Vec<Bytes> = (0..burst(round))
+                .map(|k| Bytes::from(frame(round * 100 + k)))
+                .collect();
+            tx.send_many(&mut batch).await.unwrap();
+            let t = std::time::Instant::now();
+            rx.recv().await.unwrap().unwrap();
+            worst = worst.max(t.elapsed());
+        }
+        (worst, link, server)
+    });
+    let link = within(client.connect(server_addr, node_key(&a)))
+        .await
+        .unwrap();
+    let mut tx = link.open_frames(FRAME).await.unwrap();
+    tx.send(&frame(0)).await.unwrap();
+    let mut rx = link.accept_frames(FRAME).await.unwrap();
+    for round in 0..ROUNDS {
+        for _ in 0..burst(round) {
+            rx.recv().await.unwrap().unwrap();
+        }
+        if round + 1 < ROUNDS {
+            tx.send(&frame(round + 1)).await.unwrap();
+        }
+    }
+    let (worst, _l, _s) = tokio::time::timeout(Duration::from_secs(60), server_task)
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!("worst {worst:?}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "a frame took {worst:?} after a burst"
+    );
+}
