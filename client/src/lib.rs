@@ -4,6 +4,8 @@ pub mod contact;
 pub mod core;
 pub mod driver;
 pub mod group;
+pub mod managed;
+pub mod messenger;
 pub mod schedule;
 pub mod seal;
 pub mod store;

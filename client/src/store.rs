@@ -1,4 +1,5 @@
-//! The client's durable store on redb: identity, the core's snapshot, contacts.
+//! The client's durable store on redb: identity, the core's snapshot, contacts, and the
+//! messenger's state (groups, policy, inbox with TTLs).
 //!
 //! Each write is one redb transaction, committed durably (fsync) before returning. The
 //! driver saves a snapshot after `send_message` (before telling the user the message is
@@ -17,6 +18,7 @@ use shoal_packet::MessageId;
 
 use crate::contact::ContactCard;
 use crate::core::{ClientError, ClientSnapshot, Identity};
+use crate::messenger::MessengerSnapshot;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CONTACTS: TableDefinition<&str, &str> = TableDefinition::new("contacts");
@@ -24,6 +26,9 @@ const CONTACTS: TableDefinition<&str, &str> = TableDefinition::new("contacts");
 /// [`ReceivedMessage`]s.
 const INBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("inbox");
 const SCHEMA_VERSION: u32 = 1;
+/// The messenger's MLS state (secret keys included) and the rest of its state.
+const MESSENGER_GROUPS: &str = "messenger.groups";
+const MESSENGER_STATE: &str = "messenger.state";
 
 fn store_err(op: &'static str) -> impl FnOnce(redb::Error) -> ClientError {
     move |e| ClientError::Store {
@@ -210,6 +215,60 @@ impl ClientStore {
         }
         out.sort_by_key(|m| (m.received_unix_ms, m.message_id));
         Ok(out)
+    }
+
+    /// Stores the messenger's state and, in the same durable transaction, deletes the
+    /// raw inbox entries (`consumed`) it has taken in, so a message is never both lost
+    /// and never processed twice across a crash.
+    pub fn save_messenger(
+        &self,
+        snapshot: &MessengerSnapshot,
+        consumed: &[MessageId],
+    ) -> Result<(), ClientError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| store_err("begin write")(e.into()))?;
+        {
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| store_err("open meta")(e.into()))?;
+            meta.insert(MESSENGER_GROUPS, snapshot.groups.as_slice())
+                .map_err(|e| store_err("write meta")(e.into()))?;
+            meta.insert(MESSENGER_STATE, snapshot.state.as_slice())
+                .map_err(|e| store_err("write meta")(e.into()))?;
+            let mut inbox = txn
+                .open_table(INBOX)
+                .map_err(|e| store_err("open inbox")(e.into()))?;
+            for id in consumed {
+                inbox
+                    .remove(id.as_slice())
+                    .map_err(|e| store_err("remove inbox")(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| store_err("commit")(e.into()))
+    }
+
+    /// The messenger's state, if one was saved.
+    pub fn load_messenger(&self) -> Result<Option<MessengerSnapshot>, ClientError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| store_err("begin read")(e.into()))?;
+        let meta = txn
+            .open_table(META)
+            .map_err(|e| store_err("open meta")(e.into()))?;
+        let get = |key: &str| -> Result<Option<Vec<u8>>, ClientError> {
+            Ok(meta
+                .get(key)
+                .map_err(|e| store_err("read meta")(e.into()))?
+                .map(|v| v.value().to_vec()))
+        };
+        match (get(MESSENGER_GROUPS)?, get(MESSENGER_STATE)?) {
+            (Some(groups), Some(state)) => Ok(Some(MessengerSnapshot { groups, state })),
+            (None, None) => Ok(None),
+            _ => Err(ClientError::Corrupt("messenger state")),
+        }
     }
 
     /// The Ed25519 secret key that authenticates this client's link to its gateway.

@@ -382,6 +382,14 @@ impl GroupManager {
     pub fn stats(&self) -> GroupStats {
         self.stats
     }
+    /// The newest policy of this member's subnet that it holds.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+    /// The member's Ed25519 secret (it signs leaves and direct messages).
+    pub(crate) fn signing_secret(&self) -> [u8; 32] {
+        self.signing_secret
+    }
     /// Replaces the policy with a newer one of the same subnet.
     pub fn update_policy(&mut self, newer: Policy) -> Result<(), GroupError> {
         Ok(self.policy.update(newer)?)

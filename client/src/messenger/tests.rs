@@ -1,0 +1,399 @@
+use super::*;
+use shoal_subnet::{BurnOnRead, CredentialBody, Federation, PolicyBody, RoleRule, SubnetAdmin};
+use shoal_topology::Hex32;
+
+const NOW: u64 = 1_500_000; // ms
+const SETTLE: u64 = 1_000;
+const OPTS: MessageOptions = MessageOptions {
+    ttl_secs: 3600,
+    burn_on_read: false,
+};
+
+fn policy_body(admin: &SubnetAdmin, federated: &[SubnetId], version: u64) -> PolicyBody {
+    PolicyBody {
+        subnet: admin.subnet(),
+        version,
+        issued_at: 1000,
+        roles: vec!["staff".into(), "guest".into()],
+        rules: vec![RoleRule {
+            from: "staff".into(),
+            to: "staff".into(),
+        }],
+        federation: federated
+            .iter()
+            .map(|s| Federation {
+                subnet: *s,
+                local_roles: vec!["staff".into()],
+                remote_roles: vec!["staff".into()],
+            })
+            .collect(),
+        ttl_min_secs: 60,
+        ttl_max_secs: 86_400,
+        burn_on_read: BurnOnRead::Allowed,
+        revoked_keys: vec![],
+        revoked_handles: vec![],
+    }
+}
+
+fn policy(admin: &SubnetAdmin, federated: &[SubnetId]) -> Policy {
+    let signed = admin
+        .issue_policy(policy_body(admin, federated, 1))
+        .unwrap();
+    Policy::verify(&signed.to_bytes(), &admin.subnet()).unwrap()
+}
+
+fn member(admin: &SubnetAdmin, pol: &Policy, handle: &str, role: &str, seed: u8) -> Messenger {
+    let mut secret = [seed; 32];
+    secret[0] = seed.wrapping_add(1);
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let cred = admin
+        .issue_credential(CredentialBody {
+            subnet: admin.subnet(),
+            handle: handle.into(),
+            role: role.into(),
+            signing_key: Hex32(key.verifying_key().to_bytes()),
+            seal_key: Hex32(
+                x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret)).to_bytes(),
+            ),
+            mailbox: Hex32(secret),
+            gateway: Hex32([9; 32]),
+            not_before: 1000,
+            not_after: 100_000,
+        })
+        .unwrap();
+    let config = MessengerConfig {
+        groups: GroupConfig {
+            commit_settle_ms: SETTLE,
+        },
+        ..MessengerConfig::default()
+    };
+    Messenger::new(secret, &cred, pol.clone(), config, NOW).unwrap()
+}
+
+/// Delivers everything queued, repeatedly, to whoever owns the mailbox; returns how many
+/// messages moved.
+fn deliver(ms: &mut [Messenger], now: u64) -> usize {
+    let mut moved = 0;
+    loop {
+        let mut any = false;
+        for i in 0..ms.len() {
+            while let Some(out) = ms[i].poll_outgoing() {
+                any = true;
+                moved += 1;
+                if let Some(j) = ms
+                    .iter()
+                    .position(|m| m.credential().body().mailbox.0 == out.to.mailbox)
+                {
+                    ms[j].handle_incoming(&out.bytes, now);
+                }
+            }
+        }
+        if !any {
+            return moved;
+        }
+    }
+}
+
+fn tick(ms: &mut [Messenger], now: u64) {
+    for m in ms.iter_mut() {
+        m.handle_timeout(now);
+    }
+    deliver(ms, now);
+}
+
+fn events(m: &mut Messenger) -> Vec<MessengerEvent> {
+    std::iter::from_fn(|| m.poll_event()).collect()
+}
+
+fn bodies(m: &mut Messenger) -> Vec<Vec<u8>> {
+    events(m)
+        .into_iter()
+        .filter_map(|e| match e {
+            MessengerEvent::Message { body, .. } => Some(body),
+            _ => None,
+        })
+        .collect()
+}
+
+struct World {
+    a: SubnetAdmin,
+    ms: Vec<Messenger>,
+}
+
+/// ana, al, ax (subnet A), bo (B, federated with A), cy (C, federated with nobody).
+fn world() -> World {
+    let a = SubnetAdmin::from_secret([0xa1; 32]);
+    let b = SubnetAdmin::from_secret([0xb2; 32]);
+    let c = SubnetAdmin::from_secret([0xc3; 32]);
+    let pa = policy(&a, &[b.subnet()]);
+    let pb = policy(&b, &[a.subnet()]);
+    let pc = policy(&c, &[]);
+    let ms = vec![
+        member(&a, &pa, "ana", "staff", 1),
+        member(&a, &pa, "al", "staff", 2),
+        member(&a, &pa, "ax", "staff", 3),
+        member(&b, &pb, "bo", "staff", 4),
+        member(&c, &pc, "cy", "staff", 5),
+    ];
+    World { a, ms }
+}
+
+fn cred(ms: &[Messenger], i: usize) -> MemberCredential {
+    ms[i].credential().clone()
+}
+
+/// ana creates a group and adds `others`; returns its id once everyone joined.
+fn form_group(ms: &mut [Messenger], others: &[usize], now: u64) -> GroupId {
+    let g = ms[0].create_group(now).unwrap();
+    let invites: Vec<Invite> = others.iter().map(|&i| ms[i].invite().unwrap()).collect();
+    ms[0].add_members(&g, &invites, now).unwrap();
+    deliver(ms, now);
+    tick(ms, now + SETTLE);
+    for &i in others {
+        assert!(
+            ms[i].groups().iter().any(|s| s.id == g),
+            "member {i} did not join"
+        );
+    }
+    for m in ms.iter_mut() {
+        events(m);
+    }
+    g
+}
+
+#[test]
+fn direct_policy_refused_at_sender_and_dropped_at_recipient() {
+    let World { mut ms, .. } = world();
+    let (ana, bo) = (cred(&ms, 0), cred(&ms, 3));
+    // Federated: delivered, with the sender named from its credential.
+    ms[0].send_direct(&bo, OPTS, b"hi bo", NOW).unwrap();
+    deliver(&mut ms, NOW);
+    let got = events(&mut ms[3]);
+    assert!(
+        matches!(&got[..], [MessengerEvent::Message { from, group: None, body, .. }]
+            if from == "ana" && body == b"hi bo"),
+        "{got:?}"
+    );
+    // C is not federated with A: cy's own client refuses, naming the rule.
+    let err = ms[4]
+        .send_direct(&ana, OPTS, b"let me in", NOW)
+        .unwrap_err();
+    assert!(
+        matches!(&err, MessengerError::Refused { to, refusal: PolicyRefusal::NotFederated { .. } } if to == "ana"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not federated"), "{err}");
+    assert_eq!(ms[4].stats().sends_refused, 1);
+    assert_eq!(deliver(&mut ms, NOW), 0, "nothing was sent");
+    // A modified client skips its check: ana's client drops and counts it.
+    ms[4].dangerously_send_direct_ignoring_policy(&ana, OPTS, b"let me in");
+    assert_eq!(deliver(&mut ms, NOW), 1);
+    assert_eq!(ms[0].policy_drops(), 1);
+    assert!(ms[0].peek().is_empty());
+    let got = events(&mut ms[0]);
+    assert!(
+        matches!(&got[..], [MessengerEvent::PolicyDrop { handle, refusal: PolicyRefusal::NotFederated { .. }, .. }] if handle == "cy"),
+        "{got:?}"
+    );
+    // Options are policy too: a TTL above the maximum is refused at both ends.
+    let long = MessageOptions {
+        ttl_secs: 100_000,
+        burn_on_read: false,
+    };
+    assert!(matches!(
+        ms[0].send_direct(&bo, long, b"x", NOW),
+        Err(MessengerError::Refused {
+            refusal: PolicyRefusal::Ttl { .. },
+            ..
+        })
+    ));
+    ms[0].dangerously_send_direct_ignoring_policy(&bo, long, b"x");
+    deliver(&mut ms, NOW);
+    assert_eq!(ms[3].policy_drops(), 1);
+    assert_eq!(ms[3].stats().direct_received, 1);
+}
+
+#[test]
+fn forged_or_retargeted_direct_messages_are_dropped() {
+    let World { mut ms, .. } = world();
+    let (al, bo) = (cred(&ms, 1), cred(&ms, 3));
+    // ana signs a message for al; someone re-sends those bytes to bo.
+    ms[0].send_direct(&al, OPTS, b"for al", NOW).unwrap();
+    let out = ms[0].poll_outgoing().unwrap();
+    ms[3].handle_incoming(&out.bytes, NOW);
+    assert_eq!(ms[3].stats().malformed, 1);
+    assert!(ms[3].peek().is_empty());
+    let _ = bo;
+    // Garbage never panics and is counted.
+    ms[3].handle_incoming(b"SM\x01\x01\xff\xff\xff\xff", NOW);
+    ms[3].handle_incoming(b"", NOW);
+    assert_eq!(ms[3].stats().malformed, 3);
+}
+
+#[test]
+fn ttl_expiry_and_burn_on_read() {
+    let World { mut ms, .. } = world();
+    let al = cred(&ms, 1);
+    let burn = MessageOptions {
+        ttl_secs: 60,
+        burn_on_read: true,
+    };
+    let keep = MessageOptions {
+        ttl_secs: 120,
+        burn_on_read: false,
+    };
+    ms[0].send_direct(&al, burn, b"burn me", NOW).unwrap();
+    ms[0].send_direct(&al, keep, b"keep me", NOW).unwrap();
+    deliver(&mut ms, NOW);
+    assert_eq!(ms[1].poll_timeout(), Some(NOW + 60_000));
+    let first = ms[1].read(NOW + 1);
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|m| !m.read));
+    let second = ms[1].read(NOW + 2);
+    assert_eq!(second.len(), 1, "burnt after the first read");
+    assert_eq!(second[0].body, b"keep me");
+    assert!(second[0].read);
+    assert_eq!(ms[1].stats().burnt, 1);
+    // Unread burn-on-read messages still expire; everything goes at its TTL.
+    ms[1].handle_timeout(NOW + 120_000);
+    assert!(ms[1].peek().is_empty());
+    assert_eq!(ms[1].stats().expired, 1);
+    assert_eq!(ms[1].poll_timeout(), None);
+}
+
+#[test]
+fn group_spanning_federated_subnets_and_restart() {
+    let World { mut ms, .. } = world();
+    let g = form_group(&mut ms, &[1, 3], NOW);
+    let now = NOW + 2 * SETTLE;
+    ms[3].send_group(&g, OPTS, b"hello from B", now).unwrap();
+    deliver(&mut ms, now);
+    assert_eq!(bodies(&mut ms[0]), vec![b"hello from B".to_vec()]);
+    assert_eq!(bodies(&mut ms[1]), vec![b"hello from B".to_vec()]);
+    // C may not be added: ana's own policy refuses the invite.
+    let cy_invite = ms[4].invite().unwrap();
+    assert!(matches!(
+        ms[0].add_members(&g, &[cy_invite], now),
+        Err(MessengerError::Refused { .. })
+    ));
+
+    // al restarts from its store: groups, policy and inbox survive.
+    let store = crate::ClientStore::in_memory().unwrap();
+    store
+        .save_messenger(&ms[1].snapshot().unwrap(), &[])
+        .unwrap();
+    let snap = store.load_messenger().unwrap().unwrap();
+    ms[1] = Messenger::restore(&snap, now).unwrap();
+    assert_eq!(ms[1].peek().len(), 1);
+    assert_eq!(ms[1].groups()[0].members.len(), 3);
+    ms[1].send_group(&g, OPTS, b"al is back", now).unwrap();
+    ms[0].send_group(&g, OPTS, b"welcome back", now).unwrap();
+    deliver(&mut ms, now);
+    let mut got = bodies(&mut ms[3]);
+    got.sort();
+    assert_eq!(got, vec![b"al is back".to_vec(), b"welcome back".to_vec()]);
+    assert_eq!(bodies(&mut ms[1]), vec![b"welcome back".to_vec()]);
+    // Policy is enforced after the restart too.
+    let cy = cred(&ms, 4);
+    assert!(ms[1].send_direct(&cy, OPTS, b"x", now).is_err());
+}
+
+#[test]
+fn revocation_removes_the_member_at_the_next_commit() {
+    let World { a, mut ms } = world();
+    let b = SubnetAdmin::from_secret([0xb2; 32]);
+    let g = form_group(&mut ms, &[1, 2, 3], NOW);
+    let ax_key = cred(&ms, 2).signing_key();
+    // The admin revokes ax and publishes policy v2 to A's remaining members.
+    let mut body = policy_body(&a, &[b.subnet()], 2);
+    body.revoked_keys.push(Hex32(ax_key));
+    let update = policy_update(&a.issue_policy(body).unwrap());
+    let t = NOW + 5 * SETTLE;
+    for i in [0, 1] {
+        ms[i].handle_incoming(&update, t);
+        assert!(
+            events(&mut ms[i]).contains(&MessengerEvent::PolicyUpdated { version: 2 }),
+            "member {i}"
+        );
+    }
+    // A policy of another subnet, or a replayed one, is refused.
+    ms[3].handle_incoming(&update, t);
+    ms[0].handle_incoming(&update, t);
+    assert_eq!(ms[3].stats().policies_rejected, 1);
+    assert_eq!(ms[0].stats().policies_rejected, 1);
+    // Both A members commit the removal at once; lowest hash wins, no fork.
+    assert_eq!(ms[0].stats().removals_committed, 1);
+    assert_eq!(ms[1].stats().removals_committed, 1);
+    deliver(&mut ms, t);
+    tick(&mut ms, t + SETTLE);
+    tick(&mut ms, t + 2 * SETTLE);
+    for i in [0, 1, 3] {
+        let members = &ms[i].groups()[0].members;
+        assert_eq!(members.len(), 3, "member {i}: {members:?}");
+        assert!(!members.iter().any(|(h, _)| h == "ax"));
+        let evs = events(&mut ms[i]);
+        assert!(
+            evs.iter().any(|e| matches!(e, MessengerEvent::Group(GroupEvent::MemberRemoved { member, .. }) if member.credential.handle() == "ax")),
+            "member {i}: {evs:?}"
+        );
+    }
+    assert!(ms[2].groups().is_empty(), "ax knows it was removed");
+    let auths: Vec<_> = [0, 1, 3]
+        .iter()
+        .map(|&i| ms[i].group_manager().epoch_authenticator(&g).unwrap())
+        .collect();
+    assert!(auths.windows(2).all(|w| w[0] == w[1]), "one branch");
+    // The group still works, and a revoked member's direct message is dropped.
+    ms[3]
+        .send_group(&g, OPTS, b"after", t + 3 * SETTLE)
+        .unwrap();
+    deliver(&mut ms, t + 3 * SETTLE);
+    assert_eq!(bodies(&mut ms[0]), vec![b"after".to_vec()]);
+    let ana = cred(&ms, 0);
+    ms[2].send_direct(&ana, OPTS, b"still here?", t).unwrap();
+    deliver(&mut ms, t);
+    assert!(matches!(
+        &events(&mut ms[0])[..],
+        [MessengerEvent::PolicyDrop {
+            refusal: PolicyRefusal::Revoked { .. },
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn group_message_before_welcome_is_parked_then_delivered() {
+    let World { mut ms, .. } = world();
+    let g = ms[0].create_group(NOW).unwrap();
+    let inv = ms[1].invite().unwrap();
+    ms[0].add_members(&g, &[inv], NOW).unwrap();
+    deliver(&mut ms, NOW);
+    ms[0].handle_timeout(NOW + SETTLE);
+    let welcome = ms[0].poll_outgoing().unwrap();
+    ms[0].send_group(&g, OPTS, b"early", NOW + SETTLE).unwrap();
+    let early = ms[0].poll_outgoing().unwrap();
+    ms[1].handle_incoming(&early.bytes, NOW + SETTLE);
+    assert!(ms[1].peek().is_empty());
+    ms[1].handle_incoming(&welcome.bytes, NOW + SETTLE);
+    assert_eq!(bodies(&mut ms[1]), vec![b"early".to_vec()]);
+}
+
+#[test]
+fn invites_travel_as_text_and_as_messages() {
+    let World { mut ms, .. } = world();
+    let inv = ms[1].invite().unwrap();
+    let text = invite_to_text(&inv);
+    assert!(text.starts_with("shoal-invite1:"));
+    assert_eq!(invite_from_text(&text).unwrap(), inv);
+    assert!(invite_from_text("shoal1:abc").is_err());
+    let ana = cred(&ms, 0);
+    ms[3].send_invite(&ana, NOW).unwrap();
+    deliver(&mut ms, NOW);
+    assert_eq!(ms[0].received_invites().len(), 1);
+    let g = ms[0].create_group(NOW).unwrap();
+    let from_bo = ms[0].received_invites()[0].invite();
+    ms[0].add_members(&g, &[from_bo], NOW).unwrap();
+    deliver(&mut ms, NOW);
+    tick(&mut ms, NOW + SETTLE);
+    assert_eq!(ms[3].groups().len(), 1);
+}
