@@ -54,6 +54,15 @@ pub enum AuthorityCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show which nodes are in the current and next documents, and why any is left out.
+    Status {
+        /// The authority's HTTP API address.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Print the two rosters as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
@@ -76,7 +85,82 @@ pub fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?
                 .block_on(authority_server::run(cfg))
         }
+        AuthorityCommand::Status { addr, json } => status(addr, json),
     }
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Roster {
+    epoch: u64,
+    published: bool,
+    nodes: Vec<shoal_topology::RosterEntry>,
+}
+
+fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let rosters = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(async {
+            let mut out = Vec::new();
+            for which in ["current", "next"] {
+                let (status, body) = shoal_link::http::get(addr, &format!("/v1/roster/{which}"))
+                    .await
+                    .with_context(|| format!("cannot reach the authority at {addr}"))?;
+                anyhow::ensure!(
+                    status == 200,
+                    "the authority answered {status} for its {which} roster"
+                );
+                let roster: Roster = serde_json::from_slice(&body)
+                    .with_context(|| format!("the authority's {which} roster is not valid JSON"))?;
+                out.push(roster);
+            }
+            anyhow::Ok(out)
+        })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rosters)?);
+        return Ok(());
+    }
+    for (name, r) in ["current", "next"].iter().zip(&rosters) {
+        let state = if r.published {
+            "published"
+        } else {
+            "not yet published; what this authority would vote"
+        };
+        println!("{name} epoch {} ({state}):", r.epoch);
+        if r.nodes.is_empty() {
+            println!("  no nodes");
+        }
+        for n in &r.nodes {
+            use shoal_topology::Inclusion;
+            let why = match &n.inclusion {
+                Inclusion::Included { layer: Some(l) } => format!("in, layer {l}"),
+                Inclusion::Included { layer: None } => "in".to_owned(),
+                Inclusion::Stale {
+                    published_unix,
+                    oldest_accepted_unix,
+                } => format!(
+                    "left out: descriptor published at {published_unix}, before {oldest_accepted_unix} (node stopped re-publishing, or its clock is behind)"
+                ),
+                Inclusion::NoKeyForEpoch => {
+                    "left out: its descriptor has no Sphinx key for this epoch".to_owned()
+                }
+                Inclusion::NotInPublished => {
+                    "left out: arrived after the document was agreed; in a later one".to_owned()
+                }
+            };
+            let role = match n.role {
+                shoal_topology::Role::Relay => "relay",
+                shoal_topology::Role::Gateway => "gateway",
+            };
+            println!(
+                "  {role:<7} {} {:<21} {why}",
+                hex::encode(n.identity.0),
+                n.link_addr
+            );
+        }
+    }
+    Ok(())
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<Peer> {

@@ -113,9 +113,30 @@ pub fn respond(auth: &mut Authority, network: &[u8], req: &Request, now: u64) ->
             Some(doc) => json(doc.to_json()),
             None => Response::not_found(),
         },
-        (_, ["v1", "network" | "descriptor" | "descriptors"] | ["v1", "vote" | "document", _]) => {
-            Response::text(405, "method not allowed\n")
+        ("GET", ["v1", "roster", which]) => {
+            let current = auth.config().schedule.epoch_at(now);
+            let e = match *which {
+                "current" => Some(current),
+                "next" => Some(current + 1),
+                e => epoch(e),
+            };
+            match e {
+                Some(e) => json(
+                    serde_json::to_vec(&serde_json::json!({
+                        "epoch": e,
+                        "published": auth.document(e).is_some(),
+                        "nodes": auth.roster(e),
+                    }))
+                    .unwrap_or_default(),
+                ),
+                None => Response::not_found(),
+            }
         }
+        (
+            _,
+            ["v1", "network" | "descriptor" | "descriptors"]
+            | ["v1", "vote" | "document" | "roster", _],
+        ) => Response::text(405, "method not allowed\n"),
         _ => Response::not_found(),
     }
 }

@@ -12,6 +12,7 @@ mod gateway_cmd;
 mod relay_cmd;
 mod runtime;
 mod sim_cmd;
+mod status;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -36,6 +36,12 @@ pub enum RelayCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print a running relay's health from its /metrics; exits 1 if it has a problem.
+    Status {
+        /// The relay's config file (for its metrics address).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
@@ -91,6 +97,10 @@ pub fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 relay.shutdown().await;
                 Ok(())
             })
+        }
+        RelayCommand::Status { config } => {
+            let config = Config::load(&config)?;
+            crate::status::report(config.metrics_listen, "relay")
         }
     }
 }

@@ -274,6 +274,44 @@ async fn three_authorities_publish_one_document() {
     assert_eq!(network["authorities"]["threshold"], 2);
     assert_eq!(network["schedule"]["length_secs"], 3600);
 
+    // An operator asks why a node is missing: one whose descriptor has no key for epoch 0.
+    let keyless = {
+        let key = SigningKey::from_bytes(&[77; 32]);
+        Descriptor {
+            identity: Hex32(key.verifying_key().to_bytes()),
+            role: Role::Relay,
+            link_addr: "127.0.0.1:9077".into(),
+            sphinx_keys: vec![SphinxKeyEntry {
+                epoch: 5,
+                key: Hex32([77; 32]),
+            }],
+            published_unix: now,
+        }
+        .sign(&key)
+        .unwrap()
+    };
+    post_all(addrs[0], &[keyless]).await;
+    let status = shoal(&["authority", "status", "--addr", &addrs[0].to_string()]);
+    let current: Vec<&str> = status.split("next epoch").next().unwrap().lines().collect();
+    assert!(
+        current[0].starts_with("current epoch 0 (published)"),
+        "{status}"
+    );
+    let included = current
+        .iter()
+        .filter(|l| l.starts_with("  ") && !l.contains("left out"))
+        .count();
+    assert_eq!(included, 7, "{status}");
+    let missing: Vec<_> = current
+        .iter()
+        .filter(|l| l.contains("127.0.0.1:9077"))
+        .collect();
+    assert_eq!(missing.len(), 1, "{status}");
+    assert!(
+        missing[0].contains("no Sphinx key for this epoch"),
+        "{status}"
+    );
+
     let logs = procs.logs();
     assert!(logs.contains("published directory document"), "{logs}");
     assert!(!logs.contains("WARN") && !logs.contains("ERROR"), "{logs}");

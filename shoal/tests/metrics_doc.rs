@@ -73,6 +73,8 @@ async fn running_gateway_exports_exactly_the_documented_metrics() {
     let cfg = TestnetConfig {
         relays_per_layer: 1,
         bootstrap_secs: 1,
+        // Relay loop cover, so links open and the status has loops to report.
+        lambda_m: 5.0,
         ..TestnetConfig::default()
     };
     let mut net = Testnet::start(&shoal, tmp.path(), &cfg).unwrap();
@@ -103,5 +105,51 @@ async fn running_gateway_exports_exactly_the_documented_metrics() {
         undocumented.is_empty() && missing.is_empty(),
         "docs/metrics.md is out of date: exported but undocumented {undocumented:?}, \
          documented but not exported {missing:?}"
+    );
+
+    // `shoal relay status` reads the same endpoint: healthy once the relay has a
+    // directory and links (exit 0), with the figures an operator looks at.
+    let relay_config = tmp.path().join("relay0").join("relay.toml");
+    let mut last = None;
+    let mut failing = String::new();
+    for _ in 0..100 {
+        let out = std::process::Command::new(&shoal)
+            .args(["relay", "status", "--config"])
+            .arg(&relay_config)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            last = Some(text);
+            break;
+        }
+        failing = text;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = last.unwrap_or_else(|| panic!("the relay never reported healthy:\n{failing}"));
+    for line in [
+        "directory      epoch",
+        "links",
+        "loop cover",
+        "health         ok",
+    ] {
+        assert!(status.contains(line), "{status}");
+    }
+    // A node that is not running is an error, not a silent "ok".
+    drop(net);
+    let out = std::process::Command::new(&shoal)
+        .args(["relay", "status", "--config"])
+        .arg(&relay_config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not answering"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -42,6 +42,50 @@ struct Ballot {
     signatures: BTreeMap<[u8; 32], AuthoritySignature>,
 }
 
+/// Whether a node is in an epoch's document, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Inclusion {
+    /// Listed; relays with their layer.
+    Included { layer: Option<u8> },
+    /// Its newest descriptor is older than the epoch accepts (the node stopped
+    /// re-publishing, or its clock is behind).
+    Stale {
+        published_unix: u64,
+        oldest_accepted_unix: u64,
+    },
+    /// Its descriptor announces no Sphinx key for the epoch.
+    NoKeyForEpoch,
+    /// Usable now, but the epoch's document was agreed before its descriptor arrived; it
+    /// will be in a later one.
+    NotInPublished,
+}
+
+/// One line of [`Authority::roster`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RosterEntry {
+    pub identity: Hex32,
+    pub role: Role,
+    pub link_addr: String,
+    #[serde(flatten)]
+    pub inclusion: Inclusion,
+}
+
+/// Why descriptor `d` cannot be in `epoch`'s document, if it cannot. The one rule
+/// `build_body` and `roster` share.
+fn exclusion(d: &Descriptor, epoch: u64, oldest_accepted_unix: u64) -> Option<Inclusion> {
+    if d.published_unix < oldest_accepted_unix {
+        Some(Inclusion::Stale {
+            published_unix: d.published_unix,
+            oldest_accepted_unix,
+        })
+    } else if d.key_for(epoch).is_none() {
+        Some(Inclusion::NoKeyForEpoch)
+    } else {
+        None
+    }
+}
+
 /// One authority's state.
 #[derive(Debug)]
 pub struct Authority {
@@ -152,6 +196,50 @@ impl Authority {
             .map(|p| &p.body)
     }
 
+    /// Every node we hold a descriptor for or that `epoch`'s document lists, and whether
+    /// (and why not) it is in that document: the published one if there is one, else the
+    /// body our current inputs build. For operators asking "why is my node not in?".
+    pub fn roster(&self, epoch: u64) -> Vec<RosterEntry> {
+        let oldest = self
+            .config
+            .schedule
+            .start_of(epoch)
+            .saturating_sub(self.config.descriptor_max_age_secs);
+        let published = self.published.get(&epoch).map(|p| &p.body);
+        let body = match published {
+            Some(b) => b.clone(),
+            None => self.build_body(epoch),
+        };
+        let listed: BTreeMap<NodeId, &NodeEntry> =
+            body.nodes.iter().map(|n| (n.identity.0, n)).collect();
+        let mut out: BTreeMap<NodeId, RosterEntry> = BTreeMap::new();
+        for (id, (_, d)) in &self.descriptors {
+            let inclusion = match (listed.get(id), exclusion(d, epoch, oldest)) {
+                (Some(n), _) => Inclusion::Included { layer: n.layer },
+                (None, Some(why)) => why,
+                (None, None) => Inclusion::NotInPublished,
+            };
+            out.insert(
+                *id,
+                RosterEntry {
+                    identity: d.identity,
+                    role: d.role,
+                    link_addr: d.link_addr.clone(),
+                    inclusion,
+                },
+            );
+        }
+        for (id, n) in listed {
+            out.entry(id).or_insert_with(|| RosterEntry {
+                identity: n.identity,
+                role: n.role,
+                link_addr: n.link_addr.clone(),
+                inclusion: Inclusion::Included { layer: n.layer },
+            });
+        }
+        out.into_values().collect()
+    }
+
     /// Builds the body for `epoch` from our current inputs. Pure and deterministic.
     pub fn build_body(&self, epoch: u64) -> DocumentBody {
         let schedule = &self.config.schedule;
@@ -162,7 +250,7 @@ impl Authority {
             .descriptors
             .values()
             .map(|(_, d)| d)
-            .filter(|d| d.published_unix >= oldest && d.key_for(epoch).is_some())
+            .filter(|d| exclusion(d, epoch, oldest).is_none())
             .collect();
         let prev = self.previous(epoch);
         let shared_random = shared_random(epoch, prev.map(|p| p.shared_random.0), &usable);
@@ -606,6 +694,64 @@ mod tests {
             .unwrap()
             .check_valid_at(now)
             .unwrap()
+    }
+
+    #[test]
+    fn roster_says_why_a_node_is_left_out() {
+        let now = GENESIS + 5 * LENGTH + 30; // epoch 5
+        let mut a = authorities(1, 1).remove(0);
+        let fresh: Vec<SignedDescriptor> = (1..=3).map(|i| node(i, now - 10, &[5, 6])).collect();
+        feed(&mut a, &fresh, now);
+        // No key for epoch 5.
+        feed(&mut a, &[node(4, now - 10, &[6, 7])], now);
+        // Older than descriptor_max_age before the start of epoch 5.
+        let start = GENESIS + 5 * LENGTH;
+        feed(&mut a, &[node(5, start - 1001, &[5, 6])], now);
+
+        let roster = a.roster(5);
+        assert_eq!(roster.len(), 5);
+        let of = |i: u8| {
+            let id = node_key(i).verifying_key().to_bytes();
+            roster
+                .iter()
+                .find(|e| e.identity.0 == id)
+                .unwrap()
+                .inclusion
+                .clone()
+        };
+        for i in 1..=3 {
+            assert!(matches!(of(i), Inclusion::Included { layer: Some(_) }));
+        }
+        assert_eq!(of(4), Inclusion::NoKeyForEpoch);
+        assert_eq!(
+            of(5),
+            Inclusion::Stale {
+                published_unix: start - 1001,
+                oldest_accepted_unix: start - 1000,
+            }
+        );
+        // The roster agrees with the body the authority would sign.
+        let listed = a.build_body(5).nodes.len();
+        let included = roster
+            .iter()
+            .filter(|e| matches!(e.inclusion, Inclusion::Included { .. }))
+            .count();
+        assert_eq!(listed, included);
+
+        // Once a document is published without a late node, the roster says so.
+        let doc_epoch = 5;
+        a.vote(doc_epoch).unwrap();
+        assert!(a.document(doc_epoch).is_some());
+        feed(&mut a, &[node(6, now - 5, &[5, 6])], now);
+        let late = node_key(6).verifying_key().to_bytes();
+        let entry = a
+            .roster(doc_epoch)
+            .into_iter()
+            .find(|e| e.identity.0 == late)
+            .unwrap();
+        assert_eq!(entry.inclusion, Inclusion::NotInPublished);
+        let json = serde_json::to_string(&entry).unwrap();
+        assert!(json.contains("\"status\":\"not_in_published\""), "{json}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod route;
 mod encoding;
 mod error;
 
-pub use authority::{Authority, AuthorityConfig};
+pub use authority::{Authority, AuthorityConfig, Inclusion, RosterEntry};
 pub use descriptor::{Descriptor, SignedDescriptor, SphinxKeyEntry};
 pub use document::{
     AuthoritySet, AuthoritySignature, DocumentBody, NodeEntry, SignatureChecked, SignedDocument,
