@@ -1,0 +1,187 @@
+//! A testnet (authority, 3 × 2 relays, 2 gateways as real processes) with clients
+//! set up the way a person does it: `shoal client init`, then the gateway operator's
+//! `shoal gateway account add`. Shared by the CLI and packet-capture tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use shoal_bench::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
+
+pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// One client directory made by `shoal client init`.
+#[derive(Debug, Clone)]
+pub struct ClientDir {
+    pub name: String,
+    pub dir: PathBuf,
+    pub card: String,
+    pub gateway: usize,
+}
+
+/// Runs `shoal ARGS`, panics with its stderr unless it succeeds; returns stdout.
+pub fn shoal(args: &[&str]) -> String {
+    let out = shoal_output(args);
+    assert!(
+        out.status.success(),
+        "`shoal {}` failed: {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn shoal_output(args: &[&str]) -> Output {
+    Command::new(SHOAL)
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .expect("cannot run shoal")
+}
+
+/// Starts the network and sets up `clients` (name, gateway index) before the
+/// authority's first document, so both gateways are in it.
+pub fn start(
+    dir: &Path,
+    rates: Option<[f64; 3]>,
+    clients: &[(&str, usize)],
+) -> (Testnet, Vec<GatewayInit>, Vec<ClientDir>) {
+    let cfg = TestnetConfig {
+        bootstrap_secs: 6,
+        workers: Some(1),
+        lambda_m: 1.0,
+        client_rates: rates,
+        ..TestnetConfig::default()
+    };
+    let shoal_bin = Path::new(SHOAL);
+    let mut net = Testnet::start(shoal_bin, &dir.join("net"), &cfg).expect("testnet");
+    let gateways: Vec<GatewayInit> = (0..2)
+        .map(|g| {
+            net.init_gateway(shoal_bin, g, &GatewayOptions::default())
+                .expect("gateway init")
+        })
+        .collect();
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let mut made = Vec::new();
+    for &(name, g) in clients {
+        let gw = &gateways[g];
+        let cdir = dir.join(name);
+        let out = shoal(&[
+            "client",
+            "init",
+            "--dir",
+            &cdir.to_string_lossy(),
+            "--gateway",
+            &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
+            "--gateway-client-addr",
+            &gw.client_addr.to_string(),
+            "--authority",
+            &authority,
+            "--threshold",
+            "1",
+            "--name",
+            name,
+        ]);
+        let field = |prefix: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("client init printed no {prefix:?}: {out}"))
+                .trim()
+                .to_string()
+        };
+        let hex32 = |s: String| {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(&s, &mut b).unwrap();
+            b
+        };
+        // What the gateway operator runs, with the values `client init` printed.
+        Testnet::add_account(
+            shoal_bin,
+            gw,
+            &hex32(field("account key: ")),
+            &hex32(field("mailbox: ")),
+        )
+        .expect("account add");
+        made.push(ClientDir {
+            name: name.to_string(),
+            dir: cdir,
+            card: field("contact card: "),
+            gateway: g,
+        });
+    }
+    for gw in &gateways {
+        net.run_gateway(shoal_bin, gw.clone()).expect("gateway run");
+    }
+    (net, gateways, made)
+}
+
+/// Rewrites `pull_interval_ms` in a client's config.
+pub fn set_pull_interval(client: &ClientDir, ms: u64) {
+    let path = client.dir.join("client.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("pull_interval_ms") {
+                format!("pull_interval_ms = {ms}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert!(
+        text.iter()
+            .any(|l| l == &format!("pull_interval_ms = {ms}"))
+    );
+    std::fs::write(&path, text.join("\n") + "\n").unwrap();
+}
+
+/// `shoal client run` in the background; stdout goes to `DIR/run.out`.
+pub fn run_client(client: &ClientDir) -> Proc {
+    let out = std::fs::File::create(client.dir.join("run.out")).unwrap();
+    let err = std::fs::File::create(client.dir.join("run.log")).unwrap();
+    let child = Command::new(SHOAL)
+        .args([
+            "client",
+            "run",
+            "--config",
+            &client.dir.join("client.toml").to_string_lossy(),
+        ])
+        .env("SHOAL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("client run");
+    Proc::from_child(&client.name, child)
+}
+
+/// Asks a process to stop as a person would (Ctrl-C / SIGTERM).
+pub fn sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+/// What a background client printed so far.
+pub fn run_output(client: &ClientDir) -> String {
+    std::fs::read_to_string(client.dir.join("run.out")).unwrap_or_default()
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "shoal-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
