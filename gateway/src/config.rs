@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use shoal_relay::config::{AuthorityAddr, RawDirectory, render_authorities, toml_str};
 
+use shoal_subnet::SubnetId;
+use shoal_topology::Hex32;
+
 use crate::GatewayError;
 use crate::mailbox::{DEFAULT_PULL_BATCH, MailboxConfig};
 use crate::store::StoreConfig;
@@ -41,6 +44,9 @@ pub struct RawConfig {
     pub delay_queue_capacity: Option<usize>,
     pub replay_capacity: Option<usize>,
     pub peer_queue_capacity: Option<usize>,
+    /// Hosted subnets: their admin Ed25519 public keys (hex).
+    #[serde(default)]
+    pub subnets: Vec<String>,
     pub directory: RawDirectory,
     #[serde(default)]
     pub mailbox: RawMailbox,
@@ -78,6 +84,9 @@ pub struct Config {
     /// Quota of accounts added without one.
     pub default_quota: u32,
     pub store: StoreConfig,
+    /// Subnets hosted here: only their admins may connect as admins, and only their
+    /// signed commands are applied.
+    pub subnets: Vec<SubnetId>,
 }
 
 impl Config {
@@ -126,8 +135,23 @@ impl Config {
                 format!("{:?} is not ip:port", raw.client_listen),
             )
         })?;
+        let mut subnets = Vec::with_capacity(raw.subnets.len());
+        for text in &raw.subnets {
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(text.trim(), &mut key)
+                .ok()
+                .filter(|_| ed25519_dalek::VerifyingKey::from_bytes(&key).is_ok())
+                .ok_or_else(|| {
+                    bad(
+                        "subnets",
+                        format!("{text:?} is not a hex Ed25519 public key"),
+                    )
+                })?;
+            subnets.push(Hex32(key));
+        }
         let m = raw.mailbox;
         let config = Config {
+            subnets,
             node,
             client_listen,
             mailbox: MailboxConfig {
@@ -227,6 +251,8 @@ pub struct InitOptions {
     pub authorities: Vec<AuthorityAddr>,
     /// Defaults to a majority of `authorities`.
     pub threshold: Option<usize>,
+    /// Hosted subnets (admin public keys).
+    pub subnets: Vec<SubnetId>,
 }
 
 /// The commented config `shoal gateway init` writes. `data_dir` is the file's own directory.
@@ -261,6 +287,11 @@ client_listen = {client}
 {metrics}
 # Unwrapping worker threads. Defaults to the number of CPU cores.
 # workers = 2
+
+# Subnets hosted here: each admin's Ed25519 public key (hex), as `shoal admin init`
+# prints it. Only these admins may connect to `client_listen` as admins, and only
+# commands they signed (create/de-provision accounts, quotas, policy) are applied.
+{subnets}
 
 # Frames that may wait for a worker (all workers together); beyond it they are shed.
 # queue_capacity = 8192
@@ -303,6 +334,16 @@ queue_capacity = {store_queue}
         redelivery = DEFAULT_REDELIVERY_SECS,
         max_batch = store.max_batch,
         store_queue = store.queue_capacity,
+        subnets = if opts.subnets.is_empty() {
+            "# subnets = [\"<hex admin key>\"]".to_owned()
+        } else {
+            let list: Vec<String> = opts
+                .subnets
+                .iter()
+                .map(|s| toml_str(&hex::encode(s.0)))
+                .collect();
+            format!("subnets = [{}]", list.join(", "))
+        },
     )
 }
 
@@ -397,6 +438,7 @@ mod tests {
                 "`mailbox.default_quota`",
             ),
             (minimal("", "[store]\nmax_batch = 0\n"), "`store.max_batch`"),
+            (minimal("subnets = [\"00\"]", ""), "`subnets`"),
             (
                 minimal("", "").replace("threshold = 1", "threshold = 2"),
                 "`directory.threshold`",
@@ -426,6 +468,7 @@ mod tests {
                 key,
             }],
             threshold: None,
+            subnets: vec![Hex32(key)],
         };
         let dir = tempfile::tempdir().unwrap();
         let (path, id) = init_dir(dir.path(), &opts).unwrap();
@@ -433,6 +476,7 @@ mod tests {
         assert_eq!(c.node.authorities, opts.authorities);
         assert_eq!(c.node.metrics_listen, opts.metrics_listen);
         assert_eq!(c.client_listen, opts.client_listen);
+        assert_eq!(c.subnets, opts.subnets);
         let identity = shoal_relay::keystore::load_identity(&c.node.identity_path()).unwrap();
         assert_eq!(identity.verifying_key().to_bytes(), id);
         assert!(matches!(

@@ -12,7 +12,7 @@
 //! final-hop packets to the mailbox task, gateway families on `/metrics`), then the
 //! mailbox task, which alone owns the [`Mailbox`] core, and the client endpoint.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,15 +25,20 @@ use shoal_packet::frame::FRAME_VERSION;
 use shoal_packet::sphinx::{MailboxAddress, SurbId};
 use shoal_packet::{FRAME_SIZE, Frame, FrameKind};
 use shoal_relay::{Event, NodeHooks, Pipeline, RelayHandle, RelayStats};
-use shoal_topology::{Role, Topology};
+use shoal_subnet::{AccountAction, SubnetId};
+use shoal_topology::{Hex32, Role, Topology};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, trace, warn};
 
 use crate::config::Config;
-use crate::mailbox::{AccountKey, AckToSend, ItemId, Mailbox, PullPlan, WriteBatch};
+use crate::mailbox::{AccountKey, AckToSend, BatchId, ItemId, Mailbox, PullPlan, WriteBatch};
 use crate::metrics::{AckDrop, GatewayStats, Metrics};
-use crate::protocol::{ClientMsg, ErrorCode, GatewayMsg, directory_chunks};
+use crate::protocol::{
+    AdminRefusal, ChunkAssembler, ClientMsg, ErrorCode, GatewayMsg, MAX_ADMIN_CHUNKS,
+    MAX_CHUNK_BYTES, directory_chunks,
+};
+use crate::remote_admin::{CheckedAdmin, Refusal, check_command};
 use crate::store::{Store, TrySubmitError};
 use crate::{CommitResult, GatewayError};
 
@@ -45,6 +50,11 @@ const CLIENT_QUEUE: usize = 64;
 const EXPIRE_CHECK: Duration = Duration::from_secs(60);
 /// How long a refused client gets to read its `Error` frame before the link closes.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// An admin link with nothing to say for this long is closed.
+const ADMIN_IDLE: Duration = Duration::from_secs(30);
+
+/// The answer to one admin command, once durable (or refused).
+type AdminReply = oneshot::Sender<Result<(), Refusal>>;
 
 /// A packet that ended here, on its way from a worker to the mailbox task.
 struct Delivery {
@@ -55,9 +65,22 @@ struct Delivery {
 
 /// What client links ask of the mailbox task.
 enum Request {
+    /// A client link opened; if `key` is an account, `link` is remembered so a
+    /// de-provision or revocation can close it at once.
     Authenticate {
         key: AccountKey,
+        link: Link,
         reply: oneshot::Sender<bool>,
+    },
+    /// The client link `id` of `key` ended.
+    Gone {
+        key: AccountKey,
+        id: usize,
+    },
+    /// An admin command whose signature checked out.
+    Admin {
+        checked: Box<CheckedAdmin>,
+        reply: AdminReply,
     },
     Pull {
         key: AccountKey,
@@ -272,6 +295,8 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
         store: Some(store.clone()),
         pipeline: pipeline.clone(),
         me,
+        links: HashMap::new(),
+        admin_waiters: HashMap::new(),
         metrics: metrics.clone(),
         deliveries: delivery_rx,
         requests: request_rx,
@@ -283,6 +308,7 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
     let mailbox_task = tokio::spawn(task.run().instrument(tracing::info_span!("mailbox")));
 
     let clients = Arc::new(Clients {
+        hosted: config.subnets.clone(),
         requests: request_tx,
         store: Arc::downgrade(&store),
         pipeline: pipeline.clone(),
@@ -320,6 +346,10 @@ struct MailboxTask {
     store: Option<Arc<Store>>,
     pipeline: Pipeline,
     me: NodeKey,
+    /// Live client links per account, closed when the account is cut.
+    links: HashMap<AccountKey, Vec<Link>>,
+    /// Admins waiting for the batch that carries their command to become durable.
+    admin_waiters: HashMap<BatchId, AdminReply>,
     metrics: Arc<Metrics>,
     deliveries: mpsc::Receiver<Delivery>,
     requests: mpsc::Receiver<Request>,
@@ -387,9 +417,22 @@ impl MailboxTask {
 
     fn on_request(&mut self, request: Request) {
         match request {
-            Request::Authenticate { key, reply } => {
-                let _ = reply.send(self.mailbox.is_account(&key));
+            Request::Authenticate { key, link, reply } => {
+                let known = self.mailbox.is_account(&key);
+                if known {
+                    self.links.entry(key).or_default().push(link);
+                }
+                let _ = reply.send(known);
             }
+            Request::Gone { key, id } => {
+                if let Some(links) = self.links.get_mut(&key) {
+                    links.retain(|l| l.connection().stable_id() != id);
+                    if links.is_empty() {
+                        self.links.remove(&key);
+                    }
+                }
+            }
+            Request::Admin { checked, reply } => self.on_admin(*checked, reply),
             Request::Pull { key, reply } => {
                 let _ = reply.send(self.mailbox.pull(&key, SystemTime::now()));
             }
@@ -397,6 +440,41 @@ impl MailboxTask {
                 // An unknown account here was deleted while connected; its link finds out
                 // on its next pull.
                 let _ = self.mailbox.ack(&key, &ids);
+            }
+        }
+    }
+
+    /// Applies a checked admin command through the core. Its batch is taken now so the
+    /// admin is answered when exactly that batch is durable.
+    fn on_admin(&mut self, checked: CheckedAdmin, reply: AdminReply) {
+        let me = Hex32(self.me);
+        match self.mailbox.apply_admin(checked, &me, SystemTime::now()) {
+            Err(refusal) => {
+                let _ = reply.send(Err(refusal));
+            }
+            Ok(applied) => {
+                for key in &applied.cut {
+                    // Access stops now: the core already refuses this key, and its live
+                    // links are closed without waiting for the write.
+                    for link in self.links.remove(key).unwrap_or_default() {
+                        link.close();
+                    }
+                }
+                if !applied.cut.is_empty() {
+                    info!(
+                        links_cut = applied.cut.len(),
+                        "accounts cut by an admin command"
+                    );
+                }
+                match self.mailbox.poll_write() {
+                    Some(batch) => {
+                        self.admin_waiters.insert(batch.id(), reply);
+                        self.pending.push_back(batch);
+                    }
+                    None => {
+                        let _ = reply.send(Err((AdminRefusal::Internal, "nothing to write")));
+                    }
+                }
             }
         }
     }
@@ -428,6 +506,7 @@ impl MailboxTask {
                 Err(TrySubmitError::Closed(failed)) => {
                     warn!("mailbox store writer is gone; deliveries are not acknowledged");
                     self.mailbox.on_commit_failed(&failed);
+                    self.answer_admin(failed.batch, false);
                 }
             }
         }
@@ -440,6 +519,11 @@ impl MailboxTask {
         if let Err(f) = &c.result {
             warn!(error = %f.error, "a mailbox write failed; its acks are withheld");
         }
+        let batch = match &c.result {
+            Ok(done) => done.batch(),
+            Err(f) => f.batch,
+        };
+        self.answer_admin(batch, c.result.is_ok());
         let acks = self.mailbox.on_commit(c.result);
         if acks.is_empty() {
             return;
@@ -453,6 +537,20 @@ impl MailboxTask {
                 }
                 Err(why) => self.metrics.ack_dropped(why),
             }
+        }
+    }
+
+    /// Answers the admin whose command rode in `batch`, if any.
+    fn answer_admin(&mut self, batch: BatchId, durable: bool) {
+        if let Some(reply) = self.admin_waiters.remove(&batch) {
+            let _ = reply.send(if durable {
+                Ok(())
+            } else {
+                Err((
+                    AdminRefusal::Internal,
+                    "the store could not make the change durable",
+                ))
+            });
         }
     }
 
@@ -510,6 +608,8 @@ impl MailboxTask {
 
 /// What every client link task shares.
 struct Clients {
+    /// Subnets hosted here; their admin keys get admin links.
+    hosted: Vec<SubnetId>,
     requests: mpsc::Sender<Request>,
     /// Weak, so a lingering client task cannot keep the store open after shutdown.
     store: std::sync::Weak<Store>,
@@ -552,9 +652,17 @@ async fn ask<T>(clients: &Clients, make: impl FnOnce(oneshot::Sender<T>) -> Requ
 
 async fn client_task(link: Link, clients: Arc<Clients>) {
     let key = link.peer();
-    let known = ask(&clients, |reply| Request::Authenticate { key, reply })
-        .await
-        .unwrap_or(false);
+    if clients.hosted.contains(&Hex32(key)) {
+        admin_task(link, &clients).await;
+        return;
+    }
+    let known = ask(&clients, |reply| Request::Authenticate {
+        key,
+        link: link.clone(),
+        reply,
+    })
+    .await
+    .unwrap_or(false);
     if !known {
         clients
             .metrics
@@ -576,7 +684,94 @@ async fn client_task(link: Link, clients: Arc<Clients>) {
     drop(control_tx);
     responder.abort();
     m.clients_connected.fetch_sub(1, Ordering::Relaxed);
+    let id = link.connection().stable_id();
+    let _ = clients.requests.send(Request::Gone { key, id }).await;
     trace!("client link closed");
+}
+
+/// A link authenticated by a hosted subnet's admin key: reads `AdminChunk`s, and for
+/// each complete command checks its signature (on a blocking thread: public-key work),
+/// has the mailbox task apply it, and answers with one `AdminResult` once it is durable.
+async fn admin_task(link: Link, clients: &Clients) {
+    let m = &clients.metrics;
+    let Ok(Ok(mut rx)) = tokio::time::timeout(ADMIN_IDLE, link.accept_frames(FRAME_SIZE)).await
+    else {
+        link.close();
+        return;
+    };
+    let mut out: Option<FrameSender> = None;
+    let mut assembler = ChunkAssembler::new(MAX_CHUNK_BYTES * usize::from(MAX_ADMIN_CHUNKS));
+    loop {
+        let bytes = match tokio::time::timeout(ADMIN_IDLE, rx.recv()).await {
+            Ok(Ok(Some(b))) => b.to_vec(),
+            _ => break,
+        };
+        let chunk = Frame::decode(&bytes)
+            .map_err(GatewayError::Frame)
+            .and_then(|f| ClientMsg::from_frame(&f));
+        let outcome = match chunk {
+            Ok(ClientMsg::AdminChunk {
+                index,
+                count,
+                bytes,
+            }) if count <= MAX_ADMIN_CHUNKS => match assembler.push(index, count, &bytes) {
+                Ok(None) => continue,
+                Ok(Some(command)) => admin_command(command, clients).await,
+                Err(_) => Err((AdminRefusal::Malformed, "admin command too long")),
+            },
+            _ => Err((AdminRefusal::Malformed, "expected an admin chunk")),
+        };
+        let (refusal, message) = match outcome {
+            Ok(()) => {
+                m.admin_applied.fetch_add(1, Ordering::Relaxed);
+                (None, "applied".to_owned())
+            }
+            Err((cause, message)) => {
+                m.admin_refused(cause);
+                info!(cause = cause.label(), "admin command refused");
+                (Some(cause), message.to_owned())
+            }
+        };
+        let answer = GatewayMsg::AdminResult { refusal, message };
+        let Ok(frame) = answer.to_frame() else { break };
+        if out.is_none() {
+            match link.open_frames(FRAME_SIZE).await {
+                Ok(s) => out = Some(s),
+                Err(_) => break,
+            }
+        }
+        let Some(tx) = out.as_mut() else { break };
+        if tx.send(frame.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    if let Some(mut tx) = out {
+        let _ = tx.finish();
+        let _ = tokio::time::timeout(REFUSAL_LINGER, link.connection().closed()).await;
+    }
+    link.close();
+}
+
+/// Checks one assembled command and has the mailbox task apply it.
+async fn admin_command(command: Vec<u8>, clients: &Clients) -> Result<(), Refusal> {
+    let hosted = clients.hosted.clone();
+    let checked = tokio::task::spawn_blocking(move || check_command(&command, &hosted))
+        .await
+        .map_err(|_| (AdminRefusal::Internal, "check task failed"))??;
+    let action = match checked.command.action() {
+        AccountAction::CreateAccount { .. } => "create_account",
+        AccountAction::Deprovision { .. } => "deprovision",
+        AccountAction::SetQuota { .. } => "set_quota",
+        AccountAction::PublishPolicy { .. } => "publish_policy",
+    };
+    let checked = Box::new(checked);
+    let result = ask(clients, |reply| Request::Admin { checked, reply })
+        .await
+        .unwrap_or(Err((AdminRefusal::Internal, "gateway is shutting down")));
+    if result.is_ok() {
+        info!(action, "admin command applied");
+    }
+    result
 }
 
 /// Sends one `Error` frame, gives the client a moment to read it, and closes.
@@ -668,6 +863,14 @@ async fn respond(
             }
             Control::Msg(ClientMsg::Pull) => pull(&clients, key).await,
             Control::Msg(ClientMsg::GetDirectory) => (directory(&clients.pipeline), false),
+            // Only admin links (a hosted subnet's key) may send commands.
+            Control::Msg(ClientMsg::AdminChunk { .. }) => (
+                vec![GatewayMsg::AdminResult {
+                    refusal: Some(AdminRefusal::NotAdmin),
+                    message: "this link is not a hosted subnet's admin".into(),
+                }],
+                false,
+            ),
         };
         let mut frames = Vec::with_capacity(messages.len());
         for m in &messages {

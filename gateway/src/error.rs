@@ -91,6 +91,15 @@ pub enum GatewayError {
     /// No tokio runtime is running; [`crate::driver::spawn`] needs one.
     #[error("no tokio runtime is running")]
     NoRuntime,
+    /// The gateway refused an admin command; nothing changed there.
+    #[error("gateway refused the admin command ({refusal}): {message}")]
+    AdminRefused {
+        refusal: crate::protocol::AdminRefusal,
+        message: String,
+    },
+    /// The admin link to the gateway failed or timed out before an answer.
+    #[error("admin link: {detail}")]
+    AdminLink { detail: String },
     /// A bug in this crate, not the peer's fault.
     #[error("internal error: {0}")]
     Internal(&'static str),

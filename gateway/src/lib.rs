@@ -6,6 +6,7 @@ pub mod driver;
 pub mod mailbox;
 pub mod metrics;
 pub mod protocol;
+pub mod remote_admin;
 pub mod store;
 
 mod error;
@@ -19,7 +20,7 @@ pub use mailbox::{
     WriteBatch,
 };
 pub use metrics::{AckDrop, GatewayStats};
-pub use protocol::{ClientMsg, ErrorCode, GatewayMsg};
+pub use protocol::{AdminRefusal, ClientMsg, ErrorCode, GatewayMsg};
 pub use store::{Store, StoreConfig, StoreStats, TrySubmitError};
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! Mailbox addresses are never kept raw: each is hashed with the gateway's secret salt
 //! into a [`MailboxTag`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::CryptoRng;
@@ -21,8 +21,12 @@ use sha2::{Digest, Sha256};
 use shoal_packet::SPHINX_PAYLOAD_SIZE;
 use shoal_packet::payload::{ACK_MESSAGE_SIZE, split_plaintext};
 use shoal_packet::sphinx::{self, ForwardPacket, MailboxAddress, SURB_SIZE, SurbId};
+use shoal_subnet::{AccountAction, CommandGuard, Policy, SubnetError, SubnetId};
+use shoal_topology::Hex32;
 
 use crate::GatewayError;
+use crate::protocol::AdminRefusal;
+use crate::remote_admin::{CheckedAdmin, Refusal};
 
 /// A client's account key: the Ed25519 key its QUIC link authenticates with.
 pub type AccountKey = [u8; 32];
@@ -237,6 +241,14 @@ pub(crate) enum WriteOp {
         tag: MailboxTag,
         key: AccountKey,
         quota: u32,
+        /// The subnet whose admin created it; `None` for accounts added offline.
+        subnet: Option<SubnetId>,
+    },
+    /// A hosted subnet's last accepted command sequence and newest policy (JSON text).
+    PutSubnet {
+        subnet: SubnetId,
+        last_sequence: u64,
+        policy: Option<Vec<u8>>,
     },
     /// Deletes the account and every item of its mailbox.
     DeleteAccount {
@@ -324,7 +336,9 @@ pub type CommitResult = Result<Committed, CommitFailed>;
 pub struct Recovered {
     pub(crate) salt: Salt,
     pub(crate) next_id: ItemId,
-    pub(crate) accounts: Vec<(MailboxTag, AccountKey, u32)>,
+    pub(crate) accounts: Vec<(MailboxTag, AccountKey, u32, Option<SubnetId>)>,
+    /// (subnet, last accepted sequence, newest policy's JSON text)
+    pub(crate) subnets: Vec<(SubnetId, u64, Option<Vec<u8>>)>,
     /// (mailbox, id, surb id, stored at in unix ms)
     pub(crate) items: Vec<(MailboxTag, ItemId, SurbId, u64)>,
 }
@@ -379,12 +393,18 @@ pub struct MailboxStats {
     pub expired: u64,
     /// Items found in the store without an account on restore (deleted).
     pub orphans: u64,
+    /// Admin commands applied (handed to the store).
+    pub admin_applied: u64,
+    /// Links closed or refused because their account was de-provisioned or revoked.
+    pub accounts_cut: u64,
 }
 
 #[derive(Debug)]
 struct Item {
     surb_id: SurbId,
     stored_at_ms: u64,
+    /// When it expires: stored at + the TTL of its account's subnet (see `ttl_of`).
+    due_ms: u64,
     offered_at_ms: Option<u64>,
     durable: bool,
 }
@@ -393,6 +413,7 @@ struct Item {
 struct Mbox {
     key: AccountKey,
     quota: u32,
+    subnet: Option<SubnetId>,
     items: BTreeMap<ItemId, Item>,
 }
 
@@ -408,8 +429,12 @@ pub struct Mailbox {
     salt: Salt,
     by_key: HashMap<AccountKey, MailboxTag>,
     boxes: HashMap<MailboxTag, Mbox>,
-    /// (stored at, id, mailbox) of every item, oldest first, for expiry.
+    /// (due at, id, mailbox) of every item, soonest first, for expiry.
     expiry: BTreeSet<(u64, ItemId, MailboxTag)>,
+    /// Last accepted command sequence per hosted subnet (persisted with each change).
+    guard: CommandGuard,
+    /// Newest policy per subnet, as published by its admin.
+    policies: HashMap<SubnetId, HostedPolicy>,
     next_id: ItemId,
     next_batch: u64,
     open_ops: Vec<WriteOp>,
@@ -426,6 +451,35 @@ impl std::fmt::Debug for Mailbox {
             .field("in_flight", &self.in_flight.len())
             .finish_non_exhaustive()
     }
+}
+
+/// What the gateway takes from a subnet's policy.
+#[derive(Debug)]
+struct HostedPolicy {
+    version: u64,
+    ttl_max: Duration,
+    revoked: HashSet<AccountKey>,
+    /// The signed JSON text, kept to persist and to hand out.
+    signed: Vec<u8>,
+}
+
+impl HostedPolicy {
+    fn new(policy: &Policy) -> Self {
+        let b = policy.body();
+        HostedPolicy {
+            version: b.version,
+            ttl_max: Duration::from_secs(b.ttl_max_secs),
+            revoked: b.revoked_keys.iter().map(|k| k.0).collect(),
+            signed: policy.signed().to_bytes(),
+        }
+    }
+}
+
+/// What an applied admin command asks of the driver.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AdminApplied {
+    /// Accounts whose live links must be closed now (de-provisioned or revoked).
+    pub cut: Vec<AccountKey>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -458,6 +512,8 @@ impl Mailbox {
             by_key: HashMap::new(),
             boxes: HashMap::new(),
             expiry: BTreeSet::new(),
+            guard: CommandGuard::default(),
+            policies: HashMap::new(),
             next_id: 1,
             next_batch: 1,
             open_ops: Vec::new(),
@@ -474,23 +530,39 @@ impl Mailbox {
             salt,
             next_id,
             accounts,
+            subnets,
             items,
         } = recovered;
         let mut m = Mailbox::new(config, salt)?;
         m.next_id = next_id.max(1);
-        for (tag, key, quota) in accounts {
+        let mut guard = Vec::with_capacity(subnets.len());
+        for (subnet, last, policy) in subnets {
+            guard.push((subnet, last));
+            if let Some(text) = policy {
+                // Verified when it was published; checked again, it is the gateway's
+                // own disk but the signature is cheap insurance against a swapped file.
+                let p = Policy::verify(&text, &subnet).map_err(|_| GatewayError::Corrupt {
+                    what: "subnet policy",
+                })?;
+                m.policies.insert(subnet, HostedPolicy::new(&p));
+            }
+        }
+        m.guard = CommandGuard::from_entries(guard);
+        for (tag, key, quota, subnet) in accounts {
             m.by_key.insert(key, tag);
             m.boxes.insert(
                 tag,
                 Mbox {
                     key,
                     quota,
+                    subnet,
                     items: BTreeMap::new(),
                 },
             );
         }
         for (tag, id, surb_id, stored_at_ms) in items {
             m.next_id = m.next_id.max(id.saturating_add(1));
+            let due_ms = stored_at_ms.saturating_add(ms(m.ttl_of(&tag)));
             match m.boxes.get_mut(&tag) {
                 Some(b) => {
                     b.items.insert(
@@ -498,11 +570,12 @@ impl Mailbox {
                         Item {
                             surb_id,
                             stored_at_ms,
+                            due_ms,
                             offered_at_ms: None,
                             durable: true,
                         },
                     );
-                    m.expiry.insert((stored_at_ms, id, tag));
+                    m.expiry.insert((due_ms, id, tag));
                 }
                 None => {
                     m.stats.orphans += 1;
@@ -526,9 +599,49 @@ impl Mailbox {
         &self.stats
     }
 
-    /// Whether `key` is a registered account: the authentication check for a client link.
+    /// Whether `key` is a registered account that its subnet's policy does not revoke:
+    /// the authentication check for a client link.
     pub fn is_account(&self, key: &AccountKey) -> bool {
-        self.by_key.contains_key(key)
+        self.active_tag(key).is_some()
+    }
+
+    /// The mailbox of `key`, unless there is none or the key is revoked.
+    fn active_tag(&self, key: &AccountKey) -> Option<MailboxTag> {
+        let tag = *self.by_key.get(key)?;
+        let subnet = self.boxes.get(&tag)?.subnet;
+        let revoked = subnet
+            .and_then(|s| self.policies.get(&s))
+            .is_some_and(|p| p.revoked.contains(key));
+        (!revoked).then_some(tag)
+    }
+
+    /// The TTL of items in mailbox `tag`: the gateway's own, or its subnet policy's
+    /// `ttl_max_secs` if shorter.
+    fn ttl_of(&self, tag: &MailboxTag) -> Duration {
+        let policy = self
+            .boxes
+            .get(tag)
+            .and_then(|b| b.subnet)
+            .and_then(|s| self.policies.get(&s));
+        match policy {
+            Some(p) => self.config.ttl.min(p.ttl_max),
+            None => self.config.ttl,
+        }
+    }
+
+    /// The subnet that owns `key`'s account (`None` for accounts added offline).
+    pub fn account_subnet(&self, key: &AccountKey) -> Option<SubnetId> {
+        self.boxes.get(self.by_key.get(key)?)?.subnet
+    }
+
+    /// The newest policy held for `subnet`, as its signed JSON text.
+    pub fn policy_of(&self, subnet: &SubnetId) -> Option<&[u8]> {
+        self.policies.get(subnet).map(|p| p.signed.as_slice())
+    }
+
+    /// The last command sequence accepted from `subnet`.
+    pub fn last_sequence(&self, subnet: &SubnetId) -> Option<u64> {
+        self.guard.last_sequence(subnet)
     }
 
     pub fn accounts(&self) -> usize {
@@ -564,6 +677,16 @@ impl Mailbox {
         key: AccountKey,
         quota: u32,
     ) -> Result<(), GatewayError> {
+        self.create_account_in(mailbox, key, quota, None)
+    }
+
+    fn create_account_in(
+        &mut self,
+        mailbox: &MailboxAddress,
+        key: AccountKey,
+        quota: u32,
+        subnet: Option<SubnetId>,
+    ) -> Result<(), GatewayError> {
         if self.by_key.contains_key(&key) {
             return Err(GatewayError::AccountExists);
         }
@@ -577,10 +700,16 @@ impl Mailbox {
             Mbox {
                 key,
                 quota,
+                subnet,
                 items: BTreeMap::new(),
             },
         );
-        self.open_ops.push(WriteOp::PutAccount { tag, key, quota });
+        self.open_ops.push(WriteOp::PutAccount {
+            tag,
+            key,
+            quota,
+            subnet,
+        });
         Ok(())
     }
 
@@ -592,7 +721,7 @@ impl Mailbox {
             .ok_or(GatewayError::UnknownAccount)?;
         if let Some(b) = self.boxes.remove(&tag) {
             for (id, item) in &b.items {
-                self.expiry.remove(&(item.stored_at_ms, *id, tag));
+                self.expiry.remove(&(item.due_ms, *id, tag));
             }
         }
         self.open_ops.push(WriteOp::DeleteAccount { tag });
@@ -611,6 +740,7 @@ impl Mailbox {
             tag,
             key: b.key,
             quota,
+            subnet: b.subnet,
         });
         Ok(())
     }
@@ -631,6 +761,7 @@ impl Mailbox {
             return DeliverOutcome::Malformed;
         };
         let tag = MailboxTag::derive(&self.salt, destination);
+        let ttl = self.ttl_of(&tag);
         let Some(b) = self.boxes.get_mut(&tag) else {
             self.stats.dropped_unknown += 1;
             return DeliverOutcome::UnknownMailbox;
@@ -642,16 +773,18 @@ impl Mailbox {
         let id = self.next_id;
         self.next_id = self.next_id.saturating_add(1);
         let stored_at_ms = unix_ms(now);
+        let due_ms = stored_at_ms.saturating_add(ms(ttl));
         b.items.insert(
             id,
             Item {
                 surb_id,
                 stored_at_ms,
+                due_ms,
                 offered_at_ms: None,
                 durable: false,
             },
         );
-        self.expiry.insert((stored_at_ms, id, tag));
+        self.expiry.insert((due_ms, id, tag));
         let ack = ack_slot(&payload);
         let has_ack = ack.is_some();
         match ack {
@@ -712,7 +845,7 @@ impl Mailbox {
             if let Some(b) = self.boxes.get_mut(&tag)
                 && let Some(item) = b.items.remove(&id)
             {
-                self.expiry.remove(&(item.stored_at_ms, id, tag));
+                self.expiry.remove(&(item.due_ms, id, tag));
             }
         }
         self.stats.acks_withheld += flight.acks.len() as u64;
@@ -737,9 +870,8 @@ impl Mailbox {
         account: &AccountKey,
         now: SystemTime,
     ) -> Result<PullPlan, GatewayError> {
-        let tag = *self
-            .by_key
-            .get(account)
+        let tag = self
+            .active_tag(account)
             .ok_or(GatewayError::UnknownAccount)?;
         let b = self
             .boxes
@@ -794,7 +926,7 @@ impl Mailbox {
                 continue;
             }
             if let Some(item) = b.items.remove(id) {
-                self.expiry.remove(&(item.stored_at_ms, *id, tag));
+                self.expiry.remove(&(item.due_ms, *id, tag));
                 self.open_ops.push(WriteOp::DeleteItem { tag, id: *id });
                 deleted += 1;
             }
@@ -803,9 +935,10 @@ impl Mailbox {
         Ok(deleted)
     }
 
-    /// Deletes durable items stored at least `ttl` before `now`. Returns how many.
+    /// Deletes durable items stored at least their TTL before `now` (the gateway's, or
+    /// their subnet policy's max TTL if shorter). Returns how many.
     pub fn expire(&mut self, now: SystemTime) -> usize {
-        let cutoff = unix_ms(now).saturating_sub(ms(self.config.ttl));
+        let cutoff = unix_ms(now);
         let mut due = Vec::new();
         for &(at, id, tag) in &self.expiry {
             if at > cutoff {
@@ -835,7 +968,129 @@ impl Mailbox {
     /// When [`expire`](Self::expire) next has something to do.
     pub fn next_expiry(&self) -> Option<SystemTime> {
         let (at, _, _) = self.expiry.first()?;
-        Some(UNIX_EPOCH + Duration::from_millis(*at) + self.config.ttl)
+        Some(UNIX_EPOCH + Duration::from_millis(*at))
+    }
+
+    /// Applies an admin command whose signature [`crate::remote_admin::check_command`]
+    /// verified: checks that it names `gateway`, is unexpired at `now` and is newer than
+    /// the last command of its subnet, then changes accounts or policy. The change and
+    /// the subnet's new sequence number go out together in the next
+    /// [`poll_write`](Self::poll_write) batch; answer the admin only once it is durable.
+    ///
+    /// A refused command changes nothing, not even the sequence number.
+    pub fn apply_admin(
+        &mut self,
+        checked: CheckedAdmin,
+        gateway: &Hex32,
+        now: SystemTime,
+    ) -> Result<AdminApplied, Refusal> {
+        let CheckedAdmin { command, policy } = checked;
+        let mut guard = self.guard.clone();
+        let now_unix = unix_ms(now) / 1000;
+        let command = command
+            .check_fresh(gateway, now_unix, &mut guard)
+            .map_err(|e| match e {
+                SubnetError::WrongGateway => {
+                    (AdminRefusal::WrongGateway, "command is for another gateway")
+                }
+                SubnetError::NotValidAt { .. } => (AdminRefusal::Expired, "command has expired"),
+                SubnetError::Replayed { .. } => (
+                    AdminRefusal::Replayed,
+                    "command sequence is not above the last accepted",
+                ),
+                _ => (AdminRefusal::Rejected, "command refused"),
+            })?;
+        let subnet = command.subnet();
+        let rejected = |why| (AdminRefusal::Rejected, why);
+        // An account this subnet may manage: accounts added offline belong to no admin.
+        let own = |m: &Self, key: &AccountKey| match m.by_key.get(key) {
+            None => Err(rejected("unknown account")),
+            Some(tag) if m.boxes.get(tag).and_then(|b| b.subnet) == Some(subnet) => Ok(()),
+            Some(_) => Err(rejected("account is not of this subnet")),
+        };
+        let mut applied = AdminApplied::default();
+        match command.action() {
+            AccountAction::CreateAccount {
+                account,
+                mailbox,
+                quota,
+            } => {
+                if ed25519_dalek::VerifyingKey::from_bytes(&account.0).is_err() {
+                    return Err(rejected("account key is not an Ed25519 public key"));
+                }
+                if self
+                    .policies
+                    .get(&subnet)
+                    .is_some_and(|p| p.revoked.contains(&account.0))
+                {
+                    return Err(rejected("account key is revoked by policy"));
+                }
+                self.create_account_in(&mailbox.0, account.0, *quota, Some(subnet))
+                    .map_err(|e| match e {
+                        GatewayError::AccountExists => rejected("account key already registered"),
+                        GatewayError::MailboxTaken => rejected("mailbox already has an account"),
+                        _ => rejected("account refused"),
+                    })?;
+            }
+            AccountAction::Deprovision { account } => {
+                own(self, &account.0)?;
+                self.delete_account(&account.0)
+                    .map_err(|_| rejected("unknown account"))?;
+                applied.cut.push(account.0);
+            }
+            AccountAction::SetQuota { account, quota } => {
+                own(self, &account.0)?;
+                self.set_quota(&account.0, *quota)
+                    .map_err(|_| rejected("unknown account"))?;
+            }
+            AccountAction::PublishPolicy { .. } => {
+                let policy = policy.ok_or((AdminRefusal::Internal, "policy was not checked"))?;
+                if let Some(held) = self.policies.get(&subnet)
+                    && policy.version() <= held.version
+                {
+                    return Err(rejected("policy version is not newer than the one held"));
+                }
+                let hosted = HostedPolicy::new(&policy);
+                applied.cut = self
+                    .boxes
+                    .values()
+                    .filter(|b| b.subnet == Some(subnet) && hosted.revoked.contains(&b.key))
+                    .map(|b| b.key)
+                    .collect();
+                self.policies.insert(subnet, hosted);
+                self.reschedule(subnet);
+            }
+        }
+        self.stats.admin_applied += 1;
+        self.stats.accounts_cut += applied.cut.len() as u64;
+        self.guard = guard;
+        self.open_ops.push(WriteOp::PutSubnet {
+            subnet,
+            last_sequence: command.sequence(),
+            policy: self.policies.get(&subnet).map(|p| p.signed.clone()),
+        });
+        Ok(applied)
+    }
+
+    /// Recomputes when the items of `subnet`'s accounts expire (its policy changed).
+    fn reschedule(&mut self, subnet: SubnetId) {
+        let tags: Vec<MailboxTag> = self
+            .boxes
+            .iter()
+            .filter(|(_, b)| b.subnet == Some(subnet))
+            .map(|(t, _)| *t)
+            .collect();
+        for tag in tags {
+            let ttl = ms(self.ttl_of(&tag));
+            let Some(b) = self.boxes.get_mut(&tag) else {
+                continue;
+            };
+            for (id, item) in b.items.iter_mut() {
+                self.expiry.remove(&(item.due_ms, *id, tag));
+                item.due_ms = item.stored_at_ms.saturating_add(ttl);
+                self.expiry.insert((item.due_ms, *id, tag));
+            }
+        }
     }
 }
 
@@ -1099,6 +1354,7 @@ pub(crate) mod tests {
                 | WriteOp::DeleteAccount { tag }
                 | WriteOp::InsertItem { tag, .. }
                 | WriteOp::DeleteItem { tag, .. } => tag,
+                WriteOp::PutSubnet { .. } => continue,
             };
             assert_ne!(tag.as_bytes(), &ALICE_BOX);
         }
@@ -1189,7 +1445,9 @@ pub(crate) mod tests {
                 MailboxTag::derive(&Salt::from_bytes([7; 32]), &ALICE_BOX),
                 ALICE,
                 5,
+                None,
             )],
+            subnets: Vec::new(),
             items: vec![
                 (
                     MailboxTag::derive(&Salt::from_bytes([7; 32]), &ALICE_BOX),

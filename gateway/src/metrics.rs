@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use shoal_relay::metrics::{family, histogram, record, summary, summary_scaled};
 
 use crate::mailbox::MailboxStats;
+use crate::protocol::AdminRefusal;
 use crate::store::StoreStats;
 
 /// How long a latency window lasts; summaries cover the last one or two windows.
@@ -79,11 +80,29 @@ pub struct GatewayStats {
     pub client_control_frames: u64,
     /// Client frames that were neither (bad version or kind) or undecodable control.
     pub client_malformed: u64,
+    /// Admin commands applied and durable.
+    pub admin_applied: u64,
+    /// Admin commands refused, by cause (index: [`AdminRefusal::ALL`] order).
+    pub admin_refused: [u64; ADMIN_CAUSES],
+}
+
+const ADMIN_CAUSES: usize = AdminRefusal::ALL.len();
+
+fn admin_index(r: AdminRefusal) -> usize {
+    AdminRefusal::ALL
+        .iter()
+        .position(|x| *x == r)
+        .unwrap_or(ADMIN_CAUSES - 1)
 }
 
 impl GatewayStats {
     pub fn acks_dropped(&self, why: AckDrop) -> u64 {
         self.acks_dropped[why.index()]
+    }
+
+    /// Admin commands refused for `why`.
+    pub fn admin_refused(&self, why: AdminRefusal) -> u64 {
+        self.admin_refused[admin_index(why)]
     }
 }
 
@@ -106,6 +125,8 @@ pub(crate) struct Metrics {
     pub client_sphinx_frames: AtomicU64,
     pub client_control_frames: AtomicU64,
     pub client_malformed: AtomicU64,
+    pub admin_applied: AtomicU64,
+    admin_refused: [AtomicU64; ADMIN_CAUSES],
     /// [commit latency (ns), ops per batch]
     commits: Mutex<Windowed>,
 }
@@ -122,6 +143,8 @@ impl Metrics {
             client_sphinx_frames: AtomicU64::new(0),
             client_control_frames: AtomicU64::new(0),
             client_malformed: AtomicU64::new(0),
+            admin_applied: AtomicU64::new(0),
+            admin_refused: Default::default(),
             commits: Mutex::new(Windowed {
                 started: Instant::now(),
                 current: [histogram(), histogram()],
@@ -132,6 +155,10 @@ impl Metrics {
 
     pub(crate) fn ack_dropped(&self, why: AckDrop) {
         self.acks_dropped[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn admin_refused(&self, why: AdminRefusal) {
+        self.admin_refused[admin_index(why)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The mailbox task's view after a round of work.
@@ -180,6 +207,8 @@ impl Metrics {
             client_sphinx_frames: load(&self.client_sphinx_frames),
             client_control_frames: load(&self.client_control_frames),
             client_malformed: load(&self.client_malformed),
+            admin_applied: load(&self.admin_applied),
+            admin_refused: std::array::from_fn(|i| load(&self.admin_refused[i])),
         }
     }
 
@@ -337,6 +366,26 @@ impl Metrics {
                 ("{kind=\"control\"}", c(s.client_control_frames)),
                 ("{kind=\"malformed\"}", c(s.client_malformed)),
             ],
+        );
+        let mut admin = vec![("{outcome=\"applied\"}".to_owned(), c(s.admin_applied))];
+        admin.extend(AdminRefusal::ALL.iter().map(|r| {
+            (
+                format!("{{outcome=\"{}\"}}", r.label()),
+                c(s.admin_refused(*r)),
+            )
+        }));
+        let admin: Vec<(&str, f64)> = admin.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "shoal_gateway_admin_commands_total",
+            "counter",
+            "Admin-signed subnet commands, by outcome (applied = durable; the rest are refusals by cause).",
+            &admin,
+        );
+        metric(
+            "shoal_gateway_accounts_cut_total",
+            "counter",
+            "Accounts whose links were cut by a de-provision or a policy revocation.",
+            &[("", c(m.accounts_cut))],
         );
         let w = self.commits.lock().unwrap_or_else(|e| e.into_inner());
         let mut latency = w.previous[0].clone();

@@ -10,13 +10,19 @@
 //!   Pull            | 01 |
 //!   Ack             | 02 | n: u16 | id: u64 × n |                 n ≤ MAX_ACK_IDS
 //!   GetDirectory    | 03 |
+//!   AdminChunk      | 04 | index: u16 | count: u16 | len: u16 | bytes: len |
 //! gateway → client
 //!   Item            | 81 | id: u64 | surb_id: 16 | payload: 2048 |
 //!   Dummy           | 82 | zeros to the length of an Item |
 //!   PullDone        | 83 | more: u8 (0 or 1) |
 //!   DirectoryChunk  | 84 | index: u16 | count: u16 | len: u16 | bytes: len |
 //!   Error           | 85 | code: u16 | len: u8 | UTF-8 message: len |
+//!   AdminResult     | 86 | code: u16 | len: u8 | UTF-8 message: len |   code 0 = applied
 //! ```
+//! `AdminChunk`s carry one admin-signed subnet command (its JSON text, split like a
+//! directory document) on a link authenticated by a hosted subnet's admin key; the
+//! gateway answers the whole command with one `AdminResult`, sent only after the change
+//! is durable (or with the refusal's cause).
 //! A pull is answered with exactly `pull_batch` Item-or-Dummy frames and one PullDone,
 //! whatever the mailbox holds. PullDone carries one bit ("more items are waiting"),
 //! never a count.
@@ -44,11 +50,16 @@ const _: () = assert!(ITEM_BODY_SIZE <= CONTROL_BODY_SIZE && MAX_ACK_IDS < u16::
 const T_PULL: u8 = 0x01;
 const T_ACK: u8 = 0x02;
 const T_GET_DIRECTORY: u8 = 0x03;
+const T_ADMIN_CHUNK: u8 = 0x04;
 const T_ITEM: u8 = 0x81;
 const T_DUMMY: u8 = 0x82;
 const T_PULL_DONE: u8 = 0x83;
 const T_DIRECTORY_CHUNK: u8 = 0x84;
 const T_ERROR: u8 = 0x85;
+const T_ADMIN_RESULT: u8 = 0x86;
+/// Chunks one admin command may span at most (about 150 KB: a policy with thousands of
+/// revocations still fits).
+pub const MAX_ADMIN_CHUNKS: u16 = 64;
 
 /// A message from a client to its gateway.
 #[derive(Clone, PartialEq, Eq)]
@@ -59,6 +70,12 @@ pub enum ClientMsg {
     Ack { ids: Vec<u64> },
     /// Send the current signed directory.
     GetDirectory,
+    /// Part `index` of `count` of one admin-signed command (admin links only).
+    AdminChunk {
+        index: u16,
+        count: u16,
+        bytes: Vec<u8>,
+    },
 }
 
 impl std::fmt::Debug for ClientMsg {
@@ -68,6 +85,12 @@ impl std::fmt::Debug for ClientMsg {
             // Item ids are per-mailbox traffic data: show only how many.
             ClientMsg::Ack { ids } => write!(f, "Ack({} ids)", ids.len()),
             ClientMsg::GetDirectory => f.write_str("GetDirectory"),
+            // Commands name accounts and mailboxes: show only the framing.
+            ClientMsg::AdminChunk {
+                index,
+                count,
+                bytes,
+            } => write!(f, "AdminChunk({index}/{count}, {} bytes)", bytes.len()),
         }
     }
 }
@@ -134,6 +157,107 @@ pub enum GatewayMsg {
     },
     /// A refusal. `message` is short and never contains user data.
     Error { code: ErrorCode, message: String },
+    /// The outcome of one admin command: `None` = applied and durable. `message` is
+    /// short and never contains keys or mailbox addresses.
+    AdminResult {
+        refusal: Option<AdminRefusal>,
+        message: String,
+    },
+}
+
+/// Why a gateway refused an admin command. Nothing changed at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AdminRefusal {
+    /// The command (or the policy it carries) is not validly signed by its subnet's admin.
+    BadSignature,
+    /// The command's subnet is not hosted here.
+    UnknownSubnet,
+    /// The command names another gateway.
+    WrongGateway,
+    /// The command has expired.
+    Expired,
+    /// Its sequence number is not above the last one accepted from its subnet.
+    Replayed,
+    /// The command's bytes do not parse, or its chunks do not assemble.
+    Malformed,
+    /// Signed and fresh, but not applicable (unknown or foreign account, account or
+    /// mailbox taken, policy not newer than the one held, ...).
+    Rejected,
+    /// The link key is not the admin key of a subnet hosted here.
+    NotAdmin,
+    /// The gateway could not make the change durable.
+    Internal,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+impl AdminRefusal {
+    /// Every cause this version sends, in metrics order.
+    pub const ALL: [AdminRefusal; 9] = [
+        AdminRefusal::BadSignature,
+        AdminRefusal::UnknownSubnet,
+        AdminRefusal::WrongGateway,
+        AdminRefusal::Expired,
+        AdminRefusal::Replayed,
+        AdminRefusal::Malformed,
+        AdminRefusal::Rejected,
+        AdminRefusal::NotAdmin,
+        AdminRefusal::Internal,
+    ];
+
+    pub fn to_u16(self) -> u16 {
+        match self {
+            AdminRefusal::BadSignature => 1,
+            AdminRefusal::UnknownSubnet => 2,
+            AdminRefusal::WrongGateway => 3,
+            AdminRefusal::Expired => 4,
+            AdminRefusal::Replayed => 5,
+            AdminRefusal::Malformed => 6,
+            AdminRefusal::Rejected => 7,
+            AdminRefusal::NotAdmin => 8,
+            AdminRefusal::Internal => 9,
+            AdminRefusal::Other(c) => c,
+        }
+    }
+
+    /// `None` for 0 (applied).
+    pub fn from_u16(c: u16) -> Option<Self> {
+        Some(match c {
+            0 => return None,
+            1 => AdminRefusal::BadSignature,
+            2 => AdminRefusal::UnknownSubnet,
+            3 => AdminRefusal::WrongGateway,
+            4 => AdminRefusal::Expired,
+            5 => AdminRefusal::Replayed,
+            6 => AdminRefusal::Malformed,
+            7 => AdminRefusal::Rejected,
+            8 => AdminRefusal::NotAdmin,
+            9 => AdminRefusal::Internal,
+            other => AdminRefusal::Other(other),
+        })
+    }
+
+    /// The `/metrics` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AdminRefusal::BadSignature => "bad_signature",
+            AdminRefusal::UnknownSubnet => "unknown_subnet",
+            AdminRefusal::WrongGateway => "wrong_gateway",
+            AdminRefusal::Expired => "expired",
+            AdminRefusal::Replayed => "replayed",
+            AdminRefusal::Malformed => "malformed",
+            AdminRefusal::Rejected => "rejected",
+            AdminRefusal::NotAdmin => "not_admin",
+            AdminRefusal::Internal => "internal",
+            AdminRefusal::Other(_) => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for AdminRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 impl std::fmt::Debug for GatewayMsg {
@@ -158,6 +282,11 @@ impl std::fmt::Debug for GatewayMsg {
             GatewayMsg::Error { code, message } => f
                 .debug_struct("Error")
                 .field("code", code)
+                .field("message", message)
+                .finish(),
+            GatewayMsg::AdminResult { refusal, message } => f
+                .debug_struct("AdminResult")
+                .field("refusal", refusal)
                 .field("message", message)
                 .finish(),
         }
@@ -252,6 +381,11 @@ impl ClientMsg {
         Ok(match self {
             ClientMsg::Pull => vec![T_PULL],
             ClientMsg::GetDirectory => vec![T_GET_DIRECTORY],
+            ClientMsg::AdminChunk {
+                index,
+                count,
+                bytes,
+            } => encode_chunk(T_ADMIN_CHUNK, "admin chunk", *index, *count, bytes)?,
             ClientMsg::Ack { ids } => {
                 if ids.len() > MAX_ACK_IDS {
                     return Err(GatewayError::TooLong {
@@ -304,6 +438,14 @@ impl ClientMsg {
                 r.finish()?;
                 ClientMsg::Ack { ids }
             }
+            T_ADMIN_CHUNK => {
+                let (index, count, bytes) = decode_chunk("admin chunk", body)?;
+                ClientMsg::AdminChunk {
+                    index,
+                    count,
+                    bytes,
+                }
+            }
             other => {
                 return Err(GatewayError::Field {
                     what: "client message type",
@@ -346,39 +488,13 @@ impl GatewayMsg {
                 index,
                 count,
                 bytes,
-            } => {
-                if bytes.len() > MAX_CHUNK_BYTES {
-                    return Err(GatewayError::TooLong {
-                        what: "directory chunk",
-                        len: bytes.len(),
-                        max: MAX_CHUNK_BYTES,
-                    });
-                }
-                check_chunk_index(*index, *count)?;
-                let mut out = Vec::with_capacity(7 + bytes.len());
-                out.push(T_DIRECTORY_CHUNK);
-                out.extend_from_slice(&index.to_be_bytes());
-                out.extend_from_slice(&count.to_be_bytes());
-                // MAX_CHUNK_BYTES < u16::MAX, checked above.
-                out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-                out.extend_from_slice(bytes);
-                out
-            }
-            GatewayMsg::Error { code, message } => {
-                if message.len() > MAX_ERROR_MESSAGE {
-                    return Err(GatewayError::TooLong {
-                        what: "error message",
-                        len: message.len(),
-                        max: MAX_ERROR_MESSAGE,
-                    });
-                }
-                let mut out = Vec::with_capacity(4 + message.len());
-                out.push(T_ERROR);
-                out.extend_from_slice(&code.to_u16().to_be_bytes());
-                out.push(message.len() as u8);
-                out.extend_from_slice(message.as_bytes());
-                out
-            }
+            } => encode_chunk(T_DIRECTORY_CHUNK, "directory chunk", *index, *count, bytes)?,
+            GatewayMsg::Error { code, message } => encode_coded(T_ERROR, code.to_u16(), message)?,
+            GatewayMsg::AdminResult { refusal, message } => encode_coded(
+                T_ADMIN_RESULT,
+                refusal.map_or(0, AdminRefusal::to_u16),
+                message,
+            )?,
         })
     }
 
@@ -421,20 +537,7 @@ impl GatewayMsg {
                 GatewayMsg::PullDone { more }
             }
             T_DIRECTORY_CHUNK => {
-                let mut r = Reader::new("directory chunk", body);
-                let index = r.u16()?;
-                let count = r.u16()?;
-                check_chunk_index(index, count)?;
-                let len = usize::from(r.u16()?);
-                if len > MAX_CHUNK_BYTES {
-                    return Err(GatewayError::TooLong {
-                        what: "directory chunk",
-                        len,
-                        max: MAX_CHUNK_BYTES,
-                    });
-                }
-                let bytes = r.take(len)?.to_vec();
-                r.finish()?;
+                let (index, count, bytes) = decode_chunk("directory chunk", body)?;
                 GatewayMsg::DirectoryChunk {
                     index,
                     count,
@@ -442,24 +545,18 @@ impl GatewayMsg {
                 }
             }
             T_ERROR => {
-                let mut r = Reader::new("error", body);
-                let code = ErrorCode::from_u16(r.u16()?);
-                let len = usize::from(r.u8()?);
-                if len > MAX_ERROR_MESSAGE {
-                    return Err(GatewayError::TooLong {
-                        what: "error message",
-                        len,
-                        max: MAX_ERROR_MESSAGE,
-                    });
+                let (code, message) = decode_coded("error", body)?;
+                GatewayMsg::Error {
+                    code: ErrorCode::from_u16(code),
+                    message,
                 }
-                let message = std::str::from_utf8(r.take(len)?)
-                    .map_err(|_| GatewayError::Field {
-                        what: "error message utf-8",
-                        value: len as u64,
-                    })?
-                    .to_owned();
-                r.finish()?;
-                GatewayMsg::Error { code, message }
+            }
+            T_ADMIN_RESULT => {
+                let (code, message) = decode_coded("admin result", body)?;
+                GatewayMsg::AdminResult {
+                    refusal: AdminRefusal::from_u16(code),
+                    message,
+                }
             }
             other => {
                 return Err(GatewayError::Field {
@@ -474,6 +571,110 @@ impl GatewayMsg {
     pub fn from_frame(frame: &Frame) -> Result<Self, GatewayError> {
         Self::decode(control_body(frame)?)
     }
+}
+
+/// `| type | index: u16 | count: u16 | len: u16 | bytes: len |`
+fn encode_chunk(
+    t: u8,
+    what: &'static str,
+    index: u16,
+    count: u16,
+    bytes: &[u8],
+) -> Result<Vec<u8>, GatewayError> {
+    if bytes.len() > MAX_CHUNK_BYTES {
+        return Err(GatewayError::TooLong {
+            what,
+            len: bytes.len(),
+            max: MAX_CHUNK_BYTES,
+        });
+    }
+    check_chunk_index(index, count)?;
+    let mut out = Vec::with_capacity(7 + bytes.len());
+    out.push(t);
+    out.extend_from_slice(&index.to_be_bytes());
+    out.extend_from_slice(&count.to_be_bytes());
+    // MAX_CHUNK_BYTES < u16::MAX, checked above.
+    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(bytes);
+    Ok(out)
+}
+
+fn decode_chunk(what: &'static str, body: &[u8]) -> Result<(u16, u16, Vec<u8>), GatewayError> {
+    let mut r = Reader::new(what, body);
+    let index = r.u16()?;
+    let count = r.u16()?;
+    check_chunk_index(index, count)?;
+    let len = usize::from(r.u16()?);
+    if len > MAX_CHUNK_BYTES {
+        return Err(GatewayError::TooLong {
+            what,
+            len,
+            max: MAX_CHUNK_BYTES,
+        });
+    }
+    let bytes = r.take(len)?.to_vec();
+    r.finish()?;
+    Ok((index, count, bytes))
+}
+
+/// `| type | code: u16 | len: u8 | UTF-8 message: len |`
+fn encode_coded(t: u8, code: u16, message: &str) -> Result<Vec<u8>, GatewayError> {
+    if message.len() > MAX_ERROR_MESSAGE {
+        return Err(GatewayError::TooLong {
+            what: "error message",
+            len: message.len(),
+            max: MAX_ERROR_MESSAGE,
+        });
+    }
+    let mut out = Vec::with_capacity(4 + message.len());
+    out.push(t);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.push(message.len() as u8);
+    out.extend_from_slice(message.as_bytes());
+    Ok(out)
+}
+
+fn decode_coded(what: &'static str, body: &[u8]) -> Result<(u16, String), GatewayError> {
+    let mut r = Reader::new(what, body);
+    let code = r.u16()?;
+    let len = usize::from(r.u8()?);
+    if len > MAX_ERROR_MESSAGE {
+        return Err(GatewayError::TooLong {
+            what: "error message",
+            len,
+            max: MAX_ERROR_MESSAGE,
+        });
+    }
+    let message = std::str::from_utf8(r.take(len)?)
+        .map_err(|_| GatewayError::Field {
+            what: "error message utf-8",
+            value: len as u64,
+        })?
+        .to_owned();
+    r.finish()?;
+    Ok((code, message))
+}
+
+/// Splits one admin command into `AdminChunk` messages (at most [`MAX_ADMIN_CHUNKS`]).
+pub fn admin_chunks(command: &[u8]) -> Result<Vec<ClientMsg>, GatewayError> {
+    let n = command.len().div_ceil(MAX_CHUNK_BYTES);
+    if n == 0 || n > usize::from(MAX_ADMIN_CHUNKS) {
+        return Err(GatewayError::TooLong {
+            what: "admin command",
+            len: command.len(),
+            max: MAX_CHUNK_BYTES * usize::from(MAX_ADMIN_CHUNKS),
+        });
+    }
+    Ok(command
+        .chunks(MAX_CHUNK_BYTES)
+        .enumerate()
+        .map(|(i, bytes)| ClientMsg::AdminChunk {
+            // Both below MAX_ADMIN_CHUNKS, checked above.
+            index: i as u16,
+            count: n as u16,
+            bytes: bytes.to_vec(),
+        })
+        .collect())
 }
 
 fn check_chunk_index(index: u16, count: u16) -> Result<(), GatewayError> {
@@ -507,22 +708,26 @@ pub fn directory_chunks(document: &[u8]) -> Result<Vec<GatewayMsg>, GatewayError
     Ok(out)
 }
 
-/// Reassembles a directory document from chunks arriving in any order.
+/// Reassembles a run of chunks (a directory document, an admin command) arriving in
+/// any order.
 ///
 /// A chunk whose `count` disagrees with the first one starts over: the gateway moved to
 /// a newer document mid-transfer.
 #[derive(Debug, Clone)]
-pub struct DirectoryAssembler {
+pub struct ChunkAssembler {
     max_bytes: usize,
     parts: Vec<Option<Vec<u8>>>,
     have: usize,
     bytes: usize,
 }
 
-impl DirectoryAssembler {
+/// The assembler clients use for directory documents.
+pub type DirectoryAssembler = ChunkAssembler;
+
+impl ChunkAssembler {
     /// `max_bytes` bounds the document so a hostile gateway cannot exhaust memory.
     pub fn new(max_bytes: usize) -> Self {
-        DirectoryAssembler {
+        ChunkAssembler {
             max_bytes,
             parts: Vec::new(),
             have: 0,

@@ -10,8 +10,9 @@
 //! Tables (all keys and values are fixed big-endian layouts):
 //!
 //! ```text
-//! accounts  tag (32)                    → account key (32) | quota u32
+//! accounts  tag (32)                    → account key (32) | quota u32 [| subnet (32)]
 //! items     tag (32) | item id u64      → surb id (16) | stored at unix ms u64 | payload (2048)
+//! subnets   subnet (32)                 → last command sequence u64 | policy JSON (0 or more)
 //! meta      "version" → u32, "salt" → 32 bytes, "next_id" → u64
 //! ```
 //! `tag` is the salted hash of a mailbox address; raw addresses are never written.
@@ -28,6 +29,8 @@ use redb::backends::InMemoryBackend;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use shoal_packet::SPHINX_PAYLOAD_SIZE;
 use shoal_packet::sphinx::SurbId;
+use shoal_subnet::SubnetId;
+use shoal_topology::Hex32;
 
 use crate::GatewayError;
 use crate::mailbox::{
@@ -39,8 +42,10 @@ use crate::protocol::GatewayMsg;
 const ACCOUNTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("accounts");
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SUBNETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("subnets");
 
 const SCHEMA_VERSION: u32 = 1;
+/// An account added offline; one created by a subnet's admin has the subnet after it.
 const ACCOUNT_VALUE_SIZE: usize = 32 + 4;
 const ITEM_KEY_SIZE: usize = 32 + 8;
 const ITEM_META_SIZE: usize = 16 + 8;
@@ -138,11 +143,28 @@ fn item_key(tag: &MailboxTag, id: ItemId) -> [u8; ITEM_KEY_SIZE] {
     k
 }
 
-fn account_value(key: &AccountKey, quota: u32) -> [u8; ACCOUNT_VALUE_SIZE] {
-    let mut v = [0u8; ACCOUNT_VALUE_SIZE];
-    v[..32].copy_from_slice(key);
-    v[32..].copy_from_slice(&quota.to_be_bytes());
+fn account_value(key: &AccountKey, quota: u32, subnet: Option<&SubnetId>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(ACCOUNT_VALUE_SIZE + 32);
+    v.extend_from_slice(key);
+    v.extend_from_slice(&quota.to_be_bytes());
+    if let Some(s) = subnet {
+        v.extend_from_slice(&s.0);
+    }
     v
+}
+
+fn parse_account(v: &[u8]) -> Result<(AccountKey, u32, Option<SubnetId>), GatewayError> {
+    let what = "account";
+    let subnet = match v.len() {
+        ACCOUNT_VALUE_SIZE => None,
+        n if n == ACCOUNT_VALUE_SIZE + 32 => Some(Hex32(fixed(&v[ACCOUNT_VALUE_SIZE..], what)?)),
+        _ => return Err(GatewayError::Corrupt { what }),
+    };
+    Ok((
+        fixed(&v[..32], what)?,
+        u32::from_be_bytes(fixed(&v[32..ACCOUNT_VALUE_SIZE], what)?),
+        subnet,
+    ))
 }
 
 fn fixed<const N: usize>(bytes: &[u8], what: &'static str) -> Result<[u8; N], GatewayError> {
@@ -429,10 +451,24 @@ fn init_and_load<R: CryptoRng + ?Sized>(
         {
             let (k, v) = entry.map_err(|e| GatewayError::store("read accounts", e))?;
             let tag = MailboxTag::from_bytes(fixed(k.value(), "account")?);
-            let v: [u8; ACCOUNT_VALUE_SIZE] = fixed(v.value(), "account")?;
-            let key: AccountKey = fixed(&v[..32], "account")?;
-            let quota = u32::from_be_bytes(fixed(&v[32..], "account")?);
-            accounts.push((tag, key, quota));
+            let (key, quota, subnet) = parse_account(v.value())?;
+            accounts.push((tag, key, quota, subnet));
+        }
+
+        let subnets_table = txn
+            .open_table(SUBNETS)
+            .map_err(|e| GatewayError::store("open subnets", e))?;
+        let mut subnets = Vec::new();
+        for entry in subnets_table
+            .iter()
+            .map_err(|e| GatewayError::store("read subnets", e))?
+        {
+            let (k, v) = entry.map_err(|e| GatewayError::store("read subnets", e))?;
+            let subnet = Hex32(fixed(k.value(), "subnet")?);
+            let v = v.value();
+            let last = u64::from_be_bytes(fixed(v.get(..8).unwrap_or_default(), "subnet")?);
+            let policy = (v.len() > 8).then(|| v[8..].to_vec());
+            subnets.push((subnet, last, policy));
         }
 
         let items_table = txn
@@ -454,6 +490,7 @@ fn init_and_load<R: CryptoRng + ?Sized>(
             salt,
             next_id,
             accounts,
+            subnets,
             items,
         }
     };
@@ -517,16 +554,35 @@ fn apply(db: &Database, requests: &[Request], next_id: &mut u64) -> Result<(), G
         let mut items = txn
             .open_table(ITEMS)
             .map_err(|e| GatewayError::store("open items", e))?;
+        let mut subnets = txn
+            .open_table(SUBNETS)
+            .map_err(|e| GatewayError::store("open subnets", e))?;
         let mut value = vec![0u8; ITEM_VALUE_SIZE];
         for op in requests.iter().flat_map(|r| r.batch.ops()) {
             match op {
-                WriteOp::PutAccount { tag, key, quota } => {
+                WriteOp::PutAccount {
+                    tag,
+                    key,
+                    quota,
+                    subnet,
+                } => {
                     accounts
                         .insert(
                             tag.as_bytes().as_slice(),
-                            account_value(key, *quota).as_slice(),
+                            account_value(key, *quota, subnet.as_ref()).as_slice(),
                         )
                         .map_err(|e| GatewayError::store("write account", e))?;
+                }
+                WriteOp::PutSubnet {
+                    subnet,
+                    last_sequence,
+                    policy,
+                } => {
+                    let mut v = last_sequence.to_be_bytes().to_vec();
+                    v.extend_from_slice(policy.as_deref().unwrap_or_default());
+                    subnets
+                        .insert(subnet.0.as_slice(), v.as_slice())
+                        .map_err(|e| GatewayError::store("write subnet", e))?;
                 }
                 WriteOp::DeleteAccount { tag } => {
                     accounts

@@ -33,6 +33,10 @@ pub enum GatewayCommand {
         /// Authority signatures a document needs (default: a majority).
         #[arg(long)]
         threshold: Option<usize>,
+        /// A subnet to host: its admin's public key, as `shoal admin init` prints it
+        /// (repeatable; or edit `subnets` in the config later).
+        #[arg(long = "subnet", value_name = "HEX", value_parser = parse_hex32)]
+        subnets: Vec<[u8; 32]>,
     },
     /// Run a gateway until SIGINT or SIGTERM.
     Run {
@@ -90,6 +94,7 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
             metrics,
             authorities,
             threshold,
+            subnets,
         } => {
             if let Some(k) = threshold
                 && (k == 0 || k > authorities.len())
@@ -107,6 +112,7 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
                 metrics_listen: metrics,
                 authorities,
                 threshold,
+                subnets: subnets.into_iter().map(shoal_topology::Hex32).collect(),
             };
             let (path, identity) = init_dir(&dir, &opts)?;
             println!("gateway identity: {}", hex::encode(identity));

@@ -35,6 +35,13 @@ pub enum AccountAction {
         account: Hex32,
         quota: u32,
     },
+    /// The subnet's newest signed policy (its JSON text, as [`crate::SignedPolicy`]
+    /// serializes it). The gateway keeps the newest version, expires the subnet's
+    /// mailbox items no later than its `ttl_max_secs`, and refuses links of accounts
+    /// whose key is in its `revoked_keys`.
+    PublishPolicy {
+        policy: String,
+    },
 }
 
 /// What the admin signs.
@@ -104,6 +111,18 @@ pub struct SignedCheckedCommand {
     body: CommandBody,
 }
 
+impl SignedCheckedCommand {
+    /// The subnet whose admin signed it.
+    pub fn subnet(&self) -> SubnetId {
+        self.body.subnet
+    }
+
+    /// What it asks for; signed, but not yet checked for freshness or replay.
+    pub fn action(&self) -> &AccountAction {
+        &self.body.action
+    }
+}
+
 /// The last sequence number accepted per subnet. A gateway persists it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandGuard {
@@ -111,8 +130,20 @@ pub struct CommandGuard {
 }
 
 impl CommandGuard {
+    /// A guard as a gateway stored it.
+    pub fn from_entries(entries: impl IntoIterator<Item = (SubnetId, u64)>) -> Self {
+        CommandGuard {
+            last: entries.into_iter().collect(),
+        }
+    }
+
     pub fn last_sequence(&self, subnet: &SubnetId) -> Option<u64> {
         self.last.get(subnet).copied()
+    }
+
+    /// Every (subnet, last accepted sequence), to persist.
+    pub fn entries(&self) -> impl Iterator<Item = (SubnetId, u64)> + '_ {
+        self.last.iter().map(|(s, n)| (*s, *n))
     }
 }
 
@@ -159,6 +190,9 @@ pub struct AdminCommand {
 impl AdminCommand {
     pub fn subnet(&self) -> SubnetId {
         self.body.subnet
+    }
+    pub fn sequence(&self) -> u64 {
+        self.body.sequence
     }
     pub fn action(&self) -> &AccountAction {
         &self.body.action
