@@ -1,7 +1,9 @@
 #![doc = include_str!("../README.md")]
 
 pub mod ceiling;
+pub mod client;
 pub mod e2e;
 pub mod relay;
+pub mod soak;
 pub mod standin;
 pub mod testnet;

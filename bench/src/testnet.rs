@@ -158,6 +158,8 @@ pub struct TestnetConfig {
     pub workers: Option<usize>,
     /// Client cover rates λP, λL, λD (None: the authority's defaults).
     pub client_rates: Option<[f64; 3]>,
+    /// How long a retired Sphinx key keeps unwrapping (None: the authority's default).
+    pub key_grace_secs: Option<u64>,
 }
 
 impl Default for TestnetConfig {
@@ -172,6 +174,7 @@ impl Default for TestnetConfig {
             epoch_secs: 3600,
             workers: None,
             client_rates: None,
+            key_grace_secs: None,
         }
     }
 }
@@ -375,6 +378,9 @@ impl Testnet {
                     ("lambda_d", format!("{d:?}")),
                 ],
             )?;
+        }
+        if let Some(g) = cfg.key_grace_secs {
+            set_keys(&auth_config, &[("key_grace_secs", g.to_string())])?;
         }
         let authority = spawn(
             shoal,

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use shoal_bench::client::{ClientBenchOptions, ClientReport};
 use shoal_bench::e2e::{E2eOptions, E2eReport};
 use shoal_bench::relay::{RelayBenchOptions, RelayReport};
+use shoal_bench::soak::{SoakOptions, SoakReport};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -30,6 +32,38 @@ enum BenchCommand {
         /// Mean per-hop delay the relay applies, in milliseconds.
         #[arg(long, default_value_t = 50.0)]
         mean_delay_ms: f64,
+        /// Keep the processes' configs and logs here instead of a temp dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Client packet building against the raw Sphinx build rate, and the cost of
+    /// sending to groups of 1..256 members (see `shoal_bench::client`).
+    Client {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Packets built in each of the raw and the client measurement.
+        #[arg(long, default_value_t = 600)]
+        packets: usize,
+        /// Largest group (sizes are powers of two up to it).
+        #[arg(long, default_value_t = 256)]
+        max_group: usize,
+    },
+    /// One relay process at a steady load for `--minutes`, its RSS sampled: memory must
+    /// stay flat after the warm-up (see `shoal_bench::soak`).
+    Soak {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Length of the soak.
+        #[arg(long, default_value_t = 60.0)]
+        minutes: f64,
+        /// Packets per second offered to the relay.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Epoch length of the test network (keys and replay generations rotate).
+        #[arg(long, default_value_t = 30)]
+        epoch_secs: u64,
         /// Keep the processes' configs and logs here instead of a temp dir.
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -78,6 +112,39 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 shoal_bench::relay::run(shoal, dir, &opts).await
             })
         }
+        BenchCommand::Client {
+            json,
+            packets,
+            max_group,
+        } => {
+            let opts = ClientBenchOptions {
+                packets,
+                group_sizes: std::iter::successors(Some(1usize), |n| Some(n * 2))
+                    .take_while(|n| *n <= max_group.max(1))
+                    .collect(),
+                ..ClientBenchOptions::default()
+            };
+            run_bench(None, json, print_client, async |_, _| {
+                Ok(tokio::task::spawn_blocking(move || shoal_bench::client::run(&opts)).await??)
+            })
+        }
+        BenchCommand::Soak {
+            json,
+            minutes,
+            rate,
+            epoch_secs,
+            dir,
+        } => {
+            let opts = SoakOptions {
+                rate,
+                epoch_secs,
+                key_grace_secs: epoch_secs,
+                ..SoakOptions::minutes(minutes)
+            };
+            run_bench(dir, json, print_soak, async |shoal, dir| {
+                shoal_bench::soak::run(shoal, dir, &opts).await
+            })
+        }
         BenchCommand::E2e {
             json,
             idle_secs,
@@ -98,6 +165,65 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn print_client(r: &ClientReport) {
+    println!("client benchmark (one thread, CPU time)");
+    println!(
+        "  raw sphinx-packet build (5-hop packet + 4-hop SURB)  {:>8.0} /CPU-s  ({:.0} us)",
+        r.raw_packets_per_cpu_sec, r.raw_build_us
+    );
+    println!(
+        "  client real packet (seal + SURB-ack + packet)       {:>8.0} /CPU-s  ({:.0} us)",
+        r.client_packets_per_cpu_sec, r.client_build_us
+    );
+    println!(
+        "  ratio {:.3} (without the {:.0} us end-to-end seal: {:.3})",
+        r.ratio, r.seal_us, r.ratio_excluding_seal
+    );
+    println!("  members  recipients  MLS ms  packets ms  total ms  packets/send");
+    for g in &r.groups {
+        println!(
+            "  {:>7}  {:>10}  {:>6.2}  {:>10.2}  {:>8.2}  {:>12.1}",
+            g.members,
+            g.recipients,
+            g.mls_cpu_ms,
+            g.packets_cpu_ms,
+            g.cpu_ms_per_send,
+            g.packets_per_send
+        );
+    }
+    println!(
+        "  fit: {:.3} ms + {:.3} ms per recipient; worst marginal / fitted {:.2}; packets per recipient ≤ {:.2}",
+        r.group_fixed_cpu_ms,
+        r.group_per_recipient_cpu_ms,
+        r.group_worst_superlinear_ratio,
+        r.group_packets_per_recipient_max
+    );
+}
+
+fn print_soak(r: &SoakReport) {
+    println!(
+        "relay soak: {:.0} s at {:.0} packets/s, {} s epochs ({} crossed)",
+        r.duration_secs, r.rate_per_sec, r.epoch_secs, r.epochs_crossed
+    );
+    println!(
+        "  offered {}, arrived {}, lost {}; relay CPU {:.1} s",
+        r.offered, r.arrived, r.lost, r.relay_cpu_seconds
+    );
+    println!(
+        "  RSS after {:.0} s warm-up: baseline {} KiB, max {} KiB, end {} KiB (growth {} KiB, bound {} KiB)",
+        r.warmup_secs,
+        r.rss_baseline_kib,
+        r.rss_max_after_warmup_kib,
+        r.rss_end_kib,
+        r.growth_after_warmup_kib,
+        r.bound_kib
+    );
+    println!(
+        "  slope {:.1} KiB/min; flat: {}",
+        r.slope_kib_per_min, r.flat
+    );
 }
 
 fn print_e2e(r: &E2eReport) {
