@@ -682,6 +682,8 @@ impl Driver {
                     warn!(?code, %message, "gateway refused a request");
                 }
             }
+            // Answers admin links only; a client never asks for one.
+            GatewayMsg::AdminResult { .. } => self.counters.gateway_errors += 1,
         }
         Ok(())
     }
