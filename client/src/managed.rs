@@ -27,7 +27,7 @@ use tracing::{Instrument, debug, warn};
 
 use crate::driver::{ClientHandle, DriverError, DriverEvent};
 use crate::group::GroupStats;
-use crate::messenger::{Messenger, MessengerEvent, MessengerStats, Outgoing};
+use crate::messenger::{Messenger, MessengerEvent, MessengerStats, Outgoing, OutgoingWhat};
 use crate::store::ClientStore;
 
 type Call = Box<dyn FnOnce(&mut Messenger, u64) + Send>;
@@ -49,11 +49,20 @@ pub struct ManagedStats {
     pub store_errors: u64,
 }
 
+/// An envelope handed to the client driver: its id matches the driver's
+/// `DriverEvent::Acked`, so an application can show per-message delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeSent {
+    pub what: OutgoingWhat,
+    pub message_id: MessageId,
+}
+
 /// A running managed client.
 pub struct ManagedHandle {
     client: Arc<ClientHandle>,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<MessengerEvent>,
+    sent: broadcast::Sender<EnvelopeSent>,
     stats: Arc<Mutex<ManagedStats>>,
     task: TaskGuard,
 }
@@ -93,6 +102,11 @@ impl ManagedHandle {
     /// Events from now on (after the state that caused them is durable).
     pub fn subscribe(&self) -> broadcast::Receiver<MessengerEvent> {
         self.events.subscribe()
+    }
+
+    /// Envelopes handed to the client driver from now on, in order.
+    pub fn subscribe_sent(&self) -> broadcast::Receiver<EnvelopeSent> {
+        self.sent.subscribe()
     }
 
     pub fn stats(&self) -> ManagedStats {
@@ -146,12 +160,14 @@ pub fn spawn(
     let client = Arc::new(client);
     let (commands, command_rx) = mpsc::channel(64);
     let (events, _) = broadcast::channel(4096);
+    let (sent, _) = broadcast::channel(4096);
     let stats = Arc::new(Mutex::new(ManagedStats::default()));
     let task = Task {
         client: client.clone(),
         messenger,
         store,
         events: events.clone(),
+        sent: sent.clone(),
         stats: stats.clone(),
         counters: ManagedStats::default(),
         consumed: Vec::new(),
@@ -166,6 +182,7 @@ pub fn spawn(
         client,
         commands,
         events,
+        sent,
         stats,
         task: TaskGuard(Some(task)),
     })
@@ -199,6 +216,7 @@ struct Task {
     messenger: Messenger,
     store: Arc<ClientStore>,
     events: broadcast::Sender<MessengerEvent>,
+    sent: broadcast::Sender<EnvelopeSent>,
     stats: Arc<Mutex<ManagedStats>>,
     counters: ManagedStats,
     /// Raw inbox entries processed but not yet deleted.
@@ -308,8 +326,12 @@ impl Task {
         let outgoing: Vec<Outgoing> =
             std::iter::from_fn(|| self.messenger.poll_outgoing()).collect();
         for out in outgoing {
+            let what = out.what;
             match self.client.send(out.to, out.bytes).await {
-                Ok(_) => self.counters.envelopes_sent += 1,
+                Ok(message_id) => {
+                    self.counters.envelopes_sent += 1;
+                    let _ = self.sent.send(EnvelopeSent { what, message_id });
+                }
                 Err(e) => {
                     self.counters.send_errors += 1;
                     debug!(error = %e, "client refused an envelope");
