@@ -3,6 +3,7 @@
 pub mod ceiling;
 pub mod client;
 pub mod e2e;
+pub mod netns;
 pub mod relay;
 pub mod soak;
 pub mod standin;
