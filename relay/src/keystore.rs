@@ -113,6 +113,24 @@ pub fn create_identity<R: rand::CryptoRng + ?Sized>(
     Ok(key)
 }
 
+/// Replaces the identity key in `dir` with a fresh one and deletes every Sphinx key, so
+/// nothing of the old identity is left to steal. The node must be stopped; it generates
+/// Sphinx keys again when it starts and enters the directory as a new node.
+pub fn rotate_identity<R: rand::CryptoRng + ?Sized>(
+    dir: &Path,
+    rng: &mut R,
+) -> Result<SigningKey, RelayError> {
+    let epochs = load_sphinx_keys(dir)?.epochs();
+    remove_sphinx_keys(dir, &epochs)?;
+    let path = dir.join(IDENTITY_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("cannot remove", &path)(e)),
+    }
+    create_identity(dir, rng)
+}
+
 /// Reads the identity key from `path`.
 pub fn load_identity(path: &Path) -> Result<SigningKey, RelayError> {
     Ok(SigningKey::from_bytes(&read_hex32(path)?))
@@ -191,6 +209,33 @@ pub(crate) mod tests {
         ));
         let _ = fs::remove_dir_all(&p);
         p
+    }
+
+    #[test]
+    fn rotate_replaces_identity_and_deletes_sphinx_keys() {
+        let dir = temp_dir("rotate");
+        let mut rng = StdRng::seed_from_u64(2);
+        let old = create_identity(&dir, &mut rng).unwrap();
+        let mut ring = KeyRing::new();
+        ring.ensure(&mut rng, 3..=4);
+        save_sphinx_keys(&dir, &ring, &[3, 4]).unwrap();
+        assert_eq!(load_sphinx_keys(&dir).unwrap().epochs(), vec![3, 4]);
+
+        let new = rotate_identity(&dir, &mut rng).unwrap();
+        assert_ne!(old.to_bytes(), new.to_bytes());
+        let on_disk = load_identity(&dir.join(IDENTITY_FILE)).unwrap();
+        assert_eq!(on_disk.to_bytes(), new.to_bytes());
+        assert!(load_sphinx_keys(&dir).unwrap().epochs().is_empty());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.join(IDENTITY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -36,9 +36,23 @@ pub enum RelayCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Manage the relay's keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Print a running relay's health from its /metrics; exits 1 if it has a problem.
     Status {
         /// The relay's config file (for its metrics address).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Replace the identity key and every Sphinx key (after a suspected compromise). The
+    /// relay must be stopped; it joins the next directory document as a new node.
+    Rotate {
+        /// The relay's config file.
         #[arg(long)]
         config: PathBuf,
     },
@@ -97,6 +111,30 @@ pub fn run(cmd: RelayCommand) -> anyhow::Result<()> {
                 relay.shutdown().await;
                 Ok(())
             })
+        }
+        RelayCommand::Keys(KeysCommand::Rotate { config }) => {
+            let config = Config::load(&config)?;
+            // A running relay holds its link port; rotating under it would desynchronise
+            // the keys it serves from the ones on disk.
+            if let Err(e) = std::net::UdpSocket::bind(config.listen)
+                && e.kind() == std::io::ErrorKind::AddrInUse
+            {
+                bail!(
+                    "{} is in use: stop the relay before rotating its keys",
+                    config.listen
+                );
+            }
+            let identity =
+                shoal_relay::keystore::rotate_identity(&config.data_dir, &mut rand::rng())?;
+            println!(
+                "relay identity: {}",
+                hex(&identity.verifying_key().to_bytes())
+            );
+            println!(
+                "old identity and Sphinx keys deleted; start the relay: it publishes the new \
+                 identity and is in the next document (the old one ages out of the directory)"
+            );
+            Ok(())
         }
         RelayCommand::Status { config } => {
             let config = Config::load(&config)?;

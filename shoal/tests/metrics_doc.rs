@@ -139,6 +139,18 @@ async fn running_gateway_exports_exactly_the_documented_metrics() {
     ] {
         assert!(status.contains(line), "{status}");
     }
+    // Keys are not rotated under a running relay.
+    let rotate = |config: &Path| {
+        std::process::Command::new(&shoal)
+            .args(["relay", "keys", "rotate", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let refused = rotate(&relay_config);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stop the relay"));
+
     // A node that is not running is an error, not a silent "ok".
     drop(net);
     let out = std::process::Command::new(&shoal)
@@ -152,4 +164,17 @@ async fn running_gateway_exports_exactly_the_documented_metrics() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Stopped: the identity is replaced.
+    let id_file = tmp.path().join("relay0").join("identity.key");
+    let before = std::fs::read_to_string(&id_file).unwrap();
+    let rotated = rotate(&relay_config);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let after = std::fs::read_to_string(&id_file).unwrap();
+    assert_ne!(before, after);
+    assert!(String::from_utf8_lossy(&rotated.stdout).contains("relay identity: "));
 }
