@@ -10,17 +10,25 @@
 //!    `idle_client_cpu_percent_of_one_core`; `VmRSS` from `/proc/PID/status` at the end
 //!    of the window gives `idle_client_rss_mb` (MiB). The idle process is then stopped.
 //! 2. **Latency and goodput.** `clients` in-process drivers (own QUIC endpoint, account
-//!    key and redb store each, as in `shoal demo`) on the same gateway, also at the
-//!    default rates and pull interval. Each sends one `message_bytes` message to the next
+//!    key and redb store each, as in `shoal demo`) on the same gateway, at the default
+//!    rates and pulling every `pull_interval` (10 ms by default, so that the pull wait
+//!    does not swamp the overhead). Each sends one `message_bytes` message to the next
 //!    client every `send_interval`, `messages` times. Latency is from the return of
 //!    `send` (the message is durable in the sender's queue) to the recipient's
 //!    `DriverEvent::Message` (the message is durable in the recipient's store).
 //!
-//! The only overhead figure is `mean_latency_minus_expected_mixing_ms`: the measured
-//! mean latency minus the analytical mean of the forward route's mixing delay
-//! (`ROUTE_HOPS` × mean hop delay). It still contains the wait for a λP slot, the wait
-//! for the next pull and link/processing time; their expected values from the model are
-//! reported beside it (`expected_slot_wait_ms`, `expected_pull_wait_ms`), not subtracted.
+//! **Where the latency goes.** The clients keep a [`SendRecord`] per real fragment
+//! (`ClientConfig::send_records`, bench-only, never logged): the λP slot that carried
+//! it and the sum of the forward delays its sender drew. For every delivered
+//! one-fragment message sent exactly once, the latency splits into
+//! - `slot_wait_ms`: `send` returned → its λP slot (queueing; Poisson slots at λP);
+//! - `sampled_mixing_ms`: the drawn delays of the 5 hops (what the mix is for);
+//! - `overhead_ms` = stored at the recipient − slot − drawn delays: links, Sphinx
+//!   processing at 5 hops, the exit gateway's durable commit, **and** the wait for the
+//!   recipient's next pull (at most `pull_interval`, not subtracted) and its store write.
+//!   So the true network overhead is at most this figure.
+//! Messages that needed a retransmission are counted (`retransmitted`) and left out of
+//! the split, since their first attempt was lost.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,7 +40,7 @@ use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use serde::Serialize;
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
-use shoal_client::{ClientStore, Identity};
+use shoal_client::{ClientStore, Identity, SendRecord};
 use shoal_topology::NetworkParams;
 
 use crate::relay::cpu_seconds_of;
@@ -57,6 +65,8 @@ pub struct E2eOptions {
     pub message_bytes: usize,
     /// Give up waiting for deliveries this long after the last send.
     pub drain_timeout: Duration,
+    /// Pull interval of the latency-phase clients.
+    pub pull_interval: Duration,
 }
 
 impl Default for E2eOptions {
@@ -69,6 +79,7 @@ impl Default for E2eOptions {
             send_interval: Duration::from_secs(1),
             message_bytes: 256,
             drain_timeout: Duration::from_secs(30),
+            pull_interval: Duration::from_millis(10),
         }
     }
 }
@@ -90,7 +101,7 @@ pub struct E2eReport {
     pub lambda_l: f64,
     pub lambda_d: f64,
     pub mean_hop_delay_ms: f64,
-    /// Client pull interval (the client's default).
+    /// Pull interval of the latency-phase clients (the idle client uses the default).
     pub pull_interval_ms: f64,
     pub idle_secs: f64,
     /// CPU seconds of the idle `shoal client run` process per wall second, × 100.
@@ -108,8 +119,16 @@ pub struct E2eReport {
     pub latency_ms: LatencyMs,
     /// ROUTE_HOPS × mean hop delay: the mean of the sampled mixing delays.
     pub expected_mixing_delay_ms: f64,
-    /// Measured mean latency − expected_mixing_delay_ms (see the module docs).
+    /// Measured mean latency − expected_mixing_delay_ms.
     pub mean_latency_minus_expected_mixing_ms: f64,
+    /// The split of each message's latency (see the module docs), over `split_messages`.
+    pub split_messages: usize,
+    /// Delivered messages left out of the split because a fragment was retransmitted.
+    pub retransmitted: usize,
+    pub slot_wait_ms: LatencyMs,
+    pub sampled_mixing_ms: LatencyMs,
+    /// Stored at recipient − λP slot − sampled delays; includes the pull wait.
+    pub overhead_ms: LatencyMs,
     /// 1/λP: mean wait for the next λP slot of a message that finds the queue empty.
     pub expected_slot_wait_ms: f64,
     /// Half the pull interval: mean wait for the recipient's next pull.
@@ -201,6 +220,7 @@ fn init_client_process(
     Ok(dir.join("client.toml"))
 }
 
+/// Body → (recipient, `send` returned).
 type Sent = HashMap<Vec<u8>, (usize, Instant)>;
 
 /// Notes a delivery to client `i` if that message was sent to it.
@@ -214,6 +234,25 @@ fn record(
     {
         *duplicates += 1;
     }
+}
+
+fn summary(mut v: Vec<f64>) -> LatencyMs {
+    v.sort_by(f64::total_cmp);
+    let mean = if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    LatencyMs {
+        p50: percentile(&v, 0.50),
+        p99: percentile(&v, 0.99),
+        mean: round1(mean),
+        max: percentile(&v, 1.0),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -316,7 +355,9 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     let mut clients: Vec<ClientHandle> = Vec::new();
     let mut pull_interval = Duration::ZERO;
     for (i, (account, identity)) in setups.into_iter().enumerate() {
-        let config = DriverConfig::new(gw.client_addr, gw.id, net.authorities.clone());
+        let mut config = DriverConfig::new(gw.client_addr, gw.id, net.authorities.clone());
+        config.pull_interval = opts.pull_interval;
+        config.client.send_records = 4 * opts.messages + 64;
         pull_interval = config.pull_interval;
         let cdir = dir.join(format!("client-{i}"));
         std::fs::create_dir_all(&cdir)?;
@@ -358,6 +399,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     let mut sent_at: Sent = HashMap::new();
     let mut delivered: HashMap<Vec<u8>, Instant> = HashMap::new();
     let mut duplicates = 0usize;
+    let mut message_ids = HashMap::new();
     let first_send = Instant::now();
     let mut tick = tokio::time::interval(opts.send_interval);
     for m in 0..opts.messages {
@@ -366,8 +408,9 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
             let to = (i + 1) % n;
             let mut body = format!("e2e #{m} from {i} to {to} ").into_bytes();
             body.resize(opts.message_bytes.max(body.len()), b'.');
-            c.send(clients[to].contact(), body.clone()).await?;
-            sent_at.insert(body, (to, Instant::now()));
+            let id = c.send(clients[to].contact(), body.clone()).await?;
+            sent_at.insert(body.clone(), (to, Instant::now()));
+            message_ids.insert(body, id);
         }
         while let Ok(ev) = rx.try_recv() {
             record(ev, &sent_at, &mut delivered, &mut duplicates);
@@ -392,9 +435,33 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         real += r;
         all += r + cover;
     }
+    let mut records: HashMap<shoal_packet::MessageId, Vec<SendRecord>> = HashMap::new();
+    for c in &clients {
+        for r in c.take_send_records().await? {
+            records.entry(r.message_id).or_default().push(r);
+        }
+    }
     for c in clients {
         c.shutdown().await;
     }
+    let (mut slot_wait, mut mixing, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
+    let mut retransmitted = 0usize;
+    for (body, stored) in &delivered {
+        let (Some((_, returned)), Some(id)) = (sent_at.get(body), message_ids.get(body)) else {
+            continue;
+        };
+        match records.get(id).map(Vec::as_slice) {
+            Some([only]) if only.attempt == 1 => {
+                slot_wait.push(ms(only.at.saturating_duration_since(*returned)));
+                mixing.push(ms(only.forward_delay));
+                let after_slot = ms(stored.saturating_duration_since(only.at));
+                overhead.push(after_slot - ms(only.forward_delay));
+            }
+            Some(_) => retransmitted += 1,
+            None => {}
+        }
+    }
+    let split_messages = overhead.len();
 
     let mut latencies: Vec<f64> = delivered
         .iter()
@@ -447,6 +514,11 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         },
         expected_mixing_delay_ms: expected_mixing,
         mean_latency_minus_expected_mixing_ms: round1(mean - expected_mixing),
+        split_messages,
+        retransmitted,
+        slot_wait_ms: summary(slot_wait),
+        sampled_mixing_ms: summary(mixing),
+        overhead_ms: summary(overhead),
         expected_slot_wait_ms: 1000.0 / params.lambda_p.max(f64::MIN_POSITIVE),
         expected_pull_wait_ms: pull_interval.as_secs_f64() * 500.0,
         offered_messages_per_sec: n as f64 / opts.send_interval.as_secs_f64(),

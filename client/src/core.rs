@@ -161,6 +161,10 @@ pub struct ClientConfig {
     pub reassembly: ReassemblyLimits,
     /// Completed incoming message ids remembered (and snapshotted) to drop duplicates.
     pub remember_received: usize,
+    /// Benchmark instrumentation: keep a [`SendRecord`] for each of the last this many
+    /// real fragments sent (0, the default, keeps none). Per-packet timings: for
+    /// `shoal bench e2e` only, never logged or exported as metrics.
+    pub send_records: usize,
 }
 
 impl Default for ClientConfig {
@@ -174,8 +178,22 @@ impl Default for ClientConfig {
             surb_lifetime: Duration::from_secs(3600),
             reassembly: ReassemblyLimits::default(),
             remember_received: 65536,
+            send_records: 0,
         }
     }
+}
+
+/// When one real fragment went out and the mixing delay its sender drew for it (see
+/// [`ClientConfig::send_records`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendRecord {
+    pub message_id: MessageId,
+    /// 1 for the first send, 2 for the first retransmission, …
+    pub attempt: u32,
+    /// The λP slot that carried it.
+    pub at: Instant,
+    /// Sum of the delays drawn for the forward route's hops.
+    pub forward_delay: Duration,
 }
 
 /// What the client tells its user.
@@ -379,6 +397,7 @@ impl RecentSet {
 struct Built {
     frame: Frame,
     path_delay: Duration,
+    forward_delay: Duration,
 }
 
 /// The client state machine. See the module docs.
@@ -409,6 +428,7 @@ pub struct ClientCore {
     transmits: VecDeque<Frame>,
     events: VecDeque<Event>,
     stats: ClientStats,
+    send_records: VecDeque<SendRecord>,
 }
 
 fn random_id<R: CryptoRng + ?Sized>(rng: &mut R) -> [u8; 16] {
@@ -474,6 +494,7 @@ impl ClientCore {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: ClientStats::default(),
+            send_records: VecDeque::new(),
         }
     }
 
@@ -590,6 +611,11 @@ impl ClientCore {
         self.events.pop_front()
     }
 
+    /// Takes the [`SendRecord`]s kept so far (none unless `send_records` is set).
+    pub fn take_send_records(&mut self) -> Vec<SendRecord> {
+        self.send_records.drain(..).collect()
+    }
+
     pub fn stats(&self) -> ClientStats {
         let mut s = self.stats.clone();
         s.queued_fragments = self.fresh.len() + self.retry.len();
@@ -703,6 +729,17 @@ impl ClientCore {
         let (ok, path_delay) = match built {
             Some(b) => {
                 self.transmits.push_back(b.frame);
+                if self.config.send_records > 0 {
+                    if self.send_records.len() >= self.config.send_records {
+                        self.send_records.pop_front();
+                    }
+                    self.send_records.push_back(SendRecord {
+                        message_id: key.0,
+                        attempt,
+                        at: now,
+                        forward_delay: b.forward_delay,
+                    });
+                }
                 (true, b.path_delay)
             }
             None => (false, Duration::ZERO),
@@ -812,6 +849,7 @@ impl ClientCore {
         Some(Built {
             frame,
             path_delay: fwd_delay.saturating_add(ack_delay),
+            forward_delay: fwd_delay,
         })
     }
 

@@ -49,7 +49,9 @@ use tracing::{Instrument, debug, info, trace, warn};
 use x25519_dalek::StaticSecret;
 
 use crate::contact::Contact;
-use crate::core::{ClientConfig, ClientCore, ClientError, ClientStats, Event, Identity};
+use crate::core::{
+    ClientConfig, ClientCore, ClientError, ClientStats, Event, Identity, SendRecord,
+};
 use crate::seal;
 use crate::store::{ClientStore, ReceivedMessage};
 
@@ -195,6 +197,9 @@ enum Command {
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<MessageId, ClientError>>,
     },
+    TakeSendRecords {
+        reply: oneshot::Sender<Vec<SendRecord>>,
+    },
     Shutdown,
 }
 
@@ -224,6 +229,17 @@ impl ClientHandle {
             .await
             .map_err(|_| DriverError::Stopped)?;
         Ok(rx.await.map_err(|_| DriverError::Stopped)??)
+    }
+
+    /// The core's send records since the last call (benchmarks; see
+    /// [`ClientConfig::send_records`]). Empty unless enabled.
+    pub async fn take_send_records(&self) -> Result<Vec<SendRecord>, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::TakeSendRecords { reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)
     }
 
     /// Events from now on. A subscriber that falls more than 4096 events behind misses
@@ -422,6 +438,9 @@ impl Driver {
                     Some(Command::Send { to, bytes, reply }) => {
                         let result = self.queue(to, &bytes).await;
                         let _ = reply.send(result);
+                    }
+                    Some(Command::TakeSendRecords { reply }) => {
+                        let _ = reply.send(self.core.take_send_records());
                     }
                     Some(Command::Shutdown) | None => break,
                 },

@@ -16,7 +16,7 @@ mod testnet;
 pub use contact::{CardError, Contact, ContactCard};
 pub use core::{
     ClientConfig, ClientCore, ClientError, ClientSnapshot, ClientStats, Event, Identity,
-    OutgoingFragment, OutgoingMessage, RetransmitPolicy,
+    OutgoingFragment, OutgoingMessage, RetransmitPolicy, SendRecord,
 };
 pub use schedule::Stream;
 pub use seal::SealError;
