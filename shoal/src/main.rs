@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod authority_cmd;
 mod bench_cmd;
+mod chat;
 mod client_cmd;
 mod demo_cmd;
 mod gateway_cmd;
@@ -45,6 +46,8 @@ enum Command {
     Client(client_cmd::ClientCommand),
     /// A whole mix network on loopback: send messages, deliver them, report.
     Demo(demo_cmd::DemoArgs),
+    /// An interactive terminal chat (groups and contacts) on the client in --dir.
+    Chat(chat::ChatArgs),
 }
 
 fn init_logging() {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench_cmd::run(args),
         Command::Client(cmd) => client_cmd::run(cmd),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Chat(args) => chat::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

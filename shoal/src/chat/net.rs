@@ -1,0 +1,798 @@
+//! The chat's driver: sets up the messenger, runs the client and the terminal, and
+//! moves keys, messenger events and delivery receipts between them and the state.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ed25519_dalek::SigningKey;
+use ratatui::crossterm::event::{
+    self, DisableBracketedPaste, EnableBracketedPaste, Event, KeyCode, KeyEventKind, KeyModifiers,
+};
+use ratatui::crossterm::execute;
+use serde::{Deserialize, Serialize};
+use shoal_client::ClientStore;
+use shoal_client::driver::{self, DriverEvent};
+use shoal_client::group::{GroupConfig, GroupEvent};
+use shoal_client::managed::{self, EnvelopeSent, ManagedHandle, unix_ms};
+use shoal_client::messenger::{
+    Invite, Messenger, MessengerConfig, MessengerEvent, OutgoingWhat, invite_from_text,
+    invite_to_text,
+};
+use shoal_packet::MessageId;
+use shoal_subnet::{MemberCredential, MessageOptions, Policy, UncheckedCredential};
+use tokio::sync::{broadcast, mpsc};
+
+use super::ChatArgs;
+use super::state::{ChatState, ConvKey, Delivery, Key, Request, Update, default_title};
+use super::view;
+use crate::client_cmd::{CONFIG_FILE, STORE_FILE, load_config, load_identity};
+
+const CHAT_FILE: &str = "chat.json";
+const CARD_FILE: &str = "my-card.txt";
+
+/// `chat.json`: contacts (by the handle their credential names) and group names.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatFile {
+    contacts: Vec<SavedContact>,
+    groups: Vec<SavedGroup>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedContact {
+    handle: String,
+    card: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedGroup {
+    id: String,
+    name: String,
+}
+
+impl ChatFile {
+    fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(CHAT_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ChatFile::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        write_private(&dir.join(CHAT_FILE), &serde_json::to_vec_pretty(self)?)
+    }
+
+    fn contact(&self, handle: &str) -> Option<&SavedContact> {
+        self.contacts.iter().find(|c| c.handle == handle)
+    }
+}
+
+/// Writes `bytes` readable by this user only, replacing the file atomically.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The credential inside a card (an invite text), signature checked.
+fn card_credential(card: &str) -> anyhow::Result<(Invite, MemberCredential)> {
+    let invite = invite_from_text(card).map_err(|e| anyhow::anyhow!("not a contact card: {e}"))?;
+    let cred = UncheckedCredential::parse(&invite.credential)
+        .and_then(UncheckedCredential::check_signature)
+        .map_err(|e| anyhow::anyhow!("the card's credential does not check: {e}"))?
+        .ignore_validity();
+    Ok((invite, cred))
+}
+
+/// Untrusted text made safe for a terminal: no control characters (escape sequences).
+fn clean(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// The messenger kept in the store, or a new one from the admin's files (first use).
+fn open_messenger(
+    args: &ChatArgs,
+    store: &ClientStore,
+    account: &SigningKey,
+) -> anyhow::Result<Messenger> {
+    let now = unix_ms();
+    if let Some(snapshot) = store.load_messenger()? {
+        return Messenger::restore(&snapshot, now).context("cannot restore the chat state");
+    }
+    let cred_path = args
+        .credential
+        .clone()
+        .unwrap_or_else(|| args.dir.join("credential"));
+    let policy_path = args
+        .policy
+        .clone()
+        .unwrap_or_else(|| args.dir.join("policy"));
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).with_context(|| {
+            format!(
+                "cannot read your {what} file {}: on first use the chat needs the membership \
+                 files your subnet's admin gave you (--credential, --policy)",
+                p.display()
+            )
+        })
+    };
+    let cred = UncheckedCredential::parse(&read(&cred_path, "credential")?)
+        .and_then(UncheckedCredential::check_signature)
+        .and_then(|c| c.check_valid_at(now / 1000))
+        .context("your membership credential")?;
+    if cred.signing_key() != account.verifying_key().to_bytes() {
+        bail!(
+            "this credential was issued for another device's key; give your admin the account key `shoal client init` printed"
+        );
+    }
+    let policy = Policy::verify(&read(&policy_path, "policy")?, &cred.subnet())
+        .context("your subnet's policy")?;
+    let config = MessengerConfig {
+        groups: GroupConfig {
+            commit_settle_ms: args.commit_settle_secs.saturating_mul(1000),
+        },
+        ..MessengerConfig::default()
+    };
+    let m = Messenger::new(account.to_bytes(), cred.signed(), policy, config, now)?;
+    store.save_messenger(&m.snapshot()?, &[])?;
+    Ok(m)
+}
+
+pub fn run(args: ChatArgs) -> anyhow::Result<()> {
+    let loaded = load_config(&args.dir.join(CONFIG_FILE))?;
+    let store_path = args.dir.join(STORE_FILE);
+    if !store_path.exists() {
+        bail!(
+            "{} has no client; run `shoal client init --dir {}` first",
+            args.dir.display(),
+            args.dir.display()
+        );
+    }
+    let store = ClientStore::open(&store_path).with_context(|| {
+        format!(
+            "cannot open {} (is another shoal chat or client using it?)",
+            store_path.display()
+        )
+    })?;
+    let (identity, account) = load_identity(&store)?;
+    let mut messenger = open_messenger(&args, &store, &account)?;
+    if args.print_card {
+        let card = invite_to_text(&messenger.invite()?);
+        // The card's one-time key is now part of the state: keep it.
+        store.save_messenger(&messenger.snapshot()?, &[])?;
+        println!("{card}");
+        return Ok(());
+    }
+    let file = ChatFile::load(&args.dir)?;
+    let store = Arc::new(store);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("shoal-chat")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
+        let handle = managed::spawn(client, messenger, store)?;
+        let result = run_terminal(&handle, args.dir, file).await;
+        handle.shutdown().await;
+        result
+    })
+}
+
+async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> anyhow::Result<()> {
+    // Subscribe before anything can happen, so no event is missed.
+    let mut events = handle.subscribe();
+    let mut sent = handle.subscribe_sent();
+    let mut raw = handle.client().subscribe();
+    let mut ui = Ui::new(handle, dir, file).await?;
+
+    let mut terminal = ratatui::try_init().context("cannot use this terminal")?;
+    let _ = execute!(std::io::stdout(), EnableBracketedPaste);
+    let (key_tx, mut keys) = mpsc::channel(256);
+    let reader = std::thread::spawn(move || read_keys(key_tx));
+
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let signal = crate::runtime::wait_for_signal();
+    tokio::pin!(signal);
+    let result: anyhow::Result<()> = async {
+        loop {
+            terminal.draw(|f| view::render(&ui.state, f))?;
+            if ui.state.quit {
+                return Ok(());
+            }
+            tokio::select! {
+                k = keys.recv() => match k {
+                    Some(k) => if let Some(r) = ui.state.on_key(k) { ui.request(r).await },
+                    None => return Ok(()),
+                },
+                e = events.recv() => match e {
+                    Ok(e) => ui.on_event(e).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => ui.refresh_groups().await,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                s = sent.recv() => if let Ok(s) = s { ui.tracker.on_sent(s) },
+                d = raw.recv() => match d {
+                    Ok(DriverEvent::Acked { message_id }) => {
+                        if let Some(id) = ui.tracker.on_acked(&message_id) {
+                            ui.state.apply(Update::Delivery { local_id: id, delivery: Delivery::Acked });
+                        }
+                    }
+                    Ok(DriverEvent::Connected) => ui.state.apply(Update::Online(true)),
+                    Ok(DriverEvent::Disconnected) => ui.state.apply(Update::Online(false)),
+                    _ => {}
+                },
+                _ = tick.tick() => ui.on_tick(),
+                r = &mut signal => { r?; return Ok(()); }
+            }
+            ui.burn_if_seen().await;
+        }
+    }
+    .await;
+    drop(keys);
+    let _ = execute!(std::io::stdout(), DisableBracketedPaste);
+    ratatui::restore();
+    let _ = reader.join();
+    result
+}
+
+/// Terminal events → [`Key`]s, on a plain thread (crossterm's reader blocks).
+fn read_keys(tx: mpsc::Sender<Key>) {
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        match event::poll(Duration::from_millis(200)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(_) => return,
+        }
+        let key = match event::read() {
+            Ok(Event::Key(k)) if k.kind != KeyEventKind::Release => match k.code {
+                KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => Key::CtrlC,
+                KeyCode::Char(c) => Key::Char(c),
+                KeyCode::Enter => Key::Enter,
+                KeyCode::Backspace => Key::Backspace,
+                KeyCode::Tab => Key::Tab,
+                KeyCode::BackTab => Key::BackTab,
+                KeyCode::Up => Key::Up,
+                KeyCode::Down => Key::Down,
+                _ => continue,
+            },
+            Ok(Event::Paste(s)) => Key::Paste(s),
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        if tx.blocking_send(key).is_err() {
+            return;
+        }
+    }
+}
+
+/// Maps the driver's message ids to the chat's own messages, for delivery marks.
+#[derive(Debug, Default)]
+struct Tracker {
+    /// Own messages whose envelopes the messenger has yet to hand to the driver, in
+    /// order: (local id, envelopes still to come).
+    expecting: VecDeque<(u64, usize)>,
+    by_id: HashMap<MessageId, u64>,
+    /// Local id → (envelopes not yet acked, tick at which the last was handed over).
+    open: HashMap<u64, (usize, Option<u64>)>,
+    ticks: u64,
+}
+
+impl Tracker {
+    fn expect(&mut self, local_id: u64, envelopes: usize) {
+        if envelopes > 0 {
+            self.expecting.push_back((local_id, envelopes));
+            self.open.insert(local_id, (envelopes, None));
+        }
+    }
+
+    /// Direct and group application envelopes come only from the chat's own sends, in
+    /// the order the sends were made.
+    fn on_sent(&mut self, s: EnvelopeSent) {
+        let mine = matches!(
+            s.what,
+            OutgoingWhat::Direct
+                | OutgoingWhat::Group(shoal_client::group::OutgoingKind::Application)
+        );
+        if !mine {
+            return;
+        }
+        let Some((local, left)) = self.expecting.front_mut() else {
+            return;
+        };
+        let local = *local;
+        *left -= 1;
+        if *left == 0 {
+            self.expecting.pop_front();
+            if let Some(o) = self.open.get_mut(&local) {
+                o.1 = Some(self.ticks);
+            }
+        }
+        self.by_id.insert(s.message_id, local);
+    }
+
+    /// The local id that is now fully acked, if any.
+    fn on_acked(&mut self, id: &MessageId) -> Option<u64> {
+        let local = self.by_id.remove(id)?;
+        let o = self.open.get_mut(&local)?;
+        o.0 = o.0.saturating_sub(1);
+        if o.0 == 0 && o.1.is_some() {
+            self.open.remove(&local);
+            return Some(local);
+        }
+        None
+    }
+
+    /// Own messages that have left the device: handed over before the previous tick
+    /// (so the driver's counters include them) and nothing is waiting to be sent.
+    fn on_tick(&mut self, queued_fragments: usize) -> Vec<u64> {
+        self.ticks += 1;
+        if queued_fragments > 0 {
+            return Vec::new();
+        }
+        let now = self.ticks;
+        let mut out = Vec::new();
+        for (local, (_, handed)) in &mut self.open {
+            if handed.is_some_and(|t| t + 1 < now) {
+                *handed = Some(u64::MAX / 2);
+                out.push(*local);
+            }
+        }
+        out
+    }
+}
+
+struct Ui<'a> {
+    handle: &'a ManagedHandle,
+    dir: PathBuf,
+    file: ChatFile,
+    state: ChatState,
+    tracker: Tracker,
+    /// Conversations that received burn-on-read messages not yet burnt.
+    burn_pending: Vec<ConvKey>,
+    me: (String, shoal_subnet::SubnetId),
+}
+
+impl<'a> Ui<'a> {
+    async fn new(handle: &'a ManagedHandle, dir: PathBuf, file: ChatFile) -> anyhow::Result<Self> {
+        let (me, inbox) = handle
+            .with(|m, _| {
+                let c = m.credential();
+                ((c.handle().to_string(), c.subnet()), m.peek().to_vec())
+            })
+            .await?;
+        let mut ui = Ui {
+            handle,
+            dir,
+            file,
+            state: ChatState::new(clean(me.0.as_bytes())),
+            tracker: Tracker::default(),
+            burn_pending: Vec::new(),
+            me,
+        };
+        for g in &ui.file.groups {
+            if let Ok(id) = hex::decode(&g.id) {
+                ui.state.name_group(id, g.name.clone());
+            }
+        }
+        for c in &ui.file.contacts {
+            ui.state.apply(Update::Conversation {
+                key: ConvKey::Direct(c.handle.clone()),
+                title: clean(c.handle.as_bytes()),
+                members: Vec::new(),
+            });
+        }
+        ui.refresh_groups().await;
+        for m in inbox {
+            let conv = match m.group {
+                Some(g) => ConvKey::Group(g),
+                None => ConvKey::Direct(m.from.clone()),
+            };
+            if m.burn_on_read {
+                ui.burn_pending.push(conv.clone());
+            }
+            ui.state.apply(Update::Received {
+                conv,
+                from: clean(m.from.as_bytes()),
+                body: clean(&m.body),
+                at_unix_ms: m.received_unix_ms,
+                expires_unix_ms: m.expires_unix_ms,
+                burn_on_read: m.burn_on_read,
+            });
+        }
+        // What was there before this session counts as seen.
+        for c in &mut ui.state.conversations {
+            c.unread = 0;
+        }
+        ui.state.online = handle.client().stats().connected;
+        Ok(ui)
+    }
+
+    fn status(&mut self, s: impl Into<String>) {
+        self.state.apply(Update::Status(s.into()));
+    }
+
+    async fn refresh_groups(&mut self) {
+        let Ok(groups) = self.handle.with(|m, _| m.groups()).await else {
+            return;
+        };
+        for g in groups {
+            let mut members: Vec<String> = Vec::new();
+            let mut skipped_me = false;
+            for (h, subnet) in g.members {
+                if !skipped_me && h == self.me.0 && subnet == self.me.1 {
+                    skipped_me = true;
+                    continue;
+                }
+                members.push(clean(h.as_bytes()));
+            }
+            let key = ConvKey::Group(g.id);
+            let title = default_title(&key);
+            self.state.apply(Update::Conversation {
+                key,
+                title,
+                members,
+            });
+        }
+    }
+
+    async fn request(&mut self, r: Request) {
+        let result = match r {
+            Request::Send {
+                local_id,
+                to,
+                body,
+                ttl_secs,
+                burn_on_read,
+            } => self.send(local_id, to, body, ttl_secs, burn_on_read).await,
+            Request::AddContact { card } => self.add_contact(&card).await,
+            Request::NewGroup { name } => self.new_group(name).await,
+            Request::Invite { group, handle } => self.invite(group, handle).await,
+            Request::ShowCard => self.show_card().await,
+            Request::Quit => Ok(()),
+        };
+        if let Err(e) = result {
+            self.status(format!("{e:#}"));
+        }
+    }
+
+    async fn send(
+        &mut self,
+        local_id: u64,
+        to: ConvKey,
+        body: String,
+        ttl_secs: u64,
+        burn_on_read: bool,
+    ) -> anyhow::Result<()> {
+        let options = MessageOptions {
+            ttl_secs,
+            burn_on_read,
+        };
+        let now = unix_ms();
+        self.state.stamp_own(local_id, now, ttl_secs);
+        let result = match to {
+            ConvKey::Direct(h) => {
+                let cred = self
+                    .file
+                    .contact(&h)
+                    .map(|c| card_credential(&c.card))
+                    .transpose()?
+                    .map(|(_, c)| c);
+                let Some(cred) = cred else {
+                    self.fail(local_id);
+                    bail!("{h} is not in your contacts: ask for their card and /add it");
+                };
+                self.handle
+                    .with(move |m, now| {
+                        m.send_direct(&cred, options, body.as_bytes(), now)
+                            .map(|()| 1)
+                    })
+                    .await?
+            }
+            ConvKey::Group(g) => {
+                self.handle
+                    .with(move |m, now| {
+                        let others = m
+                            .groups()
+                            .into_iter()
+                            .find(|s| s.id == g)
+                            .map_or(0, |s| s.members.len().saturating_sub(1));
+                        m.send_group(&g, options, body.as_bytes(), now)
+                            .map(|()| others)
+                    })
+                    .await?
+            }
+        };
+        match result {
+            Ok(envelopes) => {
+                self.tracker.expect(local_id, envelopes);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(local_id);
+                Err(anyhow::anyhow!("not sent: {e}"))
+            }
+        }
+    }
+
+    fn fail(&mut self, local_id: u64) {
+        self.state.apply(Update::Delivery {
+            local_id,
+            delivery: Delivery::Failed,
+        });
+    }
+
+    async fn add_contact(&mut self, card: &str) -> anyhow::Result<()> {
+        let (_, cred) = card_credential(card)?;
+        let handle = cred.handle().to_string();
+        self.file.contacts.retain(|c| c.handle != handle);
+        self.file.contacts.push(SavedContact {
+            handle: handle.clone(),
+            card: card.trim().to_string(),
+        });
+        self.file.save(&self.dir)?;
+        let key = ConvKey::Direct(handle.clone());
+        self.state.apply(Update::Conversation {
+            key: key.clone(),
+            title: clean(handle.as_bytes()),
+            members: Vec::new(),
+        });
+        self.state.focus(&key);
+        // Send them this user's card, so they can add this user to groups too.
+        let sent = self
+            .handle
+            .with(move |m, now| m.send_invite(&cred, now))
+            .await?;
+        let shown = clean(handle.as_bytes());
+        match sent {
+            Ok(()) => self.status(format!("{shown} added; your card is on its way to them")),
+            Err(e) => self.status(format!("{shown} added, but your card was not sent: {e}")),
+        }
+        Ok(())
+    }
+
+    async fn new_group(&mut self, name: String) -> anyhow::Result<()> {
+        let id = self.handle.with(|m, now| m.create_group(now)).await??;
+        self.file.groups.push(SavedGroup {
+            id: hex::encode(&id),
+            name: name.clone(),
+        });
+        self.file.save(&self.dir)?;
+        self.state.name_group(id.clone(), name.clone());
+        let key = ConvKey::Group(id);
+        self.state.apply(Update::Conversation {
+            key: key.clone(),
+            title: name.clone(),
+            members: Vec::new(),
+        });
+        self.state.focus(&key);
+        self.status(format!("group {name} made; add people with /invite HANDLE"));
+        Ok(())
+    }
+
+    async fn invite(&mut self, group: Vec<u8>, handle: String) -> anyhow::Result<()> {
+        let from_card = self
+            .file
+            .contact(&handle)
+            .map(|c| card_credential(&c.card))
+            .transpose()?
+            .map(|(i, _)| i);
+        let h = handle.clone();
+        let done = self
+            .handle
+            .with(move |m, now| {
+                // A card sent over the network is fresher than the pasted one (each
+                // card can bring its owner into one group).
+                let invite = m
+                    .received_invites()
+                    .iter()
+                    .rev()
+                    .find(|i| i.handle == h)
+                    .map(|i| i.invite())
+                    .or(from_card);
+                invite.map(|i| m.add_members(&group, &[i], now))
+            })
+            .await?;
+        let shown = clean(handle.as_bytes());
+        match done {
+            None => bail!("no card for {shown}: /add their card first"),
+            Some(Err(e)) => bail!("cannot add {shown}: {e}"),
+            Some(Ok(())) => {
+                self.status(format!(
+                    "adding {shown}: they join once the change has settled (the group list shows them then)"
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    async fn show_card(&mut self) -> anyhow::Result<()> {
+        let card = self
+            .handle
+            .with(|m, _| m.invite().map(|i| invite_to_text(&i)))
+            .await??;
+        let path = self.dir.join(CARD_FILE);
+        write_private(&path, format!("{card}\n").as_bytes())?;
+        self.status(format!(
+            "your card is in {}; give it only to people you want to talk to",
+            path.display()
+        ));
+        Ok(())
+    }
+
+    async fn on_event(&mut self, e: MessengerEvent) {
+        match e {
+            MessengerEvent::Message {
+                id,
+                from,
+                group,
+                body,
+            } => {
+                let meta = self
+                    .handle
+                    .with(move |m, _| {
+                        m.peek()
+                            .iter()
+                            .find(|s| s.id == id)
+                            .map(|s| (s.received_unix_ms, s.expires_unix_ms, s.burn_on_read))
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                // Gone already (expired): nothing to show.
+                let Some((at, expires, burn)) = meta else {
+                    return;
+                };
+                let conv = match group {
+                    Some(g) => ConvKey::Group(g),
+                    None => ConvKey::Direct(from.clone()),
+                };
+                if burn {
+                    self.burn_pending.push(conv.clone());
+                }
+                self.state.apply(Update::Received {
+                    conv,
+                    from: clean(from.as_bytes()),
+                    body: clean(&body),
+                    at_unix_ms: at,
+                    expires_unix_ms: expires,
+                    burn_on_read: burn,
+                });
+            }
+            MessengerEvent::InviteReceived { handle } => {
+                let h = clean(handle.as_bytes());
+                self.status(format!(
+                    "{h} sent you their card: open a group and /invite {h} to add them"
+                ));
+            }
+            MessengerEvent::PolicyDrop { handle, .. } => {
+                let h = clean(handle.as_bytes());
+                self.status(format!(
+                    "a message from {h} was dropped: your group's rules do not allow it"
+                ));
+            }
+            MessengerEvent::PolicyUpdated { version } => {
+                self.status(format!("your admin updated the rules (version {version})"));
+                self.refresh_groups().await;
+            }
+            MessengerEvent::Group(g) => {
+                match &g {
+                    GroupEvent::Joined { .. } => self.status("you were added to a group"),
+                    GroupEvent::MemberAdded { member, .. } => {
+                        let h = clean(member.credential.handle().as_bytes());
+                        self.status(format!("{h} joined a group"));
+                    }
+                    GroupEvent::Refused { handle, .. } => {
+                        let h = clean(handle.as_bytes());
+                        self.status(format!(
+                            "a group with {h} was refused: your rules do not allow it"
+                        ));
+                    }
+                    GroupEvent::Removed { .. } => self.status("you were removed from a group"),
+                    GroupEvent::OwnCommitLost { .. } => self.status(
+                        "someone changed the group at the same time; repeat your last /invite",
+                    ),
+                    _ => {}
+                }
+                self.refresh_groups().await;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.state.expire(unix_ms());
+        let stats = self.handle.client().stats();
+        self.state.apply(Update::Online(stats.connected));
+        for local_id in self.tracker.on_tick(stats.core.queued_fragments) {
+            self.state.apply(Update::Delivery {
+                local_id,
+                delivery: Delivery::Sent,
+            });
+        }
+    }
+
+    /// Once a conversation with burn-on-read messages is on screen, they are deleted
+    /// from the device (they stay on screen until the chat closes).
+    async fn burn_if_seen(&mut self) {
+        let Some(current) = self.state.current().map(|c| c.key.clone()) else {
+            return;
+        };
+        if self.burn_pending.contains(&current) {
+            // `read` burns every burn-on-read message in the inbox at once.
+            if self.handle.with(|m, now| m.read(now).len()).await.is_ok() {
+                self.burn_pending.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(what: OutgoingWhat, n: u8) -> EnvelopeSent {
+        EnvelopeSent {
+            what,
+            message_id: [n; 16],
+        }
+    }
+
+    #[test]
+    fn tracker_maps_envelopes_in_order_and_acks_when_all_are_back() {
+        let mut t = Tracker::default();
+        t.expect(1, 2); // a group message to two others
+        t.expect(2, 1); // a direct message
+        // A commit from elsewhere is not ours.
+        t.on_sent(sent(
+            OutgoingWhat::Group(shoal_client::group::OutgoingKind::Commit),
+            9,
+        ));
+        let app = OutgoingWhat::Group(shoal_client::group::OutgoingKind::Application);
+        t.on_sent(sent(app, 1));
+        t.on_sent(sent(app, 2));
+        t.on_sent(sent(OutgoingWhat::Direct, 3));
+        assert_eq!(t.on_acked(&[9; 16]), None);
+        assert_eq!(t.on_acked(&[3; 16]), Some(2));
+        assert_eq!(t.on_acked(&[1; 16]), None);
+        // Not yet "sent" on the tick it was handed over, nor while fragments wait.
+        assert!(t.on_tick(0).is_empty());
+        assert!(t.on_tick(5).is_empty());
+        assert_eq!(t.on_tick(0), vec![1]);
+        assert!(t.on_tick(0).is_empty(), "reported once");
+        assert_eq!(t.on_acked(&[2; 16]), Some(1));
+        assert!(t.open.is_empty());
+    }
+
+    #[test]
+    fn clean_strips_terminal_escapes() {
+        assert_eq!(clean(b"hi\x1b[2Jthere\n"), "hi [2Jthere ");
+        assert_eq!(clean(&[0xff, b'a']), "\u{fffd}a");
+    }
+}
