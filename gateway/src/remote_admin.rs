@@ -95,7 +95,25 @@ pub async fn execute(
     command: &SignedCommand,
     timeout: Duration,
 ) -> Result<(), GatewayError> {
-    let chunks = admin_chunks(&command.to_bytes())?;
+    execute_bytes(
+        admin,
+        gateway_addr,
+        gateway_key,
+        &command.to_bytes(),
+        timeout,
+    )
+    .await
+}
+
+/// [`execute`] with the command as bytes (tests send malformed or forged ones).
+pub(crate) async fn execute_bytes(
+    admin: &SigningKey,
+    gateway_addr: SocketAddr,
+    gateway_key: NodeKey,
+    command: &[u8],
+    timeout: Duration,
+) -> Result<(), GatewayError> {
+    let chunks = admin_chunks(command)?;
     let mut frames = Vec::with_capacity(chunks.len());
     for c in &chunks {
         frames.push(c.to_frame()?);
@@ -166,5 +184,316 @@ pub async fn execute(
         Ok(Err(e)) => Err(e),
         Ok(Ok((None, _))) => Ok(()),
         Ok(Ok((Some(refusal), message))) => Err(GatewayError::AdminRefused { refusal, message }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use shoal_packet::SPHINX_PAYLOAD_SIZE;
+    use shoal_subnet::{BurnOnRead, CommandBody, PolicyBody, RoleRule, SubnetAdmin};
+    use shoal_topology::Hex32;
+
+    use super::*;
+    use crate::mailbox::{Committed, Mailbox, MailboxConfig, Salt};
+    use crate::store::{Store, StoreConfig};
+
+    const GW: Hex32 = Hex32([0x6a; 32]);
+    const NOW: u64 = 1_700_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(NOW + secs)
+    }
+
+    fn key(seed: u8) -> Hex32 {
+        Hex32(
+            SigningKey::from_bytes(&[seed; 32])
+                .verifying_key()
+                .to_bytes(),
+        )
+    }
+
+    fn body(seq: u64, action: AccountAction) -> CommandBody {
+        CommandBody {
+            subnet: Hex32([0; 32]),
+            gateway: GW,
+            sequence: seq,
+            expires_at: NOW + 600,
+            action,
+        }
+    }
+
+    fn create(account: u8, mailbox: u8) -> AccountAction {
+        AccountAction::CreateAccount {
+            account: key(account),
+            mailbox: Hex32([mailbox; 32]),
+            quota: 10,
+        }
+    }
+
+    pub(crate) fn policy(
+        admin: &SubnetAdmin,
+        version: u64,
+        ttl_max: u64,
+        revoked: Vec<Hex32>,
+    ) -> String {
+        let body = PolicyBody {
+            subnet: admin.subnet(),
+            version,
+            issued_at: NOW,
+            roles: vec!["staff".into()],
+            rules: vec![RoleRule {
+                from: "staff".into(),
+                to: "staff".into(),
+            }],
+            federation: vec![],
+            ttl_min_secs: 0,
+            ttl_max_secs: ttl_max,
+            burn_on_read: BurnOnRead::Allowed,
+            revoked_keys: revoked,
+            revoked_handles: vec![],
+        };
+        String::from_utf8(admin.issue_policy(body).unwrap().to_bytes()).unwrap()
+    }
+
+    fn cfg() -> MailboxConfig {
+        MailboxConfig {
+            pull_batch: 4,
+            redelivery_timeout: Duration::from_secs(10),
+            ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn apply(
+        m: &mut Mailbox,
+        admin: &SubnetAdmin,
+        hosted: &[SubnetId],
+        b: CommandBody,
+        now: SystemTime,
+    ) -> Result<Vec<[u8; 32]>, AdminRefusal> {
+        let bytes = admin.issue_command(b).unwrap().to_bytes();
+        let checked = check_command(&bytes, hosted).map_err(|r| r.0)?;
+        let applied = m.apply_admin(checked, &GW, now).map_err(|r| r.0)?;
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        Ok(applied.cut)
+    }
+
+    #[test]
+    fn each_command_applies_and_each_refusal_changes_nothing() {
+        let a = SubnetAdmin::from_secret([1; 32]);
+        let b = SubnetAdmin::from_secret([2; 32]);
+        let hosted = [a.subnet(), b.subnet()];
+        let mut m = Mailbox::new(cfg(), Salt::from_bytes([3; 32])).unwrap();
+
+        apply(&mut m, &a, &hosted, body(1, create(10, 0xa0)), at(0)).unwrap();
+        assert!(m.is_account(&key(10).0));
+        assert_eq!(m.account_subnet(&key(10).0), Some(a.subnet()));
+        assert_eq!(m.last_sequence(&a.subnet()), Some(1));
+
+        // Replay, older sequence, wrong gateway, expired: refused, nothing moves.
+        let r = |m: &mut Mailbox, b: CommandBody, now| apply(m, &a, &hosted, b, now);
+        assert_eq!(
+            r(&mut m, body(1, create(11, 0xa1)), at(0)),
+            Err(AdminRefusal::Replayed)
+        );
+        let mut elsewhere = body(5, create(11, 0xa1));
+        elsewhere.gateway = Hex32([0x6b; 32]);
+        assert_eq!(r(&mut m, elsewhere, at(0)), Err(AdminRefusal::WrongGateway));
+        assert_eq!(
+            r(&mut m, body(5, create(11, 0xa1)), at(601)),
+            Err(AdminRefusal::Expired)
+        );
+        assert!(!m.is_account(&key(11).0));
+        assert_eq!(m.last_sequence(&a.subnet()), Some(1));
+        // A command that is fresh but does not apply does not use up its sequence number.
+        assert_eq!(
+            r(&mut m, body(2, create(10, 0xa2)), at(0)),
+            Err(AdminRefusal::Rejected)
+        );
+        assert_eq!(m.last_sequence(&a.subnet()), Some(1));
+
+        // Quota, then de-provision: the account's links are to be cut.
+        r(
+            &mut m,
+            body(
+                2,
+                AccountAction::SetQuota {
+                    account: key(10),
+                    quota: 1,
+                },
+            ),
+            at(0),
+        )
+        .unwrap();
+        assert_eq!(
+            m.deliver(&[0xa0; 32], [0; 16], &[0; SPHINX_PAYLOAD_SIZE], at(1)),
+            crate::DeliverOutcome::Accepted { id: 1, ack: false }
+        );
+        assert_eq!(
+            m.deliver(&[0xa0; 32], [0; 16], &[0; SPHINX_PAYLOAD_SIZE], at(1)),
+            crate::DeliverOutcome::QuotaFull
+        );
+
+        // Another hosted subnet cannot touch A's accounts.
+        assert_eq!(
+            apply(
+                &mut m,
+                &b,
+                &hosted,
+                body(1, AccountAction::Deprovision { account: key(10) }),
+                at(0)
+            ),
+            Err(AdminRefusal::Rejected)
+        );
+        assert_eq!(
+            r(
+                &mut m,
+                body(3, AccountAction::Deprovision { account: key(10) }),
+                at(0)
+            ),
+            Ok(vec![key(10).0])
+        );
+        assert!(!m.is_account(&key(10).0));
+        assert_eq!(m.item_count(&key(10).0), None);
+        assert_eq!(m.pull(&key(10).0, at(2)), Err(GatewayError::UnknownAccount));
+
+        // Not hosted, bad signature, garbage.
+        let c = SubnetAdmin::from_secret([4; 32]);
+        assert_eq!(
+            apply(&mut m, &c, &hosted, body(9, create(12, 0xa3)), at(0)),
+            Err(AdminRefusal::UnknownSubnet)
+        );
+        let good = String::from_utf8(
+            a.issue_command(body(9, create(12, 0xa3)))
+                .unwrap()
+                .to_bytes(),
+        )
+        .unwrap();
+        let tampered = good.replace("\\\"quota\\\":10", "\\\"quota\\\":99");
+        assert_ne!(good, tampered);
+        assert_eq!(
+            check_command(tampered.as_bytes(), &hosted).unwrap_err().0,
+            AdminRefusal::BadSignature
+        );
+        assert_eq!(
+            check_command(b"{}", &hosted).unwrap_err().0,
+            AdminRefusal::Malformed
+        );
+        assert_eq!(m.stats().admin_applied, 3);
+    }
+
+    #[test]
+    fn policy_caps_ttl_and_revokes_keys() {
+        let a = SubnetAdmin::from_secret([1; 32]);
+        let hosted = [a.subnet()];
+        let mut m = Mailbox::new(cfg(), Salt::from_bytes([3; 32])).unwrap();
+        m.create_account(&[0xee; 32], key(30).0, 10).unwrap();
+        apply(&mut m, &a, &hosted, body(1, create(10, 0xa0)), at(0)).unwrap();
+        apply(&mut m, &a, &hosted, body(2, create(11, 0xa1)), at(0)).unwrap();
+        for mb in [0xa0, 0xa1, 0xee] {
+            m.deliver(&[mb; 32], [0; 16], &[0; SPHINX_PAYLOAD_SIZE], at(0));
+        }
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        // Policy v1: max TTL 60 s (the gateway's own is an hour), revokes key 11.
+        let p1 = policy(&a, 1, 60, vec![key(11)]);
+        let cut = apply(
+            &mut m,
+            &a,
+            &hosted,
+            body(3, AccountAction::PublishPolicy { policy: p1.clone() }),
+            at(1),
+        )
+        .unwrap();
+        assert_eq!(cut, vec![key(11).0]);
+        assert!(!m.is_account(&key(11).0), "revoked key refused");
+        assert!(m.is_account(&key(10).0));
+        assert_eq!(m.policy_of(&a.subnet()), Some(p1.as_bytes()));
+        // Items already stored are rescheduled to the policy's TTL.
+        assert_eq!(m.next_expiry(), Some(at(60)));
+        assert_eq!(m.expire(at(59)), 0);
+        assert_eq!(
+            m.expire(at(60)),
+            2,
+            "both of the subnet's items, not the offline account's"
+        );
+        assert_eq!(m.item_count(&key(30).0), Some(1));
+        // A revoked key cannot be created again, and an old policy is not taken back.
+        assert_eq!(
+            apply(&mut m, &a, &hosted, body(4, create(11, 0xa5)), at(2)),
+            Err(AdminRefusal::Rejected)
+        );
+        assert_eq!(
+            apply(
+                &mut m,
+                &a,
+                &hosted,
+                body(5, AccountAction::PublishPolicy { policy: p1 }),
+                at(2)
+            ),
+            Err(AdminRefusal::Rejected)
+        );
+        // A policy signed by another admin does not verify for this subnet.
+        let other = SubnetAdmin::from_secret([2; 32]);
+        let foreign = policy(&other, 9, 60, vec![]);
+        let bytes = a
+            .issue_command(body(6, AccountAction::PublishPolicy { policy: foreign }))
+            .unwrap()
+            .to_bytes();
+        assert_eq!(
+            check_command(&bytes, &hosted).unwrap_err().0,
+            AdminRefusal::Rejected
+        );
+    }
+
+    #[test]
+    fn guard_policy_and_subnet_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let a = SubnetAdmin::from_secret([1; 32]);
+        let hosted = [a.subnet()];
+        let create1 = a
+            .issue_command(body(7, create(10, 0xa0)))
+            .unwrap()
+            .to_bytes();
+        let p1 = policy(&a, 1, 60, vec![]);
+        {
+            let (store, rec) =
+                Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
+            let mut m = Mailbox::restore(cfg(), rec).unwrap();
+            m.apply_admin(check_command(&create1, &hosted).unwrap(), &GW, at(0))
+                .unwrap();
+            let pub1 = a
+                .issue_command(body(8, AccountAction::PublishPolicy { policy: p1.clone() }))
+                .unwrap()
+                .to_bytes();
+            m.apply_admin(check_command(&pub1, &hosted).unwrap(), &GW, at(0))
+                .unwrap();
+            while let Some(b) = m.poll_write() {
+                store.commit(b).unwrap();
+            }
+            store.close().unwrap();
+        }
+        let (store, rec) = Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
+        let mut m = Mailbox::restore(cfg(), rec).unwrap();
+        assert_eq!(m.last_sequence(&a.subnet()), Some(8));
+        assert_eq!(m.account_subnet(&key(10).0), Some(a.subnet()));
+        assert_eq!(m.policy_of(&a.subnet()), Some(p1.as_bytes()));
+        // The captured command replayed after the restart is still refused.
+        assert_eq!(
+            m.apply_admin(check_command(&create1, &hosted).unwrap(), &GW, at(0))
+                .unwrap_err()
+                .0,
+            AdminRefusal::Replayed
+        );
+        // And the restored policy still caps the TTL.
+        m.deliver(&[0xa0; 32], [0; 16], &[0; SPHINX_PAYLOAD_SIZE], at(0));
+        assert_eq!(m.next_expiry(), Some(at(60)));
+        drop(store);
     }
 }

@@ -510,3 +510,272 @@ fn admin_adds_and_removes_accounts_and_refuses_bad_keys() {
         Err(crate::GatewayError::UnknownAccount)
     );
 }
+
+/// Admin commands over the network: each command, each refusal, the live link of a
+/// de-provisioned account cut at once, a revoked key refused, a replay after a restart.
+/// No directory is needed: admin and client links do not route packets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_over_the_network() {
+    use crate::protocol::AdminRefusal;
+    use crate::remote_admin::execute;
+    use shoal_subnet::{AccountAction, CommandBody, SignedCommand, SubnetAdmin};
+
+    let mut rng = StdRng::seed_from_u64(77);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gw");
+    shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
+    let a_key = SigningKey::generate(&mut rng);
+    let b_key = SigningKey::generate(&mut rng);
+    let (a, b) = (
+        SubnetAdmin::new(a_key.clone()),
+        SubnetAdmin::new(b_key.clone()),
+    );
+    let mut config = gateway_config(&dir, "127.0.0.1:9".parse().unwrap(), [1; 32]);
+    config.subnets = vec![a.subnet()];
+    let gw = crate::spawn(config.clone()).await.unwrap();
+    let gw_key = gw.identity();
+    let alice = SigningKey::generate(&mut rng);
+    let now = unix_now();
+    let cmd = |admin: &SubnetAdmin, seq: u64, action: AccountAction| -> SignedCommand {
+        admin
+            .issue_command(CommandBody {
+                subnet: Hex32([0; 32]),
+                gateway: Hex32(gw_key),
+                sequence: seq,
+                expires_at: now + 300,
+                action,
+            })
+            .unwrap()
+    };
+    let create = AccountAction::CreateAccount {
+        account: Hex32(node_key(&alice)),
+        mailbox: Hex32(ALICE_BOX),
+        quota: 5,
+    };
+    let t = Duration::from_secs(10);
+    let refused = |r: Result<(), crate::GatewayError>| match r {
+        Err(crate::GatewayError::AdminRefused { refusal, .. }) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    // Before the account exists, Alice is refused; after Ok, she is served at once.
+    let create1 = cmd(&a, 1, create.clone());
+    execute(&a_key, gw.client_addr(), gw_key, &create1, t)
+        .await
+        .unwrap();
+    let mut alice_c = TestClient::connect(&alice, &gw).await;
+    assert!(alice_c.pull().await.is_empty());
+
+    // Refusals, each counted by cause; none changes anything.
+    assert_eq!(
+        refused(execute(&a_key, gw.client_addr(), gw_key, &create1, t).await),
+        AdminRefusal::Replayed
+    );
+    assert_eq!(
+        refused(
+            execute(
+                &b_key,
+                gw.client_addr(),
+                gw_key,
+                &cmd(&b, 5, create.clone()),
+                t
+            )
+            .await
+        ),
+        AdminRefusal::NotAdmin
+    );
+    let mut elsewhere = CommandBody {
+        subnet: Hex32([0; 32]),
+        gateway: Hex32([9; 32]),
+        sequence: 6,
+        expires_at: now + 300,
+        action: create.clone(),
+    };
+    assert_eq!(
+        refused(
+            execute(
+                &a_key,
+                gw.client_addr(),
+                gw_key,
+                &a.issue_command(elsewhere.clone()).unwrap(),
+                t
+            )
+            .await
+        ),
+        AdminRefusal::WrongGateway
+    );
+    elsewhere.gateway = Hex32(gw_key);
+    elsewhere.expires_at = now - 10;
+    assert_eq!(
+        refused(
+            execute(
+                &a_key,
+                gw.client_addr(),
+                gw_key,
+                &a.issue_command(elsewhere).unwrap(),
+                t
+            )
+            .await
+        ),
+        AdminRefusal::Expired
+    );
+    // B's command carried over A's admin link: B is not hosted here.
+    assert_eq!(
+        refused(
+            crate::remote_admin::execute_bytes(
+                &a_key,
+                gw.client_addr(),
+                gw_key,
+                &cmd(&b, 7, create.clone()).to_bytes(),
+                t
+            )
+            .await
+        ),
+        AdminRefusal::UnknownSubnet
+    );
+    let forged = String::from_utf8(cmd(&a, 8, create.clone()).to_bytes())
+        .unwrap()
+        .replace("\\\"quota\\\":5", "\\\"quota\\\":500");
+    assert_eq!(
+        refused(
+            crate::remote_admin::execute_bytes(
+                &a_key,
+                gw.client_addr(),
+                gw_key,
+                forged.as_bytes(),
+                t
+            )
+            .await
+        ),
+        AdminRefusal::BadSignature
+    );
+    // A client key sending admin chunks on its own link gets NotAdmin, no change.
+    alice_c
+        .send(
+            &crate::protocol::admin_chunks(&create1.to_bytes()).unwrap()[0]
+                .to_frame()
+                .unwrap(),
+        )
+        .await;
+    assert!(matches!(
+        alice_c.recv().await,
+        Some(GatewayMsg::AdminResult {
+            refusal: Some(AdminRefusal::NotAdmin),
+            ..
+        })
+    ));
+    execute(
+        &a_key,
+        gw.client_addr(),
+        gw_key,
+        &cmd(
+            &a,
+            9,
+            AccountAction::SetQuota {
+                account: Hex32(node_key(&alice)),
+                quota: 7,
+            },
+        ),
+        t,
+    )
+    .await
+    .unwrap();
+    let s = gw.stats();
+    assert_eq!(s.admin_applied, 2);
+    for (cause, n) in [
+        (AdminRefusal::Replayed, 1),
+        (AdminRefusal::WrongGateway, 1),
+        (AdminRefusal::Expired, 1),
+        (AdminRefusal::UnknownSubnet, 1),
+        (AdminRefusal::BadSignature, 1),
+    ] {
+        assert_eq!(s.admin_refused(cause), n, "{cause}");
+    }
+    assert_eq!(
+        s.clients_refused, 1,
+        "B's admin key is refused like a stranger"
+    );
+    let text = gw.metrics_text();
+    assert!(
+        text.contains("shoal_gateway_admin_commands_total{outcome=\"replayed\"} 1"),
+        "{text}"
+    );
+    for secret in [hex::encode(node_key(&alice)), hex::encode(a.subnet().0)] {
+        assert!(!text.contains(&secret), "no keys in /metrics");
+    }
+
+    // De-provision: Alice's live link is closed at once and she cannot come back.
+    let started = Instant::now();
+    execute(
+        &a_key,
+        gw.client_addr(),
+        gw_key,
+        &cmd(
+            &a,
+            10,
+            AccountAction::Deprovision {
+                account: Hex32(node_key(&alice)),
+            },
+        ),
+        t,
+    )
+    .await
+    .unwrap();
+    within(
+        "de-provisioned link closes",
+        alice_c.link.connection().closed(),
+    )
+    .await;
+    let cut_after = started.elapsed();
+    assert!(cut_after < Duration::from_secs(5), "{cut_after:?}");
+    let mut again = TestClient::connect(&alice, &gw).await;
+    assert!(matches!(
+        again.recv().await,
+        Some(GatewayMsg::Error {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+    assert_eq!(gw.stats().accounts, 0);
+
+    // A restart keeps the guard: the captured create is still a replay, and a fresh one
+    // works again (Alice re-enrolled), until a published policy revokes her key.
+    gw.shutdown().await;
+    let gw = crate::spawn(config.clone()).await.unwrap();
+    assert_eq!(
+        refused(execute(&a_key, gw.client_addr(), gw_key, &create1, t).await),
+        AdminRefusal::Replayed
+    );
+    execute(
+        &a_key,
+        gw.client_addr(),
+        gw_key,
+        &cmd(&a, 11, create.clone()),
+        t,
+    )
+    .await
+    .unwrap();
+    let mut alice_c = TestClient::connect(&alice, &gw).await;
+    assert!(alice_c.pull().await.is_empty());
+    let policy = crate::remote_admin::tests::policy(&a, 1, 60, vec![Hex32(node_key(&alice))]);
+    execute(
+        &a_key,
+        gw.client_addr(),
+        gw_key,
+        &cmd(&a, 12, AccountAction::PublishPolicy { policy }),
+        t,
+    )
+    .await
+    .unwrap();
+    within("revoked link closes", alice_c.link.connection().closed()).await;
+    let mut again = TestClient::connect(&alice, &gw).await;
+    assert!(matches!(
+        again.recv().await,
+        Some(GatewayMsg::Error {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+    assert_eq!(gw.stats().mailbox.accounts_cut, 1);
+    gw.shutdown().await;
+}
