@@ -715,6 +715,16 @@ impl<'a> Ui<'a> {
                         ));
                     }
                     GroupEvent::Removed { .. } => self.status("you were removed from a group"),
+                    GroupEvent::DuplicateHandle { new, .. } => {
+                        let h = clean(new.credential.handle().as_bytes());
+                        self.status(format!(
+                            "warning: a second {h} with a different key joined a group; check with {h} in person"
+                        ));
+                    }
+                    GroupEvent::KeyChanged { member, .. } => {
+                        let h = clean(member.credential.handle().as_bytes());
+                        self.status(format!("{h}'s device key changed in a group"));
+                    }
                     GroupEvent::OwnCommitLost { .. } => self.status(
                         "someone changed the group at the same time; repeat your last /invite",
                     ),
