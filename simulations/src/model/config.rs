@@ -133,6 +133,10 @@ pub struct MetricsSection {
     pub target_slots: u32,
     /// A target is finished when less than this much of its probability mass is still inside the network.
     pub mass_epsilon: f64,
+    /// The two labelled senders ("Alice" and "Bob") of the unlinkability estimate (client ids).
+    pub unlinkability_senders: [u32; 2],
+    /// δ at which `unlinkability.epsilon` is reported (the table in the summary lists others).
+    pub unlinkability_delta: f64,
 }
 
 impl Default for MetricsSection {
@@ -143,6 +147,8 @@ impl Default for MetricsSection {
             receiver_targets: 1000,
             target_slots: 8,
             mass_epsilon: 1e-6,
+            unlinkability_senders: [0, 1],
+            unlinkability_delta: 0.05,
         }
     }
 }
@@ -261,6 +267,16 @@ impl ModelConfig {
         if eps <= 0.0 || eps >= 1.0 {
             return Err(bad("metrics.mass_epsilon", "must be in (0, 1)"));
         }
+        let [ua, ub] = m.unlinkability_senders;
+        if ua == ub || ua >= t.clients || ub >= t.clients {
+            return Err(bad(
+                "metrics.unlinkability_senders",
+                format!("need two different client ids below {}", t.clients),
+            ));
+        }
+        if !(m.unlinkability_delta >= 0.0 && m.unlinkability_delta < 1.0) {
+            return Err(bad("metrics.unlinkability_delta", "must be in [0, 1)"));
+        }
         Ok(Validated {
             layers: n.layers as usize,
             width: n.width as usize,
@@ -281,6 +297,8 @@ impl ModelConfig {
             receiver_targets: m.receiver_targets,
             target_slots: m.target_slots as usize,
             mass_epsilon: eps,
+            unlinkability_senders: m.unlinkability_senders,
+            unlinkability_delta: m.unlinkability_delta,
             csv_max_rows: if self.output.messages_csv {
                 self.output.csv_max_rows
             } else {
@@ -312,6 +330,8 @@ pub struct Validated {
     pub receiver_targets: u32,
     pub target_slots: usize,
     pub mass_epsilon: f64,
+    pub unlinkability_senders: [u32; 2],
+    pub unlinkability_delta: f64,
     pub csv_max_rows: u64,
 }
 

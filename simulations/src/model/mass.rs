@@ -139,6 +139,21 @@ impl SenderMass {
         r
     }
 
+    /// The adversary's probability that the message with carrier `c` (true sender `sender`)
+    /// came from `client`.
+    pub(crate) fn prob(&self, c: u32, sender: u32, client: u32) -> f64 {
+        if c == NONE {
+            return if client == sender { 1.0 } else { 0.0 };
+        }
+        let v = self.slab.get(c);
+        let total: f64 = v.iter().sum();
+        if total > 0.0 {
+            v[client as usize] / total
+        } else {
+            0.0
+        }
+    }
+
     pub(crate) fn release(&mut self, c: u32) {
         if c != NONE {
             self.slab.release(c);

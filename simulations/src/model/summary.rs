@@ -73,6 +73,80 @@ pub struct ReceiverAnonymity {
     pub residual_mass: Dist,
 }
 
+/// Loopix-style sender unlinkability (Piotrowska et al. 2017, §5): for a message sent by one
+/// of two senders, the adversary's likelihood ratio between the worlds "Alice sent it" and "Bob
+/// sent it" is `p(Alice) / p(Bob)` under its posterior (equal priors: both senders behave alike).
+/// `epsilon(δ)` is the smallest ε with `Pr[|ln LR| > ε] <= δ` over the measured messages (the
+/// empirical `1 − δ` quantile of `|ln LR|`): the worlds are (ε, δ)-indistinguishable per message.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Unlinkability {
+    /// The labelled senders, or `None` for the pooled estimate (every sender `s` against `s ^ 1`).
+    pub senders: Option<[u32; 2]>,
+    pub messages: u64,
+    pub delta: f64,
+    /// `None` (JSON `null`) when more than a δ share of messages are linked outright (infinite LR),
+    /// or when there are no messages.
+    pub epsilon: Option<f64>,
+    /// `epsilon` at δ = 0 (the largest |ln LR| seen), 0.01, 0.05, 0.1, 0.5.
+    pub epsilon_at: Vec<EpsilonAt>,
+    /// Mean of |ln LR| over the messages with a finite ratio.
+    pub mean_abs_log_lr: f64,
+    /// Share of messages whose other sender had probability 0 (the adversary is certain).
+    pub infinite_fraction: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EpsilonAt {
+    pub delta: f64,
+    pub epsilon: Option<f64>,
+}
+
+impl Unlinkability {
+    /// Estimates ε(δ) from signed log-likelihood ratios (infinite when one world is excluded).
+    pub fn of(senders: Option<[u32; 2]>, log_lr: &[f64], delta: f64) -> Self {
+        let mut a: Vec<f64> = log_lr
+            .iter()
+            .filter(|x| !x.is_nan())
+            .map(|x| x.abs())
+            .collect();
+        a.sort_by(f64::total_cmp);
+        let n = a.len();
+        let at = |d: f64| -> Option<f64> {
+            if n == 0 {
+                return None;
+            }
+            // Nearest rank: at most a δ share of the sample lies strictly above the value.
+            let k = ((1.0 - d) * n as f64).ceil() as usize;
+            let x = a[k.clamp(1, n) - 1];
+            x.is_finite().then_some(x)
+        };
+        let finite: Vec<f64> = a.iter().copied().filter(|x| x.is_finite()).collect();
+        Self {
+            senders,
+            messages: n as u64,
+            delta,
+            epsilon: at(delta),
+            epsilon_at: [0.0, 0.01, 0.05, 0.1, 0.5]
+                .into_iter()
+                .map(|d| EpsilonAt {
+                    delta: d,
+                    epsilon: at(d),
+                })
+                .collect(),
+            mean_abs_log_lr: if finite.is_empty() {
+                0.0
+            } else {
+                finite.iter().sum::<f64>() / finite.len() as f64
+            },
+            infinite_fraction: if n == 0 {
+                0.0
+            } else {
+                (n - finite.len()) as f64 / n as f64
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Latency {
     pub count: u64,
@@ -134,6 +208,10 @@ pub struct Summary {
     pub degree_of_anonymity: Dist,
     pub sender_anonymity: Option<Anonymity>,
     pub receiver_anonymity: Option<ReceiverAnonymity>,
+    /// Unlinkability of the two labelled senders (needs sender tracking).
+    pub unlinkability: Option<Unlinkability>,
+    /// The same estimate pooled over every sender and its partner `s ^ 1` (many more messages).
+    pub unlinkability_pooled: Option<Unlinkability>,
     pub latency_s: Latency,
     pub traffic: Traffic,
     pub overhead: Overhead,
@@ -191,6 +269,16 @@ pub fn summarize(config: &ModelConfig, v: &Validated, raw: &RawRun) -> Summary {
         degree_of_anonymity: primary.degree,
         sender_anonymity: sender,
         receiver_anonymity: receiver,
+        unlinkability: v.sender_exact.then(|| {
+            Unlinkability::of(
+                Some(v.unlinkability_senders),
+                &raw.pair_log_lr,
+                v.unlinkability_delta,
+            )
+        }),
+        unlinkability_pooled: v
+            .sender_exact
+            .then(|| Unlinkability::of(None, &raw.pooled_log_lr, v.unlinkability_delta)),
         latency_s: Latency {
             count: c.measured_delivered,
             mean,
