@@ -323,6 +323,31 @@ impl Testnet {
         Ok(())
     }
 
+    /// Adds `subnet` (an admin's public key, as `shoal admin init` prints it) to the
+    /// subnets a stopped gateway hosts.
+    pub fn host_subnet(gateway: &GatewayInit, subnet: &[u8; 32]) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&gateway.config)?;
+        let entry = format!("\"{}\"", hex::encode(subnet));
+        let out = match text.lines().position(|l| l.starts_with("subnets = [")) {
+            Some(i) => text
+                .lines()
+                .enumerate()
+                .map(|(j, l)| {
+                    if j == i {
+                        l.replacen('[', &format!("[{entry}, "), 1)
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            // Top-level keys go before the first table.
+            None => format!("subnets = [{entry}]\n{text}"),
+        };
+        std::fs::write(&gateway.config, out)?;
+        Ok(())
+    }
+
     /// Starts a gateway process.
     pub fn run_gateway(&mut self, shoal: &Path, init: GatewayInit) -> anyhow::Result<()> {
         let proc = spawn(

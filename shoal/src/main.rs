@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin_cmd;
 mod authority_cmd;
 mod bench_cmd;
 mod chat;
@@ -34,6 +35,9 @@ enum Command {
     /// Run or set up a mix relay.
     #[command(subcommand)]
     Relay(relay_cmd::RelayCommand),
+    /// Run a subnet: admin key, policy, member credentials, commands to gateways.
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
     /// Run or set up a gateway (entry/exit hop with mailboxes), and manage its accounts.
     #[command(subcommand)]
     Gateway(gateway_cmd::GatewayCommand),
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Authority(cmd) => authority_cmd::run(cmd),
         Command::Relay(cmd) => relay_cmd::run(cmd),
         Command::Gateway(cmd) => gateway_cmd::run(cmd),
+        Command::Admin(cmd) => admin_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Client(cmd) => client_cmd::run(cmd),

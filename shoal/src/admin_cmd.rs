@@ -1,0 +1,686 @@
+//! `shoal admin ...`: run a subnet. The admin's directory holds its key, the current
+//! signed policy, a command sequence counter, and one record per enrolled member (the
+//! account registry that invites and listings can grow from).
+//!
+//! ```text
+//! D/admin.key          the subnet's Ed25519 secret (hex, 0600); its public key IS the subnet id
+//! D/policy.json        the newest signed policy
+//! D/state.json         { name, sequence }: the last command sequence number used
+//! D/members/H.cred     the signed membership credential of handle H (give it to the member)
+//! D/members/H.json     where H's account lives: gateway, account key, keys, mailbox
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use shoal_subnet::{
+    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, Policy, PolicyBody,
+    RoleRule, SubnetAdmin, SubnetId,
+};
+use shoal_topology::Hex32;
+
+const KEY_FILE: &str = "admin.key";
+const POLICY_FILE: &str = "policy.json";
+const STATE_FILE: &str = "state.json";
+const MEMBERS_DIR: &str = "members";
+/// How long a signed command stays valid: long enough to reach the gateway, short
+/// enough that a captured one is useless soon.
+const COMMAND_LIFETIME_SECS: u64 = 300;
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Create a subnet: the admin key (DIR/admin.key) and policy version 1. Prints the
+    /// subnet id, which gateways list under `subnets` to host it.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name for the subnet (kept in DIR/state.json, never sent anywhere).
+        #[arg(long)]
+        name: String,
+        /// Roles of the first policy; each may talk to each.
+        #[arg(long, value_delimiter = ',', default_value = "member")]
+        roles: Vec<String>,
+        /// Longest message TTL policy allows (seconds); gateways expire mail by then.
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
+        ttl_max: u64,
+    },
+    /// Sign a member credential (DIR/members/HANDLE.cred) and create the member's
+    /// account at its gateway.
+    Enroll {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// The member's handle, unique in the subnet.
+        #[arg(long)]
+        handle: String,
+        /// One of the policy's roles.
+        #[arg(long)]
+        role: String,
+        /// The Ed25519 key the member's client authenticates its gateway link with.
+        #[arg(long, value_parser = parse_hex32)]
+        account_key: [u8; 32],
+        /// The mailbox address the member's mail arrives for.
+        #[arg(long, value_parser = parse_hex32)]
+        mailbox: [u8; 32],
+        /// The member's Ed25519 signing key for groups (default: the account key).
+        #[arg(long, value_parser = parse_hex32)]
+        signing_key: Option<[u8; 32]>,
+        /// The member's X25519 key messages are sealed to (its contact key).
+        #[arg(long, value_parser = parse_hex32)]
+        seal_key: Option<[u8; 32]>,
+        /// Items the member's mailbox may hold.
+        #[arg(long, default_value_t = 10_000)]
+        quota: u32,
+        /// Days the credential is valid.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+    },
+    /// De-provision a member: its gateway stops its mailbox access at once, and a new
+    /// policy version revokes its keys (published to the gateway, written to DIR).
+    Deprovision {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        handle: String,
+    },
+    /// Change an enrolled member's mailbox quota at its gateway.
+    Quota {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        handle: String,
+        #[arg(long)]
+        quota: u32,
+    },
+    /// Show or change the policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Federate with another subnet: which of our roles may talk to which of theirs.
+    Federate {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The other subnet's id (its admin's public key).
+        #[arg(long = "with", value_parser = parse_hex32)]
+        with: [u8; 32],
+        /// Our roles that may talk to the other subnet.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// Their roles we accept (default: the same names as --roles).
+        #[arg(long, value_delimiter = ',')]
+        remote_roles: Vec<String>,
+        /// Print what would change; write and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Print the current policy body.
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Make a new policy version: validated, signed, written, and published to every
+    /// gateway that hosts an enrolled member.
+    Set {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replace the roles.
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+        /// Replace the role rules: FROM:TO (repeatable; directional).
+        #[arg(long = "rule", value_name = "FROM:TO")]
+        rules: Vec<String>,
+        #[arg(long)]
+        ttl_min: Option<u64>,
+        #[arg(long)]
+        ttl_max: Option<u64>,
+        /// forbidden, allowed or required.
+        #[arg(long)]
+        burn_on_read: Option<String>,
+        /// Print the difference; write and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Where the admin directory is and which gateway hosts the member.
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// The gateway's client address (its `client_listen`).
+    #[arg(long)]
+    gateway: SocketAddr,
+    /// The gateway's identity key, as `shoal gateway init` prints it.
+    #[arg(long, value_parser = parse_hex32)]
+    gateway_key: [u8; 32],
+}
+
+fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| format!("{s:?} is not 64 hex digits"))?;
+    Ok(out)
+}
+
+/// DIR/state.json.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct State {
+    name: String,
+    /// The last command sequence number used; the next is above it and above now in ms.
+    sequence: u64,
+}
+
+/// DIR/members/HANDLE.json: what the admin needs to manage the account later.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Member {
+    handle: String,
+    role: String,
+    gateway_addr: SocketAddr,
+    gateway_key: Hex32,
+    account_key: Hex32,
+    signing_key: Hex32,
+    mailbox: Hex32,
+}
+
+/// An opened admin directory.
+struct Subnet {
+    dir: PathBuf,
+    admin: SubnetAdmin,
+    key: SigningKey,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    shoal_relay::keystore::write_private(path, bytes, false)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn check_handle(handle: &str) -> anyhow::Result<()> {
+    // The handle names files in DIR/members.
+    if handle.is_empty()
+        || handle.len() > 64
+        || !handle
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || handle.starts_with('.')
+    {
+        bail!("handle {handle:?}: use 1-64 letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
+}
+
+impl Subnet {
+    fn open(dir: &Path) -> anyhow::Result<Self> {
+        let key = shoal_relay::keystore::load_identity(&dir.join(KEY_FILE))
+            .with_context(|| format!("{} is not an admin directory", dir.display()))?;
+        Ok(Subnet {
+            dir: dir.to_owned(),
+            admin: SubnetAdmin::new(key.clone()),
+            key,
+        })
+    }
+
+    fn id(&self) -> SubnetId {
+        self.admin.subnet()
+    }
+
+    fn policy(&self) -> anyhow::Result<Policy> {
+        let bytes = std::fs::read(self.dir.join(POLICY_FILE)).context("cannot read the policy")?;
+        Policy::verify(&bytes, &self.id()).context("the policy file does not verify")
+    }
+
+    /// Signs `body` as the next version and returns it with the old one.
+    fn next_policy(&self, mut body: PolicyBody) -> anyhow::Result<(Policy, Policy)> {
+        let old = self.policy()?;
+        body.version = old.version() + 1;
+        body.issued_at = unix_now();
+        let signed = self.admin.issue_policy(body).context("invalid policy")?;
+        let new = Policy::verify(&signed.to_bytes(), &self.id())?;
+        Ok((old, new))
+    }
+
+    fn save_policy(&self, policy: &Policy) -> anyhow::Result<()> {
+        write_file(&self.dir.join(POLICY_FILE), &policy.signed().to_bytes())
+    }
+
+    /// The next command sequence number, saved before it is used so a crash can never
+    /// hand out the same number twice. Milliseconds since the epoch keep it increasing
+    /// even if the state file is restored from an old backup.
+    fn next_sequence(&self) -> anyhow::Result<u64> {
+        let path = self.dir.join(STATE_FILE);
+        let mut state: State = read_json(&path)?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        state.sequence = state.sequence.saturating_add(1).max(now_ms);
+        write_file(&path, serde_json::to_string_pretty(&state)?.as_bytes())?;
+        Ok(state.sequence)
+    }
+
+    async fn send(
+        &self,
+        gateway: SocketAddr,
+        gateway_key: [u8; 32],
+        action: AccountAction,
+    ) -> anyhow::Result<()> {
+        let command = self.admin.issue_command(CommandBody {
+            subnet: self.id(),
+            gateway: Hex32(gateway_key),
+            sequence: self.next_sequence()?,
+            expires_at: unix_now() + COMMAND_LIFETIME_SECS,
+            action,
+        })?;
+        shoal_gateway::remote_admin::execute(
+            &self.key,
+            gateway,
+            gateway_key,
+            &command,
+            Duration::from_secs(15),
+        )
+        .await
+        .with_context(|| format!("gateway {gateway}"))
+    }
+
+    fn member(&self, handle: &str) -> anyhow::Result<Member> {
+        check_handle(handle)?;
+        read_json(&self.dir.join(MEMBERS_DIR).join(format!("{handle}.json")))
+            .with_context(|| format!("{handle:?} is not enrolled here"))
+    }
+
+    fn members(&self) -> anyhow::Result<Vec<Member>> {
+        let dir = self.dir.join(MEMBERS_DIR);
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).context("cannot list members"),
+        };
+        for e in entries {
+            let path = e?.path();
+            if path.extension().is_some_and(|x| x == "json") {
+                out.push(read_json(&path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Publishes `policy` to every gateway hosting an enrolled member.
+    async fn publish(&self, policy: &Policy) -> anyhow::Result<usize> {
+        let gateways: BTreeSet<(SocketAddr, [u8; 32])> = self
+            .members()?
+            .iter()
+            .map(|m| (m.gateway_addr, m.gateway_key.0))
+            .collect();
+        let text = String::from_utf8(policy.signed().to_bytes())?;
+        for (addr, key) in &gateways {
+            self.send(
+                *addr,
+                *key,
+                AccountAction::PublishPolicy {
+                    policy: text.clone(),
+                },
+            )
+            .await?;
+        }
+        Ok(gateways.len())
+    }
+}
+
+/// The policy bodies as pretty JSON, line by line: what `--dry-run` shows.
+fn diff(old: &PolicyBody, new: &PolicyBody) -> anyhow::Result<String> {
+    let a = serde_json::to_string_pretty(old)?;
+    let b = serde_json::to_string_pretty(new)?;
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    // Longest common subsequence: policies are small.
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, String::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out.push_str(&format!("  {}\n", a[i]));
+            i += 1;
+            j += 1;
+        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push_str(&format!("+ {}\n", b[j]));
+            j += 1;
+        } else {
+            out.push_str(&format!("- {}\n", a[i]));
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn first_policy(roles: Vec<String>, ttl_max: u64) -> PolicyBody {
+    let rules = roles
+        .iter()
+        .flat_map(|f| {
+            roles.iter().map(|t| RoleRule {
+                from: f.clone(),
+                to: t.clone(),
+            })
+        })
+        .collect();
+    PolicyBody {
+        subnet: Hex32([0; 32]),
+        version: 1,
+        issued_at: unix_now(),
+        roles,
+        rules,
+        federation: vec![],
+        ttl_min_secs: 0,
+        ttl_max_secs: ttl_max,
+        burn_on_read: BurnOnRead::Allowed,
+        revoked_keys: vec![],
+        revoked_handles: vec![],
+    }
+}
+
+pub fn run(cmd: AdminCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(cmd))
+}
+
+async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminCommand::Init {
+            dir,
+            name,
+            roles,
+            ttl_max,
+        } => {
+            if dir.join(KEY_FILE).exists() {
+                bail!("{} already holds a subnet", dir.display());
+            }
+            shoal_relay::keystore::create_private_dir(&dir)?;
+            let key = SigningKey::generate(&mut rand::rng());
+            let admin = SubnetAdmin::new(key.clone());
+            let policy = admin
+                .issue_policy(first_policy(roles, ttl_max))
+                .context("invalid first policy")?;
+            shoal_relay::keystore::write_private(
+                &dir.join(KEY_FILE),
+                format!("{}\n", hex::encode(key.to_bytes())).as_bytes(),
+                true,
+            )?;
+            write_file(&dir.join(POLICY_FILE), &policy.to_bytes())?;
+            let state = State { name, sequence: 0 };
+            write_file(
+                &dir.join(STATE_FILE),
+                serde_json::to_string_pretty(&state)?.as_bytes(),
+            )?;
+            println!("subnet id: {}", hex::encode(admin.subnet().0));
+            println!("admin key written: {}", dir.join(KEY_FILE).display());
+            println!("policy v1 written: {}", dir.join(POLICY_FILE).display());
+            Ok(())
+        }
+        AdminCommand::Enroll {
+            gateway,
+            handle,
+            role,
+            account_key,
+            mailbox,
+            signing_key,
+            seal_key,
+            quota,
+            valid_days,
+        } => {
+            let s = Subnet::open(&gateway.dir)?;
+            check_handle(&handle)?;
+            let policy = s.policy()?;
+            if !policy.body().roles.contains(&role) {
+                bail!(
+                    "role {role:?} is not in the policy (roles: {:?})",
+                    policy.body().roles
+                );
+            }
+            let members = gateway.dir.join(MEMBERS_DIR);
+            if members.join(format!("{handle}.json")).exists() {
+                bail!("{handle:?} is already enrolled; de-provision it first");
+            }
+            let signing_key = Hex32(signing_key.unwrap_or(account_key));
+            if seal_key.is_none() {
+                eprintln!("note: no --seal-key; members cannot seal messages to this credential");
+            }
+            let now = unix_now();
+            let credential = s.admin.issue_credential(CredentialBody {
+                subnet: s.id(),
+                handle: handle.clone(),
+                role: role.clone(),
+                signing_key,
+                seal_key: Hex32(seal_key.unwrap_or([0; 32])),
+                mailbox: Hex32(mailbox),
+                gateway: Hex32(gateway.gateway_key),
+                not_before: now.saturating_sub(60),
+                not_after: now + valid_days * 24 * 3600,
+            })?;
+            s.send(
+                gateway.gateway,
+                gateway.gateway_key,
+                AccountAction::CreateAccount {
+                    account: Hex32(account_key),
+                    mailbox: Hex32(mailbox),
+                    quota,
+                },
+            )
+            .await?;
+            shoal_relay::keystore::create_private_dir(&members)?;
+            let member = Member {
+                handle: handle.clone(),
+                role,
+                gateway_addr: gateway.gateway,
+                gateway_key: Hex32(gateway.gateway_key),
+                account_key: Hex32(account_key),
+                signing_key,
+                mailbox: Hex32(mailbox),
+            };
+            let cred_path = members.join(format!("{handle}.cred"));
+            write_file(&cred_path, &credential.to_bytes())?;
+            write_file(
+                &members.join(format!("{handle}.json")),
+                serde_json::to_string_pretty(&member)?.as_bytes(),
+            )?;
+            println!("account created at {}", gateway.gateway);
+            println!("credential written: {}", cred_path.display());
+            Ok(())
+        }
+        AdminCommand::Deprovision { dir, handle } => {
+            let s = Subnet::open(&dir)?;
+            let m = s.member(&handle)?;
+            let started = std::time::Instant::now();
+            s.send(
+                m.gateway_addr,
+                m.gateway_key.0,
+                AccountAction::Deprovision {
+                    account: m.account_key,
+                },
+            )
+            .await?;
+            let cut = started.elapsed();
+            let mut body = s.policy()?.body().clone();
+            for k in [m.signing_key, m.account_key] {
+                if !body.revoked_keys.contains(&k) {
+                    body.revoked_keys.push(k);
+                }
+            }
+            let (_, new) = s.next_policy(body)?;
+            // Publish while the member's record still names its gateway; forget it after.
+            let gateways = s.publish(&new).await?;
+            s.save_policy(&new)?;
+            let members = dir.join(MEMBERS_DIR);
+            std::fs::remove_file(members.join(format!("{handle}.json")))?;
+            let _ = std::fs::rename(
+                members.join(format!("{handle}.cred")),
+                members.join(format!("{handle}.cred.revoked")),
+            );
+            println!(
+                "de-provisioned {handle:?}: mailbox access stopped in {} ms",
+                cut.as_millis()
+            );
+            println!(
+                "policy v{} revokes its keys; published to {gateways} gateway(s)",
+                new.version()
+            );
+            Ok(())
+        }
+        AdminCommand::Quota { dir, handle, quota } => {
+            let s = Subnet::open(&dir)?;
+            let m = s.member(&handle)?;
+            s.send(
+                m.gateway_addr,
+                m.gateway_key.0,
+                AccountAction::SetQuota {
+                    account: m.account_key,
+                    quota,
+                },
+            )
+            .await?;
+            println!("quota of {handle:?} set to {quota}");
+            Ok(())
+        }
+        AdminCommand::Policy(PolicyCommand::Show { dir }) => {
+            let s = Subnet::open(&dir)?;
+            let p = s.policy()?;
+            println!("{}", serde_json::to_string_pretty(p.body())?);
+            Ok(())
+        }
+        AdminCommand::Policy(PolicyCommand::Set {
+            dir,
+            roles,
+            rules,
+            ttl_min,
+            ttl_max,
+            burn_on_read,
+            dry_run,
+        }) => {
+            let s = Subnet::open(&dir)?;
+            let mut body = s.policy()?.body().clone();
+            if let Some(r) = roles {
+                body.roles = r;
+            }
+            if !rules.is_empty() {
+                body.rules = rules
+                    .iter()
+                    .map(|r| match r.split_once(':') {
+                        Some((from, to)) => Ok(RoleRule {
+                            from: from.to_owned(),
+                            to: to.to_owned(),
+                        }),
+                        None => bail!("--rule {r:?}: expected FROM:TO"),
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            if let Some(v) = ttl_min {
+                body.ttl_min_secs = v;
+            }
+            if let Some(v) = ttl_max {
+                body.ttl_max_secs = v;
+            }
+            if let Some(b) = burn_on_read {
+                body.burn_on_read = serde_json::from_value(serde_json::Value::String(b.clone()))
+                    .map_err(|_| {
+                        anyhow::anyhow!("--burn-on-read {b:?}: forbidden, allowed or required")
+                    })?;
+            }
+            update_policy(&s, body, dry_run).await
+        }
+        AdminCommand::Federate {
+            dir,
+            with,
+            roles,
+            remote_roles,
+            dry_run,
+        } => {
+            let s = Subnet::open(&dir)?;
+            let mut body = s.policy()?.body().clone();
+            let remote_roles = if remote_roles.is_empty() {
+                roles.clone()
+            } else {
+                remote_roles
+            };
+            body.federation.retain(|f| f.subnet.0 != with);
+            body.federation.push(Federation {
+                subnet: Hex32(with),
+                local_roles: roles,
+                remote_roles,
+            });
+            update_policy(&s, body, dry_run).await
+        }
+    }
+}
+
+/// Validates and signs `body` as the next version; with `dry_run` prints the
+/// difference only, otherwise publishes it to the gateways and writes it.
+async fn update_policy(s: &Subnet, body: PolicyBody, dry_run: bool) -> anyhow::Result<()> {
+    let (old, new) = s.next_policy(body)?;
+    if dry_run {
+        print!("{}", diff(old.body(), new.body())?);
+        println!(
+            "(dry run: policy v{} is valid; nothing written or sent)",
+            new.version()
+        );
+        return Ok(());
+    }
+    let gateways = s.publish(&new).await?;
+    s.save_policy(&new)?;
+    println!(
+        "policy v{} written and published to {gateways} gateway(s)",
+        new.version()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_marks_changed_lines() {
+        let a = first_policy(vec!["member".into()], 60);
+        let mut b = a.clone();
+        b.ttl_max_secs = 30;
+        let d = diff(&a, &b).unwrap();
+        assert!(d.contains("- \"ttl_max_secs\": 60,"), "{d}");
+        assert!(d.contains("+ \"ttl_max_secs\": 30,"), "{d}");
+        assert!(d.contains("  \"ttl_min_secs\": 0,"), "{d}");
+    }
+
+    #[test]
+    fn handles_cannot_escape_the_members_directory() {
+        for bad in ["", "../x", "a/b", ".hidden", "x y"] {
+            assert!(check_handle(bad).is_err(), "{bad:?}");
+        }
+        check_handle("ana-1.b_c").unwrap();
+    }
+}
