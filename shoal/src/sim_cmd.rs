@@ -54,20 +54,10 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 .map(|p| sweep::Param::parse(p))
                 .collect::<Result<Vec<_>, _>>()?;
             let results = sweep::sweep(&text, &params, seeds)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let rows: Vec<_> = results.iter().map(|(r, _)| r.clone()).collect();
-            std::fs::write(out.join("sweep.csv"), sweep::sweep_csv(&rows))?;
-            let json: Vec<_> = results
-                .iter()
-                .map(|(r, s)| serde_json::json!({ "params": r.params, "seed": r.seed, "summary": s }))
-                .collect();
-            std::fs::write(
-                out.join("sweep.json"),
-                format!("{:#}\n", serde_json::Value::Array(json)),
-            )?;
+            sweep::write_sweep(&out, &results, true)?;
             eprintln!(
-                "shoal sim sweep: {} runs written to {}",
-                rows.len(),
+                "shoal sim sweep: {} runs written to {} (sweep.csv, sweep.json, sweep.png)",
+                results.len(),
                 out.display()
             );
             Ok(())

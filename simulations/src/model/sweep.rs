@@ -1,5 +1,8 @@
 //! Parameter sweeps: a grid of `section.key=v1,v2,..` assignments times seeds, run on all cores.
 
+use std::path::Path;
+
+use plotters::prelude::*;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -44,6 +47,9 @@ impl Param {
 pub struct SweepRow {
     pub params: Vec<(String, String)>,
     pub seed: u64,
+    /// Packets (real and cover) arriving per relay per mean hop delay: Loopix's λ/μ for one mix,
+    /// `clients × (rate + loop + drop) / width × mean_hop_delay`.
+    pub lambda_over_mu: f64,
     pub entropy_metric: &'static str,
     pub entropy_mean: f64,
     pub entropy_median: f64,
@@ -55,7 +61,18 @@ pub struct SweepRow {
     pub latency_mean_s: f64,
     pub latency_p99_s: f64,
     pub cover_per_real: f64,
+    /// Pooled unlinkability ε at `metrics.unlinkability_delta` (`None`: tracking off or infinite).
+    pub epsilon: Option<f64>,
     pub measured: u64,
+}
+
+/// λ/μ of one relay under `c` (all traffic is spread evenly over a layer's relays).
+pub fn lambda_over_mu(c: &ModelConfig) -> f64 {
+    let t = &c.traffic;
+    f64::from(t.clients) * (t.rate_per_client + t.loop_rate + t.drop_rate)
+        / f64::from(c.network.width.max(1))
+        * c.network.mean_hop_delay_ms
+        / 1e3
 }
 
 fn set(cfg: &toml::Value, key: &str, value: &toml::Value) -> Result<toml::Value, SimError> {
@@ -126,6 +143,7 @@ pub fn sweep(
             let row = SweepRow {
                 params: labels,
                 seed: c.run.seed,
+                lambda_over_mu: lambda_over_mu(&c),
                 entropy_metric: summary.entropy_metric,
                 entropy_mean: summary.entropy_bits.mean,
                 entropy_median: summary.entropy_bits.median,
@@ -140,6 +158,10 @@ pub fn sweep(
                 latency_mean_s: summary.latency_s.mean,
                 latency_p99_s: summary.latency_s.p99,
                 cover_per_real: summary.overhead.cover_per_real,
+                epsilon: summary
+                    .unlinkability_pooled
+                    .as_ref()
+                    .and_then(|u| u.epsilon),
                 measured: summary.traffic.real_measured,
             };
             Ok((row, summary))
@@ -156,15 +178,16 @@ pub fn sweep_csv(rows: &[SweepRow]) -> String {
             s.push(',');
         }
     }
-    s.push_str("seed,entropy_metric,entropy_mean,entropy_median,entropy_p5,entropy_min,min_entropy_mean,degree_mean,receiver_entropy_mean,latency_mean_s,latency_p99_s,cover_per_real,measured\n");
+    s.push_str("seed,lambda_over_mu,entropy_metric,entropy_mean,entropy_median,entropy_p5,entropy_min,min_entropy_mean,degree_mean,receiver_entropy_mean,latency_mean_s,latency_p99_s,cover_per_real,epsilon,measured\n");
     for r in rows {
         for (_, v) in &r.params {
             s.push_str(&v.replace(',', ";"));
             s.push(',');
         }
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.seed,
+            r.lambda_over_mu,
             r.entropy_metric,
             r.entropy_mean,
             r.entropy_median,
@@ -177,8 +200,141 @@ pub fn sweep_csv(rows: &[SweepRow]) -> String {
             r.latency_mean_s,
             r.latency_p99_s,
             r.cover_per_real,
+            r.epsilon.map_or(String::new(), |x| x.to_string()),
             r.measured
         ));
     }
     s
+}
+
+/// Parameters that only move λ/μ: they set the x axis of the sweep plot, the others split series.
+const RATE_KEYS: [&str; 6] = [
+    "network.mean_hop_delay_ms",
+    "network.width",
+    "traffic.clients",
+    "traffic.rate_per_client",
+    "traffic.loop_rate",
+    "traffic.drop_rate",
+];
+
+/// `sweep.png`: mean entropy (averaged over seeds) against λ/μ per relay on a log axis, one line
+/// per combination of the other parameters (e.g. `network.layers`), with Loopix's λ/μ = 2 marked.
+pub fn plot_sweep(path: &Path, rows: &[SweepRow]) -> Result<(), SimError> {
+    let e = |x: &dyn std::fmt::Display| SimError::Output {
+        path: path.to_path_buf(),
+        reason: x.to_string(),
+    };
+    // series label -> (λ/μ -> (sum, count)), both in first-seen order.
+    let mut series: Vec<(String, Vec<(f64, f64, u32)>)> = Vec::new();
+    for r in rows {
+        let label = r
+            .params
+            .iter()
+            .filter(|(k, _)| !RATE_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| format!("{} = {v}", k.rsplit('.').next().unwrap_or(k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let i = match series.iter().position(|(l, _)| *l == label) {
+            Some(i) => i,
+            None => {
+                series.push((label, Vec::new()));
+                series.len() - 1
+            }
+        };
+        let pts = &mut series[i].1;
+        match pts.iter_mut().find(|p| p.0 == r.lambda_over_mu) {
+            Some(p) => {
+                p.1 += r.entropy_mean;
+                p.2 += 1;
+            }
+            None => pts.push((r.lambda_over_mu, r.entropy_mean, 1)),
+        }
+    }
+    let xs = rows.iter().map(|r| r.lambda_over_mu).filter(|x| *x > 0.0);
+    let (xmin, xmax) = xs.fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(x), b.max(x)));
+    if !xmin.is_finite() {
+        return Ok(());
+    }
+    let (xmin, xmax) = ((xmin.min(2.0) / 1.5), (xmax.max(2.0) * 1.5));
+    let ymax = rows.iter().map(|r| r.entropy_mean).fold(0.0f64, f64::max) * 1.1 + 0.1;
+    let metric = rows.first().map_or("sender", |r| r.entropy_metric);
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("mean {metric} entropy against λ/μ per relay"),
+            ("sans-serif", 24),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((xmin..xmax).log_scale(), 0.0..ymax)
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("λ/μ per relay (packets arriving per mean hop delay)")
+        .y_desc("entropy (bits)")
+        .draw()
+        .map_err(|x| e(&x))?;
+    chart
+        .draw_series(LineSeries::new(
+            [(2.0, 0.0), (2.0, ymax)],
+            BLACK.mix(0.5).stroke_width(1),
+        ))
+        .map_err(|x| e(&x))?
+        .label("Loopix: λ/μ = 2")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
+    for (i, (label, pts)) in series.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        let mut p: Vec<(f64, f64)> = pts
+            .iter()
+            .filter(|p| p.0 > 0.0)
+            .map(|p| (p.0, p.1 / f64::from(p.2)))
+            .collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(p.clone(), colour.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label(if label.is_empty() { "all runs" } else { label })
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        chart
+            .draw_series(p.into_iter().map(|xy| Circle::new(xy, 4, colour.filled())))
+            .map_err(|x| e(&x))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
+
+/// Writes `sweep.csv`, `sweep.json` and (when `plots`) `sweep.png` into `dir`.
+pub fn write_sweep(
+    dir: &Path,
+    results: &[(SweepRow, Summary)],
+    plots: bool,
+) -> Result<(), SimError> {
+    let io = |p: &Path, e: std::io::Error| SimError::Output {
+        path: p.to_path_buf(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let rows: Vec<SweepRow> = results.iter().map(|(r, _)| r.clone()).collect();
+    let csv = dir.join("sweep.csv");
+    std::fs::write(&csv, sweep_csv(&rows)).map_err(|e| io(&csv, e))?;
+    let json: Vec<_> = results
+        .iter()
+        .map(|(r, s)| serde_json::json!({ "params": r.params, "seed": r.seed, "summary": s }))
+        .collect();
+    let jp = dir.join("sweep.json");
+    std::fs::write(&jp, format!("{:#}\n", serde_json::Value::Array(json)))
+        .map_err(|e| io(&jp, e))?;
+    if plots {
+        plot_sweep(&dir.join("sweep.png"), &rows)?;
+    }
+    Ok(())
 }
