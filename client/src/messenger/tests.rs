@@ -397,3 +397,156 @@ fn invites_travel_as_text_and_as_messages() {
     tick(&mut ms, NOW + SETTLE);
     assert_eq!(ms[3].groups().len(), 1);
 }
+
+/// Wire indistinguishability: a member whose group spans two federated subnets and a
+/// member whose group stays inside one subnet put the same thing on the wire: frames
+/// of one size, at send times with the same (Poisson) distribution.
+#[test]
+fn inter_and_intra_subnet_group_traffic_look_alike_on_the_wire() {
+    use crate::core::{ClientConfig, ClientCore, Identity};
+    use crate::testnet::TestNet;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use shoal_packet::FRAME_SIZE;
+    use shoal_topology::NetworkParams;
+    use std::time::{Duration, Instant};
+
+    let rates = (2.0, 0.5, 0.5);
+    let mut rng = StdRng::seed_from_u64(77);
+    let net = TestNet::new(
+        &mut rng,
+        NetworkParams {
+            lambda_p: rates.0,
+            lambda_l: rates.1,
+            lambda_d: rates.2,
+            ..NetworkParams::default()
+        },
+    );
+    let a = SubnetAdmin::from_secret([0xa1; 32]);
+    let b = SubnetAdmin::from_secret([0xb2; 32]);
+    let pa = policy(&a, &[b.subnet()]);
+    let pb = policy(&b, &[a.subnet()]);
+    // A member whose credential names a real gateway and seal key, with its core.
+    let make = |admin: &SubnetAdmin, pol: &Policy, handle: &str, seed: u8, gw: usize| {
+        let mut crng = StdRng::seed_from_u64(u64::from(seed));
+        let identity = Identity::generate(&mut crng, net.gateways[gw]);
+        let secret = [seed; 32];
+        let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+        let cred = admin
+            .issue_credential(CredentialBody {
+                subnet: admin.subnet(),
+                handle: handle.into(),
+                role: "staff".into(),
+                signing_key: Hex32(key.verifying_key().to_bytes()),
+                seal_key: Hex32(identity.public_key().to_bytes()),
+                mailbox: Hex32(identity.mailbox),
+                gateway: Hex32(identity.gateway),
+                not_before: 1000,
+                not_after: 100_000,
+            })
+            .unwrap();
+        let m =
+            Messenger::new(secret, &cred, pol.clone(), MessengerConfig::default(), NOW).unwrap();
+        let core = ClientCore::new(identity, ClientConfig::default(), &mut crng);
+        (m, core)
+    };
+    // Intra: ana and al (both A). Inter: ana2 (A) and bo (B, other gateway).
+    let runs = [
+        vec![make(&a, &pa, "ana", 11, 0), make(&a, &pa, "al", 12, 0)],
+        vec![make(&a, &pa, "ana2", 13, 0), make(&b, &pb, "bo", 14, 1)],
+    ];
+    let start = Instant::now();
+    let mut results = Vec::new();
+    for (k, mut pair) in runs.into_iter().enumerate() {
+        let (mut m0, mut core) = pair.remove(0);
+        let (mut m1, _) = pair.remove(0);
+        core.set_topology(net.topo.clone(), start);
+        // Form the group directly (the joiner's side is not on the wire here).
+        let g = m0.create_group(NOW).unwrap();
+        let inv = m1.invite().unwrap();
+        m0.add_members(&g, &[inv], NOW).unwrap();
+        m0.handle_timeout(NOW + 30_000);
+        let mut frames: Vec<(Instant, usize)> = Vec::new();
+        let mut core_rng = StdRng::seed_from_u64(500 + k as u64);
+        let until = start + Duration::from_secs(400);
+        let mut next_send = start;
+        let mut sent = 0;
+        while let Some(t) = core.poll_timeout() {
+            if t > until {
+                break;
+            }
+            // The workload: a 600-byte group message every 2 s.
+            while next_send <= t {
+                let now_ms = NOW + 31_000 + (next_send - start).as_millis() as u64;
+                m0.send_group(&g, OPTS, &[7u8; 600], now_ms).unwrap();
+                next_send += Duration::from_secs(2);
+                sent += 1;
+            }
+            while let Some(out) = m0.poll_outgoing() {
+                core.send_message(&mut core_rng, out.to, &out.bytes)
+                    .unwrap();
+            }
+            core.handle_timeout(t, &mut core_rng);
+            while let Some(f) = core.poll_transmit() {
+                frames.push((t, f.as_bytes().len()));
+            }
+        }
+        let s = core.stats();
+        assert!(sent > 150 && s.real_sent > 100, "run {k}: {s:?}");
+        assert_eq!(s.build_failures, 0, "run {k}");
+        results.push(frames);
+    }
+    // One size on the wire.
+    for frames in &results {
+        assert!(frames.iter().all(|(_, len)| *len == FRAME_SIZE));
+    }
+    let gaps = |frames: &[(Instant, usize)]| -> Vec<f64> {
+        frames
+            .windows(2)
+            .map(|p| (p[1].0 - p[0].0).as_secs_f64())
+            .collect()
+    };
+    let mut intra = gaps(&results[0]);
+    let mut inter = gaps(&results[1]);
+    let total = rates.0 + rates.1 + rates.2;
+    // Each is Poisson at the configured total rate (1% KS critical value)...
+    for g in [&mut intra, &mut inter] {
+        let n = g.len() as f64;
+        assert!(n > 1000.0, "{n} gaps");
+        let d = ks_exp(g, total);
+        assert!(d < 1.63 / n.sqrt(), "KS vs Exp: {d}, n {n}");
+    }
+    // ...and the two workloads' gaps are indistinguishable (two-sample KS, 1%).
+    let d = ks_two_sample(&mut intra, &mut inter);
+    let (n, m) = (intra.len() as f64, inter.len() as f64);
+    assert!(d < 1.63 * ((n + m) / (n * m)).sqrt(), "two-sample KS {d}");
+}
+
+/// Kolmogorov-Smirnov statistic of `samples` against Exp(`rate`).
+fn ks_exp(samples: &mut [f64], rate: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len() as f64;
+    samples.iter().enumerate().fold(0.0, |d: f64, (i, x)| {
+        let cdf = 1.0 - (-rate * x).exp();
+        d.max((cdf - i as f64 / n).abs())
+            .max(((i + 1) as f64 / n - cdf).abs())
+    })
+}
+
+/// Two-sample Kolmogorov-Smirnov statistic.
+fn ks_two_sample(a: &mut [f64], b: &mut [f64]) -> f64 {
+    a.sort_by(f64::total_cmp);
+    b.sort_by(f64::total_cmp);
+    let (mut i, mut j, mut d) = (0, 0, 0.0f64);
+    while i < a.len() && j < b.len() {
+        let x = a[i].min(b[j]);
+        while i < a.len() && a[i] <= x {
+            i += 1;
+        }
+        while j < b.len() && b[j] <= x {
+            j += 1;
+        }
+        d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    d
+}
