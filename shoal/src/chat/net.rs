@@ -8,11 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ed25519_dalek::SigningKey;
-use ratatui::crossterm::event::{
-    self, DisableBracketedPaste, EnableBracketedPaste, Event, KeyCode, KeyEventKind, KeyModifiers,
-};
-use ratatui::crossterm::execute;
 use serde::{Deserialize, Serialize};
 use shoal_client::ClientStore;
 use shoal_client::driver::{self, DriverEvent};
@@ -211,7 +208,8 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
     let mut ui = Ui::new(handle, dir, file).await?;
 
     let mut terminal = ratatui::try_init().context("cannot use this terminal")?;
-    let _ = execute!(std::io::stdout(), EnableBracketedPaste);
+    // No bracketed paste: crossterm lost long pastes (a card is ~2-4 KB) in tests;
+    // pasted text arrives as typed characters instead, which the reducer takes as is.
     let (key_tx, mut keys) = mpsc::channel(256);
     let reader = std::thread::spawn(move || read_keys(key_tx));
 
@@ -225,10 +223,18 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                 return Ok(());
             }
             tokio::select! {
-                k = keys.recv() => match k {
-                    Some(k) => if let Some(r) = ui.state.on_key(k) { ui.request(r).await },
-                    None => return Ok(()),
-                },
+                k = keys.recv() => {
+                    let Some(k) = k else { return Ok(()) };
+                    // Take every key already waiting before drawing again: a pasted
+                    // card is thousands of keys, and a redraw per key is too slow.
+                    let mut next = Some(k);
+                    while let Some(k) = next {
+                        if let Some(r) = ui.state.on_key(k) {
+                            ui.request(r).await;
+                        }
+                        next = if ui.state.quit { None } else { keys.try_recv().ok() };
+                    }
+                }
                 e = events.recv() => match e {
                     Ok(e) => ui.on_event(e).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => ui.refresh_groups().await,
@@ -253,7 +259,6 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
     }
     .await;
     drop(keys);
-    let _ = execute!(std::io::stdout(), DisableBracketedPaste);
     ratatui::restore();
     let _ = reader.join();
     result

@@ -1,0 +1,323 @@
+//! `shoal chat` driven the way a person uses it: two people on a live testnet of real
+//! processes, each running the chat in a terminal (a detached tmux session), typing
+//! with `tmux send-keys`, pasting cards with `tmux paste-buffer`, and reading the
+//! screen with `tmux capture-pane`. Alice makes a group, adds Bob, and a group message
+//! goes each way.
+//!
+//! Set-up is by CLI: `shoal client init` and the gateway operator's `shoal gateway
+//! account add` (via `support/cli_net.rs`). The subnet admin's part (signing the policy
+//! and each member's credential) is done here with the `shoal-subnet` library, since
+//! `shoal admin enroll` does not exist yet; the files it writes are the ones the chat
+//! reads on first use (`DIR/credential`, `DIR/policy`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "support/cli_net.rs"]
+mod cli_net;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use cli_net::{ClientDir, SHOAL, shoal, start, temp_dir};
+use ed25519_dalek::SigningKey;
+use shoal_client::{ClientStore, ContactCard};
+use shoal_subnet::{BurnOnRead, CredentialBody, PolicyBody, RoleRule, SubnetAdmin};
+use shoal_topology::Hex32;
+
+/// A tmux server of our own (`-L`), killed on drop even if the test fails.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("cannot run tmux")
+    }
+
+    fn ok(&self, args: &[&str]) {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn screen(&self, session: &str) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", session]).stdout)
+            .into_owned()
+    }
+
+    fn type_line(&self, session: &str, text: &str) {
+        self.ok(&["send-keys", "-t", session, "-l", text]);
+        self.ok(&["send-keys", "-t", session, "Enter"]);
+    }
+
+    /// Pastes `text` into the terminal, as a person pastes a card.
+    fn paste(&self, session: &str, text: &str) {
+        self.ok(&["set-buffer", "-b", "card", "--", text]);
+        self.ok(&["paste-buffer", "-b", "card", "-t", session]);
+    }
+
+    fn alive(&self, session: &str) -> bool {
+        self.run(&["has-session", "-t", session]).status.success()
+    }
+
+    /// Waits until the screen satisfies `pred`; returns the last screen.
+    fn wait_for(
+        &self,
+        session: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+        log: &Path,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.screen(session);
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{session}: no {what} within {timeout:?}; screen:\n{s}\n--- log ---\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// The admin's part of enrolment: a credential for the device key `client init` made.
+fn enrol(admin: &SubnetAdmin, policy: &[u8], client: &ClientDir) {
+    let (account, _) = {
+        let store = ClientStore::open(client.dir.join("client.redb")).unwrap();
+        (store.load_account_key().unwrap().unwrap(), ())
+    };
+    let account = SigningKey::from_bytes(&account).verifying_key().to_bytes();
+    let card = ContactCard::parse(&client.card).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let cred = admin
+        .issue_credential(CredentialBody {
+            subnet: admin.subnet(),
+            handle: client.name.clone(),
+            role: "member".into(),
+            signing_key: Hex32(account),
+            seal_key: Hex32(card.contact.public_key),
+            mailbox: Hex32(card.contact.mailbox),
+            gateway: Hex32(card.contact.gateway),
+            not_before: now - 60,
+            not_after: now + 86_400,
+        })
+        .unwrap();
+    std::fs::write(client.dir.join("credential"), cred.to_bytes()).unwrap();
+    std::fs::write(client.dir.join("policy"), policy).unwrap();
+}
+
+#[test]
+fn two_people_chat_in_a_group_through_tmux() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        println!("skipped: tmux is not installed (apt-get install tmux)");
+        return;
+    }
+    let started = Instant::now();
+    let dir = temp_dir("chat-tmux");
+    let (net, _gateways, clients) = start(&dir, None, &[("alice", 0), ("bob", 1)]);
+    let (alice, bob) = (&clients[0], &clients[1]);
+
+    let admin = SubnetAdmin::new(SigningKey::generate(&mut rand::rng()));
+    let policy = admin
+        .issue_policy(PolicyBody {
+            subnet: admin.subnet(),
+            version: 1,
+            issued_at: 0,
+            roles: vec!["member".into()],
+            rules: vec![RoleRule {
+                from: "member".into(),
+                to: "member".into(),
+            }],
+            federation: vec![],
+            ttl_min_secs: 1,
+            ttl_max_secs: 7 * 86_400,
+            burn_on_read: BurnOnRead::Allowed,
+            revoked_keys: vec![],
+            revoked_handles: vec![],
+        })
+        .unwrap()
+        .to_bytes();
+    for c in [alice, bob] {
+        enrol(&admin, &policy, c);
+    }
+
+    // Each prints the card to give the other (first use also reads the admin's files).
+    // Group changes settle in 8 s here (30 s by default) to keep the test short.
+    let card = |c: &ClientDir| {
+        let dir = c.dir.to_string_lossy();
+        shoal(&[
+            "chat",
+            "--dir",
+            &dir,
+            "--print-card",
+            "--commit-settle-secs",
+            "8",
+        ])
+        .trim()
+        .to_string()
+    };
+    let (card_a, card_b) = (card(alice), card(bob));
+    assert!(card_a.starts_with("shoal-invite1:"), "{card_a}");
+
+    let tmux = Tmux {
+        socket: format!("shoal-chat-test-{}", std::process::id()),
+    };
+    for c in [alice, bob] {
+        let cmd = format!(
+            "SHOAL_LOG=warn {SHOAL} chat --dir {} 2>>{}",
+            c.dir.display(),
+            c.dir.join("chat.log").display()
+        );
+        tmux.ok(&[
+            "new-session",
+            "-d",
+            "-s",
+            &c.name,
+            "-x",
+            "120",
+            "-y",
+            "40",
+            &cmd,
+        ]);
+    }
+    let log = |c: &ClientDir| c.dir.join("chat.log");
+    let short = Duration::from_secs(15);
+    for c in [alice, bob] {
+        tmux.wait_for(
+            &c.name,
+            "chat screen",
+            short,
+            |s| s.contains(" message "),
+            &log(c),
+        );
+    }
+
+    // Cards are pasted into each other's chat.
+    tmux.ok(&["send-keys", "-t", "bob", "-l", "/add "]);
+    tmux.paste("bob", &card_a);
+    tmux.ok(&["send-keys", "-t", "bob", "Enter"]);
+    tmux.wait_for(
+        "bob",
+        "contact alice",
+        short,
+        |s| s.contains("@ alice"),
+        &log(bob),
+    );
+    tmux.ok(&["send-keys", "-t", "alice", "-l", "/add "]);
+    tmux.paste("alice", &card_b);
+    tmux.ok(&["send-keys", "-t", "alice", "Enter"]);
+    tmux.wait_for(
+        "alice",
+        "contact bob",
+        short,
+        |s| s.contains("@ bob"),
+        &log(alice),
+    );
+
+    // Alice makes a group and adds Bob; the group shows him once the change settled.
+    tmux.type_line("alice", "/group new friends");
+    tmux.wait_for(
+        "alice",
+        "group",
+        short,
+        |s| s.contains("# friends"),
+        &log(alice),
+    );
+    tmux.type_line("alice", "/invite bob");
+    let long = Duration::from_secs(45);
+    tmux.wait_for(
+        "alice",
+        "bob in the group",
+        long,
+        |s| s.contains("friends — with bob"),
+        &log(alice),
+    );
+
+    let hello = "hello friends, this crossed the mixnet";
+    tmux.type_line("alice", hello);
+    tmux.wait_for(
+        "alice",
+        "own message",
+        short,
+        |s| s.contains(&format!("alice: {hello}")),
+        &log(alice),
+    );
+
+    // Bob joined from the Welcome; the message arrives as unread in the group.
+    let screen = tmux.wait_for(
+        "bob",
+        "unread group message",
+        long,
+        |s| {
+            s.lines()
+                .any(|l| l.contains("# group ") && l.contains("(1)"))
+        },
+        &log(bob),
+    );
+    assert!(!screen.contains(hello), "not shown before Bob opens it");
+    tmux.ok(&["send-keys", "-t", "bob", "Tab"]);
+    let screen = tmux.wait_for(
+        "bob",
+        "the group message",
+        short,
+        |s| s.contains(&format!("alice: {hello}")),
+        &log(bob),
+    );
+    assert!(screen.contains("with alice"), "{screen}");
+    assert!(screen.contains("[ttl 24h]"), "{screen}");
+
+    // Bob answers in the group; Alice sees it and her message's receipt.
+    let reply = "hi alice, got it";
+    tmux.type_line("bob", reply);
+    let screen = tmux.wait_for(
+        "alice",
+        "reply and receipt",
+        long,
+        |s| s.contains(&format!("bob: {reply}")) && s.contains("[delivered"),
+        &log(alice),
+    );
+    println!("alice's screen:\n{screen}");
+    println!("bob's screen:\n{}", tmux.screen("bob"));
+
+    // Both leave cleanly with /quit.
+    for c in [alice, bob] {
+        tmux.type_line(&c.name, "/quit");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (tmux.alive("alice") || tmux.alive("bob")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !tmux.alive("alice") && !tmux.alive("bob"),
+        "the chat did not exit on /quit"
+    );
+    drop(tmux);
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+    let took = started.elapsed();
+    println!("chat_tmux took {took:?}");
+    assert!(took < Duration::from_secs(90), "took {took:?}");
+}
