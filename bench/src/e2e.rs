@@ -22,7 +22,9 @@
 //! it and the sum of the forward delays its sender drew. For every delivered
 //! one-fragment message sent exactly once, the latency splits into
 //! - `slot_wait_ms`: `send` returned → its λP slot (queueing; Poisson slots at λP);
-//! - `sampled_mixing_ms`: the drawn delays of the 5 hops (what the mix is for);
+//! - `sampled_mixing_ms`: the drawn delays of the hops that hold the packet (entry
+//!   gateway, L1, L2, L3; the exit gateway stores on arrival, so the fifth drawn delay
+//!   is never waited out): what the mix is for;
 //! - `overhead_ms` = stored at the recipient − slot − drawn delays: links, Sphinx
 //!   processing at 5 hops, the exit gateway's durable commit, **and** the wait for the
 //!   recipient's next pull (at most `pull_interval`, not subtracted) and its store write.
@@ -47,8 +49,9 @@ use crate::relay::cpu_seconds_of;
 use crate::standin::wait_for_topology;
 use crate::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
 
-/// Hops on a forward route, each with its own Exp(μ) delay.
-const ROUTE_HOPS: f64 = shoal_packet::ROUTE_HOPS as f64;
+/// Hops on a forward route that hold a packet for its Exp(μ) delay: all but the exit
+/// gateway, which stores on arrival.
+const HOLDING_HOPS: f64 = (shoal_packet::ROUTE_HOPS - 1) as f64;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -117,7 +120,7 @@ pub struct E2eReport {
     pub message_bytes: usize,
     /// `send` returned → message stored at the recipient.
     pub latency_ms: LatencyMs,
-    /// ROUTE_HOPS × mean hop delay: the mean of the sampled mixing delays.
+    /// 4 holding hops × mean hop delay: the mean of the mixing delays a packet waits.
     pub expected_mixing_delay_ms: f64,
     /// Measured mean latency − expected_mixing_delay_ms.
     pub mean_latency_minus_expected_mixing_ms: f64,
@@ -482,7 +485,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         .as_secs_f64()
         .max(f64::MIN_POSITIVE);
     let bytes_delivered: usize = delivered.keys().map(Vec::len).sum();
-    let expected_mixing = ROUTE_HOPS * params.mean_hop_delay_ms;
+    let expected_mixing = HOLDING_HOPS * params.mean_hop_delay_ms;
     for i in 0..net.gateways.len() {
         if !net.gateways[i].proc.alive() {
             let name = net.gateways[i].init.name.clone();

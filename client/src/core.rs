@@ -192,7 +192,8 @@ pub struct SendRecord {
     pub attempt: u32,
     /// The λP slot that carried it.
     pub at: Instant,
-    /// Sum of the delays drawn for the forward route's hops.
+    /// Sum of the delays drawn for the forward route's hops that wait them out: all
+    /// but the exit gateway, which stores on arrival.
     pub forward_delay: Duration,
 }
 
@@ -812,7 +813,7 @@ impl ClientCore {
         slot: &AckSlot,
         sealed: &[u8],
         rng: &mut R,
-    ) -> Option<(Frame, Duration)> {
+    ) -> Option<(Frame, Duration, Duration)> {
         let (epoch, label) = Self::epoch(topo);
         let route = topo
             .client_route(rng, epoch, &self.identity.gateway, exit)
@@ -824,7 +825,10 @@ impl ClientCore {
             return None;
         }
         let frame = Frame::sphinx(label, &fwd.packet).ok()?;
-        Some((frame, sum(&delays)))
+        // The exit gateway stores on arrival: the last hop's delay is drawn (the
+        // Sphinx header has a slot for it) but never waited out.
+        let held = sum(delays.split_last().map_or(&[][..], |(_, rest)| rest));
+        Some((frame, sum(&delays), held))
     }
 
     fn build_real<R: CryptoRng + ?Sized>(
@@ -840,7 +844,7 @@ impl ClientCore {
         // retransmission to the original by its bytes.
         let sealed = seal::seal(rng, &to.public_key(), &inner).ok()?;
         let (slot, ack_delay) = self.build_ack(topo, SurbPurpose::Fragment(key), now, rng)?;
-        let Some((frame, fwd_delay)) =
+        let Some((frame, fwd_delay, held_delay)) =
             self.build_forward(topo, &to.gateway, &to.mailbox, &slot, &sealed, rng)
         else {
             self.forget_surb_of(&slot);
@@ -849,7 +853,7 @@ impl ClientCore {
         Some(Built {
             frame,
             path_delay: fwd_delay.saturating_add(ack_delay),
-            forward_delay: fwd_delay,
+            forward_delay: held_delay,
         })
     }
 
@@ -880,7 +884,8 @@ impl ClientCore {
         };
         let gw = self.identity.gateway;
         let mailbox = self.identity.mailbox;
-        let Some((frame, fwd_delay)) = self.build_forward(topo, &gw, &mailbox, &slot, &sealed, rng)
+        let Some((frame, fwd_delay, _)) =
+            self.build_forward(topo, &gw, &mailbox, &slot, &sealed, rng)
         else {
             self.forget_surb_of(&slot);
             self.stats.build_failures += 1;
@@ -924,7 +929,7 @@ impl ClientCore {
         let inner = Fragment::cover(BodyKind::Drop, random_id(rng)).encode();
         let sealed = seal::seal(rng, &throwaway, &inner).ok()?;
         self.build_forward(topo, &exit, &DROP_MAILBOX, &slot, &sealed, rng)
-            .map(|(frame, _)| frame)
+            .map(|(frame, _, _)| frame)
     }
 
     /// Takes one item pulled from our mailbox: an ack (a reply through one of our
