@@ -944,6 +944,63 @@ mod tests {
     }
 
     #[test]
+    fn testvec_admin_messages() {
+        let chunk = ClientMsg::AdminChunk {
+            index: 1,
+            count: 2,
+            bytes: b"{}".to_vec(),
+        };
+        assert_eq!(
+            hex::encode(chunk.encode().unwrap()),
+            "04000100020002".to_owned() + "7b7d"
+        );
+        roundtrip_client(&chunk);
+        let done = GatewayMsg::AdminResult {
+            refusal: None,
+            message: "ok".into(),
+        };
+        assert_eq!(hex::encode(done.encode().unwrap()), "860000026f6b");
+        roundtrip_gateway(&done);
+        let replay = GatewayMsg::AdminResult {
+            refusal: Some(AdminRefusal::Replayed),
+            message: String::new(),
+        };
+        assert_eq!(hex::encode(replay.encode().unwrap()), "86000500");
+        roundtrip_gateway(&replay);
+        for r in AdminRefusal::ALL {
+            assert_eq!(AdminRefusal::from_u16(r.to_u16()), Some(r));
+        }
+        // A chunk index past its count, and a count of zero, are refused.
+        assert!(ClientMsg::decode(&hex::decode("04000200020000").unwrap()).is_err());
+        assert!(ClientMsg::decode(&hex::decode("04000000000000").unwrap()).is_err());
+    }
+
+    #[test]
+    fn admin_commands_split_and_reassemble_within_the_limit() {
+        let command: Vec<u8> = (0..MAX_CHUNK_BYTES * 3 + 5).map(|i| i as u8).collect();
+        let chunks = admin_chunks(&command).unwrap();
+        assert_eq!(chunks.len(), 4);
+        let mut asm = ChunkAssembler::new(MAX_CHUNK_BYTES * usize::from(MAX_ADMIN_CHUNKS));
+        let mut out = None;
+        for c in chunks.iter().rev() {
+            let ClientMsg::AdminChunk {
+                index,
+                count,
+                bytes,
+            } = c
+            else {
+                panic!("{c:?}")
+            };
+            assert_eq!(c.to_frame().unwrap().as_bytes().len(), FRAME_SIZE);
+            out = asm.push(*index, *count, bytes).unwrap();
+        }
+        assert_eq!(out.unwrap(), command);
+        assert!(admin_chunks(b"").is_err());
+        let too_long = vec![0u8; MAX_CHUNK_BYTES * usize::from(MAX_ADMIN_CHUNKS) + 1];
+        assert!(admin_chunks(&too_long).is_err());
+    }
+
+    #[test]
     fn directory_chunks_reassemble() {
         let doc: Vec<u8> = (0..MAX_CHUNK_BYTES * 2 + 17).map(|i| i as u8).collect();
         let chunks = directory_chunks(&doc).unwrap();
@@ -992,6 +1049,12 @@ mod tests {
             (any::<u16>(), "[a-z ]{0,200}").prop_map(|(c, message)| GatewayMsg::Error {
                 code: ErrorCode::from_u16(c),
                 message,
+            }),
+            (any::<u16>(), "[a-z ]{0,200}").prop_map(|(c, message)| {
+                GatewayMsg::AdminResult {
+                    refusal: AdminRefusal::from_u16(c),
+                    message,
+                }
             }),
         ]
     }
