@@ -7,6 +7,19 @@
 //! them and reports delivery, duplicates, latency against the configured mixing delay,
 //! and cover vs real packets.
 //!
+//! Then the managed story (issue 4) on the same network: three subnets A, B and C, each
+//! with its own admin key and policy; A and B federate, C federates with nobody.
+//! Members are managed clients (the messenger on top of the client driver):
+//! - one MLS group spans A and B; every member sends one message to it, and every other
+//!   member must receive it;
+//! - a member of C tries to message a member of A: its own client refuses (the error
+//!   names the rule); a modified client sends anyway, and A's client drops and counts it;
+//! - A's admin de-provisions one of A's group members: one signed command to the
+//!   gateway over the network (`shoal_gateway::remote_admin::execute`), and the new
+//!   policy version with the revocation, sent to A's members through the mixnet as
+//!   ordinary messages. `deprovision_removal_ms` runs from the admin action until every
+//!   remaining member has applied the commit that removes the revoked member.
+//!
 //! `--loss PCT` discards that share of every client's outbound Sphinx frames and of the
 //! mailbox items it pulls, inside the client driver (QUIC would hide real link loss):
 //! retransmission and redelivery have to make up for it.
@@ -23,7 +36,15 @@ use serde::Serialize;
 use shoal_bench::standin::wait_for_topology;
 use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig, shoal_binary};
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
+use shoal_client::group::{GroupConfig, GroupEvent};
+use shoal_client::managed::{self, ManagedHandle};
+use shoal_client::messenger::{Messenger, MessengerConfig, MessengerEvent, policy_update};
 use shoal_client::{ClientStore, ContactCard, Identity};
+use shoal_subnet::{
+    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCredential,
+    MessageOptions, Policy, PolicyBody, RoleRule, SignedPolicy, SubnetAdmin, SubnetId,
+};
+use shoal_topology::Hex32;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -51,6 +72,10 @@ pub struct DemoArgs {
     /// Keep the network's directory (logs, configs) instead of deleting it.
     #[arg(long)]
     keep: bool,
+    /// How long group members collect concurrent commits before applying the lowest
+    /// hash; must exceed the spread of commit delivery times.
+    #[arg(long, default_value_t = 1500)]
+    commit_settle_ms: u64,
 }
 
 /// Hops on a forward route, each with its own Exp(μ) delay: entry gateway, 3 layers,
@@ -104,7 +129,47 @@ struct Report {
     relays: usize,
     gateways: usize,
     loss_percent: f64,
+    /// Subnets (organisations) in the managed part: A, B federated; C not.
+    subnets: usize,
+    /// MLS groups formed (one spanning A and B).
+    groups: usize,
+    /// Policy refusals: sends refused by the sender's own client plus messages dropped
+    /// (and counted) by recipients' clients.
+    policy_refusals: u64,
+    /// From the admin's de-provisioning action until every remaining group member has
+    /// applied the commit removing the revoked member.
+    deprovision_removal_ms: f64,
+    managed_settle_ms: u64,
+    managed: ManagedReport,
     elapsed_secs: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ManagedReport {
+    /// Managed clients: group members, the member of C and A's admin client.
+    clients: usize,
+    group_members: usize,
+    group_messages_sent: usize,
+    /// Each group message counted once per other member that received it.
+    group_deliveries: usize,
+    group_deliveries_expected: usize,
+    /// Time from group creation until every invitee has joined by Welcome.
+    group_formation_ms: f64,
+    /// Refused by the sending client's own policy (C → A).
+    sender_refusals: u64,
+    /// Dropped and counted by the recipient's client (a modified C client → A).
+    recipient_policy_drops: u64,
+    /// The error the member of C saw.
+    sender_refusal_error: String,
+    /// How the de-provisioning command reached the gateway.
+    deprovision_path: &'static str,
+    /// Members (besides the revoked one) that applied its removal.
+    removal_seen_by: usize,
+    /// Members the revoked member was removed from the view of, expected.
+    removal_expected: usize,
+    /// MLS commits applied and lost to concurrent commits, over all members.
+    commits_applied: u64,
+    commits_lost: u64,
 }
 
 struct DemoClient {
@@ -179,8 +244,29 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     say(args, "setting up 2 gateways and their client accounts");
     let mut clients_setup = Vec::new();
     let mut inits = Vec::new();
+    let subnets = Subnets::new();
+    let mut managed_setup = Vec::new();
     for g in 0..2 {
         let init = net.init_gateway(&shoal, g, &GatewayOptions::default())?;
+        // Gateway 0 hosts subnet A, gateway 1 hosts B and C: only their admins may
+        // command them.
+        let hosted: Vec<SubnetId> = HOSTED[g].iter().map(|&i| subnets.id(i)).collect();
+        set_hosted_subnets(&init.config, &hosted)?;
+        for (m, spec) in MEMBERS.iter().enumerate().filter(|(_, s)| s.gateway == g) {
+            let mut rng = rand::rng();
+            let account = SigningKey::generate(&mut rng);
+            let identity = Identity::generate(&mut rng, init.id);
+            if spec.subnet == ADMIN {
+                // The admin's own client is an ordinary account, outside any subnet.
+                Testnet::add_account(
+                    &shoal,
+                    &init,
+                    &account.verifying_key().to_bytes(),
+                    &identity.mailbox,
+                )?;
+            }
+            managed_setup.push((m, *spec, account, identity));
+        }
         for c in 0..args.clients_per_gateway {
             let mut rng = rand::rng();
             let account = SigningKey::generate(&mut rng);
@@ -219,15 +305,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     let mut clients = Vec::new();
     for (g, c, account, identity) in clients_setup {
         let init = &inits[g];
-        let mut config = DriverConfig::new(init.client_addr, init.id, net.authorities.clone());
-        config.pull_interval = PULL_INTERVAL;
-        config.directory_refresh = Duration::from_secs(60);
-        config.reconnect_min = Duration::from_millis(100);
-        config.reconnect_max = Duration::from_secs(2);
-        config.emulated_loss = args.loss / 100.0;
-        // Loopback: the margin over the sampled delays covers link, fsync and pull.
-        config.client.retransmit.margin = Duration::from_millis(1500);
-        config.client.loop_margin = Duration::from_secs(3);
+        let config = client_config(args, init, &net);
         let cdir = dir.join(format!("client-{g}-{c}"));
         std::fs::create_dir_all(&cdir)?;
         let store = Arc::new(ClientStore::open(cdir.join("client.redb"))?);
@@ -241,6 +319,49 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
             card,
             handle,
         });
+    }
+    // Members' accounts are created by their subnet's admin: a signed command to the
+    // gateway over the network.
+    for (_, spec, account, identity) in managed_setup.iter().filter(|s| s.1.subnet != ADMIN) {
+        subnets
+            .command(
+                spec.subnet,
+                &inits[spec.gateway],
+                AccountAction::CreateAccount {
+                    account: Hex32(account.verifying_key().to_bytes()),
+                    mailbox: Hex32(identity.mailbox),
+                    quota: MEMBER_QUOTA,
+                },
+            )
+            .await
+            .with_context(|| format!("creating the account of {}", spec.name))?;
+    }
+    let mut managed = Vec::new();
+    for (m, spec, account, identity) in managed_setup {
+        let init = &inits[spec.gateway];
+        let mut config = client_config(args, init, &net);
+        let cdir = dir.join(format!("member-{}", spec.name));
+        std::fs::create_dir_all(&cdir)?;
+        let store = Arc::new(ClientStore::open(cdir.join("client.redb"))?);
+        store.save_identity(&identity)?;
+        store.save_account_key(&account.to_bytes())?;
+        // Plain clients keep the default; the admin's client only sends policy.
+        config.client.retransmit.max_timeout = Duration::from_secs(5);
+        let member = if spec.subnet == ADMIN {
+            None
+        } else {
+            Some(subnets.messenger(&spec, &identity, args.commit_settle_ms)?)
+        };
+        let handle = driver::spawn(config, identity, &account, store.clone())?;
+        let account_pub = account.verifying_key().to_bytes();
+        managed.push(ManagedClient::new(
+            m,
+            spec,
+            handle,
+            member,
+            store,
+            account_pub,
+        )?);
     }
     for (i, c) in clients.iter().enumerate() {
         if !c.handle.wait_for_directory(Duration::from_secs(20)).await {
@@ -386,6 +507,16 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     for c in clients {
         c.handle.shutdown().await;
     }
+    // The 1:1 part's clients stop first so the managed part runs on a quieter network.
+    for c in &managed {
+        if !c.client().wait_for_directory(Duration::from_secs(20)).await {
+            bail!("managed client {} got no directory", c.spec.name);
+        }
+    }
+    let story = managed_story(args, &inits, &subnets, &mut managed).await?;
+    for c in managed {
+        c.shutdown().await;
+    }
     let dead: Vec<String> = net
         .gateways
         .iter_mut()
@@ -420,6 +551,12 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
         relays: net.relays.len(),
         gateways: net.gateways.len(),
         loss_percent: args.loss,
+        subnets: 3,
+        groups: story.groups,
+        policy_refusals: story.report.sender_refusals + story.report.recipient_policy_drops,
+        deprovision_removal_ms: story.deprovision_removal_ms,
+        managed_settle_ms: args.commit_settle_ms,
+        managed: story.report,
         elapsed_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     };
     drop(net);
@@ -465,6 +602,35 @@ fn print_summary(r: &Report) {
         "  loops                {} returned, {} lost",
         r.loops_returned, r.loops_lost
     );
+    let m = &r.managed;
+    println!(
+        "Managed: {} subnets (A and B federated, C not), {} MLS group of {} members across A and B",
+        r.subnets, r.groups, m.group_members
+    );
+    println!(
+        "  group messages       {} sent, {} of {} deliveries (every other member)",
+        m.group_messages_sent, m.group_deliveries, m.group_deliveries_expected
+    );
+    println!(
+        "  group formation      {:.0} ms (create, one commit adding 4, Welcomes after the {} ms settle window)",
+        m.group_formation_ms, r.managed_settle_ms
+    );
+    println!(
+        "  policy refusals      {}: cy (C) → ana (A) refused by cy's own client ({}); {} dropped and counted at the recipient from a modified client",
+        r.policy_refusals, m.sender_refusal_error, m.recipient_policy_drops
+    );
+    println!(
+        "  de-provisioning      ax removed from the group at {} of {} remaining members {:.0} ms after the admin action",
+        m.removal_seen_by, m.removal_expected, r.deprovision_removal_ms
+    );
+    println!(
+        "                       ({}, then policy v2 with the revocation through the mixnet)",
+        m.deprovision_path
+    );
+    println!(
+        "  MLS commits          {} applied, {} lost to a concurrent commit (lowest hash wins)",
+        m.commits_applied, m.commits_lost
+    );
     println!("  took                 {:.1} s", r.elapsed_secs);
     if r.misdelivered > 0 {
         println!("  MISDELIVERED         {}", r.misdelivered);
@@ -472,4 +638,622 @@ fn print_summary(r: &Report) {
     if r.lost == 0 && r.duplicates == 0 && r.misdelivered == 0 {
         println!("every message arrived exactly once.");
     }
+    if m.group_deliveries == m.group_deliveries_expected && m.removal_seen_by == m.removal_expected
+    {
+        println!("every group message arrived; the de-provisioned member is out of the group.");
+    }
+}
+
+// ---- The managed story (subnets, groups, policy, de-provisioning) ----
+
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+/// Marks the client A's admin uses to publish policy through the mixnet.
+const ADMIN: usize = usize::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct MemberSpec {
+    name: &'static str,
+    subnet: usize,
+    gateway: usize,
+}
+
+const MEMBERS: [MemberSpec; 7] = [
+    MemberSpec {
+        name: "ana",
+        subnet: A,
+        gateway: 0,
+    },
+    MemberSpec {
+        name: "al",
+        subnet: A,
+        gateway: 0,
+    },
+    MemberSpec {
+        name: "ax",
+        subnet: A,
+        gateway: 0,
+    },
+    MemberSpec {
+        name: "bo",
+        subnet: B,
+        gateway: 1,
+    },
+    MemberSpec {
+        name: "bea",
+        subnet: B,
+        gateway: 1,
+    },
+    MemberSpec {
+        name: "cy",
+        subnet: C,
+        gateway: 1,
+    },
+    MemberSpec {
+        name: "admin-a",
+        subnet: ADMIN,
+        gateway: 0,
+    },
+];
+/// Subnets each gateway hosts.
+const HOSTED: [&[usize]; 2] = [&[A], &[B, C]];
+/// The group: created by the first, spanning A and B.
+const GROUP: [&str; 5] = ["ana", "al", "ax", "bo", "bea"];
+/// The member of A that is de-provisioned.
+const REVOKED: &str = "ax";
+const GROUP_OPTIONS: MessageOptions = MessageOptions {
+    ttl_secs: 3600,
+    burn_on_read: false,
+};
+
+/// Sets `subnets = [...]` in a gateway config (replacing the line `init` wrote, if any).
+fn set_hosted_subnets(config: &Path, subnets: &[SubnetId]) -> anyhow::Result<()> {
+    let list: Vec<String> = subnets
+        .iter()
+        .map(|s| format!("\"{}\"", hex::encode(s.0)))
+        .collect();
+    let line = format!("subnets = [{}]", list.join(", "));
+    let text = std::fs::read_to_string(config)?;
+    let mut out = String::new();
+    let mut replaced = false;
+    for l in text.lines() {
+        if l.split('=').next().unwrap_or("").trim() == "subnets" && !replaced {
+            out.push_str(&line);
+            replaced = true;
+        } else {
+            out.push_str(l);
+        }
+        out.push('\n');
+    }
+    if !replaced {
+        out = format!("{line}\n{out}");
+    }
+    std::fs::write(config, out)?;
+    Ok(())
+}
+
+fn client_config(
+    args: &DemoArgs,
+    init: &shoal_bench::testnet::GatewayInit,
+    net: &Testnet,
+) -> DriverConfig {
+    let mut config = DriverConfig::new(init.client_addr, init.id, net.authorities.clone());
+    config.pull_interval = PULL_INTERVAL;
+    config.directory_refresh = Duration::from_secs(60);
+    config.reconnect_min = Duration::from_millis(100);
+    config.reconnect_max = Duration::from_secs(2);
+    config.emulated_loss = args.loss / 100.0;
+    // Loopback: the margin over the sampled delays covers link, fsync and pull.
+    config.client.retransmit.margin = Duration::from_millis(1500);
+    config.client.loop_margin = Duration::from_secs(3);
+    config
+}
+
+fn unix_secs() -> u64 {
+    managed::unix_ms() / 1000
+}
+
+/// Mailbox items a member's account may hold.
+const MEMBER_QUOTA: u32 = 10_000;
+
+/// The three subnets' admin keys and first policies.
+struct Subnets {
+    keys: [SigningKey; 3],
+    /// The last command sequence number used per (subnet, gateway).
+    sequences: std::sync::Mutex<HashMap<(usize, [u8; 32]), u64>>,
+}
+
+impl Subnets {
+    fn new() -> Self {
+        let mut rng = rand::rng();
+        Subnets {
+            keys: std::array::from_fn(|_| SigningKey::generate(&mut rng)),
+            sequences: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Signs `action` for `gateway` with the next sequence number and sends it over the
+    /// network; returns once the gateway has applied it durably.
+    async fn command(
+        &self,
+        subnet: usize,
+        gateway: &shoal_bench::testnet::GatewayInit,
+        action: AccountAction,
+    ) -> anyhow::Result<()> {
+        let sequence = {
+            let mut seqs = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
+            let s = seqs.entry((subnet, gateway.id)).or_insert(0);
+            *s += 1;
+            *s
+        };
+        let command = self.admin(subnet).issue_command(CommandBody {
+            subnet: self.id(subnet),
+            gateway: Hex32(gateway.id),
+            sequence,
+            expires_at: unix_secs() + 300,
+            action,
+        })?;
+        shoal_gateway::remote_admin::execute(
+            &self.keys[subnet],
+            gateway.client_addr,
+            gateway.id,
+            &command,
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn admin(&self, i: usize) -> SubnetAdmin {
+        SubnetAdmin::new(self.keys[i].clone())
+    }
+
+    fn id(&self, i: usize) -> SubnetId {
+        self.admin(i).subnet()
+    }
+
+    /// A and B federate (staff with staff); C federates with nobody.
+    fn policy(&self, i: usize, version: u64, revoked: Vec<Hex32>) -> anyhow::Result<SignedPolicy> {
+        let federated: &[usize] = match i {
+            A => &[B],
+            B => &[A],
+            _ => &[],
+        };
+        let body = PolicyBody {
+            subnet: self.id(i),
+            version,
+            issued_at: unix_secs(),
+            roles: vec!["staff".into()],
+            rules: vec![RoleRule {
+                from: "staff".into(),
+                to: "staff".into(),
+            }],
+            federation: federated
+                .iter()
+                .map(|&f| Federation {
+                    subnet: self.id(f),
+                    local_roles: vec!["staff".into()],
+                    remote_roles: vec!["staff".into()],
+                })
+                .collect(),
+            ttl_min_secs: 60,
+            ttl_max_secs: 7 * 86_400,
+            burn_on_read: BurnOnRead::Allowed,
+            revoked_keys: revoked,
+            revoked_handles: vec![],
+        };
+        Ok(self.admin(i).issue_policy(body)?)
+    }
+
+    /// A member's messenger: a fresh signing key, a credential its admin signs, and
+    /// its subnet's first policy.
+    fn messenger(
+        &self,
+        spec: &MemberSpec,
+        identity: &Identity,
+        settle_ms: u64,
+    ) -> anyhow::Result<Messenger> {
+        let signing = SigningKey::generate(&mut rand::rng());
+        let now = unix_secs();
+        let cred = self.admin(spec.subnet).issue_credential(CredentialBody {
+            subnet: self.id(spec.subnet),
+            handle: spec.name.into(),
+            role: "staff".into(),
+            signing_key: Hex32(signing.verifying_key().to_bytes()),
+            seal_key: Hex32(identity.public_key().to_bytes()),
+            mailbox: Hex32(identity.mailbox),
+            gateway: Hex32(identity.gateway),
+            not_before: now.saturating_sub(60),
+            not_after: now + 86_400,
+        })?;
+        let policy = Policy::verify(
+            &self.policy(spec.subnet, 1, vec![])?.to_bytes(),
+            &self.id(spec.subnet),
+        )?;
+        let config = MessengerConfig {
+            groups: GroupConfig {
+                commit_settle_ms: settle_ms,
+            },
+            ..MessengerConfig::default()
+        };
+        Ok(Messenger::new(
+            signing.to_bytes(),
+            &cred,
+            policy,
+            config,
+            managed::unix_ms(),
+        )?)
+    }
+}
+
+enum ManagedKind {
+    Member(ManagedHandle),
+    Admin(ClientHandle),
+}
+
+struct ManagedClient {
+    spec: MemberSpec,
+    account: [u8; 32],
+    kind: ManagedKind,
+}
+
+impl ManagedClient {
+    fn new(
+        _index: usize,
+        spec: MemberSpec,
+        handle: ClientHandle,
+        member: Option<Messenger>,
+        store: Arc<ClientStore>,
+        account: [u8; 32],
+    ) -> anyhow::Result<Self> {
+        let kind = match member {
+            Some(m) => ManagedKind::Member(managed::spawn(handle, m, store)?),
+            None => ManagedKind::Admin(handle),
+        };
+        Ok(ManagedClient {
+            spec,
+            account,
+            kind,
+        })
+    }
+
+    fn client(&self) -> &ClientHandle {
+        match &self.kind {
+            ManagedKind::Member(m) => m.client(),
+            ManagedKind::Admin(c) => c,
+        }
+    }
+
+    fn member(&self) -> anyhow::Result<&ManagedHandle> {
+        match &self.kind {
+            ManagedKind::Member(m) => Ok(m),
+            ManagedKind::Admin(_) => bail!("{} is not a member", self.spec.name),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self.kind {
+            ManagedKind::Member(m) => m.shutdown().await,
+            ManagedKind::Admin(c) => c.shutdown().await,
+        }
+    }
+}
+
+struct Story {
+    groups: usize,
+    deprovision_removal_ms: f64,
+    report: ManagedReport,
+}
+
+/// What the members reported, gathered from their event streams.
+#[derive(Default)]
+struct Tally {
+    joined: std::collections::HashSet<usize>,
+    /// (receiver, body) of group messages.
+    deliveries: std::collections::HashSet<(usize, String)>,
+    policy_drops: HashMap<usize, u64>,
+    /// Members that applied the removal of the revoked member.
+    removal_seen: std::collections::HashSet<usize>,
+}
+
+impl Tally {
+    fn absorb(&mut self, i: usize, event: MessengerEvent) {
+        if std::env::var_os("SHOAL_DEMO_DEBUG").is_some() {
+            eprintln!("  event at {i}: {event:?}");
+        }
+        match event {
+            MessengerEvent::Message {
+                group: Some(_),
+                body,
+                ..
+            } => {
+                self.deliveries
+                    .insert((i, String::from_utf8_lossy(&body).into_owned()));
+            }
+            MessengerEvent::PolicyDrop { .. } => *self.policy_drops.entry(i).or_default() += 1,
+            MessengerEvent::Group(GroupEvent::Joined { .. }) => {
+                self.joined.insert(i);
+            }
+            MessengerEvent::Group(GroupEvent::MemberRemoved { member, .. })
+                if member.credential.handle() == REVOKED =>
+            {
+                self.removal_seen.insert(i);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Feeds events into `tally` until `done` holds or `timeout` passes.
+async fn wait_until(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, MessengerEvent)>,
+    tally: &mut Tally,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Tally) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done(tally) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((i, e))) => tally.absorb(i, e),
+            Ok(None) => bail!("member event streams ended while waiting for {what}"),
+            Err(_) => bail!("timed out waiting for {what}"),
+        }
+    }
+    Ok(())
+}
+
+async fn managed_story(
+    args: &DemoArgs,
+    inits: &[shoal_bench::testnet::GatewayInit],
+    subnets: &Subnets,
+    managed: &mut [ManagedClient],
+) -> anyhow::Result<Story> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, MessengerEvent)>();
+    for (i, c) in managed.iter().enumerate() {
+        let Ok(m) = c.member() else { continue };
+        let mut events = m.subscribe();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(e) => {
+                        if tx.send((i, e)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut tally = Tally::default();
+    let result = story_steps(args, inits, subnets, managed, &mut rx, &mut tally, timeout).await;
+    if result.is_err() {
+        for c in managed.iter() {
+            let core = c.client().stats();
+            let extra = c
+                .member()
+                .map(|m| format!("{:?}", m.stats()))
+                .unwrap_or_default();
+            eprintln!("  {}: {:?} {extra}", c.spec.name, core);
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn story_steps(
+    args: &DemoArgs,
+    inits: &[shoal_bench::testnet::GatewayInit],
+    subnets: &Subnets,
+    managed: &mut [ManagedClient],
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, MessengerEvent)>,
+    tally: &mut Tally,
+    timeout: Duration,
+) -> anyhow::Result<Story> {
+    let find = |name: &str| -> anyhow::Result<usize> {
+        managed
+            .iter()
+            .position(|c| c.spec.name == name)
+            .with_context(|| format!("no managed client {name}"))
+    };
+    let group_idx: Vec<usize> = GROUP
+        .iter()
+        .map(|n| find(n))
+        .collect::<anyhow::Result<_>>()?;
+    let creator = managed[group_idx[0]].member()?;
+
+    say(
+        args,
+        "managed: subnets A and B federate, C does not; forming one MLS group of ana, al, ax (A) and bo, bea (B)",
+    );
+    let formed = Instant::now();
+    let group = creator.with(|m, now| m.create_group(now)).await??;
+    let mut invites = Vec::new();
+    for &i in &group_idx[1..] {
+        invites.push(managed[i].member()?.with(|m, _| m.invite()).await??);
+    }
+    let g = group.clone();
+    creator
+        .with(move |m, now| m.add_members(&g, &invites, now))
+        .await??;
+    let invitees: Vec<usize> = group_idx[1..].to_vec();
+    wait_until(rx, tally, timeout, "every invitee to join the group", |t| {
+        invitees.iter().all(|i| t.joined.contains(i))
+    })
+    .await?;
+    let group_formation_ms = ms(formed.elapsed());
+
+    say(
+        args,
+        "managed: every group member sends one message to the group",
+    );
+    let mut expected = Vec::new();
+    for &i in &group_idx {
+        let body = format!("group hello from {}", managed[i].spec.name);
+        for &j in &group_idx {
+            if j != i {
+                expected.push((j, body.clone()));
+            }
+        }
+        let g = group.clone();
+        managed[i]
+            .member()?
+            .with(move |m, now| m.send_group(&g, GROUP_OPTIONS, body.as_bytes(), now))
+            .await??;
+    }
+    let exp = expected.clone();
+    wait_until(rx, tally, timeout, "group messages at every member", |t| {
+        exp.iter().all(|d| t.deliveries.contains(d))
+    })
+    .await?;
+
+    say(
+        args,
+        "managed: cy (subnet C) tries to message ana (subnet A)",
+    );
+    let (ana, cy) = (find("ana")?, find("cy")?);
+    let ana_cred: MemberCredential = managed[ana]
+        .member()?
+        .with(|m, _| m.credential().clone())
+        .await?;
+    let to = ana_cred.clone();
+    let refused = managed[cy]
+        .member()?
+        .with(move |m, now| m.send_direct(&to, GROUP_OPTIONS, b"hello from C", now))
+        .await?;
+    let sender_refusal_error = match refused {
+        Err(e) => e.to_string(),
+        Ok(()) => bail!("cy's client sent to a subnet its policy does not federate"),
+    };
+    // A modified client skips its own check; ana's client must still refuse it.
+    managed[cy]
+        .member()?
+        .with(move |m, _| {
+            m.dangerously_send_direct_ignoring_policy(
+                &ana_cred,
+                GROUP_OPTIONS,
+                b"hello from a modified C client",
+            )
+        })
+        .await?;
+    wait_until(
+        rx,
+        tally,
+        timeout,
+        "ana's client to drop cy's message",
+        |t| t.policy_drops.get(&ana).copied().unwrap_or(0) >= 1,
+    )
+    .await?;
+
+    say(
+        args,
+        "managed: A's admin de-provisions ax (one signed command to the gateway, policy v2 through the mixnet)",
+    );
+    let revoked = find(REVOKED)?;
+    let revoked_key = managed[revoked]
+        .member()?
+        .with(|m, _| m.credential().signing_key())
+        .await?;
+    let started = Instant::now();
+    let gw = &inits[MEMBERS[revoked].gateway];
+    subnets
+        .command(
+            A,
+            gw,
+            AccountAction::Deprovision {
+                account: Hex32(managed[revoked].account),
+            },
+        )
+        .await
+        .context("de-provisioning command")?;
+    let policy = subnets.policy(A, 2, vec![Hex32(revoked_key)])?;
+    // The gateway keeps the newest policy too (it bounds mailbox TTLs by it).
+    subnets
+        .command(
+            A,
+            gw,
+            AccountAction::PublishPolicy {
+                policy: String::from_utf8_lossy(&policy.to_bytes()).into_owned(),
+            },
+        )
+        .await
+        .context("publishing policy v2 to the gateway")?;
+    let admin_client = managed[find("admin-a")?].client();
+    let update = policy_update(&policy);
+    for &i in &group_idx {
+        if managed[i].spec.subnet != A || i == revoked {
+            continue;
+        }
+        let cred = managed[i]
+            .member()?
+            .with(|m, _| m.credential().clone())
+            .await?;
+        admin_client
+            .send(shoal_client::group::contact_of(&cred), update.clone())
+            .await?;
+    }
+    let remaining: Vec<usize> = group_idx
+        .iter()
+        .copied()
+        .filter(|&i| i != revoked)
+        .collect();
+    let rem = remaining.clone();
+    wait_until(
+        rx,
+        tally,
+        timeout,
+        "every remaining member to remove ax",
+        |t| rem.iter().all(|i| t.removal_seen.contains(i)),
+    )
+    .await?;
+    let deprovision_removal_ms = ms(started.elapsed());
+
+    let (mut sender_refusals, mut recipient_policy_drops) = (0, 0);
+    let (mut commits_applied, mut commits_lost) = (0, 0);
+    for c in managed.iter() {
+        if let Ok(m) = c.member() {
+            let s = m.stats();
+            sender_refusals += s.messenger.sends_refused;
+            recipient_policy_drops += s.messenger.direct_policy_drops + s.groups.policy_drops;
+            commits_applied += s.groups.commits_applied;
+            commits_lost += s.groups.commits_lost;
+        }
+    }
+    let group_deliveries = expected
+        .iter()
+        .filter(|d| tally.deliveries.contains(d))
+        .count();
+    Ok(Story {
+        groups: 1,
+        deprovision_removal_ms,
+        report: ManagedReport {
+            clients: managed.len(),
+            group_members: group_idx.len(),
+            group_messages_sent: group_idx.len(),
+            group_deliveries,
+            group_deliveries_expected: expected.len(),
+            group_formation_ms,
+            sender_refusals,
+            recipient_policy_drops,
+            sender_refusal_error,
+            deprovision_path: "signed command over the network (shoal_gateway::remote_admin::execute)",
+            removal_seen_by: remaining
+                .iter()
+                .filter(|i| tally.removal_seen.contains(i))
+                .count(),
+            removal_expected: remaining.len(),
+            commits_applied,
+            commits_lost,
+        },
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
 }

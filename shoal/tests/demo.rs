@@ -1,5 +1,6 @@
 //! `shoal demo --json` as a user runs it: real processes on loopback, every message
-//! delivered exactly once.
+//! delivered exactly once, and the managed story (subnets, a federated MLS group,
+//! policy refusals, de-provisioning) with real values.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Command;
@@ -36,6 +37,38 @@ fn check(r: &serde_json::Value) {
     assert!(r["expected_mixing_delay_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["real_packets"].as_u64().unwrap() >= sent, "{r}");
     assert!(r["cover_packets"].as_u64().unwrap() > 0, "{r}");
+    check_managed(r);
+}
+
+/// The managed story: three subnets, one group across A and B with every message
+/// delivered, C → A refused at the sender and dropped at the recipient, and the
+/// de-provisioned member removed from the group by every remaining member.
+fn check_managed(r: &serde_json::Value) {
+    assert_eq!(r["subnets"].as_u64().unwrap(), 3, "{r}");
+    assert_eq!(r["groups"].as_u64().unwrap(), 1, "{r}");
+    let m = &r["managed"];
+    let expected = m["group_deliveries_expected"].as_u64().unwrap();
+    assert_eq!(expected, 20, "5 members, each message to 4 others: {r}");
+    assert_eq!(m["group_deliveries"].as_u64().unwrap(), expected, "{r}");
+    assert_eq!(m["sender_refusals"].as_u64().unwrap(), 1, "{r}");
+    assert_eq!(m["recipient_policy_drops"].as_u64().unwrap(), 1, "{r}");
+    assert_eq!(r["policy_refusals"].as_u64().unwrap(), 2, "{r}");
+    assert!(
+        m["sender_refusal_error"]
+            .as_str()
+            .unwrap()
+            .contains("not federated"),
+        "{r}"
+    );
+    assert_eq!(
+        m["removal_seen_by"].as_u64().unwrap(),
+        m["removal_expected"].as_u64().unwrap(),
+        "{r}"
+    );
+    assert_eq!(m["removal_expected"].as_u64().unwrap(), 4, "{r}");
+    // At least one commit settle window (1.5 s), and it must have happened at all.
+    let removal = r["deprovision_removal_ms"].as_f64().unwrap();
+    assert!(removal >= 1500.0 && removal < 60_000.0, "{r}");
 }
 
 #[test]
