@@ -241,6 +241,28 @@ mod tests {
     const COMMAND_VECTOR: &str = r#"{"body":"{\"subnet\":\"8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c\",\"gateway\":\"0808080808080808080808080808080808080808080808080808080808080808\",\"sequence\":1,\"expires_at\":2000,\"action\":{\"create_account\":{\"account\":\"0505050505050505050505050505050505050505050505050505050505050505\",\"mailbox\":\"0606060606060606060606060606060606060606060606060606060606060606\",\"quota\":100}}}","signature":"914a0a36fafde3ff184d6197a2a286bfbc0fea5a9f6cd6a95f5fb5333c0d1671388d8e8d9cffbeb0ee955724a68c0551c947f23df8c8dadff1e431785d43a504"}"#;
 
     #[test]
+    fn publish_policy_travels_and_the_guard_persists() {
+        let admin = SubnetAdmin::from_secret([1; 32]);
+        let mut b = body(3);
+        b.action = AccountAction::PublishPolicy {
+            policy: "{\"body\":\"{}\"}".into(),
+        };
+        let bytes = admin.issue_command(b.clone()).unwrap().to_bytes();
+        let checked = UncheckedCommand::parse(&bytes)
+            .unwrap()
+            .check_signature(&[admin.subnet()])
+            .unwrap();
+        assert_eq!(checked.subnet(), admin.subnet());
+        assert_eq!(checked.action(), &b.action);
+        let mut g = CommandGuard::default();
+        let cmd = checked.check_fresh(&Hex32([8; 32]), 1500, &mut g).unwrap();
+        assert_eq!(cmd.sequence(), 3);
+        let stored: Vec<_> = g.entries().collect();
+        assert_eq!(stored, vec![(admin.subnet(), 3)]);
+        assert_eq!(CommandGuard::from_entries(stored), g);
+    }
+
+    #[test]
     fn replay_expiry_and_scope() {
         let admin = SubnetAdmin::from_secret([1; 32]);
         let other = SubnetAdmin::from_secret([2; 32]);
