@@ -4,11 +4,11 @@
 //! screen with `tmux capture-pane`. Alice makes a group, adds Bob, and a group message
 //! goes each way.
 //!
-//! Set-up is by CLI: `shoal client init` and the gateway operator's `shoal gateway
-//! account add` (via `support/cli_net.rs`). The subnet admin's part (signing the policy
-//! and each member's credential) is done here with the `shoal-subnet` library, since
-//! `shoal admin enroll` does not exist yet; the files it writes are the ones the chat
-//! reads on first use (`DIR/credential`, `DIR/policy`).
+//! Set-up is by CLI only: `shoal admin init` (a subnet, hosted by both gateways),
+//! `shoal client init` for each person, `shoal admin enroll` with what `client init`
+//! printed (the account key and mailbox; the seal key is read from the person's contact
+//! card), and the admin's files handed to each person (`members/H.cred` → `credential`,
+//! `policy.json` → `policy`), which the chat reads on first use.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "support/cli_net.rs"]
@@ -18,11 +18,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use cli_net::{ClientDir, SHOAL, shoal, start, temp_dir};
-use ed25519_dalek::SigningKey;
-use shoal_client::{ClientStore, ContactCard};
-use shoal_subnet::{BurnOnRead, CredentialBody, PolicyBody, RoleRule, SubnetAdmin};
-use shoal_topology::Hex32;
+use cli_net::{ClientDir, SHOAL, shoal, temp_dir};
+use shoal_bench::testnet::{GatewayInit, GatewayOptions, Testnet, TestnetConfig};
+use shoal_client::ContactCard;
 
 /// A tmux server of our own (`-L`), killed on drop even if the test fails.
 struct Tmux {
@@ -100,33 +98,119 @@ impl Drop for Tmux {
     }
 }
 
-/// The admin's part of enrolment: a credential for the device key `client init` made.
-fn enrol(admin: &SubnetAdmin, policy: &[u8], client: &ClientDir) {
-    let (account, _) = {
-        let store = ClientStore::open(client.dir.join("client.redb")).unwrap();
-        (store.load_account_key().unwrap().unwrap(), ())
+/// The value after `prefix` on one of `out`'s lines.
+fn field(out: &str, prefix: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in: {out}"))
+        .trim()
+        .to_string()
+}
+
+/// The network with two gateways hosting a fresh subnet, and two people enrolled in
+/// it by `shoal admin`, each with the admin's files in their client directory.
+fn setup(dir: &Path) -> (Testnet, Vec<ClientDir>) {
+    let cfg = TestnetConfig {
+        bootstrap_secs: 6,
+        workers: Some(1),
+        lambda_m: 1.0,
+        ..TestnetConfig::default()
     };
-    let account = SigningKey::from_bytes(&account).verifying_key().to_bytes();
-    let card = ContactCard::parse(&client.card).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let cred = admin
-        .issue_credential(CredentialBody {
-            subnet: admin.subnet(),
-            handle: client.name.clone(),
-            role: "member".into(),
-            signing_key: Hex32(account),
-            seal_key: Hex32(card.contact.public_key),
-            mailbox: Hex32(card.contact.mailbox),
-            gateway: Hex32(card.contact.gateway),
-            not_before: now - 60,
-            not_after: now + 86_400,
+    let bin = Path::new(SHOAL);
+    let mut net = Testnet::start(bin, &dir.join("net"), &cfg).expect("testnet");
+    let admin = dir.join("admin");
+    let admin_s = admin.to_string_lossy().into_owned();
+    let out = shoal(&["admin", "init", "--dir", &admin_s, "--name", "friends"]);
+    let mut subnet = [0u8; 32];
+    hex::decode_to_slice(field(&out, "subnet id:"), &mut subnet).unwrap();
+    let gateways: Vec<GatewayInit> = (0..2)
+        .map(|g| {
+            let init = net
+                .init_gateway(bin, g, &GatewayOptions::default())
+                .expect("gateway init");
+            Testnet::host_subnet(&init, &subnet).unwrap();
+            init
         })
+        .collect();
+    for gw in &gateways {
+        net.run_gateway(bin, gw.clone()).expect("gateway run");
+    }
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let mut people = Vec::new();
+    for (name, g) in [("alice", 0), ("bob", 1)] {
+        let gw = &gateways[g];
+        let cdir = dir.join(name);
+        let out = shoal(&[
+            "client",
+            "init",
+            "--dir",
+            &cdir.to_string_lossy(),
+            "--gateway",
+            &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
+            "--gateway-client-addr",
+            &gw.client_addr.to_string(),
+            "--authority",
+            &authority,
+            "--threshold",
+            "1",
+            "--name",
+            name,
+        ]);
+        let card = field(&out, "contact card: ");
+        let seal_key = hex::encode(ContactCard::parse(&card).unwrap().contact.public_key);
+        let enroll = [
+            "admin",
+            "enroll",
+            "--dir",
+            &admin_s,
+            "--gateway",
+            &gw.client_addr.to_string(),
+            "--gateway-key",
+            &hex::encode(gw.id),
+            "--handle",
+            name,
+            "--role",
+            "member",
+            "--account-key",
+            &field(&out, "account key: "),
+            "--mailbox",
+            &field(&out, "mailbox: "),
+            "--seal-key",
+            &seal_key,
+        ];
+        // The gateway process may still be starting: retry until it answers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = cli_net::shoal_output(&enroll);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "admin enroll {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // What the admin hands the person.
+        std::fs::copy(
+            admin.join("members").join(format!("{name}.cred")),
+            cdir.join("credential"),
+        )
         .unwrap();
-    std::fs::write(client.dir.join("credential"), cred.to_bytes()).unwrap();
-    std::fs::write(client.dir.join("policy"), policy).unwrap();
+        std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
+        people.push(ClientDir {
+            name: name.to_string(),
+            dir: cdir,
+            card,
+            gateway: g,
+        });
+    }
+    (net, people)
 }
 
 #[test]
@@ -137,32 +221,8 @@ fn two_people_chat_in_a_group_through_tmux() {
     }
     let started = Instant::now();
     let dir = temp_dir("chat-tmux");
-    let (net, _gateways, clients) = start(&dir, None, &[("alice", 0), ("bob", 1)]);
+    let (net, clients) = setup(&dir);
     let (alice, bob) = (&clients[0], &clients[1]);
-
-    let admin = SubnetAdmin::new(SigningKey::generate(&mut rand::rng()));
-    let policy = admin
-        .issue_policy(PolicyBody {
-            subnet: admin.subnet(),
-            version: 1,
-            issued_at: 0,
-            roles: vec!["member".into()],
-            rules: vec![RoleRule {
-                from: "member".into(),
-                to: "member".into(),
-            }],
-            federation: vec![],
-            ttl_min_secs: 1,
-            ttl_max_secs: 7 * 86_400,
-            burn_on_read: BurnOnRead::Allowed,
-            revoked_keys: vec![],
-            revoked_handles: vec![],
-        })
-        .unwrap()
-        .to_bytes();
-    for c in [alice, bob] {
-        enrol(&admin, &policy, c);
-    }
 
     // Each prints the card to give the other (first use also reads the admin's files).
     // Group changes settle in 8 s here (30 s by default) to keep the test short.

@@ -745,7 +745,13 @@ impl<'a> Ui<'a> {
         self.state.expire(unix_ms());
         let stats = self.handle.client().stats();
         self.state.apply(Update::Online(stats.connected));
-        for local_id in self.tracker.on_tick(stats.core.queued_fragments) {
+        // Offline, the schedule still runs but its packets go nowhere: nothing "left".
+        let waiting = if stats.connected {
+            stats.core.queued_fragments
+        } else {
+            usize::MAX
+        };
+        for local_id in self.tracker.on_tick(waiting) {
             self.state.apply(Update::Delivery {
                 local_id,
                 delivery: Delivery::Sent,
