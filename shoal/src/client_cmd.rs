@@ -252,10 +252,7 @@ pub fn init_dir(
     store.save_account_key(&account.to_bytes())?;
     let card = ContactCard::new(client_file.name.clone(), identity.contact())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let text = format!(
-        "# Shoal client. The identity and keys are in {STORE_FILE}; keep this directory private.\n{}",
-        toml::to_string(client_file).context("cannot write the config")?
-    );
+    let text = render_config(client_file);
     std::fs::write(&config_path, text)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     Ok((
@@ -263,6 +260,91 @@ pub fn init_dir(
         identity.mailbox,
         card.to_text(),
     ))
+}
+
+/// `read` for a managed client: pending raw messages go through the messenger (policy,
+/// TTL), then its inbox is read, which deletes burn-on-read messages; the state is
+/// saved before anything is printed, so a burnt message is gone even if printing fails.
+fn read_managed(
+    store: &ClientStore,
+    snapshot: &shoal_client::messenger::MessengerSnapshot,
+) -> anyhow::Result<()> {
+    let now = shoal_client::managed::unix_ms();
+    let mut messenger = shoal_client::messenger::Messenger::restore(snapshot, now)?;
+    let mut consumed = Vec::new();
+    for m in store.received_messages()? {
+        messenger.handle_incoming(&m.bytes, now);
+        consumed.push(m.message_id);
+    }
+    let messages = messenger.read(now);
+    store.save_messenger(&messenger.snapshot()?, &consumed)?;
+    for m in messages {
+        let place = if m.group.is_some() { " (group)" } else { "" };
+        let burn = if m.burn_on_read {
+            " [burnt after this read]"
+        } else {
+            ""
+        };
+        println!(
+            "[{}] {}{place}: {}{burn}",
+            format_ms(m.received_unix_ms),
+            m.from,
+            String::from_utf8_lossy(&m.body)
+        );
+    }
+    let drops = messenger.policy_drops();
+    if drops > 0 {
+        println!("({drops} messages dropped by your subnet's policy so far)");
+    }
+    Ok(())
+}
+
+/// `client.toml` with a comment on every key (what it does, and its unit).
+pub fn render_config(f: &ClientFile) -> String {
+    let keys: Vec<String> = f
+        .directory
+        .authority_keys
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect();
+    let t = &f.timing;
+    format!(
+        r#"# Shoal client. The identity, account key, queue, messages and contacts are in
+# {STORE_FILE} in this directory; keep the directory private.
+
+# The name your contact card carries (others see it when you give them your card).
+name = {name}
+
+[gateway]
+# The gateway's Ed25519 node key (hex): its id in the directory, pinned on the link.
+node_key = "{node_key}"
+# The gateway's client endpoint (QUIC, ip:port).
+client_addr = "{client_addr}"
+
+[directory]
+# Ed25519 keys (hex) of the directory authorities. The directory comes through the
+# gateway; only documents signed by `threshold` of these keys are used.
+authority_keys = [{keys}]
+# How many authority signatures a directory document needs.
+threshold = {threshold}
+
+[timing]
+# The mailbox is pulled this often (ms), busy or idle: a constant schedule.
+pull_interval_ms = {pull}
+# The client's state is saved at least this often (ms) when it changed.
+snapshot_interval_ms = {snap}
+# The directory is fetched again this often (seconds), and when it expires.
+directory_refresh_secs = {dir}
+"#,
+        name = toml::Value::String(f.name.clone()),
+        node_key = f.gateway.node_key,
+        client_addr = f.gateway.client_addr,
+        keys = keys.join(", "),
+        threshold = f.directory.threshold,
+        pull = t.pull_interval_ms,
+        snap = t.snapshot_interval_ms,
+        dir = t.directory_refresh_secs,
+    )
 }
 
 /// A message waiting in `outbox/` for a running client.
@@ -382,6 +464,9 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         }
         ClientCommand::Read { dir } => {
             let store = open_store(&dir)?;
+            if let Some(snapshot) = store.load_messenger()? {
+                return read_managed(&store, &snapshot);
+            }
             for m in store.received_messages()? {
                 println!(
                     "[{}] {}",
@@ -516,4 +601,33 @@ fn format_ms(ms: u64) -> String {
     let secs = ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     format!("{h:02}:{m:02}:{s:02} UTC")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commented_config_parses_back() {
+        let f = ClientFile {
+            name: "ana \"the\" admin".into(),
+            gateway: GatewaySection {
+                node_key: "ab".repeat(32),
+                client_addr: "127.0.0.1:4000".parse().unwrap(),
+            },
+            directory: DirectorySection {
+                authority_keys: vec!["cd".repeat(32), "ef".repeat(32)],
+                threshold: 2,
+            },
+            timing: TimingSection::default(),
+        };
+        let text = render_config(&f);
+        assert!(text.lines().filter(|l| l.starts_with('#')).count() >= 8);
+        let back: ClientFile = toml::from_str(&text).unwrap();
+        assert_eq!(
+            toml::to_string(&back).unwrap(),
+            toml::to_string(&f).unwrap()
+        );
+    }
 }
