@@ -959,9 +959,6 @@ struct Tally {
 
 impl Tally {
     fn absorb(&mut self, i: usize, event: MessengerEvent) {
-        if std::env::var_os("SHOAL_DEMO_DEBUG").is_some() {
-            eprintln!("  event at {i}: {event:?}");
-        }
         match event {
             MessengerEvent::Message {
                 group: Some(_),
