@@ -191,7 +191,10 @@ fn raw_rate(
     let plaintext = vec![7u8; PLAINTEXT_SIZE];
     let start = cpu_ns();
     for i in 0..n {
-        let dest = Destination::new(DestinationAddressBytes::from_bytes([3; 32]), [i as u8; 16]);
+        let dest = Destination::new(
+            DestinationAddressBytes::from_bytes([3; 32]),
+            [(i % 255) as u8 + 1; 16],
+        );
         let packet = SphinxPacketBuilder::new()
             .with_payload_size(shoal_packet::SPHINX_PAYLOAD_SIZE)
             .with_initial_secret(&StaticSecret::random_from_rng(&mut *rng))
@@ -239,7 +242,7 @@ fn drain(core: &mut ClientCore, rng: &mut StdRng, mut now: Instant, real: u64) -
 
 fn seal_us(rng: &mut StdRng, n: usize) -> anyhow::Result<f64> {
     let to = x25519_dalek::PublicKey::from(&StaticSecret::random_from_rng(&mut *rng));
-    let body = vec![1u8; 1200];
+    let body = vec![1u8; shoal_packet::payload::INNER_BODY_SIZE];
     let start = cpu_ns();
     for _ in 0..n {
         std::hint::black_box(shoal_client::seal::seal(rng, &to, &body)?);
@@ -394,7 +397,7 @@ pub fn run(opts: &ClientBenchOptions) -> anyhow::Result<ClientReport> {
     let params = NetworkParams {
         // λP high enough that every queued fragment goes out within a few virtual
         // milliseconds; λL and λD low so almost every packet built is a real one.
-        lambda_p: 100_000.0,
+        lambda_p: 10_000.0,
         lambda_l: 0.001,
         lambda_d: 0.001,
         ..NetworkParams::default()

@@ -3,6 +3,7 @@
 pub mod ceiling;
 pub mod client;
 pub mod e2e;
+pub mod gateway;
 pub mod netns;
 pub mod relay;
 pub mod soak;

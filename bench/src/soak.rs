@@ -88,6 +88,9 @@ pub struct SoakReport {
     pub lost: u64,
     /// Steps in which the packet builder had fallen behind the schedule.
     pub builder_behind_steps: u64,
+    /// Times the load generator had to dial the relay again (frames of a failed
+    /// write are not counted as offered).
+    pub redials: u64,
     pub relay_cpu_seconds: f64,
     pub warmup_secs: f64,
     pub rss_baseline_kib: u64,
@@ -270,21 +273,25 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
     });
 
     let pid = net.relays[0].proc.pid();
-    // The relay accepts the link once its own copy of the directory lists the loadgen.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut sender = loop {
-        let attempt = async {
-            let link = endpoint.connect(net.relays[0].link_addr, relay_id).await?;
-            anyhow::Ok(link.open_frames(FRAME_SIZE).await?)
-        };
-        match attempt.await {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e.context(net.log_tail("relay0")));
+    // The relay accepts the link once its own copy of the directory lists the loadgen;
+    // the handshake can fail after the stream opened, so a failed send redials too.
+    let relay_addr = net.relays[0].link_addr;
+    let dial = async || -> anyhow::Result<shoal_link::FrameSender> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async {
+                let link = endpoint.connect(relay_addr, relay_id).await?;
+                anyhow::Ok(link.open_frames(FRAME_SIZE).await?)
+            };
+            match attempt.await {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     };
+    let mut sender = dial().await.with_context(|| net.log_tail("relay0"))?;
+    let mut redials = 0u64;
     let mut samples = Vec::new();
     let mut offered = 0u64;
     let mut behind = 0u64;
@@ -304,8 +311,19 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
             }
         }
         if !batch.is_empty() {
-            offered += batch.len() as u64;
-            sender.send_many(&mut batch).await?;
+            if sender.send_many(&mut batch).await.is_ok() {
+                offered += batch.len() as u64;
+            } else {
+                redials += 1;
+                if redials > 20 {
+                    bail!(
+                        "the link to the relay keeps failing: {}",
+                        net.log_tail("relay0")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                sender = dial().await?;
+            }
             batch.clear();
         }
         if Instant::now() >= next_sample {
@@ -362,6 +380,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
         arrived,
         lost: offered.saturating_sub(arrived),
         builder_behind_steps: behind,
+        redials,
         relay_cpu_seconds,
         warmup_secs: opts.warmup.as_secs_f64(),
         rss_baseline_kib: baseline,
