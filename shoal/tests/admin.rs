@@ -228,6 +228,7 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
         &["admin", "deprovision", "--dir", &admin, "--handle", "ana"],
     );
     assert!(out.contains("mailbox access stopped"), "{out}");
+    println!("{out}");
     tokio::time::timeout(Duration::from_secs(5), ana.link.connection().closed())
         .await
         .expect("the de-provisioned member's live link is closed");
