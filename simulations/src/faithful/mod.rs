@@ -13,6 +13,10 @@
 //! end-to-end latency; [`FaithfulSummary::model_equivalent_s`] subtracts each packet's own sampled
 //! entry-gateway delay (known exactly from the built packet), which is what model mode measures.
 
+pub mod clients;
+
+pub use clients::{ClientRunOptions, ClientRunSummary, run_clients};
+
 use std::collections::HashMap;
 use std::time::Duration;
 

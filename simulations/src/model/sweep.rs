@@ -224,8 +224,9 @@ pub fn plot_sweep(path: &Path, rows: &[SweepRow]) -> Result<(), SimError> {
         path: path.to_path_buf(),
         reason: x.to_string(),
     };
-    // series label -> (λ/μ -> (sum, count)), both in first-seen order.
-    let mut series: Vec<(String, Vec<(f64, f64, u32)>)> = Vec::new();
+    // Per series label, points (λ/μ, entropy sum, runs), both in first-seen order.
+    type Points = Vec<(f64, f64, u32)>;
+    let mut series: Vec<(String, Points)> = Vec::new();
     for r in rows {
         let label = r
             .params
