@@ -44,6 +44,12 @@ pub enum GatewayCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print a running gateway's health from its /metrics; exits 1 if it has a problem.
+    Status {
+        /// The gateway's config file (for its metrics address).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Manage accounts (the gateway must be stopped: the store has one writer).
     #[command(subcommand)]
     Account(AccountCommand),
@@ -121,6 +127,10 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
                 println!("add the directory authorities to [directory] before `shoal gateway run`");
             }
             Ok(())
+        }
+        GatewayCommand::Status { config } => {
+            let config = Config::load(&config)?;
+            crate::status::report(config.node.metrics_listen, "gateway")
         }
         GatewayCommand::Run { config } => {
             let config = Config::load(&config)?;

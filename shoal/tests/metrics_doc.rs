@@ -139,6 +139,15 @@ async fn running_gateway_exports_exactly_the_documented_metrics() {
     ] {
         assert!(status.contains(line), "{status}");
     }
+    // The gateway's status adds its mailboxes.
+    let out = std::process::Command::new(&shoal)
+        .args(["gateway", "status", "--config"])
+        .arg(tmp.path().join("gateway0").join("gateway.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mailboxes      0 accounts"), "{text}");
+
     // Keys are not rotated under a running relay.
     let rotate = |config: &Path| {
         std::process::Command::new(&shoal)
