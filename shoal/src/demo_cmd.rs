@@ -246,11 +246,11 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     let mut inits = Vec::new();
     let subnets = Subnets::new();
     let mut managed_setup = Vec::new();
-    for g in 0..2 {
+    for (g, hosted) in HOSTED.iter().enumerate() {
         let init = net.init_gateway(&shoal, g, &GatewayOptions::default())?;
         // Gateway 0 hosts subnet A, gateway 1 hosts B and C: only their admins may
         // command them.
-        let hosted: Vec<SubnetId> = HOSTED[g].iter().map(|&i| subnets.id(i)).collect();
+        let hosted: Vec<SubnetId> = hosted.iter().map(|&i| subnets.id(i)).collect();
         set_hosted_subnets(&init.config, &hosted)?;
         for (m, spec) in MEMBERS.iter().enumerate().filter(|(_, s)| s.gateway == g) {
             let mut rng = rand::rng();
