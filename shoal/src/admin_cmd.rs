@@ -8,7 +8,16 @@
 //! D/state.json         { name, sequence }: the last command sequence number used
 //! D/members/H.cred     the signed membership credential of handle H (give it to the member)
 //! D/members/H.json     where H's account lives: gateway, account key, keys, mailbox
+//! D/members/H.json.revoked  the same record after H was de-provisioned (for `list`)
+//! D/invites/H.json     a pending one-time invite for H: its secret code, role, gateway, expiry
 //! ```
+//!
+//! Invites: `admin invite` writes D/invites/H.json and an invite file for the user holding
+//! a random one-time code. The user runs `shoal client init` with the gateway the invite
+//! names and hands back a redeem file (the invite code plus that command's output: account
+//! key, mailbox, contact card); `admin redeem` checks the code (unexpired, unused), enrols
+//! the account with the invite's handle, role and gateway, and marks the invite used. No
+//! client change is needed: the exchange is two files over a channel the admin trusts.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -29,6 +38,7 @@ const KEY_FILE: &str = "admin.key";
 const POLICY_FILE: &str = "policy.json";
 const STATE_FILE: &str = "state.json";
 const MEMBERS_DIR: &str = "members";
+const INVITES_DIR: &str = "invites";
 /// How long a signed command stays valid: long enough to reach the gateway, short
 /// enough that a captured one is useless soon.
 const COMMAND_LIFETIME_SECS: u64 = 300;
@@ -79,6 +89,45 @@ pub enum AdminCommand {
         /// Days the credential is valid.
         #[arg(long, default_value_t = 365)]
         valid_days: u64,
+    },
+    /// Write a one-time invite for HANDLE: DIR/invites/HANDLE.json (the admin's copy) and
+    /// an invite file for the user with a single-use code that expires.
+    Invite {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        #[arg(long)]
+        handle: String,
+        #[arg(long)]
+        role: String,
+        /// The gateway's node link address, printed in the invite for `shoal client init`.
+        #[arg(long)]
+        gateway_node: Option<SocketAddr>,
+        /// Where to write the invite file for the user (default: ./HANDLE.invite).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds the invite can be redeemed in.
+        #[arg(long, default_value_t = 72 * 3600)]
+        valid_secs: u64,
+        /// Items the member's mailbox may hold.
+        #[arg(long, default_value_t = 10_000)]
+        quota: u32,
+        /// Days the credential is valid once redeemed.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+    },
+    /// Redeem a user's redeem file (its invite code plus its `shoal client init` output):
+    /// enrols the account once; a used, unknown or expired code is refused.
+    Redeem {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The redeem file the user handed back.
+        file: PathBuf,
+    },
+    /// List accounts: handle, role, gateway, state, credential expiry, configured quota,
+    /// and pending invites. Never message content or contacts.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// De-provision a member: its gateway stops its mailbox access at once, and a new
     /// policy version revokes its keys (published to the gateway, written to DIR).
@@ -189,6 +238,47 @@ struct Member {
     account_key: Hex32,
     signing_key: Hex32,
     mailbox: Hex32,
+    /// The configured mailbox quota (absent in records written before it was kept).
+    #[serde(default)]
+    quota: Option<u32>,
+    /// When the credential expires (unix seconds).
+    #[serde(default)]
+    not_after: Option<u64>,
+}
+
+/// DIR/invites/HANDLE.json: a pending or used one-time invite.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Invite {
+    handle: String,
+    role: String,
+    gateway_addr: SocketAddr,
+    gateway_key: Hex32,
+    /// The one-time secret; kept in the 0600 admin directory next to admin.key.
+    code: Hex32,
+    expires_at: u64,
+    quota: u32,
+    valid_days: u64,
+    /// Set when redeemed; a used invite is kept so a second redeem says so clearly.
+    #[serde(default)]
+    redeemed_at: Option<u64>,
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+fn same_secret(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The value after `label:` on the first line that has it.
+fn field<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+fn field_hex32(text: &str, label: &str) -> anyhow::Result<[u8; 32]> {
+    let v = field(text, label).with_context(|| format!("the redeem file has no {label:?} line"))?;
+    parse_hex32(v).map_err(|_| anyhow::anyhow!("the redeem file's {label:?} is not 64 hex digits"))
 }
 
 /// An opened admin directory.
@@ -324,6 +414,93 @@ impl Subnet {
         Ok(out)
     }
 
+    fn invites(&self) -> anyhow::Result<Vec<Invite>> {
+        let dir = self.dir.join(INVITES_DIR);
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).context("cannot list invites"),
+        };
+        for e in entries {
+            let path = e?.path();
+            if path.extension().is_some_and(|x| x == "json") {
+                out.push(read_json(&path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Signs a credential, creates the account at its gateway, and records the member.
+    async fn enroll(&self, e: Enrolment) -> anyhow::Result<PathBuf> {
+        check_handle(&e.handle)?;
+        let policy = self.policy()?;
+        if !policy.body().roles.contains(&e.role) {
+            bail!(
+                "role {:?} is not in the policy (roles: {:?})",
+                e.role,
+                policy.body().roles
+            );
+        }
+        let members = self.dir.join(MEMBERS_DIR);
+        if members.join(format!("{}.json", e.handle)).exists() {
+            bail!("{:?} is already enrolled; de-provision it first", e.handle);
+        }
+        let signing_key = Hex32(e.signing_key.unwrap_or(e.account_key));
+        if e.seal_key.is_none() {
+            eprintln!("note: no --seal-key; members cannot seal messages to this credential");
+        }
+        let now = unix_now();
+        let not_after = now + e.valid_days * 24 * 3600;
+        let credential = self.admin.issue_credential(CredentialBody {
+            subnet: self.id(),
+            handle: e.handle.clone(),
+            role: e.role.clone(),
+            signing_key,
+            seal_key: Hex32(e.seal_key.unwrap_or([0; 32])),
+            mailbox: Hex32(e.mailbox),
+            gateway: Hex32(e.gateway_key),
+            not_before: now.saturating_sub(60),
+            not_after,
+        })?;
+        self.send(
+            e.gateway,
+            e.gateway_key,
+            AccountAction::CreateAccount {
+                account: Hex32(e.account_key),
+                mailbox: Hex32(e.mailbox),
+                quota: e.quota,
+            },
+        )
+        .await?;
+        shoal_relay::keystore::create_private_dir(&members)?;
+        let member = Member {
+            handle: e.handle.clone(),
+            role: e.role,
+            gateway_addr: e.gateway,
+            gateway_key: Hex32(e.gateway_key),
+            account_key: Hex32(e.account_key),
+            signing_key,
+            mailbox: Hex32(e.mailbox),
+            quota: Some(e.quota),
+            not_after: Some(not_after),
+        };
+        let cred_path = members.join(format!("{}.cred", e.handle));
+        write_file(&cred_path, &credential.to_bytes())?;
+        self.save_member(&member)?;
+        Ok(cred_path)
+    }
+
+    fn save_member(&self, m: &Member) -> anyhow::Result<()> {
+        write_file(
+            &self
+                .dir
+                .join(MEMBERS_DIR)
+                .join(format!("{}.json", m.handle)),
+            serde_json::to_string_pretty(m)?.as_bytes(),
+        )
+    }
+
     /// Publishes `policy` to every gateway hosting an enrolled member.
     async fn publish(&self, policy: &Policy) -> anyhow::Result<usize> {
         let gateways: BTreeSet<(SocketAddr, [u8; 32])> = self
@@ -344,6 +521,20 @@ impl Subnet {
         }
         Ok(gateways.len())
     }
+}
+
+/// What enrolling one account needs.
+struct Enrolment {
+    gateway: SocketAddr,
+    gateway_key: [u8; 32],
+    handle: String,
+    role: String,
+    account_key: [u8; 32],
+    mailbox: [u8; 32],
+    signing_key: Option<[u8; 32]>,
+    seal_key: Option<[u8; 32]>,
+    quota: u32,
+    valid_days: u64,
 }
 
 /// The policy bodies as pretty JSON, line by line: what `--dry-run` shows.
@@ -456,62 +647,164 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             valid_days,
         } => {
             let s = Subnet::open(&gateway.dir)?;
-            check_handle(&handle)?;
-            let policy = s.policy()?;
-            if !policy.body().roles.contains(&role) {
-                bail!(
-                    "role {role:?} is not in the policy (roles: {:?})",
-                    policy.body().roles
-                );
-            }
-            let members = gateway.dir.join(MEMBERS_DIR);
-            if members.join(format!("{handle}.json")).exists() {
-                bail!("{handle:?} is already enrolled; de-provision it first");
-            }
-            let signing_key = Hex32(signing_key.unwrap_or(account_key));
-            if seal_key.is_none() {
-                eprintln!("note: no --seal-key; members cannot seal messages to this credential");
-            }
-            let now = unix_now();
-            let credential = s.admin.issue_credential(CredentialBody {
-                subnet: s.id(),
-                handle: handle.clone(),
-                role: role.clone(),
-                signing_key,
-                seal_key: Hex32(seal_key.unwrap_or([0; 32])),
-                mailbox: Hex32(mailbox),
-                gateway: Hex32(gateway.gateway_key),
-                not_before: now.saturating_sub(60),
-                not_after: now + valid_days * 24 * 3600,
-            })?;
-            s.send(
-                gateway.gateway,
-                gateway.gateway_key,
-                AccountAction::CreateAccount {
-                    account: Hex32(account_key),
-                    mailbox: Hex32(mailbox),
+            let cred_path = s
+                .enroll(Enrolment {
+                    gateway: gateway.gateway,
+                    gateway_key: gateway.gateway_key,
+                    handle,
+                    role,
+                    account_key,
+                    mailbox,
+                    signing_key,
+                    seal_key,
                     quota,
-                },
-            )
-            .await?;
-            shoal_relay::keystore::create_private_dir(&members)?;
-            let member = Member {
-                handle: handle.clone(),
-                role,
-                gateway_addr: gateway.gateway,
-                gateway_key: Hex32(gateway.gateway_key),
-                account_key: Hex32(account_key),
-                signing_key,
-                mailbox: Hex32(mailbox),
-            };
-            let cred_path = members.join(format!("{handle}.cred"));
-            write_file(&cred_path, &credential.to_bytes())?;
-            write_file(
-                &members.join(format!("{handle}.json")),
-                serde_json::to_string_pretty(&member)?.as_bytes(),
-            )?;
+                    valid_days,
+                })
+                .await?;
             println!("account created at {}", gateway.gateway);
             println!("credential written: {}", cred_path.display());
+            Ok(())
+        }
+        AdminCommand::Invite {
+            gateway,
+            handle,
+            role,
+            gateway_node,
+            out,
+            valid_secs,
+            quota,
+            valid_days,
+        } => {
+            let s = Subnet::open(&gateway.dir)?;
+            check_handle(&handle)?;
+            if !s.policy()?.body().roles.contains(&role) {
+                bail!("role {role:?} is not in the policy");
+            }
+            if gateway
+                .dir
+                .join(MEMBERS_DIR)
+                .join(format!("{handle}.json"))
+                .exists()
+            {
+                bail!("{handle:?} is already enrolled; de-provision it first");
+            }
+            let mut code = [0u8; 32];
+            {
+                use rand::TryRng;
+                rand::rngs::SysRng
+                    .try_fill_bytes(&mut code)
+                    .map_err(|e| anyhow::anyhow!("cannot read OS randomness: {e}"))?;
+            }
+            let expires_at = unix_now() + valid_secs;
+            let invite = Invite {
+                handle: handle.clone(),
+                role: role.clone(),
+                gateway_addr: gateway.gateway,
+                gateway_key: Hex32(gateway.gateway_key),
+                code: Hex32(code),
+                expires_at,
+                quota,
+                valid_days,
+                redeemed_at: None,
+            };
+            let invites = gateway.dir.join(INVITES_DIR);
+            shoal_relay::keystore::create_private_dir(&invites)?;
+            // A new invite for the same handle replaces (and so cancels) the old one.
+            write_file(
+                &invites.join(format!("{handle}.json")),
+                serde_json::to_string_pretty(&invite)?.as_bytes(),
+            )?;
+            let node =
+                gateway_node.map_or_else(|| "<GATEWAY_NODE_ADDR>".to_owned(), |a| a.to_string());
+            let text = format!(
+                "# Shoal invite: one use, expires at unix time {expires_at}.\n\
+                 # 1. Run (add --authority ADDR=HEXKEY for each directory authority):\n\
+                 #    shoal client init --dir <YOUR_DIR> --gateway {node}={gw_key} --gateway-client-addr {gw}\n\
+                 # 2. Append that command's output to this file and give the file back to your admin.\n\
+                 subnet: {subnet}\n\
+                 handle: {handle}\n\
+                 role: {role}\n\
+                 gateway: {gw}\n\
+                 gateway key: {gw_key}\n\
+                 invite code: {code}\n",
+                gw = gateway.gateway,
+                gw_key = hex::encode(gateway.gateway_key),
+                subnet = hex::encode(s.id().0),
+                code = hex::encode(code),
+            );
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{handle}.invite")));
+            write_file(&out, text.as_bytes())?;
+            println!("invite written: {}", out.display());
+            println!("invite code: {}", hex::encode(code));
+            println!("expires at: {expires_at}");
+            Ok(())
+        }
+        AdminCommand::Redeem { dir, file } => {
+            let s = Subnet::open(&dir)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let code = field_hex32(&text, "invite code")?;
+            let mut invite = s
+                .invites()?
+                .into_iter()
+                .find(|i| same_secret(&i.code.0, &code))
+                .context("the invite code is not one this subnet issued (or it was replaced)")?;
+            if let Some(at) = invite.redeemed_at {
+                bail!(
+                    "the invite for {:?} was already redeemed (at unix time {at}); an invite works once",
+                    invite.handle
+                );
+            }
+            if unix_now() >= invite.expires_at {
+                bail!(
+                    "the invite for {:?} expired (at unix time {}); issue a new one",
+                    invite.handle,
+                    invite.expires_at
+                );
+            }
+            let account_key = field_hex32(&text, "account key")?;
+            let card = field(&text, "contact card")
+                .context("the redeem file has no \"contact card\" line")?;
+            let card =
+                shoal_client::ContactCard::parse(card).context("the redeem file's contact card")?;
+            if card.contact.gateway != invite.gateway_key.0 {
+                bail!("the user's client uses a different gateway than the invite names");
+            }
+            if field(&text, "mailbox").is_some()
+                && field_hex32(&text, "mailbox")? != card.contact.mailbox
+            {
+                bail!("the redeem file's mailbox and contact card disagree");
+            }
+            let cred_path = s
+                .enroll(Enrolment {
+                    gateway: invite.gateway_addr,
+                    gateway_key: invite.gateway_key.0,
+                    handle: invite.handle.clone(),
+                    role: invite.role.clone(),
+                    account_key,
+                    mailbox: card.contact.mailbox,
+                    signing_key: None,
+                    seal_key: Some(card.contact.public_key),
+                    quota: invite.quota,
+                    valid_days: invite.valid_days,
+                })
+                .await?;
+            invite.redeemed_at = Some(unix_now());
+            write_file(
+                &dir.join(INVITES_DIR)
+                    .join(format!("{}.json", invite.handle)),
+                serde_json::to_string_pretty(&invite)?.as_bytes(),
+            )?;
+            println!(
+                "invite for {:?} redeemed: account created at {}",
+                invite.handle, invite.gateway_addr
+            );
+            println!("credential written: {}", cred_path.display());
+            Ok(())
+        }
+        AdminCommand::List { dir } => {
+            let s = Subnet::open(&dir)?;
+            print!("{}", list(&s)?);
             Ok(())
         }
         AdminCommand::Deprovision { dir, handle } => {
@@ -538,7 +831,11 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             let gateways = s.publish(&new).await?;
             s.save_policy(&new)?;
             let members = dir.join(MEMBERS_DIR);
-            std::fs::remove_file(members.join(format!("{handle}.json")))?;
+            // Kept (outside *.json) so `list` still shows the account as de-provisioned.
+            std::fs::rename(
+                members.join(format!("{handle}.json")),
+                members.join(format!("{handle}.json.revoked")),
+            )?;
             let _ = std::fs::rename(
                 members.join(format!("{handle}.cred")),
                 members.join(format!("{handle}.cred.revoked")),
@@ -565,6 +862,10 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 },
             )
             .await?;
+            s.save_member(&Member {
+                quota: Some(quota),
+                ..m
+            })?;
             println!("quota of {handle:?} set to {quota}");
             Ok(())
         }
@@ -637,6 +938,64 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             update_policy(&s, body, dry_run).await
         }
     }
+}
+
+/// The account table: configuration the admin holds, nothing the gateway keeps about
+/// use or mail (it does not report per-account use), and no contacts.
+fn list(s: &Subnet) -> anyhow::Result<String> {
+    let mut rows: Vec<(Member, &str)> = s.members()?.into_iter().map(|m| (m, "active")).collect();
+    let members = s.dir.join(MEMBERS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&members) {
+        for e in entries {
+            let path = e?.path();
+            if path.to_string_lossy().ends_with(".json.revoked") {
+                rows.push((read_json(&path)?, "de-provisioned"));
+            }
+        }
+    }
+    let now = unix_now();
+    for (m, state) in &mut rows {
+        if *state == "active" && m.not_after.is_some_and(|t| t <= now) {
+            *state = "expired";
+        }
+    }
+    rows.sort_by(|a, b| a.0.handle.cmp(&b.0.handle));
+    let mut out = format!(
+        "{:<20} {:<12} {:<22} {:<15} {:<12} {:>8}\n",
+        "HANDLE", "ROLE", "GATEWAY", "STATE", "EXPIRES", "QUOTA"
+    );
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    for (m, state) in &rows {
+        out.push_str(&format!(
+            "{:<20} {:<12} {:<22} {:<15} {:<12} {:>8}\n",
+            m.handle,
+            m.role,
+            m.gateway_addr.to_string(),
+            state,
+            opt(m.not_after),
+            opt(m.quota.map(u64::from)),
+        ));
+    }
+    let mut invites = s.invites()?;
+    invites.sort_by(|a, b| a.handle.cmp(&b.handle));
+    for i in invites.iter().filter(|i| i.redeemed_at.is_none()) {
+        let state = if i.expires_at <= now {
+            "invite-expired"
+        } else {
+            "invited"
+        };
+        out.push_str(&format!(
+            "{:<20} {:<12} {:<22} {:<15} {:<12} {:>8}\n",
+            i.handle,
+            i.role,
+            i.gateway_addr.to_string(),
+            state,
+            i.expires_at,
+            i.quota
+        ));
+    }
+    out.push_str("(EXPIRES: credential or invite expiry, unix seconds; QUOTA: configured items, use is not reported)\n");
+    Ok(out)
 }
 
 /// Validates and signs `body` as the next version; with `dry_run` prints the

@@ -265,3 +265,247 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
         "{log}"
     );
 }
+
+fn shoal_fails(bin: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().unwrap();
+    assert!(!out.status.success(), "shoal {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_shoal"));
+    let tmp = tempfile::tempdir().unwrap();
+    let admin_dir = tmp.path().join("acme");
+    let admin = admin_dir.to_string_lossy().into_owned();
+    let out = shoal(
+        &bin,
+        &[
+            "admin",
+            "init",
+            "--dir",
+            &admin,
+            "--name",
+            "acme",
+            "--roles",
+            "staff,guest",
+        ],
+    );
+    let mut subnet = [0u8; 32];
+    hex::decode_to_slice(line_value(&out, "subnet id:"), &mut subnet).unwrap();
+
+    let cfg = TestnetConfig {
+        relays_per_layer: 1,
+        bootstrap_secs: 1,
+        ..TestnetConfig::default()
+    };
+    let mut net = Testnet::start(&bin, tmp.path(), &cfg).unwrap();
+    let init = net
+        .init_gateway(&bin, 0, &GatewayOptions::default())
+        .unwrap();
+    Testnet::host_subnet(&init, &subnet).unwrap();
+    let (gw_addr, gw_key) = (init.client_addr, init.id);
+    net.run_gateway(&bin, init).unwrap();
+    let gw = gw_addr.to_string();
+    let gw_key_hex = hex::encode(gw_key);
+
+    // The admin writes an invite; the user's client is made with the gateway it names.
+    let invite_path = tmp.path().join("ana.invite");
+    let invite = invite_path.to_string_lossy().into_owned();
+    let out = shoal(
+        &bin,
+        &[
+            "admin",
+            "invite",
+            "--dir",
+            &admin,
+            "--gateway",
+            &gw,
+            "--gateway-key",
+            &gw_key_hex,
+            "--gateway-node",
+            "127.0.0.1:9",
+            "--handle",
+            "ana",
+            "--role",
+            "staff",
+            "--quota",
+            "77",
+            "--out",
+            &invite,
+        ],
+    );
+    let code = line_value(&out, "invite code:").to_owned();
+    let invite_text = std::fs::read_to_string(&invite_path).unwrap();
+    assert!(
+        invite_text.contains(&format!("invite code: {code}")),
+        "{invite_text}"
+    );
+    assert!(
+        invite_text.contains(&format!("127.0.0.1:9={gw_key_hex}")),
+        "{invite_text}"
+    );
+    let client_dir = tmp.path().join("ana-client");
+    let client_out = shoal(
+        &bin,
+        &[
+            "client",
+            "init",
+            "--dir",
+            &client_dir.to_string_lossy(),
+            "--gateway",
+            &format!("127.0.0.1:9={gw_key_hex}"),
+            "--gateway-client-addr",
+            &gw,
+            "--authority",
+            &format!("127.0.0.1:8={}", "11".repeat(32)),
+            "--name",
+            "ana",
+        ],
+    );
+    let account_hex = line_value(&client_out, "account key:").to_owned();
+    let mailbox_hex = line_value(&client_out, "mailbox:").to_owned();
+    let redeem_path = tmp.path().join("ana.redeem");
+    std::fs::write(&redeem_path, format!("{invite_text}{client_out}")).unwrap();
+    let redeem = redeem_path.to_string_lossy().into_owned();
+
+    // The gateway process may still be starting: retry until it answers.
+    let mut redeemed = None;
+    for _ in 0..100 {
+        let out = Command::new(&bin)
+            .args(["admin", "redeem", "--dir", &admin, &redeem])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            redeemed = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let redeemed =
+        redeemed.unwrap_or_else(|| panic!("redeem never succeeded:\n{}", net.log_tail("gateway0")));
+    assert!(redeemed.contains("redeemed"), "{redeemed}");
+    let cred = std::fs::read(admin_dir.join("members/ana.cred")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let cred = shoal_subnet::MemberCredential::verify(&cred, now).unwrap();
+    assert_eq!((cred.handle(), cred.role()), ("ana", "staff"));
+    assert_eq!(hex::encode(cred.signing_key()), account_hex);
+    assert_eq!(hex::encode(cred.body().mailbox.0), mailbox_hex);
+
+    // The same code a second time is refused, clearly, and enrols nothing.
+    let err = shoal_fails(&bin, &["admin", "redeem", "--dir", &admin, &redeem]);
+    assert!(err.contains("already redeemed"), "{err}");
+    // A code this subnet never issued is refused.
+    let forged = tmp.path().join("forged.redeem");
+    std::fs::write(
+        &forged,
+        format!("invite code: {}\n{client_out}", "77".repeat(32)),
+    )
+    .unwrap();
+    let err = shoal_fails(
+        &bin,
+        &[
+            "admin",
+            "redeem",
+            "--dir",
+            &admin,
+            &forged.to_string_lossy(),
+        ],
+    );
+    assert!(err.contains("not one this subnet issued"), "{err}");
+
+    // An expired invite is refused.
+    let bob_invite = tmp.path().join("bob.invite");
+    shoal(
+        &bin,
+        &[
+            "admin",
+            "invite",
+            "--dir",
+            &admin,
+            "--gateway",
+            &gw,
+            "--gateway-key",
+            &gw_key_hex,
+            "--handle",
+            "bob",
+            "--role",
+            "guest",
+            "--valid-secs",
+            "1",
+            "--out",
+            &bob_invite.to_string_lossy(),
+        ],
+    );
+    let bob_client = shoal(
+        &bin,
+        &[
+            "client",
+            "init",
+            "--dir",
+            &tmp.path().join("bob-client").to_string_lossy(),
+            "--gateway",
+            &format!("127.0.0.1:9={gw_key_hex}"),
+            "--gateway-client-addr",
+            &gw,
+            "--authority",
+            &format!("127.0.0.1:8={}", "11".repeat(32)),
+        ],
+    );
+    let bob_redeem = tmp.path().join("bob.redeem");
+    std::fs::write(
+        &bob_redeem,
+        format!(
+            "{}{bob_client}",
+            std::fs::read_to_string(&bob_invite).unwrap()
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = shoal_fails(
+        &bin,
+        &[
+            "admin",
+            "redeem",
+            "--dir",
+            &admin,
+            &bob_redeem.to_string_lossy(),
+        ],
+    );
+    assert!(err.contains("expired"), "{err}");
+
+    // The list: ana active with its quota, bob's invite expired; no keys or mailboxes.
+    let list = shoal(&bin, &["admin", "list", "--dir", &admin]);
+    println!("{list}");
+    let row = |l: &str, h: &str| {
+        l.lines()
+            .find(|r| r.starts_with(h))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let ana = row(&list, "ana ");
+    assert!(
+        ana.contains("staff") && ana.contains(&gw) && ana.contains("active"),
+        "{list}"
+    );
+    assert!(ana.trim_end().ends_with(" 77"), "{list}");
+    assert!(row(&list, "bob ").contains("invite-expired"), "{list}");
+    assert!(
+        !list.contains(&account_hex) && !list.contains(&mailbox_hex),
+        "{list}"
+    );
+
+    shoal(
+        &bin,
+        &["admin", "deprovision", "--dir", &admin, "--handle", "ana"],
+    );
+    let list = shoal(&bin, &["admin", "list", "--dir", &admin]);
+    println!("{list}");
+    assert!(row(&list, "ana ").contains("de-provisioned"), "{list}");
+    // A de-provisioned handle's used invite still cannot be replayed.
+    let err = shoal_fails(&bin, &["admin", "redeem", "--dir", &admin, &redeem]);
+    assert!(err.contains("already redeemed"), "{err}");
+}
