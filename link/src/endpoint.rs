@@ -62,16 +62,29 @@ fn transport_config() -> Result<Arc<TransportConfig>, LinkError> {
         .datagram_receive_buffer_size(None)
         // One datagram size on the wire: quinn pads every 1-RTT datagram (ACK-only
         // ones included) to the path MTU, which is fixed because discovery is off
-        // and the initial and minimum MTU are the same. One datagram per send call
-        // (no GSO) so the socket wrapper sees each datagram.
+        // and the initial and minimum MTU are the same. No GSO: on loopback a GSO
+        // batch is one large datagram, so an observer there would see its size.
         .pad_to_mtu(true)
         .initial_mtu(WIRE_DATAGRAM_SIZE)
         .min_mtu(WIRE_DATAGRAM_SIZE)
         .mtu_discovery_config(None)
         .enable_segmentation_offload(false)
+        // Every ACK-only packet now costs a full datagram: ask the peer to ack every
+        // 10th ack-eliciting packet (or within 10 ms) instead of every 2nd.
+        .ack_frequency_config(Some(ack_frequency()))
         .congestion_controller_factory(Arc::new(crate::congestion::FloorFactory::new()));
     Ok(Arc::new(t))
 }
+
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut a = quinn::AckFrequencyConfig::default();
+    a.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD))
+        .max_ack_delay(Some(Duration::from_millis(10)));
+    a
+}
+
+/// The peer acks after more than this many ack-eliciting packets (see `ack_frequency`).
+const ACK_ELICITING_THRESHOLD: u32 = 9;
 
 /// The peer key proven in the handshake of `conn`.
 fn peer_key(conn: &quinn::Connection) -> Result<NodeKey, LinkError> {

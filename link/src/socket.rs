@@ -42,29 +42,50 @@ impl fmt::Debug for PaddingSocket {
     }
 }
 
+impl PaddingSocket {
+    /// Sends one datagram, padded if it is short and made only of long-header packets.
+    fn send_one(&self, transmit: &Transmit, datagram: &[u8]) -> io::Result<()> {
+        let mut padded = Vec::new();
+        let contents = if datagram.len() < self.size && only_long_headers(datagram) {
+            padded.reserve_exact(self.size);
+            padded.extend_from_slice(datagram);
+            padded.resize(self.size, 0);
+            &padded[..]
+        } else {
+            datagram
+        };
+        self.inner.try_send(&Transmit {
+            destination: transmit.destination,
+            ecn: transmit.ecn,
+            contents,
+            segment_size: None,
+            src_ip: transmit.src_ip,
+        })
+    }
+}
+
 impl AsyncUdpSocket for PaddingSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         self.inner.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let len = transmit.contents.len();
-        if transmit.segment_size.is_some()
-            || len >= self.size
-            || !only_long_headers(transmit.contents)
-        {
-            return self.inner.try_send(transmit);
+        let contents = transmit.contents;
+        match transmit.segment_size {
+            // A GSO batch of full-size datagrams (the normal case once connected).
+            Some(seg) if seg == self.size && contents.len().is_multiple_of(seg) => {
+                self.inner.try_send(transmit)
+            }
+            // During a handshake a batch can start with a short datagram, which sets a
+            // shorter segment size, or end with one: send its datagrams one by one.
+            Some(seg) if seg > 0 => {
+                for datagram in contents.chunks(seg) {
+                    self.send_one(transmit, datagram)?;
+                }
+                Ok(())
+            }
+            _ => self.send_one(transmit, contents),
         }
-        let mut padded = Vec::with_capacity(self.size);
-        padded.extend_from_slice(transmit.contents);
-        padded.resize(self.size, 0);
-        self.inner.try_send(&Transmit {
-            destination: transmit.destination,
-            ecn: transmit.ecn,
-            contents: &padded,
-            segment_size: None,
-            src_ip: transmit.src_ip,
-        })
     }
 
     fn poll_recv(
@@ -81,7 +102,7 @@ impl AsyncUdpSocket for PaddingSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        1
+        self.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
