@@ -152,6 +152,9 @@ fn with_mixing<T>(
     })
 }
 
+/// (mailbox, SURB id, Sphinx payload) as the exit's unwrap hands them to the mailbox.
+type ExitPayload = ([u8; 32], [u8; 16], Vec<u8>);
+
 /// Real exit payloads: a one-hop packet to this gateway, unwrapped as the exit would,
 /// carrying an ack slot with a real 4-hop SURB back through `ack_route`.
 fn exit_payloads(
@@ -160,7 +163,7 @@ fn exit_payloads(
     ack_route: &[Hop],
     n: usize,
     accounts: usize,
-) -> anyhow::Result<Vec<([u8; 32], [u8; 16], Vec<u8>)>> {
+) -> anyhow::Result<Vec<ExitPayload>> {
     let me = Hop {
         address: [1; 32],
         sphinx_key: x25519_dalek::PublicKey::from(gateway),
@@ -350,7 +353,7 @@ pub fn run(dir: &std::path::Path, opts: &GatewayBenchOptions) -> anyhow::Result<
             d.flush(2)?;
             // Backpressure as in the driver: at most a few thousand items wait for
             // the writer, so a commit stays a bounded batch.
-            d.settle(d.mailbox.in_flight_batches() >= 2 && i % 4096 == 0)?;
+            d.settle(d.mailbox.in_flight_batches() >= 2 && i.is_multiple_of(4096))?;
         }
         d.flush(usize::MAX)?;
         while d.in_flight > 0 {
