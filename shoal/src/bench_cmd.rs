@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use shoal_bench::client::{ClientBenchOptions, ClientReport};
 use shoal_bench::e2e::{E2eOptions, E2eReport};
+use shoal_bench::gateway::{GatewayBenchOptions, GatewayReport};
 use shoal_bench::relay::{RelayBenchOptions, RelayReport};
 use shoal_bench::soak::{SoakOptions, SoakReport};
 
@@ -48,6 +49,23 @@ enum BenchCommand {
         /// Largest group (sizes are powers of two up to it).
         #[arg(long, default_value_t = 256)]
         max_group: usize,
+    },
+    /// Durable mailbox ingest and pull+ack of the real mailbox core and redb store,
+    /// while the process also mixes at half its unwrap capacity (see
+    /// `shoal_bench::gateway`).
+    Gateway {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds of each measured phase.
+        #[arg(long, default_value_t = 4)]
+        phase_secs: u64,
+        /// Share of the unwrap capacity spent mixing during the phases.
+        #[arg(long, default_value_t = 0.5)]
+        mix_fraction: f64,
+        /// Keep the store here instead of in a temp dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// One relay process at a steady load for `--minutes`, its RSS sampled: memory must
     /// stay flat after the warm-up (see `shoal_bench::soak`).
@@ -128,6 +146,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Ok(tokio::task::spawn_blocking(move || shoal_bench::client::run(&opts)).await??)
             })
         }
+        BenchCommand::Gateway {
+            json,
+            phase_secs,
+            mix_fraction,
+            dir,
+        } => {
+            let opts = GatewayBenchOptions {
+                phase: Duration::from_secs(phase_secs),
+                mix_fraction,
+                ..GatewayBenchOptions::default()
+            };
+            run_bench(dir, json, print_gateway, async |_, dir| {
+                let dir = dir.to_path_buf();
+                Ok(
+                    tokio::task::spawn_blocking(move || shoal_bench::gateway::run(&dir, &opts))
+                        .await??,
+                )
+            })
+        }
         BenchCommand::Soak {
             json,
             minutes,
@@ -200,6 +237,43 @@ fn print_client(r: &ClientReport) {
         r.group_worst_superlinear_ratio,
         r.group_packets_per_recipient_max
     );
+}
+
+fn print_gateway(r: &GatewayReport) {
+    println!(
+        "gateway benchmark ({} cores; mixing at {:.0} % of {:.0} unwraps/s during both phases)",
+        r.cores,
+        r.mix_fraction * 100.0,
+        r.unwrap_capacity_per_sec
+    );
+    println!(
+        "  commit ceiling (1 item per fsync)  {:>9.0} /s",
+        r.commit_ceiling_per_sec
+    );
+    for (name, p, target, ratio) in [
+        (
+            "ingest (durable + ack built)",
+            &r.ingest,
+            r.ingest_target_per_sec,
+            r.ingest_ratio_to_target,
+        ),
+        (
+            "pull + ack (durable delete)",
+            &r.pull_ack,
+            r.pull_ack_target_per_sec,
+            r.pull_ack_ratio_to_target,
+        ),
+    ] {
+        println!(
+            "  {name:<34} {:>9.0} /s  ({:.2} × target {:.0}; {:.0} items per commit; mixing {:.0}/s; {:.2} cores busy)",
+            p.items_per_sec,
+            ratio,
+            target,
+            p.items_per_commit,
+            p.mix_unwraps_per_sec,
+            p.cpu_cores_busy
+        );
+    }
 }
 
 fn print_soak(r: &SoakReport) {
