@@ -1,8 +1,10 @@
 //! Faults survived, on loopback with short epochs:
 //! - an authority down (N = 3, k = 2): documents keep being published with 2 signatures;
-//! - a relay killed mid-run: the authority drops it once its descriptor is stale, the
-//!   first document without it is the one clients route by from then on, and every
-//!   message (acked ones included) is still delivered.
+//! - a relay killed mid-run: the authority drops it once its descriptor is stale (two
+//!   epochs), clients route by the first document without it, and every message (acked
+//!   ones included) is still delivered and acked;
+//! - every node (authority, relays, gateways) restarted across an epoch edge: every
+//!   message delivered and acked, and no frame dropped for an unknown key epoch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -25,6 +27,10 @@ use shoal_topology::{
 };
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// The tests of this file run one at a time: each is timing-sensitive (short epochs,
+/// retransmission timers), and together on 2 cores they starved each other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -99,6 +105,7 @@ fn spawn_authority(dir: &Path, name: &str) -> Proc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_keep_being_published_with_one_authority_down() {
+    let _serial = SERIAL.lock().await;
     const EPOCH: u64 = 6;
     let base = tempfile::tempdir().unwrap();
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
@@ -270,14 +277,14 @@ fn client(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: a few messages are never delivered after a relay dies (see the report)"]
 async fn a_killed_relay_is_routed_around_from_the_next_document() {
+    let _serial = SERIAL.lock().await;
     const MESSAGES: usize = 30;
     let dir = tempfile::tempdir().unwrap();
     let shoal = Path::new(SHOAL);
-    // Short epochs: relays re-upload every 3 s. The authority, restarted below with
-    // descriptor_max_age_secs = 9 (votes are cast 3 s before an epoch), leaves a node
-    // out of a document once it has missed two uploads at vote time.
+    // Short epochs: relays re-upload every 3 s and the authority leaves a node out of a
+    // document once its descriptor is older than descriptor_max_age_secs (the default,
+    // two epochs). A shorter age made live nodes flap out of documents under load.
     let cfg = TestnetConfig {
         relays_per_layer: 2,
         mean_hop_delay_ms: 20.0,
@@ -289,13 +296,6 @@ async fn a_killed_relay_is_routed_around_from_the_next_document() {
         ..TestnetConfig::default()
     };
     let mut net = Testnet::start(shoal, &dir.path().join("net"), &cfg).unwrap();
-    // The authority keeps no state: restart it at once with a shorter descriptor age.
-    net.authority.kill();
-    set_keys(
-        &net.dir.join("authority").join("authority.toml"),
-        &[("descriptor_max_age_secs", "9".into())],
-    );
-    restart_authority(&mut net);
     let mut rng = rand::rng();
     let opts = GatewayOptions::default();
     let entry = net.init_gateway(shoal, 0, &opts).unwrap();
@@ -416,14 +416,39 @@ async fn a_killed_relay_is_routed_around_from_the_next_document() {
     for id in &acked {
         assert!(delivered.contains(&bodies[id]), "acked message lost");
     }
-    assert_eq!(delivered.len(), MESSAGES, "every message delivered");
-    assert_eq!(acked.len(), MESSAGES, "every message acked");
+    let mut drops = String::new();
+    for (name, addr) in net
+        .relays
+        .iter()
+        .map(|r| (format!("relay {:?}", &r.id[..2]), r.metrics_addr))
+        .chain(
+            net.gateways
+                .iter()
+                .map(|g| (g.init.name.clone(), g.init.metrics_addr)),
+        )
+    {
+        let (_, body) = http::get(addr, "/metrics").await.unwrap_or((0, Vec::new()));
+        let text = String::from_utf8_lossy(&body);
+        let d: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("shoal_relay_packets_dropped_total{") && !l.ends_with(" 0"))
+            .collect();
+        drops.push_str(&format!("{name}: {d:?}\n"));
+    }
+    assert_eq!(
+        delivered.len(),
+        MESSAGES,
+        "every message delivered (alice {a:?}, bob {:?})\n{drops}",
+        bob.stats()
+    );
+    assert_eq!(acked.len(), MESSAGES, "every message acked\n{drops}");
     alice.shutdown().await;
     bob.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_restarted_at_an_epoch_edge_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     const MESSAGES: usize = 20;
     const EPOCH: u64 = 12;
     let dir = tempfile::tempdir().unwrap();
