@@ -224,8 +224,20 @@ fn sweep_runs_the_grid_in_order() {
         ]
     );
     assert_eq!(rows[2].1.config.network.width, 4);
+    // λ/μ per relay = clients × all rates / width × mean hop delay, from the run's own config.
+    let c = &rows[2].1.config;
+    let t = &c.traffic;
+    let want = f64::from(t.clients) * (t.rate_per_client + t.loop_rate + t.drop_rate) / 4.0
+        * c.network.mean_hop_delay_ms
+        / 1e3;
+    assert!((rows[2].0.lambda_over_mu - want).abs() < 1e-9);
+    let dir = tempfile::tempdir().unwrap();
+    sweep::write_sweep(dir.path(), &rows, true).unwrap();
+    for f in ["sweep.csv", "sweep.json", "sweep.png"] {
+        assert!(dir.path().join(f).metadata().unwrap().len() > 0, "{f}");
+    }
     let csv = sweep::sweep_csv(&rows.into_iter().map(|r| r.0).collect::<Vec<_>>());
-    assert!(csv.starts_with("network.width,seed,entropy_metric,entropy_mean"));
+    assert!(csv.starts_with("network.width,seed,lambda_over_mu,entropy_metric,entropy_mean"));
 }
 
 /// Two identical senders through one Poisson mix holding `ratio` = λ/μ messages on average.
