@@ -67,9 +67,30 @@ impl std::fmt::Debug for ClientStore {
     }
 }
 
+/// The store holds the identity's secrets: create it (or tighten it) owner-only, before
+/// redb writes anything into it. redb takes an empty file as a new database.
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 impl ClientStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        restrict_to_owner(path).map_err(|e| store_err("create")(e.into()))?;
         let db = Database::create(path).map_err(|e| store_err("open")(e.into()))?;
         Self::init(db)
     }

@@ -238,7 +238,14 @@ pub fn init_dir(
     gateway_key: [u8; 32],
     client_file: &ClientFile,
 ) -> anyhow::Result<([u8; 32], [u8; 32], String)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Owner-only: the store in it holds the identity's secrets.
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let config_path = dir.join(CONFIG_FILE);
     let store_path = dir.join(STORE_FILE);
     if config_path.exists() || store_path.exists() {
