@@ -29,6 +29,7 @@
 //!   processing at 5 hops, the exit gateway's durable commit, **and** the wait for the
 //!   recipient's next pull (at most `pull_interval`, not subtracted) and its store write.
 //!   So the true network overhead is at most this figure.
+//!
 //! Messages that needed a retransmission are counted (`retransmitted`) and left out of
 //! the split, since their first attempt was lost.
 
@@ -51,7 +52,7 @@ use crate::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
 
 /// Hops on a forward route that hold a packet for its Exp(μ) delay: all but the exit
 /// gateway, which stores on arrival.
-const HOLDING_HOPS: f64 = (shoal_packet::ROUTE_HOPS - 1) as f64;
+pub const HOLDING_HOPS: f64 = (shoal_packet::ROUTE_HOPS - 1) as f64;
 
 /// What to run.
 #[derive(Debug, Clone)]

@@ -143,7 +143,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ..ClientBenchOptions::default()
             };
             run_bench(None, json, print_client, async |_, _| {
-                Ok(tokio::task::spawn_blocking(move || shoal_bench::client::run(&opts)).await??)
+                tokio::task::spawn_blocking(move || shoal_bench::client::run(&opts)).await?
             })
         }
         BenchCommand::Gateway {
@@ -159,10 +159,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             run_bench(dir, json, print_gateway, async |_, dir| {
                 let dir = dir.to_path_buf();
-                Ok(
-                    tokio::task::spawn_blocking(move || shoal_bench::gateway::run(&dir, &opts))
-                        .await??,
-                )
+                tokio::task::spawn_blocking(move || shoal_bench::gateway::run(&dir, &opts)).await?
             })
         }
         BenchCommand::Soak {

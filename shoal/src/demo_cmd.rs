@@ -78,9 +78,6 @@ pub struct DemoArgs {
     commit_settle_ms: u64,
 }
 
-/// Hops on a forward route, each with its own Exp(μ) delay: entry gateway, 3 layers,
-/// exit gateway.
-const ROUTE_HOPS: f64 = shoal_packet::ROUTE_HOPS as f64;
 /// Mailbox pull interval of the demo's clients.
 const PULL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -115,7 +112,8 @@ struct Report {
     /// Messages whose sender saw the SURB-ack (durable in the recipient's mailbox).
     acked: usize,
     latency_ms: Latency,
-    /// Mean of the sum of the forward route's sampled delays: 5 hops × mean.
+    /// Mean of the sum of the delays a packet is held for: 4 hops × mean (the exit
+    /// gateway stores on arrival).
     expected_mixing_delay_ms: f64,
     /// Mean wait for a λP slot (a client queues its messages at once, so the k-th waits
     /// k slots of 1/λP) plus half the pull interval: the rest of the expected latency.
@@ -537,7 +535,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
             p99: pct(0.99),
             max: pct(1.0),
         },
-        expected_mixing_delay_ms: ROUTE_HOPS * params.mean_hop_delay_ms,
+        expected_mixing_delay_ms: shoal_bench::e2e::HOLDING_HOPS * params.mean_hop_delay_ms,
         // The k-th of a client's n queued messages waits k λP slots: (n + 1) / 2 on average.
         expected_queueing_ms: (args.messages as f64 + 1.0) / 2.0 * 1000.0
             / params.lambda_p.max(f64::MIN_POSITIVE)
@@ -586,7 +584,7 @@ fn print_summary(r: &Report) {
         r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.max
     );
     println!(
-        "  expected             {:.0} ms mixing (5 hops × mean) + {:.0} ms waiting for λP slots and a pull",
+        "  expected             {:.0} ms mixing (4 holding hops × mean) + {:.0} ms waiting for λP slots and a pull",
         r.expected_mixing_delay_ms, r.expected_queueing_ms
     );
     println!(
