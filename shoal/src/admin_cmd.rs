@@ -559,12 +559,13 @@ fn diff(old: &PolicyBody, new: &PolicyBody) -> anyhow::Result<String> {
             out.push_str(&format!("  {}\n", a[i]));
             i += 1;
             j += 1;
-        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push_str(&format!("+ {}\n", b[j]));
-            j += 1;
-        } else {
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            // Old line before its replacement, as `diff -u` reads.
             out.push_str(&format!("- {}\n", a[i]));
             i += 1;
+        } else {
+            out.push_str(&format!("+ {}\n", b[j]));
+            j += 1;
         }
     }
     Ok(out)
@@ -1030,9 +1031,13 @@ mod tests {
         let mut b = a.clone();
         b.ttl_max_secs = 30;
         let d = diff(&a, &b).unwrap();
-        assert!(d.contains("- \"ttl_max_secs\": 60,"), "{d}");
-        assert!(d.contains("+ \"ttl_max_secs\": 30,"), "{d}");
-        assert!(d.contains("  \"ttl_min_secs\": 0,"), "{d}");
+        // Each line keeps its JSON indentation after the two-column marker.
+        assert!(
+            d.contains("-   \"ttl_max_secs\": 60,\n+   \"ttl_max_secs\": 30,"),
+            "{d}"
+        );
+        assert!(d.contains("\n    \"ttl_min_secs\": 0,"), "{d}");
+        assert_eq!(d.lines().filter(|l| !l.starts_with("  ")).count(), 2, "{d}");
     }
 
     #[test]
