@@ -48,7 +48,9 @@ use shoal_topology::NetworkParams;
 
 use crate::relay::cpu_seconds_of;
 use crate::standin::wait_for_topology;
-use crate::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
+use crate::testnet::{
+    GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig, hex32_after, run_init,
+};
 
 /// Hops on a forward route that hold a packet for its Exp(μ) delay: all but the exit
 /// gateway, which stores on arrival.
@@ -165,32 +167,6 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn run_cmd(shoal: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(shoal)
-        .args(args)
-        .env("SHOAL_LOG", "warn")
-        .output()
-        .with_context(|| format!("cannot run {}", shoal.display()))?;
-    if !out.status.success() {
-        bail!(
-            "`shoal {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn hex32_after(out: &str, prefix: &str) -> anyhow::Result<[u8; 32]> {
-    let v = out
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .with_context(|| format!("`shoal client init` printed no {prefix:?}"))?;
-    let mut b = [0u8; 32];
-    hex::decode_to_slice(v.trim(), &mut b)?;
-    Ok(b)
-}
-
 /// `shoal client init` + `shoal gateway account add`; returns the config path.
 fn init_client_process(
     shoal: &Path,
@@ -199,7 +175,7 @@ fn init_client_process(
     dir: &Path,
 ) -> anyhow::Result<std::path::PathBuf> {
     let key_hex = hex::encode(net.authorities.keys.first().context("no authority")?.0);
-    let out = run_cmd(
+    let out = run_init(
         shoal,
         &[
             "client",

@@ -28,7 +28,10 @@ use shoal_topology::{AuthoritySet, Hex32, NodeId};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::testnet::{GatewayInit, GatewayOptions, GatewayProc, Proc, RelayProc, TestnetConfig};
+use crate::testnet::{
+    GatewayInit, GatewayOptions, GatewayProc, Proc, RelayProc, TestnetConfig, hex32_after,
+    run_init, set_keys,
+};
 
 /// Why the namespace network cannot run here (not root, no `ip`, namespaces refused).
 #[derive(Debug, Clone)]
@@ -434,53 +437,6 @@ impl Proxy {
     }
 }
 
-/// Writes `key = value` over existing `key = ...` lines of a TOML file we generated.
-fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    let mut out = String::new();
-    for line in text.lines() {
-        let key = line.split('=').next().unwrap_or("").trim();
-        match values
-            .iter()
-            .find(|(k, _)| *k == key && !line.trim_start().starts_with('#'))
-        {
-            Some((k, v)) => out.push_str(&format!("{k} = {v}\n")),
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    std::fs::write(path, out)?;
-    Ok(())
-}
-
-fn run_init(shoal: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(shoal)
-        .args(args)
-        .env("SHOAL_LOG", "warn")
-        .output()
-        .with_context(|| format!("cannot run {}", shoal.display()))?;
-    if !out.status.success() {
-        bail!(
-            "`shoal {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn hex_after(out: &str, prefix: &str) -> anyhow::Result<[u8; 32]> {
-    let v = out
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .with_context(|| format!("init printed no {prefix:?}"))?;
-    let mut b = [0u8; 32];
-    hex::decode_to_slice(v.trim(), &mut b)?;
-    Ok(b)
-}
-
 const LINK_PORT: u16 = 7000;
 const CLIENT_PORT: u16 = 7001;
 const METRICS_PORT: u16 = 7100;
@@ -671,7 +627,7 @@ impl NsTestnet {
                 "1",
             ],
         )?;
-        let id = hex_after(&out, "relay identity: ")?;
+        let id = hex32_after(&out, "relay identity: ")?;
         let config = rdir.join("relay.toml");
         if let Some(w) = workers {
             let text = std::fs::read_to_string(&config)?;
@@ -753,7 +709,7 @@ impl NsTestnet {
                 "1",
             ],
         )?;
-        let id = hex_after(&out, "gateway identity: ")?;
+        let id = hex32_after(&out, "gateway identity: ")?;
         let config = gdir.join("gateway.toml");
         set_keys(
             &config,

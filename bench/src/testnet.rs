@@ -59,7 +59,8 @@ pub fn free_tcp_port() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn run_init(shoal: &Path, args: &[&str]) -> anyhow::Result<String> {
+/// Runs a `shoal` command that must succeed (init, account, ...) and returns its stdout.
+pub(crate) fn run_init(shoal: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(shoal)
         .args(args)
         .env("SHOAL_LOG", "warn")
@@ -121,8 +122,19 @@ fn spawn_relay(shoal: &Path, dir: &Path, i: usize) -> anyhow::Result<Proc> {
     })
 }
 
+/// The 32 bytes printed in hex after `prefix` on a line of a command's output.
+pub(crate) fn hex32_after(out: &str, prefix: &str) -> anyhow::Result<[u8; 32]> {
+    let v = out
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .with_context(|| format!("the command printed no {prefix:?}"))?;
+    let mut b = [0u8; 32];
+    hex::decode_to_slice(v.trim(), &mut b)?;
+    Ok(b)
+}
+
 /// Replaces `key = ...` lines of a TOML file we generated ourselves.
-fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result<()> {
+pub(crate) fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)?;
     let mut out = String::new();
     for line in text.lines() {
