@@ -13,7 +13,7 @@
 //!   the rule. Output is [`Outgoing`] items (a contact and bytes) for the driver.
 //! - **Receiving** ([`Messenger::handle_incoming`]) checks the sender's credential and
 //!   signature, then the member's *own* policy ([`Policy::may_receive`], options);
-//!   what policy forbids is dropped and counted ([`MessengerStats::policy_drops`]), even
+//!   what policy forbids is dropped and counted ([`Messenger::policy_drops`]), even
 //!   when a modified sender skipped its checks. Group messages are checked by the
 //!   [`GroupManager`] the same way.
 //! - **Policy updates** signed by the member's admin replace the policy (never by an
