@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::testnet::{
     GatewayInit, GatewayOptions, GatewayProc, Proc, RelayProc, TestnetConfig, hex32_after,
-    run_init, set_keys,
+    init_authority, run_init, set_keys,
 };
 
 /// Why the namespace network cannot run here (not root, no `ip`, namespaces refused).
@@ -499,39 +499,7 @@ impl NsTestnet {
 
         let authority_addr = SocketAddr::new(IpAddr::V4(auth_node.addr), AUTHORITY_PORT);
         let auth_dir = dir.join("authority");
-        let out = run_init(
-            shoal,
-            &[
-                "authority",
-                "init",
-                "--dir",
-                &auth_dir.to_string_lossy(),
-                "--listen",
-                &authority_addr.to_string(),
-                "--epoch-secs",
-                &cfg.epoch_secs.to_string(),
-            ],
-        )?;
-        let key_hex = out.lines().last().unwrap_or("").trim().to_string();
-        let mut key = [0u8; 32];
-        hex::decode_to_slice(&key_hex, &mut key).context("authority init did not print its key")?;
-        let auth_config = auth_dir.join("authority.toml");
-        let mut values = vec![
-            ("sync_interval_secs", "1".to_string()),
-            ("bootstrap_delay_secs", cfg.bootstrap_secs.to_string()),
-            ("vote_lead_secs", (cfg.epoch_secs / 4).max(1).to_string()),
-            ("mean_hop_delay_ms", format!("{:?}", cfg.mean_hop_delay_ms)),
-            ("max_hop_delay_ms", format!("{:?}", cfg.max_hop_delay_ms)),
-            ("lambda_m", format!("{:?}", cfg.lambda_m)),
-        ];
-        if let Some([p, l, d]) = cfg.client_rates {
-            values.extend([
-                ("lambda_p", format!("{p:?}")),
-                ("lambda_l", format!("{l:?}")),
-                ("lambda_d", format!("{d:?}")),
-            ]);
-        }
-        set_keys(&auth_config, &values)?;
+        let (key, auth_config) = init_authority(shoal, &auth_dir, authority_addr, cfg)?;
         let log = std::fs::File::create(dir.join("authority.log"))?;
         let child = net
             .command(&auth_node, shoal)

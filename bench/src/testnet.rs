@@ -154,6 +154,54 @@ pub(crate) fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result
     Ok(())
 }
 
+/// `shoal authority init` in `auth_dir`, listening on `listen`, with `cfg`'s schedule and
+/// network parameters written into its config. Returns the authority's public key and
+/// the config's path.
+pub(crate) fn init_authority(
+    shoal: &Path,
+    auth_dir: &Path,
+    listen: SocketAddr,
+    cfg: &TestnetConfig,
+) -> anyhow::Result<([u8; 32], PathBuf)> {
+    let out = run_init(
+        shoal,
+        &[
+            "authority",
+            "init",
+            "--dir",
+            &auth_dir.to_string_lossy(),
+            "--listen",
+            &listen.to_string(),
+            "--epoch-secs",
+            &cfg.epoch_secs.to_string(),
+        ],
+    )?;
+    let key_hex = out.lines().last().unwrap_or("").trim().to_string();
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(&key_hex, &mut key).context("authority init did not print its key")?;
+    let auth_config = auth_dir.join("authority.toml");
+    let mut values = vec![
+        ("sync_interval_secs", "1".to_string()),
+        ("bootstrap_delay_secs", cfg.bootstrap_secs.to_string()),
+        ("vote_lead_secs", (cfg.epoch_secs / 4).max(1).to_string()),
+        ("mean_hop_delay_ms", format!("{:?}", cfg.mean_hop_delay_ms)),
+        ("max_hop_delay_ms", format!("{:?}", cfg.max_hop_delay_ms)),
+        ("lambda_m", format!("{:?}", cfg.lambda_m)),
+    ];
+    if let Some([p, l, d]) = cfg.client_rates {
+        values.extend([
+            ("lambda_p", format!("{p:?}")),
+            ("lambda_l", format!("{l:?}")),
+            ("lambda_d", format!("{d:?}")),
+        ]);
+    }
+    if let Some(g) = cfg.key_grace_secs {
+        values.push(("key_grace_secs", g.to_string()));
+    }
+    set_keys(&auth_config, &values)?;
+    Ok((key, auth_config))
+}
+
 /// What kind of network to start.
 #[derive(Debug, Clone)]
 pub struct TestnetConfig {
@@ -378,47 +426,7 @@ impl Testnet {
         std::fs::create_dir_all(dir)?;
         let auth_dir = dir.join("authority");
         let authority_addr = free_tcp_port()?;
-        let out = run_init(
-            shoal,
-            &[
-                "authority",
-                "init",
-                "--dir",
-                &auth_dir.to_string_lossy(),
-                "--listen",
-                &authority_addr.to_string(),
-                "--epoch-secs",
-                &cfg.epoch_secs.to_string(),
-            ],
-        )?;
-        let key_hex = out.lines().last().unwrap_or("").trim().to_string();
-        let mut key = [0u8; 32];
-        hex::decode_to_slice(&key_hex, &mut key).context("authority init did not print its key")?;
-        let auth_config = auth_dir.join("authority.toml");
-        set_keys(
-            &auth_config,
-            &[
-                ("sync_interval_secs", "1".into()),
-                ("bootstrap_delay_secs", cfg.bootstrap_secs.to_string()),
-                ("vote_lead_secs", (cfg.epoch_secs / 4).max(1).to_string()),
-                ("mean_hop_delay_ms", format!("{:?}", cfg.mean_hop_delay_ms)),
-                ("max_hop_delay_ms", format!("{:?}", cfg.max_hop_delay_ms)),
-                ("lambda_m", format!("{:?}", cfg.lambda_m)),
-            ],
-        )?;
-        if let Some([p, l, d]) = cfg.client_rates {
-            set_keys(
-                &auth_config,
-                &[
-                    ("lambda_p", format!("{p:?}")),
-                    ("lambda_l", format!("{l:?}")),
-                    ("lambda_d", format!("{d:?}")),
-                ],
-            )?;
-        }
-        if let Some(g) = cfg.key_grace_secs {
-            set_keys(&auth_config, &[("key_grace_secs", g.to_string())])?;
-        }
+        let (key, auth_config) = init_authority(shoal, &auth_dir, authority_addr, cfg)?;
         let authority = spawn(
             shoal,
             "authority",
@@ -448,7 +456,7 @@ impl Testnet {
                     "--metrics",
                     &metrics_addr.to_string(),
                     "--authority",
-                    &format!("{authority_addr}={key_hex}"),
+                    &format!("{authority_addr}={}", hex::encode(key)),
                     "--threshold",
                     "1",
                 ],
