@@ -15,7 +15,7 @@
 //! the post-warm-up samples is reported too.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,9 @@ pub struct SoakReport {
     /// Times the load generator had to dial the relay again (frames of a failed
     /// write are not counted as offered).
     pub redials: u64,
+    /// Stand-in descriptor uploads an authority refused (each one risks the stand-in
+    /// dropping out of the next document).
+    pub registration_failures: u64,
     pub relay_cpu_seconds: f64,
     pub warmup_secs: f64,
     pub rss_baseline_kib: u64,
@@ -242,17 +245,25 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
     // Stand-ins re-register so their descriptors carry keys for upcoming epochs, and the
     // builder follows the current document.
     let stop = Arc::new(AtomicBool::new(false));
+    let registration_failures = Arc::new(AtomicU64::new(0));
     let refresher = tokio::spawn({
         let current = current.clone();
         let stop = stop.clone();
+        let failures = registration_failures.clone();
         let authority = net.authority_addr;
         let auths = net.authorities.clone();
         let every = Duration::from_secs((opts.epoch_secs / 3).max(1));
         async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(every).await;
-                let _ = loadgen.register(&[authority], &info).await;
-                let _ = sink.register(&[authority], &info).await;
+                for r in [
+                    loadgen.register(&[authority], &info).await,
+                    sink.register(&[authority], &info).await,
+                ] {
+                    if r.is_err() {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 if let Ok(t) = fetch_topology(authority, &auths, None).await
                     && t.node(&relay_id).is_some()
                     && t.node(&sink_id).is_some()
@@ -381,6 +392,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
         lost: offered.saturating_sub(arrived),
         builder_behind_steps: behind,
         redials,
+        registration_failures: registration_failures.load(Ordering::Relaxed),
         relay_cpu_seconds,
         warmup_secs: opts.warmup.as_secs_f64(),
         rss_baseline_kib: baseline,

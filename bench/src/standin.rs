@@ -116,7 +116,7 @@ impl StandIn {
         self.identity.verifying_key().to_bytes()
     }
 
-    /// Generates Sphinx keys for the current and next two epochs and uploads a
+    /// Keeps Sphinx keys for the previous, current and next two epochs and uploads a
     /// gateway descriptor to every authority.
     pub async fn register(
         &mut self,
@@ -125,6 +125,9 @@ impl StandIn {
     ) -> anyhow::Result<()> {
         let mut rng = StdRng::seed_from_u64(u64::from_le_bytes(self.id()[..8].try_into()?));
         let now = info.schedule.epoch_at(unix_now());
+        // Keys of retired epochs go, or after a few epochs the descriptor carries more
+        // keys than an authority accepts and the stand-in silently drops out.
+        self.keys.retire_before(now.saturating_sub(1));
         self.keys.ensure(&mut rng, now..=now + 2);
         let descriptor = Descriptor {
             identity: Hex32(self.id()),

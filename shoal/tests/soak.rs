@@ -38,6 +38,8 @@ async fn relay_memory_stays_flat_across_epochs() {
         r.epochs_crossed
     );
     assert!(r.offered > 0);
+    // A refused descriptor upload drops a stand-in out of the next document.
+    assert_eq!(r.registration_failures, 0, "stand-in descriptors refused");
     // Loss would mean the relay dropped packets at an epoch edge; allow none beyond
     // a handful in flight when the last key retired.
     assert!(
