@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, info};
 use crate::config::Config;
 use crate::core::{DropReason, Event, MixConfig, MixCore, Unwrapper};
 use crate::directory::DirectoryTask;
+use crate::fair::{PeerShares, PeerSlot};
 use crate::metrics::{Metrics, RelayStats};
 use crate::outbound::Router;
 use crate::worker::{Dispatch, Inbound, Worker};
@@ -141,6 +142,7 @@ impl Pipeline {
         self.dispatch.send(Inbound {
             bytes: frame,
             arrived,
+            peer: None,
         })
     }
 
@@ -379,6 +381,7 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
     tasks.push(tokio::spawn(accept_loop(
         endpoint.clone(),
         dispatch,
+        PeerShares::new(config.queue_capacity),
         shared.clone(),
         shutdown_rx.clone(),
     )));
@@ -425,6 +428,7 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
 async fn accept_loop(
     endpoint: Arc<LinkEndpoint>,
     dispatch: Arc<Dispatch>,
+    shares: Arc<PeerShares>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -437,31 +441,48 @@ async fn accept_loop(
             None => return,
             Some(Ok(link)) => {
                 let span = tracing::debug_span!("inbound link", id = link.connection().stable_id());
-                tokio::spawn(link_task(link, dispatch.clone(), shared.clone()).instrument(span));
+                let slot = Arc::new(shares.join(link.peer()));
+                tokio::spawn(
+                    link_task(link, dispatch.clone(), slot, shared.clone()).instrument(span),
+                );
             }
             Some(Err(e)) => debug!(error = %e, "inbound link refused"),
         }
     }
 }
 
-async fn link_task(link: Link, dispatch: Arc<Dispatch>, shared: Arc<Shared>) {
+async fn link_task(link: Link, dispatch: Arc<Dispatch>, slot: Arc<PeerSlot>, shared: Arc<Shared>) {
     shared.metrics.links_inbound.fetch_add(1, Ordering::Relaxed);
     while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
-        tokio::spawn(stream_task(rx, dispatch.clone(), shared.clone()).in_current_span());
+        tokio::spawn(
+            stream_task(rx, dispatch.clone(), slot.clone(), shared.clone()).in_current_span(),
+        );
     }
     shared.metrics.links_inbound.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn stream_task(mut rx: FrameReceiver, dispatch: Arc<Dispatch>, shared: Arc<Shared>) {
+async fn stream_task(
+    mut rx: FrameReceiver,
+    dispatch: Arc<Dispatch>,
+    slot: Arc<PeerSlot>,
+    shared: Arc<Shared>,
+) {
     let m = &shared.metrics;
     loop {
         let mut buf = Box::new([0u8; FRAME_SIZE]);
         match rx.recv_into(&mut buf[..]).await {
             Ok(true) => {
                 m.frames_received.fetch_add(1, Ordering::Relaxed);
+                // A peer over its share of the worker queues is shed before any
+                // public-key work, whatever the other peers are sending.
+                if !slot.try_take() {
+                    m.inbound_peer_limit.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 dispatch.send(Inbound {
                     bytes: buf,
                     arrived: Instant::now(),
+                    peer: Some(slot.queue()),
                 });
             }
             Ok(false) => return,

@@ -9,6 +9,7 @@ pub mod metrics;
 
 mod directory;
 mod error;
+mod fair;
 mod outbound;
 mod worker;
 

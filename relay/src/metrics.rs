@@ -92,6 +92,8 @@ pub struct Metrics {
     pub(crate) inbound_overload: AtomicU64,
     /// Streams that ended mid-frame (the partial frame is dropped).
     pub(crate) inbound_truncated: AtomicU64,
+    /// Frames dropped by readers because their peer was over its fair share.
+    pub(crate) inbound_peer_limit: AtomicU64,
     /// Frames lost because an outbound link failed under them.
     pub(crate) link_errors: AtomicU64,
     pub(crate) worker_queue_depth: AtomicUsize,
@@ -115,6 +117,9 @@ pub struct RelayStats {
     pub core: Stats,
     /// Frames lost when an outbound link failed.
     pub link_errors: u64,
+    /// Frames shed because their inbound peer was over its fair share of the worker
+    /// queues (not in `core.dropped`: the core has no notion of peers).
+    pub peer_limit: u64,
     pub worker_queue_depth: usize,
     pub delay_queue_depth: usize,
     pub loops_outstanding: usize,
@@ -131,6 +136,7 @@ impl Metrics {
             frames_injected: AtomicU64::new(0),
             inbound_overload: AtomicU64::new(0),
             inbound_truncated: AtomicU64::new(0),
+            inbound_peer_limit: AtomicU64::new(0),
             link_errors: AtomicU64::new(0),
             worker_queue_depth: AtomicUsize::new(0),
             links_inbound: AtomicUsize::new(0),
@@ -177,6 +183,7 @@ impl Metrics {
             frames_received: self.frames_received.load(Ordering::Relaxed),
             frames_injected: self.frames_injected.load(Ordering::Relaxed),
             link_errors: self.link_errors.load(Ordering::Relaxed),
+            peer_limit: self.inbound_peer_limit.load(Ordering::Relaxed),
             worker_queue_depth: self.worker_queue_depth.load(Ordering::Relaxed),
             links_inbound: self.links_inbound.load(Ordering::Relaxed),
             links_outbound: self.links_outbound.load(Ordering::Relaxed),
@@ -243,16 +250,19 @@ impl Metrics {
         let labels: Vec<String> = DropReason::ALL
             .iter()
             .map(|r| format!("{{reason=\"{}\"}}", r.label()))
-            .chain(std::iter::once("{reason=\"link_error\"}".to_owned()))
+            .chain([
+                "{reason=\"link_error\"}".to_owned(),
+                "{reason=\"peer_limit\"}".to_owned(),
+            ])
             .collect();
+        let n = DropReason::ALL.len();
         let mut drops: Vec<(&str, f64)> = DropReason::ALL
             .iter()
             .zip(&labels)
             .map(|(r, l)| (l.as_str(), c(s.core.dropped(*r))))
             .collect();
-        if let Some(l) = labels.last() {
-            drops.push((l.as_str(), c(s.link_errors)));
-        }
+        drops.push((labels[n].as_str(), c(s.link_errors)));
+        drops.push((labels[n + 1].as_str(), c(s.peer_limit)));
         metric(
             "shoal_relay_packets_dropped_total",
             "counter",
@@ -406,6 +416,7 @@ mod tests {
         let m = Metrics::new(2);
         m.frames_received.store(10, Ordering::Relaxed);
         m.inbound_overload.store(3, Ordering::Relaxed);
+        m.inbound_peer_limit.store(5, Ordering::Relaxed);
         let mut stats = Stats {
             received: 7,
             loops_returned: 3,
@@ -432,6 +443,7 @@ mod tests {
         for line in [
             "shoal_relay_frames_received_total 10",
             "shoal_relay_packets_dropped_total{reason=\"overload\"} 3",
+            "shoal_relay_packets_dropped_total{reason=\"peer_limit\"} 5",
             "shoal_relay_replays_total 2",
             "shoal_relay_loop_success_ratio 0.75",
             "shoal_relay_delay_queue_depth 4",

@@ -26,6 +26,9 @@ use crate::outbound::Router;
 pub(crate) struct Inbound {
     pub bytes: Box<[u8; FRAME_SIZE]>,
     pub arrived: Instant,
+    /// The sending peer's place in its fair share, released when a worker takes the
+    /// frame (`None`: injected by the node's own front end).
+    pub peer: Option<Arc<crate::fair::PeerQueue>>,
 }
 
 /// Frames a worker takes per wake-up before it looks at its timers again.
@@ -67,6 +70,9 @@ impl Dispatch {
         }
         m.worker_queue_depth.fetch_sub(1, Ordering::Relaxed);
         m.inbound_overload.fetch_add(1, Ordering::Relaxed);
+        if let Some(peer) = &item.peer {
+            peer.release();
+        }
         false
     }
 }
@@ -146,6 +152,9 @@ impl Worker {
         }
         let mut batch = std::mem::take(&mut local.batch);
         for item in batch.drain(..) {
+            if let Some(peer) = &item.peer {
+                peer.release();
+            }
             let start = Instant::now();
             record(
                 &mut local.latencies.queue_wait,
