@@ -277,7 +277,10 @@ impl DirectoryTask {
         let grace = info.params.key_grace_secs;
         let mut docs: BTreeMap<u64, Arc<Topology>> = BTreeMap::new();
         let mut last_publish: Option<Instant> = None;
-        let republish = Duration::from_secs((schedule.length_secs / 4).max(1));
+        // Authorities judge liveness by descriptor age (`descriptor_max_age_secs`,
+        // defaulting to a few of these periods past the vote lead), so this cadence must
+        // hold even while everything else is in hand.
+        let republish = Duration::from_secs(schedule.republish_secs());
         let mut retry = RETRY_MIN;
         let mut applied: Option<u64> = None;
         loop {
@@ -331,7 +334,11 @@ impl DirectoryTask {
             let wait = if ok {
                 retry = RETRY_MIN;
                 let to_edge = schedule.end_of(current).saturating_sub(unix_now());
-                IDLE_CHECK.min(Duration::from_secs(to_edge.max(1)))
+                let to_republish =
+                    last_publish.map_or(Duration::ZERO, |t| republish.saturating_sub(t.elapsed()));
+                IDLE_CHECK
+                    .min(Duration::from_secs(to_edge.max(1)))
+                    .min(to_republish.max(RETRY_MIN))
             } else {
                 let w = retry;
                 retry = (retry * 2).min(RETRY_MAX);

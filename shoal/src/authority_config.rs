@@ -200,6 +200,7 @@ pub struct Template<'a> {
 pub fn render(t: &Template<'_>) -> String {
     let p = NetworkParams::default();
     let length = t.schedule.length_secs;
+    let lead = (length / 4).max(1).min(length.saturating_sub(1));
     let mut out = format!(
         r#"# Shoal directory authority. Every authority of a network must agree on
 # [[authorities]], threshold, [schedule], [params] and descriptor_max_age_secs:
@@ -213,8 +214,9 @@ key_file = "{key_file}"
 threshold = {threshold}
 # How often to pull descriptors, documents and votes from the other authorities.
 sync_interval_secs = {sync}
-# A node descriptor older than this at the start of an epoch is left out of its document.
-# Nodes re-upload every length_secs / 4.
+# A node descriptor older than this at the start of an epoch is left out of its document:
+# how fast a dead node drops out. Nodes re-upload every length_secs / 16 (at least 1 s);
+# the default is vote_lead_secs plus four of those, and it must exceed vote_lead_secs.
 descriptor_max_age_secs = {max_age}
 # Vote for the next epoch this long before it starts.
 vote_lead_secs = {lead}
@@ -248,8 +250,7 @@ key_grace_secs = {grace}
         key_file = t.key_file,
         threshold = t.threshold,
         sync = (length / 60).clamp(1, 10),
-        max_age = length.saturating_mul(2),
-        lead = (length / 4).max(1).min(length.saturating_sub(1)),
+        max_age = shoal_topology::default_descriptor_max_age_secs(&t.schedule, lead),
         bootstrap = (length / 12).clamp(1, 60).min(length),
         genesis = t.schedule.genesis_unix,
         mean = p.mean_hop_delay_ms,

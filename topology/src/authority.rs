@@ -26,7 +26,12 @@ pub struct AuthorityConfig {
     pub authorities: AuthoritySet,
     pub schedule: EpochSchedule,
     pub params: NetworkParams,
-    /// A descriptor older than this (by its own timestamp) is left out of documents.
+    /// A descriptor published more than this before an epoch starts is left out of
+    /// that epoch's document. This is the liveness rule: a node that stops
+    /// re-publishing (dead, or cut off from the authorities) drops out of the first
+    /// document voted more than `descriptor_max_age_secs - vote_lead_secs` after its
+    /// last descriptor. Must exceed `vote_lead_secs`; see
+    /// [`default_descriptor_max_age_secs`].
     pub descriptor_max_age_secs: u64,
     /// Vote for epoch e+1 this many seconds before it starts.
     pub vote_lead_secs: u64,
@@ -69,6 +74,25 @@ pub struct RosterEntry {
     pub link_addr: String,
     #[serde(flatten)]
     pub inclusion: Inclusion,
+}
+
+/// Epochs a stale descriptor is kept (and reported by the roster) before it is forgotten.
+pub const STALE_KEPT_EPOCHS: u64 = 2;
+
+/// Republish periods a live node may miss (a lost post, a slow loop under load) before
+/// the next vote leaves it out.
+pub const LIVENESS_PERIODS: u64 = 4;
+
+/// The `descriptor_max_age_secs` `shoal authority init` writes: the vote lead plus
+/// [`LIVENESS_PERIODS`] republish periods ([`EpochSchedule::republish_secs`]).
+///
+/// At the moment an authority votes for epoch e (`vote_lead_secs` before it starts) a
+/// node is listed only if it published within the last `LIVENESS_PERIODS` periods, so a
+/// live node has that many chances and a dead one is gone from the first document voted
+/// a quarter of an epoch after it died: from e+1 if it died more than that before the
+/// vote for e+1, else from e+2 (the document for e+1 was already final).
+pub fn default_descriptor_max_age_secs(schedule: &EpochSchedule, vote_lead_secs: u64) -> u64 {
+    vote_lead_secs.saturating_add(LIVENESS_PERIODS.saturating_mul(schedule.republish_secs()))
 }
 
 /// Why descriptor `d` cannot be in `epoch`'s document, if it cannot. The one rule
@@ -117,6 +141,15 @@ impl Authority {
             return Err(TopologyError::Invalid {
                 what: "vote_lead_secs",
                 reason: "must be shorter than an epoch".into(),
+            });
+        }
+        // The cutoff for epoch e is start(e) - max_age and we vote at start(e) - lead:
+        // with max_age <= lead every descriptor would have to come from the future.
+        if config.descriptor_max_age_secs <= config.vote_lead_secs {
+            return Err(TopologyError::Invalid {
+                what: "descriptor_max_age_secs",
+                reason: "must exceed vote_lead_secs, or no node is fresh when votes are cast"
+                    .into(),
             });
         }
         let me = Hex32(key.verifying_key().to_bytes());
@@ -174,12 +207,13 @@ impl Authority {
     }
 
     /// Forgets descriptors too old to appear in the document of the current epoch or
-    /// any later one.
+    /// any later one, [`STALE_KEPT_EPOCHS`] epochs after that, so that meanwhile
+    /// [`Authority::roster`] can still say a vanished node was left out as stale.
     pub fn expire_descriptors(&mut self, now_unix: u64) {
-        let schedule = &self.config.schedule;
-        let oldest = schedule
-            .start_of(schedule.epoch_at(now_unix))
-            .saturating_sub(self.config.descriptor_max_age_secs);
+        let keep = STALE_KEPT_EPOCHS.saturating_mul(self.config.schedule.length_secs);
+        let oldest = self
+            .oldest_accepted(self.config.schedule.epoch_at(now_unix))
+            .saturating_sub(keep);
         self.descriptors
             .retain(|_, (_, d)| d.published_unix >= oldest);
     }
@@ -187,6 +221,14 @@ impl Authority {
     /// The descriptors we hold, for peers to merge.
     pub fn descriptors(&self) -> Vec<SignedDescriptor> {
         self.descriptors.values().map(|(s, _)| s.clone()).collect()
+    }
+
+    /// The oldest `published_unix` `epoch`'s document accepts.
+    fn oldest_accepted(&self, epoch: u64) -> u64 {
+        self.config
+            .schedule
+            .start_of(epoch)
+            .saturating_sub(self.config.descriptor_max_age_secs)
     }
 
     fn previous(&self, epoch: u64) -> Option<&DocumentBody> {
@@ -200,11 +242,7 @@ impl Authority {
     /// (and why not) it is in that document: the published one if there is one, else the
     /// body our current inputs build. For operators asking "why is my node not in?".
     pub fn roster(&self, epoch: u64) -> Vec<RosterEntry> {
-        let oldest = self
-            .config
-            .schedule
-            .start_of(epoch)
-            .saturating_sub(self.config.descriptor_max_age_secs);
+        let oldest = self.oldest_accepted(epoch);
         let published = self.published.get(&epoch).map(|p| &p.body);
         let body = match published {
             Some(b) => b.clone(),
@@ -243,9 +281,7 @@ impl Authority {
     /// Builds the body for `epoch` from our current inputs. Pure and deterministic.
     pub fn build_body(&self, epoch: u64) -> DocumentBody {
         let schedule = &self.config.schedule;
-        let oldest = schedule
-            .start_of(epoch)
-            .saturating_sub(self.config.descriptor_max_age_secs);
+        let oldest = self.oldest_accepted(epoch);
         let usable: Vec<&Descriptor> = self
             .descriptors
             .values()
@@ -1055,15 +1091,115 @@ mod tests {
         c.vote_lead_secs = LENGTH;
         assert!(Authority::new(key.clone(), c).is_err());
         let mut c = config(3, 2);
+        c.descriptor_max_age_secs = c.vote_lead_secs;
+        assert!(Authority::new(key.clone(), c).is_err());
+        let mut c = config(3, 2);
         c.params.lambda_l = f64::NAN;
         assert!(Authority::new(key, c).is_err());
+    }
+
+    /// The liveness rule with the default max age: nodes re-publish every
+    /// `republish_secs`; one relay dies at each offset of an epoch in turn. Live nodes
+    /// are in every document; the dead one is in no document voted more than
+    /// `max_age - lead` after its last descriptor, so at the latest in the one for the
+    /// epoch after next, and the roster says it was left out as stale.
+    #[test]
+    fn a_relay_that_stops_publishing_leaves_the_next_document_voted() {
+        let schedule = EpochSchedule {
+            genesis_unix: GENESIS,
+            length_secs: LENGTH,
+        };
+        let lead = LENGTH / 4;
+        let max_age = default_descriptor_max_age_secs(&schedule, lead);
+        let period = schedule.republish_secs();
+        assert_eq!((period, max_age), (6, 49));
+        let cfg = AuthorityConfig {
+            descriptor_max_age_secs: max_age,
+            vote_lead_secs: lead,
+            ..config(1, 1)
+        };
+        let nodes: Vec<u8> = (1..=6).chain([101, 102]).collect();
+        let mut left_next = 0;
+        for died_offset in (0..LENGTH).step_by(7) {
+            let mut a = Authority::new(authority_key(0), cfg.clone()).unwrap();
+            let started = GENESIS + 2 * LENGTH;
+            let died_at = GENESIS + 4 * LENGTH + died_offset;
+            let died_epoch = schedule.epoch_at(died_at);
+            let mut last_publish = 0;
+            let dead = node_key(1).verifying_key().to_bytes();
+            // Each epoch's document when agreed: (vote time, nodes, whether it lists the
+            // dead relay).
+            let mut agreed: BTreeMap<u64, (u64, usize, bool)> = BTreeMap::new();
+            for now in started..GENESIS + 8 * LENGTH {
+                if (now - started).is_multiple_of(period) {
+                    let e = schedule.epoch_at(now);
+                    for &i in &nodes {
+                        if i == 1 && now >= died_at {
+                            continue;
+                        }
+                        if i == 1 {
+                            last_publish = now;
+                        }
+                        feed(&mut a, &[node(i, now, &[e, e + 1, e + 2])], now);
+                    }
+                }
+                a.expire_descriptors(now);
+                for e in a.epochs_to_vote(now, started) {
+                    a.vote(e).unwrap();
+                    let body = a.document_body(e).unwrap();
+                    let has_dead = body.nodes.iter().any(|n| n.identity.0 == dead);
+                    agreed.insert(e, (now, body.nodes.len(), has_dead));
+                }
+                // Two epochs on, the roster still says why it is out.
+                if now == died_at + 2 * LENGTH {
+                    let e = schedule.epoch_at(now) + 1;
+                    let entry = a.roster(e).into_iter().find(|r| r.identity.0 == dead);
+                    assert_eq!(
+                        entry.map(|r| r.inclusion),
+                        Some(Inclusion::Stale {
+                            published_unix: last_publish,
+                            oldest_accepted_unix: schedule.start_of(e) - max_age,
+                        })
+                    );
+                }
+            }
+            let mut first_without = None;
+            for (&e, &(at, count, has_dead)) in &agreed {
+                // Everyone alive is always listed: no flapping.
+                assert_eq!(count, nodes.len() - usize::from(!has_dead), "epoch {e}");
+                if at >= last_publish + (max_age - lead) {
+                    assert!(!has_dead, "died at +{died_offset}: listed in epoch {e}");
+                }
+                if at < died_at {
+                    assert!(has_dead, "listed before it died (epoch {e})");
+                }
+                if !has_dead && first_without.is_none() {
+                    first_without = Some(e);
+                }
+            }
+            let gone = first_without.unwrap();
+            assert!(
+                gone <= died_epoch + 2,
+                "died at +{died_offset}: gone in {gone}"
+            );
+            if gone == died_epoch + 1 {
+                left_next += 1;
+            }
+        }
+        // Deaths in the first half of an epoch (before the vote for the next one, less
+        // the liveness window) are gone from the very next epoch's document.
+        assert_eq!(
+            left_next,
+            (0..LENGTH).step_by(7).filter(|o| *o < 50).count()
+        );
     }
 
     #[test]
     fn descriptors_expire() {
         let mut a = authorities(1, 1).remove(0);
-        let now = GENESIS + 2000; // epoch 20 starts at 3000; max age 1000
-        feed(&mut a, &[node(1, 1999, &[20]), node(2, 2000, &[20])], now);
+        // Epoch 20 starts at 3000; max age 1000; stale ones are kept two epochs more.
+        let now = GENESIS + 2000;
+        feed(&mut a, &[node(1, 1799, &[20]), node(2, 1800, &[20])], now);
         a.expire_descriptors(now);
         assert_eq!(a.descriptors().len(), 1);
     }

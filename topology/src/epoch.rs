@@ -29,6 +29,13 @@ impl EpochSchedule {
         self.start_of(epoch.saturating_add(1))
     }
 
+    /// How often a node re-uploads its descriptor: a sixteenth of an epoch, at least
+    /// one second. Authorities judge liveness by descriptor age, so this cadence and
+    /// [`crate::authority::default_descriptor_max_age_secs`] are defined together.
+    pub fn republish_secs(&self) -> u64 {
+        (self.length_secs / 16).max(1)
+    }
+
     /// The 16-bit epoch label carried in frames.
     pub fn frame_label(epoch: u64) -> u16 {
         epoch as u16
@@ -51,5 +58,11 @@ mod tests {
         assert_eq!(s.start_of(2), 1120);
         assert_eq!(s.end_of(2), 1180);
         assert_eq!(EpochSchedule::frame_label(65537), 1);
+        assert_eq!(s.republish_secs(), 3);
+        let short = EpochSchedule {
+            genesis_unix: 0,
+            length_secs: 12,
+        };
+        assert_eq!(short.republish_secs(), 1);
     }
 }

@@ -10,7 +10,10 @@ pub mod route;
 mod encoding;
 mod error;
 
-pub use authority::{Authority, AuthorityConfig, Inclusion, RosterEntry};
+pub use authority::{
+    Authority, AuthorityConfig, Inclusion, LIVENESS_PERIODS, RosterEntry,
+    default_descriptor_max_age_secs,
+};
 pub use descriptor::{Descriptor, SignedDescriptor, SphinxKeyEntry};
 pub use document::{
     AuthoritySet, AuthoritySignature, DocumentBody, NodeEntry, SignatureChecked, SignedDocument,
