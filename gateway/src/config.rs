@@ -16,6 +16,10 @@ use shoal_subnet::SubnetId;
 use shoal_topology::Hex32;
 
 use crate::GatewayError;
+use crate::limit::{
+    DEFAULT_BURST_SECS, DEFAULT_CUT_AFTER, DEFAULT_CUT_PENALTY, DEFAULT_CUT_WINDOW,
+    DEFAULT_RATE_FACTOR, LimitConfig,
+};
 use crate::mailbox::{DEFAULT_PULL_BATCH, MailboxConfig};
 use crate::store::StoreConfig;
 
@@ -52,6 +56,19 @@ pub struct RawConfig {
     pub mailbox: RawMailbox,
     #[serde(default)]
     pub store: RawStore,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[limits]`: per-account send rate limits (see [`crate::limit`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub rate_factor: Option<f64>,
+    pub burst_secs: Option<f64>,
+    pub cut_after: Option<u64>,
+    pub cut_window_secs: Option<u64>,
+    pub cut_penalty_secs: Option<u64>,
 }
 
 /// `[mailbox]`.
@@ -84,6 +101,8 @@ pub struct Config {
     /// Quota of accounts added without one.
     pub default_quota: u32,
     pub store: StoreConfig,
+    /// Per-account send rate limits on client links.
+    pub limits: LimitConfig,
     /// Subnets hosted here: only their admins may connect as admins, and only their
     /// signed commands are applied.
     pub subnets: Vec<SubnetId>,
@@ -150,7 +169,21 @@ impl Config {
             subnets.push(Hex32(key));
         }
         let m = raw.mailbox;
+        let l = raw.limits;
+        let defaults = LimitConfig::default();
+        let limits = LimitConfig {
+            rate_factor: l.rate_factor.unwrap_or(defaults.rate_factor),
+            burst_secs: l.burst_secs.unwrap_or(defaults.burst_secs),
+            cut_after: l.cut_after.unwrap_or(defaults.cut_after),
+            cut_window: l
+                .cut_window_secs
+                .map_or(defaults.cut_window, Duration::from_secs),
+            cut_penalty: l
+                .cut_penalty_secs
+                .map_or(defaults.cut_penalty, Duration::from_secs),
+        };
         let config = Config {
+            limits,
             subnets,
             node,
             client_listen,
@@ -202,6 +235,15 @@ impl Config {
         }
         if self.default_quota == 0 {
             return bad("mailbox.default_quota", "must be at least 1");
+        }
+        if let Err(reason) = self.limits.validate() {
+            let key = match reason.split_whitespace().next() {
+                Some("rate_factor") => "limits.rate_factor",
+                Some("burst_secs") => "limits.burst_secs",
+                Some("cut_after") => "limits.cut_after",
+                _ => "limits.cut_window_secs",
+            };
+            return bad(key, reason);
         }
         if let Err(GatewayError::Config(reason)) = self.store.validate() {
             let key = if reason.starts_with("max_batch") {
@@ -322,6 +364,19 @@ redelivery_timeout_secs = {redelivery}
 max_batch = {max_batch}
 # Write batches that may wait for the store's writer.
 queue_capacity = {store_queue}
+
+[limits]
+# Each account's Sphinx frames pass a token bucket refilled at `rate_factor` times the
+# directory's client rate (lambda_p + lambda_l + lambda_d) and holding `burst_secs` of
+# that refill. Honest clients send at exactly the client rate, so they never reach it;
+# frames over it are dropped and counted (shoal_gateway_client_frames_throttled_total).
+# rate_factor = {rate_factor}
+# burst_secs = {burst_secs}
+# An account with `cut_after` frames over the limit within `cut_window_secs` has its
+# links closed (Error RateLimited) and new links refused for `cut_penalty_secs`.
+# cut_after = {cut_after}
+# cut_window_secs = {cut_window}
+# cut_penalty_secs = {cut_penalty}
 "#,
         store_file = STORE_FILE,
         listen = toml_str(&opts.listen.to_string()),
@@ -334,6 +389,11 @@ queue_capacity = {store_queue}
         redelivery = DEFAULT_REDELIVERY_SECS,
         max_batch = store.max_batch,
         store_queue = store.queue_capacity,
+        rate_factor = DEFAULT_RATE_FACTOR,
+        burst_secs = DEFAULT_BURST_SECS,
+        cut_after = DEFAULT_CUT_AFTER,
+        cut_window = DEFAULT_CUT_WINDOW.as_secs(),
+        cut_penalty = DEFAULT_CUT_PENALTY.as_secs(),
         subnets = if opts.subnets.is_empty() {
             "# subnets = [\"<hex admin key>\"]".to_owned()
         } else {
@@ -399,6 +459,16 @@ mod tests {
         assert_eq!(c.mailbox.pull_batch, DEFAULT_PULL_BATCH);
         assert_eq!(c.default_quota, DEFAULT_QUOTA);
         assert_eq!(c.store, StoreConfig::default());
+        assert_eq!(c.limits, LimitConfig::default());
+        let c = parse(&minimal(
+            "",
+            "[limits]\nrate_factor = 8\ncut_after = 5\ncut_penalty_secs = 1\n",
+        ))
+        .unwrap();
+        assert_eq!(c.limits.rate_factor, 8.0);
+        assert_eq!(c.limits.cut_after, 5);
+        assert_eq!(c.limits.cut_penalty, Duration::from_secs(1));
+        assert_eq!(c.limits.burst_secs, DEFAULT_BURST_SECS);
     }
 
     #[test]
@@ -407,6 +477,7 @@ mod tests {
             minimal("colour = \"blue\"", ""),
             minimal("", "[mailbox]\npull_bacth = 3\n"),
             minimal("", "[store]\nfsync = false\n"),
+            minimal("", "[limits]\nfsync = false\n"),
         ] {
             let e = parse(&text).unwrap_err().to_string();
             assert!(e.starts_with("/etc/shoal/gateway.toml"), "{e}");
@@ -438,6 +509,22 @@ mod tests {
                 "`mailbox.default_quota`",
             ),
             (minimal("", "[store]\nmax_batch = 0\n"), "`store.max_batch`"),
+            (
+                minimal("", "[limits]\nrate_factor = 0.5\n"),
+                "`limits.rate_factor`",
+            ),
+            (
+                minimal("", "[limits]\nburst_secs = 0\n"),
+                "`limits.burst_secs`",
+            ),
+            (
+                minimal("", "[limits]\ncut_after = 0\n"),
+                "`limits.cut_after`",
+            ),
+            (
+                minimal("", "[limits]\ncut_window_secs = 0\n"),
+                "`limits.cut_window_secs`",
+            ),
             (minimal("subnets = [\"00\"]", ""), "`subnets`"),
             (
                 minimal("", "").replace("threshold = 1", "threshold = 2"),
@@ -477,6 +564,7 @@ mod tests {
         assert_eq!(c.node.metrics_listen, opts.metrics_listen);
         assert_eq!(c.client_listen, opts.client_listen);
         assert_eq!(c.subnets, opts.subnets);
+        assert_eq!(c.limits, LimitConfig::default());
         let identity = shoal_relay::keystore::load_identity(&c.node.identity_path()).unwrap();
         assert_eq!(identity.verifying_key().to_bytes(), id);
         assert!(matches!(

@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, trace, warn};
 
 use crate::config::Config;
+use crate::limit::{Admit, LimitConfig, SendLimiter};
 use crate::mailbox::{AccountKey, AckToSend, BatchId, ItemId, Mailbox, PullPlan, WriteBatch};
 use crate::metrics::{AckDrop, GatewayStats, Metrics};
 use crate::protocol::{
@@ -52,6 +53,8 @@ const EXPIRE_CHECK: Duration = Duration::from_secs(60);
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// An admin link with nothing to say for this long is closed.
 const ADMIN_IDLE: Duration = Duration::from_secs(30);
+/// How often a client stream re-reads the directory's client rate for its bucket.
+const RATE_REFRESH: Duration = Duration::from_secs(1);
 
 /// The answer to one admin command, once durable (or refused).
 type AdminReply = oneshot::Sender<Result<(), Refusal>>;
@@ -308,6 +311,8 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
     let mailbox_task = tokio::spawn(task.run().instrument(tracing::info_span!("mailbox")));
 
     let clients = Arc::new(Clients {
+        limits: config.limits,
+        buckets: std::sync::Mutex::new(HashMap::new()),
         hosted: config.subnets.clone(),
         requests: request_tx,
         store: Arc::downgrade(&store),
@@ -606,8 +611,15 @@ impl MailboxTask {
     }
 }
 
+/// One account's send-rate bucket, shared by all of its links.
+type Bucket = Arc<std::sync::Mutex<SendLimiter>>;
+
 /// What every client link task shares.
 struct Clients {
+    limits: LimitConfig,
+    /// Buckets of connected accounts and of accounts serving a cut penalty. Locked only
+    /// when a link opens or closes; frames lock their own account's bucket.
+    buckets: std::sync::Mutex<HashMap<AccountKey, Bucket>>,
     /// Subnets hosted here; their admin keys get admin links.
     hosted: Vec<SubnetId>,
     requests: mpsc::Sender<Request>,
@@ -642,6 +654,63 @@ async fn accept_clients(
 enum Control {
     Msg(ClientMsg),
     Malformed,
+    /// The account passed the flood threshold: refuse and close the link.
+    Cut,
+}
+
+/// The message of the `RateLimited` refusal.
+const RATE_LIMITED: &str = "sending far faster than the network's client rates; try later";
+
+/// λP+λL+λD of the directory in use (the defaults' sum before the first document).
+fn client_rate(pipeline: &Pipeline) -> f64 {
+    let sum = |p: &shoal_topology::NetworkParams| p.lambda_p + p.lambda_l + p.lambda_d;
+    pipeline
+        .current_document()
+        .map_or_else(|| sum(&Default::default()), |t| sum(t.params()))
+}
+
+impl Clients {
+    /// The bucket of `key`, created full if it has none; `None` while it serves a cut
+    /// penalty. Forgets idle buckets of accounts with no link left.
+    fn bucket(&self, key: AccountKey, now: Instant) -> Option<Bucket> {
+        let rate = client_rate(&self.pipeline);
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(&key) {
+            if b.lock().unwrap_or_else(|e| e.into_inner()).is_cut(now) {
+                return None;
+            }
+            return Some(b.clone());
+        }
+        map.retain(|_, b| {
+            Arc::strong_count(b) > 1
+                || !b
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_idle(rate, now)
+        });
+        let b = Arc::new(std::sync::Mutex::new(SendLimiter::new(
+            self.limits,
+            rate,
+            now,
+        )));
+        map.insert(key, b.clone());
+        Some(b)
+    }
+
+    /// A link of `key` ended: forget its bucket if nothing else holds it and a fresh
+    /// one would be the same.
+    fn release(&self, key: AccountKey, bucket: Bucket) {
+        let rate = client_rate(&self.pipeline);
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = bucket
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_idle(rate, Instant::now());
+        drop(bucket);
+        if idle && map.get(&key).is_some_and(|b| Arc::strong_count(b) == 1) {
+            map.remove(&key);
+        }
+    }
 }
 
 async fn ask<T>(clients: &Clients, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
@@ -654,6 +723,25 @@ async fn client_task(link: Link, clients: Arc<Clients>) {
     let key = link.peer();
     if clients.hosted.contains(&Hex32(key)) {
         admin_task(link, &clients).await;
+        return;
+    }
+    // An account that was cut for flooding is refused until its penalty ends.
+    if clients
+        .buckets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .is_some_and(|b| {
+            b.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_cut(Instant::now())
+        })
+    {
+        clients
+            .metrics
+            .clients_rate_refused
+            .fetch_add(1, Ordering::Relaxed);
+        refuse(&link, ErrorCode::RateLimited, RATE_LIMITED).await;
         return;
     }
     let known = ask(&clients, |reply| Request::Authenticate {
@@ -673,19 +761,30 @@ async fn client_task(link: Link, clients: Arc<Clients>) {
         return;
     }
     let m = &clients.metrics;
+    let id = link.connection().stable_id();
+    let Some(bucket) = clients.bucket(key, Instant::now()) else {
+        // Cut between the check above and now.
+        m.clients_rate_refused.fetch_add(1, Ordering::Relaxed);
+        let _ = clients.requests.send(Request::Gone { key, id }).await;
+        refuse(&link, ErrorCode::RateLimited, RATE_LIMITED).await;
+        return;
+    };
     m.clients_connected.fetch_add(1, Ordering::Relaxed);
     let (control_tx, control_rx) = mpsc::channel(CLIENT_QUEUE);
     let responder =
         tokio::spawn(respond(link.clone(), key, control_rx, clients.clone()).in_current_span());
     // The client sends on one long-lived stream; a reconnecting client may open another.
     while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
-        tokio::spawn(read_client(rx, control_tx.clone(), clients.clone()).in_current_span());
+        tokio::spawn(
+            read_client(rx, control_tx.clone(), clients.clone(), bucket.clone()).in_current_span(),
+        );
     }
     drop(control_tx);
-    responder.abort();
+    // Let the responder send a pending refusal; it ends once every reader is gone.
+    let _ = tokio::time::timeout(REFUSAL_LINGER, responder).await;
     m.clients_connected.fetch_sub(1, Ordering::Relaxed);
-    let id = link.connection().stable_id();
     let _ = clients.requests.send(Request::Gone { key, id }).await;
+    clients.release(key, bucket);
     trace!("client link closed");
 }
 
@@ -792,8 +891,15 @@ async fn refuse(link: &Link, code: ErrorCode, message: &str) {
 /// Reads fixed-size frames: Sphinx packets go straight into the mixing pipeline (this
 /// gateway is their first hop, and their delay counts from now); control messages go
 /// to the link's responder.
-async fn read_client(mut rx: FrameReceiver, control: mpsc::Sender<Control>, clients: Arc<Clients>) {
+async fn read_client(
+    mut rx: FrameReceiver,
+    control: mpsc::Sender<Control>,
+    clients: Arc<Clients>,
+    bucket: Bucket,
+) {
     let m = &clients.metrics;
+    let mut rate = client_rate(&clients.pipeline);
+    let mut rate_read = Instant::now();
     loop {
         let mut buf = Box::new([0u8; FRAME_SIZE]);
         match rx.recv_into(&mut buf[..]).await {
@@ -809,9 +915,30 @@ async fn read_client(mut rx: FrameReceiver, control: mpsc::Sender<Control>, clie
             Control::Malformed
         } else if buf[1] == FrameKind::Sphinx as u8 {
             m.client_sphinx_frames.fetch_add(1, Ordering::Relaxed);
-            // Overload is counted by the pipeline; the client's retransmission covers it.
-            let _ = clients.pipeline.inject(buf, arrived);
-            continue;
+            if arrived.saturating_duration_since(rate_read) >= RATE_REFRESH {
+                rate = client_rate(&clients.pipeline);
+                rate_read = arrived;
+            }
+            let admit = bucket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(rate, arrived);
+            match admit {
+                // Overload is counted by the pipeline; the client's retransmission covers it.
+                Admit::Pass => {
+                    let _ = clients.pipeline.inject(buf, arrived);
+                    continue;
+                }
+                // Dropped before any public-key work: a flood costs the gateway little.
+                Admit::Throttle => {
+                    m.client_frames_throttled.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Admit::Cut => {
+                    let _ = control.send(Control::Cut).await;
+                    return;
+                }
+            }
         } else {
             match Frame::decode(&buf[..])
                 .ok()
@@ -843,6 +970,20 @@ async fn respond(
     let mut out: Option<FrameSender> = None;
     while let Some(c) = control.recv().await {
         let (messages, close) = match c {
+            Control::Cut => {
+                clients
+                    .metrics
+                    .clients_rate_cut
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!("client link cut for flooding");
+                (
+                    vec![GatewayMsg::Error {
+                        code: ErrorCode::RateLimited,
+                        message: RATE_LIMITED.into(),
+                    }],
+                    true,
+                )
+            }
             Control::Malformed => (
                 vec![GatewayMsg::Error {
                     code: ErrorCode::Malformed,

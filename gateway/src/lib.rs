@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod config;
 pub mod driver;
+pub mod limit;
 pub mod mailbox;
 pub mod metrics;
 pub mod protocol;
@@ -14,6 +15,7 @@ mod error;
 pub use config::Config;
 pub use driver::{GatewayHandle, spawn};
 pub use error::GatewayError;
+pub use limit::{Admit, LimitConfig, SendLimiter};
 pub use mailbox::{
     AccountKey, AckToSend, BatchId, CommitFailed, CommitResult, Committed, DeliverOutcome, ItemId,
     Mailbox, MailboxConfig, MailboxStats, MailboxTag, PullItem, PullPlan, Recovered, Salt,

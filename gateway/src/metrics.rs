@@ -80,6 +80,12 @@ pub struct GatewayStats {
     pub client_control_frames: u64,
     /// Client frames that were neither (bad version or kind) or undecodable control.
     pub client_malformed: u64,
+    /// Client Sphinx frames dropped because their account was over its send rate limit.
+    pub client_frames_throttled: u64,
+    /// Client links closed because their account passed the flood threshold.
+    pub clients_rate_cut: u64,
+    /// Client links refused because their account was serving a cut penalty.
+    pub clients_rate_refused: u64,
     /// Admin commands applied and durable.
     pub admin_applied: u64,
     /// Admin commands refused, by cause (index: [`AdminRefusal::ALL`] order).
@@ -125,6 +131,9 @@ pub(crate) struct Metrics {
     pub client_sphinx_frames: AtomicU64,
     pub client_control_frames: AtomicU64,
     pub client_malformed: AtomicU64,
+    pub client_frames_throttled: AtomicU64,
+    pub clients_rate_cut: AtomicU64,
+    pub clients_rate_refused: AtomicU64,
     pub admin_applied: AtomicU64,
     admin_refused: [AtomicU64; ADMIN_CAUSES],
     /// [commit latency (ns), ops per batch]
@@ -143,6 +152,9 @@ impl Metrics {
             client_sphinx_frames: AtomicU64::new(0),
             client_control_frames: AtomicU64::new(0),
             client_malformed: AtomicU64::new(0),
+            client_frames_throttled: AtomicU64::new(0),
+            clients_rate_cut: AtomicU64::new(0),
+            clients_rate_refused: AtomicU64::new(0),
             admin_applied: AtomicU64::new(0),
             admin_refused: Default::default(),
             commits: Mutex::new(Windowed {
@@ -207,6 +219,9 @@ impl Metrics {
             client_sphinx_frames: load(&self.client_sphinx_frames),
             client_control_frames: load(&self.client_control_frames),
             client_malformed: load(&self.client_malformed),
+            client_frames_throttled: load(&self.client_frames_throttled),
+            clients_rate_cut: load(&self.clients_rate_cut),
+            clients_rate_refused: load(&self.clients_rate_refused),
             admin_applied: load(&self.admin_applied),
             admin_refused: std::array::from_fn(|i| load(&self.admin_refused[i])),
         }
@@ -365,6 +380,21 @@ impl Metrics {
                 ("{kind=\"sphinx\"}", c(s.client_sphinx_frames)),
                 ("{kind=\"control\"}", c(s.client_control_frames)),
                 ("{kind=\"malformed\"}", c(s.client_malformed)),
+            ],
+        );
+        metric(
+            "shoal_gateway_client_frames_throttled_total",
+            "counter",
+            "Client Sphinx frames dropped because their account was over its send rate limit.",
+            &[("", c(s.client_frames_throttled))],
+        );
+        metric(
+            "shoal_gateway_clients_rate_limited_total",
+            "counter",
+            "Client links closed for flooding (action=cut) or refused during the penalty after a cut (action=refused).",
+            &[
+                ("{action=\"cut\"}", c(s.clients_rate_cut)),
+                ("{action=\"refused\"}", c(s.clients_rate_refused)),
             ],
         );
         let mut admin = vec![("{outcome=\"applied\"}".to_owned(), c(s.admin_applied))];

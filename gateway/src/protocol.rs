@@ -108,6 +108,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The gateway hit a fault of its own.
     Internal,
+    /// The account sent Sphinx frames far faster than the network's client rates; its
+    /// links are closed and new ones refused for a while.
+    RateLimited,
     /// A code this version does not know.
     Other(u16),
 }
@@ -120,6 +123,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => 3,
             ErrorCode::Unavailable => 4,
             ErrorCode::Internal => 5,
+            ErrorCode::RateLimited => 6,
             ErrorCode::Other(c) => c,
         }
     }
@@ -131,6 +135,7 @@ impl ErrorCode {
             3 => ErrorCode::Overloaded,
             4 => ErrorCode::Unavailable,
             5 => ErrorCode::Internal,
+            6 => ErrorCode::RateLimited,
             other => ErrorCode::Other(other),
         }
     }

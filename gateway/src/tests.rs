@@ -127,6 +127,7 @@ fn gateway_config(dir: &Path, authority: SocketAddr, key: [u8; 32]) -> Config {
         },
         default_quota: 100,
         store: StoreConfig::default(),
+        limits: crate::LimitConfig::default(),
         subnets: Vec::new(),
     }
 }
