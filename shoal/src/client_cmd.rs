@@ -10,6 +10,13 @@
 //! instead and the running client picks it up within a second. `read` needs the store,
 //! so it works while the client is stopped; a running client prints messages as they
 //! arrive.
+//!
+//! A member of a subnet (the admin's `credential` and `policy` files in the directory,
+//! read on first use) also has groups: `shoal client group ...` does what the chat does,
+//! for scripts. Its state (MLS groups, inbox) is the chat's, in the same store, and
+//! `chat.json` holds the same contacts' membership cards and group names. Commands that
+//! change a group run the client until the change has settled and what it sent is
+//! acked (`--no-wait` only queues), so they too need the store: stop `run` first.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,11 +24,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use shoal_client::driver::{self, DriverConfig, DriverEvent};
+use shoal_client::group::GroupEvent;
+use shoal_client::managed::{self, ManagedHandle, unix_ms};
+use shoal_client::messenger::{
+    Messenger, MessengerError, MessengerEvent, OutgoingWhat, StoredMessage, invite_to_text,
+};
 use shoal_client::{ClientStore, ContactCard, Identity};
+use shoal_subnet::MessageOptions;
+
+use crate::chat::member::{
+    ChatFile, MemberFiles, card_credential, clean, invite_for, open_messenger,
+};
 use shoal_relay::config::AuthorityAddr;
 use shoal_topology::{AuthoritySet, Hex32};
 
@@ -79,6 +96,109 @@ pub enum ClientCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Groups (for a member of a subnet): create, invite, list, send, remove, update, leave.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+/// The client directory and, on first use only, the admin's membership files.
+#[derive(Args, Debug)]
+pub struct MemberOpts {
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// First use only: the membership credential your admin gave you (default DIR/credential).
+    #[arg(long)]
+    credential: Option<PathBuf>,
+    /// First use only: your subnet's policy file (default DIR/policy).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// First use only: how long group changes are collected before they take effect
+    /// (every member must get them within this time).
+    #[arg(long, default_value_t = 30)]
+    commit_settle_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct WaitOpts {
+    /// Only queue it; the next `shoal client run` (or group command) sends it.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting after this many seconds (what is queued stays queued).
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Print your membership card, for people who will add you to a group (one card
+    /// brings you into one group; print a fresh one for the next).
+    Card {
+        #[command(flatten)]
+        member: MemberOpts,
+    },
+    /// Make a group with only you in it; NAME is yours alone (others see its id).
+    Create {
+        #[command(flatten)]
+        member: MemberOpts,
+        name: String,
+    },
+    /// Add contacts (saved with `contact add HANDLE CARD`, or whose card came over the
+    /// network) to GROUP, in one change.
+    Invite {
+        #[command(flatten)]
+        member: MemberOpts,
+        group: String,
+        #[arg(required = true, value_name = "CONTACT")]
+        contacts: Vec<String>,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Your groups: members, epoch, changes waiting to settle; and cards received.
+    List {
+        #[command(flatten)]
+        member: MemberOpts,
+    },
+    /// Send MESSAGE to every other member of GROUP (waits for every ack).
+    Send {
+        #[command(flatten)]
+        member: MemberOpts,
+        group: String,
+        message: String,
+        /// Seconds the message is kept on the recipients' devices (policy bounds it).
+        #[arg(long, default_value_t = crate::chat::DEFAULT_TTL_SECS)]
+        ttl: u64,
+        /// Recipients delete it after they first read it.
+        #[arg(long)]
+        burn_on_read: bool,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Remove MEMBER (a handle) from GROUP.
+    Remove {
+        #[command(flatten)]
+        member: MemberOpts,
+        group: String,
+        #[arg(value_name = "MEMBER")]
+        handle: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Fresh keys for you in GROUP (post-compromise security).
+    Update {
+        #[command(flatten)]
+        member: MemberOpts,
+        group: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Ask to leave GROUP; the next change by another member removes you.
+    Leave {
+        #[command(flatten)]
+        member: MemberOpts,
+        group: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,7 +208,8 @@ pub enum ContactCommand {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Save someone's card under NAME.
+    /// Save someone's card under NAME. A membership card (`shoal-invite1:`, from
+    /// `group card`) is saved under the handle its credential carries, for groups.
     Add {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
@@ -269,41 +390,62 @@ pub fn init_dir(
     ))
 }
 
-/// `read` for a managed client: pending raw messages go through the messenger (policy,
-/// TTL), then its inbox is read, which deletes burn-on-read messages; the state is
-/// saved before anything is printed, so a burnt message is gone even if printing fails.
+/// `read` for a member: pending raw messages go through the messenger (policy, TTL),
+/// then its inbox is read, which deletes burn-on-read messages; the state is saved
+/// before anything is printed, so a burnt message is gone even if printing fails.
 fn read_managed(
+    dir: &Path,
     store: &ClientStore,
     snapshot: &shoal_client::messenger::MessengerSnapshot,
 ) -> anyhow::Result<()> {
     let now = shoal_client::managed::unix_ms();
-    let mut messenger = shoal_client::messenger::Messenger::restore(snapshot, now)?;
+    let mut messenger = Messenger::restore(snapshot, now)?;
     let mut consumed = Vec::new();
     for m in store.received_messages()? {
         messenger.handle_incoming(&m.bytes, now);
         consumed.push(m.message_id);
     }
+    if messenger.poll_outgoing().is_some() {
+        // What arrived calls for a group change this offline read cannot send (and an
+        // own commit kept but never sent would fork the group): leave it to `run`.
+        println!(
+            "({} new items need the network; `shoal client run` takes them in)",
+            consumed.len()
+        );
+        messenger = Messenger::restore(snapshot, now)?;
+        consumed.clear();
+    }
     let messages = messenger.read(now);
     store.save_messenger(&messenger.snapshot()?, &consumed)?;
+    let file = ChatFile::load(dir)?;
     for m in messages {
-        let place = if m.group.is_some() { " (group)" } else { "" };
-        let burn = if m.burn_on_read {
-            " [burnt after this read]"
-        } else {
-            ""
-        };
-        println!(
-            "[{}] {}{place}: {}{burn}",
-            format_ms(m.received_unix_ms),
-            m.from,
-            String::from_utf8_lossy(&m.body)
-        );
+        println!("{}", message_line(&m, &file, true));
     }
     let drops = messenger.policy_drops();
     if drops > 0 {
         println!("({drops} messages dropped by your subnet's policy so far)");
     }
     Ok(())
+}
+
+/// One received message for the terminal: time, group, sender, body, TTL, burn flag.
+fn message_line(m: &StoredMessage, file: &ChatFile, burnt_now: bool) -> String {
+    let place = match &m.group {
+        Some(g) => format!("#{} ", clean(file.group_label(g).as_bytes())),
+        None => String::new(),
+    };
+    let ttl = crate::chat::human_secs(m.expires_unix_ms.saturating_sub(m.received_unix_ms) / 1000);
+    let burn = match (m.burn_on_read, burnt_now) {
+        (false, _) => "",
+        (true, true) => ", burn-on-read: deleted after this read",
+        (true, false) => ", burn-on-read",
+    };
+    format!(
+        "[{}] {place}{}: {} [ttl {ttl}{burn}]",
+        format_ms(m.received_unix_ms),
+        clean(m.from.as_bytes()),
+        clean(&m.body)
+    )
 }
 
 /// `client.toml` with a comment on every key (what it does, and its unit).
@@ -455,6 +597,9 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         }
         ClientCommand::Contact(ContactCommand::Add { dir, name, card }) => {
             let store = open_store(&dir)?;
+            if card.trim().starts_with("shoal-invite1:") {
+                return add_member_card(&dir, &name, &card);
+            }
             let parsed = ContactCard::parse(&card).map_err(|e| anyhow::anyhow!("{e}"))?;
             let card = ContactCard::new(name.clone(), parsed.contact)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -467,12 +612,15 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             for c in store.contacts()? {
                 println!("{}\t{}", c.name, c.to_text());
             }
+            for c in ChatFile::load(&dir)?.contacts {
+                println!("{}\t{}", clean(c.handle.as_bytes()), c.card);
+            }
             Ok(())
         }
         ClientCommand::Read { dir } => {
             let store = open_store(&dir)?;
             if let Some(snapshot) = store.load_messenger()? {
-                return read_managed(&store, &snapshot);
+                return read_managed(&dir, &store, &snapshot);
             }
             for m in store.received_messages()? {
                 println!(
@@ -534,10 +682,16 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 }
             })
         }
+        ClientCommand::Group(cmd) => run_group(cmd),
         ClientCommand::Run { config } => {
             let loaded = load_config(&config)?;
             let store = open_store(&loaded.dir)?;
             let (identity, account) = load_identity(&store)?;
+            if let Some(snapshot) = store.load_messenger()? {
+                let messenger = Messenger::restore(&snapshot, shoal_client::managed::unix_ms())
+                    .context("cannot restore the member state")?;
+                return run_member(loaded, store, identity, account, messenger);
+            }
             let store = Arc::new(store);
             let dir = loaded.dir.clone();
             runtime()?.block_on(async move {
@@ -602,6 +756,516 @@ async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHa
             Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
         }
     }
+}
+
+/// Saves a membership card in `chat.json` (shared with the chat) under its handle.
+fn add_member_card(dir: &Path, name: &str, card: &str) -> anyhow::Result<()> {
+    let (_, cred) = card_credential(card)?;
+    let handle = cred.handle().to_string();
+    if handle != name {
+        bail!(
+            "this membership card is {:?}'s (the handle its credential carries): save it as `shoal client contact add {} CARD`",
+            clean(handle.as_bytes()),
+            clean(handle.as_bytes())
+        );
+    }
+    let mut file = ChatFile::load(dir)?;
+    file.put_contact(&handle, card);
+    file.save(dir)?;
+    println!(
+        "member {:?} saved; add them to a group with `shoal client group invite GROUP {}`",
+        clean(handle.as_bytes()),
+        clean(handle.as_bytes())
+    );
+    Ok(())
+}
+
+/// A member's client opened for a group command: the store (held until the command
+/// ends), its identity and the messenger.
+struct Member {
+    dir: PathBuf,
+    store: ClientStore,
+    identity: Identity,
+    account: SigningKey,
+    messenger: Messenger,
+    file: ChatFile,
+}
+
+impl Member {
+    fn open(opts: &MemberOpts) -> anyhow::Result<Member> {
+        let dir = opts.dir.clone();
+        let path = dir.join(STORE_FILE);
+        if !path.exists() {
+            bail!(
+                "{} has no client; run `shoal client init --dir {}` first",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let store = ClientStore::open(&path).with_context(|| {
+            format!(
+                "cannot open {}: is `shoal client run` or `shoal chat` using it? Group commands need the store: stop it first",
+                path.display()
+            )
+        })?;
+        let (identity, account) = load_identity(&store)?;
+        let files = MemberFiles {
+            credential: opts.credential.clone(),
+            policy: opts.policy.clone(),
+            commit_settle_secs: opts.commit_settle_secs,
+        };
+        let messenger = open_messenger(&dir, &files, &store, &account)?;
+        let file = ChatFile::load(&dir)?;
+        Ok(Member {
+            dir,
+            store,
+            identity,
+            account,
+            messenger,
+            file,
+        })
+    }
+
+    /// Keeps what an offline command changed.
+    fn save(&mut self) -> anyhow::Result<()> {
+        self.store
+            .save_messenger(&self.messenger.snapshot()?, &[])?;
+        Ok(())
+    }
+
+    fn group(&self, query: &str) -> anyhow::Result<Vec<u8>> {
+        self.file.find_group(&self.messenger.groups(), query)
+    }
+}
+
+/// What a group command that needs the network does, and what it waits for.
+enum Change {
+    Invite(Vec<String>),
+    Send(MessageOptions, String),
+    Remove(String),
+    Update,
+    Leave,
+}
+
+fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
+    let (opts, group, change, wait) = match cmd {
+        GroupCommand::Card { member } => {
+            let mut m = Member::open(&member)?;
+            let card = invite_to_text(&m.messenger.invite()?);
+            // The card's one-time key is now part of the state: keep it.
+            m.save()?;
+            println!("{card}");
+            return Ok(());
+        }
+        GroupCommand::Create { member, name } => {
+            let mut m = Member::open(&member)?;
+            if m.file.groups.iter().any(|g| g.name == name) {
+                bail!("you already have a group named {name:?}");
+            }
+            let id = m.messenger.create_group(unix_ms())?;
+            m.save()?;
+            m.file.groups.push(crate::chat::member::SavedGroup {
+                id: hex::encode(&id),
+                name: name.clone(),
+            });
+            m.file.save(&m.dir)?;
+            println!("group {name:?} created (id {})", hex::encode(&id));
+            println!("add people with `shoal client group invite {name} HANDLE`");
+            return Ok(());
+        }
+        GroupCommand::List { member } => {
+            let m = Member::open(&member)?;
+            print_groups(&m);
+            return Ok(());
+        }
+        GroupCommand::Invite {
+            member,
+            group,
+            contacts,
+            wait,
+        } => (member, group, Change::Invite(contacts), wait),
+        GroupCommand::Send {
+            member,
+            group,
+            message,
+            ttl,
+            burn_on_read,
+            wait,
+        } => {
+            let options = MessageOptions {
+                ttl_secs: ttl,
+                burn_on_read,
+            };
+            (member, group, Change::Send(options, message), wait)
+        }
+        GroupCommand::Remove {
+            member,
+            group,
+            handle,
+            wait,
+        } => (member, group, Change::Remove(handle), wait),
+        GroupCommand::Update {
+            member,
+            group,
+            wait,
+        } => (member, group, Change::Update, wait),
+        GroupCommand::Leave {
+            member,
+            group,
+            wait,
+        } => (member, group, Change::Leave, wait),
+    };
+    let m = Member::open(&opts)?;
+    let id = m.group(&group)?;
+    let label = clean(m.file.group_label(&id).as_bytes());
+    // Contacts are looked up before anything runs, so a typo costs nothing.
+    let invites = match &change {
+        Change::Invite(handles) => {
+            let mut out = Vec::new();
+            for h in handles {
+                let invite = invite_for(&m.messenger, &m.file, h).with_context(|| {
+                    format!(
+                        "no card for {:?}: save their membership card (their `shoal client group card`) with `shoal client contact add {} CARD`",
+                        clean(h.as_bytes()),
+                        clean(h.as_bytes())
+                    )
+                })?;
+                out.push(invite);
+            }
+            out
+        }
+        _ => Vec::new(),
+    };
+    let loaded = load_config(&m.dir.join(CONFIG_FILE))?;
+    let Member {
+        store,
+        identity,
+        account,
+        messenger,
+        ..
+    } = m;
+    let store = Arc::new(store);
+    runtime()?.block_on(async move {
+        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
+        let handle = managed::spawn(client, messenger, store)?;
+        let result = change_online(&handle, &id, &label, change, invites, &wait).await;
+        handle.shutdown().await;
+        result
+    })
+}
+
+/// Makes `change` on the running messenger and, unless `--no-wait`, waits until it has
+/// settled and every envelope it sent is acked.
+async fn change_online(
+    handle: &ManagedHandle,
+    id: &[u8],
+    label: &str,
+    change: Change,
+    invites: Vec<shoal_client::messenger::Invite>,
+    wait: &WaitOpts,
+) -> anyhow::Result<()> {
+    // Subscribed before the change, so nothing it causes is missed.
+    let mut sent = handle.subscribe_sent();
+    let mut raw = handle.client().subscribe();
+    let mut events = handle.subscribe();
+    let g = id.to_vec();
+    let (what, commits) = match &change {
+        Change::Invite(h) => (format!("adding {} to {label}", h.join(", ")), true),
+        Change::Send(..) => (format!("message to {label}"), false),
+        Change::Remove(h) => (format!("removing {h} from {label}"), true),
+        Change::Update => (format!("new keys in {label}"), true),
+        Change::Leave => (format!("asking to leave {label}"), false),
+    };
+    let done: Result<usize, MessengerError> = handle
+        .with(move |m, now| {
+            let others = m
+                .groups()
+                .iter()
+                .find(|s| s.id == g)
+                .map_or(0, |s| s.members.len().saturating_sub(1));
+            match change {
+                Change::Invite(_) => m.add_members(&g, &invites, now),
+                Change::Send(options, body) => m.send_group(&g, options, body.as_bytes(), now),
+                Change::Remove(h) => m.remove_member(&g, &h, now),
+                Change::Update => m.self_update(&g, now),
+                Change::Leave => m.leave(&g, now),
+            }
+            .map(|()| others)
+        })
+        .await?;
+    let others = match done {
+        Ok(n) => n,
+        Err(e @ MessengerError::Refused { .. }) => bail!("not done ({what}): {e}"),
+        Err(e) => bail!("cannot do it ({what}): {e}"),
+    };
+    println!("queued: {what}");
+    if wait.no_wait {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.timeout_secs);
+    let mut outstanding = std::collections::HashSet::new();
+    let mut acked = std::collections::HashSet::new();
+    let mut handed = 0usize;
+    loop {
+        // Answered after the flush that sent what the change (or a settle) produced, so
+        // those envelopes are in `sent` by now.
+        let g = id.to_vec();
+        let state = handle
+            .with(move |m, _| {
+                m.groups()
+                    .into_iter()
+                    .find(|s| s.id == g)
+                    .map(|s| (s.settling_until_ms, s.epoch, s.members.len()))
+            })
+            .await?;
+        loop {
+            match sent.try_recv() {
+                Ok(s) => {
+                    if matches!(s.what, OutgoingWhat::Group(_)) {
+                        handed += 1;
+                        if !acked.remove(&s.message_id) {
+                            outstanding.insert(s.message_id);
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        loop {
+            match raw.try_recv() {
+                Ok(DriverEvent::Acked { message_id }) => {
+                    if !outstanding.remove(&message_id) {
+                        acked.insert(message_id);
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        loop {
+            match events.try_recv() {
+                Ok(MessengerEvent::Group(GroupEvent::OwnCommitLost { group, .. }))
+                    if group == id =>
+                {
+                    bail!(
+                        "another member changed {label} at the same time and their change won; run the command again"
+                    )
+                }
+                Ok(MessengerEvent::Group(GroupEvent::Removed { group })) if group == id => {
+                    println!("you are no longer in {label}");
+                    return Ok(());
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        let Some((settling, epoch, members)) = state else {
+            bail!("you are no longer in {label}");
+        };
+        let settled = !commits || settling.is_none();
+        // A send hands one envelope per other member; a change's commit and Welcome
+        // are counted as they come (a group of one sends no commit).
+        let all_handed = commits || handed >= others;
+        if settled && all_handed && outstanding.is_empty() {
+            match (commits, handed) {
+                (true, _) => println!(
+                    "done: {what} (epoch {epoch}, {members} members); {handed} envelopes acked"
+                ),
+                (false, 0) => println!("done: {what} (nobody else is in {label})"),
+                (false, n) => println!("delivered: {what}, to the mailboxes of {n} members"),
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let left = if settled {
+                format!(
+                    "{} of {handed} envelopes are not acked yet",
+                    outstanding.len()
+                )
+            } else {
+                "the change has not settled yet".to_string()
+            };
+            bail!(
+                "{left} after {} s; it stays queued and `shoal client run` goes on with it",
+                wait.timeout_secs
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn print_groups(m: &Member) {
+    let me = m.messenger.credential();
+    let now = unix_ms();
+    let groups = m.messenger.groups();
+    if groups.is_empty() {
+        println!("no groups; make one with `shoal client group create NAME`");
+    }
+    for s in groups {
+        let mut skipped_me = false;
+        let members: Vec<String> = s
+            .members
+            .iter()
+            .map(|(h, subnet)| {
+                let shown = clean(h.as_bytes());
+                if !skipped_me && h == me.handle() && *subnet == me.subnet() {
+                    skipped_me = true;
+                    format!("{shown} (you)")
+                } else {
+                    shown
+                }
+            })
+            .collect();
+        println!(
+            "{}\tid {}\tepoch {}\tmembers: {}",
+            clean(m.file.group_label(&s.id).as_bytes()),
+            hex::encode(&s.id[..s.id.len().min(4)]),
+            s.epoch,
+            members.join(", ")
+        );
+        if let Some(t) = s.settling_until_ms {
+            println!(
+                "\tpending: a change settles in {} s (run the client to apply it)",
+                t.saturating_sub(now).div_ceil(1000)
+            );
+        }
+        if s.leaving {
+            println!(
+                "\tpending: you asked to leave; the next change by another member removes you"
+            );
+        }
+    }
+    for i in m.messenger.received_invites() {
+        println!(
+            "card received from {:?}: `shoal client group invite GROUP {}` adds them",
+            clean(i.handle.as_bytes()),
+            clean(i.handle.as_bytes())
+        );
+    }
+}
+
+/// `run` for a member: the messenger on the client, printing messages and group news.
+fn run_member(
+    loaded: Loaded,
+    store: ClientStore,
+    identity: Identity,
+    account: SigningKey,
+    messenger: Messenger,
+) -> anyhow::Result<()> {
+    let store = Arc::new(store);
+    let dir = loaded.dir.clone();
+    runtime()?.block_on(async move {
+        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
+        let handle = managed::spawn(client, messenger, store.clone())?;
+        let mut events = handle.subscribe();
+        let mut outbox_tick = tokio::time::interval(Duration::from_millis(500));
+        let signal = crate::runtime::wait_for_signal();
+        tokio::pin!(signal);
+        let result: anyhow::Result<()> = async {
+            loop {
+                tokio::select! {
+                    r = &mut signal => { r?; return Ok(()); }
+                    _ = outbox_tick.tick() => drain_outbox(&dir, &store, handle.client()).await,
+                    ev = events.recv() => match ev {
+                        Ok(e) => member_event(&handle, &dir, e).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return Ok(()),
+                    },
+                }
+            }
+        }
+        .await;
+        tracing::info!("shutting down");
+        handle.shutdown().await;
+        result
+    })
+}
+
+/// One line per message or group change, as `run` prints them.
+async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
+    use std::io::Write;
+    // Names may have been given since the start (`group create` needs the store, so
+    // not while this runs, but the chat file can be edited).
+    let file = ChatFile::load(dir).unwrap_or_default();
+    let group_label = |g: &[u8]| clean(file.group_label(g).as_bytes());
+    let line = match e {
+        MessengerEvent::Message { id, .. } => {
+            let stored = handle
+                .with(move |m, _| m.peek().iter().find(|s| s.id == id).cloned())
+                .await
+                .ok()
+                .flatten();
+            // Gone already (expired): nothing to show.
+            let Some(s) = stored else { return };
+            if s.burn_on_read {
+                // Shown once, by `read`, which then deletes it.
+                let mut hidden = s.clone();
+                hidden.body = b"(burn-on-read: `shoal client read` shows it once)".to_vec();
+                message_line(&hidden, &file, false)
+            } else {
+                message_line(&s, &file, false)
+            }
+        }
+        MessengerEvent::InviteReceived { handle } => format!(
+            "{h:?} sent you their card: `shoal client group invite GROUP {h}` adds them",
+            h = clean(handle.as_bytes())
+        ),
+        MessengerEvent::PolicyDrop {
+            handle, refusal, ..
+        } => format!(
+            "a message from {:?} was dropped by your subnet's policy: {refusal}",
+            clean(handle.as_bytes())
+        ),
+        MessengerEvent::PolicyUpdated { version } => {
+            format!("your admin's policy version {version} is in force")
+        }
+        MessengerEvent::Group(g) => match g {
+            GroupEvent::Joined { group } => format!("you joined group {}", group_label(&group)),
+            GroupEvent::MemberAdded { group, member } => format!(
+                "{} joined group {}",
+                clean(member.credential.handle().as_bytes()),
+                group_label(&group)
+            ),
+            GroupEvent::MemberRemoved { group, member } => format!(
+                "{} left group {}",
+                clean(member.credential.handle().as_bytes()),
+                group_label(&group)
+            ),
+            GroupEvent::Removed { group } => {
+                format!("you were removed from group {}", group_label(&group))
+            }
+            GroupEvent::Refused {
+                group,
+                handle,
+                refusal,
+            } => format!(
+                "group {} refused: your policy does not allow {:?}: {refusal}",
+                group_label(&group),
+                clean(handle.as_bytes())
+            ),
+            GroupEvent::DuplicateHandle { group, new, .. } => format!(
+                "warning: a second {:?} with a different key joined group {}",
+                clean(new.credential.handle().as_bytes()),
+                group_label(&group)
+            ),
+            GroupEvent::OwnCommitLost { group, .. } => format!(
+                "your change to group {} lost to another member's; make it again",
+                group_label(&group)
+            ),
+            GroupEvent::Diverged { group, epoch } => format!(
+                "group {} diverged at epoch {epoch}: messages from the other branch cannot be read",
+                group_label(&group)
+            ),
+            GroupEvent::EpochChanged { group, epoch } => {
+                format!("group {} is at epoch {epoch}", group_label(&group))
+            }
+            _ => return,
+        },
+        _ => return,
+    };
+    println!("{line}");
+    let _ = std::io::stdout().flush();
 }
 
 fn format_ms(ms: u64) -> String {

@@ -486,6 +486,12 @@ impl GroupManager {
         self.groups.get(group).map(|(g, _)| g.epoch().as_u64())
     }
 
+    /// When the commits held for `group`'s current epoch are decided (unix ms), if any
+    /// are held.
+    pub fn settle_at(&self, group: &[u8]) -> Option<u64> {
+        self.groups.get(group).and_then(|(_, m)| m.settle_at)
+    }
+
     pub fn epoch_authenticator(&self, group: &[u8]) -> Option<Vec<u8>> {
         self.groups
             .get(group)

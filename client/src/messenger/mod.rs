@@ -180,6 +180,16 @@ pub struct StoredMessage {
     pub read: bool,
 }
 
+impl StoredMessage {
+    /// The conversation this message belongs to.
+    pub fn conversation(&self) -> Conversation<'_> {
+        match &self.group {
+            Some(g) => Conversation::Group(g),
+            None => Conversation::Direct(&self.from),
+        }
+    }
+}
+
 impl std::fmt::Debug for StoredMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Bodies and senders are user data.
@@ -280,6 +290,19 @@ pub struct GroupSummary {
     pub epoch: u64,
     /// (handle, subnet) of every member, this one included.
     pub members: Vec<(String, SubnetId)>,
+    /// A change (this member's or another's commit) waits to settle until then (unix
+    /// ms); members added by it join only after.
+    pub settling_until_ms: Option<u64>,
+    /// This member asked to leave and waits for another member's commit.
+    pub leaving: bool,
+}
+
+/// One conversation of the inbox as a user opens it: a group, or the direct messages
+/// from one handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conversation<'a> {
+    Group(&'a [u8]),
+    Direct(&'a str),
 }
 
 /// What [`Messenger::snapshot`] returns: the MLS state (secret keys included) and the
@@ -598,6 +621,8 @@ impl Messenger {
             .into_iter()
             .map(|id| GroupSummary {
                 epoch: self.groups.epoch(&id).unwrap_or_default(),
+                settling_until_ms: self.groups.settle_at(&id),
+                leaving: self.leaving.contains(&id),
                 members: self
                     .groups
                     .members(&id)
@@ -873,12 +898,30 @@ impl Messenger {
     /// Messages not yet expired, oldest first, marked read; burn-on-read ones are
     /// deleted by this read. Store the snapshot afterwards so the deletion is durable.
     pub fn read(&mut self, now_ms: u64) -> Vec<StoredMessage> {
+        self.read_where(now_ms, |_| true)
+    }
+
+    /// [`Self::read`] of one conversation only: burn-on-read messages of every other
+    /// conversation stay until that one is opened.
+    pub fn read_conversation(
+        &mut self,
+        conversation: Conversation<'_>,
+        now_ms: u64,
+    ) -> Vec<StoredMessage> {
+        self.read_where(now_ms, |m| m.conversation() == conversation)
+    }
+
+    fn read_where(
+        &mut self,
+        now_ms: u64,
+        chosen: impl Fn(&StoredMessage) -> bool,
+    ) -> Vec<StoredMessage> {
         self.expire(now_ms);
-        let out: Vec<StoredMessage> = self.inbox.clone();
+        let out: Vec<StoredMessage> = self.inbox.iter().filter(|m| chosen(m)).cloned().collect();
         let before = self.inbox.len();
-        self.inbox.retain(|m| !m.burn_on_read);
+        self.inbox.retain(|m| !(m.burn_on_read && chosen(m)));
         self.stats.burnt += (before - self.inbox.len()) as u64;
-        for m in &mut self.inbox {
+        for m in self.inbox.iter_mut().filter(|m| chosen(m)) {
             m.read = true;
         }
         self.dirty = true;

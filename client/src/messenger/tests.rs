@@ -262,6 +262,62 @@ fn ttl_expiry_and_burn_on_read() {
 }
 
 #[test]
+fn reading_one_conversation_burns_only_its_messages() {
+    let World { mut ms, .. } = world();
+    let al = cred(&ms, 1);
+    let burn = MessageOptions {
+        ttl_secs: 600,
+        burn_on_read: true,
+    };
+    let g = form_group(&mut ms, &[1], NOW);
+    ms[0].send_direct(&al, burn, b"from ana", NOW).unwrap();
+    ms[2].send_direct(&al, burn, b"from ax", NOW).unwrap();
+    ms[0].send_group(&g, burn, b"to the group", NOW).unwrap();
+    deliver(&mut ms, NOW);
+    assert_eq!(ms[1].peek().len(), 3);
+
+    // Opening ana's direct conversation shows and burns only what ana sent directly.
+    let read = ms[1].read_conversation(Conversation::Direct("ana"), NOW + 1);
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].body, b"from ana");
+    let mut left: Vec<&[u8]> = ms[1].peek().iter().map(|m| m.body.as_slice()).collect();
+    left.sort();
+    assert_eq!(left, [b"from ax".as_slice(), b"to the group"]);
+    assert!(ms[1].peek().iter().all(|m| !m.read), "others stay unread");
+    assert_eq!(ms[1].stats().burnt, 1);
+
+    // The group, then ax: each burns its own.
+    let read = ms[1].read_conversation(Conversation::Group(&g), NOW + 2);
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].body, b"to the group");
+    assert_eq!(read[0].conversation(), Conversation::Group(&g));
+    assert_eq!(ms[1].peek().len(), 1);
+    assert!(
+        ms[1]
+            .read_conversation(Conversation::Direct("bo"), NOW + 3)
+            .is_empty()
+    );
+    assert_eq!(ms[1].peek().len(), 1, "an empty conversation burns nothing");
+    ms[1].read_conversation(Conversation::Direct("ax"), NOW + 4);
+    assert!(ms[1].peek().is_empty());
+    assert_eq!(ms[1].stats().burnt, 3);
+}
+
+#[test]
+fn group_summary_shows_a_change_waiting_to_settle() {
+    let World { mut ms, .. } = world();
+    let g = form_group(&mut ms, &[1], NOW);
+    let s = &ms[0].groups()[0];
+    assert_eq!((s.settling_until_ms, s.leaving), (None, false));
+    ms[0].self_update(&g, NOW).unwrap();
+    assert_eq!(ms[0].groups()[0].settling_until_ms, Some(NOW + SETTLE));
+    ms[1].leave(&g, NOW).unwrap();
+    assert!(ms[1].groups()[0].leaving);
+    tick(&mut ms, NOW + SETTLE);
+    assert_eq!(ms[0].groups()[0].settling_until_ms, None);
+}
+
+#[test]
 fn group_spanning_federated_subnets_and_restart() {
     let World { mut ms, .. } = world();
     let g = form_group(&mut ms, &[1, 3], NOW);

@@ -12,9 +12,12 @@
 //! - `chat.json`: this user's contacts (their cards) and the names given to groups;
 //! - `my-card.txt`: written by `/card`.
 
+pub(crate) mod member;
 mod net;
 mod state;
 mod view;
+
+pub(crate) use state::{DEFAULT_TTL_SECS, human_secs};
 
 use std::path::PathBuf;
 

@@ -2,161 +2,33 @@
 //! moves keys, messenger events and delivery receipts between them and the state.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
-use ed25519_dalek::SigningKey;
-use serde::{Deserialize, Serialize};
 use shoal_client::ClientStore;
 use shoal_client::driver::{self, DriverEvent};
-use shoal_client::group::{GroupConfig, GroupEvent};
+use shoal_client::group::GroupEvent;
 use shoal_client::managed::{self, EnvelopeSent, ManagedHandle, unix_ms};
 use shoal_client::messenger::{
-    Invite, Messenger, MessengerConfig, MessengerEvent, OutgoingWhat, invite_from_text,
-    invite_to_text,
+    Conversation, Messenger, MessengerEvent, OutgoingWhat, invite_to_text,
 };
 use shoal_packet::MessageId;
-use shoal_subnet::{MemberCredential, MessageOptions, Policy, UncheckedCredential};
+use shoal_subnet::MessageOptions;
 use tokio::sync::{broadcast, mpsc};
 
 use super::ChatArgs;
+use super::member::{
+    ChatFile, MemberFiles, SavedContact, SavedGroup, card_credential, clean, open_messenger,
+    write_private,
+};
 use super::state::{ChatState, ConvKey, Delivery, Key, Request, Update, default_title};
 use super::view;
 use crate::client_cmd::{CONFIG_FILE, STORE_FILE, load_config, load_identity};
 
-const CHAT_FILE: &str = "chat.json";
 const CARD_FILE: &str = "my-card.txt";
-
-/// `chat.json`: contacts (by the handle their credential names) and group names.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChatFile {
-    contacts: Vec<SavedContact>,
-    groups: Vec<SavedGroup>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SavedContact {
-    handle: String,
-    card: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SavedGroup {
-    id: String,
-    name: String,
-}
-
-impl ChatFile {
-    fn load(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(CHAT_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ChatFile::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
-    }
-
-    fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        write_private(&dir.join(CHAT_FILE), &serde_json::to_vec_pretty(self)?)
-    }
-
-    fn contact(&self, handle: &str) -> Option<&SavedContact> {
-        self.contacts.iter().find(|c| c.handle == handle)
-    }
-}
-
-/// Writes `bytes` readable by this user only, replacing the file atomically.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// The credential inside a card (an invite text), signature checked.
-fn card_credential(card: &str) -> anyhow::Result<(Invite, MemberCredential)> {
-    let invite = invite_from_text(card).map_err(|e| anyhow::anyhow!("not a contact card: {e}"))?;
-    let cred = UncheckedCredential::parse(&invite.credential)
-        .and_then(UncheckedCredential::check_signature)
-        .map_err(|e| anyhow::anyhow!("the card's credential does not check: {e}"))?
-        .ignore_validity();
-    Ok((invite, cred))
-}
-
-/// Untrusted text made safe for a terminal: no control characters (escape sequences).
-fn clean(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-/// The messenger kept in the store, or a new one from the admin's files (first use).
-fn open_messenger(
-    args: &ChatArgs,
-    store: &ClientStore,
-    account: &SigningKey,
-) -> anyhow::Result<Messenger> {
-    let now = unix_ms();
-    if let Some(snapshot) = store.load_messenger()? {
-        return Messenger::restore(&snapshot, now).context("cannot restore the chat state");
-    }
-    let cred_path = args
-        .credential
-        .clone()
-        .unwrap_or_else(|| args.dir.join("credential"));
-    let policy_path = args
-        .policy
-        .clone()
-        .unwrap_or_else(|| args.dir.join("policy"));
-    let read = |p: &PathBuf, what: &str| {
-        std::fs::read(p).with_context(|| {
-            format!(
-                "cannot read your {what} file {}: on first use the chat needs the membership \
-                 files your subnet's admin gave you (--credential, --policy)",
-                p.display()
-            )
-        })
-    };
-    let cred = UncheckedCredential::parse(&read(&cred_path, "credential")?)
-        .and_then(UncheckedCredential::check_signature)
-        .and_then(|c| c.check_valid_at(now / 1000))
-        .context("your membership credential")?;
-    if cred.signing_key() != account.verifying_key().to_bytes() {
-        bail!(
-            "this credential was issued for another device's key; give your admin the account key `shoal client init` printed"
-        );
-    }
-    let policy = Policy::verify(&read(&policy_path, "policy")?, &cred.subnet())
-        .context("your subnet's policy")?;
-    let config = MessengerConfig {
-        groups: GroupConfig {
-            commit_settle_ms: args.commit_settle_secs.saturating_mul(1000),
-        },
-        ..MessengerConfig::default()
-    };
-    let m = Messenger::new(account.to_bytes(), cred.signed(), policy, config, now)?;
-    store.save_messenger(&m.snapshot()?, &[])?;
-    Ok(m)
-}
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let loaded = load_config(&args.dir.join(CONFIG_FILE))?;
@@ -175,7 +47,16 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         )
     })?;
     let (identity, account) = load_identity(&store)?;
-    let mut messenger = open_messenger(&args, &store, &account)?;
+    let mut messenger = open_messenger(
+        &args.dir,
+        &MemberFiles {
+            credential: args.credential.clone(),
+            policy: args.policy.clone(),
+            commit_settle_secs: args.commit_settle_secs,
+        },
+        &store,
+        &account,
+    )?;
     if args.print_card {
         let card = invite_to_text(&messenger.invite()?);
         // The card's one-time key is now part of the state: keep it.
@@ -766,17 +647,38 @@ impl<'a> Ui<'a> {
             return;
         };
         if self.burn_pending.contains(&current) {
-            // `read` burns every burn-on-read message in the inbox at once.
-            if self.handle.with(|m, now| m.read(now).len()).await.is_ok() {
-                self.burn_pending.clear();
+            let conv = current.clone();
+            let burnt = self
+                .handle
+                .with(move |m, now| burn_conversation(m, &conv, now))
+                .await;
+            if burnt.is_ok() {
+                self.burn_pending.retain(|c| *c != current);
             }
         }
     }
 }
 
+/// Deletes the burn-on-read messages of `conv` (now on screen) from the device; those
+/// of other conversations stay until they are opened. Returns how many were burnt.
+fn burn_conversation(m: &mut Messenger, conv: &ConvKey, now_ms: u64) -> usize {
+    let c = match conv {
+        ConvKey::Group(g) => Conversation::Group(g),
+        ConvKey::Direct(h) => Conversation::Direct(h),
+    };
+    m.read_conversation(c, now_ms)
+        .iter()
+        .filter(|s| s.burn_on_read)
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::SigningKey;
+    use shoal_client::group::GroupConfig;
+    use shoal_client::messenger::MessengerConfig;
+    use shoal_subnet::Policy;
 
     fn sent(what: OutgoingWhat, n: u8) -> EnvelopeSent {
         EnvelopeSent {
@@ -809,6 +711,107 @@ mod tests {
         assert!(t.on_tick(0).is_empty(), "reported once");
         assert_eq!(t.on_acked(&[2; 16]), Some(1));
         assert!(t.open.is_empty());
+    }
+
+    /// Two members of one subnet whose policy allows burn-on-read.
+    fn two_members() -> (Messenger, Messenger) {
+        use shoal_subnet::{BurnOnRead, CredentialBody, PolicyBody, RoleRule, SubnetAdmin};
+        use shoal_topology::Hex32;
+        let admin = SubnetAdmin::from_secret([7; 32]);
+        let signed = admin
+            .issue_policy(PolicyBody {
+                subnet: admin.subnet(),
+                version: 1,
+                issued_at: 1000,
+                roles: vec!["member".into()],
+                rules: vec![RoleRule {
+                    from: "member".into(),
+                    to: "member".into(),
+                }],
+                federation: vec![],
+                ttl_min_secs: 60,
+                ttl_max_secs: 86_400,
+                burn_on_read: BurnOnRead::Allowed,
+                revoked_keys: vec![],
+                revoked_handles: vec![],
+            })
+            .unwrap();
+        let policy = Policy::verify(&signed.to_bytes(), &admin.subnet()).unwrap();
+        let member = |handle: &str, seed: u8| {
+            let secret = [seed; 32];
+            let key = SigningKey::from_bytes(&secret);
+            let cred = admin
+                .issue_credential(CredentialBody {
+                    subnet: admin.subnet(),
+                    handle: handle.into(),
+                    role: "member".into(),
+                    signing_key: Hex32(key.verifying_key().to_bytes()),
+                    seal_key: Hex32([seed; 32]),
+                    mailbox: Hex32([seed; 32]),
+                    gateway: Hex32([9; 32]),
+                    not_before: 1000,
+                    not_after: 100_000,
+                })
+                .unwrap();
+            let config = MessengerConfig {
+                groups: GroupConfig {
+                    commit_settle_ms: 1000,
+                },
+                ..MessengerConfig::default()
+            };
+            Messenger::new(secret, &cred, policy.clone(), config, NOW).unwrap()
+        };
+        (member("ana", 1), member("al", 2))
+    }
+
+    const NOW: u64 = 2_000_000;
+
+    /// Hands everything `from` queued to `to`.
+    fn deliver(from: &mut Messenger, to: &mut Messenger, now: u64) {
+        while let Some(out) = from.poll_outgoing() {
+            to.handle_incoming(&out.bytes, now);
+        }
+    }
+
+    // Regression: opening one conversation used to burn every burn-on-read message in
+    // the inbox, those of conversations never opened included.
+    #[test]
+    fn opening_a_conversation_burns_only_its_own_messages() {
+        let (mut ana, mut al) = two_members();
+        let g = ana.create_group(NOW).unwrap();
+        let invite = al.invite().unwrap();
+        ana.add_members(&g, &[invite], NOW).unwrap();
+        ana.handle_timeout(NOW + 1000);
+        deliver(&mut ana, &mut al, NOW + 1000);
+        assert_eq!(al.groups().len(), 1, "al joined");
+        let burn = MessageOptions {
+            ttl_secs: 600,
+            burn_on_read: true,
+        };
+        let al_cred = al.credential().clone();
+        ana.send_direct(&al_cred, burn, b"direct", NOW + 1000)
+            .unwrap();
+        ana.send_group(&g, burn, b"in the group", NOW + 1000)
+            .unwrap();
+        deliver(&mut ana, &mut al, NOW + 1000);
+        assert_eq!(al.peek().len(), 2);
+
+        let mut pending = vec![ConvKey::Direct("ana".into()), ConvKey::Group(g.clone())];
+        let open = ConvKey::Direct("ana".into());
+        assert_eq!(burn_conversation(&mut al, &open, NOW + 2000), 1);
+        pending.retain(|c| *c != open);
+        assert_eq!(
+            al.peek().len(),
+            1,
+            "the group's message is still on the device"
+        );
+        assert_eq!(al.peek()[0].body, b"in the group");
+        assert_eq!(pending, vec![ConvKey::Group(g.clone())]);
+        assert_eq!(
+            burn_conversation(&mut al, &ConvKey::Group(g), NOW + 3000),
+            1
+        );
+        assert!(al.peek().is_empty());
     }
 
     #[test]

@@ -1,0 +1,272 @@
+//! What the chat and `shoal client group ...` share: the member's messenger (made from
+//! the admin's files on first use, then kept in the store), `chat.json` (membership
+//! cards of contacts, names of groups) and how a group or contact is looked up by what
+//! a person types.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use shoal_client::ClientStore;
+use shoal_client::group::{GroupConfig, GroupId};
+use shoal_client::managed::unix_ms;
+use shoal_client::messenger::{GroupSummary, Invite, Messenger, MessengerConfig, invite_from_text};
+use shoal_subnet::{MemberCredential, Policy, UncheckedCredential};
+
+const CHAT_FILE: &str = "chat.json";
+
+/// `chat.json`: contacts (by the handle their credential names) and group names.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ChatFile {
+    pub contacts: Vec<SavedContact>,
+    pub groups: Vec<SavedGroup>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SavedContact {
+    pub handle: String,
+    pub card: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SavedGroup {
+    pub id: String,
+    pub name: String,
+}
+
+impl ChatFile {
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(CHAT_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ChatFile::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        write_private(&dir.join(CHAT_FILE), &serde_json::to_vec_pretty(self)?)
+    }
+
+    pub fn contact(&self, handle: &str) -> Option<&SavedContact> {
+        self.contacts.iter().find(|c| c.handle == handle)
+    }
+
+    /// Saves (or replaces) the membership card of `handle`.
+    pub fn put_contact(&mut self, handle: &str, card: &str) {
+        self.contacts.retain(|c| c.handle != handle);
+        self.contacts.push(SavedContact {
+            handle: handle.to_string(),
+            card: card.trim().to_string(),
+        });
+    }
+
+    /// The name this user gave `group`, if any.
+    pub fn group_name(&self, group: &[u8]) -> Option<&str> {
+        let id = hex::encode(group);
+        self.groups
+            .iter()
+            .find(|g| g.id == id)
+            .map(|g| g.name.as_str())
+    }
+
+    /// What the CLI calls `group`: its name, or the start of its id (8 hex digits,
+    /// which [`Self::find_group`] takes back).
+    pub fn group_label(&self, group: &[u8]) -> String {
+        match self.group_name(group) {
+            Some(n) => n.to_string(),
+            None => hex::encode(&group[..group.len().min(4)]),
+        }
+    }
+
+    /// The group `query` names among `groups` (this member's): a name given with
+    /// `group create`, or its id in hex, whole or its start (8 digits are shown).
+    pub fn find_group(&self, groups: &[GroupSummary], query: &str) -> anyhow::Result<GroupId> {
+        let query = query.trim();
+        if let Some(g) = self.groups.iter().find(|g| g.name == query) {
+            let id = hex::decode(&g.id).unwrap_or_default();
+            if groups.iter().any(|s| s.id == id) {
+                return Ok(id);
+            }
+            bail!("you are no longer in group {query:?} (removed, or you left it)");
+        }
+        let q = query
+            .strip_prefix("group ")
+            .unwrap_or(query)
+            .to_ascii_lowercase();
+        if q.len() >= 4 && q.chars().all(|c| c.is_ascii_hexdigit()) {
+            let hits: Vec<&GroupSummary> = groups
+                .iter()
+                .filter(|s| hex::encode(&s.id).starts_with(&q))
+                .collect();
+            match hits.as_slice() {
+                [one] => return Ok(one.id.clone()),
+                [] => {}
+                _ => bail!("{query:?} matches more than one group; give more of its id"),
+            }
+        }
+        bail!(
+            "no group {query:?}: give a name from `shoal client group list` or the start of its id"
+        )
+    }
+}
+
+/// Writes `bytes` readable by this user only, replacing the file atomically.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The credential inside a card (an invite text), signature checked.
+pub(crate) fn card_credential(card: &str) -> anyhow::Result<(Invite, MemberCredential)> {
+    let invite = invite_from_text(card).map_err(|e| anyhow::anyhow!("not a contact card: {e}"))?;
+    let cred = UncheckedCredential::parse(&invite.credential)
+        .and_then(UncheckedCredential::check_signature)
+        .map_err(|e| anyhow::anyhow!("the card's credential does not check: {e}"))?
+        .ignore_validity();
+    Ok((invite, cred))
+}
+
+/// Untrusted text made safe for a terminal: no control characters (escape sequences).
+pub(crate) fn clean(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// The admin's files a member starts from (read on first use only).
+#[derive(Debug, Clone)]
+pub(crate) struct MemberFiles {
+    /// Default DIR/credential.
+    pub credential: Option<PathBuf>,
+    /// Default DIR/policy.
+    pub policy: Option<PathBuf>,
+    pub commit_settle_secs: u64,
+}
+
+/// The messenger kept in the store, or a new one from the admin's files (first use).
+pub(crate) fn open_messenger(
+    dir: &Path,
+    files: &MemberFiles,
+    store: &ClientStore,
+    account: &SigningKey,
+) -> anyhow::Result<Messenger> {
+    let now = unix_ms();
+    if let Some(snapshot) = store.load_messenger()? {
+        return Messenger::restore(&snapshot, now).context("cannot restore the member state");
+    }
+    let cred_path = files
+        .credential
+        .clone()
+        .unwrap_or_else(|| dir.join("credential"));
+    let policy_path = files.policy.clone().unwrap_or_else(|| dir.join("policy"));
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).with_context(|| {
+            format!(
+                "cannot read your {what} file {}: on first use Shoal needs the membership \
+                 files your subnet's admin gave you (--credential, --policy)",
+                p.display()
+            )
+        })
+    };
+    let cred = UncheckedCredential::parse(&read(&cred_path, "credential")?)
+        .and_then(UncheckedCredential::check_signature)
+        .and_then(|c| c.check_valid_at(now / 1000))
+        .context("your membership credential")?;
+    if cred.signing_key() != account.verifying_key().to_bytes() {
+        bail!(
+            "this credential was issued for another device's key; give your admin the account key `shoal client init` printed"
+        );
+    }
+    let policy = Policy::verify(&read(&policy_path, "policy")?, &cred.subnet())
+        .context("your subnet's policy")?;
+    let config = MessengerConfig {
+        groups: GroupConfig {
+            commit_settle_ms: files.commit_settle_secs.saturating_mul(1000),
+        },
+        ..MessengerConfig::default()
+    };
+    let m = Messenger::new(account.to_bytes(), cred.signed(), policy, config, now)?;
+    store.save_messenger(&m.snapshot()?, &[])?;
+    Ok(m)
+}
+
+/// The invite to add `handle` with: a card that came over the network is fresher than
+/// a saved one (each card brings its owner into one group).
+pub(crate) fn invite_for(m: &Messenger, file: &ChatFile, handle: &str) -> Option<Invite> {
+    m.received_invites()
+        .iter()
+        .rev()
+        .find(|i| i.handle == handle)
+        .map(|i| i.invite())
+        .or_else(|| {
+            file.contact(handle)
+                .and_then(|c| card_credential(&c.card).ok())
+                .map(|(i, _)| i)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(id: Vec<u8>) -> GroupSummary {
+        GroupSummary {
+            id,
+            epoch: 1,
+            members: vec![],
+            settling_until_ms: None,
+            leaving: false,
+        }
+    }
+
+    #[test]
+    fn groups_are_found_by_name_or_id_start() {
+        let mut file = ChatFile::default();
+        file.groups.push(SavedGroup {
+            id: "aabbccdd01".into(),
+            name: "friends".into(),
+        });
+        file.groups.push(SavedGroup {
+            id: "0000000000".into(),
+            name: "old".into(),
+        });
+        let groups = [
+            summary(vec![0xaa, 0xbb, 0xcc, 0xdd, 0x01]),
+            summary(vec![0xaa, 0xbb, 0xcc, 0xee, 0x02]),
+        ];
+        assert_eq!(file.find_group(&groups, "friends").unwrap(), groups[0].id);
+        assert_eq!(file.find_group(&groups, "aabbccee").unwrap(), groups[1].id);
+        assert_eq!(
+            file.find_group(&groups, "group AABBCCEE").unwrap(),
+            groups[1].id
+        );
+        let e = file.find_group(&groups, "aabbcc").unwrap_err().to_string();
+        assert!(e.contains("more than one"), "{e}");
+        let e = file.find_group(&groups, "nobody").unwrap_err().to_string();
+        assert!(e.contains("no group \"nobody\""), "{e}");
+        let e = file.find_group(&groups, "old").unwrap_err().to_string();
+        assert!(e.contains("no longer in group"), "{e}");
+        assert_eq!(file.group_label(&groups[1].id), "aabbccee");
+        assert_eq!(file.group_label(&groups[0].id), "friends");
+    }
+}
