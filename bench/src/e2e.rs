@@ -25,10 +25,37 @@
 //! - `sampled_mixing_ms`: the drawn delays of the hops that hold the packet (entry
 //!   gateway, L1, L2, L3; the exit gateway stores on arrival, so the fifth drawn delay
 //!   is never waited out): what the mix is for;
-//! - `overhead_ms` = stored at the recipient − slot − drawn delays: links, Sphinx
-//!   processing at 5 hops, the exit gateway's durable commit, **and** the wait for the
-//!   recipient's next pull (at most `pull_interval`, not subtracted) and its store write.
-//!   So the true network overhead is at most this figure.
+//! - `overhead_incl_pull_ms` = stored at the recipient − slot − drawn delays: links,
+//!   Sphinx processing at 5 hops, the exit gateway's durable commit, **and** the
+//!   recipient's side (the wait for its next pull, the answer's trip, its store write).
+//!
+//! The recipients also keep a [`ReceiveRecord`] per message (`DriverConfig::receive_records`,
+//! bench-only, never logged): when the pull whose answer carried it was sent, when the
+//! pull before it (answered without it) was sent, and when the answer's first frame,
+//! its end and the store write happened. The gateway read pull *k* at about
+//! `Ĝk = pull_sent + ½ (answer_first − pull_sent)` (half the pull's round trip, which on
+//! loopback is sub-millisecond), so the item became pullable in `(Ĝk−1, Ĝk]`: a window
+//! of one pull interval, since pulls run on a fixed schedule whatever arrives. The
+//! recipient side splits off as
+//! - `overhead_ms` = middle of that window − slot − drawn delays: the **network**
+//!   overhead (links, processing, delay-queue lateness, the exit's durable commit),
+//!   each value within ± half a pull interval (`overhead_low_ms`, `overhead_high_ms`
+//!   are the window's ends); the pull phase is independent of arrivals, so the error
+//!   averages out in the mean and is symmetric around each value;
+//! - `pull_wait_ms` = `Ĝk` − middle of the window (half the gap between the two pulls);
+//! - `pull_answer_ms` = answer's `PullDone` − `Ĝk` (the answer's 16 frames to the
+//!   recipient's driver);
+//! - `recipient_store_ms` = stored − `PullDone` (the recipient's redb commit), exact.
+//!
+//! These four add up to `overhead_incl_pull_ms`. `link_one_way_ms` is half the round
+//! trip of one frame echoed over a fresh idle link between two endpoints in the bench
+//! process (`link_probes` frames, one per 10 ms, while the network still runs its
+//! cover): what one of the five links costs on this host, QUIC and two tokio hand-offs
+//! each way included. Per stage and node, the relays' and
+//! the gateway's own `/metrics` summaries (p50/p99 over their last 30–60 s, aggregates,
+//! read once at the end) give `stages`: worker queue wait, unwrap, delay-queue
+//! lateness (`delay_error`: hand-off to the next link − due time) and the gateway's
+//! group commit.
 //!
 //! Messages that needed a retransmission are counted (`retransmitted`) and left out of
 //! the split, since their first attempt was lost.
@@ -42,7 +69,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use serde::Serialize;
-use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
+use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent, ReceiveRecord};
 use shoal_client::{ClientStore, Identity, SendRecord};
 use shoal_topology::NetworkParams;
 
@@ -55,6 +82,18 @@ use crate::testnet::{
 /// Hops on a forward route that hold a packet for its Exp(μ) delay: all but the exit
 /// gateway, which stores on arrival.
 pub const HOLDING_HOPS: f64 = (shoal_packet::ROUTE_HOPS - 1) as f64;
+
+/// p50 and p99 of one stage at one node, from its `/metrics` summary (milliseconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct StageMs {
+    pub node: String,
+    pub stage: &'static str,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// Frames echoed to measure one link (`link_one_way_ms`).
+const LINK_PROBES: usize = 200;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -133,8 +172,26 @@ pub struct E2eReport {
     pub retransmitted: usize,
     pub slot_wait_ms: LatencyMs,
     pub sampled_mixing_ms: LatencyMs,
-    /// Stored at recipient − λP slot − sampled delays; includes the pull wait.
+    /// Stored at recipient − λP slot − sampled delays: network and recipient side.
+    pub overhead_incl_pull_ms: LatencyMs,
+    /// Messages with a receive record that has a previous pull (the split below).
+    pub network_split_messages: usize,
+    /// Network overhead: middle of the window in which the item became pullable at the
+    /// exit gateway − λP slot − sampled delays (± half a pull interval each).
     pub overhead_ms: LatencyMs,
+    /// The window's start and end (lower and upper bounds of the network overhead).
+    pub overhead_low_ms: LatencyMs,
+    pub overhead_high_ms: LatencyMs,
+    /// Gateway reads the pull that returns the item − middle of that window.
+    pub pull_wait_ms: LatencyMs,
+    /// The answer's last frame at the recipient's driver − gateway reads the pull.
+    pub pull_answer_ms: LatencyMs,
+    /// The recipient's store write (redb commit) of the message.
+    pub recipient_store_ms: LatencyMs,
+    /// Per node and stage, from the nodes' `/metrics` (last 30–60 s, cover included).
+    pub stages: Vec<StageMs>,
+    /// Half the round trip of one frame on an idle loopback link (QUIC, padded).
+    pub link_one_way_ms: LatencyMs,
     /// 1/λP: mean wait for the next λP slot of a message that finds the queue empty.
     pub expected_slot_wait_ms: f64,
     /// Half the pull interval: mean wait for the recipient's next pull.
@@ -338,6 +395,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         let mut config = DriverConfig::new(gw.client_addr, gw.id, net.authorities.clone());
         config.pull_interval = opts.pull_interval;
         config.client.send_records = 4 * opts.messages + 64;
+        config.receive_records = 4 * opts.messages + 64;
         pull_interval = config.pull_interval;
         let cdir = dir.join(format!("client-{i}"));
         std::fs::create_dir_all(&cdir)?;
@@ -416,15 +474,22 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         all += r + cover;
     }
     let mut records: HashMap<shoal_packet::MessageId, Vec<SendRecord>> = HashMap::new();
+    let mut received: HashMap<shoal_packet::MessageId, ReceiveRecord> = HashMap::new();
     for c in &clients {
         for r in c.take_send_records().await? {
             records.entry(r.message_id).or_default().push(r);
         }
+        for r in c.take_receive_records().await? {
+            received.insert(r.message_id, r);
+        }
     }
+    let stages = stages(&net).await;
+    let link_one_way = link_one_way(LINK_PROBES).await?;
     for c in clients {
         c.shutdown().await;
     }
-    let (mut slot_wait, mut mixing, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut slot_wait, mut mixing, mut overhead_all) = (Vec::new(), Vec::new(), Vec::new());
+    let mut net_split = NetworkSplit::default();
     let mut retransmitted = 0usize;
     for (body, stored) in &delivered {
         let (Some((_, returned)), Some(id)) = (sent_at.get(body), message_ids.get(body)) else {
@@ -435,13 +500,16 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
                 slot_wait.push(ms(only.at.saturating_duration_since(*returned)));
                 mixing.push(ms(only.forward_delay));
                 let after_slot = ms(stored.saturating_duration_since(only.at));
-                overhead.push(after_slot - ms(only.forward_delay));
+                overhead_all.push(after_slot - ms(only.forward_delay));
+                if let Some(r) = received.get(id) {
+                    net_split.add(only, r);
+                }
             }
             Some(_) => retransmitted += 1,
             None => {}
         }
     }
-    let split_messages = overhead.len();
+    let split_messages = overhead_all.len();
 
     let mut latencies: Vec<f64> = delivered
         .iter()
@@ -498,7 +566,16 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         retransmitted,
         slot_wait_ms: summary(slot_wait),
         sampled_mixing_ms: summary(mixing),
-        overhead_ms: summary(overhead),
+        overhead_incl_pull_ms: summary(overhead_all),
+        network_split_messages: net_split.overhead.len(),
+        overhead_ms: summary(net_split.overhead),
+        overhead_low_ms: summary(net_split.low),
+        overhead_high_ms: summary(net_split.high),
+        pull_wait_ms: summary(net_split.pull_wait),
+        pull_answer_ms: summary(net_split.answer),
+        recipient_store_ms: summary(net_split.store),
+        stages,
+        link_one_way_ms: summary(link_one_way),
         expected_slot_wait_ms: 1000.0 / params.lambda_p.max(f64::MIN_POSITIVE),
         expected_pull_wait_ms: pull_interval.as_secs_f64() * 500.0,
         offered_messages_per_sec: n as f64 / opts.send_interval.as_secs_f64(),
@@ -509,4 +586,127 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     };
     drop(net);
     Ok(report)
+}
+
+/// The recipient-side split of each message's overhead (see the module docs), in ms.
+#[derive(Debug, Default)]
+struct NetworkSplit {
+    overhead: Vec<f64>,
+    low: Vec<f64>,
+    high: Vec<f64>,
+    pull_wait: Vec<f64>,
+    answer: Vec<f64>,
+    store: Vec<f64>,
+}
+
+impl NetworkSplit {
+    fn add(&mut self, sent: &SendRecord, r: &ReceiveRecord) {
+        let Some(previous) = r.previous_pull_sent else {
+            return;
+        };
+        // Times relative to the λP slot; `due` is when the drawn delays were waited out.
+        let rel = |t: Instant| ms(t.saturating_duration_since(sent.at));
+        let due = ms(sent.forward_delay);
+        let half_rtt = ms(r.answer_first.saturating_duration_since(r.pull_sent)) / 2.0;
+        let read_prev = rel(previous) + half_rtt;
+        let read = rel(r.pull_sent) + half_rtt;
+        let middle = (read_prev + read) / 2.0;
+        self.overhead.push(middle - due);
+        self.low.push(read_prev - due);
+        self.high.push(read - due);
+        self.pull_wait.push(read - middle);
+        self.answer.push(rel(r.answer_done) - read);
+        self.store
+            .push(ms(r.stored.saturating_duration_since(r.answer_done)));
+    }
+}
+
+/// One quantile of a Prometheus summary in `text`, in ms (NaN if absent).
+fn quantile_ms(text: &str, name: &str, q: &str) -> f64 {
+    let prefix = format!("{name}{{quantile=\"{q}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |s| round3(s * 1000.0))
+}
+
+/// Per-stage p50/p99 of every relay and gateway, read from their `/metrics`.
+async fn stages(net: &Testnet) -> Vec<StageMs> {
+    let mut nodes: Vec<(String, std::net::SocketAddr)> = net
+        .relays
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("relay{i}"), r.metrics_addr))
+        .collect();
+    for g in &net.gateways {
+        nodes.push((g.init.name.clone(), g.init.metrics_addr));
+    }
+    let mut out = Vec::new();
+    for (node, addr) in nodes {
+        let Ok((_, body)) = shoal_link::http::get(addr, "/metrics").await else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&body);
+        for (stage, name) in [
+            ("queue_wait", "shoal_relay_queue_wait_seconds"),
+            ("unwrap", "shoal_relay_unwrap_seconds"),
+            ("delay_error", "shoal_relay_delay_error_seconds"),
+            ("commit", "shoal_gateway_commit_seconds"),
+        ] {
+            let p50 = quantile_ms(&text, name, "0.5");
+            if p50.is_nan() {
+                continue;
+            }
+            out.push(StageMs {
+                node: node.clone(),
+                stage,
+                p50,
+                p99: quantile_ms(&text, name, "0.99"),
+            });
+        }
+    }
+    out
+}
+
+/// Half the round trip of each of `probes` frames echoed over an idle link, in ms.
+async fn link_one_way(probes: usize) -> anyhow::Result<Vec<f64>> {
+    use shoal_link::{LinkEndpoint, PeerSet, node_key};
+    let frame_size = shoal_packet::FRAME_SIZE;
+    let mut rng = rand::rng();
+    let (a_key, b_key) = (
+        SigningKey::generate(&mut rng),
+        SigningKey::generate(&mut rng),
+    );
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let b = LinkEndpoint::bind(local, &b_key, PeerSet::from_keys([node_key(&a_key)]))?;
+    let a = LinkEndpoint::bind(local, &a_key, PeerSet::new())?;
+    let b_addr = b.local_addr()?;
+    let echo = tokio::spawn(async move {
+        let link = b.accept().await.context("no link")??;
+        let mut rx = link.accept_frames(frame_size).await?;
+        let mut tx = link.open_frames(frame_size).await?;
+        while let Some(f) = rx.recv().await? {
+            tx.send(f).await?;
+        }
+        anyhow::Ok(())
+    });
+    let link = a.connect(b_addr, node_key(&b_key)).await?;
+    let mut tx = link.open_frames(frame_size).await?;
+    let frame = vec![0u8; frame_size];
+    // The first frame opens both streams; it is not timed.
+    tx.send(&frame).await?;
+    let mut rx = link.accept_frames(frame_size).await?;
+    rx.recv().await?.context("echo ended")?;
+    let mut out = Vec::with_capacity(probes);
+    for _ in 0..probes {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let t = Instant::now();
+        tx.send(&frame).await?;
+        rx.recv().await?.context("echo ended")?;
+        out.push(ms(t.elapsed()) / 2.0);
+    }
+    tx.finish()?;
+    drop(rx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), echo).await;
+    Ok(out)
 }

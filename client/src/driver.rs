@@ -84,6 +84,10 @@ pub struct DriverConfig {
     /// Probability of discarding each outbound Sphinx frame and each inbound item
     /// (see the module docs). 0 in production.
     pub emulated_loss: f64,
+    /// Benchmarks only: keep a [`ReceiveRecord`] for up to this many received messages
+    /// (the oldest are dropped). 0 in production: they are per-message timings, so they
+    /// are never logged or exported, only handed to [`ClientHandle::take_receive_records`].
+    pub receive_records: usize,
     pub client: ClientConfig,
 }
 
@@ -106,6 +110,7 @@ impl DriverConfig {
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             emulated_loss: 0.0,
+            receive_records: 0,
             client: ClientConfig::default(),
         }
     }
@@ -141,6 +146,65 @@ impl std::fmt::Debug for DriverEvent {
             DriverEvent::Message { bytes, .. } => write!(f, "Message({} bytes)", bytes.len()),
             DriverEvent::Acked { .. } => f.write_str("Acked"),
         }
+    }
+}
+
+/// When a received message crossed the recipient's side (see
+/// [`DriverConfig::receive_records`]). The gateway answered pull `pull_sent` with the
+/// message's last fragment and pull `previous_pull_sent` without it, so the fragment
+/// became pullable at the gateway between those two sends (plus the one-way trip of the
+/// later one, at most `answer_first − pull_sent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiveRecord {
+    pub message_id: MessageId,
+    /// The pull whose answer carried the message's last fragment was sent.
+    pub pull_sent: Instant,
+    /// The pull before it was sent (its answer was complete without the fragment);
+    /// `None` for the first answer on a link.
+    pub previous_pull_sent: Option<Instant>,
+    /// The first frame of that answer reached the driver.
+    pub answer_first: Instant,
+    /// The answer's `PullDone` reached the driver (all its frames are in).
+    pub answer_done: Instant,
+    /// The message was durable in the store (just before `DriverEvent::Message`).
+    pub stored: Instant,
+}
+
+/// Pull answers being timed on one link, for [`ReceiveRecord`]s.
+#[derive(Debug, Default)]
+struct PullClock {
+    /// Send times of pulls not yet answered, oldest first (answers come in order).
+    sent: VecDeque<Instant>,
+    /// Send time of the last pull answered.
+    previous: Option<Instant>,
+    /// First frame of the answer being received.
+    answer_first: Option<Instant>,
+}
+
+/// Unanswered pulls a [`PullClock`] remembers; a gateway that stops answering leaves no
+/// unbounded queue.
+const PULL_CLOCK_DEPTH: usize = 64;
+
+/// Timing of one complete pull answer: (pull sent, previous pull sent, first frame, done).
+type AnswerTiming = (Instant, Option<Instant>, Instant, Instant);
+
+impl PullClock {
+    fn on_pull_sent(&mut self, at: Instant) {
+        if self.sent.len() >= PULL_CLOCK_DEPTH {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(at);
+    }
+
+    fn on_answer_frame(&mut self, at: Instant) {
+        self.answer_first.get_or_insert(at);
+    }
+
+    fn on_answer_done(&mut self, at: Instant) -> Option<AnswerTiming> {
+        let first = self.answer_first.take().unwrap_or(at);
+        let sent = self.sent.pop_front()?;
+        let previous = self.previous.replace(sent);
+        Some((sent, previous, first, at))
     }
 }
 
@@ -200,6 +264,9 @@ enum Command {
     TakeSendRecords {
         reply: oneshot::Sender<Vec<SendRecord>>,
     },
+    TakeReceiveRecords {
+        reply: oneshot::Sender<Vec<ReceiveRecord>>,
+    },
     Shutdown,
 }
 
@@ -237,6 +304,17 @@ impl ClientHandle {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::TakeSendRecords { reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Receive records since the last call (benchmarks; see
+    /// [`DriverConfig::receive_records`]). Empty unless enabled.
+    pub async fn take_receive_records(&self) -> Result<Vec<ReceiveRecord>, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::TakeReceiveRecords { reply })
             .await
             .map_err(|_| DriverError::Stopped)?;
         rx.await.map_err(|_| DriverError::Stopped)
@@ -335,6 +413,7 @@ pub fn spawn(
         dirty: false,
         unsaved: Vec::new(),
         unacked: Vec::new(),
+        receive_records: VecDeque::new(),
     };
     let task = tokio::spawn(
         driver
@@ -381,6 +460,8 @@ struct Conn {
     batch: Vec<u64>,
     /// Of `batch`, items that are fragments of multi-fragment messages.
     batch_partial: Vec<(u64, MessageId)>,
+    /// Kept only when receive records are on.
+    pulls: PullClock,
 }
 
 impl Drop for Conn {
@@ -411,6 +492,8 @@ struct Driver {
     unsaved: Vec<ReceivedMessage>,
     /// Item ids to ack once `unsaved` is durable.
     unacked: Vec<u64>,
+    /// Bench-only (`DriverConfig::receive_records`); never logged.
+    receive_records: VecDeque<ReceiveRecord>,
 }
 
 type Connecting = JoinHandle<Result<Conn, LinkError>>;
@@ -442,6 +525,9 @@ impl Driver {
                     Some(Command::TakeSendRecords { reply }) => {
                         let _ = reply.send(self.core.take_send_records());
                     }
+                    Some(Command::TakeReceiveRecords { reply }) => {
+                        let _ = reply.send(self.receive_records.drain(..).collect());
+                    }
                     Some(Command::Shutdown) | None => break,
                 },
                 _ = sleep_until(core_due) => {
@@ -456,6 +542,9 @@ impl Driver {
                     // The schedule is fixed: a pull every interval, busy or idle.
                     next_pull += self.config.pull_interval;
                     if let Some(c) = conn.as_mut() {
+                        if self.config.receive_records > 0 {
+                            c.pulls.on_pull_sent(Instant::now());
+                        }
                         match send_msg(&mut c.tx, &ClientMsg::Pull).await {
                             Ok(()) => self.counters.pulls_sent += 1,
                             Err(e) => {
@@ -640,6 +729,11 @@ impl Driver {
         let Some(c) = conn.as_mut() else {
             return Ok(());
         };
+        if self.config.receive_records > 0
+            && matches!(msg, GatewayMsg::Item { .. } | GatewayMsg::Dummy)
+        {
+            c.pulls.on_answer_frame(Instant::now());
+        }
         match msg {
             GatewayMsg::Item {
                 id,
@@ -667,9 +761,14 @@ impl Driver {
                 if more {
                     self.counters.pull_answers_more += 1;
                 }
+                let timing = if self.config.receive_records > 0 {
+                    c.pulls.on_answer_done(Instant::now())
+                } else {
+                    None
+                };
                 let batch = std::mem::take(&mut c.batch);
                 let partial = std::mem::take(&mut c.batch_partial);
-                let ids = self.finish_batch(batch, partial).await;
+                let ids = self.finish_batch(batch, partial, timing).await;
                 for chunk in ids.chunks(MAX_ACK_IDS) {
                     let ack = ClientMsg::Ack {
                         ids: chunk.to_vec(),
@@ -702,7 +801,9 @@ impl Driver {
                 }
             }
             // Answers admin links only; a client never asks for one.
-            GatewayMsg::AdminResult { .. } => self.counters.gateway_errors += 1,
+            GatewayMsg::AdminResult { .. } | GatewayMsg::AdminReport { .. } => {
+                self.counters.gateway_errors += 1
+            }
         }
         Ok(())
     }
@@ -711,7 +812,12 @@ impl Driver {
     /// that may be acked: `ids` (items that carried no fragment to keep) plus held
     /// fragments of messages now complete. If the store fails, nothing is acked; the
     /// messages stay in memory and are written with the next answer.
-    async fn finish_batch(&mut self, ids: Vec<u64>, partial: Vec<(u64, MessageId)>) -> Vec<u64> {
+    async fn finish_batch(
+        &mut self,
+        ids: Vec<u64>,
+        partial: Vec<(u64, MessageId)>,
+        timing: Option<AnswerTiming>,
+    ) -> Vec<u64> {
         let mut acked = Vec::new();
         while let Some(event) = self.core.poll_event() {
             match event {
@@ -748,8 +854,22 @@ impl Driver {
             }
             self.counters.snapshots_saved += 1;
             self.dirty = false;
+            let stored = Instant::now();
             for m in std::mem::take(&mut self.unsaved) {
                 self.completed.insert(m.message_id);
+                if let Some((pull_sent, previous_pull_sent, answer_first, answer_done)) = timing {
+                    if self.receive_records.len() >= self.config.receive_records {
+                        self.receive_records.pop_front();
+                    }
+                    self.receive_records.push_back(ReceiveRecord {
+                        message_id: m.message_id,
+                        pull_sent,
+                        previous_pull_sent,
+                        answer_first,
+                        answer_done,
+                        stored,
+                    });
+                }
                 self.emit(DriverEvent::Message {
                     message_id: m.message_id,
                     bytes: m.bytes,
@@ -863,6 +983,7 @@ async fn connect(
         assembler: DirectoryAssembler::new(MAX_DIRECTORY_BYTES),
         batch: Vec::new(),
         batch_partial: Vec::new(),
+        pulls: PullClock::default(),
     })
 }
 

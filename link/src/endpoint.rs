@@ -36,6 +36,12 @@ const MAX_UNI_STREAMS: u32 = 16;
 const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Authenticated links waiting for [`LinkEndpoint::accept`].
 const ACCEPT_QUEUE: usize = 64;
+/// Kernel buffer asked for each UDP socket, each direction. Linux's default (208 KiB,
+/// under a hundred padded datagrams once kernel overhead is counted) overflowed on a
+/// loaded host when a reader was off the CPU for a few ms during a pull answer's burst;
+/// each dropped datagram stalls its stream until QUIC's loss recovery resends it (tens
+/// of ms). The kernel caps the request at `net.core.rmem_max`/`wmem_max`.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// UDP payload size of every datagram on a link. 1200 bytes is QUIC's minimum, so
 /// it fits every path without discovery.
@@ -85,6 +91,19 @@ fn ack_frequency() -> quinn::AckFrequencyConfig {
 
 /// The peer acks after more than this many ack-eliciting packets (see `ack_frequency`).
 const ACK_ELICITING_THRESHOLD: u32 = 9;
+
+/// Asks for [`SOCKET_BUFFER`] each way. A smaller grant (the kernel's cap) or a refusal
+/// leaves the default, which works, only with more loss under load.
+fn enlarge_buffers(socket: &std::net::UdpSocket) {
+    let Ok(state) = quinn::udp::UdpSocketState::new(socket.into()) else {
+        return;
+    };
+    let recv = state.set_recv_buffer_size(socket.into(), SOCKET_BUFFER);
+    let send = state.set_send_buffer_size(socket.into(), SOCKET_BUFFER);
+    if recv.is_err() || send.is_err() {
+        debug!("cannot enlarge the UDP socket buffers; keeping the defaults");
+    }
+}
 
 /// The peer key proven in the handshake of `conn`.
 fn peer_key(conn: &quinn::Connection) -> Result<NodeKey, LinkError> {
@@ -137,6 +156,7 @@ impl LinkEndpoint {
         server.transport_config(transport.clone());
         let socket =
             std::net::UdpSocket::bind(addr).map_err(|source| LinkError::Bind { addr, source })?;
+        enlarge_buffers(&socket);
         let udp = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)
             .map_err(|source| LinkError::Bind { addr, source })?;
         let padded = Arc::new(PaddingSocket::new(udp, WIRE_DATAGRAM_SIZE));
@@ -435,5 +455,30 @@ async fn read_frame(stream: &mut quinn::RecvStream, out: &mut [u8]) -> Result<bo
             got,
         }),
         Err(quinn::ReadExactError::ReadError(source)) => Err(LinkError::Read { source }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// Regression: links kept the kernel's default 208 KiB receive buffer and dropped
+    /// datagrams of pull-answer bursts on a loaded host (`RcvbufErrors`).
+    #[test]
+    fn udp_socket_buffers_are_enlarged_up_to_the_kernel_cap() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
+        let before = state.recv_buffer_size((&socket).into()).unwrap();
+        enlarge_buffers(&socket);
+        let after = state.recv_buffer_size((&socket).into()).unwrap();
+        // Linux grants min(request, rmem_max) and reports twice that (bookkeeping).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        match cap {
+            Some(cap) if cap > before => assert!(after >= SOCKET_BUFFER.min(cap), "{after}"),
+            _ => assert!(after >= before),
+        }
     }
 }
