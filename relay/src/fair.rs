@@ -8,8 +8,9 @@
 //! is never shed because of someone else. Frames over a peer's share are dropped and
 //! counted as `peer_limit`, before any public-key work.
 //!
-//! The share follows the number of peers with an open link, so a relay with one
-//! upstream peer gives it the whole queue. Frames a gateway injects for its own
+//! The share follows the number of peers with an open link. A lone peer has no share
+//! limit at all: there is no one to be fair to, and its excess is shed as `overload`
+//! when the queues fill, as before. Frames a gateway injects for its own
 //! clients are limited per account by the gateway and do not count against a share.
 
 use std::collections::HashMap;
@@ -23,11 +24,12 @@ use shoal_link::NodeKey;
 pub(crate) const MIN_SHARE: usize = 64;
 
 /// The most frames one of `peers` peers may have waiting when the queues hold
-/// `capacity` frames in all.
+/// `capacity` frames in all (unlimited for a lone peer).
 pub(crate) fn fair_share(capacity: usize, peers: usize) -> usize {
-    (capacity / peers.max(1))
-        .max(MIN_SHARE)
-        .min(capacity.max(1))
+    if peers <= 1 {
+        return usize::MAX;
+    }
+    (capacity / peers).max(MIN_SHARE).min(capacity.max(1))
 }
 
 /// Frames of one peer waiting for a worker.
@@ -140,11 +142,12 @@ mod tests {
 
     #[test]
     fn the_share_divides_the_queue_with_a_floor() {
-        assert_eq!(fair_share(8192, 0), 8192);
-        assert_eq!(fair_share(8192, 1), 8192);
+        assert_eq!(fair_share(8192, 0), usize::MAX);
+        assert_eq!(fair_share(8192, 1), usize::MAX);
         assert_eq!(fair_share(8192, 2), 4096);
         assert_eq!(fair_share(8192, 1000), MIN_SHARE);
         assert_eq!(fair_share(10, 3), 10);
+        assert_eq!(fair_share(100, 3), 64);
     }
 
     #[test]
@@ -177,8 +180,8 @@ mod tests {
         assert!(!a2.try_take(), "a second link does not get a second share");
         drop(b);
         assert_eq!(shares.active(), 1);
-        // Alone, the peer may use the whole queue.
-        assert_eq!((0..1000).filter(|_| a2.try_take()).count(), 500);
+        // Alone, the peer is limited only by the queues themselves.
+        assert_eq!((0..1000).filter(|_| a2.try_take()).count(), 1000);
         drop(a1);
         assert_eq!(shares.active(), 1);
         drop(a2);
