@@ -19,12 +19,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use authorities::{Authorities, SHOAL, descriptor, free_addr, now_unix};
-use duo::{Accounts, Duo, wait_for_nodes};
+use duo::{Duo, alice_and_bob};
 use shoal_bench::standin::fetch_topology;
 use shoal_bench::testnet::{GatewayOptions, Proc, Testnet, TestnetConfig, sum_metric};
 use shoal_client::driver::DriverConfig;
 use shoal_link::http;
-use shoal_topology::{Role, SignedDescriptor, SignedDocument, UncheckedDocument};
+use shoal_topology::{Role, SignedDescriptor, SignedDocument, Topology, UncheckedDocument};
 
 /// The tests of this file run one at a time: each is timing-sensitive (short epochs,
 /// retransmission timers), and together on 2 cores they starved each other.
@@ -156,6 +156,16 @@ fn restart_authority(net: &mut Testnet) {
     net.authority = Proc::from_child("authority", child);
 }
 
+/// Both gateways set up, then Alice and Bob with [`tune`]'s timers.
+async fn start_alice_and_bob(net: &mut Testnet, dir: &Path) -> (Duo, Topology) {
+    let shoal = Path::new(SHOAL);
+    let opts = GatewayOptions::default();
+    let entry = net.init_gateway(shoal, 0, &opts).unwrap();
+    let exit = net.init_gateway(shoal, 1, &opts).unwrap();
+    let (document, directory) = (Duration::from_secs(40), Duration::from_secs(20));
+    alice_and_bob(net, dir, [&entry, &exit], document, directory, tune).await
+}
+
 /// Client timers for short epochs and a dead relay.
 fn tune(config: &mut DriverConfig) {
     config.pull_interval = Duration::from_millis(100);
@@ -168,39 +178,17 @@ fn tune(config: &mut DriverConfig) {
     config.client.retransmit.max_doublings = 1;
 }
 
-/// Both gateways set up, Alice and Bob registered, the gateways running and in a
-/// document, and both clients holding it.
-async fn alice_and_bob(net: &mut Testnet, dir: &Path) -> (Duo, shoal_topology::Topology) {
-    let shoal = Path::new(SHOAL);
-    let opts = GatewayOptions::default();
-    let entry = net.init_gateway(shoal, 0, &opts).unwrap();
-    let exit = net.init_gateway(shoal, 1, &opts).unwrap();
-    let accounts = Accounts::register(shoal, &entry, &exit);
-    net.run_gateway(shoal, entry.clone()).unwrap();
-    net.run_gateway(shoal, exit.clone()).unwrap();
-    let topo = wait_for_nodes(
-        net.authority_addr,
-        &net.authorities,
-        net.relay_ids(),
-        [&entry, &exit],
-        Duration::from_secs(40),
-        || net.log_tail("authority"),
-    )
-    .await;
-    let duo = Duo::start(dir, &net.authorities, accounts, tune);
-    assert!(duo.have_directories(Duration::from_secs(20)).await);
-    (duo, topo)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_relay_is_routed_around_from_the_next_document() {
     let _serial = SERIAL.lock().await;
     const MESSAGES: usize = 30;
     let dir = tempfile::tempdir().unwrap();
     let shoal = Path::new(SHOAL);
-    // Short epochs: relays re-upload every 3 s and the authority leaves a node out of a
-    // document once its descriptor is older than descriptor_max_age_secs (the default,
-    // two epochs). A shorter age made live nodes flap out of documents under load.
+    // Short epochs: nodes re-upload every second and the authority leaves a node out of
+    // the document of epoch e once its newest descriptor is older than start(e) -
+    // descriptor_max_age_secs (the default: vote lead 3 s + 4 s), so the relay is gone
+    // from the next document voted 4 s after its death: epoch k+1 or, if it died after
+    // that vote's cutoff, k+2.
     let cfg = TestnetConfig {
         relays_per_layer: 2,
         mean_hop_delay_ms: 20.0,
@@ -212,13 +200,14 @@ async fn a_killed_relay_is_routed_around_from_the_next_document() {
         ..TestnetConfig::default()
     };
     let mut net = Testnet::start(shoal, &dir.path().join("net"), &cfg).unwrap();
-    let (mut duo, topo) = alice_and_bob(&mut net, dir.path()).await;
+    let (mut duo, topo) = start_alice_and_bob(&mut net, dir.path()).await;
     // The victim: a layer-2 relay.
     let victim_id = topo.layer(1)[0];
     let victim = net.relays.iter().position(|r| r.id == victim_id).unwrap();
 
     let mut killed_at: Option<(Instant, u64)> = None;
     let mut routed_around: Option<(u64, Duration)> = None;
+    let mut victim_status: Option<serde_json::Value> = None;
     let mut next = 0;
     let mut next_send = Instant::now();
     let mut last_check = Instant::now();
@@ -247,6 +236,16 @@ async fn a_killed_relay_is_routed_around_from_the_next_document() {
                 && t.node(&victim_id).is_none()
             {
                 routed_around = Some((t.epoch(), at.elapsed()));
+                // `shoal authority status` reads this roster; it must say why.
+                let (_, roster) = http::get(net.authority_addr, "/v1/roster/current")
+                    .await
+                    .unwrap();
+                let roster: serde_json::Value = serde_json::from_slice(&roster).unwrap();
+                let victim_hex = hex::encode(victim_id);
+                victim_status = roster["nodes"]
+                    .as_array()
+                    .and_then(|n| n.iter().find(|n| n["identity"] == victim_hex.as_str()))
+                    .map(|n| n["status"].clone());
             }
         }
         duo.step(Duration::from_millis(50)).await;
@@ -267,6 +266,17 @@ async fn a_killed_relay_is_routed_around_from_the_next_document() {
         routed_around.is_some(),
         "the authority published a document without the dead relay\n{}",
         net.log_tail("authority")
+    );
+    if let (Some((_, killed_epoch)), Some((gone_epoch, _))) = (killed_at, routed_around) {
+        assert!(
+            gone_epoch <= killed_epoch + 2,
+            "the dead relay stayed in documents until epoch {gone_epoch} (killed in {killed_epoch})"
+        );
+    }
+    assert_eq!(
+        victim_status,
+        Some(serde_json::json!("stale")),
+        "the roster of the first epoch without the dead relay says it went stale"
     );
     duo.assert_no_acked_message_lost();
     let mut drops = String::new();
@@ -316,7 +326,7 @@ async fn every_node_restarted_at_an_epoch_edge_loses_nothing() {
         ..TestnetConfig::default()
     };
     let mut net = Testnet::start(shoal, &dir.path().join("net"), &cfg).unwrap();
-    let (mut duo, _) = alice_and_bob(&mut net, dir.path()).await;
+    let (mut duo, _) = start_alice_and_bob(&mut net, dir.path()).await;
 
     // Half the messages go out, then everything is restarted around the next edge
     // (down from 1 s before it to 0.5 s after), then the other half.

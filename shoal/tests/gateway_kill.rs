@@ -9,7 +9,7 @@ mod duo;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use duo::{Accounts, Duo, wait_for_nodes};
+use duo::alice_and_bob;
 use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig};
 
 const MESSAGES: usize = 24;
@@ -34,29 +34,20 @@ async fn acked_messages_survive_sigkill_of_the_exit_gateway() {
     let exit = net
         .init_gateway(shoal, 1, &GatewayOptions::default())
         .unwrap();
-    let accounts = Accounts::register(shoal, &entry, &exit);
-    net.run_gateway(shoal, entry.clone()).unwrap();
-    net.run_gateway(shoal, exit.clone()).unwrap();
-    wait_for_nodes(
-        net.authority_addr,
-        &net.authorities,
-        net.relay_ids(),
+    let (mut duo, _) = alice_and_bob(
+        &mut net,
+        dir.path(),
         [&entry, &exit],
         Duration::from_secs(30),
-        || net.log_tail("authority"),
+        Duration::from_secs(20),
+        |c| {
+            c.pull_interval = Duration::from_millis(100);
+            c.reconnect_min = Duration::from_millis(100);
+            c.reconnect_max = Duration::from_millis(500);
+            c.client.retransmit.margin = Duration::from_millis(1500);
+        },
     )
     .await;
-
-    let mut duo = Duo::start(dir.path(), &net.authorities, accounts, |c| {
-        c.pull_interval = Duration::from_millis(100);
-        c.reconnect_min = Duration::from_millis(100);
-        c.reconnect_max = Duration::from_millis(500);
-        c.client.retransmit.margin = Duration::from_millis(1500);
-    });
-    assert!(
-        duo.have_directories(Duration::from_secs(20)).await,
-        "client got no directory"
-    );
 
     let mut killed = false;
     let mut acked_before_kill = 0;

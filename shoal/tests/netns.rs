@@ -14,7 +14,7 @@ mod hosts;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use duo::{Accounts, Duo, wait_for_nodes};
+use duo::alice_and_bob;
 use hosts::namespaces;
 use shoal_bench::netns::{Impairment, NsTestnet};
 use shoal_bench::testnet::{GatewayOptions, TestnetConfig};
@@ -59,33 +59,24 @@ async fn ten_percent_loss_and_200ms_jitter_deliver_every_message() {
     };
     let entry = net.init_gateway(shoal, 0, &opts).await.unwrap();
     let exit = net.init_gateway(shoal, 1, &opts).await.unwrap();
-    let accounts = Accounts::register(shoal, &entry, &exit);
-    net.run_gateway(shoal, 0, entry.clone()).unwrap();
-    net.run_gateway(shoal, 1, exit.clone()).unwrap();
-    wait_for_nodes(
-        net.authority_addr,
-        &net.authorities,
-        net.relay_ids(),
+    let (mut duo, _) = alice_and_bob(
+        &mut net,
+        dir.path(),
         [&entry, &exit],
         Duration::from_secs(40),
-        || net.log_tail("authority"),
+        Duration::from_secs(30),
+        |c| {
+            c.pull_interval = Duration::from_millis(200);
+            c.reconnect_min = Duration::from_millis(100);
+            c.reconnect_max = Duration::from_millis(1000);
+            // Six impaired links each way, up to 400 ms each, and QUIC's congestion
+            // window collapses under 10% loss, so queues build: a round trip takes
+            // seconds.
+            c.client.retransmit.margin = Duration::from_secs(15);
+            c.client.loop_margin = Duration::from_secs(15);
+        },
     )
     .await;
-
-    let mut duo = Duo::start(dir.path(), &net.authorities, accounts, |c| {
-        c.pull_interval = Duration::from_millis(200);
-        c.reconnect_min = Duration::from_millis(100);
-        c.reconnect_max = Duration::from_millis(1000);
-        // Six impaired links each way, up to 400 ms each, and QUIC's congestion window
-        // collapses under 10% loss, so queues build: a round trip takes seconds.
-        c.client.retransmit.margin = Duration::from_secs(15);
-        c.client.loop_margin = Duration::from_secs(15);
-    });
-    assert!(
-        duo.have_directories(Duration::from_secs(30)).await,
-        "client got no directory\n{}",
-        net.log_tail("gateway0")
-    );
 
     let started = Instant::now();
     for i in 0..MESSAGES {

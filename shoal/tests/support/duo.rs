@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
+use shoal_bench::netns::NsTestnet;
 use shoal_bench::standin::wait_for_topology;
 use shoal_bench::testnet::{GatewayInit, Testnet};
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
@@ -58,6 +59,87 @@ impl Accounts {
             bob: (bob_key, bob_id),
         }
     }
+}
+
+/// The loopback and the namespace testnets, as far as these scenarios need them.
+pub trait Net {
+    fn authority_addr(&self) -> SocketAddr;
+    fn authority_set(&self) -> &AuthoritySet;
+    fn relays(&self) -> Vec<NodeId>;
+    /// Starts gateway `index`, set up as `init`.
+    fn start_gateway(&mut self, index: usize, init: GatewayInit);
+    /// The tail of a process's log.
+    fn log(&self, name: &str) -> String;
+}
+
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+impl Net for Testnet {
+    fn authority_addr(&self) -> SocketAddr {
+        self.authority_addr
+    }
+    fn authority_set(&self) -> &AuthoritySet {
+        &self.authorities
+    }
+    fn relays(&self) -> Vec<NodeId> {
+        self.relay_ids()
+    }
+    fn start_gateway(&mut self, _index: usize, init: GatewayInit) {
+        self.run_gateway(Path::new(SHOAL), init).unwrap();
+    }
+    fn log(&self, name: &str) -> String {
+        self.log_tail(name)
+    }
+}
+
+impl Net for NsTestnet {
+    fn authority_addr(&self) -> SocketAddr {
+        self.authority_addr
+    }
+    fn authority_set(&self) -> &AuthoritySet {
+        &self.authorities
+    }
+    fn relays(&self) -> Vec<NodeId> {
+        self.relay_ids()
+    }
+    fn start_gateway(&mut self, index: usize, init: GatewayInit) {
+        self.run_gateway(Path::new(SHOAL), index, init).unwrap();
+    }
+    fn log(&self, name: &str) -> String {
+        self.log_tail(name)
+    }
+}
+
+/// Alice registered at `entry` (gateway 0) and Bob at `exit` (gateway 1), both gateways
+/// started and in a document (within `document_timeout`), and both clients (timers set
+/// by `tune`) holding it (within `directory_timeout` each).
+pub async fn alice_and_bob(
+    net: &mut impl Net,
+    dir: &Path,
+    [entry, exit]: [&GatewayInit; 2],
+    document_timeout: Duration,
+    directory_timeout: Duration,
+    tune: impl Fn(&mut DriverConfig),
+) -> (Duo, Topology) {
+    let accounts = Accounts::register(Path::new(SHOAL), entry, exit);
+    net.start_gateway(0, entry.clone());
+    net.start_gateway(1, exit.clone());
+    let topo = wait_for_nodes(
+        net.authority_addr(),
+        net.authority_set(),
+        net.relays(),
+        [entry, exit],
+        document_timeout,
+        || net.log("authority"),
+    )
+    .await;
+    let duo = Duo::start(dir, net.authority_set(), accounts, tune);
+    assert!(
+        duo.have_directories(directory_timeout).await,
+        "client got no directory\n{}",
+        net.log("gateway0")
+    );
+    (duo, topo)
 }
 
 /// Waits until the authority at `addr` serves a document with every relay in `relays`
