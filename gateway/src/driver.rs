@@ -25,7 +25,7 @@ use shoal_packet::frame::FRAME_VERSION;
 use shoal_packet::sphinx::{MailboxAddress, SurbId};
 use shoal_packet::{FRAME_SIZE, Frame, FrameKind};
 use shoal_relay::{Event, NodeHooks, Pipeline, RelayHandle, RelayStats};
-use shoal_subnet::{AccountAction, SubnetId};
+use shoal_subnet::{AccountAction, SubnetId, UsageReport};
 use shoal_topology::{Hex32, Role, Topology};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -57,7 +57,8 @@ const ADMIN_IDLE: Duration = Duration::from_secs(30);
 const RATE_REFRESH: Duration = Duration::from_secs(1);
 
 /// The answer to one admin command, once durable (or refused).
-type AdminReply = oneshot::Sender<Result<(), Refusal>>;
+/// `Ok` carries the answer of a read-only command (account usage).
+type AdminReply = oneshot::Sender<Result<Option<UsageReport>, Refusal>>;
 
 /// A packet that ended here, on its way from a worker to the mailbox task.
 struct Delivery {
@@ -354,7 +355,7 @@ struct MailboxTask {
     /// Live client links per account, closed when the account is cut.
     links: HashMap<AccountKey, Vec<Link>>,
     /// Admins waiting for the batch that carries their command to become durable.
-    admin_waiters: HashMap<BatchId, AdminReply>,
+    admin_waiters: HashMap<BatchId, (AdminReply, Option<UsageReport>)>,
     metrics: Arc<Metrics>,
     deliveries: mpsc::Receiver<Delivery>,
     requests: mpsc::Receiver<Request>,
@@ -473,7 +474,8 @@ impl MailboxTask {
                 }
                 match self.mailbox.poll_write() {
                     Some(batch) => {
-                        self.admin_waiters.insert(batch.id(), reply);
+                        self.admin_waiters
+                            .insert(batch.id(), (reply, applied.usage));
                         self.pending.push_back(batch);
                     }
                     None => {
@@ -547,9 +549,9 @@ impl MailboxTask {
 
     /// Answers the admin whose command rode in `batch`, if any.
     fn answer_admin(&mut self, batch: BatchId, durable: bool) {
-        if let Some(reply) = self.admin_waiters.remove(&batch) {
+        if let Some((reply, usage)) = self.admin_waiters.remove(&batch) {
             let _ = reply.send(if durable {
-                Ok(())
+                Ok(usage)
             } else {
                 Err((
                     AdminRefusal::Internal,
@@ -820,19 +822,22 @@ async fn admin_task(link: Link, clients: &Clients) {
             },
             _ => Err((AdminRefusal::Malformed, "expected an admin chunk")),
         };
-        let (refusal, message) = match outcome {
-            Ok(()) => {
+        let (refusal, message, usage) = match outcome {
+            Ok(usage) => {
                 m.admin_applied.fetch_add(1, Ordering::Relaxed);
-                (None, "applied".to_owned())
+                (None, "applied".to_owned(), usage)
             }
             Err((cause, message)) => {
                 m.admin_refused(cause);
                 info!(cause = cause.label(), "admin command refused");
-                (Some(cause), message.to_owned())
+                (Some(cause), message.to_owned(), None)
             }
         };
-        let answer = GatewayMsg::AdminResult { refusal, message };
-        let Ok(frame) = answer.to_frame() else { break };
+        // A usage report's chunks (if any), then the result.
+        let Ok(frames) = crate::remote_admin::answer_frames(refusal, message, usage.as_ref())
+        else {
+            break;
+        };
         if out.is_none() {
             match link.open_frames(FRAME_SIZE).await {
                 Ok(s) => out = Some(s),
@@ -840,7 +845,14 @@ async fn admin_task(link: Link, clients: &Clients) {
             }
         }
         let Some(tx) = out.as_mut() else { break };
-        if tx.send(frame.as_bytes()).await.is_err() {
+        let mut sent = true;
+        for frame in &frames {
+            if tx.send(frame.as_bytes()).await.is_err() {
+                sent = false;
+                break;
+            }
+        }
+        if !sent {
             break;
         }
     }
@@ -852,7 +864,10 @@ async fn admin_task(link: Link, clients: &Clients) {
 }
 
 /// Checks one assembled command and has the mailbox task apply it.
-async fn admin_command(command: Vec<u8>, clients: &Clients) -> Result<(), Refusal> {
+async fn admin_command(
+    command: Vec<u8>,
+    clients: &Clients,
+) -> Result<Option<UsageReport>, Refusal> {
     let hosted = clients.hosted.clone();
     let checked = tokio::task::spawn_blocking(move || check_command(&command, &hosted))
         .await
@@ -862,6 +877,7 @@ async fn admin_command(command: Vec<u8>, clients: &Clients) -> Result<(), Refusa
         AccountAction::Deprovision { .. } => "deprovision",
         AccountAction::SetQuota { .. } => "set_quota",
         AccountAction::PublishPolicy { .. } => "publish_policy",
+        AccountAction::AccountUsage => "account_usage",
     };
     let checked = Box::new(checked);
     let result = ask(clients, |reply| Request::Admin { checked, reply })

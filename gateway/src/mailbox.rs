@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use shoal_packet::SPHINX_PAYLOAD_SIZE;
 use shoal_packet::payload::{ACK_MESSAGE_SIZE, split_plaintext};
 use shoal_packet::sphinx::{self, ForwardPacket, MailboxAddress, SURB_SIZE, SurbId};
-use shoal_subnet::{AccountAction, CommandGuard, Policy, SubnetError, SubnetId};
+use shoal_subnet::{
+    AccountAction, AccountUsage, CommandGuard, Policy, SubnetError, SubnetId, UsageReport,
+};
 use shoal_topology::Hex32;
 
 use crate::GatewayError;
@@ -480,6 +482,8 @@ impl HostedPolicy {
 pub struct AdminApplied {
     /// Accounts whose live links must be closed now (de-provisioned or revoked).
     pub cut: Vec<AccountKey>,
+    /// The answer to a read-only query (account usage), for the admin only.
+    pub usage: Option<UsageReport>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -1043,6 +1047,7 @@ impl Mailbox {
                 self.set_quota(&account.0, *quota)
                     .map_err(|_| rejected("unknown account"))?;
             }
+            AccountAction::AccountUsage => applied.usage = Some(self.usage_report(&subnet)),
             AccountAction::PublishPolicy { .. } => {
                 let policy = policy.ok_or((AdminRefusal::Internal, "policy was not checked"))?;
                 if let Some(held) = self.policies.get(&subnet)
@@ -1070,6 +1075,28 @@ impl Mailbox {
             policy: self.policies.get(&subnet).map(|p| p.signed.clone()),
         });
         Ok(applied)
+    }
+
+    /// Per account of `subnet`: items held (durable or being written), their payload
+    /// bytes and the quota, named by [`shoal_subnet::usage_id`]; sorted by that id so the
+    /// order says nothing about when accounts were made.
+    pub fn usage_report(&self, subnet: &SubnetId) -> UsageReport {
+        let mut accounts: Vec<AccountUsage> = self
+            .boxes
+            .values()
+            .filter(|b| b.subnet == Some(*subnet))
+            .map(|b| AccountUsage {
+                id: shoal_subnet::usage_id(subnet, &Hex32(b.key)),
+                items: u32::try_from(b.items.len()).unwrap_or(u32::MAX),
+                quota: b.quota,
+                bytes: (b.items.len() as u64).saturating_mul(SPHINX_PAYLOAD_SIZE as u64),
+            })
+            .collect();
+        accounts.sort_by_key(|a| a.id);
+        UsageReport {
+            total_accounts: u32::try_from(accounts.len()).unwrap_or(u32::MAX),
+            accounts,
+        }
     }
 
     /// Recomputes when the items of `subnet`'s accounts expire (its policy changed).

@@ -18,11 +18,13 @@
 //!   DirectoryChunk  | 84 | index: u16 | count: u16 | len: u16 | bytes: len |
 //!   Error           | 85 | code: u16 | len: u8 | UTF-8 message: len |
 //!   AdminResult     | 86 | code: u16 | len: u8 | UTF-8 message: len |   code 0 = applied
+//!   AdminReport     | 87 | index: u16 | count: u16 | len: u16 | bytes: len |
 //! ```
 //! `AdminChunk`s carry one admin-signed subnet command (its JSON text, split like a
 //! directory document) on a link authenticated by a hosted subnet's admin key; the
 //! gateway answers the whole command with one `AdminResult`, sent only after the change
-//! is durable (or with the refusal's cause).
+//! is durable (or with the refusal's cause). A read-only command (account usage) is
+//! answered with its report in `AdminReport` chunks, then the `AdminResult`.
 //! A pull is answered with exactly `pull_batch` Item-or-Dummy frames and one PullDone,
 //! whatever the mailbox holds. PullDone carries one bit ("more items are waiting"),
 //! never a count.
@@ -57,6 +59,7 @@ const T_PULL_DONE: u8 = 0x83;
 const T_DIRECTORY_CHUNK: u8 = 0x84;
 const T_ERROR: u8 = 0x85;
 const T_ADMIN_RESULT: u8 = 0x86;
+const T_ADMIN_REPORT: u8 = 0x87;
 /// Chunks one admin command may span at most (about 150 KB: a policy with thousands of
 /// revocations still fits).
 pub const MAX_ADMIN_CHUNKS: u16 = 64;
@@ -167,6 +170,13 @@ pub enum GatewayMsg {
     AdminResult {
         refusal: Option<AdminRefusal>,
         message: String,
+    },
+    /// Part `index` of `count` of the answer to a read-only admin command (a usage
+    /// report), sent before its `AdminResult`.
+    AdminReport {
+        index: u16,
+        count: u16,
+        bytes: Vec<u8>,
     },
 }
 
@@ -293,6 +303,16 @@ impl std::fmt::Debug for GatewayMsg {
                 .debug_struct("AdminResult")
                 .field("refusal", refusal)
                 .field("message", message)
+                .finish(),
+            GatewayMsg::AdminReport {
+                index,
+                count,
+                bytes,
+            } => f
+                .debug_struct("AdminReport")
+                .field("index", index)
+                .field("count", count)
+                .field("len", &bytes.len())
                 .finish(),
         }
     }
@@ -500,6 +520,11 @@ impl GatewayMsg {
                 refusal.map_or(0, AdminRefusal::to_u16),
                 message,
             )?,
+            GatewayMsg::AdminReport {
+                index,
+                count,
+                bytes,
+            } => encode_chunk(T_ADMIN_REPORT, "admin report", *index, *count, bytes)?,
         })
     }
 
@@ -561,6 +586,14 @@ impl GatewayMsg {
                 GatewayMsg::AdminResult {
                     refusal: AdminRefusal::from_u16(code),
                     message,
+                }
+            }
+            T_ADMIN_REPORT => {
+                let (index, count, bytes) = decode_chunk("admin report", body)?;
+                GatewayMsg::AdminReport {
+                    index,
+                    count,
+                    bytes,
                 }
             }
             other => {

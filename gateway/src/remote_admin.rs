@@ -8,6 +8,10 @@
 //! resulting [`CheckedAdmin`] to [`crate::Mailbox::apply_admin`], which checks target,
 //! expiry and sequence against the persisted guard and applies it. The answer goes out
 //! only after the store reports the batch durable.
+//!
+//! The one read-only command, account usage ([`query_usage`]), goes the same way (signed,
+//! fresh, sequenced, answered once its sequence number is durable); its answer is a
+//! [`UsageReport`] in `AdminReport` chunks before the `AdminResult`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,11 +21,17 @@ use shoal_link::{LinkEndpoint, NodeKey, PeerSet};
 use shoal_packet::{FRAME_SIZE, Frame};
 use shoal_subnet::{
     AccountAction, Policy, SignedCheckedCommand, SignedCommand, SubnetError, SubnetId,
-    UncheckedCommand, UncheckedPolicy,
+    UncheckedCommand, UncheckedPolicy, UsageReport,
 };
 
 use crate::GatewayError;
-use crate::protocol::{AdminRefusal, GatewayMsg, admin_chunks};
+use crate::protocol::{
+    AdminRefusal, ChunkAssembler, GatewayMsg, MAX_ADMIN_CHUNKS, MAX_CHUNK_BYTES, admin_chunks,
+};
+
+/// The longest report an admin command is answered with: what `MAX_ADMIN_CHUNKS`
+/// chunks carry (about 4,700 accounts; a longer report is cut and says so).
+pub const MAX_REPORT_BYTES: usize = MAX_CHUNK_BYTES * MAX_ADMIN_CHUNKS as usize;
 
 /// A command whose admin signature verified against a hosted subnet (and whose policy,
 /// if it carries one, verified against the same subnet). Freshness and replay are
@@ -81,6 +91,61 @@ pub fn check_command(bytes: &[u8], hosted: &[SubnetId]) -> Result<CheckedAdmin, 
     Ok(CheckedAdmin { command, policy })
 }
 
+/// The frames that answer one admin command: the usage report's `AdminReport` chunks
+/// if there is one, then the `AdminResult`. Every one is a full-size frame.
+pub(crate) fn answer_frames(
+    refusal: Option<AdminRefusal>,
+    message: String,
+    usage: Option<&UsageReport>,
+) -> Result<Vec<Frame>, GatewayError> {
+    let mut frames = Vec::new();
+    if let Some(report) = usage {
+        let bytes = report.encode(MAX_REPORT_BYTES);
+        let chunks: Vec<&[u8]> = bytes.chunks(MAX_CHUNK_BYTES).collect();
+        // At most MAX_ADMIN_CHUNKS: the encoding is cut to MAX_REPORT_BYTES.
+        let count = u16::try_from(chunks.len()).map_err(|_| GatewayError::TooLong {
+            what: "usage report",
+            len: bytes.len(),
+            max: MAX_REPORT_BYTES,
+        })?;
+        for (index, chunk) in (0..count).zip(chunks) {
+            let msg = GatewayMsg::AdminReport {
+                index,
+                count,
+                bytes: chunk.to_vec(),
+            };
+            frames.push(msg.to_frame()?);
+        }
+    }
+    frames.push(GatewayMsg::AdminResult { refusal, message }.to_frame()?);
+    Ok(frames)
+}
+
+/// Sends an [`AccountAction::AccountUsage`] `command` (see [`execute`]) and returns the
+/// gateway's report on the subnet's accounts there.
+pub async fn query_usage(
+    admin: &SigningKey,
+    gateway_addr: SocketAddr,
+    gateway_key: NodeKey,
+    command: &SignedCommand,
+    timeout: Duration,
+) -> Result<UsageReport, GatewayError> {
+    let report = exchange(
+        admin,
+        gateway_addr,
+        gateway_key,
+        &command.to_bytes(),
+        timeout,
+    )
+    .await?
+    .ok_or_else(|| GatewayError::AdminLink {
+        detail: "the gateway answered without a usage report".into(),
+    })?;
+    UsageReport::decode(&report).map_err(|e| GatewayError::AdminLink {
+        detail: format!("the gateway's usage report: {e}"),
+    })
+}
+
 /// Sends `command` to the gateway at `gateway_addr` (its client endpoint, pinned to
 /// `gateway_key`) over a link authenticated by `admin`, and waits for the answer.
 ///
@@ -113,6 +178,19 @@ pub(crate) async fn execute_bytes(
     command: &[u8],
     timeout: Duration,
 ) -> Result<(), GatewayError> {
+    exchange(admin, gateway_addr, gateway_key, command, timeout)
+        .await
+        .map(drop)
+}
+
+/// Sends one command and reads its answer: the report that came with it, if any.
+async fn exchange(
+    admin: &SigningKey,
+    gateway_addr: SocketAddr,
+    gateway_key: NodeKey,
+    command: &[u8],
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, GatewayError> {
     let chunks = admin_chunks(command)?;
     let mut frames = Vec::with_capacity(chunks.len());
     for c in &chunks {
@@ -146,6 +224,8 @@ pub(crate) async fn execute_bytes(
             .accept_frames(FRAME_SIZE)
             .await
             .map_err(|e| link_err("gateway stream", &e))?;
+        let mut report = ChunkAssembler::new(MAX_REPORT_BYTES);
+        let mut report_done = None;
         let answer = loop {
             let bytes = rx
                 .recv()
@@ -159,6 +239,15 @@ pub(crate) async fn execute_bytes(
                 .and_then(|f| GatewayMsg::from_frame(&f))?;
             match msg {
                 GatewayMsg::AdminResult { refusal, message } => break (refusal, message),
+                GatewayMsg::AdminReport {
+                    index,
+                    count,
+                    bytes,
+                } if count <= MAX_ADMIN_CHUNKS => {
+                    if let Some(done) = report.push(index, count, &bytes)? {
+                        report_done = Some(done);
+                    }
+                }
                 GatewayMsg::Error { code, message } => {
                     let refusal = if code == crate::ErrorCode::Unauthenticated {
                         AdminRefusal::NotAdmin
@@ -173,7 +262,7 @@ pub(crate) async fn execute_bytes(
         };
         let _ = tx.finish();
         link.close();
-        Ok::<_, GatewayError>(answer)
+        Ok::<_, GatewayError>((answer, report_done))
     };
     let result = tokio::time::timeout(timeout, exchange).await;
     endpoint.close();
@@ -182,8 +271,10 @@ pub(crate) async fn execute_bytes(
             detail: format!("no answer within {timeout:?}"),
         }),
         Ok(Err(e)) => Err(e),
-        Ok(Ok((None, _))) => Ok(()),
-        Ok(Ok((Some(refusal), message))) => Err(GatewayError::AdminRefused { refusal, message }),
+        Ok(Ok(((None, _), report))) => Ok(report),
+        Ok(Ok(((Some(refusal), message), _))) => {
+            Err(GatewayError::AdminRefused { refusal, message })
+        }
     }
 }
 
@@ -449,6 +540,161 @@ pub(crate) mod tests {
             check_command(&bytes, &hosted).unwrap_err().0,
             AdminRefusal::Rejected
         );
+    }
+
+    /// Applies `b` and returns the usage report it was answered with, after the batch
+    /// carrying its sequence number was made durable.
+    fn usage(
+        m: &mut Mailbox,
+        admin: &SubnetAdmin,
+        hosted: &[SubnetId],
+        seq: u64,
+        now: SystemTime,
+    ) -> UsageReport {
+        let bytes = admin
+            .issue_command(body(seq, AccountAction::AccountUsage))
+            .unwrap()
+            .to_bytes();
+        let applied = m
+            .apply_admin(check_command(&bytes, hosted).unwrap(), &GW, now)
+            .unwrap();
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        applied
+            .usage
+            .expect("a usage query is answered with a report")
+    }
+
+    #[test]
+    fn usage_goes_up_when_mail_is_stored_and_down_after_pull_and_ack() {
+        let a = SubnetAdmin::from_secret([1; 32]);
+        let b = SubnetAdmin::from_secret([2; 32]);
+        let hosted = [a.subnet(), b.subnet()];
+        let mut m = Mailbox::new(cfg(), Salt::from_bytes([3; 32])).unwrap();
+        apply(&mut m, &a, &hosted, body(1, create(10, 0xa0)), at(0)).unwrap();
+        apply(&mut m, &a, &hosted, body(2, create(11, 0xa1)), at(0)).unwrap();
+        apply(&mut m, &b, &hosted, body(1, create(12, 0xb0)), at(0)).unwrap();
+        // An account added offline belongs to no subnet and is in no report.
+        m.create_account(&[0xee; 32], key(30).0, 10).unwrap();
+
+        let empty = usage(&mut m, &a, &hosted, 3, at(1));
+        assert_eq!(empty.total_accounts, 2, "only A's accounts");
+        let id10 = shoal_subnet::usage_id(&a.subnet(), &key(10));
+        let id11 = shoal_subnet::usage_id(&a.subnet(), &key(11));
+        let row = |r: &UsageReport, id| *r.accounts.iter().find(|u| u.id == id).unwrap();
+        assert_eq!(
+            (
+                row(&empty, id10).items,
+                row(&empty, id10).bytes,
+                row(&empty, id10).quota
+            ),
+            (0, 0, 10)
+        );
+
+        for mb in [0xa0, 0xa0, 0xa0, 0xa1, 0xb0, 0xee] {
+            m.deliver(&[mb; 32], [mb; 16], &[0; SPHINX_PAYLOAD_SIZE], at(2));
+        }
+        while let Some(batch) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&batch));
+        }
+        let full = usage(&mut m, &a, &hosted, 4, at(3));
+        assert_eq!(row(&full, id10).items, 3);
+        assert_eq!(row(&full, id10).bytes, 3 * SPHINX_PAYLOAD_SIZE as u64);
+        assert_eq!(row(&full, id11).items, 1);
+        // B sees its own account only, under its own id.
+        let of_b = usage(&mut m, &b, &hosted, 2, at(3));
+        assert_eq!(of_b.total_accounts, 1);
+        assert_eq!(
+            of_b.accounts[0].id,
+            shoal_subnet::usage_id(&b.subnet(), &key(12))
+        );
+        assert_eq!(of_b.accounts[0].items, 1);
+
+        // Pull and ack two of the three: usage goes down by exactly those.
+        let plan = m.pull(&key(10).0, at(4)).unwrap();
+        let ids: Vec<u64> = plan
+            .items()
+            .iter()
+            .filter_map(|i| match i {
+                crate::mailbox::PullItem::Real { id, .. } => Some(*id),
+                crate::mailbox::PullItem::Dummy => None,
+            })
+            .take(2)
+            .collect();
+        assert_eq!(ids.len(), 2);
+        m.ack(&key(10).0, &ids).unwrap();
+        while let Some(batch) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&batch));
+        }
+        let after = usage(&mut m, &a, &hosted, 5, at(5));
+        assert_eq!(row(&after, id10).items, 1);
+        assert_eq!(row(&after, id10).bytes, SPHINX_PAYLOAD_SIZE as u64);
+        assert_eq!(row(&after, id11).items, 1);
+
+        // A usage query is a command like the others: a replay is refused.
+        let replay = a
+            .issue_command(body(5, AccountAction::AccountUsage))
+            .unwrap()
+            .to_bytes();
+        assert_eq!(
+            m.apply_admin(check_command(&replay, &hosted).unwrap(), &GW, at(5))
+                .unwrap_err()
+                .0,
+            AdminRefusal::Replayed
+        );
+    }
+
+    #[test]
+    fn a_usage_report_travels_in_full_size_frames_and_is_cut_to_fit() {
+        use shoal_subnet::AccountUsage;
+        let decode = |frames: &[Frame]| {
+            let mut asm = ChunkAssembler::new(MAX_REPORT_BYTES);
+            let mut report = None;
+            let mut result = None;
+            for f in frames {
+                assert_eq!(f.as_bytes().len(), FRAME_SIZE);
+                match GatewayMsg::from_frame(f).unwrap() {
+                    GatewayMsg::AdminReport {
+                        index,
+                        count,
+                        bytes,
+                    } => {
+                        assert!(result.is_none(), "the report comes before the result");
+                        if let Some(done) = asm.push(index, count, &bytes).unwrap() {
+                            report = Some(UsageReport::decode(&done).unwrap());
+                        }
+                    }
+                    GatewayMsg::AdminResult { refusal, .. } => result = Some(refusal),
+                    other => panic!("{other:?}"),
+                }
+            }
+            (report, result.expect("a result frame"))
+        };
+        // No report: one result frame, as before.
+        let frames = answer_frames(None, "applied".into(), None).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(decode(&frames), (None, None));
+        // A report longer than the answer can carry: cut, and it says how many exist.
+        let many = UsageReport {
+            total_accounts: 6000,
+            accounts: (0..6000u32)
+                .map(|i| AccountUsage {
+                    id: [(i % 251) as u8; 16],
+                    items: i,
+                    quota: 10_000,
+                    bytes: u64::from(i) * SPHINX_PAYLOAD_SIZE as u64,
+                })
+                .collect(),
+        };
+        let frames = answer_frames(None, "applied".into(), Some(&many)).unwrap();
+        assert_eq!(frames.len(), usize::from(MAX_ADMIN_CHUNKS) + 1);
+        let (report, refusal) = decode(&frames);
+        let report = report.unwrap();
+        assert_eq!(refusal, None);
+        assert_eq!(report.total_accounts, 6000);
+        assert!(report.accounts.len() > 4000 && report.accounts.len() < 6000);
+        assert_eq!(report.accounts[..], many.accounts[..report.accounts.len()]);
     }
 
     #[test]

@@ -29,8 +29,9 @@ use clap::{Args, Subcommand};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use shoal_subnet::{
-    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, Policy, PolicyBody,
-    RoleRule, SubnetAdmin, SubnetId,
+    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, OfferBody, OfferGuard,
+    Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedOffer, UsageReport,
+    usage_id,
 };
 use shoal_topology::Hex32;
 
@@ -39,6 +40,9 @@ const POLICY_FILE: &str = "policy.json";
 const STATE_FILE: &str = "state.json";
 const MEMBERS_DIR: &str = "members";
 const INVITES_DIR: &str = "invites";
+const FEDERATION_FILE: &str = "federation.json";
+/// How long `list` waits for each gateway's usage report before calling it unreachable.
+const USAGE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a signed command stays valid: long enough to reach the gateway, short
 /// enough that a captured one is useless soon.
 const COMMAND_LIFETIME_SECS: u64 = 300;
@@ -123,11 +127,15 @@ pub enum AdminCommand {
         /// The redeem file the user handed back.
         file: PathBuf,
     },
-    /// List accounts: handle, role, gateway, state, credential expiry, configured quota,
-    /// and pending invites. Never message content or contacts.
+    /// List accounts: handle, role, gateway, state, credential expiry, quota and what
+    /// each mailbox holds (items, bytes; asked of the gateways by a signed read-only
+    /// command), and pending invites. Never keys, mailboxes, message content or contacts.
     List {
         #[arg(long)]
         dir: PathBuf,
+        /// Do not ask the gateways (shows what this directory holds only).
+        #[arg(long)]
+        offline: bool,
     },
     /// De-provision a member: its gateway stops its mailbox access at once, and a new
     /// policy version revokes its keys (published to the gateway, written to DIR).
@@ -149,8 +157,59 @@ pub enum AdminCommand {
     /// Show or change the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Federate with another subnet: which of our roles may talk to which of theirs.
-    Federate {
+    /// Federate with another subnet by exchanging signed offers: `offer` on one side,
+    /// `accept` on the other (which prints a counter-offer), `accept` back.
+    #[command(subcommand)]
+    Federate(FederateCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FederateCommand {
+    /// Write a federation offer signed by this subnet's admin key, to give to the other
+    /// subnet's admin. Changes nothing here: our policy lists them once we accept their
+    /// counter-offer.
+    Offer {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Our roles that may talk to the other subnet.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// Their roles allowed to reach us (default: the same names as --roles).
+        #[arg(long, value_delimiter = ',')]
+        remote_roles: Vec<String>,
+        /// How long the offer can be accepted: e.g. 3600, 90m, 12h, 7d.
+        #[arg(long, default_value = "7d", value_parser = parse_duration_secs)]
+        expires: u64,
+        /// Only this subnet may accept it (its id); default: whoever it is given to.
+        #[arg(long, value_parser = parse_hex32)]
+        to: Option<[u8; 32]>,
+        /// Where to write the offer (default: print it).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Accept another subnet's offer: checks its signature, expiry and that it is new,
+    /// shows the policy change, then signs and publishes the new policy and prints the
+    /// counter-offer for the other admin (unless this offer answered one of ours).
+    Accept {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The offer file (or `-` for standard input).
+        file: PathBuf,
+        /// Our roles that may talk to them (default: the roles the offer names for us).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// How long the counter-offer can be accepted.
+        #[arg(long, default_value = "7d", value_parser = parse_duration_secs)]
+        expires: u64,
+        /// Also write the counter-offer to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Check the offer and print what would change; write, send and record nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Edit the federation entry directly, without an offer (both admins must do it).
+    Set {
         #[arg(long)]
         dir: PathBuf,
         /// The other subnet's id (its admin's public key).
@@ -163,6 +222,15 @@ pub enum AdminCommand {
         #[arg(long, value_delimiter = ',')]
         remote_roles: Vec<String>,
         /// Print what would change; write and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop federating with a subnet (a new policy version without it).
+    Remove {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long = "with", value_parser = parse_hex32)]
+        with: [u8; 32],
         #[arg(long)]
         dry_run: bool,
     },
@@ -210,6 +278,29 @@ pub struct GatewayArgs {
     /// The gateway's identity key, as `shoal gateway init` prints it.
     #[arg(long, value_parser = parse_hex32)]
     gateway_key: [u8; 32],
+}
+
+/// Seconds from `3600`, `90s`, `90m`, `12h` or `7d`.
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with s, m, h or d"))?;
+    let unit = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    match n.checked_mul(unit) {
+        Some(v) if v > 0 => Ok(v),
+        _ => Err(format!("{s:?}: must be above zero and not absurdly long")),
+    }
 }
 
 fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
@@ -262,6 +353,27 @@ struct Invite {
     /// Set when redeemed; a used invite is kept so a second redeem says so clearly.
     #[serde(default)]
     redeemed_at: Option<u64>,
+}
+
+/// DIR/federation.json: offers this subnet made (so a counter-offer can be matched to
+/// one) and the replay guard over offers it accepted.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FederationState {
+    /// Nonce of each offer made → its expiry (unix seconds).
+    #[serde(default)]
+    offers_made: std::collections::BTreeMap<Hex32, u64>,
+    #[serde(default)]
+    accepted: OfferGuard,
+}
+
+fn random_nonce() -> anyhow::Result<Hex32> {
+    use rand::TryRng;
+    let mut nonce = [0u8; 32];
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut nonce)
+        .map_err(|e| anyhow::anyhow!("cannot read OS randomness: {e}"))?;
+    Ok(Hex32(nonce))
 }
 
 /// Compares secrets without an early exit on the first differing byte.
@@ -347,6 +459,45 @@ impl Subnet {
         let signed = self.admin.issue_policy(body).context("invalid policy")?;
         let new = Policy::verify(&signed.to_bytes(), &self.id())?;
         Ok((old, new))
+    }
+
+    fn federation_state(&self) -> anyhow::Result<FederationState> {
+        let path = self.dir.join(FEDERATION_FILE);
+        if !path.exists() {
+            return Ok(FederationState::default());
+        }
+        read_json(&path)
+    }
+
+    fn save_federation_state(&self, state: &FederationState) -> anyhow::Result<()> {
+        write_file(
+            &self.dir.join(FEDERATION_FILE),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )
+    }
+
+    /// Asks one gateway for the usage of this subnet's accounts there (a signed,
+    /// read-only command).
+    async fn usage(
+        &self,
+        gateway: SocketAddr,
+        gateway_key: [u8; 32],
+    ) -> anyhow::Result<UsageReport> {
+        let command = self.admin.issue_command(CommandBody {
+            subnet: self.id(),
+            gateway: Hex32(gateway_key),
+            sequence: self.next_sequence()?,
+            expires_at: unix_now() + COMMAND_LIFETIME_SECS,
+            action: AccountAction::AccountUsage,
+        })?;
+        Ok(shoal_gateway::remote_admin::query_usage(
+            &self.key,
+            gateway,
+            gateway_key,
+            &command,
+            USAGE_TIMEOUT,
+        )
+        .await?)
     }
 
     fn save_policy(&self, policy: &Policy) -> anyhow::Result<()> {
@@ -803,9 +954,9 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             println!("credential written: {}", cred_path.display());
             Ok(())
         }
-        AdminCommand::List { dir } => {
+        AdminCommand::List { dir, offline } => {
             let s = Subnet::open(&dir)?;
-            print!("{}", list(&s)?);
+            print!("{}", list(&s, offline).await?);
             Ok(())
         }
         AdminCommand::Deprovision { dir, handle } => {
@@ -916,13 +1067,13 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             }
             update_policy(&s, body, dry_run).await
         }
-        AdminCommand::Federate {
+        AdminCommand::Federate(FederateCommand::Set {
             dir,
             with,
             roles,
             remote_roles,
             dry_run,
-        } => {
+        }) => {
             let s = Subnet::open(&dir)?;
             let mut body = s.policy()?.body().clone();
             let remote_roles = if remote_roles.is_empty() {
@@ -938,12 +1089,237 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             });
             update_policy(&s, body, dry_run).await
         }
+        AdminCommand::Federate(FederateCommand::Remove { dir, with, dry_run }) => {
+            let s = Subnet::open(&dir)?;
+            let mut body = s.policy()?.body().clone();
+            let before = body.federation.len();
+            body.federation.retain(|f| f.subnet.0 != with);
+            if body.federation.len() == before {
+                bail!("the policy does not federate with {}", hex::encode(with));
+            }
+            update_policy(&s, body, dry_run).await
+        }
+        AdminCommand::Federate(FederateCommand::Offer {
+            dir,
+            roles,
+            remote_roles,
+            expires,
+            to,
+            out,
+        }) => {
+            let s = Subnet::open(&dir)?;
+            let policy = s.policy()?;
+            if let Some(r) = roles.iter().find(|r| !policy.body().roles.contains(r)) {
+                bail!(
+                    "role {r:?} is not in the policy (roles: {:?})",
+                    policy.body().roles
+                );
+            }
+            let remote_roles = if remote_roles.is_empty() {
+                roles.clone()
+            } else {
+                remote_roles
+            };
+            let now = unix_now();
+            let nonce = random_nonce()?;
+            let offer = s
+                .admin
+                .issue_offer(OfferBody {
+                    subnet: s.id(),
+                    to: to.map(Hex32),
+                    local_roles: roles,
+                    remote_roles,
+                    issued_at: now,
+                    expires_at: now.saturating_add(expires),
+                    nonce,
+                    reply_to: None,
+                })
+                .context("invalid offer")?;
+            let mut state = s.federation_state()?;
+            state.offers_made.insert(nonce, offer.body().expires_at);
+            s.save_federation_state(&state)?;
+            let text = offer.to_text();
+            match out {
+                Some(path) => {
+                    write_file(&path, text.as_bytes())?;
+                    println!("offer written: {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+            println!(
+                "expires at unix time {}; give it to the other admin, who runs \
+                 `shoal admin federate accept` and hands you back a counter-offer",
+                offer.body().expires_at
+            );
+            Ok(())
+        }
+        AdminCommand::Federate(FederateCommand::Accept {
+            dir,
+            file,
+            roles,
+            expires,
+            out,
+            dry_run,
+        }) => accept_offer(&dir, &file, roles, expires, out, dry_run).await,
     }
 }
 
-/// The account table: configuration the admin holds, nothing the gateway keeps about
-/// use or mail (it does not report per-account use), and no contacts.
-fn list(s: &Subnet) -> anyhow::Result<String> {
+/// Reads, checks and applies a federation offer; prints the counter-offer.
+async fn accept_offer(
+    dir: &Path,
+    file: &Path,
+    roles: Vec<String>,
+    expires: u64,
+    out: Option<PathBuf>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let s = Subnet::open(dir)?;
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the offer from stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let mut state = s.federation_state()?;
+    let now = unix_now();
+    let offer = UncheckedOffer::parse(&text)
+        .and_then(|o| o.check_signature())
+        .and_then(|o| o.check_fresh(&s.id(), now, &mut state.accepted))
+        .map_err(|e| anyhow::anyhow!("offer refused: {}", offer_refusal(&e, now)))?;
+    let b = offer.body();
+    if let Some(ours) = b.reply_to
+        && !state.offers_made.contains_key(&ours)
+    {
+        bail!(
+            "offer refused: it answers an offer this subnet did not make (or whose record in {} is gone)",
+            FEDERATION_FILE
+        );
+    }
+    let policy = s.policy()?;
+    let mut entry = offer.federation();
+    if !roles.is_empty() {
+        entry.local_roles = roles;
+    } else {
+        // Roles the offer names for us that this policy does not define are left out.
+        entry
+            .local_roles
+            .retain(|r| policy.body().roles.contains(r));
+    }
+    if entry.local_roles.is_empty() {
+        bail!(
+            "none of the roles the offer names for us ({:?}) is in our policy (roles: {:?}); pass --roles",
+            b.remote_roles,
+            policy.body().roles
+        );
+    }
+    println!("offer from subnet {}", hex::encode(b.subnet.0));
+    println!(
+        "  their roles {} may talk to our roles {}; offer expires at unix time {}",
+        entry.remote_roles.join(","),
+        entry.local_roles.join(","),
+        b.expires_at
+    );
+    let mut body = policy.body().clone();
+    body.federation.retain(|f| f.subnet != entry.subnet);
+    body.federation.push(entry.clone());
+    let (old, new) = s.next_policy(body)?;
+    print!("{}", diff(old.body(), new.body())?);
+    if dry_run {
+        println!(
+            "(dry run: the offer is valid and policy v{} would be; nothing written, sent or recorded)",
+            new.version()
+        );
+        return Ok(());
+    }
+    let gateways = s.publish(&new).await?;
+    s.save_policy(&new)?;
+    // Recorded only once applied, so an offer whose policy could not be published can be
+    // accepted again.
+    if let Some(ours) = b.reply_to {
+        state.offers_made.remove(&ours);
+    }
+    state.offers_made.retain(|_, exp| *exp >= now);
+    let counter = if b.reply_to.is_none() {
+        let nonce = random_nonce()?;
+        let counter = s.admin.issue_offer(offer.counter_body(
+            &entry,
+            now,
+            now.saturating_add(expires),
+            nonce,
+        ))?;
+        state.offers_made.insert(nonce, counter.body().expires_at);
+        Some(counter)
+    } else {
+        None
+    };
+    s.save_federation_state(&state)?;
+    println!(
+        "policy v{} written and published to {gateways} gateway(s)",
+        new.version()
+    );
+    match counter {
+        Some(counter) => {
+            let text = counter.to_text();
+            if let Some(path) = &out {
+                write_file(path, text.as_bytes())?;
+                println!("counter-offer written: {}", path.display());
+            }
+            println!(
+                "counter-offer (give it to the other admin, who runs `shoal admin federate accept`):"
+            );
+            print!("{text}");
+        }
+        None => println!(
+            "federation complete: this answered our own offer, and both policies list each other"
+        ),
+    }
+    Ok(())
+}
+
+/// A refused offer, in words an admin can act on.
+fn offer_refusal(e: &SubnetError, now: u64) -> String {
+    match e {
+        SubnetError::BadSignature { .. } => {
+            "its signature does not verify: it was changed after signing (or damaged in the paste)"
+                .into()
+        }
+        SubnetError::NotValidAt { not_after, .. } if now > *not_after => {
+            format!("it expired at unix time {not_after} (now {now}); ask for a new one")
+        }
+        SubnetError::NotValidAt { not_before, .. } => {
+            format!(
+                "it is issued in the future (unix time {not_before}, now {now}); check the clocks"
+            )
+        }
+        SubnetError::OwnOffer => {
+            "it is this subnet's own offer; give it to the other subnet's admin".into()
+        }
+        SubnetError::WrongSubnet { subnet, .. } => format!(
+            "it is addressed to subnet {}, not this one",
+            hex::encode(subnet.0)
+        ),
+        SubnetError::ReplayedOffer { reason } => format!("replayed: {reason}"),
+        other => other.to_string(),
+    }
+}
+
+/// What `list` shows for one account's use at its gateway.
+enum Use {
+    /// Not asked (the account is not active, or `--offline`).
+    NotAsked,
+    Reported {
+        items: u32,
+        bytes: u64,
+        quota: u32,
+    },
+    /// The gateway answered but does not have this account.
+    Missing,
+    Unreachable,
+}
+
+/// The account table: configuration the admin holds and, unless `offline`, each
+/// active account's use as its gateway reports it (items, bytes, quota). Never keys,
+/// mailboxes, message content or contacts.
+async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
     let mut rows: Vec<(Member, &str)> = s.members()?.into_iter().map(|m| (m, "active")).collect();
     let members = s.dir.join(MEMBERS_DIR);
     if let Ok(entries) = std::fs::read_dir(&members) {
@@ -961,20 +1337,79 @@ fn list(s: &Subnet) -> anyhow::Result<String> {
         }
     }
     rows.sort_by(|a, b| a.0.handle.cmp(&b.0.handle));
-    let mut out = format!(
-        "{:<20} {:<12} {:<22} {:<15} {:<12} {:>8}\n",
-        "HANDLE", "ROLE", "GATEWAY", "STATE", "EXPIRES", "QUOTA"
+
+    // One usage query per gateway that hosts an active member.
+    let gateways: BTreeSet<(SocketAddr, [u8; 32])> = rows
+        .iter()
+        .filter(|(_, st)| *st != "de-provisioned")
+        .map(|(m, _)| (m.gateway_addr, m.gateway_key.0))
+        .collect();
+    let mut reports = std::collections::BTreeMap::new();
+    let mut notes = Vec::new();
+    if !offline {
+        for (addr, key) in &gateways {
+            let report = s.usage(*addr, *key).await;
+            if let Err(e) = &report {
+                notes.push(format!("gateway {addr} unreachable: {e:#}"));
+            }
+            reports.insert(*addr, report.ok());
+        }
+    }
+    let mut known = BTreeSet::new();
+    let usage_of = |m: &Member, state: &str, known: &mut BTreeSet<[u8; 16]>| -> Use {
+        if state == "de-provisioned" || offline {
+            return Use::NotAsked;
+        }
+        match reports.get(&m.gateway_addr) {
+            None => Use::NotAsked,
+            Some(None) => Use::Unreachable,
+            Some(Some(report)) => {
+                let id = usage_id(&s.id(), &m.account_key);
+                known.insert(id);
+                match report.accounts.iter().find(|u| u.id == id) {
+                    Some(u) => Use::Reported {
+                        items: u.items,
+                        bytes: u.bytes,
+                        quota: u.quota,
+                    },
+                    None => Use::Missing,
+                }
+            }
+        }
+    };
+
+    let line =
+        |h: &str, r: &str, g: &str, st: &str, exp: &str, q: &str, items: &str, bytes: &str| {
+            format!("{h:<20} {r:<12} {g:<22} {st:<15} {exp:<12} {q:>8} {items:>11} {bytes:>11}\n")
+        };
+    let mut out = line(
+        "HANDLE", "ROLE", "GATEWAY", "STATE", "EXPIRES", "QUOTA", "STORED", "BYTES",
     );
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     for (m, state) in &rows {
-        out.push_str(&format!(
-            "{:<20} {:<12} {:<22} {:<15} {:<12} {:>8}\n",
-            m.handle,
-            m.role,
-            m.gateway_addr.to_string(),
+        let (quota, items, bytes) = match usage_of(m, state, &mut known) {
+            Use::NotAsked => (opt(m.quota.map(u64::from)), "-".into(), "-".into()),
+            Use::Reported {
+                items,
+                bytes,
+                quota,
+            } => (quota.to_string(), items.to_string(), bytes.to_string()),
+            Use::Missing => (opt(m.quota.map(u64::from)), "no-account".into(), "-".into()),
+            Use::Unreachable => (
+                opt(m.quota.map(u64::from)),
+                "unreachable".into(),
+                "-".into(),
+            ),
+        };
+        out.push_str(&line(
+            &m.handle,
+            &m.role,
+            &m.gateway_addr.to_string(),
             state,
-            opt(m.not_after),
-            opt(m.quota.map(u64::from)),
+            &opt(m.not_after),
+            &quota,
+            &items,
+            &bytes,
         ));
     }
     let mut invites = s.invites()?;
@@ -985,17 +1420,45 @@ fn list(s: &Subnet) -> anyhow::Result<String> {
         } else {
             "invited"
         };
-        out.push_str(&format!(
-            "{:<20} {:<12} {:<22} {:<15} {:<12} {:>8}\n",
-            i.handle,
-            i.role,
-            i.gateway_addr.to_string(),
+        out.push_str(&line(
+            &i.handle,
+            &i.role,
+            &i.gateway_addr.to_string(),
             state,
-            i.expires_at,
-            i.quota
+            &i.expires_at.to_string(),
+            &i.quota.to_string(),
+            "-",
+            "-",
         ));
     }
-    out.push_str("(EXPIRES: credential or invite expiry, unix seconds; QUOTA: configured items, use is not reported)\n");
+    for (addr, report) in &reports {
+        let Some(report) = report else { continue };
+        let unknown = report
+            .accounts
+            .iter()
+            .filter(|u| !known.contains(&u.id))
+            .count();
+        let left_out = (report.total_accounts as usize).saturating_sub(report.accounts.len());
+        if unknown > 0 {
+            notes.push(format!(
+                "gateway {addr} has {unknown} account(s) of this subnet not in {}",
+                s.dir.join(MEMBERS_DIR).display()
+            ));
+        }
+        if left_out > 0 {
+            notes.push(format!(
+                "gateway {addr} left {left_out} account(s) out of its report (too many for one answer)"
+            ));
+        }
+    }
+    out.push_str(
+        "(EXPIRES: credential or invite expiry, unix seconds; QUOTA: items allowed, as the \
+         gateway reports it when reachable; STORED/BYTES: items waiting in the mailbox and \
+         their size, as the gateway reports it)\n",
+    );
+    for n in notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
     Ok(out)
 }
 

@@ -42,6 +42,11 @@ pub enum AccountAction {
     PublishPolicy {
         policy: String,
     },
+    /// Read-only: the gateway answers with a [`crate::UsageReport`] of the subnet's
+    /// accounts (items, bytes, quota; no keys, mailboxes or content). Signed, fresh and
+    /// sequenced like every command, so only the admin can ask and a captured query is
+    /// useless.
+    AccountUsage,
 }
 
 /// What the admin signs.

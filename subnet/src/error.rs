@@ -36,6 +36,12 @@ pub enum SubnetError {
     /// A field is out of range.
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+    /// A federation offer made by this very subnet.
+    #[error("the federation offer is from this subnet itself")]
+    OwnOffer,
+    /// A federation offer accepted before, or older than one accepted from its subnet.
+    #[error("federation offer refused as a replay: {reason}")]
+    ReplayedOffer { reason: &'static str },
 }
 
 /// Why policy refuses a message or a group member. Each says which rule was hit.

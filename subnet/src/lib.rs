@@ -2,7 +2,9 @@
 
 pub mod command;
 pub mod credential;
+pub mod federation;
 pub mod policy;
+pub mod usage;
 
 mod envelope;
 mod error;
@@ -16,10 +18,14 @@ pub use credential::{
 };
 pub use envelope::SubnetAdmin;
 pub use error::{PolicyRefusal, SubnetError};
+pub use federation::{
+    FederationOffer, OfferBody, OfferGuard, SignedOffer, UncheckedOffer, VerifiedOffer,
+};
 pub use policy::{
     BurnOnRead, Federation, MessageOptions, Policy, PolicyBody, RoleRule, SignedPolicy,
     UncheckedPolicy,
 };
+pub use usage::{AccountUsage, UsageId, UsageReport, usage_id};
 
 /// A subnet is named by its admin's Ed25519 public key.
 pub type SubnetId = shoal_topology::Hex32;
