@@ -1,10 +1,11 @@
 //! Mode agreement: the same small workload in model mode (abstract delays) and in faithful mode
-//! (real Sphinx packets through the real relay cores in the harness) gives the same mean
-//! end-to-end latency.
+//! (real Sphinx packets through the real relay cores in the harness; then with the real client
+//! and gateway mailbox cores too) gives the same latency and overhead, within stated tolerances.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use shoal_sim::faithful;
+use shoal_sim::model::config::{FaithfulSection, MetricsSection, OutputSection};
 use shoal_sim::model::{ModelConfig, run_config};
 
 /// 10 clients x 2 msg/s x 20 s ~ 400 packets, 5 Sphinx unwraps each: well under a second of crypto.
@@ -108,8 +109,11 @@ fn faithful_is_deterministic() {
     assert!(faithful::run(&config).is_err());
 }
 
-/// The small workload with cover on: 10 clients, 1 real msg/s, λP = 2/s, λL = 1/s, λD = 1/s.
+/// The small workload with cover on, in faithful mode: 10 clients, 1 real msg/s, λP = 2/s,
+/// λL = 1/s, λD = 1/s, group commits of 10 ms, a pull every 500 ms.
 const COVER: &str = r#"
+[sim]
+mode = "faithful"
 [network]
 layers = 3
 width = 2
@@ -121,75 +125,160 @@ clients = 10
 rate_per_client = 1.0
 loop_rate = 1.0
 drop_rate = 1.0
-[metrics]
-sender_entropy = "off"
-receiver_targets = 0
-[output]
-messages_csv = false
-plots = false
+[faithful]
+commit_latency_ms = 10
+pull_interval_ms = 500
 [run]
 duration_s = 40
 warmup_s = 0
 seed = 5
 "#;
 
-/// Faithful mode with the production client cores and cover on, against model mode.
+/// Model mode on the same network: no faithful knobs, no anonymity tracking (only latency and
+/// overhead are compared).
+fn as_model(c: &ModelConfig) -> ModelConfig {
+    let mut m = c.clone();
+    m.sim = Default::default();
+    m.faithful = FaithfulSection::default();
+    m.metrics = MetricsSection {
+        sender_entropy: "off".into(),
+        receiver_targets: 0,
+        ..MetricsSection::default()
+    };
+    m.output = OutputSection {
+        messages_csv: false,
+        plots: false,
+        ..OutputSection::default()
+    };
+    m
+}
+
+/// Faithful mode with the production client and gateway cores and cover on, against model mode.
 ///
 /// Structural differences, each corrected in expectation and folded into the tolerance:
 /// - Model mode's loop stream stands for both λL and the unused λP slots (λP carries a real
 ///   fragment when one is queued, else a loop), so it runs with loop rate λL + λP − r.
-/// - Wire latency (λP slot to arrival at the recipient's gateway) includes the entry gateway's
-///   Exp(50 ms) delay that model mode leaves out: we subtract its mean (50 ms); its variance
-///   stays in the faithful sample variance, so the standard error accounts for it.
-/// - Time from `send_message` to delivery adds the wait for a λP slot: with Poisson slots and
-///   Poisson arrivals the queue is M/M/1, so the wait is Exp(λP − r), mean 1 s here.
+/// - Wire latency (λP slot to arrival at the recipient's gateway mailbox) includes the entry
+///   gateway's Exp(50 ms) delay that model mode leaves out: we subtract its mean (50 ms); its
+///   variance stays in the faithful sample variance, so the standard error accounts for it.
+/// - Time from `send_message` to the λP slot is the M/M/1 wait Exp(λP − r), mean 1 s here.
+/// - The gateway stage: one group commit (exactly c = 10 ms when the writer is idle, at most
+///   2c when a commit is in progress), then the wait for the recipient's next pull, uniform on
+///   [0, P) with the clients' random phases, plus one link back: mean P/2 + 5 ms.
 ///
 /// Tolerances: 4 standard errors from the sample variances and counts (seed fixed, so the
 /// outcome is deterministic; a false failure at another seed has probability ~1e-4). Cover per
 /// real packet over the window: counts are Poisson, relative SE sqrt(1/C + 1/R) ≈ 6 %, 4 SE.
-/// Exact checks: every message delivered and acked, no retransmission and no lost loop without
-/// loss, and delivery − slot − drawn delays equals 5 links for every message.
+/// Exact checks: every message pulled and acked, no retransmission, every ack released only
+/// after its item's commit, commit waits in [c, 2c], pull waits in [link, P + link], fixed-size
+/// pull answers, and delivery − slot − drawn delays equals 5 links for every message.
 #[test]
-fn client_cores_with_cover_agree_with_model() {
+fn client_and_gateway_cores_with_cover_agree_with_model() {
     let config = ModelConfig::from_toml_str(COVER).unwrap();
-    let f = faithful::run_clients(&config, &faithful::ClientRunOptions::default()).unwrap();
-    let (r, lp, ll, ld) = (1.0, f.lambda_p, 1.0, 1.0);
+    let run = faithful::run_clients(&config).unwrap();
+    let f = &run.summary;
+    let (r, lp, ll, ld) = (1.0, f.run.lambda_p, 1.0, 1.0);
+    let (link, c, p) = (0.005, 0.010, 0.5);
+    let eps = 1e-6;
     assert_eq!(lp, 2.0);
-    assert!(f.measured > 300, "{}", f.measured);
-    assert_eq!(f.measured_delivered, f.measured);
-    assert_eq!(f.messages_acked, f.messages);
-    assert_eq!(f.stats.retransmissions, 0);
-    assert_eq!(f.stats.loops_lost, 0);
-    // Only loops sent in the last moments of the run (still on their way) have not returned.
-    let loops = f.stats.loops_sent + f.stats.payload_cover_sent;
-    assert!(f.stats.loops_returned <= loops && f.stats.loops_returned * 100 >= loops * 99);
-    // Every real packet and loop that reached a mailbox was acked by its gateway.
-    assert_eq!(
-        f.acks_sent,
-        f.stats.fragments_received + f.stats.loops_returned
-    );
-    assert!((f.link_part_s.min - 0.025).abs() < 1e-6 && (f.link_part_s.max - 0.025).abs() < 1e-6);
+    let t = &f.traffic;
+    assert!(t.measured > 300, "{}", t.measured);
+    assert_eq!(t.measured_delivered, t.measured);
+    assert_eq!(t.messages_acked, t.messages);
+    assert_eq!(f.acks.retransmissions, 0);
+    assert_eq!(f.clients.loops_lost, 0, "{:?}", f.clients);
 
-    let mut m = config.clone();
-    m.traffic.loop_rate = ll + lp - r;
-    let (model, _) = run_config(&m).unwrap();
+    // Gateway stage. Every item with an ack slot (real packets and loops) had its ack released
+    // by `on_committed` and routed, but for those whose commit was still running at the end;
+    // drops ended as unknown mailboxes.
+    let g = &f.gateways;
+    assert_eq!(
+        g.acks_released + g.acks_pending_at_end,
+        g.accepted - g.without_ack_slot
+    );
+    assert_eq!(f.acks.released, f.acks.sent);
+    assert_eq!(f.acks.unroutable, 0);
+    assert!(g.dropped_unknown > 0 && g.refused_quota == 0 && g.malformed == 0);
+    assert_eq!(g.items_offered + g.dummies_offered, g.pulls * 16);
+    assert_eq!(g.ack_ids_ignored, 0);
+    assert_eq!(f.acks.acked_before_durable, 0);
+    let lp_ = &f.latency_parts;
+    // The ack leaves after the commit, crosses 5 links and a 6th to the sender's pull, and is
+    // itself committed at the sender's gateway before it can be pulled.
+    assert!(lp_.ack_after_durable_s.dist.min >= 6.0 * link + c - eps);
+    let cw = &lp_.commit_wait_s.dist;
+    assert!(cw.min >= c - eps && cw.max <= 2.0 * c + eps, "{cw:?}");
+    let pw = &lp_.pull_wait_s;
+    assert!(
+        pw.dist.min >= link - eps && pw.dist.max <= p + link + eps,
+        "{pw:?}"
+    );
+    let pw_se = p / 12f64.sqrt() / (pw.dist.count as f64).sqrt();
+    assert!(
+        (pw.dist.mean - (p / 2.0 + link)).abs() < 4.0 * pw_se,
+        "pull wait {} vs {} (SE {pw_se})",
+        pw.dist.mean,
+        p / 2.0 + link
+    );
+    let lk = &lp_.link_part_s.dist;
+    assert!((lk.min - 5.0 * link).abs() < eps && (lk.max - 5.0 * link).abs() < eps);
+    // The parts add up to the end-to-end latency, message by message.
+    let parts = lp_.slot_wait_s.dist.mean + lp_.wire_s.dist.mean + cw.mean + pw.dist.mean;
+    assert!((parts - f.latency_s.mean).abs() < 1e-9);
+
+    let model_cfg = {
+        let mut m = as_model(&config);
+        m.traffic.loop_rate = ll + lp - r;
+        m
+    };
+    let (model, _) = run_config(&model_cfg).unwrap();
     let ml = &model.latency_s;
-    let se = (f.wire_latency_variance / f.wire_latency_s.count as f64
-        + ml.variance / ml.count as f64)
-        .sqrt();
-    let diff = f.wire_latency_s.mean - 0.05 - ml.mean;
+    let w = &lp_.wire_s;
+    let se = (w.variance / w.dist.count as f64 + ml.variance / ml.count as f64).sqrt();
+    let diff = w.dist.mean - 0.05 - ml.mean;
     assert!(
         diff.abs() < 4.0 * se,
-        "faithful {} - 0.05 vs model {}: {diff} > 4 x {se}",
-        f.wire_latency_s.mean,
+        "faithful wire {} - 0.05 vs model {}: {diff} > 4 x {se}",
+        w.dist.mean,
         ml.mean
     );
 
+    // End to end, at the recipient's pull: model latency + entry gateway delay + M/M/1 slot
+    // wait + the measured commit wait + P/2 + one link. SE from both sample variances.
+    let want_e2e = ml.mean + 0.05 + 1.0 / (lp - r) + cw.mean + p / 2.0 + link;
+    let fl = &f.latency_s;
+    let se_e2e = (fl.variance / fl.count as f64 + ml.variance / ml.count as f64).sqrt();
+    eprintln!(
+        "faithful e2e mean {:.4} s (n = {}) vs model-based {:.4} s (model {:.4} s, n = {}), \
+         {:.2} SE; wire {:.4} s ({:.2} SE vs model + 50 ms); slot wait {:.4}; commit wait \
+         {:.4} [{:.4}, {:.4}]; pull wait {:.4} [{:.4}, {:.4}]; theory_mean {:.4}; cover/real {:.3}",
+        fl.mean,
+        fl.count,
+        want_e2e,
+        ml.mean,
+        ml.count,
+        (fl.mean - want_e2e) / se_e2e,
+        w.dist.mean,
+        diff / se,
+        lp_.slot_wait_s.dist.mean,
+        cw.mean,
+        cw.min,
+        cw.max,
+        pw.dist.mean,
+        pw.dist.min,
+        pw.dist.max,
+        fl.theory_mean,
+        f.overhead.cover_per_real
+    );
+    assert!(
+        (fl.mean - want_e2e).abs() < 4.0 * se_e2e,
+        "e2e {} vs {want_e2e} (SE {se_e2e})",
+        fl.mean
+    );
+
     let want = (lp + ll + ld) / r - 1.0;
-    let w = &f.window_stats;
-    let cover = (w.payload_cover_sent + w.loops_sent + w.drops_sent) as f64;
-    let rel_se = (1.0 / cover + 1.0 / w.real_sent as f64).sqrt();
-    for got in [f.cover_per_real, model.overhead.cover_per_real] {
+    let rel_se = (1.0 / t.cover_packets as f64 + 1.0 / t.real_packets as f64).sqrt();
+    for got in [f.overhead.cover_per_real, model.overhead.cover_per_real] {
         assert!(
             (got / want - 1.0).abs() < 4.0 * rel_se,
             "cover/real {got} vs {want}"
@@ -197,42 +286,136 @@ fn client_cores_with_cover_agree_with_model() {
     }
 
     // M/M/1 wait for a λP slot: mean 1 / (λP − r); its sd is the mean, so SE = mean / sqrt(n).
-    let wait = f.end_to_end_s.mean - f.wire_latency_s.mean;
+    let wait = lp_.slot_wait_s.dist.mean;
     let want_wait = 1.0 / (lp - r);
-    let se_wait = (want_wait * want_wait / f.end_to_end_s.count as f64).sqrt();
+    let se_wait = want_wait / (lp_.slot_wait_s.dist.count as f64).sqrt();
     assert!(
         (wait - want_wait).abs() < 4.0 * se_wait,
         "slot wait {wait} vs {want_wait} (SE {se_wait})"
     );
 }
 
-/// With 2 % loss on every link some packets and acks are lost: the client cores retransmit
-/// (timeout 2 × drawn path delays + 5 s, doubling) until every message is delivered and acked,
-/// the recipients drop the duplicate copies, and lost loops show up in `loops_lost`.
+/// With 2 % loss on every mixnet link some packets and acks are lost: the client cores
+/// retransmit (timeout 2 × drawn path delays + 5 s, doubling) until every message is pulled
+/// and acked, the recipients drop the duplicate copies (the gateway stores and offers each
+/// copy), and lost loops show up in `loops_lost`.
 #[test]
 fn client_cores_retransmit_through_loss() {
     let mut config = ModelConfig::from_toml_str(COVER).unwrap();
     config.run.duration_s = 20.0;
-    let opts = faithful::ClientRunOptions {
-        link_loss: 0.02,
-        drain_s: 60.0,
-        ..faithful::ClientRunOptions::default()
-    };
-    let f = faithful::run_clients(&config, &opts).unwrap();
-    assert!(f.stats.retransmissions > 0);
-    assert!(f.stats.loops_lost > 0);
-    assert_eq!(f.measured_delivered, f.measured);
-    assert_eq!(f.messages_acked, f.messages);
-    assert!(
-        f.stats.duplicate_acks + f.stats.duplicate_fragments > 0 || f.stats.retransmissions > 0
-    );
+    config.run.max_drain_s = 60.0;
+    config.faithful.link_loss = 0.02;
+    let f = faithful::run_clients(&config).unwrap().summary;
+    assert!(f.acks.retransmissions > 0);
+    assert!(f.clients.loops_lost > 0);
+    assert_eq!(f.traffic.measured_delivered, f.traffic.measured);
+    assert_eq!(f.traffic.messages_acked, f.traffic.messages);
+    assert_eq!(f.acks.acked_before_durable, 0);
+    assert!(f.clients.duplicate_acks + f.clients.duplicate_fragments > 0);
     eprintln!(
         "messages {}, retransmissions {}, duplicate fragments {}, duplicate acks {}, loops lost {}/{}",
-        f.messages,
-        f.stats.retransmissions,
-        f.stats.duplicate_fragments,
-        f.stats.duplicate_acks,
-        f.stats.loops_lost,
-        f.stats.loops_sent + f.stats.payload_cover_sent
+        f.traffic.messages,
+        f.acks.retransmissions,
+        f.clients.duplicate_fragments,
+        f.clients.duplicate_acks,
+        f.clients.loops_lost,
+        f.clients.loops_sent + f.clients.payload_cover_sent
     );
+}
+
+/// A mailbox quota of 3 items and a pull every 2 s (own λP loops and acks share the quota): the
+/// gateway refuses deliveries beyond the quota without an ack, so senders retransmit (backing
+/// off) until their recipient has pulled and acked; most messages get through in the drain.
+#[test]
+fn full_mailboxes_refuse_without_ack_and_senders_retransmit() {
+    let mut config = ModelConfig::from_toml_str(COVER).unwrap();
+    config.run.duration_s = 10.0;
+    config.run.max_drain_s = 60.0;
+    config.traffic.loop_rate = 0.0;
+    config.faithful.mailbox_quota = 3;
+    config.faithful.pull_interval_ms = 2000.0;
+    let f = faithful::run_clients(&config).unwrap().summary;
+    eprintln!(
+        "refused {}, retransmissions {}, delivered {}/{}",
+        f.gateways.refused_quota,
+        f.acks.retransmissions,
+        f.traffic.measured_delivered,
+        f.traffic.measured
+    );
+    let g = &f.gateways;
+    assert!(g.refused_quota > 0);
+    assert!(f.acks.retransmissions > 0);
+    // A refused copy gets no ack: acks only for accepted items with an ack slot.
+    assert_eq!(
+        g.acks_released + g.acks_pending_at_end,
+        g.accepted - g.without_ack_slot
+    );
+    assert!(f.traffic.measured_delivered * 10 >= f.traffic.measured * 8);
+    assert_eq!(f.acks.acked_before_durable, 0);
+}
+
+/// Same config and seed ⇒ identical `summary.json` and `messages.csv` bytes; another seed differs.
+/// Also writes the files through `faithful::output::write_run`.
+#[test]
+fn faithful_with_gateways_is_deterministic() {
+    let mut config = ModelConfig::from_toml_str(COVER).unwrap();
+    config.run.duration_s = 6.0;
+    config.run.max_drain_s = 4.0;
+    let a = faithful::run_clients(&config).unwrap();
+    let b = faithful::run_clients(&config).unwrap();
+    let ja = faithful::output::summary_json(&a.summary).unwrap();
+    assert_eq!(ja, faithful::output::summary_json(&b.summary).unwrap());
+    assert_eq!(
+        faithful::output::messages_csv(&a, u64::MAX),
+        faithful::output::messages_csv(&b, u64::MAX)
+    );
+    assert!(ja.contains("\"entropy_bits\": null"), "{ja}");
+    assert!(ja.contains("\"mode\": \"faithful\""));
+    config.run.seed = 6;
+    let c = faithful::run_clients(&config).unwrap();
+    assert_ne!(ja, faithful::output::summary_json(&c.summary).unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    faithful::output::write_run(dir.path(), &a).unwrap();
+    let written = std::fs::read_to_string(dir.path().join("summary.json")).unwrap();
+    assert_eq!(written, ja);
+    let csv = std::fs::read_to_string(dir.path().join("messages.csv")).unwrap();
+    assert_eq!(csv.lines().count(), a.rows.len() + 1);
+    assert!(
+        std::fs::metadata(dir.path().join("latency.png"))
+            .unwrap()
+            .len()
+            > 1000
+    );
+}
+
+/// Keys faithful mode does not model are refused by name, not ignored; faithful-only keys are
+/// refused in model mode.
+#[test]
+fn unsupported_keys_are_refused() {
+    let base = ModelConfig::from_toml_str(COVER).unwrap();
+    let err = |c: &ModelConfig| faithful::run_clients(c).unwrap_err().to_string();
+    let mut c = base.clone();
+    c.metrics.receiver_targets = 5;
+    c.adversary.corrupt_fraction = 0.1;
+    let e = err(&c);
+    assert!(
+        e.contains("metrics.receiver_targets") && e.contains("adversary.corrupt_fraction"),
+        "{e}"
+    );
+    let mut c = base.clone();
+    c.attacks.enabled = vec!["timing".into()];
+    assert!(err(&c).contains("attacks.enabled"));
+    let mut c = base.clone();
+    c.network.layers = 4;
+    assert!(err(&c).contains("network.layers"));
+    let mut c = base.clone();
+    c.sim.mode = "model".into();
+    assert!(err(&c).contains("sim.mode"));
+    let mut m = as_model(&base);
+    m.faithful.pull_batch = 8;
+    assert!(run_config(&m).unwrap_err().to_string().contains("faithful"));
+    m.faithful = FaithfulSection::default();
+    m.sim.mode = "faithful".into();
+    assert!(run_config(&m).unwrap_err().to_string().contains("sim.mode"));
 }

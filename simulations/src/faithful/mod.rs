@@ -9,13 +9,14 @@
 //!
 //! Structural difference from model mode: in Shoal the entry gateway is a mixing hop (a route is
 //! entry gateway, L1, L2, L3, exit gateway, and every hop but the exit applies its sampled delay),
-//! while model mode does not mix at gateways. [`FaithfulSummary::latency_s`] is the real
-//! end-to-end latency; [`FaithfulSummary::model_equivalent_s`] subtracts each packet's own sampled
+//! while model mode does not mix at gateways. [`RelayRunSummary::latency_s`] is the real
+//! end-to-end latency; [`RelayRunSummary::model_equivalent_s`] subtracts each packet's own sampled
 //! entry-gateway delay (known exactly from the built packet), which is what model mode measures.
 
 pub mod clients;
+pub mod output;
 
-pub use clients::{ClientRunOptions, ClientRunSummary, run_clients};
+pub use clients::{ClientRun, FaithfulSummary as ClientRunSummary, MessageRow, run_clients};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,7 +35,7 @@ use crate::model::summary::Dist;
 /// Result of one faithful-mode run. Latencies are in seconds and cover messages sent in
 /// `[warmup_s, duration_s)`, as in model mode.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FaithfulSummary {
+pub struct RelayRunSummary {
     /// Real messages sent over the whole run.
     pub sent: u64,
     /// Measured messages (sent inside the window) that were delivered.
@@ -53,7 +54,7 @@ pub struct FaithfulSummary {
 }
 
 /// Runs `config`'s real-message workload through the harness.
-pub fn run(config: &ModelConfig) -> Result<FaithfulSummary, SimError> {
+pub fn run(config: &ModelConfig) -> Result<RelayRunSummary, SimError> {
     let v = config.validate()?;
     let bad = |what: &'static str, reason: &str| SimError::Config {
         what,
@@ -167,7 +168,7 @@ pub fn run(config: &ModelConfig) -> Result<FaithfulSummary, SimError> {
     } else {
         0.0
     };
-    Ok(FaithfulSummary {
+    Ok(RelayRunSummary {
         sent: sends.len() as u64,
         measured_delivered: equiv.len() as u64,
         measured_lost,

@@ -27,6 +27,63 @@ pub struct ModelConfig {
     /// Which attacks run, at which cover levels.
     #[serde(default)]
     pub attacks: crate::attacks::AttacksSection,
+    /// Which simulator runs this file.
+    #[serde(default)]
+    pub sim: SimSection,
+    /// Knobs that only faithful mode has.
+    #[serde(default)]
+    pub faithful: FaithfulSection,
+}
+
+/// `[sim]`: which simulator runs the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimSection {
+    /// "model" (abstract crypto, anonymity tracking, scales) or "faithful" (the production
+    /// relay, gateway and client cores in the deterministic harness).
+    pub mode: String,
+}
+
+impl Default for SimSection {
+    fn default() -> Self {
+        Self {
+            mode: "model".into(),
+        }
+    }
+}
+
+/// `[faithful]`: what only faithful mode models. Model mode refuses a changed value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaithfulSection {
+    /// λP per client (real-or-cover payload stream); 0 means 2 × `rate_per_client`. Must
+    /// exceed `rate_per_client`, or a client's queue grows without bound.
+    pub lambda_p: f64,
+    /// Independent loss on every mixnet link (client to gateway included); the cores
+    /// retransmit. Pull requests, answers and acks travel on reliable streams (QUIC) and are
+    /// never lost.
+    pub link_loss: f64,
+    /// Time one group commit of the gateway's store takes (redb fsync), in milliseconds.
+    pub commit_latency_ms: f64,
+    /// Every client pulls its mailbox once per interval, whatever it is doing.
+    pub pull_interval_ms: f64,
+    /// Items in every pull answer (real ones padded with dummies).
+    pub pull_batch: u32,
+    /// Items a mailbox holds at most; deliveries beyond it are refused without an ack.
+    pub mailbox_quota: u32,
+}
+
+impl Default for FaithfulSection {
+    fn default() -> Self {
+        Self {
+            lambda_p: 0.0,
+            link_loss: 0.0,
+            commit_latency_ms: 5.0,
+            pull_interval_ms: 1000.0,
+            pull_batch: 16,
+            mailbox_quota: 100_000,
+        }
+    }
 }
 
 /// `[network]`: the stratified mix network.
@@ -182,6 +239,26 @@ impl ModelConfig {
             what: "model config",
             reason: e.to_string(),
         })
+    }
+
+    /// Model mode's own check: the file asks for model mode and sets no faithful-only knob.
+    pub fn check_model_mode(&self) -> Result<(), SimError> {
+        if self.sim.mode != "model" {
+            return Err(SimError::Config {
+                what: "sim.mode",
+                reason: format!(
+                    "{:?} is not model mode (run it with `shoal sim --mode {}` or faithful::run_config)",
+                    self.sim.mode, self.sim.mode
+                ),
+            });
+        }
+        if self.faithful != FaithfulSection::default() {
+            return Err(SimError::Config {
+                what: "faithful",
+                reason: "[faithful] keys only apply with sim.mode = \"faithful\"".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Checks every value and derives the numbers the engine uses.

@@ -16,6 +16,7 @@ use crate::SimError;
 
 /// Validates `config`, runs it and summarises the result.
 pub fn run_config(config: &ModelConfig) -> Result<(Summary, RawRun), SimError> {
+    config.check_model_mode()?;
     let v = config.validate()?;
     let raw = engine::run(&v)?;
     Ok((summary::summarize(config, &v, &raw), raw))

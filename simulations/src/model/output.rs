@@ -10,19 +10,19 @@ use super::engine::RawRun;
 use super::summary::{Summary, gamma_pdf};
 use crate::SimError;
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> SimError {
+pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> SimError {
     SimError::Output {
         path: path.to_path_buf(),
         reason: e.to_string(),
     }
 }
 
-fn write(path: PathBuf, bytes: &[u8]) -> Result<(), SimError> {
+pub(crate) fn write(path: PathBuf, bytes: &[u8]) -> Result<(), SimError> {
     fs::write(&path, bytes).map_err(|e| io_err(&path, e))
 }
 
 /// Empty for NaN, else the shortest representation that round-trips.
-fn num(x: f64) -> String {
+pub(crate) fn num(x: f64) -> String {
     if x.is_nan() {
         String::new()
     } else {
@@ -129,16 +129,16 @@ fn plot_histogram(path: &Path, title: &str, xlabel: &str, values: &[f64]) -> Res
     plot_bins(path, title, xlabel, &bins, &counts, None)
 }
 
-const BINS: usize = 50;
+pub(crate) const BINS: usize = 50;
 
 /// `BINS` equal bins over `[lo, hi]`.
-struct Bins {
+pub(crate) struct Bins {
     lo: f64,
     width: f64,
 }
 
 impl Bins {
-    fn new(lo: f64, hi: f64) -> Self {
+    pub(crate) fn new(lo: f64, hi: f64) -> Self {
         let hi = if hi - lo < 1e-9 { lo + 1.0 } else { hi };
         Self {
             lo,
@@ -146,13 +146,13 @@ impl Bins {
         }
     }
 
-    fn index(&self, x: f64) -> usize {
+    pub(crate) fn index(&self, x: f64) -> usize {
         (((x - self.lo) / self.width).max(0.0) as usize).min(BINS - 1)
     }
 }
 
 /// Draws pre-binned counts and an optional density curve (scaled to counts).
-fn plot_bins(
+pub(crate) fn plot_bins(
     path: &Path,
     title: &str,
     xlabel: &str,

@@ -133,6 +133,7 @@ pub fn sweep(
         for s in 0..seeds.max(1) {
             let mut c = c.clone();
             c.run.seed = base_seed + s;
+            c.check_model_mode()?;
             c.validate()?;
             jobs.push((c, labels.clone()));
         }
