@@ -47,7 +47,9 @@
 //!   recipient's driver);
 //! - `recipient_store_ms` = stored − `PullDone` (the recipient's redb commit), exact.
 //!
-//! These four add up to `overhead_incl_pull_ms`. `link_one_way_ms` is half the round
+//! These four add up to `overhead_incl_pull_ms`. Inside `overhead_ms`, the senders'
+//! drivers time `client_write_ms` (λP slot → its frames written to the link: the Sphinx
+//! build and the write). `link_one_way_ms` is half the round
 //! trip of one frame echoed over a fresh idle link between two endpoints in the bench
 //! process (`link_probes` frames, one per 10 ms, while the network still runs its
 //! cover): what one of the five links costs on this host, QUIC and two tokio hand-offs
@@ -192,6 +194,8 @@ pub struct E2eReport {
     pub stages: Vec<StageMs>,
     /// Half the round trip of one frame on an idle loopback link (QUIC, padded).
     pub link_one_way_ms: LatencyMs,
+    /// λP slot → its frames written to the sender's link (Sphinx build included).
+    pub client_write_ms: LatencyMs,
     /// 1/λP: mean wait for the next λP slot of a message that finds the queue empty.
     pub expected_slot_wait_ms: f64,
     /// Half the pull interval: mean wait for the recipient's next pull.
@@ -475,13 +479,16 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     }
     let mut records: HashMap<shoal_packet::MessageId, Vec<SendRecord>> = HashMap::new();
     let mut received: HashMap<shoal_packet::MessageId, ReceiveRecord> = HashMap::new();
+    let mut written: HashMap<Instant, Instant> = HashMap::new();
     for c in &clients {
         for r in c.take_send_records().await? {
             records.entry(r.message_id).or_default().push(r);
         }
-        for r in c.take_receive_records().await? {
+        let (receives, writes) = c.take_receive_records().await?;
+        for r in receives {
             received.insert(r.message_id, r);
         }
+        written.extend(writes);
     }
     let stages = stages(&net).await;
     let link_one_way = link_one_way(LINK_PROBES).await?;
@@ -490,6 +497,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     }
     let (mut slot_wait, mut mixing, mut overhead_all) = (Vec::new(), Vec::new(), Vec::new());
     let mut net_split = NetworkSplit::default();
+    let mut client_write = Vec::new();
     let mut retransmitted = 0usize;
     for (body, stored) in &delivered {
         let (Some((_, returned)), Some(id)) = (sent_at.get(body), message_ids.get(body)) else {
@@ -503,6 +511,9 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
                 overhead_all.push(after_slot - ms(only.forward_delay));
                 if let Some(r) = received.get(id) {
                     net_split.add(only, r);
+                }
+                if let Some(w) = written.get(&only.at) {
+                    client_write.push(ms(w.saturating_duration_since(only.at)));
                 }
             }
             Some(_) => retransmitted += 1,
@@ -576,6 +587,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         recipient_store_ms: summary(net_split.store),
         stages,
         link_one_way_ms: summary(link_one_way),
+        client_write_ms: summary(client_write),
         expected_slot_wait_ms: 1000.0 / params.lambda_p.max(f64::MIN_POSITIVE),
         expected_pull_wait_ms: pull_interval.as_secs_f64() * 500.0,
         offered_messages_per_sec: n as f64 / opts.send_interval.as_secs_f64(),

@@ -170,6 +170,9 @@ pub struct ReceiveRecord {
     pub stored: Instant,
 }
 
+/// What [`ClientHandle::take_receive_records`] returns.
+pub type ReceiveRecords = (Vec<ReceiveRecord>, Vec<(Instant, Instant)>);
+
 /// Pull answers being timed on one link, for [`ReceiveRecord`]s.
 #[derive(Debug, Default)]
 struct PullClock {
@@ -265,7 +268,7 @@ enum Command {
         reply: oneshot::Sender<Vec<SendRecord>>,
     },
     TakeReceiveRecords {
-        reply: oneshot::Sender<Vec<ReceiveRecord>>,
+        reply: oneshot::Sender<ReceiveRecords>,
     },
     Shutdown,
 }
@@ -310,8 +313,11 @@ impl ClientHandle {
     }
 
     /// Receive records since the last call (benchmarks; see
-    /// [`DriverConfig::receive_records`]). Empty unless enabled.
-    pub async fn take_receive_records(&self) -> Result<Vec<ReceiveRecord>, DriverError> {
+    /// [`DriverConfig::receive_records`]), and write records: for each core timer
+    /// wake-up, its `now` (a [`SendRecord::at`](crate::SendRecord) of any real fragment
+    /// it sent) and when the frames it produced had been written to the link. Empty
+    /// unless enabled.
+    pub async fn take_receive_records(&self) -> Result<ReceiveRecords, DriverError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::TakeReceiveRecords { reply })
@@ -414,6 +420,7 @@ pub fn spawn(
         unsaved: Vec::new(),
         unacked: Vec::new(),
         receive_records: VecDeque::new(),
+        write_records: VecDeque::new(),
     };
     let task = tokio::spawn(
         driver
@@ -494,6 +501,9 @@ struct Driver {
     unacked: Vec<u64>,
     /// Bench-only (`DriverConfig::receive_records`); never logged.
     receive_records: VecDeque<ReceiveRecord>,
+    /// Bench-only, as `receive_records`: (the core's `now` of a timer wake-up, when the
+    /// frames it produced were written to the link).
+    write_records: VecDeque<(Instant, Instant)>,
 }
 
 type Connecting = JoinHandle<Result<Conn, LinkError>>;
@@ -526,13 +536,21 @@ impl Driver {
                         let _ = reply.send(self.core.take_send_records());
                     }
                     Some(Command::TakeReceiveRecords { reply }) => {
-                        let _ = reply.send(self.receive_records.drain(..).collect());
+                        let _ = reply.send((
+                            self.receive_records.drain(..).collect(),
+                            self.write_records.drain(..).collect(),
+                        ));
                     }
                     Some(Command::Shutdown) | None => break,
                 },
                 _ = sleep_until(core_due) => {
-                    self.core.handle_timeout(Instant::now(), &mut self.rng);
-                    if let Err(e) = self.flush(&mut conn).await {
+                    let now = Instant::now();
+                    self.core.handle_timeout(now, &mut self.rng);
+                    let flushed = self.flush(&mut conn).await;
+                    if self.config.receive_records > 0 {
+                        self.record_write(now);
+                    }
+                    if let Err(e) = flushed {
                         self.lost_link(&mut conn, &e);
                         connecting = Some(self.start_connect(backoff));
                         backoff = (backoff * 2).min(self.config.reconnect_max);
@@ -615,6 +633,15 @@ impl Driver {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         self.publish_stats(false);
         info!("client stopped");
+    }
+
+    /// Bench-only: when the frames of the timer wake-up at `now` were written.
+    fn record_write(&mut self, now: Instant) {
+        // Room for the same number of real sends as receive records, with cover between.
+        if self.write_records.len() >= 16 * self.config.receive_records {
+            self.write_records.pop_front();
+        }
+        self.write_records.push_back((now, Instant::now()));
     }
 
     fn emit(&self, event: DriverEvent) {
