@@ -1,0 +1,392 @@
+//! Groups from scripts: `shoal client group ...` on a live testnet of real processes.
+//! Three members of one subnet (set up by `shoal admin` only); Alice makes a group,
+//! invites Bob and Carol by their saved membership cards, and sends; Bob and Carol,
+//! each running `shoal client run`, join and get it; `read` shows the group, sender,
+//! TTL and burn flag. Alice removes Carol, who then receives nothing more. Errors for
+//! unknown groups and contacts and for policy refusals are checked on the way.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "support/cli_net.rs"]
+mod cli_net;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cli_net::{ClientDir, SHOAL, run_client, run_output, shoal, shoal_output, sigterm, temp_dir};
+use shoal_bench::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
+use shoal_client::ContactCard;
+
+/// The value after `prefix` on one of `out`'s lines.
+fn field(out: &str, prefix: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in: {out}"))
+        .trim()
+        .to_string()
+}
+
+/// The network with two gateways hosting a fresh subnet, and `people` (name, gateway)
+/// enrolled in it by `shoal admin`, each with the admin's files in their directory.
+fn setup(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<ClientDir>) {
+    let cfg = TestnetConfig {
+        bootstrap_secs: 6,
+        workers: Some(1),
+        lambda_m: 1.0,
+        ..TestnetConfig::default()
+    };
+    let bin = Path::new(SHOAL);
+    let mut net = Testnet::start(bin, &dir.join("net"), &cfg).expect("testnet");
+    let admin = dir.join("admin");
+    let admin_s = admin.to_string_lossy().into_owned();
+    let out = shoal(&["admin", "init", "--dir", &admin_s, "--name", "friends"]);
+    let mut subnet = [0u8; 32];
+    hex::decode_to_slice(field(&out, "subnet id:"), &mut subnet).unwrap();
+    let gateways: Vec<GatewayInit> = (0..2)
+        .map(|g| {
+            let init = net
+                .init_gateway(bin, g, &GatewayOptions::default())
+                .expect("gateway init");
+            Testnet::host_subnet(&init, &subnet).unwrap();
+            init
+        })
+        .collect();
+    for gw in &gateways {
+        net.run_gateway(bin, gw.clone()).expect("gateway run");
+    }
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let mut made = Vec::new();
+    for &(name, g) in people {
+        let gw = &gateways[g];
+        let cdir = dir.join(name);
+        let out = shoal(&[
+            "client",
+            "init",
+            "--dir",
+            &cdir.to_string_lossy(),
+            "--gateway",
+            &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
+            "--gateway-client-addr",
+            &gw.client_addr.to_string(),
+            "--authority",
+            &authority,
+            "--threshold",
+            "1",
+            "--name",
+            name,
+        ]);
+        let card = field(&out, "contact card: ");
+        let seal_key = hex::encode(ContactCard::parse(&card).unwrap().contact.public_key);
+        let enroll = [
+            "admin",
+            "enroll",
+            "--dir",
+            &admin_s,
+            "--gateway",
+            &gw.client_addr.to_string(),
+            "--gateway-key",
+            &hex::encode(gw.id),
+            "--handle",
+            name,
+            "--role",
+            "member",
+            "--account-key",
+            &field(&out, "account key: "),
+            "--mailbox",
+            &field(&out, "mailbox: "),
+            "--seal-key",
+            &seal_key,
+        ];
+        // The gateway process may still be starting: retry until it answers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = shoal_output(&enroll);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "admin enroll {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // What the admin hands the person.
+        std::fs::copy(
+            admin.join("members").join(format!("{name}.cred")),
+            cdir.join("credential"),
+        )
+        .unwrap();
+        std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
+        made.push(ClientDir {
+            name: name.to_string(),
+            dir: cdir,
+            card,
+            gateway: g,
+        });
+    }
+    (net, made)
+}
+
+/// `shoal ARGS` that must fail; returns its stderr.
+fn shoal_fails(args: &[&str]) -> String {
+    let out = shoal_output(args);
+    assert!(
+        !out.status.success(),
+        "`shoal {}` succeeded: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Waits until `c`'s background `run` printed a line satisfying `pred`.
+fn wait_run_line(c: &ClientDir, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if run_output(c).lines().any(&pred) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{}: no {what} within {timeout:?}; run printed:\n{}\n--- log ---\n{}",
+        c.name,
+        run_output(c),
+        std::fs::read_to_string(c.dir.join("run.log")).unwrap_or_default()
+    );
+}
+
+fn stop(p: &mut Proc) {
+    sigterm(p.pid());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!p.alive(), "client run ignored SIGTERM");
+}
+
+#[test]
+fn three_members_use_a_group_from_the_cli() {
+    let started = Instant::now();
+    let dir = temp_dir("client-group");
+    let (net, people) = setup(&dir, &[("alice", 0), ("bob", 1), ("carol", 0)]);
+    let (alice, bob, carol) = (&people[0], &people[1], &people[2]);
+    let d = |c: &ClientDir| c.dir.to_string_lossy().into_owned();
+    let (a, b, c) = (d(alice), d(bob), d(carol));
+
+    // First use reads the admin's files; group changes settle in 8 s here (30 s by
+    // default) to keep the test short.
+    let card = |dir: &str| {
+        shoal(&[
+            "client",
+            "group",
+            "card",
+            "--dir",
+            dir,
+            "--commit-settle-secs",
+            "8",
+        ])
+        .trim()
+        .to_string()
+    };
+    let (_, card_b, card_c) = (card(&a), card(&b), card(&c));
+    assert!(card_b.starts_with("shoal-invite1:"), "{card_b}");
+
+    // Alice saves their cards; a card under another name than its handle is refused.
+    let err = shoal_fails(&["client", "contact", "add", "--dir", &a, "robert", &card_b]);
+    assert!(err.contains("\"bob\"'s"), "{err}");
+    shoal(&["client", "contact", "add", "--dir", &a, "bob", &card_b]);
+    shoal(&["client", "contact", "add", "--dir", &a, "carol", &card_c]);
+    let list = shoal(&["client", "contact", "list", "--dir", &a]);
+    assert!(list.contains("bob\tshoal-invite1:"), "{list}");
+
+    let out = shoal(&["client", "group", "create", "--dir", &a, "friends"]);
+    assert!(out.contains("group \"friends\" created"), "{out}");
+    let err = shoal_fails(&["client", "group", "create", "--dir", &a, "friends"]);
+    assert!(err.contains("already have a group named"), "{err}");
+    let err = shoal_fails(&["client", "group", "invite", "--dir", &a, "nosuch", "bob"]);
+    assert!(err.contains("no group \"nosuch\""), "{err}");
+    let err = shoal_fails(&["client", "group", "invite", "--dir", &a, "friends", "dave"]);
+    assert!(err.contains("no card for \"dave\""), "{err}");
+    let list = shoal(&["client", "group", "list", "--dir", &a]);
+    assert!(
+        list.contains("friends\tid ") && list.contains("epoch 0\tmembers: alice (you)"),
+        "{list}"
+    );
+    let id = field(&list, "friends\tid ");
+    let id = id.split('\t').next().unwrap().to_string();
+
+    // Bob and Carol run their clients (as members: groups and messages printed).
+    let mut bob_run = run_client(bob);
+    let mut carol_run = run_client(carol);
+
+    let out = shoal_output(&[
+        "client",
+        "group",
+        "invite",
+        "--dir",
+        &a,
+        "--timeout-secs",
+        "60",
+        "friends",
+        "bob",
+        "carol",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("done: adding bob, carol to friends (epoch 1, 3 members)"),
+        "invite: {stdout}\n{}\n--- gateway0 ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        net.log_tail("gateway0"),
+    );
+    let long = Duration::from_secs(40);
+    for p in [bob, carol] {
+        wait_run_line(p, "join", long, |l| l == format!("you joined group {id}"));
+    }
+    let list = shoal(&["client", "group", "list", "--dir", &a]);
+    assert!(
+        list.contains("epoch 1\tmembers: alice (you), bob, carol"),
+        "{list}"
+    );
+    assert!(!list.contains("pending"), "{list}");
+
+    // Policy refusals say why; nothing is sent.
+    let err = shoal_fails(&[
+        "client", "group", "send", "--dir", &a, "--ttl", "99999999", "friends", "too long",
+    ]);
+    assert!(
+        err.contains("policy refuses") && err.contains("TTL 99999999s is outside"),
+        "{err}"
+    );
+
+    let hello = "hello friends, from the command line";
+    let out = shoal(&[
+        "client",
+        "group",
+        "send",
+        "--dir",
+        &a,
+        "--ttl",
+        "7200",
+        "--timeout-secs",
+        "60",
+        "friends",
+        hello,
+    ]);
+    assert!(
+        out.contains("delivered: message to friends, to the mailboxes of 2 members"),
+        "{out}"
+    );
+    let out = shoal(&[
+        "client",
+        "group",
+        "send",
+        "--dir",
+        &a,
+        "--burn-on-read",
+        "--timeout-secs",
+        "60",
+        "friends",
+        "burn me",
+    ]);
+    assert!(out.contains("delivered"), "{out}");
+    for p in [bob, carol] {
+        wait_run_line(p, "hello", long, |l| {
+            l.ends_with(&format!("#{id} alice: {hello} [ttl 2h]"))
+        });
+        wait_run_line(p, "burn-on-read notice", long, |l| {
+            l.contains(&format!("#{id} alice: (burn-on-read:"))
+                && l.ends_with("[ttl 24h, burn-on-read]")
+        });
+    }
+    assert!(
+        !run_output(bob).contains("burn me"),
+        "run does not show burn-on-read bodies"
+    );
+
+    // Carol is removed; her client learns it, Bob's applies it.
+    let out = shoal(&[
+        "client",
+        "group",
+        "remove",
+        "--dir",
+        &a,
+        "--timeout-secs",
+        "60",
+        "friends",
+        "carol",
+    ]);
+    assert!(
+        out.contains("done: removing carol from friends (epoch 2, 2 members)"),
+        "{out}"
+    );
+    wait_run_line(carol, "removal", long, |l| {
+        l == format!("you were removed from group {id}")
+    });
+    wait_run_line(bob, "carol's removal", long, |l| {
+        l == format!("group {id} is at epoch 2")
+    });
+    let err = shoal_fails(&["client", "group", "remove", "--dir", &a, "friends", "carol"]);
+    assert!(err.contains("no member \"carol\""), "{err}");
+
+    let after = "carol is gone now";
+    let out = shoal(&[
+        "client",
+        "group",
+        "send",
+        "--dir",
+        &a,
+        "--timeout-secs",
+        "60",
+        "friends",
+        after,
+    ]);
+    assert!(out.contains("to the mailboxes of 1 members"), "{out}");
+    wait_run_line(bob, "message after the removal", long, |l| {
+        l.contains(after)
+    });
+    stop(&mut bob_run);
+    stop(&mut carol_run);
+
+    // Bob's read shows group, sender, TTL and burn flag; a burnt message goes at once.
+    let read = shoal(&["client", "read", "--dir", &b]);
+    assert!(
+        read.contains(&format!(" UTC] #{id} alice: {hello} [ttl 2h]")),
+        "{read}"
+    );
+    assert!(
+        read.contains(&format!(
+            "#{id} alice: burn me [ttl 24h, burn-on-read: deleted after this read]"
+        )),
+        "{read}"
+    );
+    assert!(read.contains(after), "{read}");
+    let again = shoal(&["client", "read", "--dir", &b]);
+    assert!(
+        !again.contains("burn me") && again.contains(hello),
+        "{again}"
+    );
+    let list = shoal(&["client", "group", "list", "--dir", &b]);
+    assert!(
+        list.contains("epoch 2\tmembers: alice, bob (you)"),
+        "{list}"
+    );
+
+    // Carol got what was sent while she was in, and nothing after.
+    let read = shoal(&["client", "read", "--dir", &c]);
+    assert!(read.contains(hello), "{read}");
+    assert!(!read.contains(after), "{read}");
+    let list = shoal(&["client", "group", "list", "--dir", &c]);
+    assert!(list.contains("no groups"), "{list}");
+
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+    let took = started.elapsed();
+    println!("client_group took {took:?}");
+    assert!(took < Duration::from_secs(180), "took {took:?}");
+}
