@@ -54,6 +54,9 @@ pub enum AuthorityCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Manage the authority's signing key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Show which nodes are in the current and next documents, and why any is left out.
     Status {
         /// The authority's HTTP API address.
@@ -62,6 +65,24 @@ pub enum AuthorityCommand {
         /// Print the two rosters as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Replace the signing key (after a suspected compromise, or on schedule) and this
+    /// authority's entry in authority.toml; the old key is deleted. The authority must be
+    /// stopped. Until the other authorities, relays, gateways and clients list the new
+    /// key, its signatures do not count, so this is refused unless the other authorities
+    /// alone reach the threshold.
+    Rotate {
+        /// Path of authority.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Rotate even though the other authorities cannot reach the threshold alone: no
+        /// node or client accepts a new document until each of them lists the new key.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -85,6 +106,7 @@ pub fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?
                 .block_on(authority_server::run(cfg))
         }
+        AuthorityCommand::Keys(KeysCommand::Rotate { config, force }) => rotate(&config, force),
         AuthorityCommand::Status { addr, json } => status(addr, json),
     }
 }
@@ -265,4 +287,110 @@ fn write_secret(path: &Path, key: &SigningKey) -> anyhow::Result<()> {
     writeln!(file, "{}", hex::encode(key.to_bytes()))
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write key file {}", path.display()))
+}
+
+/// Rotates the signing key: a new key in `<key_file>.next`, the config's own entry
+/// changed to it, then the new key renamed over the old one. Each step is atomic and a
+/// rerun after a crash finishes the same rotation: `.next` is reused, and a config that
+/// already names it is left as is.
+fn rotate(config_path: &Path, force: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read config {}", config_path.display()))?;
+    let raw = authority_config::RawConfig::parse(&text)
+        .with_context(|| format!("in config {}", config_path.display()))?;
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let key_path = base.join(&raw.key_file);
+    let mut next_name = key_path.file_name().unwrap_or_default().to_os_string();
+    next_name.push(".next");
+    let next_path = key_path.with_file_name(next_name);
+
+    // A running authority signs with the key it loaded; rotating under it would make it
+    // sign with a key its config no longer names.
+    let listen: SocketAddr = raw
+        .listen
+        .parse()
+        .with_context(|| format!("listen = {:?} is not ip:port", raw.listen))?;
+    if let Err(e) = std::net::TcpListener::bind(listen)
+        && e.kind() == std::io::ErrorKind::AddrInUse
+    {
+        bail!("{listen} is in use: stop the authority before rotating its key");
+    }
+
+    // Its signatures stop counting wherever the old key is still pinned, so the others
+    // must be able to publish alone meanwhile.
+    let n = raw.authorities.len();
+    let threshold = raw.threshold;
+    let others_suffice = n.saturating_sub(1) >= threshold;
+    if !others_suffice && !force {
+        bail!(
+            "the other {} authorities cannot reach the threshold of {threshold} without this one: \
+             until every other authority, relay, gateway and client lists the new key, no new \
+             directory document would be accepted and the network stops when the current one \
+             expires. Pass --force to rotate anyway (after a suspected compromise)",
+            n.saturating_sub(1)
+        );
+    }
+
+    let old = authority_config::read_key_file(&key_path)?;
+    let old_pub = old.verifying_key().to_bytes();
+    let resuming = next_path.exists();
+    let new = if resuming {
+        eprintln!(
+            "finishing an interrupted rotation with {}",
+            next_path.display()
+        );
+        authority_config::read_key_file(&next_path)?
+    } else {
+        // The config must be sound before we change anything.
+        raw.validate(base)
+            .with_context(|| format!("in config {}", config_path.display()))?;
+        let key = generate_key()?;
+        let hex_key = format!("{}\n", hex::encode(key.to_bytes()));
+        shoal_relay::keystore::write_private(&next_path, hex_key.as_bytes(), true)?;
+        key
+    };
+    let new_pub = new.verifying_key().to_bytes();
+    let rotated = authority_config::replace_own_key(&text, &old_pub, &new_pub)
+        .with_context(|| format!("in config {}", config_path.display()))?;
+    if rotated != text {
+        shoal_relay::keystore::write_private(config_path, rotated.as_bytes(), false)?;
+    }
+    std::fs::rename(&next_path, &key_path)
+        .with_context(|| format!("cannot move {} into place", next_path.display()))?;
+    #[cfg(unix)]
+    std::fs::File::open(base)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", base.display()))?;
+    // What `run` will load: refuse to report success on a config it would refuse.
+    let cfg = authority_config::load(config_path)?;
+
+    let (old_hex, new_hex) = (hex::encode(old_pub), hex::encode(new_pub));
+    println!("{new_hex}");
+    eprintln!(
+        "rotated: {} now holds the key above; the old key {old_hex} is deleted and \
+         {} names the new one",
+        key_path.display(),
+        config_path.display()
+    );
+    eprintln!(
+        "next: replace {old_hex} with {new_hex} (this authority at {listen})\n\
+         \x20 - in [[authorities]] of the other authorities' authority.toml, then restart each;\n\
+         \x20 - in [directory] authorities of every relay.toml and gateway.toml, then restart it;\n\
+         \x20 - in [directory] authority_keys of every client.toml, then restart the client.\n\
+         Start this authority now (restart needed). Until each of them has the new key, its \
+         signatures do not count there{}. Rotate no other authority's key until all have it.",
+        if others_suffice {
+            format!(
+                "; the other {} authorities (threshold {}) keep publishing documents everyone \
+                 accepts, as long as they are up",
+                cfg.peers.len(),
+                cfg.authority.authorities.threshold
+            )
+        } else {
+            ": with too few other authorities to reach the threshold, nothing they have not \
+             updated accepts a new document"
+                .to_owned()
+        }
+    );
+    Ok(())
 }

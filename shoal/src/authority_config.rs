@@ -185,6 +185,25 @@ pub fn load(path: &Path) -> anyhow::Result<AuthorityFileConfig> {
         .with_context(|| format!("in config {}", path.display()))
 }
 
+/// `text` with this authority's entry in `[[authorities]]` changed from `old` to `new`
+/// (public keys), for `keys rotate`. Exactly one `key = "<old>"` must be there; a text
+/// already naming `new` (an interrupted rotation run again) comes back unchanged.
+pub fn replace_own_key(text: &str, old: &[u8; 32], new: &[u8; 32]) -> anyhow::Result<String> {
+    let line = |k: &[u8; 32]| format!("key = \"{}\"", hex::encode(k));
+    let (old_line, new_line) = (line(old), line(new));
+    match (
+        text.matches(&old_line).count(),
+        text.matches(&new_line).count(),
+    ) {
+        (1, 0) => Ok(text.replacen(&old_line, &new_line, 1)),
+        (0, 1) => Ok(text.to_owned()),
+        (o, n) => bail!(
+            "expected this authority's key once in [[authorities]] as `{old_line}`; found it \
+             {o} times (and the new key {n} times)"
+        ),
+    }
+}
+
 /// What `shoal authority init` writes into the template.
 #[derive(Debug)]
 pub struct Template<'a> {
@@ -412,6 +431,32 @@ mod tests {
                 .unwrap_err()
         );
         assert!(msg.contains("not in [[authorities]]"), "{msg}");
+    }
+
+    #[test]
+    fn replace_own_key_changes_one_entry_and_is_idempotent() {
+        let dir = temp_dir("replace");
+        let (key, text) = setup(&dir, &[peer(1), peer(2)], 2);
+        let old = key.verifying_key().to_bytes();
+        let new = SigningKey::from_bytes(&[4; 32]).verifying_key().to_bytes();
+        let rotated = replace_own_key(&text, &old, &new).unwrap();
+        assert!(!rotated.contains(&hex::encode(old)));
+        assert_eq!(rotated.matches(&hex::encode(new)).count(), 1);
+        // The peers' entries are untouched.
+        assert!(rotated.contains(&hex::encode(peer(1).key)));
+        assert!(rotated.contains(&hex::encode(peer(2).key)));
+        write_key(
+            &dir.join("authority.key"),
+            &SigningKey::from_bytes(&[4; 32]),
+        );
+        let cfg = RawConfig::parse(&rotated).unwrap().validate(&dir).unwrap();
+        assert_eq!(cfg.peers, vec![peer(1), peer(2)]);
+        // Run again after the config was written: nothing to change.
+        assert_eq!(replace_own_key(&rotated, &old, &new).unwrap(), rotated);
+        // Neither key there: refused, not guessed.
+        let other = SigningKey::from_bytes(&[5; 32]).verifying_key().to_bytes();
+        let msg = format!("{:#}", replace_own_key(&text, &other, &new).unwrap_err());
+        assert!(msg.contains("found it 0 times"), "{msg}");
     }
 
     #[test]

@@ -53,6 +53,26 @@ pub enum GatewayCommand {
     /// Manage accounts (the gateway must be stopped: the store has one writer).
     #[command(subcommand)]
     Account(AccountCommand),
+    /// Manage the gateway's keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Replace the identity key and every Sphinx key (after a suspected compromise). The
+    /// gateway must be stopped; it joins the next directory document as a new node.
+    /// Its clients pin the identity and contact cards name it, so with accounts in the
+    /// store this needs --force.
+    Rotate {
+        /// The gateway's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Rotate even though accounts exist: each of their clients must then be given
+        /// the new identity, and contact cards naming the old one stop working.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,6 +177,7 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
             println!("account added");
             Ok(())
         }
+        GatewayCommand::Keys(KeysCommand::Rotate { config, force }) => rotate(&config, force),
         GatewayCommand::Account(AccountCommand::Remove { config, key }) => {
             let config = Config::load(&config)?;
             shoal_gateway::admin::remove_account(&config, &key)
@@ -165,4 +186,71 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Refuses while `addr` is bound by a running node: rotating under it would leave the
+/// keys it serves different from the ones on disk.
+fn ensure_stopped(addr: SocketAddr) -> anyhow::Result<()> {
+    if let Err(e) = std::net::UdpSocket::bind(addr)
+        && e.kind() == std::io::ErrorKind::AddrInUse
+    {
+        bail!("{addr} is in use: stop the gateway before rotating its keys");
+    }
+    Ok(())
+}
+
+fn rotate(config_path: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    ensure_stopped(config.node.listen)?;
+    ensure_stopped(config.client_listen)?;
+    // Accounts are keyed by their clients' keys, not the gateway's, so the store
+    // survives; but every one of those clients dials this identity.
+    let accounts = if config.store_path().exists() {
+        let (store, recovered) =
+            shoal_gateway::Store::open(&config.store_path(), &config.store, &mut rand::rng())
+                .context("cannot open the mailbox store (is the gateway running?)")?;
+        let n = recovered.accounts();
+        store.close()?;
+        n
+    } else {
+        0
+    };
+    if accounts > 0 && !force {
+        bail!(
+            "this gateway has {accounts} accounts: their clients pin its identity (client.toml \
+             [gateway] node_key) and their contact cards name it, so after a rotation none of \
+             them can connect or be reached until each gets the new identity and shares a new \
+             card. Pass --force to rotate anyway (after a suspected compromise)"
+        );
+    }
+    // Only to name it below; a damaged old key must not block replacing it.
+    let old = shoal_relay::keystore::load_identity(&config.node.identity_path()).ok();
+    // rotate_identity syncs the Sphinx key directory, which a gateway that never ran
+    // has not made yet; the node would make it (0700) on its first start anyway.
+    shoal_relay::keystore::create_private_dir(
+        &config.data_dir().join(shoal_relay::keystore::SPHINX_DIR),
+    )?;
+    let identity = shoal_relay::keystore::rotate_identity(config.data_dir(), &mut rand::rng())?;
+    println!(
+        "gateway identity: {}",
+        hex::encode(identity.verifying_key().to_bytes())
+    );
+    if let Some(old) = old {
+        println!(
+            "old identity {} deleted",
+            hex::encode(old.verifying_key().to_bytes())
+        );
+    }
+    println!("old Sphinx keys deleted; mailboxes and accounts kept");
+    println!(
+        "start the gateway: it publishes the new identity and is in the next document (the \
+         old one ages out of the directory)"
+    );
+    if accounts > 0 {
+        println!(
+            "each of the {accounts} accounts' clients needs the new identity as [gateway] \
+             node_key in its client.toml (then restart it) and must share a new contact card"
+        );
+    }
+    Ok(())
 }

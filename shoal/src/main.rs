@@ -23,8 +23,18 @@ mod status;
     about = "Shoal mix network and managed group messenger"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors. Overrides SHOAL_LOG_FORMAT; SHOAL_LOG sets the level.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,7 +64,25 @@ enum Command {
     Chat(chat::ChatArgs),
 }
 
-fn init_logging() {
+/// The format `--log-format` or else `SHOAL_LOG_FORMAT` asks for; text by default. An
+/// unknown value in the variable is an error rather than a silent fallback, so an
+/// operator who asked for JSON never ships text lines to a JSON collector.
+fn log_format(flag: Option<LogFormat>) -> anyhow::Result<LogFormat> {
+    if let Some(f) = flag {
+        return Ok(f);
+    }
+    match std::env::var("SHOAL_LOG_FORMAT") {
+        Err(_) => Ok(LogFormat::Text),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "" | "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => anyhow::bail!("SHOAL_LOG_FORMAT={v:?}: expected `text` or `json`"),
+        },
+    }
+}
+
+/// One filter for both formats, so the caps below hold whatever the format.
+fn log_filter() -> tracing_subscriber::EnvFilter {
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // openmls logs ratchet-tree keys at debug: group metadata, never wanted in a log,
@@ -64,16 +92,40 @@ fn init_logging() {
             filter = filter.add_directive(directive);
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    filter
+}
+
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        // Flattened: `message` and the event's fields at the top level, the spans
+        // (peer, connection) in `spans`. Field values are the same Display/Debug text
+        // the text format prints, so what one format keeps out of the logs the other
+        // does too.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    let format = match log_format(cli.log_format) {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(format);
     let result = match cli.command {
         Command::Authority(cmd) => authority_cmd::run(cmd),
         Command::Relay(cmd) => relay_cmd::run(cmd),
@@ -88,7 +140,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shoal: {e:#}");
+            // A JSON collector gets the reason a node stopped as one more event.
+            if format == LogFormat::Json {
+                tracing::error!(error = %format!("{e:#}"), "shoal stopped with an error");
+            } else {
+                eprintln!("shoal: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

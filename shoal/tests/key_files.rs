@@ -1,7 +1,12 @@
 //! Every `init` leaves its secrets owner-only: key files and stores 0600, and the
-//! directories that hold them 0700 where the command creates them.
+//! directories that hold them 0700 where the command creates them. Every `keys rotate`
+//! replaces the key atomically, keeps it 0600, refuses what would strand users or stop
+//! the network, and leaves a node that starts with the new key.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "support/authorities.rs"]
+mod authorities;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -87,5 +92,327 @@ fn every_init_writes_secrets_owner_only() {
     for dir in ["relay", "gateway", "admin", "client"] {
         let p = tmp.path().join(dir);
         assert_eq!(mode(&p), 0o700, "{dir}/ is {:o}", mode(&p));
+    }
+}
+
+/// `shoal ARGS`, success or not.
+fn shoal_out(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The Ed25519 public key (hex) of a hex secret-key file.
+fn public_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let secret: [u8; 32] = hex::decode(text.trim()).unwrap().try_into().unwrap();
+    hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&secret)
+            .verifying_key()
+            .to_bytes(),
+    )
+}
+
+/// Starts `shoal ARGS` and returns it with the first stdout line that starts with
+/// `prefix` (within 30 s). The caller kills it.
+fn start_and_read(args: &[&str], prefix: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env("SHOAL_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = prefix.to_owned();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix(&wanted) {
+                let _ = tx.send(rest.trim().to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(value) => (child, value),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("shoal {args:?} printed no {prefix:?} line");
+        }
+    }
+}
+
+#[test]
+fn gateway_keys_rotate_replaces_the_identity_and_the_gateway_runs_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gateway");
+    let authority = format!(
+        "127.0.0.1:9={}",
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    );
+    shoal(&[
+        "gateway",
+        "init",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--client-listen",
+        "127.0.0.1:0",
+        "--authority",
+        &authority,
+    ]);
+    let config = dir.join("gateway.toml");
+    let config = config.to_str().unwrap();
+    let id_file = dir.join("identity.key");
+    let first = public_of(&id_file);
+
+    // No accounts yet: nobody pins this identity, so no --force is needed.
+    let out = shoal(&["gateway", "keys", "rotate", "--config", config]);
+    let second = public_of(&id_file);
+    assert_ne!(first, second);
+    assert!(
+        out.contains(&format!("gateway identity: {second}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("old identity {first} deleted")),
+        "{out}"
+    );
+    assert_eq!(mode(&id_file), 0o600);
+    assert!(
+        !std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .any(|e| { e.file_name().to_string_lossy().ends_with(".tmp") })
+    );
+
+    // With an account, its client pins the identity: refused unless forced.
+    let client_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
+    shoal(&[
+        "gateway",
+        "account",
+        "add",
+        "--config",
+        config,
+        "--key",
+        &hex::encode(client_key.to_bytes()),
+        "--mailbox",
+        &"ab".repeat(32),
+    ]);
+    let refused = shoal_out(&["gateway", "keys", "rotate", "--config", config]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("1 accounts") && stderr(&refused).contains("--force"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        public_of(&id_file),
+        second,
+        "a refused rotation changes nothing"
+    );
+    let out = shoal(&["gateway", "keys", "rotate", "--config", config, "--force"]);
+    let third = public_of(&id_file);
+    assert_ne!(second, third);
+    assert!(out.contains("client.toml"), "{out}");
+    assert_eq!(mode(&id_file), 0o600);
+
+    // The gateway starts with the new key.
+    let (mut gateway, identity) = start_and_read(
+        &["gateway", "run", "--config", config],
+        "gateway identity: ",
+    );
+    assert_eq!(identity, third);
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    // The account survived: registering its key again is refused.
+    let again = shoal_out(&[
+        "gateway",
+        "account",
+        "add",
+        "--config",
+        config,
+        "--key",
+        &hex::encode(client_key.to_bytes()),
+        "--mailbox",
+        &"cd".repeat(32),
+    ]);
+    assert!(
+        !again.status.success() && stderr(&again).contains("already"),
+        "{}",
+        stderr(&again)
+    );
+}
+
+/// A single authority (threshold 1 of 1) cannot rotate without an outage: refused unless
+/// forced. An interrupted rotation (a `.next` key left behind) is finished by a rerun.
+#[test]
+fn authority_keys_rotate_alone_needs_force_and_a_rerun_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("authority");
+    let listen = authorities::free_addr().to_string();
+    let first = shoal(&[
+        "authority",
+        "init",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ]);
+    let first = first.trim();
+    let config = dir.join("authority.toml");
+    let config = config.to_str().unwrap();
+    let key_file = dir.join("authority.key");
+    assert_eq!(public_of(&key_file), first);
+
+    let refused = shoal_out(&["authority", "keys", "rotate", "--config", config]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    assert_eq!(
+        public_of(&key_file),
+        first,
+        "a refused rotation changes nothing"
+    );
+
+    let out = shoal_out(&["authority", "keys", "rotate", "--config", config, "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(public_of(&key_file), second);
+    assert_ne!(first, second);
+    assert_eq!(mode(&key_file), 0o600);
+    let text = std::fs::read_to_string(dir.join("authority.toml")).unwrap();
+    assert!(text.contains(&second) && !text.contains(first), "{text}");
+    assert!(stderr(&out).contains("authority_keys"), "{}", stderr(&out));
+
+    // A crash after the new key was written but before anything else: rerunning
+    // finishes with that key rather than making another.
+    let pending = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let next = dir.join("authority.key.next");
+    std::fs::write(&next, format!("{}\n", hex::encode(pending.to_bytes()))).unwrap();
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = shoal_out(&["authority", "keys", "rotate", "--config", config, "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let third = hex::encode(pending.verifying_key().to_bytes());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), third);
+    assert_eq!(public_of(&key_file), third);
+    assert!(!next.exists());
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+}
+
+/// One of three authorities (k = 2) rotates. It runs with its new key while the other
+/// two still list its old one: they keep publishing, and the documents served are
+/// accepted both by parties still pinning the old key and by those with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authority_keys_rotate_keeps_the_network_publishing() {
+    use authorities::{Authorities, descriptor, free_addr, get, now_unix};
+    use shoal_topology::{AuthoritySet, Hex32, Role, UncheckedDocument};
+    use std::time::{Duration, Instant};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let addrs: Vec<_> = (0..3).map(|_| free_addr()).collect();
+    let edits = [
+        ("sync_interval_secs", "1".to_string()),
+        ("bootstrap_delay_secs", "2".to_string()),
+    ];
+    let mut procs = Authorities::init(tmp.path(), addrs.clone(), now_unix() - 60, 2, &[], &edits);
+    let old_set = procs.set.clone();
+    let config = procs.dirs[0].join("authority.toml");
+    let config = config.to_str().unwrap().to_owned();
+    let key_file = procs.dirs[0].join("authority.key");
+
+    // The other two reach k = 2 alone: no --force needed.
+    let out = shoal_out(&["authority", "keys", "rotate", "--config", &config]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_ne!(new_key, procs.keys[0]);
+    assert_eq!(public_of(&key_file), new_key);
+    assert_eq!(mode(&key_file), 0o600);
+    assert!(stderr(&out).contains("the other 2 authorities (threshold 2) keep publishing"));
+    let mut new_keys = old_set.keys.clone();
+    hex::decode_to_slice(&new_key, &mut new_keys[0].0).unwrap();
+    let new_set = AuthoritySet {
+        threshold: 2,
+        keys: new_keys,
+    };
+
+    for i in 0..3 {
+        procs.start(i);
+    }
+    for i in 0..3 {
+        procs.wait_until_up(i).await;
+    }
+    // Running: a rotation now is refused.
+    let refused = shoal_out(&["authority", "keys", "rotate", "--config", &config]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("stop the authority"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(public_of(&key_file), new_key);
+
+    // It announces its new key.
+    let (status, network) = get(addrs[0], "/v1/network").await;
+    assert_eq!(status, 200);
+    let network: serde_json::Value = serde_json::from_slice(&network).unwrap();
+    assert_eq!(network["authorities"]["keys"][0], new_key.as_str());
+
+    let now = now_unix();
+    for (i, role) in [
+        (1, Role::Relay),
+        (2, Role::Relay),
+        (3, Role::Relay),
+        (101, Role::Gateway),
+    ] {
+        let d = descriptor(i, role, now, 0..2);
+        let (status, body) = shoal_link::http::post(addrs[1], "/v1/descriptor", &d.to_json())
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let docs = loop {
+        let mut docs = Vec::new();
+        for addr in &addrs {
+            docs.push(get(*addr, "/v1/document/current").await);
+        }
+        if docs.iter().all(|(s, _)| *s == 200) {
+            break docs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no document published during the rotation\n{}",
+            procs.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (i, (_, doc)) in docs.iter().enumerate() {
+        for (pins, set) in [("old", &old_set), ("new", &new_set)] {
+            let topo = UncheckedDocument::parse(doc)
+                .unwrap()
+                .check_signatures(set)
+                .unwrap_or_else(|e| panic!("authority {i}'s document, {pins} key pinned: {e}"))
+                .check_valid_at(now_unix())
+                .unwrap();
+            assert_eq!(topo.nodes().count(), 4);
+        }
+    }
+    // The old key signs nothing any more.
+    let old0 = Hex32(old_set.keys[0].0);
+    for (_, doc) in &docs {
+        let signed: shoal_topology::SignedDocument = serde_json::from_slice(doc).unwrap();
+        assert!(signed.signatures.iter().all(|s| s.authority != old0));
     }
 }

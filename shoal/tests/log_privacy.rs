@@ -7,6 +7,11 @@
 //! - payload bytes: the demo's message bodies ("hello #…", "group hello from …");
 //! - client addresses: any `127.0.0.1:PORT` whose port is not a node's listening port
 //!   (clients are the only other endpoints on loopback).
+//!
+//! The run is made once with text logs and once with `SHOAL_LOG_FORMAT=json` (every
+//! process inherits it). In JSON, every node log line must be one JSON object with a
+//! level, a timestamp and a message, and the searches run on both the raw line and its
+//! unescaped string values.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -66,16 +71,61 @@ fn has_byte_array(text: &str) -> bool {
     })
 }
 
+/// Every string value in `v`, unescaped, joined by spaces.
+fn json_strings(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::String(s) => {
+            out.push_str(s);
+            out.push(' ');
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| json_strings(x, out)),
+        serde_json::Value::Object(o) => o.iter().for_each(|(k, x)| {
+            out.push_str(k);
+            out.push(' ');
+            json_strings(x, out);
+        }),
+        _ => {}
+    }
+}
+
+/// Checks that `line` is one log event in JSON and returns the text to search: the
+/// raw line and its unescaped string values.
+fn json_event(name: &str, line: &str) -> Result<String, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("{name}: not JSON ({e}): {line}"))?;
+    for field in ["timestamp", "level", "target"] {
+        if !v.get(field).is_some_and(serde_json::Value::is_string) {
+            return Err(format!("{name}: no {field:?} string: {line}"));
+        }
+    }
+    let mut text = format!("{line} ");
+    json_strings(&v, &mut text);
+    Ok(text)
+}
+
 #[test]
 fn debug_logs_hold_no_keys_payloads_or_client_addresses() {
+    check_demo_logs(false);
+}
+
+#[test]
+fn json_debug_logs_parse_and_hold_no_keys_payloads_or_client_addresses() {
+    check_demo_logs(true);
+}
+
+fn check_demo_logs(json: bool) {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(SHOAL)
-        .args(["demo", "--json", "--keep", "--clients-per-gateway", "2"])
+    let mut demo = Command::new(SHOAL);
+    demo.args(["demo", "--json", "--keep", "--clients-per-gateway", "2"])
         .args(["--messages", "3"])
         .env("SHOAL_LOG", "debug")
-        .env("TMPDIR", tmp.path())
-        .output()
-        .unwrap();
+        .env("TMPDIR", tmp.path());
+    if json {
+        demo.env("SHOAL_LOG_FORMAT", "json");
+    } else {
+        demo.env_remove("SHOAL_LOG_FORMAT");
+    }
+    let out = demo.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     // The demo's own tests check what it delivers; here a failure late in the run (an
     // admin step, say) still leaves every log line up to it to be searched.
@@ -151,9 +201,28 @@ fn debug_logs_hold_no_keys_payloads_or_client_addresses() {
 
     let mut leaks = Vec::new();
     let mut lines = 0usize;
+    let mut json_lines = 0usize;
     for (name, text) in &logs {
-        for line in text.lines() {
+        for raw in text.lines() {
             lines += 1;
+            // The demo's own stderr mixes its progress lines with its clients' logs;
+            // a node's log is nothing but log events.
+            let is_event = name != "demo stderr" || raw.starts_with('{');
+            let searched = if json && is_event && !raw.trim().is_empty() {
+                match json_event(name, raw) {
+                    Ok(t) => {
+                        json_lines += 1;
+                        t
+                    }
+                    Err(e) => {
+                        leaks.push(e);
+                        continue;
+                    }
+                }
+            } else {
+                raw.to_owned()
+            };
+            let line = searched.as_str();
             for tok in hex64_tokens(line) {
                 if secrets.contains(&tok) {
                     leaks.push(format!("{name}: secret key: {line}"));
@@ -180,8 +249,9 @@ fn debug_logs_hold_no_keys_payloads_or_client_addresses() {
         }
     }
     println!(
-        "log privacy: {} log files, {lines} lines at debug, {} secrets and {} public keys \
-         known, {} node ports; leaks found: {}",
+        "log privacy ({}): {} log files, {lines} lines at debug ({json_lines} parsed as JSON), \
+         {} secrets and {} public keys known, {} node ports; problems found: {}",
+        if json { "json" } else { "text" },
         logs.len(),
         secrets.len(),
         public.len(),
@@ -189,6 +259,12 @@ fn debug_logs_hold_no_keys_payloads_or_client_addresses() {
         leaks.len()
     );
     let _ = std::fs::remove_dir_all(&kept);
+    if json {
+        assert!(
+            json_lines > 100,
+            "only {json_lines} JSON log lines of {lines}"
+        );
+    }
     assert!(
         leaks.is_empty(),
         "{} leaking lines, first 20:\n{}",
@@ -213,4 +289,9 @@ fn detectors_flag_keys_arrays_and_addresses() {
     let arr = format!("{:?}", [7u8; 32]);
     assert!(has_byte_array(&format!("key {arr}")));
     assert!(!has_byte_array("[1, 2, 3]"));
+    // A JSON event's escaped strings are searched unescaped; a text line is no event.
+    let line = r#"{"timestamp":"t","level":"DEBUG","target":"x","message":"say \"hello #1\""}"#;
+    assert!(json_event("l", line).unwrap().contains("say \"hello #1\""));
+    assert!(json_event("l", "2026-01-01 DEBUG x: hi").is_err());
+    assert!(json_event("l", r#"{"level":"DEBUG"}"#).is_err());
 }
