@@ -509,3 +509,263 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
     let err = shoal_fails(&bin, &["admin", "redeem", "--dir", &admin, &redeem]);
     assert!(err.contains("already redeemed"), "{err}");
 }
+
+/// Two subnets federate by exchanging signed offers, with files only: A offers, B
+/// previews and accepts (its policy lists A) and hands back a counter-offer, A accepts it
+/// (its policy lists B). Tampered, expired, own, replayed and misaddressed offers are
+/// refused with a clear error and change nothing.
+#[test]
+fn subnets_federate_by_exchanging_signed_offers() {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_shoal"));
+    let tmp = tempfile::tempdir().unwrap();
+    let init = |name: &str, roles: &str| {
+        let dir = tmp.path().join(name).to_string_lossy().into_owned();
+        let out = shoal(
+            &bin,
+            &[
+                "admin", "init", "--dir", &dir, "--name", name, "--roles", roles,
+            ],
+        );
+        (dir, line_value(&out, "subnet id:").to_owned())
+    };
+    let (a, a_id) = init("acme", "staff,guest");
+    let (b, b_id) = init("bolt", "staff,lead");
+    let (c, _) = init("corp", "staff");
+    let path = |f: &str| tmp.path().join(f).to_string_lossy().into_owned();
+    let policy_of = |dir: &str| shoal(&bin, &["admin", "policy", "show", "--dir", dir]);
+
+    // A offers: A's staff may talk to B's staff and lead.
+    let out = shoal(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "offer",
+            "--dir",
+            &a,
+            "--roles",
+            "staff",
+            "--remote-roles",
+            "staff,lead",
+            "--out",
+            &path("a.offer"),
+        ],
+    );
+    assert!(out.contains("offer written"), "{out}");
+    let offer = std::fs::read_to_string(path("a.offer")).unwrap();
+    assert!(offer.contains(&a_id), "{offer}");
+    assert!(
+        !policy_of(&a).contains(&b_id),
+        "an offer changes nothing at A"
+    );
+
+    // Refusals before anything is accepted: A's own offer, a tampered one.
+    let err = shoal_fails(
+        &bin,
+        &["admin", "federate", "accept", "--dir", &a, &path("a.offer")],
+    );
+    assert!(err.contains("own offer"), "{err}");
+    let line = offer
+        .lines()
+        .find(|l| l.starts_with("shoal-federation-offer1:"))
+        .unwrap();
+    let (prefix, payload) = line.split_once(':').unwrap();
+    let json = String::from_utf8(b64url::decode(payload)).unwrap();
+    // A role changed inside the signed body: valid JSON, a valid offer, a bad signature.
+    let changed = json.replace("\\\"lead\\\"", "\\\"guest\\\"");
+    assert_ne!(changed, json);
+    let tampered = format!("{prefix}:{}\n", b64url::encode(changed.as_bytes()));
+    std::fs::write(path("tampered.offer"), tampered).unwrap();
+    let err = shoal_fails(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "accept",
+            "--dir",
+            &b,
+            &path("tampered.offer"),
+        ],
+    );
+    assert!(err.contains("signature does not verify"), "{err}");
+
+    // B previews: the diff shows A entering B's federation list; nothing is written.
+    let preview = shoal(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "accept",
+            "--dir",
+            &b,
+            &path("a.offer"),
+            "--dry-run",
+        ],
+    );
+    assert!(
+        preview
+            .lines()
+            .any(|l| l.starts_with('+') && l.contains(&format!("\"subnet\": \"{a_id}\""))),
+        "{preview}"
+    );
+    assert!(preview.contains("dry run"), "{preview}");
+    assert!(!policy_of(&b).contains(&a_id), "a dry run writes nothing");
+
+    // B accepts: policy v2 lists A (B's staff,lead ↔ A's staff); a counter-offer comes out.
+    let out = shoal(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "accept",
+            "--dir",
+            &b,
+            &path("a.offer"),
+            "--out",
+            &path("b.counter"),
+        ],
+    );
+    assert!(out.contains("counter-offer written"), "{out}");
+    let shown = policy_of(&b);
+    assert!(
+        shown.contains("\"version\": 2") && shown.contains(&a_id),
+        "{shown}"
+    );
+    // Accepted once: the same offer again is a replay.
+    let err = shoal_fails(
+        &bin,
+        &["admin", "federate", "accept", "--dir", &b, &path("a.offer")],
+    );
+    assert!(err.contains("replay"), "{err}");
+    // The counter-offer is addressed to A: C cannot use it.
+    let err = shoal_fails(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "accept",
+            "--dir",
+            &c,
+            &path("b.counter"),
+        ],
+    );
+    assert!(err.contains("addressed to"), "{err}");
+
+    // A accepts the counter-offer: federation complete, both policies list each other.
+    let out = shoal(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "accept",
+            "--dir",
+            &a,
+            &path("b.counter"),
+        ],
+    );
+    assert!(out.contains("federation complete"), "{out}");
+    assert!(
+        !out.contains("shoal-federation-offer1:"),
+        "no counter to the counter: {out}"
+    );
+    let pa: serde_json::Value = serde_json::from_str(&policy_of(&a)).unwrap();
+    let pb: serde_json::Value = serde_json::from_str(&policy_of(&b)).unwrap();
+    let fed = |p: &serde_json::Value| p["federation"][0].clone();
+    assert_eq!(fed(&pa)["subnet"], b_id.as_str());
+    assert_eq!(fed(&pa)["local_roles"], serde_json::json!(["staff"]));
+    assert_eq!(
+        fed(&pa)["remote_roles"],
+        serde_json::json!(["staff", "lead"])
+    );
+    assert_eq!(fed(&pb)["subnet"], a_id.as_str());
+    assert_eq!(
+        fed(&pb)["local_roles"],
+        serde_json::json!(["staff", "lead"])
+    );
+    assert_eq!(fed(&pb)["remote_roles"], serde_json::json!(["staff"]));
+    let err = shoal_fails(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "accept",
+            "--dir",
+            &a,
+            &path("b.counter"),
+        ],
+    );
+    assert!(err.contains("replay"), "{err}");
+
+    // An expired offer is refused.
+    shoal(
+        &bin,
+        &[
+            "admin",
+            "federate",
+            "offer",
+            "--dir",
+            &c,
+            "--roles",
+            "staff",
+            "--expires",
+            "1s",
+            "--out",
+            &path("c.offer"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    let err = shoal_fails(
+        &bin,
+        &["admin", "federate", "accept", "--dir", &a, &path("c.offer")],
+    );
+    assert!(err.contains("expired"), "{err}");
+    assert!(
+        !policy_of(&a).contains("\"version\": 3"),
+        "refusals change nothing"
+    );
+}
+
+/// base64url without padding, as offers are written (the test checks the bytes itself).
+mod b64url {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let mut n = 0u32;
+            for (i, b) in chunk.iter().enumerate() {
+                n |= u32::from(*b) << (16 - 8 * i);
+            }
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    pub fn decode(text: &str) -> Vec<u8> {
+        let vals: Vec<u32> = text
+            .bytes()
+            .map(|c| ALPHABET.iter().position(|a| *a == c).unwrap() as u32)
+            .collect();
+        let mut out = Vec::new();
+        for chunk in vals.chunks(4) {
+            let mut n = 0u32;
+            for (i, v) in chunk.iter().enumerate() {
+                n |= v << (18 - 6 * i);
+            }
+            for i in 0..chunk.len() - 1 {
+                out.push((n >> (16 - 8 * i)) as u8);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        for s in ["", "a", "ab", "abc", "abcd", "{\"body\":1}"] {
+            assert_eq!(decode(&encode(s.as_bytes())), s.as_bytes());
+        }
+        assert_eq!(encode(b"hello"), "aGVsbG8");
+    }
+}
