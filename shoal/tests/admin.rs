@@ -769,3 +769,250 @@ mod b64url {
         assert_eq!(encode(b"hello"), "aGVsbG8");
     }
 }
+
+/// Acks `ids` on the member's link.
+async fn ack(m: &mut Member, ids: Vec<u64>) {
+    let frame = ClientMsg::Ack { ids }.to_frame().unwrap();
+    m.tx.send(frame.as_bytes()).await.unwrap();
+}
+
+/// `admin list`'s row for `handle`, split into columns.
+fn list_row(bin: &Path, admin: &str, handle: &str) -> (Vec<String>, String) {
+    let list = shoal(bin, &["admin", "list", "--dir", admin]);
+    let row = list
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(handle))
+        .unwrap_or_else(|| panic!("no row for {handle}:\n{list}"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    (row, list)
+}
+
+/// Quota use in `admin list`, asked of a real gateway process by a signed read-only
+/// command: bob's stored items go up once alice's real client has a message durable in
+/// his mailbox (it crossed the mixnet), and back to zero after bob pulls and acks; with
+/// the gateway gone, `list` still works and says the gateway is unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_list_shows_mailbox_use_going_up_and_down() {
+    use shoal_client::{Contact, ContactCard};
+    use shoal_packet::SPHINX_PAYLOAD_SIZE;
+
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_shoal"));
+    let tmp = tempfile::tempdir().unwrap();
+    let admin_dir = tmp.path().join("acme");
+    let admin = admin_dir.to_string_lossy().into_owned();
+    let out = shoal(&bin, &["admin", "init", "--dir", &admin, "--name", "acme"]);
+    let mut subnet = [0u8; 32];
+    hex::decode_to_slice(line_value(&out, "subnet id:"), &mut subnet).unwrap();
+
+    // The gateway is made before the authority's first document, so routes reach it.
+    let cfg = TestnetConfig {
+        relays_per_layer: 1,
+        bootstrap_secs: 4,
+        workers: Some(1),
+        lambda_m: 1.0,
+        ..TestnetConfig::default()
+    };
+    let mut net = Testnet::start(&bin, tmp.path(), &cfg).unwrap();
+    let init = net
+        .init_gateway(&bin, 0, &GatewayOptions::default())
+        .unwrap();
+    Testnet::host_subnet(&init, &subnet).unwrap();
+    let (gw_addr, gw_key) = (init.client_addr, init.id);
+    let gw = gw_addr.to_string();
+    let gw_key_hex = hex::encode(gw_key);
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let alice_dir = tmp.path().join("alice").to_string_lossy().into_owned();
+    let alice_out = shoal(
+        &bin,
+        &[
+            "client",
+            "init",
+            "--dir",
+            &alice_dir,
+            "--gateway",
+            &format!("{}={gw_key_hex}", init.link_addr),
+            "--gateway-client-addr",
+            &gw,
+            "--authority",
+            &authority,
+            "--threshold",
+            "1",
+            "--name",
+            "alice",
+        ],
+    );
+    net.run_gateway(&bin, init).unwrap();
+
+    // Bob is the test's own raw client: a link key, a mailbox, a seal key.
+    let bob_key = SigningKey::from_bytes(&[0x51; 32]);
+    let bob_box = [0x5b; 32];
+    let bob_seal = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([0x52; 32]));
+    let enroll = |handle: &str, account: &str, mailbox: &str, seal: &str| {
+        let args = [
+            "admin",
+            "enroll",
+            "--dir",
+            &admin,
+            "--gateway",
+            &gw,
+            "--gateway-key",
+            &gw_key_hex,
+            "--handle",
+            handle,
+            "--role",
+            "member",
+            "--account-key",
+            account,
+            "--mailbox",
+            mailbox,
+            "--seal-key",
+            seal,
+        ]
+        .map(str::to_owned);
+        args
+    };
+    let alice_args = enroll(
+        "alice",
+        line_value(&alice_out, "account key:"),
+        line_value(&alice_out, "mailbox:"),
+        &"cd".repeat(32),
+    );
+    // The gateway process may still be starting: retry until it answers.
+    let mut enrolled = false;
+    for _ in 0..100 {
+        if Command::new(&bin)
+            .args(&alice_args)
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            enrolled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        enrolled,
+        "enroll never succeeded:\n{}",
+        net.log_tail("gateway0")
+    );
+    let bob_args = enroll(
+        "bob",
+        &hex::encode(bob_key.verifying_key().to_bytes()),
+        &hex::encode(bob_box),
+        &hex::encode(bob_seal.to_bytes()),
+    );
+    shoal(&bin, &bob_args.each_ref().map(String::as_str));
+
+    let (row, list) = list_row(&bin, &admin, "bob");
+    println!("{list}");
+    assert_eq!(
+        row[5..],
+        ["10000", "0", "0"],
+        "quota, stored, bytes:\n{list}"
+    );
+
+    // Alice's real client sends to bob's card; `send` returns once the SURB-ack says the
+    // message is durable in bob's mailbox.
+    let card = ContactCard::new(
+        "bob",
+        Contact {
+            mailbox: bob_box,
+            gateway: gw_key,
+            public_key: bob_seal.to_bytes(),
+        },
+    )
+    .unwrap()
+    .to_text();
+    shoal(
+        &bin,
+        &[
+            "client", "contact", "add", "--dir", &alice_dir, "bob", &card,
+        ],
+    );
+    let sent = shoal(
+        &bin,
+        &[
+            "client",
+            "send",
+            "--dir",
+            &alice_dir,
+            "--to",
+            "bob",
+            "--timeout-secs",
+            "60",
+            "hello bob",
+        ],
+    );
+    assert!(sent.contains("delivered to bob's mailbox"), "{sent}");
+
+    let (row, list) = list_row(&bin, &admin, "bob");
+    println!("{list}");
+    let stored: u64 = row[6].parse().unwrap();
+    assert!(stored >= 1, "the message is counted:\n{list}");
+    assert_eq!(
+        row[7],
+        (stored * SPHINX_PAYLOAD_SIZE as u64).to_string(),
+        "bytes of the stored items:\n{list}"
+    );
+    assert!(
+        !list.contains(&hex::encode(bob_box))
+            && !list.contains(&hex::encode(bob_key.verifying_key().to_bytes())),
+        "no mailbox or key in the listing:\n{list}"
+    );
+
+    // Bob pulls and acks everything; his use goes back to zero.
+    let mut bob = Member::connect(&bob_key, gw_addr, gw_key).await;
+    let mut pulled = 0;
+    loop {
+        let ids: Vec<u64> = bob
+            .pull()
+            .await
+            .into_iter()
+            .filter_map(|m| match m {
+                GatewayMsg::Item { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            break;
+        }
+        pulled += ids.len() as u64;
+        ack(&mut bob, ids).await;
+    }
+    assert_eq!(pulled, stored, "bob pulled what the listing counted");
+    let mut row = Vec::new();
+    let mut list = String::new();
+    for _ in 0..50 {
+        (row, list) = list_row(&bin, &admin, "bob");
+        if row[6] == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("{list}");
+    assert_eq!(row[5..], ["10000", "0", "0"], "after pull and ack:\n{list}");
+
+    // The gateway gone: the listing still works, and says so.
+    for g in &mut net.gateways {
+        g.proc.kill();
+    }
+    let started = std::time::Instant::now();
+    let (row, list) = list_row(&bin, &admin, "bob");
+    println!("{list}");
+    assert_eq!(row[6], "unreachable", "{list}");
+    assert!(
+        list.contains(&format!("gateway {gw} unreachable")),
+        "{list}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let offline = shoal(&bin, &["admin", "list", "--dir", &admin, "--offline"]);
+    assert!(!offline.contains("unreachable"), "{offline}");
+}
