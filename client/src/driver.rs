@@ -822,9 +822,10 @@ impl Driver {
                 self.counters.gateway_errors += 1;
                 if code == ErrorCode::Unavailable {
                     // A gateway that just started has no directory yet; we ask again.
-                    debug!(%message, "gateway: unavailable");
+                    debug!(?message, "gateway: unavailable");
                 } else {
-                    warn!(?code, %message, "gateway refused a request");
+                    // The gateway's text, escaped: a line break in it cannot forge a log line.
+                    warn!(?code, ?message, "gateway refused a request");
                 }
             }
             // Answers admin links only; a client never asks for one.

@@ -193,7 +193,8 @@ impl DirectoryTask {
                 Ok((status, body)) => warn!(
                     authority = %addr,
                     status,
-                    reason = %String::from_utf8_lossy(&body[..body.len().min(200)]).trim(),
+                    // Escaped: the authority's text cannot forge a log line.
+                    reason = ?String::from_utf8_lossy(&body[..body.len().min(200)]).trim(),
                     "authority refused our descriptor"
                 ),
                 Err(e) => debug!(authority = %addr, error = %e, "posting descriptor failed"),

@@ -219,7 +219,8 @@ fn init(
     for p in peers {
         all.push(parse_peer(p)?);
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Owner-only, like every other role's key directory.
+    shoal_relay::keystore::create_private_dir(dir)?;
     let key_path = dir.join(KEY_FILE);
     let key = if key_path.exists() {
         eprintln!("keeping the existing key in {}", key_path.display());

@@ -89,7 +89,7 @@ fn every_init_writes_secrets_owner_only() {
         let p = tmp.path().join(s);
         assert_eq!(mode(&p), 0o600, "{s} is {:o}", mode(&p));
     }
-    for dir in ["relay", "gateway", "admin", "client"] {
+    for dir in ["authority", "relay", "gateway", "admin", "client"] {
         let p = tmp.path().join(dir);
         assert_eq!(mode(&p), 0o700, "{dir}/ is {:o}", mode(&p));
     }
