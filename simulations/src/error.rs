@@ -5,8 +5,8 @@ use shoal_topology::TopologyError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SimError {
-    /// A builder setting is out of range.
-    #[error("invalid harness setting {what}: {reason}")]
+    /// A harness builder or simulator config setting is out of range or unsupported.
+    #[error("invalid setting {what}: {reason}")]
     Config { what: &'static str, reason: String },
     /// The topology layer refused something while the harness was doing `doing`.
     #[error("topology, while {doing}: {source}")]

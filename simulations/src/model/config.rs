@@ -247,7 +247,7 @@ impl ModelConfig {
             return Err(SimError::Config {
                 what: "sim.mode",
                 reason: format!(
-                    "{:?} is not model mode (run it with `shoal sim --mode {}` or faithful::run_config)",
+                    "{:?} is not model mode (run it with `shoal sim --mode {}`; sweeps run model mode only)",
                     self.sim.mode, self.sim.mode
                 ),
             });
