@@ -36,7 +36,8 @@ pub struct Identity {
 }
 
 /// The serialized form of an [`Identity`]; it holds the secret key, so store it as such.
-#[derive(Clone, Serialize, Deserialize)]
+/// Wiped on drop: it exists only while an identity is saved or loaded.
+#[derive(Clone, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 #[serde(deny_unknown_fields)]
 struct SavedIdentity {
     mailbox: MailboxAddress,
@@ -1141,6 +1142,20 @@ mod tests {
     use rand::rngs::StdRng;
     use shoal_packet::fragment::FRAGMENT_DATA_SIZE;
     use shoal_topology::NetworkParams;
+
+    /// The identity's secret wipes itself (as does its serialized form) and Debug
+    /// prints nothing of it.
+    #[test]
+    fn identity_secret_is_wiped_and_not_printed() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroize_on_drop::<StaticSecret>();
+        zeroize_on_drop::<SavedIdentity>();
+        let id = Identity::generate(&mut StdRng::seed_from_u64(5), [1; 32]);
+        assert_eq!(format!("{id:?}"), "Identity(..)");
+        let saved = serde_json::to_string(&id).unwrap();
+        let back: Identity = serde_json::from_str(&saved).unwrap();
+        assert_eq!(back.secret.to_bytes(), id.secret.to_bytes());
+    }
 
     fn params() -> NetworkParams {
         NetworkParams {

@@ -11,7 +11,7 @@ use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -66,11 +66,13 @@ impl Identity {
         let pkcs8 = identity
             .to_pkcs8_der()
             .map_err(|e| config_err(e.to_string()))?;
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
-        let signer = provider
-            .key_provider
-            .load_private_key(der)
-            .map_err(|e| config_err(e.to_string()))?;
+        // `pkcs8` is a `SecretDocument`, zeroized on drop. Borrow it rather than copy it
+        // into an owned `PrivateKeyDer` (which `load_private_key` would take and free
+        // without zeroizing). The loaded ring key pair keeps its own copy: see
+        // docs/threat-model.md, "Secrets in memory".
+        let signer =
+            rustls::crypto::ring::sign::any_eddsa_type(&PrivatePkcs8KeyDer::from(pkcs8.as_bytes()))
+                .map_err(|e| config_err(e.to_string()))?;
         let spki = ed25519_spki(&identity.verifying_key().to_bytes());
         let key = Arc::new(CertifiedKey::new(
             vec![CertificateDer::from(spki.to_vec())],

@@ -325,6 +325,46 @@ mod tests {
         }
     }
 
+    /// Every secret this layer creates or holds wipes itself on drop: node Sphinx keys
+    /// and per-packet initial secrets (`StaticSecret`), the per-hop expanded shared
+    /// secret `unwrap` derives (header MAC, stream-cipher, payload keys and blinding
+    /// factor all come from it), and a SURB's recovery seeds. Fails to compile if a
+    /// dependency update drops one.
+    #[test]
+    fn secrets_are_zeroized_on_drop() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroize_on_drop::<StaticSecret>();
+        zeroize_on_drop::<sphinx_packet::header::shared_secret::ExpandedSharedSecret>();
+        zeroize_on_drop::<SurbReplyRecovery>();
+    }
+
+    #[test]
+    fn reply_block_debug_hides_the_recovery_seeds() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (_, hops) = route(&mut rng);
+        let block = build_surb(&mut rng, &hops, &delays(), &[3; 32]).unwrap();
+        let shown = format!("{block:?}");
+        let recovery = format!("{:?}", block.recovery);
+        let bytes = block.recovery.to_bytes();
+        // `IDENTIFIER || SEEDS`. The last hop's seed travels in the SURB by design (the
+        // replier needs it); the others are the creator's alone and must not be shown.
+        let seeds: Vec<&[u8]> = bytes[16..].chunks(16).collect();
+        for (i, seed) in seeds.iter().enumerate() {
+            let list = format!("{seed:?}");
+            let list = list.trim_matches(['[', ']']);
+            assert!(!recovery.contains(list) && !recovery.contains(&hex_lower(seed)));
+            if i + 1 < seeds.len() {
+                assert!(!shown.contains(list), "{shown}");
+                assert!(!shown.contains(&hex_lower(seed)), "{shown}");
+            }
+        }
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+
+    fn hex_lower(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
     #[test]
     fn surb_reply_is_full_size_and_readable_only_by_creator() {
         let mut rng = StdRng::seed_from_u64(8);

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use x25519_dalek::StaticSecret;
+use zeroize::Zeroizing;
 
 use crate::{KeyRing, RelayError};
 
@@ -91,10 +92,12 @@ fn sync_dir(dir: &Path) -> Result<(), RelayError> {
     Ok(())
 }
 
-fn read_hex32(path: &Path) -> Result<[u8; 32], RelayError> {
-    let text = fs::read_to_string(path).map_err(io("cannot read", path))?;
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut out).map_err(|_| RelayError::KeyFile {
+/// Reads a 32-byte secret written as hex. The text and the bytes are wiped when dropped;
+/// callers turn the bytes straight into a key type that wipes itself.
+fn read_hex32(path: &Path) -> Result<Zeroizing<[u8; 32]>, RelayError> {
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(io("cannot read", path))?);
+    let mut out = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), &mut *out).map_err(|_| RelayError::KeyFile {
         path: path.to_owned(),
         reason: "expected 64 hex digits",
     })?;
@@ -108,8 +111,8 @@ pub fn create_identity<R: rand::CryptoRng + ?Sized>(
 ) -> Result<SigningKey, RelayError> {
     create_private_dir(dir)?;
     let key = SigningKey::generate(rng);
-    let text = format!("{}\n", hex::encode(key.to_bytes()));
-    write_private(&dir.join(IDENTITY_FILE), text.as_bytes(), true)?;
+    let text = secret_text(key.as_bytes());
+    write_private(&dir.join(IDENTITY_FILE), &text, true)?;
     Ok(key)
 }
 
@@ -133,7 +136,16 @@ pub fn rotate_identity<R: rand::CryptoRng + ?Sized>(
 
 /// Reads the identity key from `path`.
 pub fn load_identity(path: &Path) -> Result<SigningKey, RelayError> {
-    Ok(SigningKey::from_bytes(&read_hex32(path)?))
+    Ok(SigningKey::from_bytes(&*read_hex32(path)?))
+}
+
+/// A secret as the hex line written to its file, in one buffer sized up front (a
+/// growing `String` would leave unwiped copies behind) that is wiped when dropped.
+fn secret_text(bytes: &[u8; 32]) -> Zeroizing<Vec<u8>> {
+    let mut text = Zeroizing::new(vec![b'\n'; 65]);
+    // Cannot fail: 64 bytes is exactly the hex length of 32.
+    let _ = hex::encode_to_slice(bytes, &mut text[..64]);
+    text
 }
 
 fn sphinx_path(data_dir: &Path, epoch: u64) -> PathBuf {
@@ -160,7 +172,7 @@ pub fn load_sphinx_keys(data_dir: &Path) -> Result<KeyRing, RelayError> {
         else {
             continue;
         };
-        ring.insert(epoch, StaticSecret::from(read_hex32(&entry.path())?));
+        ring.insert(epoch, StaticSecret::from(*read_hex32(&entry.path())?));
     }
     Ok(ring)
 }
@@ -171,8 +183,8 @@ pub fn save_sphinx_keys(data_dir: &Path, ring: &KeyRing, epochs: &[u64]) -> Resu
     create_private_dir(&dir)?;
     for &e in epochs {
         if let Some(secret) = ring.get(e) {
-            let text = format!("{}\n", hex::encode(secret.to_bytes()));
-            write_private(&sphinx_path(data_dir, e), text.as_bytes(), false)?;
+            let text = secret_text(secret.as_bytes());
+            write_private(&sphinx_path(data_dir, e), &text, false)?;
         }
     }
     Ok(())
@@ -264,6 +276,31 @@ pub(crate) mod tests {
             .to_string();
         assert!(e.contains("identity.key"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Key files keep their format (64 hex digits and a newline); the secrets read
+    /// back are types that wipe themselves; Debug of a key ring names epochs only.
+    #[test]
+    fn secrets_are_wiped_and_not_printed() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroize_on_drop::<SigningKey>();
+        zeroize_on_drop::<StaticSecret>();
+        zeroize_on_drop::<Zeroizing<[u8; 32]>>();
+        let secret = [0xab; 32];
+        assert_eq!(
+            &*secret_text(&secret),
+            format!("{}\n", "ab".repeat(32)).as_bytes()
+        );
+
+        let mut ring = KeyRing::new();
+        ring.ensure(&mut StdRng::seed_from_u64(3), 1..=2);
+        let shown = format!("{ring:?}");
+        for e in [1, 2] {
+            let key = ring.get(e).unwrap().to_bytes();
+            assert!(!shown.contains(&hex::encode(key)), "{shown}");
+            assert!(!shown.contains(format!("{key:?}").trim_matches(['[', ']'])));
+        }
+        assert_eq!(shown, "KeyRing { epochs: [1, 2] }");
     }
 
     #[test]
