@@ -295,3 +295,48 @@ fn detectors_flag_keys_arrays_and_addresses() {
     assert!(json_event("l", "2026-01-01 DEBUG x: hi").is_err());
     assert!(json_event("l", r#"{"level":"DEBUG"}"#).is_err());
 }
+
+/// `--log-format json` holds for the fatal error too, and an unknown
+/// `SHOAL_LOG_FORMAT` is refused rather than silently giving text lines to a collector
+/// that expects JSON.
+#[test]
+fn log_format_flag_and_variable() {
+    let missing = std::env::temp_dir().join("shoal-log-format-no-such-config.toml");
+    let out = Command::new(SHOAL)
+        .args(["gateway", "run", "--log-format", "json", "--config"])
+        .arg(&missing)
+        .env_remove("SHOAL_LOG_FORMAT")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let event: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(event["level"], "ERROR");
+    assert!(
+        event["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot read config")),
+        "{stderr}"
+    );
+
+    let out = Command::new(SHOAL)
+        .args(["gateway", "run", "--config"])
+        .arg(&missing)
+        .env("SHOAL_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SHOAL_LOG_FORMAT"), "{stderr}");
+    // The flag wins over the variable.
+    let out = Command::new(SHOAL)
+        .args(["gateway", "run", "--log-format", "text", "--config"])
+        .arg(&missing)
+        .env("SHOAL_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("shoal: cannot read config"), "{stderr}");
+}
