@@ -350,6 +350,28 @@ fn three_members_use_a_group_from_the_cli() {
     wait_run_line(bob, "message after the removal", long, |l| {
         l.contains(after)
     });
+
+    // Fresh keys for Alice: a change Bob applies like any other.
+    let out = shoal(&[
+        "client",
+        "group",
+        "update",
+        "--dir",
+        &a,
+        "--timeout-secs",
+        "60",
+        "friends",
+    ]);
+    assert!(
+        out.contains("done: new keys in friends (epoch 3, 2 members)"),
+        "{out}"
+    );
+    wait_run_line(bob, "the update", long, |l| {
+        l == format!("group {id} is at epoch 3")
+    });
+    // While `run` holds Bob's store, group commands say so.
+    let err = shoal_fails(&["client", "group", "list", "--dir", &b]);
+    assert!(err.contains("Group commands need the store"), "{err}");
     stop(&mut bob_run);
     stop(&mut carol_run);
 
@@ -373,9 +395,28 @@ fn three_members_use_a_group_from_the_cli() {
     );
     let list = shoal(&["client", "group", "list", "--dir", &b]);
     assert!(
-        list.contains("epoch 2\tmembers: alice, bob (you)"),
+        list.contains("epoch 3\tmembers: alice, bob (you)"),
         "{list}"
     );
+    // Bob asks to leave: the request reaches Alice's mailbox, and waits for her commit.
+    let out = shoal(&[
+        "client",
+        "group",
+        "leave",
+        "--dir",
+        &b,
+        "--timeout-secs",
+        "60",
+        &id,
+    ]);
+    assert!(
+        out.contains(&format!(
+            "delivered: asking to leave {id}, to the mailboxes of 1 members"
+        )),
+        "{out}"
+    );
+    let list = shoal(&["client", "group", "list", "--dir", &b]);
+    assert!(list.contains("pending: you asked to leave"), "{list}");
 
     // Carol got what was sent while she was in, and nothing after.
     let read = shoal(&["client", "read", "--dir", &c]);
