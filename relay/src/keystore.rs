@@ -192,6 +192,10 @@ pub fn save_sphinx_keys(data_dir: &Path, ring: &KeyRing, epochs: &[u64]) -> Resu
 
 /// Deletes the files of retired epochs.
 pub fn remove_sphinx_keys(data_dir: &Path, epochs: &[u64]) -> Result<(), RelayError> {
+    // A node that never ran has no Sphinx directory: nothing to remove or sync.
+    if epochs.is_empty() && !data_dir.join(SPHINX_DIR).exists() {
+        return Ok(());
+    }
     for &e in epochs {
         let p = sphinx_path(data_dir, e);
         match fs::remove_file(&p) {
@@ -247,6 +251,22 @@ pub(crate) mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Regression: `keys rotate` on a node that was initialised but never started failed
+    /// with "cannot sync directory .../sphinx" (no Sphinx key had been made yet).
+    #[test]
+    fn rotate_before_the_first_start() {
+        let dir = temp_dir("rotate-fresh");
+        let mut rng = StdRng::seed_from_u64(3);
+        let old = create_identity(&dir, &mut rng).unwrap();
+        let new = rotate_identity(&dir, &mut rng).unwrap();
+        assert_ne!(old.to_bytes(), new.to_bytes());
+        assert_eq!(
+            load_identity(&dir.join(IDENTITY_FILE)).unwrap().to_bytes(),
+            new.to_bytes()
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

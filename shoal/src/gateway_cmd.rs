@@ -225,11 +225,6 @@ fn rotate(config_path: &std::path::Path, force: bool) -> anyhow::Result<()> {
     }
     // Only to name it below; a damaged old key must not block replacing it.
     let old = shoal_relay::keystore::load_identity(&config.node.identity_path()).ok();
-    // rotate_identity syncs the Sphinx key directory, which a gateway that never ran
-    // has not made yet; the node would make it (0700) on its first start anyway.
-    shoal_relay::keystore::create_private_dir(
-        &config.data_dir().join(shoal_relay::keystore::SPHINX_DIR),
-    )?;
     let identity = shoal_relay::keystore::rotate_identity(config.data_dir(), &mut rand::rng())?;
     println!(
         "gateway identity: {}",

@@ -416,3 +416,35 @@ async fn authority_keys_rotate_keeps_the_network_publishing() {
         assert!(signed.signatures.iter().all(|s| s.authority != old0));
     }
 }
+
+/// Regression: a relay initialised but never started could not be rotated ("cannot
+/// sync directory .../sphinx").
+#[test]
+fn relay_keys_rotate_before_the_first_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("relay");
+    shoal(&[
+        "relay",
+        "init",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--authority",
+        "127.0.0.1:9=d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+    ]);
+    let id_file = dir.join("identity.key");
+    let before = public_of(&id_file);
+    let config = dir.join("relay.toml");
+    let out = shoal(&[
+        "relay",
+        "keys",
+        "rotate",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let after = public_of(&id_file);
+    assert_ne!(before, after);
+    assert!(out.contains(&format!("relay identity: {after}")), "{out}");
+    assert_eq!(mode(&id_file), 0o600);
+}
