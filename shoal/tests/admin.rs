@@ -492,7 +492,10 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
         "{list}"
     );
     // Quota 77 as the gateway reports it, and nothing stored yet.
-    assert!(ana.trim_end().ends_with(" 77           0           0"), "{list}");
+    assert!(
+        ana.trim_end().ends_with(" 77           0           0"),
+        "{list}"
+    );
     assert!(row(&list, "bob ").contains("invite-expired"), "{list}");
     assert!(
         !list.contains(&account_hex) && !list.contains(&mailbox_hex),
@@ -855,7 +858,7 @@ async fn admin_list_shows_mailbox_use_going_up_and_down() {
     let bob_box = [0x5b; 32];
     let bob_seal = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([0x52; 32]));
     let enroll = |handle: &str, account: &str, mailbox: &str, seal: &str| {
-        let args = [
+        [
             "admin",
             "enroll",
             "--dir",
@@ -875,8 +878,7 @@ async fn admin_list_shows_mailbox_use_going_up_and_down() {
             "--seal-key",
             seal,
         ]
-        .map(str::to_owned);
-        args
+        .map(str::to_owned)
     };
     let alice_args = enroll(
         "alice",
