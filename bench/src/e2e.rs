@@ -48,8 +48,9 @@
 //! - `recipient_store_ms` = stored − `PullDone` (the recipient's redb commit), exact.
 //!
 //! These four add up to `overhead_incl_pull_ms`. Inside `overhead_ms`, the senders'
-//! drivers time `client_write_ms` (λP slot → its frames written to the link: the Sphinx
-//! build and the write). `link_one_way_ms` is half the round
+//! drivers time `client_slot_late_ms` (λP slot → the driver wakes for it) and
+//! `client_write_ms` (→ its frames written to the link: the Sphinx build and the
+//! write); the entry gateway's delay counts from arrival, so both add to the overhead. `link_one_way_ms` is half the round
 //! trip of one frame echoed over a fresh idle link between two endpoints in the bench
 //! process (`link_probes` frames, one per 10 ms, while the network still runs its
 //! cover): what one of the five links costs on this host, QUIC and two tokio hand-offs
@@ -194,7 +195,9 @@ pub struct E2eReport {
     pub stages: Vec<StageMs>,
     /// Half the round trip of one frame on an idle loopback link (QUIC, padded).
     pub link_one_way_ms: LatencyMs,
-    /// λP slot → its frames written to the sender's link (Sphinx build included).
+    /// λP slot → the sender's driver wakes for it (timer granularity, a busy driver).
+    pub client_slot_late_ms: LatencyMs,
+    /// That wake-up → its frames written to the link (Sphinx build included).
     pub client_write_ms: LatencyMs,
     /// 1/λP: mean wait for the next λP slot of a message that finds the queue empty.
     pub expected_slot_wait_ms: f64,
@@ -479,16 +482,31 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     }
     let mut records: HashMap<shoal_packet::MessageId, Vec<SendRecord>> = HashMap::new();
     let mut received: HashMap<shoal_packet::MessageId, ReceiveRecord> = HashMap::new();
-    let mut written: HashMap<Instant, Instant> = HashMap::new();
+    // Per first send: (its slot's driver wake-up − the slot, frames written − wake-up).
+    let mut written: HashMap<shoal_packet::MessageId, (f64, f64)> = HashMap::new();
     for c in &clients {
-        for r in c.take_send_records().await? {
+        let sends = c.take_send_records().await?;
+        let (receives, mut writes) = c.take_receive_records().await?;
+        writes.sort();
+        for r in &sends {
+            // The slot's wake-up is this client's first one at or after the slot.
+            let i = writes.partition_point(|(wake, _)| *wake < r.at);
+            if let (1, Some((wake, done))) = (r.attempt, writes.get(i)) {
+                written.insert(
+                    r.message_id,
+                    (
+                        ms(wake.saturating_duration_since(r.at)),
+                        ms(done.saturating_duration_since(*wake)),
+                    ),
+                );
+            }
+        }
+        for r in sends {
             records.entry(r.message_id).or_default().push(r);
         }
-        let (receives, writes) = c.take_receive_records().await?;
         for r in receives {
             received.insert(r.message_id, r);
         }
-        written.extend(writes);
     }
     let stages = stages(&net).await;
     let link_one_way = link_one_way(LINK_PROBES).await?;
@@ -497,7 +515,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     }
     let (mut slot_wait, mut mixing, mut overhead_all) = (Vec::new(), Vec::new(), Vec::new());
     let mut net_split = NetworkSplit::default();
-    let mut client_write = Vec::new();
+    let (mut client_late, mut client_write) = (Vec::new(), Vec::new());
     let mut retransmitted = 0usize;
     for (body, stored) in &delivered {
         let (Some((_, returned)), Some(id)) = (sent_at.get(body), message_ids.get(body)) else {
@@ -512,8 +530,9 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
                 if let Some(r) = received.get(id) {
                     net_split.add(only, r);
                 }
-                if let Some(w) = written.get(&only.at) {
-                    client_write.push(ms(w.saturating_duration_since(only.at)));
+                if let Some((late, write)) = written.get(id) {
+                    client_late.push(*late);
+                    client_write.push(*write);
                 }
             }
             Some(_) => retransmitted += 1,
@@ -587,6 +606,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         recipient_store_ms: summary(net_split.store),
         stages,
         link_one_way_ms: summary(link_one_way),
+        client_slot_late_ms: summary(client_late),
         client_write_ms: summary(client_write),
         expected_slot_wait_ms: 1000.0 / params.lambda_p.max(f64::MIN_POSITIVE),
         expected_pull_wait_ms: pull_interval.as_secs_f64() * 500.0,

@@ -520,6 +520,12 @@ impl Driver {
         let mut next_directory = tokio::time::Instant::now() + self.directory_wait();
         let far = Duration::from_secs(3600);
         loop {
+            // A link lost while a store write was awaited (`while_storing`) has no
+            // reconnection under way yet.
+            if conn.is_none() && connecting.is_none() {
+                connecting = Some(self.start_connect(backoff));
+                backoff = (backoff * 2).min(self.config.reconnect_max);
+            }
             self.publish_stats(conn.is_some());
             let core_due = self
                 .core
@@ -529,7 +535,7 @@ impl Driver {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Send { to, bytes, reply }) => {
-                        let result = self.queue(to, &bytes).await;
+                        let result = self.queue(&mut conn, to, &bytes).await;
                         let _ = reply.send(result);
                     }
                     Some(Command::TakeSendRecords { reply }) => {
@@ -544,13 +550,7 @@ impl Driver {
                     Some(Command::Shutdown) | None => break,
                 },
                 _ = sleep_until(core_due) => {
-                    let now = Instant::now();
-                    self.core.handle_timeout(now, &mut self.rng);
-                    let flushed = self.flush(&mut conn).await;
-                    if self.config.receive_records > 0 {
-                        self.record_write(now);
-                    }
-                    if let Err(e) = flushed {
+                    if let Err(e) = self.on_core_timer(&mut conn).await {
                         self.lost_link(&mut conn, &e);
                         connecting = Some(self.start_connect(backoff));
                         backoff = (backoff * 2).min(self.config.reconnect_max);
@@ -576,7 +576,7 @@ impl Driver {
                 _ = sleep_until(next_snapshot) => {
                     next_snapshot += self.config.snapshot_interval;
                     if self.dirty {
-                        self.save_snapshot().await;
+                        self.save_snapshot(&mut conn).await;
                     }
                 }
                 _ = sleep_until(next_directory) => {
@@ -627,7 +627,7 @@ impl Driver {
         if let Some(t) = connecting {
             t.abort();
         }
-        self.save_snapshot().await;
+        self.save_snapshot(&mut conn).await;
         drop(conn);
         self.endpoint.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
@@ -690,12 +690,52 @@ impl Driver {
         }
     }
 
-    async fn queue(&mut self, to: Contact, bytes: &[u8]) -> Result<MessageId, ClientError> {
+    /// The core's timer fired: run it and write what it produced.
+    async fn on_core_timer(&mut self, conn: &mut Option<Conn>) -> Result<(), LinkError> {
+        let now = Instant::now();
+        self.core.handle_timeout(now, &mut self.rng);
+        let flushed = self.flush(conn).await;
+        if self.config.receive_records > 0 {
+            self.record_write(now);
+        }
+        flushed
+    }
+
+    /// Awaits a store job while keeping the core's timers: a λP slot that falls due
+    /// during an fsync goes out on time instead of after it (the entry gateway's delay
+    /// counts from arrival, so a late slot was added to the end-to-end latency). A link
+    /// lost here is dropped; the run loop reconnects.
+    async fn while_storing<T>(
+        &mut self,
+        conn: &mut Option<Conn>,
+        mut job: JoinHandle<T>,
+    ) -> Result<T, tokio::task::JoinError> {
+        loop {
+            let due = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                done = &mut job => return done,
+                _ = sleep_until_some(due) => {
+                    if let Err(e) = self.on_core_timer(conn).await {
+                        self.lost_link(conn, &e);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn queue(
+        &mut self,
+        conn: &mut Option<Conn>,
+        to: Contact,
+        bytes: &[u8],
+    ) -> Result<MessageId, ClientError> {
         let id = self.core.send_message(&mut self.rng, to, bytes)?;
         // Durable before the caller hears "queued".
         let snapshot = self.core.snapshot();
         let store = self.store.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save_snapshot(&snapshot))
+        let job = tokio::task::spawn_blocking(move || store.save_snapshot(&snapshot));
+        let saved = self
+            .while_storing(conn, job)
             .await
             .map_err(|_| ClientError::Internal("store task failed"))?;
         match saved {
@@ -713,10 +753,11 @@ impl Driver {
         }
     }
 
-    async fn save_snapshot(&mut self) {
+    async fn save_snapshot(&mut self, conn: &mut Option<Conn>) {
         let snapshot = self.core.snapshot();
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.save_snapshot(&snapshot)).await {
+        let job = tokio::task::spawn_blocking(move || store.save_snapshot(&snapshot));
+        match self.while_storing(conn, job).await {
             Ok(Ok(())) => {
                 self.counters.snapshots_saved += 1;
                 self.dirty = false;
@@ -795,7 +836,7 @@ impl Driver {
                 };
                 let batch = std::mem::take(&mut c.batch);
                 let partial = std::mem::take(&mut c.batch_partial);
-                let ids = self.finish_batch(batch, partial, timing).await;
+                let ids = self.finish_batch(conn, batch, partial, timing).await;
                 for chunk in ids.chunks(MAX_ACK_IDS) {
                     let ack = ClientMsg::Ack {
                         ids: chunk.to_vec(),
@@ -842,6 +883,7 @@ impl Driver {
     /// messages stay in memory and are written with the next answer.
     async fn finish_batch(
         &mut self,
+        conn: &mut Option<Conn>,
         ids: Vec<u64>,
         partial: Vec<(u64, MessageId)>,
         timing: Option<AnswerTiming>,
@@ -873,8 +915,8 @@ impl Driver {
             let snapshot = self.core.snapshot();
             let store = self.store.clone();
             let batch = self.unsaved.clone();
-            let saved =
-                tokio::task::spawn_blocking(move || store.save_received(&batch, &snapshot)).await;
+            let job = tokio::task::spawn_blocking(move || store.save_received(&batch, &snapshot));
+            let saved = self.while_storing(conn, job).await;
             if !matches!(saved, Ok(Ok(()))) {
                 self.counters.store_errors += 1;
                 warn!("cannot store received messages; their items stay unacked");
@@ -1020,6 +1062,14 @@ async fn join_connect(
 ) -> Result<Result<Conn, LinkError>, tokio::task::JoinError> {
     match connecting {
         Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
