@@ -69,7 +69,7 @@ fn wait_for_document(
         let included = current
             .lines()
             .filter(|l| {
-                l.starts_with("  ") && l.trim_end().ends_with(" in") || l.contains(" in, layer ")
+                (l.starts_with("  ") && l.trim_end().ends_with(" in")) || l.contains(" in, layer ")
             })
             .count();
         if current.contains("(published)") && included == nodes {
@@ -241,6 +241,11 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
     );
     let first_document = started.elapsed();
     println!("shoal authority status:\n{status}");
+    let current = status.split("next epoch").next().unwrap_or("");
+    for layer in 0..3 {
+        let n = current.matches(&format!(" in, layer {layer}")).count();
+        assert_eq!(n, RELAYS / 3, "relays in layer {layer}:\n{status}");
+    }
 
     // run-a-subnet §3: an invite per user, `shoal client init` as the invite says (plus
     // the authorities), the output appended, and `shoal admin redeem`.
