@@ -51,12 +51,14 @@ fn derive_key(shared: &[u8; 32], ephemeral: &PublicKey, recipient: &PublicKey) -
     salt[..32].copy_from_slice(ephemeral.as_bytes());
     salt[32..].copy_from_slice(recipient.as_bytes());
     let hk = Hkdf::<Sha256>::new(Some(&salt), shared);
-    let mut key = [0u8; 32];
+    // The derived key is wiped here and, inside the cipher, when the cipher is dropped
+    // (chacha20poly1305's `zeroize` feature).
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
     // 32 bytes is far below HKDF-SHA256's 8160-byte limit, so expand cannot fail.
-    if hk.expand(INFO, &mut key).is_err() {
-        key = [0u8; 32];
+    if hk.expand(INFO, &mut *key).is_err() {
+        *key = [0u8; 32];
     }
-    ChaCha20Poly1305::new(&key.into())
+    ChaCha20Poly1305::new((&*key).into())
 }
 
 /// Seals an inner body (exactly [`INNER_BODY_SIZE`] bytes) to `recipient`, giving exactly
@@ -134,6 +136,14 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;
     use shoal_packet::payload::SEAL_OVERHEAD;
+
+    /// The per-message cipher wipes its key on drop (fails to compile without the
+    /// `zeroize` feature of chacha20poly1305).
+    #[test]
+    fn cipher_key_is_wiped_on_drop() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroize_on_drop::<ChaCha20Poly1305>();
+    }
 
     fn inner(byte: u8) -> Vec<u8> {
         vec![byte; INNER_BODY_SIZE]

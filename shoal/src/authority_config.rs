@@ -79,12 +79,9 @@ pub fn read_key_file(path: &Path) -> anyhow::Result<SigningKey> {
             );
         }
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read key file {}", path.display()))?;
-    let mut secret = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut secret)
-        .with_context(|| format!("key file {} does not hold 64 hex digits", path.display()))?;
-    Ok(SigningKey::from_bytes(&secret))
+    // Through the node key store, whose read buffers are wiped when dropped.
+    shoal_relay::keystore::load_identity(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))
 }
 
 impl RawConfig {

@@ -1194,6 +1194,18 @@ mod tests {
         );
     }
 
+    /// The authority's signing key wipes itself on drop and Debug prints none of it.
+    #[test]
+    fn authority_debug_hides_its_key() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroize_on_drop::<SigningKey>();
+        let a = authorities(1, 1).remove(0);
+        let shown = format!("{a:?}");
+        let secret = authority_key(0).to_bytes();
+        assert!(!shown.contains(&hex::encode(secret)), "{shown}");
+        assert!(!shown.contains(format!("{secret:?}").trim_matches(['[', ']'])));
+    }
+
     #[test]
     fn descriptors_expire() {
         let mut a = authorities(1, 1).remove(0);
