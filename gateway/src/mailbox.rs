@@ -45,8 +45,8 @@ const TAG_DOMAIN: &[u8] = b"shoal-gateway mailbox tag v1";
 /// The gateway's secret salt for hashing mailbox addresses.
 ///
 /// Generated once when the store is created and kept in it; without it the stored
-/// tags cannot be linked to mailbox addresses.
-#[derive(Clone, PartialEq, Eq)]
+/// tags cannot be linked to mailbox addresses. Wiped on drop.
+#[derive(Clone, PartialEq, Eq, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct Salt([u8; 32]);
 
 impl Salt {
@@ -1367,6 +1367,14 @@ pub(crate) mod tests {
             DeliverOutcome::UnknownMailbox
         );
         assert_eq!(m.delete_account(&ALICE), Err(GatewayError::UnknownAccount));
+    }
+
+    /// The salt links stored tags to mailbox addresses: wiped on drop, never printed.
+    #[test]
+    fn salt_is_wiped_and_not_printed() {
+        fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroize_on_drop::<Salt>();
+        assert_eq!(format!("{:?}", Salt::from_bytes([0xab; 32])), "Salt(..)");
     }
 
     #[test]
