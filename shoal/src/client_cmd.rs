@@ -147,6 +147,7 @@ pub enum GroupCommand {
     Invite {
         #[command(flatten)]
         member: MemberOpts,
+        /// A name given with `group create`, or the id `group list` shows.
         group: String,
         #[arg(required = true, value_name = "CONTACT")]
         contacts: Vec<String>,
@@ -162,6 +163,7 @@ pub enum GroupCommand {
     Send {
         #[command(flatten)]
         member: MemberOpts,
+        /// A name given with `group create`, or the id `group list` shows.
         group: String,
         message: String,
         /// Seconds the message is kept on the recipients' devices (policy bounds it).
@@ -177,6 +179,7 @@ pub enum GroupCommand {
     Remove {
         #[command(flatten)]
         member: MemberOpts,
+        /// A name given with `group create`, or the id `group list` shows.
         group: String,
         #[arg(value_name = "MEMBER")]
         handle: String,
@@ -187,6 +190,7 @@ pub enum GroupCommand {
     Update {
         #[command(flatten)]
         member: MemberOpts,
+        /// A name given with `group create`, or the id `group list` shows.
         group: String,
         #[command(flatten)]
         wait: WaitOpts,
@@ -195,6 +199,7 @@ pub enum GroupCommand {
     Leave {
         #[command(flatten)]
         member: MemberOpts,
+        /// A name given with `group create`, or the id `group list` shows.
         group: String,
         #[command(flatten)]
         wait: WaitOpts,
@@ -826,8 +831,14 @@ impl Member {
         })
     }
 
-    /// Keeps what an offline command changed.
+    /// Keeps what an offline command changed. An offline command must not produce
+    /// anything to send: an own commit kept but never sent would fork its group.
     fn save(&mut self) -> anyhow::Result<()> {
+        if self.messenger.poll_outgoing().is_some() {
+            bail!(
+                "your client has group changes to send first (your policy now refuses a member): run `shoal client run` for a while, then try again"
+            );
+        }
         self.store
             .save_messenger(&self.messenger.snapshot()?, &[])?;
         Ok(())
