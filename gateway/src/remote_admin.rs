@@ -645,6 +645,93 @@ pub(crate) mod tests {
         );
     }
 
+    /// The usage query over a real admin link to a running gateway: answered with a
+    /// report of the subnet's accounts only, refused when replayed or on a client link.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn usage_query_over_the_network() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(78);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("gw");
+        shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
+        let a_key = SigningKey::generate(&mut rng);
+        let a = SubnetAdmin::new(a_key.clone());
+        let mut config =
+            crate::tests::gateway_config(&dir, "127.0.0.1:9".parse().unwrap(), [1; 32]);
+        config.subnets = vec![a.subnet()];
+        let gw = crate::spawn(config).await.unwrap();
+        let (addr, gw_key) = (gw.client_addr(), gw.identity());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let cmd = |seq: u64, action: AccountAction| {
+            a.issue_command(CommandBody {
+                subnet: Hex32([0; 32]),
+                gateway: Hex32(gw_key),
+                sequence: seq,
+                expires_at: now + 300,
+                action,
+            })
+            .unwrap()
+        };
+        let t = Duration::from_secs(10);
+        for (seq, (k, mb, quota)) in [(10u8, 0xa0u8, 5u32), (11, 0xa1, 9)]
+            .into_iter()
+            .enumerate()
+        {
+            let action = AccountAction::CreateAccount {
+                account: key(k),
+                mailbox: Hex32([mb; 32]),
+                quota,
+            };
+            execute(&a_key, addr, gw_key, &cmd(seq as u64 + 1, action), t)
+                .await
+                .unwrap();
+        }
+        let query = cmd(3, AccountAction::AccountUsage);
+        let report = query_usage(&a_key, addr, gw_key, &query, t).await.unwrap();
+        assert_eq!(report.total_accounts, 2);
+        let mut got: Vec<_> = report
+            .accounts
+            .iter()
+            .map(|u| (u.id, u.items, u.bytes, u.quota))
+            .collect();
+        got.sort();
+        let mut want = vec![
+            (shoal_subnet::usage_id(&a.subnet(), &key(10)), 0, 0, 5),
+            (shoal_subnet::usage_id(&a.subnet(), &key(11)), 0, 0, 9),
+        ];
+        want.sort();
+        assert_eq!(got, want);
+        // The same signed query again is a replay: refused, no report.
+        assert!(matches!(
+            query_usage(&a_key, addr, gw_key, &query, t).await,
+            Err(GatewayError::AdminRefused {
+                refusal: AdminRefusal::Replayed,
+                ..
+            })
+        ));
+        // A plain command is answered without a report; asking for one from it is an error.
+        let err = query_usage(
+            &a_key,
+            addr,
+            gw_key,
+            &cmd(
+                4,
+                AccountAction::SetQuota {
+                    account: key(10),
+                    quota: 6,
+                },
+            ),
+            t,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, GatewayError::AdminLink { .. }), "{err}");
+        gw.shutdown().await;
+    }
+
     #[test]
     fn a_usage_report_travels_in_full_size_frames_and_is_cut_to_fit() {
         use shoal_subnet::AccountUsage;

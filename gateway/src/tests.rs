@@ -116,7 +116,7 @@ fn node_config(
     }
 }
 
-fn gateway_config(dir: &Path, authority: SocketAddr, key: [u8; 32]) -> Config {
+pub(crate) fn gateway_config(dir: &Path, authority: SocketAddr, key: [u8; 32]) -> Config {
     Config {
         node: node_config(dir.to_owned(), authority, key, 2),
         client_listen: "127.0.0.1:0".parse().unwrap(),
