@@ -10,7 +10,15 @@
 //! D/members/H.json     where H's account lives: gateway, account key, keys, mailbox
 //! D/members/H.json.revoked  the same record after H was de-provisioned (for `list`)
 //! D/invites/H.json     a pending one-time invite for H: its secret code, role, gateway, expiry
+//! D/federation.json    federation offers made (nonce → expiry) and the replay guard over
+//!                      offers accepted
 //! ```
+//!
+//! Federation: `federate offer` writes an offer signed by D/admin.key; the other admin's
+//! `federate accept` checks it (signature, expiry, not ours, not replayed), shows the
+//! policy diff, publishes the new policy and prints a counter-offer addressed to us, which
+//! our `federate accept` applies the same way. `list` asks each gateway for the use of the
+//! subnet's accounts there (a signed read-only command) and still works without them.
 //!
 //! Invites: `admin invite` writes D/invites/H.json and an invite file for the user holding
 //! a random one-time code. The user runs `shoal client init` with the gateway the invite
