@@ -386,7 +386,8 @@ async fn a_flooding_client_is_throttled_and_cut_while_an_honest_client_is_served
     assert_eq!(alice_stats.connects, 1, "the honest client was never cut");
     assert!(report.frames_sent >= CUT_AFTER, "the flood ran");
     assert!(
-        throttled >= CUT_AFTER,
+        // The frame that crosses the threshold is the cut, not a throttle.
+        throttled >= CUT_AFTER - 1,
         "the flood was throttled ({throttled})"
     );
     assert!(
