@@ -421,6 +421,13 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    // A bare file name has an empty parent, which the keystore cannot sync.
+    let path = if path.parent() == Some(Path::new("")) {
+        Path::new(".").join(path)
+    } else {
+        path.to_owned()
+    };
+    let path = path.as_path();
     shoal_relay::keystore::write_private(path, bytes, false)
         .with_context(|| format!("cannot write {}", path.display()))
 }
@@ -1266,15 +1273,17 @@ async fn accept_offer(
     );
     match counter {
         Some(counter) => {
+            // Printed first: the policy is already published, so the counter-offer must
+            // not be lost to a file that cannot be written.
             let text = counter.to_text();
-            if let Some(path) = &out {
-                write_file(path, text.as_bytes())?;
-                println!("counter-offer written: {}", path.display());
-            }
             println!(
                 "counter-offer (give it to the other admin, who runs `shoal admin federate accept`):"
             );
             print!("{text}");
+            if let Some(path) = &out {
+                write_file(path, text.as_bytes())?;
+                println!("counter-offer written: {}", path.display());
+            }
         }
         None => println!(
             "federation complete: this answered our own offer, and both policies list each other"

@@ -562,6 +562,28 @@ fn subnets_federate_by_exchanging_signed_offers() {
         !policy_of(&a).contains(&b_id),
         "an offer changes nothing at A"
     );
+    // Regression: `--out` with a bare file name (its parent is "") used to fail to write.
+    let rel = Command::new(&bin)
+        .current_dir(tmp.path())
+        .args([
+            "admin",
+            "federate",
+            "offer",
+            "--dir",
+            &a,
+            "--roles",
+            "staff",
+            "--out",
+            "rel.offer",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        rel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rel.stderr)
+    );
+    assert!(tmp.path().join("rel.offer").exists());
 
     // Refusals before anything is accepted: A's own offer, a tampered one.
     let err = shoal_fails(
