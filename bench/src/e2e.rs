@@ -48,9 +48,10 @@
 //! - `recipient_store_ms` = stored − `PullDone` (the recipient's redb commit), exact.
 //!
 //! These four add up to `overhead_incl_pull_ms`. Inside `overhead_ms`, the senders'
-//! drivers time `client_slot_late_ms` (λP slot → the driver wakes for it) and
-//! `client_write_ms` (→ its frames written to the link: the Sphinx build and the
-//! write); the entry gateway's delay counts from arrival, so both add to the overhead. `link_one_way_ms` is half the round
+//! drivers time `client_slot_late_ms` (λP slot → the instant its frames were built
+//! for: 0 when they were built `build_ahead` of it) and `client_write_ms` (→ its
+//! frames written to the link); the entry gateway's delay counts from arrival, so
+//! both add to the overhead. `link_one_way_ms` is half the round
 //! trip of one frame echoed over a fresh idle link between two endpoints in the bench
 //! process (`link_probes` frames, one per 10 ms, while the network still runs its
 //! cover): what one of the five links costs on this host, QUIC and two tokio hand-offs
@@ -195,9 +196,11 @@ pub struct E2eReport {
     pub stages: Vec<StageMs>,
     /// Half the round trip of one frame on an idle loopback link (QUIC, padded).
     pub link_one_way_ms: LatencyMs,
-    /// λP slot → the sender's driver wakes for it (timer granularity, a busy driver).
+    /// λP slot → the instant its frames were built for: 0 when the driver built them
+    /// ahead of the slot (`DriverConfig::build_ahead`), > 0 when it woke after the slot.
     pub client_slot_late_ms: LatencyMs,
-    /// That wake-up → its frames written to the link (Sphinx build included).
+    /// That instant → its frames written to the link (the Sphinx build too when it
+    /// could not be done ahead).
     pub client_write_ms: LatencyMs,
     /// 1/λP: mean wait for the next λP slot of a message that finds the queue empty.
     pub expected_slot_wait_ms: f64,
@@ -482,7 +485,8 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     }
     let mut records: HashMap<shoal_packet::MessageId, Vec<SendRecord>> = HashMap::new();
     let mut received: HashMap<shoal_packet::MessageId, ReceiveRecord> = HashMap::new();
-    // Per first send: (its slot's driver wake-up − the slot, frames written − wake-up).
+    // Per first send: (the instant its frames were built for − the slot, frames
+    // written − that instant).
     let mut written: HashMap<shoal_packet::MessageId, (f64, f64)> = HashMap::new();
     for c in &clients {
         let sends = c.take_send_records().await?;

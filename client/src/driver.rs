@@ -11,6 +11,10 @@
 //!             └──► events (broadcast), stats (shared)                 ┘
 //! ```
 //!
+//! **On time.** The driver wakes `build_ahead` before each stream event, builds its
+//! frames as of the event's instant and writes them at that instant, so a packet
+//! leaves on its Poisson schedule whatever its build costs, real or cover alike.
+//!
 //! The core keeps its schedule whether or not the link is up: frames produced while
 //! disconnected are discarded and counted (`frames_unsent`), and real fragments among
 //! them are retransmitted like any lost packet. Reconnection backs off exponentially.
@@ -88,6 +92,11 @@ pub struct DriverConfig {
     /// (the oldest are dropped). 0 in production: they are per-message timings, so they
     /// are never logged or exported, only handed to [`ClientHandle::take_receive_records`].
     pub receive_records: usize,
+    /// Frames for a stream event are built this long before it falls due and written
+    /// at the due instant, so the Sphinx build no longer delays the packet, and real
+    /// and cover packets (whose builds differ in cost) leave equally on time. Zero
+    /// builds when the event falls due.
+    pub build_ahead: Duration,
     pub client: ClientConfig,
 }
 
@@ -111,6 +120,7 @@ impl DriverConfig {
             reconnect_max: Duration::from_secs(30),
             emulated_loss: 0.0,
             receive_records: 0,
+            build_ahead: Duration::from_millis(4),
             client: ClientConfig::default(),
         }
     }
@@ -528,9 +538,7 @@ impl Driver {
             }
             self.publish_stats(conn.is_some());
             let core_due = self
-                .core
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std)
+                .build_time()
                 .unwrap_or_else(|| tokio::time::Instant::now() + far);
             tokio::select! {
                 cmd = commands.recv() => match cmd {
@@ -690,13 +698,26 @@ impl Driver {
         }
     }
 
-    /// The core's timer fired: run it and write what it produced.
+    /// When to wake for the core's next event: `build_ahead` before it falls due.
+    fn build_time(&self) -> Option<tokio::time::Instant> {
+        let due = self.core.poll_timeout()?;
+        let at = due.checked_sub(self.config.build_ahead).unwrap_or(due);
+        Some(tokio::time::Instant::from_std(at))
+    }
+
+    /// The core's next event is `build_ahead` away (or overdue): build its frames as of
+    /// its due instant, wait for that instant, and write them.
     async fn on_core_timer(&mut self, conn: &mut Option<Conn>) -> Result<(), LinkError> {
         let now = Instant::now();
-        self.core.handle_timeout(now, &mut self.rng);
+        let at = match self.core.poll_timeout() {
+            Some(due) if due > now => due,
+            _ => now,
+        };
+        self.core.handle_timeout(at, &mut self.rng);
+        wait_until_precisely(at).await;
         let flushed = self.flush(conn).await;
         if self.config.receive_records > 0 {
-            self.record_write(now);
+            self.record_write(at);
         }
         flushed
     }
@@ -711,7 +732,7 @@ impl Driver {
         mut job: JoinHandle<T>,
     ) -> Result<T, tokio::task::JoinError> {
         loop {
-            let due = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            let due = self.build_time();
             tokio::select! {
                 done = &mut job => return done,
                 _ = sleep_until_some(due) => {
@@ -1067,6 +1088,20 @@ async fn join_connect(
 }
 
 /// Sleeps until `at`, or forever without one.
+/// Sleeps until `at` to within a few microseconds: tokio's timer rounds up to the next
+/// millisecond, so the last one is waited out on a spin (at most ~1 ms per stream
+/// event, a few per second).
+async fn wait_until_precisely(at: Instant) {
+    if let Some(coarse) = at.checked_sub(Duration::from_millis(1))
+        && coarse > Instant::now()
+    {
+        sleep_until(tokio::time::Instant::from_std(coarse)).await;
+    }
+    while Instant::now() < at {
+        std::hint::spin_loop();
+    }
+}
+
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
