@@ -18,9 +18,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use cli_net::{ClientDir, SHOAL, shoal, temp_dir};
-use shoal_bench::testnet::{GatewayInit, GatewayOptions, Testnet, TestnetConfig};
-use shoal_client::ContactCard;
+use cli_net::{ClientDir, SHOAL, shoal, start_subnet, temp_dir};
 
 /// A tmux server of our own (`-L`), killed on drop even if the test fails.
 struct Tmux {
@@ -98,121 +96,6 @@ impl Drop for Tmux {
     }
 }
 
-/// The value after `prefix` on one of `out`'s lines.
-fn field(out: &str, prefix: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} in: {out}"))
-        .trim()
-        .to_string()
-}
-
-/// The network with two gateways hosting a fresh subnet, and two people enrolled in
-/// it by `shoal admin`, each with the admin's files in their client directory.
-fn setup(dir: &Path) -> (Testnet, Vec<ClientDir>) {
-    let cfg = TestnetConfig {
-        bootstrap_secs: 6,
-        workers: Some(1),
-        lambda_m: 1.0,
-        ..TestnetConfig::default()
-    };
-    let bin = Path::new(SHOAL);
-    let mut net = Testnet::start(bin, &dir.join("net"), &cfg).expect("testnet");
-    let admin = dir.join("admin");
-    let admin_s = admin.to_string_lossy().into_owned();
-    let out = shoal(&["admin", "init", "--dir", &admin_s, "--name", "friends"]);
-    let mut subnet = [0u8; 32];
-    hex::decode_to_slice(field(&out, "subnet id:"), &mut subnet).unwrap();
-    let gateways: Vec<GatewayInit> = (0..2)
-        .map(|g| {
-            let init = net
-                .init_gateway(bin, g, &GatewayOptions::default())
-                .expect("gateway init");
-            Testnet::host_subnet(&init, &subnet).unwrap();
-            init
-        })
-        .collect();
-    for gw in &gateways {
-        net.run_gateway(bin, gw.clone()).expect("gateway run");
-    }
-    let authority = format!(
-        "{}={}",
-        net.authority_addr,
-        hex::encode(net.authorities.keys[0].0)
-    );
-    let mut people = Vec::new();
-    for (name, g) in [("alice", 0), ("bob", 1)] {
-        let gw = &gateways[g];
-        let cdir = dir.join(name);
-        let out = shoal(&[
-            "client",
-            "init",
-            "--dir",
-            &cdir.to_string_lossy(),
-            "--gateway",
-            &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
-            "--gateway-client-addr",
-            &gw.client_addr.to_string(),
-            "--authority",
-            &authority,
-            "--threshold",
-            "1",
-            "--name",
-            name,
-        ]);
-        let card = field(&out, "contact card: ");
-        let seal_key = hex::encode(ContactCard::parse(&card).unwrap().contact.public_key);
-        let enroll = [
-            "admin",
-            "enroll",
-            "--dir",
-            &admin_s,
-            "--gateway",
-            &gw.client_addr.to_string(),
-            "--gateway-key",
-            &hex::encode(gw.id),
-            "--handle",
-            name,
-            "--role",
-            "member",
-            "--account-key",
-            &field(&out, "account key: "),
-            "--mailbox",
-            &field(&out, "mailbox: "),
-            "--seal-key",
-            &seal_key,
-        ];
-        // The gateway process may still be starting: retry until it answers.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = cli_net::shoal_output(&enroll);
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "admin enroll {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // What the admin hands the person.
-        std::fs::copy(
-            admin.join("members").join(format!("{name}.cred")),
-            cdir.join("credential"),
-        )
-        .unwrap();
-        std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
-        people.push(ClientDir {
-            name: name.to_string(),
-            dir: cdir,
-            card,
-            gateway: g,
-        });
-    }
-    (net, people)
-}
-
 #[test]
 fn two_people_chat_in_a_group_through_tmux() {
     if Command::new("tmux").arg("-V").output().is_err() {
@@ -221,7 +104,7 @@ fn two_people_chat_in_a_group_through_tmux() {
     }
     let started = Instant::now();
     let dir = temp_dir("chat-tmux");
-    let (net, clients) = setup(&dir);
+    let (net, clients) = start_subnet(&dir, &[("alice", 0), ("bob", 1)]);
     let (alice, bob) = (&clients[0], &clients[1]);
 
     // Each prints the card to give the other (first use also reads the admin's files).

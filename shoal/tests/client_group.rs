@@ -9,127 +9,12 @@
 #[path = "support/cli_net.rs"]
 mod cli_net;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cli_net::{ClientDir, SHOAL, run_client, run_output, shoal, shoal_output, sigterm, temp_dir};
-use shoal_bench::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
-use shoal_client::ContactCard;
-
-/// The value after `prefix` on one of `out`'s lines.
-fn field(out: &str, prefix: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} in: {out}"))
-        .trim()
-        .to_string()
-}
-
-/// The network with two gateways hosting a fresh subnet, and `people` (name, gateway)
-/// enrolled in it by `shoal admin`, each with the admin's files in their directory.
-fn setup(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<ClientDir>) {
-    let cfg = TestnetConfig {
-        bootstrap_secs: 6,
-        workers: Some(1),
-        lambda_m: 1.0,
-        ..TestnetConfig::default()
-    };
-    let bin = Path::new(SHOAL);
-    let mut net = Testnet::start(bin, &dir.join("net"), &cfg).expect("testnet");
-    let admin = dir.join("admin");
-    let admin_s = admin.to_string_lossy().into_owned();
-    let out = shoal(&["admin", "init", "--dir", &admin_s, "--name", "friends"]);
-    let mut subnet = [0u8; 32];
-    hex::decode_to_slice(field(&out, "subnet id:"), &mut subnet).unwrap();
-    let gateways: Vec<GatewayInit> = (0..2)
-        .map(|g| {
-            let init = net
-                .init_gateway(bin, g, &GatewayOptions::default())
-                .expect("gateway init");
-            Testnet::host_subnet(&init, &subnet).unwrap();
-            init
-        })
-        .collect();
-    for gw in &gateways {
-        net.run_gateway(bin, gw.clone()).expect("gateway run");
-    }
-    let authority = format!(
-        "{}={}",
-        net.authority_addr,
-        hex::encode(net.authorities.keys[0].0)
-    );
-    let mut made = Vec::new();
-    for &(name, g) in people {
-        let gw = &gateways[g];
-        let cdir = dir.join(name);
-        let out = shoal(&[
-            "client",
-            "init",
-            "--dir",
-            &cdir.to_string_lossy(),
-            "--gateway",
-            &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
-            "--gateway-client-addr",
-            &gw.client_addr.to_string(),
-            "--authority",
-            &authority,
-            "--threshold",
-            "1",
-            "--name",
-            name,
-        ]);
-        let card = field(&out, "contact card: ");
-        let seal_key = hex::encode(ContactCard::parse(&card).unwrap().contact.public_key);
-        let enroll = [
-            "admin",
-            "enroll",
-            "--dir",
-            &admin_s,
-            "--gateway",
-            &gw.client_addr.to_string(),
-            "--gateway-key",
-            &hex::encode(gw.id),
-            "--handle",
-            name,
-            "--role",
-            "member",
-            "--account-key",
-            &field(&out, "account key: "),
-            "--mailbox",
-            &field(&out, "mailbox: "),
-            "--seal-key",
-            &seal_key,
-        ];
-        // The gateway process may still be starting: retry until it answers.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = shoal_output(&enroll);
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "admin enroll {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // What the admin hands the person.
-        std::fs::copy(
-            admin.join("members").join(format!("{name}.cred")),
-            cdir.join("credential"),
-        )
-        .unwrap();
-        std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
-        made.push(ClientDir {
-            name: name.to_string(),
-            dir: cdir,
-            card,
-            gateway: g,
-        });
-    }
-    (net, made)
-}
+use cli_net::{
+    ClientDir, field, run_client, run_output, shoal, shoal_output, sigterm, start_subnet, temp_dir,
+};
+use shoal_bench::testnet::Proc;
 
 /// `shoal ARGS` that must fail; returns its stderr.
 fn shoal_fails(args: &[&str]) -> String {
@@ -173,7 +58,7 @@ fn stop(p: &mut Proc) {
 fn three_members_use_a_group_from_the_cli() {
     let started = Instant::now();
     let dir = temp_dir("client-group");
-    let (net, people) = setup(&dir, &[("alice", 0), ("bob", 1), ("carol", 0)]);
+    let (net, people) = start_subnet(&dir, &[("alice", 0), ("bob", 1), ("carol", 0)]);
     let (alice, bob, carol) = (&people[0], &people[1], &people[2]);
     let d = |c: &ClientDir| c.dir.to_string_lossy().into_owned();
     let (a, b, c) = (d(alice), d(bob), d(carol));

@@ -1,12 +1,15 @@
 //! A testnet (authority, 3 × 2 relays, 2 gateways as real processes) with clients
 //! set up the way a person does it: `shoal client init`, then the gateway operator's
-//! `shoal gateway account add`. Shared by the CLI and packet-capture tests.
+//! `shoal gateway account add` ([`start`]), or enrolled in a subnet by `shoal admin`
+//! ([`start_subnet`]). Shared by the CLI, chat, group and packet-capture tests.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use shoal_bench::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
+use shoal_client::ContactCard;
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
@@ -71,29 +74,8 @@ pub fn start(
     for &(name, g) in clients {
         let gw = &gateways[g];
         let cdir = dir.join(name);
-        let out = shoal(&[
-            "client",
-            "init",
-            "--dir",
-            &cdir.to_string_lossy(),
-            "--gateway",
-            &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
-            "--gateway-client-addr",
-            &gw.client_addr.to_string(),
-            "--authority",
-            &authority,
-            "--threshold",
-            "1",
-            "--name",
-            name,
-        ]);
-        let field = |prefix: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(prefix))
-                .unwrap_or_else(|| panic!("client init printed no {prefix:?}: {out}"))
-                .trim()
-                .to_string()
-        };
+        let out = client_init(&cdir, name, gw, &authority);
+        let field = |prefix: &str| field(&out, prefix);
         let hex32 = |s: String| {
             let mut b = [0u8; 32];
             hex::decode_to_slice(&s, &mut b).unwrap();
@@ -118,6 +100,126 @@ pub fn start(
         net.run_gateway(shoal_bin, gw.clone()).expect("gateway run");
     }
     (net, gateways, made)
+}
+
+/// The value after `prefix` on one of `out`'s lines.
+pub fn field(out: &str, prefix: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in: {out}"))
+        .trim()
+        .to_string()
+}
+
+/// The network with two gateways hosting a fresh subnet, and `people` (name, gateway)
+/// enrolled in it by `shoal admin`, each with the admin's files in their directory.
+pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<ClientDir>) {
+    let cfg = TestnetConfig {
+        bootstrap_secs: 6,
+        workers: Some(1),
+        lambda_m: 1.0,
+        ..TestnetConfig::default()
+    };
+    let bin = Path::new(SHOAL);
+    let mut net = Testnet::start(bin, &dir.join("net"), &cfg).expect("testnet");
+    let admin = dir.join("admin");
+    let admin_s = admin.to_string_lossy().into_owned();
+    let out = shoal(&["admin", "init", "--dir", &admin_s, "--name", "friends"]);
+    let mut subnet = [0u8; 32];
+    hex::decode_to_slice(field(&out, "subnet id:"), &mut subnet).unwrap();
+    let gateways: Vec<GatewayInit> = (0..2)
+        .map(|g| {
+            let init = net
+                .init_gateway(bin, g, &GatewayOptions::default())
+                .expect("gateway init");
+            Testnet::host_subnet(&init, &subnet).unwrap();
+            init
+        })
+        .collect();
+    for gw in &gateways {
+        net.run_gateway(bin, gw.clone()).expect("gateway run");
+    }
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let mut made = Vec::new();
+    for &(name, g) in people {
+        let gw = &gateways[g];
+        let cdir = dir.join(name);
+        let out = client_init(&cdir, name, gw, &authority);
+        let card = field(&out, "contact card: ");
+        let seal_key = hex::encode(ContactCard::parse(&card).unwrap().contact.public_key);
+        let enroll = [
+            "admin",
+            "enroll",
+            "--dir",
+            &admin_s,
+            "--gateway",
+            &gw.client_addr.to_string(),
+            "--gateway-key",
+            &hex::encode(gw.id),
+            "--handle",
+            name,
+            "--role",
+            "member",
+            "--account-key",
+            &field(&out, "account key: "),
+            "--mailbox",
+            &field(&out, "mailbox: "),
+            "--seal-key",
+            &seal_key,
+        ];
+        // The gateway process may still be starting: retry until it answers.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = shoal_output(&enroll);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "admin enroll {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // What the admin hands the person.
+        std::fs::copy(
+            admin.join("members").join(format!("{name}.cred")),
+            cdir.join("credential"),
+        )
+        .unwrap();
+        std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
+        made.push(ClientDir {
+            name: name.to_string(),
+            dir: cdir,
+            card,
+            gateway: g,
+        });
+    }
+    (net, made)
+}
+
+/// `shoal client init` for `name` on `gw`, as a person runs it; returns its output.
+pub fn client_init(cdir: &Path, name: &str, gw: &GatewayInit, authority: &str) -> String {
+    shoal(&[
+        "client",
+        "init",
+        "--dir",
+        &cdir.to_string_lossy(),
+        "--gateway",
+        &format!("{}={}", gw.link_addr, hex::encode(gw.id)),
+        "--gateway-client-addr",
+        &gw.client_addr.to_string(),
+        "--authority",
+        authority,
+        "--threshold",
+        "1",
+        "--name",
+        name,
+    ])
 }
 
 /// Rewrites `pull_interval_ms` in a client's config.
