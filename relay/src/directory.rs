@@ -343,7 +343,12 @@ impl DirectoryTask {
             } else {
                 let w = retry;
                 retry = (retry * 2).min(RETRY_MAX);
-                w
+                // A retry never sleeps past the epoch edge or a republish period: with
+                // short epochs the doubling would otherwise overshoot the next document's
+                // vote and leave the node without a current one.
+                let to_edge = schedule.end_of(current).saturating_sub(unix_now());
+                w.min(Duration::from_secs(to_edge.max(1)))
+                    .min(republish.max(RETRY_MIN))
             };
             if !self.sleep(wait).await {
                 return;
