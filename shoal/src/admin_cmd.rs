@@ -414,6 +414,23 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Every `*.json` record in `dir` (none if it does not exist yet).
+fn read_json_dir<T: for<'de> Deserialize<'de>>(dir: &Path, what: &str) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {what}")),
+    };
+    for e in entries {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "json") {
+            out.push(read_json(&path)?);
+        }
+    }
+    Ok(out)
+}
+
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -564,37 +581,11 @@ impl Subnet {
     }
 
     fn members(&self) -> anyhow::Result<Vec<Member>> {
-        let dir = self.dir.join(MEMBERS_DIR);
-        let mut out = Vec::new();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).context("cannot list members"),
-        };
-        for e in entries {
-            let path = e?.path();
-            if path.extension().is_some_and(|x| x == "json") {
-                out.push(read_json(&path)?);
-            }
-        }
-        Ok(out)
+        read_json_dir(&self.dir.join(MEMBERS_DIR), "members")
     }
 
     fn invites(&self) -> anyhow::Result<Vec<Invite>> {
-        let dir = self.dir.join(INVITES_DIR);
-        let mut out = Vec::new();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).context("cannot list invites"),
-        };
-        for e in entries {
-            let path = e?.path();
-            if path.extension().is_some_and(|x| x == "json") {
-                out.push(read_json(&path)?);
-            }
-        }
-        Ok(out)
+        read_json_dir(&self.dir.join(INVITES_DIR), "invites")
     }
 
     /// Signs a credential, creates the account at its gateway, and records the member.
