@@ -115,8 +115,9 @@ fn self_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id())
 }
 
-/// Builds `n` distinct packets routed `[relay, sink]` on all cores.
-fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) -> Vec<Bytes> {
+/// Builds `n` distinct packets routed `[relay, sink]` on all cores (a packet that fails
+/// to build is left out; with a checked topology none does).
+pub fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) -> Vec<Bytes> {
     let threads = std::thread::available_parallelism()
         .map(|t| t.get())
         .unwrap_or(1);

@@ -23,15 +23,16 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use shoal_bench::relay::build_packets;
 use shoal_bench::standin::{StandIn, network_info, wait_for_topology};
 use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig, sum_metric};
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
 use shoal_client::{ClientStore, Identity};
 use shoal_gateway::{ErrorCode, GatewayMsg};
-use shoal_packet::sphinx::{self, Hop};
+use shoal_packet::sphinx;
 use shoal_packet::{FRAME_SIZE, Frame, PLAINTEXT_SIZE};
+use shoal_topology::EpochSchedule;
 use shoal_topology::route::sample_delays;
-use shoal_topology::{EpochSchedule, Topology};
 
 /// Peak VmRSS allowed for a flooded process.
 const MAX_RSS_MIB: f64 = 400.0;
@@ -411,52 +412,14 @@ async fn a_flooding_client_is_throttled_and_cut_while_an_honest_client_is_served
     bob.shutdown().await;
 }
 
-/// Builds `n` distinct packets routed `[relay, sink]` on every core.
-fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) -> Vec<Vec<u8>> {
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let label = EpochSchedule::frame_label(topo.epoch());
-    let per = n.div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut rng = StdRng::seed_from_u64(seed ^ ((t as u64 + 1) * 0x9e37_79b9));
-                    let mut plaintext = vec![0u8; PLAINTEXT_SIZE];
-                    let mut out = Vec::with_capacity(per);
-                    for i in 0..per {
-                        plaintext[..8].copy_from_slice(&((t * per + i) as u64).to_be_bytes());
-                        let mut delays = sample_delays(&mut rng, topo.params(), 1);
-                        delays.push(Duration::ZERO);
-                        let (p, _) = sphinx::build_forward(
-                            &mut rng,
-                            &[relay.clone(), sink.clone()],
-                            &delays,
-                            &[0; 32],
-                            &plaintext,
-                        )
-                        .unwrap();
-                        out.push(Frame::sphinx(label, &p.packet).unwrap().as_bytes().to_vec());
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .take(n)
-            .collect()
-    })
-}
-
 /// Sends `frames` at `rate` per second; returns the seconds it took.
-async fn paced(tx: &mut shoal_link::FrameSender, frames: &[Vec<u8>], rate: f64) -> f64 {
+async fn paced(tx: &mut shoal_link::FrameSender, frames: &[impl AsRef<[u8]>], rate: f64) -> f64 {
     let start = Instant::now();
     let mut sent = 0;
     while sent < frames.len() {
         let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(frames.len());
         while sent < due {
-            tx.send(&frames[sent]).await.unwrap();
+            tx.send(frames[sent].as_ref()).await.unwrap();
             sent += 1;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -570,6 +533,10 @@ async fn a_relay_at_twice_its_capacity_sheds_explicitly_and_recovers() {
             build_packets(&topo, &relay_hop, &honest_hop, HONEST, 4),
         )
     });
+    assert_eq!(
+        (alone.len(), shared.len(), honest_frames.len()),
+        (n, n, HONEST)
+    );
     let flood_link = flooder
         .endpoint
         .connect(relay_addr, relay_id)
@@ -616,6 +583,7 @@ async fn a_relay_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     // 4. After the flood: good traffic at a third of capacity all gets through.
     let good =
         tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, AFTER, 5));
+    assert_eq!(good.len(), AFTER);
     let base = sink.received.frames.load(Ordering::Relaxed);
     paced(&mut flood_tx, &good, capacity / 3.0).await;
     let got_after = settle(&sink, base + AFTER as u64, Duration::from_secs(20)).await - base;
