@@ -733,10 +733,17 @@ impl NsTestnet {
 
     /// The tail of a process's log, for failure messages.
     pub fn log_tail(&self, name: &str) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        crate::testnet::log_tail(&self.dir, name)
+    }
+
+    /// Every process that has exited, with its log tail, for failure messages.
+    pub fn exited(&mut self) -> String {
+        crate::testnet::exited(
+            &self.dir,
+            std::iter::once(&mut self.authority)
+                .chain(self.relays.iter_mut().map(|r| &mut r.proc))
+                .chain(self.gateways.iter_mut().map(|g| &mut g.proc)),
+        )
     }
 }
 

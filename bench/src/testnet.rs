@@ -7,6 +7,8 @@
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -50,13 +52,33 @@ impl Drop for Proc {
     }
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_udp_port() -> anyhow::Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-pub fn free_tcp_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// A loopback address whose port was free for both UDP and TCP a moment ago.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up on Linux): the
+/// port is bound later by another process, and meanwhile any socket bound to port 0 or
+/// any outgoing connection (nodes fetch documents every second) could otherwise be
+/// given the same port, and the node would fail to start. Each process walks the range
+/// from its own offset, so concurrent test binaries rarely try the same port.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static BASE: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = *BASE.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        (std::process::id().wrapping_mul(7919) ^ nanos) % SPAN
+    });
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (base + n) % SPAN) as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Runs a `shoal` command that must succeed (init, account, ...) and returns its stdout.
@@ -308,9 +330,9 @@ impl Testnet {
     ) -> anyhow::Result<GatewayInit> {
         let name = format!("gateway{index}");
         let gdir = self.dir.join(&name);
-        let link_addr = free_udp_port()?;
-        let client_addr = free_udp_port()?;
-        let metrics_addr = free_tcp_port()?;
+        let link_addr = free_port()?;
+        let client_addr = free_port()?;
+        let metrics_addr = free_port()?;
         let key_hex = hex::encode(self.authorities.keys.first().context("no authority")?.0);
         let out = run_init(
             shoal,
@@ -425,7 +447,7 @@ impl Testnet {
     pub fn start(shoal: &Path, dir: &Path, cfg: &TestnetConfig) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let auth_dir = dir.join("authority");
-        let authority_addr = free_tcp_port()?;
+        let authority_addr = free_port()?;
         let (key, auth_config) = init_authority(shoal, &auth_dir, authority_addr, cfg)?;
         let authority = spawn(
             shoal,
@@ -442,8 +464,8 @@ impl Testnet {
         let mut relays = Vec::new();
         for i in 0..cfg.relays_per_layer * shoal_packet::MIX_LAYERS + cfg.extra_relays {
             let rdir = dir.join(format!("relay{i}"));
-            let link_addr = free_udp_port()?;
-            let metrics_addr = free_tcp_port()?;
+            let link_addr = free_port()?;
+            let metrics_addr = free_port()?;
             let out = run_init(
                 shoal,
                 &[
@@ -514,11 +536,44 @@ impl Testnet {
 
     /// The tail of a process's log, for failure messages.
     pub fn log_tail(&self, name: &str) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.dir, name)
     }
+
+    /// Every process that has exited, with its log tail, for failure messages.
+    pub fn exited(&mut self) -> String {
+        exited(
+            &self.dir,
+            std::iter::once(&mut self.authority)
+                .chain(self.relays.iter_mut().map(|r| &mut r.proc))
+                .chain(self.gateways.iter_mut().map(|g| &mut g.proc)),
+        )
+    }
+}
+
+/// The last 20 lines of `dir/name.log`.
+pub(crate) fn log_tail(dir: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Which of `procs` have exited, each with the tail of `dir/NAME.log`.
+pub(crate) fn exited<'a>(dir: &Path, procs: impl Iterator<Item = &'a mut Proc>) -> String {
+    let mut report = String::new();
+    for p in procs {
+        if p.alive() {
+            continue;
+        }
+        report.push_str(&format!(
+            "{} exited; its log ends:\n{}\n",
+            p.name,
+            log_tail(dir, &p.name)
+        ));
+    }
+    if report.is_empty() {
+        report.push_str("every process is still running\n");
+    }
+    report
 }
 
 /// Sums the samples of metric `name` (any labels) in Prometheus text.

@@ -4,7 +4,7 @@
 //! Shared by the authority, fault and deployment tests.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,12 +23,9 @@ pub fn now_unix() -> u64 {
         .as_secs()
 }
 
-/// A loopback TCP address that was free a moment ago.
+/// A loopback address that was free a moment ago (see [`shoal_bench::testnet::free_port`]).
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    shoal_bench::testnet::free_port().unwrap()
 }
 
 /// Runs `shoal ARGS` (it must succeed); its stdout, trimmed.

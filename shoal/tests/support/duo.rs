@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use shoal_bench::netns::NsTestnet;
-use shoal_bench::standin::wait_for_topology;
+use shoal_bench::standin::{fetch_topology, wait_for_topology};
 use shoal_bench::testnet::{GatewayInit, Testnet};
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
 use shoal_client::{ClientStore, Contact, Identity};
@@ -70,6 +70,8 @@ pub trait Net {
     fn start_gateway(&mut self, index: usize, init: GatewayInit);
     /// The tail of a process's log.
     fn log(&self, name: &str) -> String;
+    /// Every process that has exited, with its log tail.
+    fn exited(&mut self) -> String;
 }
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
@@ -90,6 +92,9 @@ impl Net for Testnet {
     fn log(&self, name: &str) -> String {
         self.log_tail(name)
     }
+    fn exited(&mut self) -> String {
+        self.exited()
+    }
 }
 
 impl Net for NsTestnet {
@@ -108,6 +113,9 @@ impl Net for NsTestnet {
     fn log(&self, name: &str) -> String {
         self.log_tail(name)
     }
+    fn exited(&mut self) -> String {
+        self.exited()
+    }
 }
 
 /// Alice registered at `entry` (gateway 0) and Bob at `exit` (gateway 1), both gateways
@@ -124,13 +132,14 @@ pub async fn alice_and_bob(
     let accounts = Accounts::register(Path::new(SHOAL), entry, exit);
     net.start_gateway(0, entry.clone());
     net.start_gateway(1, exit.clone());
+    let (addr, relays) = (net.authority_addr(), net.relays());
     let topo = wait_for_nodes(
-        net.authority_addr(),
-        net.authority_set(),
-        net.relays(),
+        addr,
+        &net.authority_set().clone(),
+        relays,
         [entry, exit],
         document_timeout,
-        || net.log("authority"),
+        || format!("{}\n{}", net.log("authority"), net.exited()),
     )
     .await;
     let duo = Duo::start(dir, net.authority_set(), accounts, tune);
@@ -143,7 +152,8 @@ pub async fn alice_and_bob(
 }
 
 /// Waits until the authority at `addr` serves a document with every relay in `relays`
-/// and both gateways; panics with `log()` (the authority's log tail) otherwise.
+/// and both gateways; panics naming the missing nodes, with `log()` (the authority's
+/// log tail and any exited process's) otherwise.
 pub async fn wait_for_nodes(
     addr: SocketAddr,
     authorities: &AuthoritySet,
@@ -152,11 +162,21 @@ pub async fn wait_for_nodes(
     timeout: Duration,
     log: impl FnOnce() -> String,
 ) -> Topology {
-    let mut expect = relays;
-    expect.extend(gateways.map(|g| g.id));
+    let names: Vec<(NodeId, String)> = (relays.iter().enumerate())
+        .map(|(i, id)| (*id, format!("relay{i}")))
+        .chain(gateways.map(|g| (g.id, g.name.clone())))
+        .collect();
+    let expect: Vec<NodeId> = names.iter().map(|(id, _)| *id).collect();
     match wait_for_topology(addr, authorities, &expect, timeout).await {
         Ok(t) => t,
-        Err(e) => panic!("{e:#}\n{}", log()),
+        Err(e) => {
+            let listed = fetch_topology(addr, authorities, None).await.ok();
+            let missing: Vec<&str> = (names.iter())
+                .filter(|(id, _)| listed.as_ref().is_none_or(|t| t.node(id).is_none()))
+                .map(|(_, name)| name.as_str())
+                .collect();
+            panic!("{e:#}; missing {missing:?}\n{}", log())
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use shoal_bench::netns::{Netns, NsNode};
-use shoal_bench::testnet::{Proc, free_tcp_port, free_udp_port};
+use shoal_bench::testnet::{Proc, free_port};
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
@@ -83,7 +83,7 @@ impl Hosts {
     pub fn udp(&self, host: &Host, port: u16) -> SocketAddr {
         match host.node {
             Some(_) => SocketAddr::new(Self::ip(host), port),
-            None => free_udp_port().unwrap(),
+            None => free_port().unwrap(),
         }
     }
 
@@ -91,7 +91,7 @@ impl Hosts {
     pub fn tcp(&self, host: &Host, port: u16) -> SocketAddr {
         match host.node {
             Some(_) => SocketAddr::new(Self::ip(host), port),
-            None => free_tcp_port().unwrap(),
+            None => free_port().unwrap(),
         }
     }
 
