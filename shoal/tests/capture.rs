@@ -9,8 +9,9 @@
 //!   Kolmogorov–Smirnov test against that exponential, and the two estimated rates
 //!   agree within a stated tolerance.
 //!
-//! Needs root and tcpdump; otherwise it says so and passes without checking (CI
-//! installs tcpdump and runs as root).
+//! Needs root, tcpdump and ethtool (UDP segmentation offload on `lo` is turned off
+//! for the run, see [`SegmentedLoopback`]); otherwise it says so and passes without
+//! checking (CI installs both and runs as root).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "support/cli_net.rs"]
@@ -151,6 +152,55 @@ impl Tcpdump {
     }
 }
 
+/// UDP segmentation offload on `lo` turned off while held, and restored on drop.
+///
+/// Links hand the kernel GSO runs of 1200-byte datagrams. A device that offloads UDP
+/// segmentation (loopback does) is handed the run whole, so a capture there would see
+/// one large datagram; with the offload off the kernel splits the run before the
+/// device, so the capture sees what any wire carries.
+struct SegmentedLoopback {
+    restore: bool,
+}
+
+impl SegmentedLoopback {
+    const FEATURE: &str = "tx-udp-segmentation";
+
+    /// `None` (with a printed reason) when ethtool cannot be run here.
+    fn hold() -> Option<Self> {
+        let state = match Command::new("ethtool").args(["-k", "lo"]).output() {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+            _ => {
+                eprintln!("SKIPPED: cannot run ethtool; install it (apt-get install ethtool)");
+                return None;
+            }
+        };
+        let on = state.lines().any(|l| {
+            l.trim_start()
+                .starts_with(&format!("{}: on", Self::FEATURE))
+        });
+        if on {
+            set_lo_feature(Self::FEATURE, "off");
+        }
+        Some(SegmentedLoopback { restore: on })
+    }
+}
+
+impl Drop for SegmentedLoopback {
+    fn drop(&mut self) {
+        if self.restore {
+            set_lo_feature(Self::FEATURE, "on");
+        }
+    }
+}
+
+fn set_lo_feature(feature: &str, value: &str) {
+    let status = Command::new("ethtool")
+        .args(["-K", "lo", feature, value])
+        .status()
+        .unwrap();
+    assert!(status.success(), "ethtool -K lo {feature} {value} failed");
+}
+
 /// Kolmogorov–Smirnov distance between `samples` and Exp(`rate`).
 fn ks_exp(samples: &mut [f64], rate: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
@@ -196,6 +246,9 @@ fn wire_has_one_datagram_size_and_clients_send_at_their_poisson_rate() {
     let dir = temp_dir("capture");
     let pcap = dir.join("lo.pcap");
     let Some(tcpdump) = Tcpdump::start(&pcap) else {
+        return;
+    };
+    let Some(_segmented) = SegmentedLoopback::hold() else {
         return;
     };
     let (net, gateways, clients) =
