@@ -74,7 +74,8 @@ use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use serde::Serialize;
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent, ReceiveRecord};
-use shoal_client::{ClientStore, Identity, SendRecord};
+use shoal_client::{ClientStats, ClientStore, Identity, SendRecord};
+use shoal_packet::fragment::FRAGMENT_DATA_SIZE;
 use shoal_topology::NetworkParams;
 
 use crate::relay::cpu_seconds_of;
@@ -116,6 +117,10 @@ pub struct E2eOptions {
     pub drain_timeout: Duration,
     /// Pull interval of the latency-phase clients.
     pub pull_interval: Duration,
+    /// In-process clients of the goodput phase (0 skips it).
+    pub goodput_clients: usize,
+    /// Steady window of the goodput phase.
+    pub goodput_window: Duration,
 }
 
 impl Default for E2eOptions {
@@ -129,6 +134,8 @@ impl Default for E2eOptions {
             message_bytes: 256,
             drain_timeout: Duration::from_secs(30),
             pull_interval: Duration::from_millis(10),
+            goodput_clients: 8,
+            goodput_window: Duration::from_secs(60),
         }
     }
 }
@@ -214,7 +221,64 @@ pub struct E2eReport {
     pub goodput_bytes_per_sec: f64,
     /// Of the latency-phase clients' packets: real fragments ÷ all (real + cover).
     pub real_packet_fraction: f64,
+    /// The goodput phase (saturated clients); its keys start with `goodput_`.
+    #[serde(flatten)]
+    pub saturated: GoodputReport,
     pub elapsed_secs: f64,
+}
+
+/// The goodput phase: saturated clients (see the module docs). All counts are totals
+/// over the phase's clients and its window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GoodputReport {
+    pub goodput_clients: usize,
+    pub goodput_window_secs: f64,
+    /// P: the body bytes one fragment carries (`FRAGMENT_DATA_SIZE`); every message of
+    /// the phase is exactly this long, so one fragment each.
+    pub goodput_payload_bytes_per_fragment: usize,
+    /// Messages queued per client before the window (more than its slots can carry).
+    pub goodput_backlog_messages: usize,
+    /// Wall time to queue every client's backlog (each `send` is a store commit).
+    pub goodput_queue_secs: f64,
+    /// λP × P: what one client's λP slots carry if every one holds a new fragment.
+    pub goodput_nominal_bytes_per_sec: f64,
+    /// Mean per client: body bytes stored at recipients in the delivery window ÷ window.
+    pub goodput_saturated_bytes_per_sec: f64,
+    /// Lowest and highest single client.
+    pub goodput_client_min_bytes_per_sec: f64,
+    pub goodput_client_max_bytes_per_sec: f64,
+    /// goodput_saturated_bytes_per_sec ÷ goodput_nominal_bytes_per_sec.
+    pub goodput_ratio_nominal: f64,
+    /// 1/sqrt(λP × window × clients): the standard error of that ratio from Poisson
+    /// slot counts alone.
+    pub goodput_poisson_std_error: f64,
+    /// λP × window × clients.
+    pub goodput_expected_slots: f64,
+    /// λP slots the clients had in the window (real + cover, from their stats).
+    pub goodput_slots: u64,
+    /// Messages stored at recipients in the delivery window.
+    pub goodput_delivered: usize,
+    /// goodput_delivered ÷ goodput_slots: 1.0 when every slot carried a new fragment
+    /// that arrived; below it by retransmissions, cover slots and losses.
+    pub goodput_ratio_slots: f64,
+    /// The delivery window is the slot window shifted by this (median λP slot →
+    /// stored at the recipient of the window's messages).
+    pub goodput_delivery_shift_ms: f64,
+    /// Of goodput_slots: carrying a real fragment, of which retransmissions; and cover
+    /// (a λP slot sends cover only when the queue is empty or the build failed).
+    pub goodput_real_slots: u64,
+    pub goodput_retransmissions: u64,
+    pub goodput_cover_slots: u64,
+    /// Slots skipped because the driver woke too late, and failed builds, in the window.
+    pub goodput_skipped_late_slots: u64,
+    pub goodput_build_failures: u64,
+    /// First sends with their slot in the window, and how many of those were stored at
+    /// their recipient by the end of the drain.
+    pub goodput_first_sends: usize,
+    pub goodput_first_sends_delivered: usize,
+    /// The fewest fragments any client still had queued at the end of the window.
+    pub goodput_min_queued_at_end: usize,
+    pub goodput_phase_secs: f64,
 }
 
 fn round1(x: f64) -> f64 {
@@ -315,6 +379,9 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     if opts.clients < 2 || opts.messages == 0 || opts.idle.is_zero() {
         bail!("need at least 2 clients, 1 message and a non-zero idle window");
     }
+    if opts.goodput_clients == 1 || (opts.goodput_clients > 0 && opts.goodput_window.is_zero()) {
+        bail!("the goodput phase needs 0 or at least 2 clients and a non-zero window");
+    }
     let started = Instant::now();
     let defaults = NetworkParams::default();
     let cfg = TestnetConfig {
@@ -333,19 +400,8 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
 
     // Accounts must exist before the gateway runs (it locks its store).
     let idle_config = init_client_process(shoal, &net, &gw, &dir.join("idle-client"))?;
-    let mut setups = Vec::new();
-    for _ in 0..opts.clients {
-        let mut rng = rand::rng();
-        let account = SigningKey::generate(&mut rng);
-        let identity = Identity::generate(&mut rng, gw.id);
-        Testnet::add_account(
-            shoal,
-            &gw,
-            &account.verifying_key().to_bytes(),
-            &identity.mailbox,
-        )?;
-        setups.push((account, identity));
-    }
+    let setups = add_accounts(shoal, &gw, opts.clients)?;
+    let goodput_setups = add_accounts(shoal, &gw, opts.goodput_clients)?;
     net.run_gateway(shoal, gw.clone())?;
     let mut expect = net.relay_ids();
     expect.push(gw.id);
@@ -400,47 +456,20 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
 
     // Phase 2: in-process clients, default rates and pull interval.
     let mut clients: Vec<ClientHandle> = Vec::new();
-    let mut pull_interval = Duration::ZERO;
-    for (i, (account, identity)) in setups.into_iter().enumerate() {
+    let pull_interval = opts.pull_interval;
+    for (i, setup) in setups.into_iter().enumerate() {
         let mut config = DriverConfig::new(gw.client_addr, gw.id, net.authorities.clone());
         config.pull_interval = opts.pull_interval;
         config.client.send_records = 4 * opts.messages + 64;
         config.receive_records = 4 * opts.messages + 64;
-        pull_interval = config.pull_interval;
-        let cdir = dir.join(format!("client-{i}"));
-        std::fs::create_dir_all(&cdir)?;
-        let store = Arc::new(ClientStore::open(cdir.join("client.redb"))?);
-        store.save_identity(&identity)?;
-        store.save_account_key(&account.to_bytes())?;
-        clients.push(driver::spawn(config, identity, &account, store)?);
+        clients.push(spawn_client(
+            config,
+            setup,
+            &dir.join(format!("client-{i}")),
+        )?);
     }
-    for (i, c) in clients.iter().enumerate() {
-        if !c.wait_for_directory(Duration::from_secs(20)).await {
-            bail!(
-                "client {i} got no directory; gateway log:\n{}",
-                net.log_tail("gateway0")
-            );
-        }
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>, Instant)>();
-    for (i, c) in clients.iter().enumerate() {
-        let mut events = c.subscribe();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(DriverEvent::Message { bytes, .. }) => {
-                        if tx.send((i, bytes, Instant::now())).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => return,
-                }
-            }
-        });
-    }
-    drop(tx);
+    wait_for_directories(&clients, &net).await?;
+    let mut rx = forward_messages(&clients);
     let stats_before: Vec<_> = clients.iter().map(|c| c.stats().core).collect();
 
     let n = clients.len();
@@ -517,6 +546,12 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
     for c in clients {
         c.shutdown().await;
     }
+    // Phase 3, on the same network once the latency clients are gone.
+    let saturated = if goodput_setups.is_empty() {
+        GoodputReport::default()
+    } else {
+        goodput(&net, &gw, goodput_setups, dir, opts, params.lambda_p).await?
+    };
     let (mut slot_wait, mut mixing, mut overhead_all) = (Vec::new(), Vec::new(), Vec::new());
     let mut net_split = NetworkSplit::default();
     let (mut client_late, mut client_write) = (Vec::new(), Vec::new());
@@ -618,10 +653,268 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         goodput_messages_per_sec: round3(delivered.len() as f64 / span),
         goodput_bytes_per_sec: round1(bytes_delivered as f64 / span),
         real_packet_fraction: round3(real as f64 / (all.max(1)) as f64),
+        saturated,
         elapsed_secs: round1(started.elapsed().as_secs_f64()),
     };
     drop(net);
     Ok(report)
+}
+
+/// New account keys and identities, registered with the gateway (which must not run yet:
+/// it locks its store).
+fn add_accounts(
+    shoal: &Path,
+    gw: &GatewayInit,
+    n: usize,
+) -> anyhow::Result<Vec<(SigningKey, Identity)>> {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| {
+            let account = SigningKey::generate(&mut rng);
+            let identity = Identity::generate(&mut rng, gw.id);
+            Testnet::add_account(
+                shoal,
+                gw,
+                &account.verifying_key().to_bytes(),
+                &identity.mailbox,
+            )?;
+            Ok((account, identity))
+        })
+        .collect()
+}
+
+/// One in-process client with its own redb store in `cdir`.
+fn spawn_client(
+    config: DriverConfig,
+    (account, identity): (SigningKey, Identity),
+    cdir: &Path,
+) -> anyhow::Result<ClientHandle> {
+    std::fs::create_dir_all(cdir)?;
+    let store = Arc::new(ClientStore::open(cdir.join("client.redb"))?);
+    store.save_identity(&identity)?;
+    store.save_account_key(&account.to_bytes())?;
+    Ok(driver::spawn(config, identity, &account, store)?)
+}
+
+async fn wait_for_directories<'a>(
+    clients: impl IntoIterator<Item = &'a ClientHandle>,
+    net: &Testnet,
+) -> anyhow::Result<()> {
+    for (i, c) in clients.into_iter().enumerate() {
+        if !c.wait_for_directory(Duration::from_secs(20)).await {
+            bail!(
+                "client {i} got no directory; gateway log:\n{}",
+                net.log_tail("gateway0")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// (recipient index, body, when its driver reported it stored) for every message the
+/// clients receive.
+type Delivery = (usize, Vec<u8>, Instant);
+
+fn forward_messages<'a>(
+    clients: impl IntoIterator<Item = &'a ClientHandle>,
+) -> tokio::sync::mpsc::UnboundedReceiver<Delivery> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Delivery>();
+    for (i, c) in clients.into_iter().enumerate() {
+        let mut events = c.subscribe();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(DriverEvent::Message { bytes, .. }) => {
+                        if tx.send((i, bytes, Instant::now())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Waited after the window for the window's last messages to be stored (well above
+/// the mixing delays' tail plus one default pull interval).
+const GOODPUT_DRAIN: Duration = Duration::from_secs(5);
+
+/// Phase 3: saturated clients, each sending one-fragment messages to the next from a
+/// backlog its λP slots cannot empty (see the module docs).
+async fn goodput(
+    net: &Testnet,
+    gw: &GatewayInit,
+    setups: Vec<(SigningKey, Identity)>,
+    dir: &Path,
+    opts: &E2eOptions,
+    lambda_p: f64,
+) -> anyhow::Result<GoodputReport> {
+    let started = Instant::now();
+    let payload = FRAGMENT_DATA_SIZE;
+    let n = setups.len();
+    let window_secs = opts.goodput_window.as_secs_f64();
+    // Slots of the queueing, the window and the drain, with 30 s and 25 % to spare.
+    let backlog = (lambda_p * (window_secs + 30.0) * 1.25).ceil() as usize + 10;
+    let mut clients = Vec::with_capacity(n);
+    for (i, setup) in setups.into_iter().enumerate() {
+        // The default pull interval: every pull is answered with a fixed number of
+        // frames, so 10 ms pulls would load the gateway far more than these sends.
+        let mut config = DriverConfig::new(gw.client_addr, gw.id, net.authorities.clone());
+        config.client.send_records = 2 * backlog + 64;
+        let cdir = dir.join(format!("goodput-client-{i}"));
+        clients.push(Arc::new(spawn_client(config, setup, &cdir)?));
+    }
+    wait_for_directories(clients.iter().map(|c| &**c), net).await?;
+    let mut rx = forward_messages(clients.iter().map(|c| &**c));
+
+    // Each client queues its backlog concurrently with the others.
+    let queue_started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let to = (i + 1) % n;
+        let contact = clients[to].contact();
+        let c = Arc::clone(c);
+        tasks.spawn(async move {
+            let mut queued = Vec::with_capacity(backlog);
+            for m in 0..backlog {
+                let mut body = format!("goodput #{m} from {i} to {to} ").into_bytes();
+                body.resize(payload, b'.');
+                let id = c.send(contact, body.clone()).await?;
+                queued.push((body, id));
+            }
+            anyhow::Ok((i, queued))
+        });
+    }
+    // Body → (sender, message id).
+    let mut sent: HashMap<Vec<u8>, (usize, shoal_packet::MessageId)> = HashMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (i, queued) = done.context("a queueing task failed")??;
+        for (body, id) in queued {
+            sent.insert(body, (i, id));
+        }
+    }
+    let queue_secs = queue_started.elapsed().as_secs_f64();
+    let all_sending = crate::testnet::wait_until(Duration::from_secs(30), || {
+        clients.iter().all(|c| c.stats().core.real_sent > 0)
+    })
+    .await;
+    if !all_sending {
+        bail!("a goodput client sent no fragment within 30 s of its backlog being queued");
+    }
+
+    let before: Vec<_> = clients.iter().map(|c| c.stats().core).collect();
+    let t0 = Instant::now();
+    tokio::time::sleep(opts.goodput_window).await;
+    let t1 = Instant::now();
+    let after: Vec<_> = clients.iter().map(|c| c.stats().core).collect();
+    tokio::time::sleep(GOODPUT_DRAIN).await;
+
+    // Message id → its first send's λP slot; every message must be one fragment.
+    let mut first_slot: HashMap<shoal_packet::MessageId, Instant> = HashMap::new();
+    for c in &clients {
+        for r in c.take_send_records().await? {
+            if r.attempt == 1 && first_slot.insert(r.message_id, r.at).is_some() {
+                bail!("a goodput message of {payload} B went out as more than one fragment");
+            }
+        }
+    }
+    for c in clients {
+        if let Ok(c) = Arc::try_unwrap(c) {
+            c.shutdown().await;
+        }
+    }
+    // Body → first time it was stored at its intended recipient.
+    let mut delivered: HashMap<Vec<u8>, Instant> = HashMap::new();
+    while let Ok((to, bytes, at)) = rx.try_recv() {
+        if sent
+            .get(&bytes)
+            .is_some_and(|(from, _)| (from + 1) % n == to)
+        {
+            delivered.entry(bytes).or_insert(at);
+        }
+    }
+
+    let in_window = |t: Instant| t >= t0 && t < t1;
+    let mut first_sends = 0usize;
+    let mut first_sends_delivered = 0usize;
+    let mut shifts = Vec::new();
+    for (body, (_, id)) in &sent {
+        let Some(slot) = first_slot.get(id).copied().filter(|s| in_window(*s)) else {
+            continue;
+        };
+        first_sends += 1;
+        if let Some(stored) = delivered.get(body) {
+            first_sends_delivered += 1;
+            shifts.push(ms(stored.saturating_duration_since(slot)));
+        }
+    }
+    shifts.sort_by(f64::total_cmp);
+    let shift_ms = percentile(&shifts, 0.5);
+    let shift = Duration::from_secs_f64(shift_ms / 1000.0);
+    let (d0, d1) = (t0 + shift, t1 + shift);
+    let mut per_client = vec![0usize; n];
+    for (body, stored) in &delivered {
+        if *stored >= d0
+            && *stored < d1
+            && let Some((from, _)) = sent.get(body)
+        {
+            per_client[*from] += 1;
+        }
+    }
+    let delivered_in_window: usize = per_client.iter().sum();
+
+    let delta = |f: fn(&ClientStats) -> u64| -> u64 {
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| f(a).saturating_sub(f(b)))
+            .sum()
+    };
+    let real_slots = delta(|s| s.real_sent);
+    let cover_slots = delta(|s| s.payload_cover_sent);
+    let slots = real_slots + cover_slots;
+    let nominal = lambda_p * payload as f64;
+    let rate = |count: usize| count as f64 * payload as f64 / window_secs;
+    let mean = rate(delivered_in_window) / n as f64;
+    let expected_slots = lambda_p * window_secs * n as f64;
+    Ok(GoodputReport {
+        goodput_clients: n,
+        goodput_window_secs: round1(window_secs),
+        goodput_payload_bytes_per_fragment: payload,
+        goodput_backlog_messages: backlog,
+        goodput_queue_secs: round1(queue_secs),
+        goodput_nominal_bytes_per_sec: round1(nominal),
+        goodput_saturated_bytes_per_sec: round1(mean),
+        goodput_client_min_bytes_per_sec: round1(
+            per_client
+                .iter()
+                .map(|&c| rate(c))
+                .fold(f64::INFINITY, f64::min),
+        ),
+        goodput_client_max_bytes_per_sec: round1(
+            per_client.iter().map(|&c| rate(c)).fold(0.0, f64::max),
+        ),
+        goodput_ratio_nominal: round3(mean / nominal.max(f64::MIN_POSITIVE)),
+        goodput_poisson_std_error: round3(1.0 / expected_slots.max(f64::MIN_POSITIVE).sqrt()),
+        goodput_expected_slots: round1(expected_slots),
+        goodput_slots: slots,
+        goodput_delivered: delivered_in_window,
+        goodput_ratio_slots: round3(delivered_in_window as f64 / slots.max(1) as f64),
+        goodput_delivery_shift_ms: shift_ms,
+        goodput_real_slots: real_slots,
+        goodput_retransmissions: delta(|s| s.retransmissions),
+        goodput_cover_slots: cover_slots,
+        goodput_skipped_late_slots: delta(|s| s.events_skipped_late),
+        goodput_build_failures: delta(|s| s.build_failures),
+        goodput_first_sends: first_sends,
+        goodput_first_sends_delivered: first_sends_delivered,
+        goodput_min_queued_at_end: after.iter().map(|s| s.queued_fragments).min().unwrap_or(0),
+        goodput_phase_secs: round1(started.elapsed().as_secs_f64()),
+    })
 }
 
 /// The recipient-side split of each message's overhead (see the module docs), in ms.

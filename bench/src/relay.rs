@@ -4,8 +4,12 @@
 //! Phases, each with fresh packets (the relay's replay filter is on):
 //! 1. **ceiling**: raw `sphinx-packet` unwraps/s on one core and on all cores, before
 //!    any process starts;
-//! 2. **saturation**: offer 1.3 × the all-core ceiling for a few seconds; the relay's
-//!    forwarded rate is its capacity C, and its CPU time gives `cpu_efficiency`;
+//! 2. **saturation**: an overload probe offers 1.3 × the all-core ceiling for a couple
+//!    of seconds (the relay sheds what it cannot carry, counted); then a sustained
+//!    phase offers 1.1 × the probe's forwarded rate for a few seconds. Its forwarded
+//!    rate is the relay's capacity C (`relay_packets_per_sec`, `ratio`), and its CPU
+//!    time gives `cpu_efficiency`. The probe's relay also spends CPU receiving and
+//!    decrypting the packets it sheds, so the probe's rate is reported but is not C;
 //! 3. the relay is killed (SIGKILL) and restarted from its config, so its latency
 //!    histograms start empty (its Sphinx keys are on disk and survive);
 //! 4. **50 % load**: offer 0.5 × C paced, read the relay's added-latency quantiles;
@@ -37,6 +41,9 @@ use crate::testnet::{Testnet, TestnetConfig, sum_metric};
 /// Knobs of the relay benchmark.
 #[derive(Debug, Clone)]
 pub struct RelayBenchOptions {
+    /// The overload probe (1.3 × the all-core ceiling).
+    pub probe: Duration,
+    /// The sustained phase, whose rate and CPU give `ratio` and `cpu_efficiency`.
     pub saturation: Duration,
     pub paced: Duration,
     pub ceiling_time: Duration,
@@ -46,6 +53,7 @@ pub struct RelayBenchOptions {
 impl Default for RelayBenchOptions {
     fn default() -> Self {
         RelayBenchOptions {
+            probe: Duration::from_secs(2),
             saturation: Duration::from_secs(4),
             paced: Duration::from_secs(5),
             ceiling_time: Duration::from_secs(2),
@@ -82,8 +90,13 @@ pub struct RelayReport {
     pub cpu_efficiency: f64,
     pub relay_cpu_seconds: f64,
     pub harness_cpu_seconds: f64,
-    pub saturation_offered_per_sec: f64,
+    /// The overload probe: offered 1.3 × the all-core ceiling, forwarded, and shed.
+    pub overload_offered_per_sec: f64,
+    pub overload_packets_per_sec: f64,
     pub saturation_dropped_overload: u64,
+    /// The sustained phase (whose rate is `relay_packets_per_sec`): offered, and shed.
+    pub saturation_offered_per_sec: f64,
+    pub sustained_dropped_overload: u64,
     /// Offered minus forwarded at 80 % load, excluding deliberate drops (there are none).
     pub lost: u64,
     pub load_80: LoadPhase,
@@ -177,6 +190,51 @@ async fn paced_send(
     Ok(sent as u64)
 }
 
+/// The sustained phase offers this multiple of the overload probe's forwarded rate.
+const SUSTAIN_OVER_PROBE: f64 = 1.1;
+
+/// What one saturation phase measured.
+struct Offered {
+    /// Forwarded per second: arrivals over the time until the queues drained.
+    rate: f64,
+    arrived: u64,
+    /// The relay's CPU seconds over the phase.
+    relay_cpu: f64,
+}
+
+/// Offers `packets` at `rate` and waits until the sink is quiet. Forwarding goes on
+/// after the sender stops until the queues drain, so the rate is what arrived over the
+/// time that took.
+async fn offer(
+    sender: &mut FrameSender,
+    sink: &StandIn,
+    relay_pid: u32,
+    packets: &mut [Bytes],
+    rate: f64,
+) -> anyhow::Result<Offered> {
+    let before = sink.received.frames.load(Ordering::Relaxed);
+    let cpu0 = cpu_seconds_of(relay_pid);
+    let t0 = Instant::now();
+    let offered = paced_send(sender, packets, rate).await?;
+    let send_elapsed = t0.elapsed().as_secs_f64();
+    let arrived = wait_quiet(sink, before + offered, Duration::from_secs(10)).await - before;
+    // `wait_quiet` saw no arrival in its last 300 ms poll.
+    let elapsed = t0.elapsed().as_secs_f64() - 0.3;
+    Ok(Offered {
+        rate: arrived as f64 / elapsed.max(send_elapsed),
+        arrived,
+        relay_cpu: cpu_seconds_of(relay_pid) - cpu0,
+    })
+}
+
+async fn overload_drops(net: &Testnet) -> u64 {
+    let text = metrics_text(net.relays[0].metrics_addr).await;
+    sum_metric(
+        &text,
+        "shoal_relay_packets_dropped_total{reason=\"overload\"}",
+    ) as u64
+}
+
 async fn metrics_text(addr: SocketAddr) -> String {
     match shoal_link::http::get(addr, "/metrics").await {
         Ok((_, body)) => String::from_utf8_lossy(&body).into_owned(),
@@ -255,12 +313,6 @@ pub async fn run(
         );
     }
 
-    // Packets for every phase are built before any timed window.
-    let sat_rate = ceiling.all_cores_unwraps_per_sec * 1.3;
-    let sat_n = (sat_rate * opts.saturation.as_secs_f64()) as usize;
-    let mut sat =
-        tokio::task::block_in_place(|| build_packets(&topo, &relay_hop, &sink_hop, sat_n, 1));
-
     let relay_addr = net.relays[0].link_addr;
     let connect = |l: &StandIn| {
         let ep = l.endpoint.clone();
@@ -271,30 +323,38 @@ pub async fn run(
         }
     };
     let mut sender = connect(&loadgen).await?;
-
-    // Phase 2: saturation.
     let pid = net.relays[0].proc.pid();
-    let before_arrived = sink.received.frames.load(Ordering::Relaxed);
-    let cpu0 = cpu_seconds_of(pid);
+
+    // Phase 2a: overload probe at 1.3 × the all-core ceiling. Packets for each phase
+    // are built before its timed window.
+    let probe_rate = ceiling.all_cores_unwraps_per_sec * 1.3;
+    let mut probe = tokio::task::block_in_place(|| {
+        let n = (probe_rate * opts.probe.as_secs_f64()) as usize;
+        build_packets(&topo, &relay_hop, &sink_hop, n, 1)
+    });
+    let overload0 = overload_drops(&net).await;
+    let probe_run = offer(&mut sender, &sink, pid, &mut probe, probe_rate).await?;
+    let saturation_dropped_overload = overload_drops(&net).await - overload0;
+    drop(probe);
+
+    // Phase 2b: sustained saturation, offered a little above the probe's rate. The
+    // probe's relay spent CPU receiving packets it then shed; here less is shed, so
+    // the rate is what the relay carries when kept just busy.
+    let sat_rate = probe_run.rate * SUSTAIN_OVER_PROBE;
+    let mut sat = tokio::task::block_in_place(|| {
+        let n = (sat_rate * opts.saturation.as_secs_f64()) as usize;
+        build_packets(&topo, &relay_hop, &sink_hop, n, 4)
+    });
+    let overload0 = overload_drops(&net).await;
     let me0 = self_cpu_seconds();
-    let t0 = Instant::now();
-    let offered = paced_send(&mut sender, &mut sat, sat_rate).await?;
-    let send_elapsed = t0.elapsed().as_secs_f64();
-    let arrived =
-        wait_quiet(&sink, before_arrived + offered, Duration::from_secs(10)).await - before_arrived;
-    let elapsed = t0.elapsed().as_secs_f64() - 0.3;
-    let relay_cpu = cpu_seconds_of(pid) - cpu0;
+    let sustained = offer(&mut sender, &sink, pid, &mut sat, sat_rate).await?;
     let harness_cpu = self_cpu_seconds() - me0;
-    let sat_text = metrics_text(net.relays[0].metrics_addr).await;
-    let overload = sum_metric(
-        &sat_text,
-        "shoal_relay_packets_dropped_total{reason=\"overload\"}",
-    ) as u64;
+    let sustained_dropped_overload = overload_drops(&net).await - overload0;
     drop(sat);
-    // Forwarding continues after the sender stops until the queues drain; the rate is
-    // what arrived over the time it took.
-    let relay_rate = arrived as f64 / elapsed.max(send_elapsed);
-    let cpu_efficiency = (arrived as f64 / relay_cpu.max(1e-9)) / ceiling.unwraps_per_cpu_sec;
+    let relay_rate = sustained.rate;
+    let relay_cpu = sustained.relay_cpu;
+    let cpu_efficiency =
+        (sustained.arrived as f64 / relay_cpu.max(1e-9)) / ceiling.unwraps_per_cpu_sec;
 
     // Phase 3: restart the relay for clean latency histograms.
     net.relays[0].proc.kill();
@@ -361,8 +421,11 @@ pub async fn run(
         cpu_efficiency,
         relay_cpu_seconds: relay_cpu,
         harness_cpu_seconds: harness_cpu,
+        overload_offered_per_sec: probe_rate,
+        overload_packets_per_sec: probe_run.rate,
+        saturation_dropped_overload,
         saturation_offered_per_sec: sat_rate,
-        saturation_dropped_overload: overload,
+        sustained_dropped_overload,
         lost: load_80.lost,
         load_80,
         load_50,

@@ -24,7 +24,10 @@ enum BenchCommand {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        /// Seconds of the saturation phase.
+        /// Seconds of the overload probe (1.3 × the all-core ceiling offered).
+        #[arg(long, default_value_t = 2)]
+        probe_secs: u64,
+        /// Seconds of the sustained saturation phase (1.1 × the probe's rate offered).
         #[arg(long, default_value_t = 4)]
         saturation_secs: u64,
         /// Seconds of each paced phase (50 % and 80 % load).
@@ -105,6 +108,12 @@ enum BenchCommand {
         /// Messages each of them sends, one per second.
         #[arg(long, default_value_t = 15)]
         messages: usize,
+        /// Saturated in-process clients of the goodput phase (0 skips it).
+        #[arg(long, default_value_t = 8)]
+        goodput_clients: usize,
+        /// Seconds of the goodput phase's measured window.
+        #[arg(long, default_value_t = 60)]
+        goodput_window_secs: u64,
         /// Keep the processes' configs, stores and logs here instead of a temp dir.
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -115,12 +124,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         BenchCommand::Relay {
             json,
+            probe_secs,
             saturation_secs,
             paced_secs,
             mean_delay_ms,
             dir,
         } => {
             let opts = RelayBenchOptions {
+                probe: Duration::from_secs(probe_secs),
                 saturation: Duration::from_secs(saturation_secs),
                 paced: Duration::from_secs(paced_secs),
                 mean_hop_delay_ms: mean_delay_ms,
@@ -185,6 +196,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             relays_per_layer,
             clients,
             messages,
+            goodput_clients,
+            goodput_window_secs,
             dir,
         } => {
             let opts = E2eOptions {
@@ -192,6 +205,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 relays_per_layer,
                 clients,
                 messages,
+                goodput_clients,
+                goodput_window: Duration::from_secs(goodput_window_secs),
                 ..E2eOptions::default()
             };
             run_bench(dir, json, print_e2e, async |shoal, dir| {
@@ -334,6 +349,29 @@ fn print_e2e(r: &E2eReport) {
         r.offered_messages_per_sec,
         r.real_packet_fraction
     );
+    let g = &r.saturated;
+    if g.goodput_clients > 0 {
+        println!(
+            "  saturated goodput               {:.1} B/s per client of λP × P = {:.1} B/s (P = {} B): ratio {:.3} (Poisson s.e. {:.3}); {} clients over {:.0} s",
+            g.goodput_saturated_bytes_per_sec,
+            g.goodput_nominal_bytes_per_sec,
+            g.goodput_payload_bytes_per_fragment,
+            g.goodput_ratio_nominal,
+            g.goodput_poisson_std_error,
+            g.goodput_clients,
+            g.goodput_window_secs
+        );
+        println!(
+            "  saturated slots                 {} (expected {:.0}): {} real ({} retransmissions), {} cover; delivered {} = {:.3} of slots",
+            g.goodput_slots,
+            g.goodput_expected_slots,
+            g.goodput_real_slots,
+            g.goodput_retransmissions,
+            g.goodput_cover_slots,
+            g.goodput_delivered,
+            g.goodput_ratio_slots
+        );
+    }
 }
 
 /// Runs one benchmark with the `shoal` binary in `dir` (a temp dir if none) and prints
@@ -380,8 +418,12 @@ fn print_relay(r: &RelayReport) {
         r.single_core_unwraps_per_sec
     );
     println!(
-        "  relay forwarding                 {:>10.0} /s",
-        r.relay_packets_per_sec
+        "  relay forwarding, overloaded     {:>10.0} /s  (offered {:.0}, shed {})",
+        r.overload_packets_per_sec, r.overload_offered_per_sec, r.saturation_dropped_overload
+    );
+    println!(
+        "  relay forwarding, sustained      {:>10.0} /s  (offered {:.0}, shed {})",
+        r.relay_packets_per_sec, r.saturation_offered_per_sec, r.sustained_dropped_overload
     );
     println!("  ratio                            {:>10.3}", r.ratio);
     println!(
