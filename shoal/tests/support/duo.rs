@@ -139,7 +139,13 @@ pub async fn alice_and_bob(
         relays,
         [entry, exit],
         document_timeout,
-        || format!("{}\n{}", net.log("authority"), net.exited()),
+        |missing| {
+            let mut report = format!("authority:\n{}\n", net.log("authority"));
+            for name in missing {
+                report.push_str(&format!("{name}:\n{}\n", net.log(name)));
+            }
+            report + &net.exited()
+        },
     )
     .await;
     let duo = Duo::start(dir, net.authority_set(), accounts, tune);
@@ -152,15 +158,15 @@ pub async fn alice_and_bob(
 }
 
 /// Waits until the authority at `addr` serves a document with every relay in `relays`
-/// and both gateways; panics naming the missing nodes, with `log()` (the authority's
-/// log tail and any exited process's) otherwise.
+/// and both gateways; otherwise panics naming the missing nodes, with `log(missing)`
+/// (the authority's log tail, the missing nodes' and any exited process's).
 pub async fn wait_for_nodes(
     addr: SocketAddr,
     authorities: &AuthoritySet,
     relays: Vec<NodeId>,
     gateways: [&GatewayInit; 2],
     timeout: Duration,
-    log: impl FnOnce() -> String,
+    log: impl FnOnce(&[&str]) -> String,
 ) -> Topology {
     let names: Vec<(NodeId, String)> = (relays.iter().enumerate())
         .map(|(i, id)| (*id, format!("relay{i}")))
@@ -175,7 +181,7 @@ pub async fn wait_for_nodes(
                 .filter(|(id, _)| listed.as_ref().is_none_or(|t| t.node(id).is_none()))
                 .map(|(_, name)| name.as_str())
                 .collect();
-            panic!("{e:#}; missing {missing:?}\n{}", log())
+            panic!("{e:#}; missing {missing:?}\n{}", log(&missing))
         }
     }
 }
