@@ -131,6 +131,19 @@ fn self_cpu_seconds() -> f64 {
 /// Builds `n` distinct packets routed `[relay, sink]` on all cores (a packet that fails
 /// to build is left out; with a checked topology none does).
 pub fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u64) -> Vec<Bytes> {
+    build_route_packets(topo, &[relay.clone(), sink.clone()], &[0; 32], n, seed)
+}
+
+/// Builds `n` distinct packets along `route` for `destination` (the mailbox address the
+/// last hop sees) on all cores; the last hop's delay is zero. A packet that fails to
+/// build is left out.
+pub fn build_route_packets(
+    topo: &Topology,
+    route: &[Hop],
+    destination: &[u8; 32],
+    n: usize,
+    seed: u64,
+) -> Vec<Bytes> {
     let threads = std::thread::available_parallelism()
         .map(|t| t.get())
         .unwrap_or(1);
@@ -145,15 +158,12 @@ pub fn build_packets(topo: &Topology, relay: &Hop, sink: &Hop, n: usize, seed: u
                     let mut out = Vec::with_capacity(per);
                     for i in 0..per {
                         plaintext[..8].copy_from_slice(&((t * per + i) as u64).to_be_bytes());
-                        let mut delays = sample_delays(&mut rng, topo.params(), 1);
+                        let mut delays =
+                            sample_delays(&mut rng, topo.params(), route.len().saturating_sub(1));
                         delays.push(Duration::ZERO);
-                        if let Ok((p, _)) = sphinx::build_forward(
-                            &mut rng,
-                            &[relay.clone(), sink.clone()],
-                            &delays,
-                            &[0; 32],
-                            &plaintext,
-                        ) && let Ok(f) = Frame::sphinx(label, &p.packet)
+                        if let Ok((p, _)) =
+                            sphinx::build_forward(&mut rng, route, &delays, destination, &plaintext)
+                            && let Ok(f) = Frame::sphinx(label, &p.packet)
                         {
                             out.push(Bytes::copy_from_slice(f.as_bytes()));
                         }

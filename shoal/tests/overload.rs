@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use shoal_bench::relay::build_packets;
+use shoal_bench::relay::{build_packets, build_route_packets};
 use shoal_bench::standin::{StandIn, network_info, wait_for_topology};
 use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig, sum_metric};
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
@@ -631,4 +631,335 @@ async fn a_relay_at_twice_its_capacity_sheds_explicitly_and_recovers() {
         "good traffic flows after the flood"
     );
     assert!(peak < MAX_RSS_MIB, "relay VmRSS peaked at {peak:.0} MiB");
+}
+
+/// The gateway's counters that say where a packet arriving on its node link went.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ingest {
+    /// Taken into a mailbox (queued for a durable write).
+    accepted: u64,
+    /// Shed by the mixing pipeline: every worker queue full.
+    relay_overload: u64,
+    /// Shed between the workers and the mailbox task: its queue full.
+    delivery_overload: u64,
+    quota_full: u64,
+    /// Every other drop (malformed, unknown mailbox, replay, bad packet, ...).
+    other: u64,
+    /// Items held over all mailboxes (a gauge).
+    items: u64,
+    /// Mailbox write batches with the store's writer (a gauge).
+    in_flight: u64,
+}
+
+impl Ingest {
+    fn of(text: &str) -> Self {
+        let d = drops(text);
+        let g = |k: &str| sum_metric(text, k) as u64;
+        let relay_overload = d.get("overload").copied().unwrap_or(0);
+        Ingest {
+            accepted: g("shoal_gateway_deliveries_total{outcome=\"accepted\"}"),
+            relay_overload,
+            delivery_overload: g("shoal_gateway_deliveries_total{outcome=\"overload\"}"),
+            quota_full: g("shoal_gateway_deliveries_total{outcome=\"quota_full\"}"),
+            other: d.values().sum::<u64>() - relay_overload
+                + g("shoal_gateway_deliveries_total{outcome=\"unknown_mailbox\"}")
+                + g("shoal_gateway_deliveries_total{outcome=\"malformed\"}"),
+            items: g("shoal_gateway_mailbox_items"),
+            in_flight: g("shoal_gateway_store_batches_in_flight"),
+        }
+    }
+
+    fn shed(&self) -> u64 {
+        self.relay_overload + self.delivery_overload
+    }
+
+    /// Every packet this snapshot has an outcome for.
+    fn total(&self) -> u64 {
+        self.accepted + self.shed() + self.quota_full + self.other
+    }
+
+    fn since(&self, before: &Ingest) -> Ingest {
+        Ingest {
+            accepted: self.accepted - before.accepted,
+            relay_overload: self.relay_overload - before.relay_overload,
+            delivery_overload: self.delivery_overload - before.delivery_overload,
+            quota_full: self.quota_full - before.quota_full,
+            other: self.other - before.other,
+            items: self.items,
+            in_flight: self.in_flight,
+        }
+    }
+}
+
+/// Polls the gateway's counters until every packet has an outcome (`total` reaches
+/// `expect`) and no write batch is with the store, or they stop moving, or `timeout`.
+async fn settle_gateway(addr: SocketAddr, expect: u64, timeout: Duration) -> Ingest {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let now = Ingest::of(&metrics(addr).await);
+        let still = last.is_some_and(|l: Ingest| l.total() == now.total() && now.in_flight == 0);
+        if (now.total() >= expect && now.in_flight == 0) || still || Instant::now() >= deadline {
+            return now;
+        }
+        last = Some(now);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
+    /// The capacity probe offers this multiple of the one-core unwrap ceiling...
+    const PROBE_FACTOR: f64 = 2.5;
+    const PROBE_SECS: f64 = 1.5;
+    /// ...and the flood this multiple of the capacity C the probe measured...
+    const FLOOD_FACTOR: f64 = 2.5;
+    /// ...for this long (shortened if the packets would not fit `MAX_FLOOD`).
+    const FLOOD_SECS: f64 = 4.0;
+    const MAX_FLOOD: usize = 30_000;
+    const WARM: usize = 50;
+    const AFTER: usize = 300;
+
+    let dir = tempfile::tempdir().unwrap();
+    let shoal = Path::new(env!("CARGO_BIN_EXE_shoal"));
+    // No relays: the gateway alone in the document, reached by a stand-in node.
+    let cfg = TestnetConfig {
+        relays_per_layer: 0,
+        mean_hop_delay_ms: 5.0,
+        max_hop_delay_ms: 100.0,
+        bootstrap_secs: 3,
+        workers: Some(1),
+        ..TestnetConfig::default()
+    };
+    let mut net = Testnet::start(shoal, &dir.path().join("net"), &cfg).unwrap();
+    let gw = net
+        .init_gateway(
+            shoal,
+            0,
+            &GatewayOptions {
+                workers: Some(1),
+                ..GatewayOptions::default()
+            },
+        )
+        .unwrap();
+    // The flood must meet the gateway's capacity, not the mailbox quota (10,000).
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    assert!(text.contains("\ndefault_quota = "), "template has a quota");
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("default_quota = ") {
+                "default_quota = 1000000".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&gw.config, text).unwrap();
+
+    let mut rng = rand::rng();
+    let flood_mailbox = [0x6b; 32];
+    Testnet::add_account(
+        shoal,
+        &gw,
+        &SigningKey::generate(&mut rng).verifying_key().to_bytes(),
+        &flood_mailbox,
+    )
+    .unwrap();
+    let carol_key = SigningKey::generate(&mut rng);
+    let carol_id = Identity::generate(&mut rng, gw.id);
+    let carol_mailbox = carol_id.mailbox;
+    Testnet::add_account(
+        shoal,
+        &gw,
+        &carol_key.verifying_key().to_bytes(),
+        &carol_mailbox,
+    )
+    .unwrap();
+    net.run_gateway(shoal, gw.clone()).unwrap();
+    let info = info_of(&net).await;
+    let mut node = StandIn::bind(51).unwrap();
+    node.register(&[net.authority_addr], &info).await.unwrap();
+    let topo = wait_for_topology(
+        net.authority_addr,
+        &net.authorities,
+        &[gw.id, node.id()],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", net.log_tail("authority")));
+    let gw_hop = topo.hop(&gw.id, topo.epoch()).unwrap();
+    let build = |mailbox: [u8; 32], n: usize, seed: u64| {
+        let p = tokio::task::block_in_place(|| {
+            build_route_packets(&topo, std::slice::from_ref(&gw_hop), &mailbox, n, seed)
+        });
+        assert_eq!(p.len(), n, "every packet was built");
+        p
+    };
+
+    // The gateway's link takes the stand-in once its directory lists it: retry until a
+    // few packets are stored.
+    let ceiling =
+        tokio::task::spawn_blocking(|| shoal_bench::ceiling::measure(Duration::from_millis(700)))
+            .await
+            .unwrap();
+    let probe_rate = PROBE_FACTOR * ceiling.single_core_unwraps_per_sec;
+    let probe = build(
+        flood_mailbox,
+        ((probe_rate * PROBE_SECS) as usize).min(MAX_FLOOD),
+        2,
+    );
+    let warm = build(flood_mailbox, WARM, 1);
+    let ready = Instant::now() + Duration::from_secs(30);
+    let mut tx = loop {
+        assert!(
+            Instant::now() < ready,
+            "the gateway never took the stand-in's packets"
+        );
+        let base = Ingest::of(&metrics(gw.metrics_addr).await);
+        if let Ok(link) = node.endpoint.connect(gw.link_addr, gw.id).await
+            && let Ok(mut tx) = link.open_frames(FRAME_SIZE).await
+            && tx.send(&warm[0]).await.is_ok()
+        {
+            let got = settle_gateway(gw.metrics_addr, base.total() + 1, Duration::from_secs(3))
+                .await
+                .since(&base);
+            if got.accepted == 1 {
+                paced(&mut tx, &warm[1..], 1000.0).await;
+                break tx;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let warmed = settle_gateway(gw.metrics_addr, WARM as u64, Duration::from_secs(10)).await;
+    assert_eq!(warmed.accepted, WARM as u64, "the warm-up was stored");
+
+    let pid = net.gateways[0].proc.pid();
+    let base_rss = rss_mib(pid);
+    let sampler = RssSampler::start(pid);
+
+    // 1. Capacity: flooded well past one core's unwraps, what the gateway stores per
+    // second while saturated (until its queues drain) is C.
+    let t0 = Instant::now();
+    let secs_probe = paced(&mut tx, &probe, probe_rate).await;
+    let probed = settle_gateway(
+        gw.metrics_addr,
+        warmed.total() + probe.len() as u64,
+        Duration::from_secs(30),
+    )
+    .await;
+    let busy = (t0.elapsed().as_secs_f64() - 0.4).max(secs_probe);
+    let probe_got = probed.since(&warmed);
+    let capacity = probe_got.accepted as f64 / busy;
+    println!(
+        "overload (c) capacity: one-core unwrap ceiling {:.0}/s; {} offered at {:.0}/s, the \
+         gateway stored {} in {busy:.2} s: C = {capacity:.0}/s (shed {:?})",
+        ceiling.single_core_unwraps_per_sec,
+        probe.len(),
+        probe.len() as f64 / secs_probe,
+        probe_got.accepted,
+        probe_got,
+    );
+    assert!(capacity > 0.0, "the gateway stored packets under load");
+
+    // 2. The flood: 2.5 × C.
+    let rate = FLOOD_FACTOR * capacity;
+    let flood = build(
+        flood_mailbox,
+        ((rate * FLOOD_SECS) as usize).min(MAX_FLOOD),
+        3,
+    );
+    let secs = paced(&mut tx, &flood, rate).await;
+    let offered = flood.len() as f64 / secs;
+    let flooded = settle_gateway(
+        gw.metrics_addr,
+        probed.total() + flood.len() as u64,
+        Duration::from_secs(30),
+    )
+    .await;
+    let got = flooded.since(&probed);
+    let stored_total = (WARM as u64) + probe_got.accepted + got.accepted;
+
+    // 3. After the flood: good traffic at C/3 for a real client's mailbox; the client
+    // pulls and acks every item.
+    let carol = client(dir.path(), "carol", &gw, &net, carol_key, carol_id);
+    assert!(
+        carol.wait_for_directory(Duration::from_secs(20)).await,
+        "client got no directory"
+    );
+    let good = build(carol_mailbox, AFTER, 4);
+    paced(&mut tx, &good, capacity / 3.0).await;
+    let after = settle_gateway(
+        gw.metrics_addr,
+        flooded.total() + AFTER as u64,
+        Duration::from_secs(20),
+    )
+    .await
+    .since(&flooded);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let acked = loop {
+        let text = metrics(gw.metrics_addr).await;
+        let acked = sum_metric(&text, "shoal_gateway_items_deleted_total{cause=\"acked\"}") as u64;
+        if acked >= AFTER as u64 || Instant::now() >= deadline {
+            break acked;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let pulled = carol.stats().items_received;
+    let peak = sampler.finish().await;
+    println!(
+        "overload (c) gateway flood: {} packets offered at {offered:.0}/s ({:.1} × C) for one \
+         mailbox, shed {} (pipeline overload {}, delivery overload {}), stored {}, quota_full \
+         {}, other {}; unaccounted {}; items held {} (stored in all {stored_total}); after \
+         the flood {AFTER} sent at C/3: {} stored, {} shed, client pulled {pulled} and acked \
+         {acked}; gateway VmRSS {base_rss:.0} → peak {peak:.0} MiB (bound {MAX_RSS_MIB})",
+        flood.len(),
+        offered / capacity,
+        got.shed(),
+        got.relay_overload,
+        got.delivery_overload,
+        got.accepted,
+        got.quota_full,
+        got.other,
+        flood.len() as i64 - got.total() as i64,
+        flooded.items,
+        after.accepted,
+        after.shed(),
+    );
+
+    assert!(net.gateways[0].proc.alive(), "the gateway survived");
+    assert!(
+        offered >= 2.0 * capacity,
+        "the flood offered at least 2 × C"
+    );
+    assert!(
+        got.shed() as f64 > 0.2 * flood.len() as f64,
+        "at 2 × C, a large part is shed explicitly ({} of {})",
+        got.shed(),
+        flood.len()
+    );
+    assert_eq!(
+        (got.quota_full, got.other),
+        (0, 0),
+        "nothing was refused for any other cause"
+    );
+    assert_eq!(
+        got.accepted + got.shed(),
+        flood.len() as u64,
+        "every offered packet was stored or shed, counted"
+    );
+    assert_eq!(flooded.in_flight, 0, "every write batch finished");
+    assert_eq!(flooded.items, stored_total, "every accepted packet is held");
+    assert_eq!(
+        (after.accepted, after.shed()),
+        (AFTER as u64, 0),
+        "after the flood, traffic at C/3 is all stored"
+    );
+    assert_eq!(
+        acked, AFTER as u64,
+        "the client pulled and acked every item"
+    );
+    assert!(peak < MAX_RSS_MIB, "gateway VmRSS peaked at {peak:.0} MiB");
+    carol.shutdown().await;
 }
