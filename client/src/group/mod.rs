@@ -56,6 +56,7 @@ use openmls_rust_crypto::OpenMlsRustCrypto;
 use serde::{Deserialize, Serialize};
 use sha2_0_11::{Digest, Sha256};
 use shoal_subnet::{MemberCredential, MessageOptions, Policy, PolicyRefusal, SignedCredential};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::Contact;
 
@@ -265,7 +266,7 @@ struct GroupMeta {
 pub struct GroupManager {
     provider: OpenMlsRustCrypto,
     signer: SignatureKeyPair,
-    signing_secret: [u8; 32],
+    signing_secret: Zeroizing<[u8; 32]>,
     me: MemberCredential,
     policy: Policy,
     config: GroupConfig,
@@ -286,6 +287,8 @@ impl std::fmt::Debug for GroupManager {
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
+    /// Wiped on drop (see the `Drop` below); the serialized snapshot is the caller's to
+    /// protect.
     signing_secret: Vec<u8>,
     credential: Vec<u8>,
     policy: Vec<u8>,
@@ -293,6 +296,12 @@ struct Snapshot {
     store: Vec<(Vec<u8>, Vec<u8>)>,
     groups: Vec<(GroupId, GroupMeta)>,
     stats: GroupStats,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.signing_secret.zeroize();
+    }
 }
 
 fn epoch_check(ea: &[u8]) -> [u8; 8] {
@@ -351,6 +360,7 @@ impl GroupManager {
         now_ms: u64,
     ) -> Result<Self, GroupError> {
         let me = MemberCredential::verify(&credential.to_bytes(), now_ms / 1000)?;
+        let signing_secret = Zeroizing::new(signing_secret);
         let public = ed25519_dalek::SigningKey::from_bytes(&signing_secret)
             .verifying_key()
             .to_bytes();
@@ -387,8 +397,8 @@ impl GroupManager {
         &self.policy
     }
     /// The member's Ed25519 secret (it signs leaves and direct messages).
-    pub(crate) fn signing_secret(&self) -> [u8; 32] {
-        self.signing_secret
+    pub(crate) fn signing_secret(&self) -> &[u8; 32] {
+        &self.signing_secret
     }
     /// Replaces the policy with a newer one of the same subnet.
     pub fn update_policy(&mut self, newer: Policy) -> Result<(), GroupError> {
@@ -1226,12 +1236,13 @@ impl GroupManager {
             what: "group snapshot",
             reason,
         };
-        let snap: Snapshot = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        let secret: [u8; 32] = snap
-            .signing_secret
-            .as_slice()
-            .try_into()
-            .map_err(|_| bad("signing secret length".into()))?;
+        let mut snap: Snapshot = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
+            snap.signing_secret
+                .as_slice()
+                .try_into()
+                .map_err(|_| bad("signing secret length".into()))?,
+        );
         let unchecked = shoal_subnet::UncheckedCredential::parse(&snap.credential)?;
         let subnet = unchecked.claimed_subnet();
         let policy = Policy::verify(&snap.policy, &subnet)?;
@@ -1248,10 +1259,10 @@ impl GroupManager {
                 .values
                 .write()
                 .map_err(|_| GroupError::Internal("store lock poisoned".into()))?;
-            values.extend(snap.store);
+            values.extend(std::mem::take(&mut snap.store));
         }
         let mut groups = BTreeMap::new();
-        for (id, meta) in snap.groups {
+        for (id, meta) in std::mem::take(&mut snap.groups) {
             let g = MlsGroup::load(
                 provider.storage(),
                 &openmls::group::GroupId::from_slice(&id),

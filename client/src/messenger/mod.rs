@@ -398,7 +398,7 @@ impl Messenger {
 
     fn with_groups(groups: GroupManager, config: MessengerConfig) -> Self {
         Messenger {
-            key: SigningKey::from_bytes(&groups.signing_secret()),
+            key: SigningKey::from_bytes(groups.signing_secret()),
             groups,
             config,
             inbox: Vec::new(),
