@@ -343,6 +343,11 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
     })
 }
 
+/// Live client links one account may hold. Each link has at most one control request
+/// (pull, ack, directory) in the mailbox task at a time, so this bounds an account's
+/// share of the task whatever it sends.
+pub(crate) const MAX_LINKS_PER_ACCOUNT: usize = 4;
+
 /// The one owner of the mailbox core. Everything that changes mailboxes goes through it,
 /// so batches leave `poll_write` and reach the store's single writer in order.
 struct MailboxTask {
@@ -426,7 +431,17 @@ impl MailboxTask {
             Request::Authenticate { key, link, reply } => {
                 let known = self.mailbox.is_account(&key);
                 if known {
-                    self.links.entry(key).or_default().push(link);
+                    let links = self.links.entry(key).or_default();
+                    if links.len() >= MAX_LINKS_PER_ACCOUNT {
+                        // A client has one link; more are reconnects whose old link
+                        // has not timed out yet, or an account multiplying its
+                        // outstanding pulls. Either way the oldest goes.
+                        links.remove(0).close();
+                        self.metrics
+                            .client_links_superseded
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    links.push(link);
                 }
                 let _ = reply.send(known);
             }

@@ -8,8 +8,9 @@
 //! never emptied by one (the unit test below runs a Poisson sender for a virtual day).
 //! Anything that empties it is not running the client schedule. Control frames (pulls,
 //! acks, directory requests) are not counted here: each client link has at most one
-//! of them in the mailbox task at a time (its responder answers in order), so they
-//! are already limited per link by the gateway's own answering speed.
+//! of them in the mailbox task at a time (its responder answers in order), and an
+//! account holds at most `MAX_LINKS_PER_ACCOUNT` links (the driver closes the oldest),
+//! so an account's control load is bounded by the gateway's own answering speed.
 
 use std::time::{Duration, Instant};
 

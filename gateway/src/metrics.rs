@@ -86,6 +86,9 @@ pub struct GatewayStats {
     pub clients_rate_cut: u64,
     /// Client links refused because their account was serving a cut penalty.
     pub clients_rate_refused: u64,
+    /// Client links closed because their account opened more than
+    /// `MAX_LINKS_PER_ACCOUNT` (the oldest goes).
+    pub client_links_superseded: u64,
     /// Admin commands applied and durable.
     pub admin_applied: u64,
     /// Admin commands refused, by cause (index: [`AdminRefusal::ALL`] order).
@@ -134,6 +137,7 @@ pub(crate) struct Metrics {
     pub client_frames_throttled: AtomicU64,
     pub clients_rate_cut: AtomicU64,
     pub clients_rate_refused: AtomicU64,
+    pub client_links_superseded: AtomicU64,
     pub admin_applied: AtomicU64,
     admin_refused: [AtomicU64; ADMIN_CAUSES],
     /// [commit latency (ns), ops per batch]
@@ -155,6 +159,7 @@ impl Metrics {
             client_frames_throttled: AtomicU64::new(0),
             clients_rate_cut: AtomicU64::new(0),
             clients_rate_refused: AtomicU64::new(0),
+            client_links_superseded: AtomicU64::new(0),
             admin_applied: AtomicU64::new(0),
             admin_refused: Default::default(),
             commits: Mutex::new(Windowed {
@@ -222,6 +227,7 @@ impl Metrics {
             client_frames_throttled: load(&self.client_frames_throttled),
             clients_rate_cut: load(&self.clients_rate_cut),
             clients_rate_refused: load(&self.clients_rate_refused),
+            client_links_superseded: load(&self.client_links_superseded),
             admin_applied: load(&self.admin_applied),
             admin_refused: std::array::from_fn(|i| load(&self.admin_refused[i])),
         }
@@ -391,10 +397,11 @@ impl Metrics {
         metric(
             "shoal_gateway_clients_rate_limited_total",
             "counter",
-            "Client links closed for flooding (action=cut) or refused during the penalty after a cut (action=refused).",
+            "Client links closed for flooding (action=cut), refused during the penalty after a cut (action=refused), or closed because their account opened more links than allowed (action=superseded: the oldest goes).",
             &[
                 ("{action=\"cut\"}", c(s.clients_rate_cut)),
                 ("{action=\"refused\"}", c(s.clients_rate_refused)),
+                ("{action=\"superseded\"}", c(s.client_links_superseded)),
             ],
         );
         let mut admin = vec![("{outcome=\"applied\"}".to_owned(), c(s.admin_applied))];

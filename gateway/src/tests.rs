@@ -780,3 +780,39 @@ async fn admin_commands_over_the_network() {
     assert_eq!(gw.stats().mailbox.accounts_cut, 1);
     gw.shutdown().await;
 }
+
+/// An account holds at most `MAX_LINKS_PER_ACCOUNT` live links: the next one closes its
+/// oldest (counted), so one account cannot multiply its outstanding control requests.
+/// No directory is needed: client links do not route packets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_opening_a_fifth_link_loses_its_oldest() {
+    let mut rng = StdRng::seed_from_u64(78);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gw");
+    shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
+    let config = gateway_config(&dir, "127.0.0.1:9".parse().unwrap(), [1; 32]);
+    let alice = SigningKey::generate(&mut rng);
+    admin::add_account(&config, node_key(&alice), &ALICE_BOX, None).unwrap();
+    let gw = crate::spawn(config).await.unwrap();
+    let mut links = Vec::new();
+    for _ in 0..crate::driver::MAX_LINKS_PER_ACCOUNT {
+        let mut c = TestClient::connect(&alice, &gw).await;
+        // A pull answered means the link is authenticated and registered.
+        assert!(c.pull().await.is_empty());
+        links.push(c);
+    }
+    assert_eq!(gw.stats().client_links_superseded, 0);
+    let mut fifth = TestClient::connect(&alice, &gw).await;
+    assert!(fifth.pull().await.is_empty());
+    within(
+        "the oldest link closes",
+        links[0].link.connection().closed(),
+    )
+    .await;
+    assert_eq!(gw.stats().client_links_superseded, 1);
+    // The others still serve.
+    for c in &mut links[1..] {
+        assert!(c.pull().await.is_empty());
+    }
+    gw.shutdown().await;
+}
