@@ -712,6 +712,9 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     /// The capacity probe offers this multiple of the one-core unwrap ceiling...
     const PROBE_FACTOR: f64 = 2.5;
     const PROBE_SECS: f64 = 1.5;
+    const MAX_PROBES: u64 = 3;
+    /// The gateway's worker queue: what a probe must overfill.
+    const QUEUE: usize = shoal_relay::config::DEFAULT_QUEUE_CAPACITY;
     /// ...and the flood this multiple of the capacity C the probe measured...
     const FLOOD_FACTOR: f64 = 2.5;
     /// ...for this long (shortened if the packets would not fit `MAX_FLOOD`).
@@ -804,12 +807,6 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
         tokio::task::spawn_blocking(|| shoal_bench::ceiling::measure(Duration::from_millis(700)))
             .await
             .unwrap();
-    let probe_rate = PROBE_FACTOR * ceiling.single_core_unwraps_per_sec;
-    let probe = build(
-        flood_mailbox,
-        ((probe_rate * PROBE_SECS) as usize).min(MAX_FLOOD),
-        2,
-    );
     let warm = build(flood_mailbox, WARM, 1);
     let ready = Instant::now() + Duration::from_secs(30);
     let mut tx = loop {
@@ -838,29 +835,58 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     let pid = net.gateways[0].proc.pid();
     let base_rss = rss_mib(pid);
     let sampler = RssSampler::start(pid);
+    // Write batches queued for the store (the mailbox task's `pending` plus the store's
+    // queue): if the store could not keep up, this is where the flood would pile up.
+    let stop = Arc::new(AtomicBool::new(false));
+    let batches = {
+        let (stop, addr) = (stop.clone(), gw.metrics_addr);
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(Ingest::of(&metrics(addr).await).in_flight);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        })
+    };
 
-    // 1. Capacity: flooded well past one core's unwraps, what the gateway stores per
-    // second while saturated (until its queues drain) is C.
-    let t0 = Instant::now();
-    let secs_probe = paced(&mut tx, &probe, probe_rate).await;
-    let probed = settle_gateway(
-        gw.metrics_addr,
-        warmed.total() + probe.len() as u64,
-        Duration::from_secs(30),
-    )
-    .await;
-    let busy = (t0.elapsed().as_secs_f64() - 0.4).max(secs_probe);
-    let probe_got = probed.since(&warmed);
-    let capacity = probe_got.accepted as f64 / busy;
+    // 1. Capacity: flooded past what it can take (the probe fills the worker queue and
+    // goes on; if nothing was shed, the probe did not saturate it and runs again at
+    // twice the rate), what the gateway stores per second until its queues drain is C.
+    let mut probe_rate = PROBE_FACTOR * ceiling.single_core_unwraps_per_sec;
+    let mut before = warmed;
+    let mut attempt = 0;
+    let (capacity, probed, probe_got, probe_len, probe_offered) = loop {
+        let n = ((probe_rate * PROBE_SECS) as usize + QUEUE).min(MAX_FLOOD);
+        let probe = build(flood_mailbox, n, 10 + attempt);
+        let t0 = Instant::now();
+        let secs_probe = paced(&mut tx, &probe, probe_rate).await;
+        let probed = settle_gateway(
+            gw.metrics_addr,
+            before.total() + n as u64,
+            Duration::from_secs(30),
+        )
+        .await;
+        let busy = (t0.elapsed().as_secs_f64() - 0.4).max(secs_probe);
+        let got = probed.since(&before);
+        assert_eq!(got.total(), n as u64, "every probe packet has an outcome");
+        attempt += 1;
+        if got.shed() > 0 || attempt == MAX_PROBES {
+            let capacity = got.accepted as f64 / busy;
+            break (capacity, probed, got, n, n as f64 / secs_probe);
+        }
+        before = probed;
+        probe_rate *= 2.0;
+    };
     println!(
-        "overload (c) capacity: one-core unwrap ceiling {:.0}/s; {} offered at {:.0}/s, the \
-         gateway stored {} in {busy:.2} s: C = {capacity:.0}/s (shed {:?})",
+        "overload (c) capacity: one-core unwrap ceiling {:.0}/s; probe {attempt}: {probe_len} \
+         offered at {probe_offered:.0}/s, the gateway stored {} and shed {}: C = \
+         {capacity:.0}/s",
         ceiling.single_core_unwraps_per_sec,
-        probe.len(),
-        probe.len() as f64 / secs_probe,
         probe_got.accepted,
-        probe_got,
+        probe_got.shed(),
     );
+    assert!(probe_got.shed() > 0, "the probe saturated the gateway");
     assert!(capacity > 0.0, "the gateway stored packets under load");
 
     // 2. The flood: 2.5 × C.
@@ -880,6 +906,8 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     .await;
     let got = flooded.since(&probed);
     let stored_total = (WARM as u64) + probe_got.accepted + got.accepted;
+    stop.store(true, Ordering::Relaxed);
+    let peak_batches = batches.await.unwrap();
 
     // 3. After the flood: good traffic at C/3 for a real client's mailbox; the client
     // pulls and acks every item.
@@ -913,7 +941,7 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
          mailbox, shed {} (pipeline overload {}, delivery overload {}), stored {}, quota_full \
          {}, other {}; unaccounted {}; items held {} (stored in all {stored_total}); after \
          the flood {AFTER} sent at C/3: {} stored, {} shed, client pulled {pulled} and acked \
-         {acked}; gateway VmRSS {base_rss:.0} → peak {peak:.0} MiB (bound {MAX_RSS_MIB})",
+         {acked}; write batches queued at most {peak_batches}; gateway VmRSS {base_rss:.0} → peak {peak:.0} MiB (bound {MAX_RSS_MIB})",
         flood.len(),
         offered / capacity,
         got.shed(),
