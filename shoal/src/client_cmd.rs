@@ -585,7 +585,9 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             println!("contact card: {card}");
             println!("config written: {}", dir.join(CONFIG_FILE).display());
             println!(
-                "ask the gateway operator to run: shoal gateway account add --config <gateway.toml> --key {} --mailbox {}",
+                "to enrol in a subnet: give your admin these lines with your invite code \
+                 (`shoal admin redeem`); without a subnet, ask the gateway operator to run: \
+                 shoal gateway account add --config <gateway.toml> --key {} --mailbox {}",
                 hex::encode(account),
                 hex::encode(mailbox)
             );
