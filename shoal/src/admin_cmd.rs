@@ -36,12 +36,15 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
+use shoal_relay::config::AuthorityAddr;
 use shoal_subnet::{
     AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, OfferBody, OfferGuard,
     Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedOffer, UsageReport,
     usage_id,
 };
 use shoal_topology::Hex32;
+
+use crate::client_cmd::parse_authority;
 
 const KEY_FILE: &str = "admin.key";
 const POLICY_FILE: &str = "policy.json";
@@ -114,6 +117,14 @@ pub enum AdminCommand {
         /// The gateway's node link address, printed in the invite for `shoal client init`.
         #[arg(long)]
         gateway_node: Option<SocketAddr>,
+        /// A directory authority as ADDR=HEXKEY (repeatable), written into the invite's
+        /// `shoal client init` line so the user can run it as is.
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY", value_parser = parse_authority)]
+        authorities: Vec<AuthorityAddr>,
+        /// Authority signatures a document needs, for the same line (default: the
+        /// client's, a majority).
+        #[arg(long, requires = "authorities")]
+        threshold: Option<usize>,
         /// Where to write the invite file for the user (default: ./HANDLE.invite).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -828,6 +839,8 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             handle,
             role,
             gateway_node,
+            authorities,
+            threshold,
             out,
             valid_secs,
             quota,
@@ -874,10 +887,21 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             )?;
             let node =
                 gateway_node.map_or_else(|| "<GATEWAY_NODE_ADDR>".to_owned(), |a| a.to_string());
+            let directory = if authorities.is_empty() {
+                " --authority <ADDR=HEXKEY> (one per directory authority)".to_owned()
+            } else {
+                let mut d: String = (authorities.iter())
+                    .map(|a| format!(" --authority {}={}", a.addr, hex::encode(a.key)))
+                    .collect();
+                if let Some(t) = threshold {
+                    d.push_str(&format!(" --threshold {t}"));
+                }
+                d
+            };
             let text = format!(
                 "# Shoal invite: one use, expires at unix time {expires_at}.\n\
-                 # 1. Run (add --authority ADDR=HEXKEY for each directory authority):\n\
-                 #    shoal client init --dir <YOUR_DIR> --gateway {node}={gw_key} --gateway-client-addr {gw}\n\
+                 # 1. Run:\n\
+                 #    shoal client init --dir <YOUR_DIR> --gateway {node}={gw_key} --gateway-client-addr {gw}{directory}\n\
                  # 2. Append that command's output to this file and give the file back to your admin.\n\
                  subnet: {subnet}\n\
                  handle: {handle}\n\

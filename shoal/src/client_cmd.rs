@@ -228,7 +228,7 @@ pub enum ContactCommand {
     },
 }
 
-fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
+pub(crate) fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
     s.parse()
 }
 

@@ -325,6 +325,10 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
             &gw_key_hex,
             "--gateway-node",
             "127.0.0.1:9",
+            "--authority",
+            &format!("127.0.0.1:8={}", "11".repeat(32)),
+            "--threshold",
+            "1",
             "--handle",
             "ana",
             "--role",
@@ -345,23 +349,30 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
         invite_text.contains(&format!("127.0.0.1:9={gw_key_hex}")),
         "{invite_text}"
     );
+    // The user runs the invite's `shoal client init` line as written, with a directory.
     let client_dir = tmp.path().join("ana-client");
-    let client_out = shoal(
-        &bin,
-        &[
-            "client",
-            "init",
-            "--dir",
-            &client_dir.to_string_lossy(),
-            "--gateway",
-            &format!("127.0.0.1:9={gw_key_hex}"),
-            "--gateway-client-addr",
-            &gw,
-            "--authority",
-            &format!("127.0.0.1:8={}", "11".repeat(32)),
-            "--name",
-            "ana",
-        ],
+    let client_dir_s = client_dir.to_string_lossy().into_owned();
+    let init_line = invite_text
+        .lines()
+        .find_map(|l| {
+            l.trim_start_matches(['#', ' '])
+                .strip_prefix("shoal client init ")
+        })
+        .unwrap_or_else(|| panic!("no client init line in the invite:\n{invite_text}"));
+    let mut init_args = vec!["client", "init"];
+    init_args.extend(init_line.split_whitespace().map(|a| {
+        if a == "<YOUR_DIR>" {
+            client_dir_s.as_str()
+        } else {
+            a
+        }
+    }));
+    init_args.extend(["--name", "ana"]);
+    let client_out = shoal(&bin, &init_args);
+    let client_toml = std::fs::read_to_string(client_dir.join("client.toml")).unwrap();
+    assert!(
+        client_toml.contains(&"11".repeat(32)) && client_toml.contains("threshold = 1"),
+        "{client_toml}"
     );
     let account_hex = line_value(&client_out, "account key:").to_owned();
     let mailbox_hex = line_value(&client_out, "mailbox:").to_owned();
