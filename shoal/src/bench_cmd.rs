@@ -362,13 +362,13 @@ fn print_e2e(r: &E2eReport) {
             g.goodput_window_secs
         );
         println!(
-            "  saturated slots                 {} (expected {:.0}): {} real ({} retransmissions), {} cover; delivered {} = {:.3} of slots",
+            "  saturated slots                 {} (expected {:.0}): {} real ({} retransmissions), {} cover; {} new fragments delivered = {:.3} of slots",
             g.goodput_slots,
             g.goodput_expected_slots,
             g.goodput_real_slots,
             g.goodput_retransmissions,
             g.goodput_cover_slots,
-            g.goodput_delivered,
+            g.goodput_first_sends_delivered,
             g.goodput_ratio_slots
         );
     }
