@@ -112,6 +112,7 @@ pub struct GatewayHandle {
     client_addr: SocketAddr,
     client_endpoint: Arc<LinkEndpoint>,
     metrics: Arc<Metrics>,
+    hosted: Arc<Hosted>,
     shutdown: watch::Sender<bool>,
     mailbox_task: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -141,6 +142,13 @@ impl GatewayHandle {
     /// The bound `/metrics` address, if enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.node().and_then(RelayHandle::metrics_addr)
+    }
+
+    /// Replaces the subnets hosted here (an operator edited `subnets` and sent SIGHUP).
+    /// Admin links and commands are checked against the new list from now on; a removed
+    /// subnet's accounts and stored state stay.
+    pub fn set_hosted_subnets(&self, subnets: Vec<SubnetId>) {
+        self.hosted.set(subnets);
     }
 
     /// Mailbox, store, ack and client-link counters.
@@ -311,10 +319,11 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
     };
     let mailbox_task = tokio::spawn(task.run().instrument(tracing::info_span!("mailbox")));
 
+    let hosted = Arc::new(Hosted(std::sync::RwLock::new(config.subnets.clone())));
     let clients = Arc::new(Clients {
         limits: config.limits,
         buckets: std::sync::Mutex::new(HashMap::new()),
-        hosted: config.subnets.clone(),
+        hosted: hosted.clone(),
         requests: request_tx,
         store: Arc::downgrade(&store),
         pipeline: pipeline.clone(),
@@ -337,6 +346,7 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
         client_addr,
         client_endpoint,
         metrics,
+        hosted,
         shutdown: shutdown_tx,
         mailbox_task: Some(mailbox_task),
         tasks,
@@ -366,7 +376,8 @@ struct MailboxTask {
     requests: mpsc::Receiver<Request>,
     commit_tx: mpsc::UnboundedSender<Commit>,
     commits: mpsc::UnboundedReceiver<Commit>,
-    /// Batches taken from the core that the store's queue had no room for yet.
+    /// Batches taken from the core that the store's queue had no room for yet. Only
+    /// admin commands and acks add to it while it is not empty (deliveries wait).
     pending: VecDeque<WriteBatch>,
     shutdown: watch::Receiver<bool>,
 }
@@ -388,7 +399,12 @@ impl MailboxTask {
                         self.on_commit(c);
                     }
                 }
-                n = self.deliveries.recv_many(&mut batch, DELIVERY_BATCH) => {
+                // While the store's queue is full, no new deliveries are taken: they
+                // wait in the bounded delivery queue, whose overflow is shed and counted
+                // (`deliveries_total{outcome="overload"}`), instead of piling up here.
+                n = self.deliveries.recv_many(&mut batch, DELIVERY_BATCH),
+                    if self.pending.is_empty() =>
+                {
                     if n == 0 {
                         break;
                     }
@@ -631,6 +647,25 @@ impl MailboxTask {
 /// One account's send-rate bucket, shared by all of its links.
 type Bucket = Arc<std::sync::Mutex<SendLimiter>>;
 
+/// The subnets hosted here, replaceable while running.
+#[derive(Debug)]
+struct Hosted(std::sync::RwLock<Vec<SubnetId>>);
+
+impl Hosted {
+    fn get(&self) -> Vec<SubnetId> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn contains(&self, subnet: &SubnetId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(subnet)
+    }
+    fn set(&self, subnets: Vec<SubnetId>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = subnets;
+    }
+}
+
 /// What every client link task shares.
 struct Clients {
     limits: LimitConfig,
@@ -638,7 +673,7 @@ struct Clients {
     /// when a link opens or closes; frames lock their own account's bucket.
     buckets: std::sync::Mutex<HashMap<AccountKey, Bucket>>,
     /// Subnets hosted here; their admin keys get admin links.
-    hosted: Vec<SubnetId>,
+    hosted: Arc<Hosted>,
     requests: mpsc::Sender<Request>,
     /// Weak, so a lingering client task cannot keep the store open after shutdown.
     store: std::sync::Weak<Store>,
@@ -883,7 +918,7 @@ async fn admin_command(
     command: Vec<u8>,
     clients: &Clients,
 ) -> Result<Option<UsageReport>, Refusal> {
-    let hosted = clients.hosted.clone();
+    let hosted = clients.hosted.get();
     let checked = tokio::task::spawn_blocking(move || check_command(&command, &hosted))
         .await
         .map_err(|_| (AdminRefusal::Internal, "check task failed"))??;
