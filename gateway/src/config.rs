@@ -333,6 +333,7 @@ client_listen = {client}
 # Subnets hosted here: each admin's Ed25519 public key (hex), as `shoal admin init`
 # prints it. Only these admins may connect to `client_listen` as admins, and only
 # commands they signed (create/de-provision accounts, quotas, policy) are applied.
+# A running gateway re-reads this list on SIGHUP (other settings need a restart).
 {subnets}
 
 # Frames that may wait for a worker (all workers together); beyond it they are shed.

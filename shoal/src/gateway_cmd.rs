@@ -152,14 +152,15 @@ pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             crate::status::report(config.node.metrics_listen, "gateway")
         }
-        GatewayCommand::Run { config } => {
-            let config = Config::load(&config)?;
+        GatewayCommand::Run { config: path } => {
+            let config = Config::load(&path)?;
             let runtime = crate::runtime::node_runtime("shoal-gateway-io")?;
             runtime.block_on(async move {
                 let gateway = shoal_gateway::spawn(config).await?;
                 println!("gateway identity: {}", hex::encode(gateway.identity()));
                 println!("clients connect to: {}", gateway.client_addr());
-                crate::runtime::wait_for_signal().await?;
+                crate::runtime::wait_for_signal_reloading(|| reload_subnets(&path, &gateway))
+                    .await?;
                 tracing::info!("shutting down");
                 gateway.shutdown().await;
                 Ok(())
@@ -248,4 +249,18 @@ fn rotate(config_path: &std::path::Path, force: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// SIGHUP: re-reads the config file and applies its `subnets` (the one setting a running
+/// gateway takes up; the rest needs a restart). A config that does not load changes
+/// nothing.
+fn reload_subnets(path: &std::path::Path, gateway: &shoal_gateway::GatewayHandle) {
+    match Config::load(path) {
+        Ok(config) => {
+            let hosted = config.subnets.len();
+            gateway.set_hosted_subnets(config.subnets);
+            tracing::info!(hosted, "reloaded the hosted subnets");
+        }
+        Err(e) => tracing::warn!(error = %e, "config not reloaded; the running one stays"),
+    }
 }

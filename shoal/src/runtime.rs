@@ -21,6 +21,28 @@ pub async fn wait_for_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Like [`wait_for_signal`], calling `reload` on each SIGHUP meanwhile (unix only).
+pub async fn wait_for_signal_reloading(mut reload: impl FnMut()) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        let stop = wait_for_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                r = &mut stop => return r,
+                _ = hup.recv() => reload(),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = &mut reload;
+        wait_for_signal().await
+    }
+}
+
 /// The runtime of a relay or gateway process. Unwrapping runs on the node's own worker
 /// threads; the async runtime only moves frames (and serves clients), so it gets a small
 /// share of the cores.

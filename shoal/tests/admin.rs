@@ -131,9 +131,9 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
     let init = net
         .init_gateway(&bin, 0, &GatewayOptions::default())
         .unwrap();
-    Testnet::host_subnet(&init, &subnet).unwrap();
+    // The gateway starts without the subnet; it is added to the running gateway below.
     let (gw_addr, gw_key, metrics) = (init.client_addr, init.id, init.metrics_addr);
-    net.run_gateway(&bin, init).unwrap();
+    net.run_gateway(&bin, init.clone()).unwrap();
 
     let member = SigningKey::from_bytes(&[0x42; 32]);
     let account_hex = hex::encode(member.verifying_key().to_bytes());
@@ -159,7 +159,28 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
         "--seal-key",
         &"cd".repeat(32),
     ];
-    // The gateway process may still be starting: retry until it answers.
+    // A subnet the gateway does not host: its admin is refused once the gateway answers.
+    let mut refusal = String::new();
+    for _ in 0..100 {
+        let out = Command::new(&bin).args(enroll).output().unwrap();
+        assert!(
+            !out.status.success(),
+            "enrolled at a gateway not hosting the subnet"
+        );
+        refusal = String::from_utf8_lossy(&out.stderr).into_owned();
+        if refusal.contains("refused the admin command (not_admin)") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refusal.contains("(not_admin)"), "{refusal}");
+    // The operator adds the subnet to `subnets` and sends SIGHUP: no restart.
+    Testnet::host_subnet(&init, &subnet).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &net.gateways[0].proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
     let mut enrolled = None;
     for _ in 0..100 {
         let out = Command::new(&bin).args(enroll).output().unwrap();
