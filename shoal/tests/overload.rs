@@ -731,6 +731,7 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     /// ...for this long (shortened if the packets would not fit `MAX_FLOOD`).
     const FLOOD_SECS: f64 = 4.0;
     const MAX_FLOOD: usize = 30_000;
+    const MAX_FLOODS: u64 = 3;
     const WARM: usize = 50;
     const AFTER: usize = 300;
 
@@ -900,23 +901,53 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     assert!(probe_got.shed() > 0, "the probe saturated the gateway");
     assert!(capacity > 0.0, "the gateway stored packets under load");
 
-    // 2. The flood: 2.5 × C.
-    let rate = FLOOD_FACTOR * capacity;
-    let flood = build(
-        flood_mailbox,
-        ((rate * FLOOD_SECS) as usize).min(MAX_FLOOD),
-        3,
-    );
-    let secs = paced(&mut tx, &flood, rate).await;
-    let offered = flood.len() as f64 / secs;
-    let flooded = settle_gateway(
-        gw.metrics_addr,
-        probed.total() + flood.len() as u64,
-        Duration::from_secs(30),
-    )
-    .await;
-    let got = flooded.since(&probed);
-    let stored_total = (WARM as u64) + probe_got.accepted + got.accepted;
+    // 2. The flood: 2.5 × C. On two shared cores the gateway's rate moves with the
+    // load beside it (the sender's own CPU among it), so C is measured again over the
+    // flood itself, as for the relay; a flood that did not reach 2 × that C runs again
+    // at 2.5 × it.
+    let mut rate = FLOOD_FACTOR * capacity;
+    let mut before = probed;
+    let mut stored_total = WARM as u64 + probe_got.accepted;
+    let mut floods = 0;
+    let (flood_len, offered, flood_capacity, flooded, got) = loop {
+        let n = ((rate * FLOOD_SECS) as usize).min(MAX_FLOOD);
+        let mut flood = build(flood_mailbox, n, 20 + floods);
+        let t0 = Instant::now();
+        // Each millisecond's frames in one write: the sender's CPU is the gateway's loss.
+        let mut sent = 0;
+        while sent < n {
+            let due = ((t0.elapsed().as_secs_f64() * rate) as usize + 1).min(n);
+            if due > sent {
+                tx.send_many(&mut flood[sent..due]).await.unwrap();
+                sent = due;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let offered = n as f64 / secs;
+        let flooded = settle_gateway(
+            gw.metrics_addr,
+            before.total() + n as u64,
+            Duration::from_secs(30),
+        )
+        .await;
+        let busy = (t0.elapsed().as_secs_f64() - 0.4).max(secs);
+        let got = flooded.since(&before);
+        assert_eq!(
+            got.accepted + got.shed(),
+            n as u64,
+            "every offered packet was stored or shed, counted ({got:?})"
+        );
+        stored_total += got.accepted;
+        floods += 1;
+        let flood_capacity = got.accepted as f64 / busy;
+        if offered >= 2.0 * flood_capacity || floods == MAX_FLOODS {
+            break (n, offered, flood_capacity, flooded, got);
+        }
+        before = flooded;
+        rate = FLOOD_FACTOR * flood_capacity;
+    };
+    let capacity = capacity.max(flood_capacity);
     stop.store(true, Ordering::Relaxed);
     let peak_batches = batches.await.unwrap();
 
@@ -953,11 +984,11 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     let peak = sampler.finish().await;
     println!(
         "overload (c) gateway flood: {} packets offered at {offered:.0}/s ({:.1} × C) for one \
-         mailbox, shed {} (pipeline overload {}, delivery overload {}), stored {}, quota_full \
+         mailbox (flood {floods}; C over it {flood_capacity:.0}/s), shed {} (pipeline overload {}, delivery overload {}), stored {}, quota_full \
          {}, other {}; unaccounted {}; items held {} (stored in all {stored_total}); after \
          the flood {AFTER} sent at C/3: {} stored, {} shed, client pulled {pulled} and acked \
          {acked}; write batches queued at most {peak_batches}; gateway VmRSS {base_rss:.0} → peak {peak:.0} MiB (bound {MAX_RSS_MIB})",
-        flood.len(),
+        flood_len,
         offered / capacity,
         got.shed(),
         got.relay_overload,
@@ -965,7 +996,7 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
         got.accepted,
         got.quota_full,
         got.other,
-        flood.len() as i64 - got.total() as i64,
+        flood_len as i64 - got.total() as i64,
         flooded.items,
         after.accepted,
         after.shed(),
@@ -977,20 +1008,14 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
         "the flood offered at least 2 × C"
     );
     assert!(
-        got.shed() as f64 > 0.2 * flood.len() as f64,
-        "at 2 × C, a large part is shed explicitly ({} of {})",
+        got.shed() as f64 > 0.2 * flood_len as f64,
+        "at 2 × C, a large part is shed explicitly ({} of {flood_len})",
         got.shed(),
-        flood.len()
     );
     assert_eq!(
         (got.quota_full, got.other),
         (0, 0),
         "nothing was refused for any other cause"
-    );
-    assert_eq!(
-        got.accepted + got.shed(),
-        flood.len() as u64,
-        "every offered packet was stored or shed, counted"
     );
     assert_eq!(flooded.in_flight, 0, "every write batch finished");
     assert_eq!(store_failures, 0.0, "every write batch was made durable");
