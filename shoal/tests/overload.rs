@@ -723,7 +723,10 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     /// The capacity probe offers this multiple of the one-core unwrap ceiling...
     const PROBE_FACTOR: f64 = 2.5;
     const PROBE_SECS: f64 = 1.5;
-    const MAX_PROBES: u64 = 3;
+    const MAX_PROBES: u64 = 2;
+    /// Every packet stored stays (nobody pulls this mailbox) and the store's pages
+    /// count in RSS, so the phases are kept short.
+    const MAX_PROBE: usize = 20_000;
     /// The gateway's worker queue: what a probe must overfill.
     const QUEUE: usize = shoal_relay::config::DEFAULT_QUEUE_CAPACITY;
     /// ...and the flood this multiple of the capacity C the probe measured...
@@ -731,7 +734,7 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     /// ...for this long (shortened if the packets would not fit `MAX_FLOOD`).
     const FLOOD_SECS: f64 = 4.0;
     const MAX_FLOOD: usize = 30_000;
-    const MAX_FLOODS: u64 = 3;
+    const MAX_FLOODS: u64 = 2;
     const WARM: usize = 50;
     const AFTER: usize = 300;
 
@@ -865,11 +868,12 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     // 1. Capacity: flooded past what it can take (the probe fills the worker queue and
     // goes on; if nothing was shed, the probe did not saturate it and runs again at
     // twice the rate), what the gateway stores per second until its queues drain is C.
+    // A probe that never saturated gives a lower bound; the flood measures C again.
     let mut probe_rate = PROBE_FACTOR * ceiling.single_core_unwraps_per_sec;
     let mut before = warmed;
     let mut attempt = 0;
     let (capacity, probed, probe_got, probe_len, probe_offered) = loop {
-        let n = ((probe_rate * PROBE_SECS) as usize + QUEUE).min(MAX_FLOOD);
+        let n = ((probe_rate * PROBE_SECS) as usize + QUEUE).min(MAX_PROBE);
         let probe = build(flood_mailbox, n, 10 + attempt);
         let t0 = Instant::now();
         let secs_probe = paced(&mut tx, &probe, probe_rate).await;
@@ -898,7 +902,6 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
         probe_got.accepted,
         probe_got.shed(),
     );
-    assert!(probe_got.shed() > 0, "the probe saturated the gateway");
     assert!(capacity > 0.0, "the gateway stored packets under load");
 
     // 2. The flood: 2.5 × C. On two shared cores the gateway's rate moves with the
@@ -907,7 +910,6 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     // at 2.5 × it.
     let mut rate = FLOOD_FACTOR * capacity;
     let mut before = probed;
-    let mut stored_total = WARM as u64 + probe_got.accepted;
     let mut floods = 0;
     let (flood_len, offered, flood_capacity, flooded, got) = loop {
         let n = ((rate * FLOOD_SECS) as usize).min(MAX_FLOOD);
@@ -938,14 +940,15 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
             n as u64,
             "every offered packet was stored or shed, counted ({got:?})"
         );
-        stored_total += got.accepted;
         floods += 1;
         let flood_capacity = got.accepted as f64 / busy;
-        if offered >= 2.0 * flood_capacity || floods == MAX_FLOODS {
+        // C is the higher of the two measurements.
+        let c = capacity.max(flood_capacity);
+        if offered >= 2.0 * c || floods == MAX_FLOODS {
             break (n, offered, flood_capacity, flooded, got);
         }
         before = flooded;
-        rate = FLOOD_FACTOR * flood_capacity;
+        rate = FLOOD_FACTOR * c;
     };
     let capacity = capacity.max(flood_capacity);
     stop.store(true, Ordering::Relaxed);
@@ -985,7 +988,7 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     println!(
         "overload (c) gateway flood: {} packets offered at {offered:.0}/s ({:.1} × C) for one \
          mailbox (flood {floods}; C over it {flood_capacity:.0}/s), shed {} (pipeline overload {}, delivery overload {}), stored {}, quota_full \
-         {}, other {}; unaccounted {}; items held {} (stored in all {stored_total}); after \
+         {}, other {}; unaccounted {}; items held {} (stored in all {}); after \
          the flood {AFTER} sent at C/3: {} stored, {} shed, client pulled {pulled} and acked \
          {acked}; write batches queued at most {peak_batches}; gateway VmRSS {base_rss:.0} → peak {peak:.0} MiB (bound {MAX_RSS_MIB})",
         flood_len,
@@ -998,6 +1001,7 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
         got.other,
         flood_len as i64 - got.total() as i64,
         flooded.items,
+        flooded.accepted,
         after.accepted,
         after.shed(),
     );
@@ -1019,7 +1023,10 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     );
     assert_eq!(flooded.in_flight, 0, "every write batch finished");
     assert_eq!(store_failures, 0.0, "every write batch was made durable");
-    assert_eq!(flooded.items, stored_total, "every accepted packet is held");
+    assert_eq!(
+        flooded.items, flooded.accepted,
+        "every accepted packet is held"
+    );
     assert_eq!(
         (after.accepted, after.shed()),
         (AFTER as u64, 0),
