@@ -723,7 +723,6 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     /// The capacity probe offers this multiple of the one-core unwrap ceiling...
     const PROBE_FACTOR: f64 = 2.5;
     const PROBE_SECS: f64 = 1.5;
-    const MAX_PROBES: u64 = 2;
     /// Every packet stored stays (nobody pulls this mailbox) and the store's pages
     /// count in RSS, so the phases are kept short.
     const MAX_PROBE: usize = 20_000;
@@ -866,36 +865,31 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     };
 
     // 1. Capacity: flooded past what it can take (the probe fills the worker queue and
-    // goes on; if nothing was shed, the probe did not saturate it and runs again at
-    // twice the rate), what the gateway stores per second until its queues drain is C.
-    // A probe that never saturated gives a lower bound; the flood measures C again.
-    let mut probe_rate = PROBE_FACTOR * ceiling.single_core_unwraps_per_sec;
-    let mut before = warmed;
-    let mut attempt = 0;
-    let (capacity, probed, probe_got, probe_len, probe_offered) = loop {
-        let n = ((probe_rate * PROBE_SECS) as usize + QUEUE).min(MAX_PROBE);
-        let probe = build(flood_mailbox, n, 10 + attempt);
-        let t0 = Instant::now();
-        let secs_probe = paced(&mut tx, &probe, probe_rate).await;
-        let probed = settle_gateway(
-            gw.metrics_addr,
-            before.total() + n as u64,
-            Duration::from_secs(30),
-        )
-        .await;
-        let busy = (t0.elapsed().as_secs_f64() - 0.4).max(secs_probe);
-        let got = probed.since(&before);
-        assert_eq!(got.total(), n as u64, "every probe packet has an outcome");
-        attempt += 1;
-        if got.shed() > 0 || attempt == MAX_PROBES {
-            let capacity = got.accepted as f64 / busy;
-            break (capacity, probed, got, n, n as f64 / secs_probe);
-        }
-        before = probed;
-        probe_rate *= 2.0;
-    };
+    // goes on), what the gateway stores per second until its queues drain is C. A probe
+    // that shed nothing did not saturate it and gives a lower bound; the flood measures
+    // C again.
+    let probe_rate = PROBE_FACTOR * ceiling.single_core_unwraps_per_sec;
+    let probe_len = ((probe_rate * PROBE_SECS) as usize + QUEUE).min(MAX_PROBE);
+    let probe = build(flood_mailbox, probe_len, 10);
+    let t0 = Instant::now();
+    let secs_probe = paced(&mut tx, &probe, probe_rate).await;
+    let probe_offered = probe_len as f64 / secs_probe;
+    let probed = settle_gateway(
+        gw.metrics_addr,
+        warmed.total() + probe_len as u64,
+        Duration::from_secs(30),
+    )
+    .await;
+    let busy = (t0.elapsed().as_secs_f64() - 0.4).max(secs_probe);
+    let probe_got = probed.since(&warmed);
+    assert_eq!(
+        probe_got.total(),
+        probe_len as u64,
+        "every probe packet has an outcome"
+    );
+    let capacity = probe_got.accepted as f64 / busy;
     println!(
-        "overload (c) capacity: one-core unwrap ceiling {:.0}/s; probe {attempt}: {probe_len} \
+        "overload (c) capacity: one-core unwrap ceiling {:.0}/s; probe: {probe_len} \
          offered at {probe_offered:.0}/s, the gateway stored {} and shed {}: C = \
          {capacity:.0}/s",
         ceiling.single_core_unwraps_per_sec,
