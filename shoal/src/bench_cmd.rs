@@ -27,7 +27,7 @@ enum BenchCommand {
         /// Seconds of the overload probe (1.3 × the all-core ceiling offered).
         #[arg(long, default_value_t = 2)]
         probe_secs: u64,
-        /// Seconds of the sustained saturation phase (1.1 × the probe's rate offered).
+        /// Seconds of each sustained saturation round (rising multiples of the probe's rate).
         #[arg(long, default_value_t = 4)]
         saturation_secs: u64,
         /// Seconds of each paced phase (50 % and 80 % load).
