@@ -87,6 +87,7 @@ pub struct RawMailbox {
 pub struct RawStore {
     pub max_batch: Option<usize>,
     pub queue_capacity: Option<usize>,
+    pub cache_mib: Option<usize>,
 }
 
 /// A checked gateway configuration. Build it with [`Config::load`], or directly (tests)
@@ -204,6 +205,12 @@ impl Config {
                     .store
                     .queue_capacity
                     .unwrap_or(StoreConfig::default().queue_capacity),
+                cache_bytes: raw
+                    .store
+                    .cache_mib
+                    .map_or(StoreConfig::default().cache_bytes, |m| {
+                        m.saturating_mul(1 << 20)
+                    }),
             },
         };
         config.validate(path)?;
@@ -365,6 +372,8 @@ redelivery_timeout_secs = {redelivery}
 max_batch = {max_batch}
 # Write batches that may wait for the store's writer.
 queue_capacity = {store_queue}
+# The store's page cache in MiB; it counts in the gateway's memory use.
+# cache_mib = 64
 
 [limits]
 # Each account's Sphinx frames pass a token bucket refilled at `rate_factor` times the

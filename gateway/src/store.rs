@@ -58,13 +58,20 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Batches waiting for the writer at most; `submit` blocks beyond it.
     pub queue_capacity: usize,
+    /// redb's page cache, in bytes. It counts in the process's RSS, so it bounds how
+    /// much a gateway holding many items grows (redb's own default is 1 GiB).
+    pub cache_bytes: usize,
 }
+
+/// Default [`StoreConfig::cache_bytes`]: 64 MiB.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             max_batch: 256,
             queue_capacity: 4096,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -192,7 +199,10 @@ impl Store {
     ) -> Result<(Store, Recovered), GatewayError> {
         config.validate()?;
         create_private(path)?;
-        let db = Database::create(path).map_err(|e| GatewayError::store("open", e))?;
+        let db = Database::builder()
+            .set_cache_size(config.cache_bytes)
+            .create(path)
+            .map_err(|e| GatewayError::store("open", e))?;
         Self::start(db, config, rng)
     }
 
