@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::testnet::{
     GatewayInit, GatewayOptions, GatewayProc, Proc, RelayProc, TestnetConfig, hex32_after,
-    init_authority, run_init, set_keys,
+    init_authority, run_init,
 };
 
 /// Why the namespace network cannot run here (not root, no `ip`, namespaces refused).
@@ -679,17 +679,7 @@ impl NsTestnet {
         )?;
         let id = hex32_after(&out, "gateway identity: ")?;
         let config = gdir.join("gateway.toml");
-        set_keys(
-            &config,
-            &[(
-                "redelivery_timeout_secs",
-                opts.redelivery_timeout_secs.to_string(),
-            )],
-        )?;
-        if let Some(w) = opts.workers {
-            let text = std::fs::read_to_string(&config)?;
-            std::fs::write(&config, format!("workers = {w}\n{text}"))?;
-        }
+        opts.write_into(&config)?;
         Ok(GatewayInit {
             name,
             config,

@@ -289,6 +289,27 @@ pub struct GatewayOptions {
     pub redelivery_timeout_secs: u64,
     /// Worker threads (None: all cores).
     pub workers: Option<usize>,
+    /// Items a new account's mailbox may hold (None: the template's default).
+    pub default_quota: Option<u32>,
+}
+
+impl GatewayOptions {
+    /// Writes these options into the `gateway.toml` that `shoal gateway init` made.
+    pub(crate) fn write_into(&self, config: &Path) -> anyhow::Result<()> {
+        let mut keys = vec![(
+            "redelivery_timeout_secs",
+            self.redelivery_timeout_secs.to_string(),
+        )];
+        if let Some(q) = self.default_quota {
+            keys.push(("default_quota", q.to_string()));
+        }
+        set_keys(config, &keys)?;
+        if let Some(w) = self.workers {
+            let text = std::fs::read_to_string(config)?;
+            std::fs::write(config, format!("workers = {w}\n{text}"))?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for GatewayOptions {
@@ -296,6 +317,7 @@ impl Default for GatewayOptions {
         GatewayOptions {
             redelivery_timeout_secs: 2,
             workers: Some(1),
+            default_quota: None,
         }
     }
 }
@@ -360,17 +382,7 @@ impl Testnet {
         let mut id = [0u8; 32];
         hex::decode_to_slice(id_hex.trim(), &mut id)?;
         let config = gdir.join("gateway.toml");
-        set_keys(
-            &config,
-            &[(
-                "redelivery_timeout_secs",
-                opts.redelivery_timeout_secs.to_string(),
-            )],
-        )?;
-        if let Some(w) = opts.workers {
-            let text = std::fs::read_to_string(&config)?;
-            std::fs::write(&config, format!("workers = {w}\n{text}"))?;
-        }
+        opts.write_into(&config)?;
         Ok(GatewayInit {
             name,
             config,
