@@ -888,7 +888,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             let node =
                 gateway_node.map_or_else(|| "<GATEWAY_NODE_ADDR>".to_owned(), |a| a.to_string());
             let directory = if authorities.is_empty() {
-                " --authority <ADDR=HEXKEY> (one per directory authority)".to_owned()
+                " --authority <ADDR=HEXKEY>".to_owned()
             } else {
                 let mut d: String = (authorities.iter())
                     .map(|a| format!(" --authority {}={}", a.addr, hex::encode(a.key)))
@@ -900,7 +900,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             };
             let text = format!(
                 "# Shoal invite: one use, expires at unix time {expires_at}.\n\
-                 # 1. Run:\n\
+                 # 1. Run (one --authority per directory authority):\n\
                  #    shoal client init --dir <YOUR_DIR> --gateway {node}={gw_key} --gateway-client-addr {gw}{directory}\n\
                  # 2. Append that command's output to this file and give the file back to your admin.\n\
                  subnet: {subnet}\n\

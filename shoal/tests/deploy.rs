@@ -247,34 +247,33 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         assert_eq!(n, RELAYS / 3, "relays in layer {layer}:\n{status}");
     }
 
-    // run-a-subnet §3: an invite per user, `shoal client init` as the invite says (plus
-    // the authorities), the output appended, and `shoal admin redeem`.
+    // run-a-subnet §3: an invite per user (naming the authorities), `shoal client init`
+    // exactly as the invite says, the output appended, and `shoal admin redeem`.
     let mut user_dirs = Vec::new();
     for (user, (host, g)) in ["ana", "ben"].iter().zip(users.iter().zip(&gateways)) {
         let invite = base.join(format!("{user}.invite"));
         let invite_s = invite.to_string_lossy().into_owned();
         let (gw_client, gw_link) = (g.client.unwrap().to_string(), g.link.to_string());
-        hosts.run(
-            &admin,
-            &[
-                "admin",
-                "invite",
-                "--dir",
-                &admin_s,
-                "--handle",
-                user,
-                "--role",
-                "staff",
-                "--gateway",
-                &gw_client,
-                "--gateway-key",
-                &g.id,
-                "--gateway-node",
-                &gw_link,
-                "--out",
-                &invite_s,
-            ],
-        );
+        let mut invite_args = vec![
+            "admin",
+            "invite",
+            "--dir",
+            &admin_s,
+            "--handle",
+            user,
+            "--role",
+            "staff",
+            "--gateway",
+            &gw_client,
+            "--gateway-key",
+            &g.id,
+            "--gateway-node",
+            &gw_link,
+            "--out",
+            &invite_s,
+        ];
+        invite_args.extend(authority_args.iter().map(String::as_str));
+        hosts.run(&admin, &invite_args);
         let text = std::fs::read_to_string(&invite).unwrap();
         let command = field(&text, "#    shoal client init ");
         let dir = base.join(format!("{user}-client"));
@@ -282,7 +281,6 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         let command = command.replace("<YOUR_DIR>", &dir_s);
         let mut args: Vec<&str> = vec!["client", "init"];
         args.extend(command.split_whitespace());
-        args.extend(authority_args.iter().map(String::as_str));
         args.extend(["--name", user]);
         let out = hosts.run(host, &args);
         std::fs::write(&invite, format!("{text}{out}")).unwrap();
