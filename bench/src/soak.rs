@@ -252,7 +252,9 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
         let failures = registration_failures.clone();
         let authority = net.authority_addr;
         let auths = net.authorities.clone();
-        let every = Duration::from_secs((opts.epoch_secs / 3).max(1));
+        // The nodes' own cadence: authorities leave out a descriptor older than the vote
+        // lead plus two of these periods.
+        let every = Duration::from_secs(info.schedule.republish_secs());
         async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(every).await;
