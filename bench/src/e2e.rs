@@ -406,7 +406,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &E2eOptions) -> anyhow::Result<
         mean_hop_delay_ms: defaults.mean_hop_delay_ms,
         max_hop_delay_ms: defaults.max_hop_delay_ms,
         lambda_m: defaults.lambda_m,
-        bootstrap_secs: 4,
+        bootstrap_secs: 6,
         epoch_secs: 3600,
         workers: Some(1),
         client_rates: None,

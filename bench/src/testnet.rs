@@ -461,19 +461,10 @@ impl Testnet {
         let auth_dir = dir.join("authority");
         let authority_addr = free_port()?;
         let (key, auth_config) = init_authority(shoal, &auth_dir, authority_addr, cfg)?;
-        let authority = spawn(
-            shoal,
-            "authority",
-            &[
-                "authority",
-                "run",
-                "--config",
-                &auth_config.to_string_lossy(),
-            ],
-            &dir.join("authority.log"),
-        )?;
 
-        let mut relays = Vec::new();
+        // Every `init` runs before anything starts: the bootstrap delay counts from the
+        // authority's start, and on a loaded machine the inits alone can outlast it.
+        let mut relay_inits = Vec::new();
         for i in 0..cfg.relays_per_layer * shoal_packet::MIX_LAYERS + cfg.extra_relays {
             let rdir = dir.join(format!("relay{i}"));
             let link_addr = free_port()?;
@@ -506,9 +497,23 @@ impl Testnet {
                 let text = std::fs::read_to_string(&config)?;
                 std::fs::write(&config, format!("workers = {w}\n{text}"))?;
             }
-            let proc = spawn_relay(shoal, dir, i)?;
+            relay_inits.push((id, link_addr, metrics_addr));
+        }
+        let authority = spawn(
+            shoal,
+            "authority",
+            &[
+                "authority",
+                "run",
+                "--config",
+                &auth_config.to_string_lossy(),
+            ],
+            &dir.join("authority.log"),
+        )?;
+        let mut relays = Vec::new();
+        for (i, (id, link_addr, metrics_addr)) in relay_inits.into_iter().enumerate() {
             relays.push(RelayProc {
-                proc,
+                proc: spawn_relay(shoal, dir, i)?,
                 id,
                 link_addr,
                 metrics_addr,

@@ -272,8 +272,10 @@ async fn a_frame_after_a_burst_from_the_peer_is_not_held_back() {
         .unwrap()
         .unwrap();
     eprintln!("worst {worst:?}");
+    // The regression held frames for the 5 s keep-alive; 2 s leaves room for a loaded
+    // machine running the other tests of this binary beside it.
     assert!(
-        worst < Duration::from_millis(500),
+        worst < Duration::from_secs(2),
         "a frame took {worst:?} after a burst"
     );
 }

@@ -227,7 +227,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
         mean_hop_delay_ms: args.mean_hop_delay_ms,
         max_hop_delay_ms: (args.mean_hop_delay_ms * 20.0).max(100.0),
         lambda_m: 1.0,
-        bootstrap_secs: 3,
+        bootstrap_secs: 5,
         epoch_secs: 3600,
         workers: Some(1),
         client_rates: Some([lambda_p, lambda_p / 5.0, lambda_p / 5.0]),

@@ -361,8 +361,8 @@ fn wire_has_one_datagram_size_and_clients_send_at_their_poisson_rate() {
         let n = waits.len() as f64;
         let rate = n / waits.iter().sum::<f64>();
         let d = ks_exp(&mut waits, total);
-        // KS critical value at α = 0.001: 1.95/√n.
-        let critical = 1.95 / n.sqrt();
+        // KS critical value at α = 10⁻⁴ (two windows per run): √(ln(2/α)/2)/√n = 2.23/√n.
+        let critical = 2.23 / n.sqrt();
         eprintln!(
             "{name}: {n} sends in {:.1} s, rate {rate:.2}/s (configured {total}/s), KS D = {d:.4} (critical {critical:.4}), {lone} lone ACK datagrams",
             to - from

@@ -261,6 +261,6 @@ fn two_people_chat_in_a_group_through_tmux() {
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
     let took = started.elapsed();
+    // Printed, not asserted: each wait above has its own deadline.
     println!("chat_tmux took {took:?}");
-    assert!(took < Duration::from_secs(90), "took {took:?}");
 }

@@ -83,9 +83,6 @@ fn two_people_exchange_a_message_with_the_cli() {
     assert_eq!(shoal(&["client", "read", "--dir", &alice_dir]).trim(), "");
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
-    );
+    // Printed, not asserted: each step above has its own deadline.
+    println!("client_cli took {:?}", started.elapsed());
 }

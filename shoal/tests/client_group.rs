@@ -313,6 +313,6 @@ fn three_members_use_a_group_from_the_cli() {
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
     let took = started.elapsed();
+    // Printed, not asserted: each wait above has its own deadline.
     println!("client_group took {took:?}");
-    assert!(took < Duration::from_secs(180), "took {took:?}");
 }

@@ -397,7 +397,6 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         first_delivery.unwrap().as_secs_f64(),
         total.as_secs_f64()
     );
-    assert!(total < Duration::from_secs(180), "took {total:?}");
 
     // Torn down: processes first, then the namespaces; none is left behind.
     let names = hosts.namespace_names();

@@ -173,7 +173,7 @@ async fn a_million_bad_frames_are_counted_and_good_traffic_flows() {
         relays_per_layer: 1,
         mean_hop_delay_ms: 5.0,
         max_hop_delay_ms: 100.0,
-        bootstrap_secs: 3,
+        bootstrap_secs: 6,
         workers: Some(1),
         ..TestnetConfig::default()
     };

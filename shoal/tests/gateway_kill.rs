@@ -22,7 +22,7 @@ async fn acked_messages_survive_sigkill_of_the_exit_gateway() {
         relays_per_layer: 1,
         mean_hop_delay_ms: 20.0,
         max_hop_delay_ms: 200.0,
-        bootstrap_secs: 3,
+        bootstrap_secs: 6,
         workers: Some(1),
         client_rates: Some([10.0, 2.0, 2.0]),
         ..TestnetConfig::default()

@@ -324,7 +324,9 @@ async fn authority_keys_rotate_keeps_the_network_publishing() {
     let addrs: Vec<_> = (0..3).map(|_| free_addr()).collect();
     let edits = [
         ("sync_interval_secs", "1".to_string()),
-        ("bootstrap_delay_secs", "2".to_string()),
+        // The descriptors are posted after a rotate subprocess and a GET; a document
+        // voted before they arrive would be final without them.
+        ("bootstrap_delay_secs", "5".to_string()),
     ];
     let mut procs = Authorities::init(tmp.path(), addrs.clone(), now_unix() - 60, 2, &[], &edits);
     let old_set = procs.set.clone();

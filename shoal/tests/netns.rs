@@ -33,7 +33,7 @@ async fn ten_percent_loss_and_200ms_jitter_deliver_every_message() {
         relays_per_layer: 1,
         mean_hop_delay_ms: 20.0,
         max_hop_delay_ms: 200.0,
-        bootstrap_secs: 3,
+        bootstrap_secs: 8,
         workers: Some(1),
         client_rates: Some([5.0, 1.0, 1.0]),
         ..TestnetConfig::default()

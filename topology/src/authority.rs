@@ -534,17 +534,22 @@ impl Authority {
         [current, current.saturating_add(1)]
     }
 
-    /// Epochs we should vote for at `now_unix`, given that we started at `started_unix`:
-    /// the current epoch if it has no document and the bootstrap delay has passed, and
-    /// the next epoch once it is less than `vote_lead_secs` away and has no document.
+    /// Epochs we should vote for at `now_unix`, given that we started at `started_unix`.
+    /// Nothing until the bootstrap delay has passed: until then we hold only the
+    /// descriptors that arrived since the start, and a published document is final, so
+    /// voting earlier would leave out every node that had not re-uploaded yet (for the
+    /// next epoch too, when the start falls within `vote_lead_secs` of its beginning).
+    /// Then the current epoch if it has no document, and the next epoch once it is less
+    /// than `vote_lead_secs` away and has no document.
     pub fn epochs_to_vote(&self, now_unix: u64, started_unix: u64) -> Vec<u64> {
+        if now_unix < started_unix.saturating_add(self.config.bootstrap_delay_secs) {
+            return Vec::new();
+        }
         let schedule = &self.config.schedule;
         let current = schedule.epoch_at(now_unix);
         let next = current.saturating_add(1);
         let mut out = Vec::new();
-        if !self.published.contains_key(&current)
-            && now_unix >= started_unix.saturating_add(self.config.bootstrap_delay_secs)
-        {
+        if !self.published.contains_key(&current) {
             out.push(current);
         }
         if !self.published.contains_key(&next)
@@ -1041,6 +1046,12 @@ mod tests {
         assert_eq!(a.epochs_to_vote(GENESIS + 15, started), vec![0]);
         // Within vote_lead of the next epoch, that one too.
         assert_eq!(a.epochs_to_vote(GENESIS + 80, started), vec![0, 1]);
+        // Started within vote_lead of the next epoch: that one also waits for the
+        // bootstrap delay, or it would be final with whoever uploaded in the first second.
+        let late = GENESIS + 85;
+        assert!(a.epochs_to_vote(GENESIS + 86, late).is_empty());
+        assert!(a.epochs_to_vote(GENESIS + 94, late).is_empty());
+        assert_eq!(a.epochs_to_vote(GENESIS + 95, late), vec![0, 1]);
         feed(&mut a, &[node(1, GENESIS, &[0, 1])], GENESIS + 80);
         a.vote(0).unwrap();
         assert_eq!(a.published_epochs(), vec![0]);
