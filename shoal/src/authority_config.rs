@@ -236,8 +236,8 @@ sync_interval_secs = {sync}
 descriptor_max_age_secs = {max_age}
 # Vote for the next epoch this long before it starts.
 vote_lead_secs = {lead}
-# After startup, collect descriptors this long before voting for the current epoch when
-# no document for it has been published yet.
+# After startup, collect descriptors this long before voting on any epoch that has no
+# published document yet (a published document is final).
 bootstrap_delay_secs = {bootstrap}
 
 # Epoch e runs from genesis_unix + e * length_secs for length_secs seconds.

@@ -35,8 +35,8 @@ pub struct AuthorityConfig {
     pub descriptor_max_age_secs: u64,
     /// Vote for epoch e+1 this many seconds before it starts.
     pub vote_lead_secs: u64,
-    /// After startup, collect descriptors this long before voting for the current
-    /// epoch when no document for it has been published.
+    /// After startup, collect descriptors this long before voting on any epoch with no
+    /// published document (see [`Authority::epochs_to_vote`]).
     pub bootstrap_delay_secs: u64,
 }
 
