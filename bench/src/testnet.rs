@@ -58,7 +58,9 @@ impl Drop for Proc {
 /// port is bound later by another process, and meanwhile any socket bound to port 0 or
 /// any outgoing connection (nodes fetch documents every second) could otherwise be
 /// given the same port, and the node would fail to start. Each process walks the range
-/// from its own offset, so concurrent test binaries rarely try the same port.
+/// from its own offset and takes a port only if it can also lock that port's file in
+/// the temp dir ([`reserve`]), so two processes (two demos in parallel, say) never pick
+/// the same one before either has bound it.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
     const LOW: u32 = 10_000;
     const SPAN: u32 = 22_000;
@@ -74,11 +76,39 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = (LOW + (base + n) % SPAN) as u16;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok() {
+        if UdpSocket::bind(addr).is_ok() && TcpListener::bind(addr).is_ok() && reserve(port) {
             return Ok(addr);
         }
     }
     bail!("no free loopback port in {LOW}..{}", LOW + SPAN)
+}
+
+/// Locks `port`'s file under the temp dir for the rest of this process's life (the
+/// kernel drops the lock when the process exits, however it exits). False if another
+/// process holds it. Without a usable lock directory or locks, every port counts as
+/// reserved: the offsets alone make a clash unlikely.
+fn reserve(port: u16) -> bool {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("shoal-ports");
+    let file = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+    });
+    let Ok(file) = file else {
+        return true;
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+            true
+        }
+        Err(std::fs::TryLockError::WouldBlock) => false,
+        // A file system without locks: fall back to the offsets.
+        Err(std::fs::TryLockError::Error(_)) => true,
+    }
 }
 
 /// Runs a `shoal` command that must succeed (init, account, ...) and returns its stdout.
@@ -635,4 +665,20 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port handed out stays locked: any other open of its file (as another test
+    /// process's would be) cannot take it.
+    #[test]
+    fn a_handed_out_port_is_reserved_against_other_processes() {
+        let a = free_port().unwrap();
+        let b = free_port().unwrap();
+        assert_ne!(a, b);
+        assert!(!reserve(a.port()));
+        assert!(!reserve(b.port()));
+    }
 }
