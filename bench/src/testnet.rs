@@ -59,7 +59,7 @@ impl Drop for Proc {
 /// any outgoing connection (nodes fetch documents every second) could otherwise be
 /// given the same port, and the node would fail to start. Each process walks the range
 /// from its own offset and takes a port only if it can also lock that port's file in
-/// the temp dir ([`reserve`]), so two processes (two demos in parallel, say) never pick
+/// the temp dir (`reserve`), so two processes (two demos in parallel, say) never pick
 /// the same one before either has bound it.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
     const LOW: u32 = 10_000;
