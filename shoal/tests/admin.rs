@@ -68,7 +68,6 @@ impl Member {
         Some(GatewayMsg::from_frame(&Frame::decode(bytes).unwrap()).unwrap())
     }
 
-    /// One pull; the whole answer (items or dummies, then PullDone) or the refusal.
     /// One pull; the ids of the items it returned.
     async fn pull_item_ids(&mut self) -> Vec<u64> {
         self.pull()
@@ -81,6 +80,7 @@ impl Member {
             .collect()
     }
 
+    /// One pull; the whole answer (items or dummies, then PullDone) or the refusal.
     async fn pull(&mut self) -> Vec<GatewayMsg> {
         let frame = ClientMsg::Pull.to_frame().unwrap();
         if self.tx.send(frame.as_bytes()).await.is_err() {
