@@ -7,10 +7,12 @@
 //! 2. **saturation**: an overload probe offers 1.3 × the all-core ceiling for a couple
 //!    of seconds (the relay sheds what it cannot carry, counted); then sustained
 //!    rounds of a few seconds offer 1.1, 1.25, 1.4 × the probe's forwarded rate,
-//!    stopping after the first that sheds. The best forwarded rate is the relay's
-//!    capacity C (`relay_packets_per_sec`, `ratio`), and its round's CPU time gives
-//!    `cpu_efficiency`. The probe's relay also spends CPU receiving and decrypting the
-//!    packets it sheds, so the probe's rate is reported but is not C;
+//!    stopping after the first that sheds. Each round is judged against ceilings
+//!    measured just before and just after it (their mean), since the machine's speed
+//!    drifts over minutes. The round with the best forwarded rate gives the relay's
+//!    capacity C (`relay_packets_per_sec`; `ratio` is C over that round's ceiling),
+//!    and its CPU time gives `cpu_efficiency`. The probe's relay also spends CPU receiving and
+//!    decrypting the packets it sheds, so the probe's rate is reported but is not C;
 //! 3. the relay is killed (SIGKILL) and restarted from its config, so its latency
 //!    histograms start empty (its Sphinx keys are on disk and survive);
 //! 4. **50 % load**: offer 0.5 × C paced, read the relay's added-latency quantiles;
@@ -48,6 +50,8 @@ pub struct RelayBenchOptions {
     pub saturation: Duration,
     pub paced: Duration,
     pub ceiling_time: Duration,
+    /// Each ceiling measured around a sustained round.
+    pub round_ceiling_time: Duration,
     pub mean_hop_delay_ms: f64,
 }
 
@@ -58,6 +62,7 @@ impl Default for RelayBenchOptions {
             saturation: Duration::from_secs(4),
             paced: Duration::from_secs(5),
             ceiling_time: Duration::from_secs(2),
+            round_ceiling_time: Duration::from_secs(1),
             mean_hop_delay_ms: 50.0,
         }
     }
@@ -82,14 +87,26 @@ pub struct LoadPhase {
 #[derive(Debug, Clone, Serialize)]
 pub struct RelayReport {
     pub cores: usize,
+    /// The ceilings are those of the sustained round that gave `ratio`: the mean of
+    /// measurements just before and just after it (`ceiling_before_after`).
     pub ceiling_unwraps_per_sec: f64,
     pub single_core_unwraps_per_sec: f64,
     /// The per-core cost basis of `cpu_efficiency`: unwraps per CPU-second on one thread.
     pub unwraps_per_cpu_sec: f64,
+    pub ceiling_before_after: [Ceiling; 2],
+    /// Measured before any process started; sets the overload probe's rate.
+    pub start_ceiling: Ceiling,
+    /// Forwarded per second in the best sustained round's steady window (from 1 s after
+    /// its first send to its last).
     pub relay_packets_per_sec: f64,
     pub ratio: f64,
     pub cpu_efficiency: f64,
+    /// CPU seconds of the relay process in that window; `harness_cpu_seconds` is this
+    /// process's (load generator and sink) in the same window.
     pub relay_cpu_seconds: f64,
+    /// The unwrap workers' part of `relay_cpu_seconds`; the rest is link work (QUIC,
+    /// UDP and the kernel's share of both) on the relay's async runtime.
+    pub relay_workers_cpu_seconds: f64,
     pub harness_cpu_seconds: f64,
     /// The overload probe: offered 1.3 × the all-core ceiling, forwarded, and shed.
     pub overload_offered_per_sec: f64,
@@ -97,6 +114,9 @@ pub struct RelayReport {
     pub saturation_dropped_overload: u64,
     /// The sustained phase (whose rate is `relay_packets_per_sec`): offered, and shed.
     pub saturation_offered_per_sec: f64,
+    /// What the load generator managed to send per second in that round: below
+    /// `saturation_offered_per_sec` when the link to the relay pushed back.
+    pub saturation_sent_per_sec: f64,
     pub sustained_dropped_overload: u64,
     /// Sustained rounds run (each offers a higher multiple of the probe's rate).
     pub sustained_rounds: usize,
@@ -126,6 +146,29 @@ pub fn cpu_seconds_of(pid: u32) -> f64 {
         .sum();
     ticks / 100.0
 }
+
+/// CPU seconds of `pid`'s live threads whose name starts with `prefix`, from their
+/// scheduler accounts (nanoseconds); 0 if none can be read.
+pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// Names of the relay process's unwrap workers (`relay/src/driver.rs`), as the kernel
+/// truncates them.
+const WORKER_THREADS: &str = "shoal-relay-wor";
 
 fn self_cpu_seconds() -> f64 {
     cpu_seconds_of(std::process::id())
@@ -207,18 +250,64 @@ async fn paced_send(
 /// stopping after the first round in which the relay sheds.
 const SUSTAIN_STEPS: [f64; 3] = [1.1, 1.25, 1.4];
 
-/// What one saturation phase measured.
-struct Offered {
-    /// Forwarded per second: arrivals over the time until the queues drained.
-    rate: f64,
-    arrived: u64,
-    /// The relay's CPU seconds over the phase.
-    relay_cpu: f64,
+/// One sustained round, judged against the ceilings measured around it.
+struct SustainedRound {
+    run: Offered,
+    /// Offered per second.
+    offered: f64,
+    shed: u64,
+    /// Measured just before and just after the round.
+    ceilings: [Ceiling; 2],
+    /// Forwarded rate over the mean all-core ceiling of the two.
+    ratio: f64,
 }
 
-/// Offers `packets` at `rate` and waits until the sink is quiet. Forwarding goes on
-/// after the sender stops until the queues drain, so the rate is what arrived over the
-/// time that took.
+/// What one saturation phase measured, over its steady window.
+struct Offered {
+    /// Forwarded per second.
+    rate: f64,
+    arrived: u64,
+    /// The relay's CPU seconds.
+    relay_cpu: f64,
+    /// Offered per second as actually sent: below the asked rate when the link pushed
+    /// back (QUIC flow or congestion control).
+    sent_rate: f64,
+    /// The part of `relay_cpu` its unwrap workers used; the rest moved frames (QUIC,
+    /// UDP, the kernel's share of both) and ran the directory and metrics.
+    workers_cpu: f64,
+    /// This process's CPU seconds (load generator and sink).
+    harness_cpu: f64,
+}
+
+/// Sends before the steady window opens: by then the relay's delay queue (mean 50 ms)
+/// has filled and arrivals keep pace with forwarding.
+const WINDOW_OPENS: Duration = Duration::from_secs(1);
+
+/// The counters a steady window is measured between.
+struct Sample {
+    at: Instant,
+    arrived: u64,
+    relay_cpu: f64,
+    workers_cpu: f64,
+    harness_cpu: f64,
+}
+
+impl Sample {
+    fn take(sink: &StandIn, relay_pid: u32) -> Self {
+        Sample {
+            at: Instant::now(),
+            arrived: sink.received.frames.load(Ordering::Relaxed),
+            relay_cpu: cpu_seconds_of(relay_pid),
+            workers_cpu: threads_cpu_seconds(relay_pid, WORKER_THREADS),
+            harness_cpu: self_cpu_seconds(),
+        }
+    }
+}
+
+/// Offers `packets` at `rate`, measures the window from [`WINDOW_OPENS`] to the last
+/// send, then waits until the sink is quiet so the next phase starts with empty
+/// queues. Counting until the queues drain instead would charge the tail of the mixing
+/// delays to the relay's throughput.
 async fn offer(
     sender: &mut FrameSender,
     sink: &StandIn,
@@ -227,17 +316,23 @@ async fn offer(
     rate: f64,
 ) -> anyhow::Result<Offered> {
     let before = sink.received.frames.load(Ordering::Relaxed);
-    let cpu0 = cpu_seconds_of(relay_pid);
+    let split = ((rate * WINDOW_OPENS.as_secs_f64()) as usize).min(packets.len() / 2);
+    let (head, tail) = packets.split_at_mut(split);
     let t0 = Instant::now();
-    let offered = paced_send(sender, packets, rate).await?;
+    let mut offered = paced_send(sender, head, rate).await?;
+    let open = Sample::take(sink, relay_pid);
+    offered += paced_send(sender, tail, rate).await?;
+    let close = Sample::take(sink, relay_pid);
     let send_elapsed = t0.elapsed().as_secs_f64();
-    let arrived = wait_quiet(sink, before + offered, Duration::from_secs(10)).await - before;
-    // `wait_quiet` saw no arrival in its last 300 ms poll.
-    let elapsed = t0.elapsed().as_secs_f64() - 0.3;
+    wait_quiet(sink, before + offered, Duration::from_secs(10)).await;
+    let arrived = close.arrived - open.arrived;
     Ok(Offered {
-        rate: arrived as f64 / elapsed.max(send_elapsed),
+        rate: arrived as f64 / (close.at - open.at).as_secs_f64().max(1e-9),
         arrived,
-        relay_cpu: cpu_seconds_of(relay_pid) - cpu0,
+        relay_cpu: close.relay_cpu - open.relay_cpu,
+        sent_rate: offered as f64 / send_elapsed.max(1e-9),
+        workers_cpu: close.workers_cpu - open.workers_cpu,
+        harness_cpu: close.harness_cpu - open.harness_cpu,
     })
 }
 
@@ -355,7 +450,11 @@ pub async fn run(
     // then shed, so its rate understates C. Offer rising multiples of it until the
     // relay sheds (it is then saturated) or the steps run out; C is the best
     // forwarded rate, and its round's CPU gives `cpu_efficiency`.
-    let mut best: Option<(Offered, f64, u64, f64)> = None;
+    // The machine's speed drifts over minutes, so each round is judged against ceilings
+    // measured just before and just after it, not the one from the start.
+    let round_ceiling =
+        || tokio::task::block_in_place(|| ceiling::measure(opts.round_ceiling_time));
+    let mut best: Option<SustainedRound> = None;
     let mut sustained_rounds = 0;
     for (round, step) in SUSTAIN_STEPS.iter().enumerate() {
         let rate = probe_run.rate * step;
@@ -363,25 +462,32 @@ pub async fn run(
             let n = (rate * opts.saturation.as_secs_f64()) as usize;
             build_packets(&topo, &relay_hop, &sink_hop, n, 4 + round as u64)
         });
+        let before = round_ceiling();
         let overload0 = overload_drops(&net).await;
-        let me0 = self_cpu_seconds();
         let run = offer(&mut sender, &sink, pid, &mut sat, rate).await?;
-        let harness = self_cpu_seconds() - me0;
         let shed = overload_drops(&net).await - overload0;
+        let after = round_ceiling();
         sustained_rounds += 1;
-        if best.as_ref().is_none_or(|b| run.rate > b.0.rate) {
-            best = Some((run, rate, shed, harness));
+        let this = SustainedRound {
+            ratio: run.rate / before.mean(&after).all_cores_unwraps_per_sec,
+            run,
+            offered: rate,
+            shed,
+            ceilings: [before, after],
+        };
+        if best.as_ref().is_none_or(|b| this.run.rate > b.run.rate) {
+            best = Some(this);
         }
         if shed > 0 {
             break;
         }
     }
-    let (sustained, sat_rate, sustained_dropped_overload, harness_cpu) =
-        best.context("no sustained round ran")?;
-    let relay_rate = sustained.rate;
-    let relay_cpu = sustained.relay_cpu;
+    let best = best.context("no sustained round ran")?;
+    let round_ceiling = best.ceilings[0].mean(&best.ceilings[1]);
+    let relay_rate = best.run.rate;
+    let relay_cpu = best.run.relay_cpu;
     let cpu_efficiency =
-        (sustained.arrived as f64 / relay_cpu.max(1e-9)) / ceiling.unwraps_per_cpu_sec;
+        (best.run.arrived as f64 / relay_cpu.max(1e-9)) / round_ceiling.unwraps_per_cpu_sec;
 
     // Phase 3: restart the relay for clean latency histograms.
     net.relays[0].proc.kill();
@@ -440,19 +546,23 @@ pub async fn run(
 
     Ok(RelayReport {
         cores: ceiling.cores,
-        ceiling_unwraps_per_sec: ceiling.all_cores_unwraps_per_sec,
-        single_core_unwraps_per_sec: ceiling.single_core_unwraps_per_sec,
-        unwraps_per_cpu_sec: ceiling.unwraps_per_cpu_sec,
+        ceiling_unwraps_per_sec: round_ceiling.all_cores_unwraps_per_sec,
+        single_core_unwraps_per_sec: round_ceiling.single_core_unwraps_per_sec,
+        unwraps_per_cpu_sec: round_ceiling.unwraps_per_cpu_sec,
+        ceiling_before_after: best.ceilings,
+        start_ceiling: ceiling,
         relay_packets_per_sec: relay_rate,
-        ratio: relay_rate / ceiling.all_cores_unwraps_per_sec,
+        ratio: best.ratio,
         cpu_efficiency,
         relay_cpu_seconds: relay_cpu,
-        harness_cpu_seconds: harness_cpu,
+        relay_workers_cpu_seconds: best.run.workers_cpu,
+        harness_cpu_seconds: best.run.harness_cpu,
         overload_offered_per_sec: probe_rate,
         overload_packets_per_sec: probe_run.rate,
         saturation_dropped_overload,
-        saturation_offered_per_sec: sat_rate,
-        sustained_dropped_overload,
+        saturation_offered_per_sec: best.offered,
+        saturation_sent_per_sec: best.run.sent_rate,
+        sustained_dropped_overload: best.shed,
         sustained_rounds,
         lost: load_80.lost,
         load_80,

@@ -417,18 +417,29 @@ fn print_relay(r: &RelayReport) {
         "  ceiling (raw unwrap, one core)   {:>10.0} /s",
         r.single_core_unwraps_per_sec
     );
+    let [before, after] = &r.ceiling_before_after;
+    println!(
+        "    (all cores {:.0} before and {:.0} after the round; {:.0} at the start)",
+        before.all_cores_unwraps_per_sec,
+        after.all_cores_unwraps_per_sec,
+        r.start_ceiling.all_cores_unwraps_per_sec
+    );
     println!(
         "  relay forwarding, overloaded     {:>10.0} /s  (offered {:.0}, shed {})",
         r.overload_packets_per_sec, r.overload_offered_per_sec, r.saturation_dropped_overload
     );
     println!(
-        "  relay forwarding, sustained      {:>10.0} /s  (offered {:.0}, shed {})",
-        r.relay_packets_per_sec, r.saturation_offered_per_sec, r.sustained_dropped_overload
+        "  relay forwarding, sustained      {:>10.0} /s  (offered {:.0}, sent {:.0}, shed {})",
+        r.relay_packets_per_sec,
+        r.saturation_offered_per_sec,
+        r.saturation_sent_per_sec,
+        r.sustained_dropped_overload
     );
     println!("  ratio                            {:>10.3}", r.ratio);
     println!(
-        "  cpu_efficiency                   {:>10.3}",
-        r.cpu_efficiency
+        "  cpu_efficiency                   {:>10.3}  (unwrap workers {:.0} % of the relay's CPU)",
+        r.cpu_efficiency,
+        100.0 * r.relay_workers_cpu_seconds / r.relay_cpu_seconds.max(1e-9)
     );
     println!(
         "  lost at 80% load                 {:>10}  (offered {}, arrived {})",
