@@ -3,6 +3,7 @@
 //! Every relay figure is reported as a ratio against these, measured in the same run,
 //! so the numbers mean the same thing on any machine.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
@@ -54,7 +55,12 @@ pub fn packets_for(secret: &StaticSecret, count: usize, seed: u64) -> Vec<Vec<u8
 
 /// CPU time this thread has run, from the scheduler's nanosecond account.
 pub fn thread_cpu_ns() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    schedstat_ns(Path::new("/proc/thread-self/schedstat"))
+}
+
+/// The run time, in nanoseconds, of a task's `schedstat` file under `/proc`.
+pub(crate) fn schedstat_ns(path: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
     s.split_whitespace().next()?.parse().ok()
 }
 

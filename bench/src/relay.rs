@@ -11,8 +11,9 @@
 //!    measured just before and just after it (their mean), since the machine's speed
 //!    drifts over minutes. The round with the best forwarded rate gives the relay's
 //!    capacity C (`relay_packets_per_sec`; `ratio` is C over that round's ceiling),
-//!    and its CPU time gives `cpu_efficiency`. The probe's relay also spends CPU receiving and
-//!    decrypting the packets it sheds, so the probe's rate is reported but is not C;
+//!    and its CPU time gives `cpu_efficiency`. The probe's relay also spends CPU
+//!    receiving and decrypting the packets it sheds, so the probe's rate is reported
+//!    but is not C;
 //! 3. the relay is killed (SIGKILL) and restarted from its config, so its latency
 //!    histograms start empty (its Sphinx keys are on disk and survive);
 //! 4. **50 % load**: offer 0.5 × C paced, read the relay's added-latency quantiles;
@@ -158,10 +159,7 @@ pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> f64 {
         .filter(|t| {
             std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
         })
-        .filter_map(|t| {
-            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
+        .filter_map(|t| ceiling::schedstat_ns(&t.path().join("schedstat")))
         .sum();
     ns as f64 / 1e9
 }
@@ -258,8 +256,13 @@ struct SustainedRound {
     shed: u64,
     /// Measured just before and just after the round.
     ceilings: [Ceiling; 2],
-    /// Forwarded rate over the mean all-core ceiling of the two.
-    ratio: f64,
+}
+
+impl SustainedRound {
+    /// The machine's speed during the round: the mean of the two ceilings.
+    fn ceiling(&self) -> Ceiling {
+        self.ceilings[0].mean(&self.ceilings[1])
+    }
 }
 
 /// What one saturation phase measured, over its steady window.
@@ -452,7 +455,7 @@ pub async fn run(
     // forwarded rate, and its round's CPU gives `cpu_efficiency`.
     // The machine's speed drifts over minutes, so each round is judged against ceilings
     // measured just before and just after it, not the one from the start.
-    let round_ceiling =
+    let measure_ceiling =
         || tokio::task::block_in_place(|| ceiling::measure(opts.round_ceiling_time));
     let mut best: Option<SustainedRound> = None;
     let mut sustained_rounds = 0;
@@ -462,14 +465,13 @@ pub async fn run(
             let n = (rate * opts.saturation.as_secs_f64()) as usize;
             build_packets(&topo, &relay_hop, &sink_hop, n, 4 + round as u64)
         });
-        let before = round_ceiling();
+        let before = measure_ceiling();
         let overload0 = overload_drops(&net).await;
         let run = offer(&mut sender, &sink, pid, &mut sat, rate).await?;
         let shed = overload_drops(&net).await - overload0;
-        let after = round_ceiling();
+        let after = measure_ceiling();
         sustained_rounds += 1;
         let this = SustainedRound {
-            ratio: run.rate / before.mean(&after).all_cores_unwraps_per_sec,
             run,
             offered: rate,
             shed,
@@ -483,7 +485,7 @@ pub async fn run(
         }
     }
     let best = best.context("no sustained round ran")?;
-    let round_ceiling = best.ceilings[0].mean(&best.ceilings[1]);
+    let round_ceiling = best.ceiling();
     let relay_rate = best.run.rate;
     let relay_cpu = best.run.relay_cpu;
     let cpu_efficiency =
@@ -552,7 +554,7 @@ pub async fn run(
         ceiling_before_after: best.ceilings,
         start_ceiling: ceiling,
         relay_packets_per_sec: relay_rate,
-        ratio: best.ratio,
+        ratio: relay_rate / round_ceiling.all_cores_unwraps_per_sec,
         cpu_efficiency,
         relay_cpu_seconds: relay_cpu,
         relay_workers_cpu_seconds: best.run.workers_cpu,
