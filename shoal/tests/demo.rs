@@ -4,10 +4,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Command;
+use std::sync::Mutex;
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
+/// One demo at a time: each is a whole network of processes, and two at once on a
+/// loaded 2-core CI runner starved each other past the demo's delivery timeout.
+static ONE_NETWORK: Mutex<()> = Mutex::new(());
+
 fn demo(extra: &[&str]) -> serde_json::Value {
+    let _one = ONE_NETWORK.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(SHOAL)
         .args(["demo", "--json"])
         .args(extra)

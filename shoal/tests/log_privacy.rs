@@ -18,8 +18,13 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// One demo at a time: two whole networks at once on a loaded 2-core runner starve
+/// each other, and a demo cut short by its timeout leaves fewer log lines to search.
+static ONE_NETWORK: Mutex<()> = Mutex::new(());
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -114,6 +119,7 @@ fn json_debug_logs_parse_and_hold_no_keys_payloads_or_client_addresses() {
 }
 
 fn check_demo_logs(json: bool) {
+    let _one = ONE_NETWORK.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let mut demo = Command::new(SHOAL);
     demo.args(["demo", "--json", "--keep", "--clients-per-gateway", "2"])
