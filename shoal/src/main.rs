@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 mod admin_cmd;
 mod authority_cmd;
@@ -95,14 +96,33 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
     filter
 }
 
-fn init_logging(format: LogFormat) {
+/// Where log lines go: stderr, or for `shoal chat` a file in the client directory, since
+/// a line written over the full-screen UI garbles it until the next redraw.
+fn log_writer(command: &Command) -> anyhow::Result<(BoxMakeWriter, bool)> {
+    let Command::Chat(args) = command else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        return Ok((BoxMakeWriter::new(std::io::stderr), ansi));
+    };
+    if args.print_card {
+        return Ok((BoxMakeWriter::new(std::io::stderr), false));
+    }
+    let path = args.dir.join(chat::LOG_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open the chat's log file {}: {e}", path.display()))?;
+    Ok((BoxMakeWriter::new(std::sync::Mutex::new(file)), false))
+}
+
+fn init_logging(format: LogFormat, writer: BoxMakeWriter, ansi: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(log_filter())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
         // Flattened: `message` and the event's fields at the top level, the spans
         // (peer, connection) in `spans`. Field values are the same Display/Debug text
         // the text format prints, so what one format keeps out of the logs the other
@@ -125,7 +145,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(format);
+    let (writer, ansi) = match log_writer(&cli.command) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(format, writer, ansi);
     let result = match cli.command {
         Command::Authority(cmd) => authority_cmd::run(cmd),
         Command::Relay(cmd) => relay_cmd::run(cmd),

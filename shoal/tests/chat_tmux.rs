@@ -129,11 +129,9 @@ fn two_people_chat_in_a_group_through_tmux() {
         socket: format!("shoal-chat-test-{}", std::process::id()),
     };
     for c in [alice, bob] {
-        let cmd = format!(
-            "SHOAL_LOG=warn {SHOAL} chat --dir {} 2>>{}",
-            c.dir.display(),
-            c.dir.join("chat.log").display()
-        );
+        // Logs at debug and stderr left on the pane: the chat must write them to its
+        // log file, never over the screen.
+        let cmd = format!("SHOAL_LOG=debug {SHOAL} chat --dir {}", c.dir.display());
         tmux.ok(&[
             "new-session",
             "-d",
@@ -243,7 +241,23 @@ fn two_people_chat_in_a_group_through_tmux() {
         &log(alice),
     );
     println!("alice's screen:\n{screen}");
-    println!("bob's screen:\n{}", tmux.screen("bob"));
+    let bob_screen = tmux.screen("bob");
+    println!("bob's screen:\n{bob_screen}");
+    for (c, s) in [(alice, &screen), (bob, &bob_screen)] {
+        for level in [" TRACE ", " DEBUG ", " INFO ", " WARN ", " ERROR "] {
+            assert!(
+                !s.contains(level),
+                "a log line on {}'s screen:\n{s}",
+                c.name
+            );
+        }
+        let logged = std::fs::read_to_string(log(c)).unwrap_or_default();
+        assert!(
+            logged.contains("DEBUG"),
+            "{}'s chat.log has no log lines",
+            c.name
+        );
+    }
 
     // Both leave cleanly with /quit.
     for c in [alice, bob] {

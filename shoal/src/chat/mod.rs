@@ -10,7 +10,8 @@
 //! - `credential` and `policy`: what the subnet admin hands a new member; read once,
 //!   on first use, then kept inside the messenger's state in the store;
 //! - `chat.json`: this user's contacts (their cards) and the names given to groups;
-//! - `my-card.txt`: written by `/card`.
+//! - `my-card.txt`: written by `/card`;
+//! - `chat.log`: the log while the chat runs (never over the screen).
 
 pub(crate) mod member;
 mod net;
@@ -43,6 +44,9 @@ pub struct ChatArgs {
     #[arg(long)]
     pub print_card: bool,
 }
+
+/// The log file in the client directory while the chat runs.
+pub(crate) const LOG_FILE: &str = "chat.log";
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     net::run(args)
