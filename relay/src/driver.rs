@@ -42,6 +42,27 @@ pub(crate) struct View {
     pub mix: MixConfig,
 }
 
+/// `/health` for load balancers and container checks: 200 while the node routes with a
+/// directory document, 503 before its first one. The version goes with either answer.
+fn health(view: &View) -> http::Response {
+    let version = env!("CARGO_PKG_VERSION");
+    match &view.current {
+        Some(doc) => http::Response::new(
+            200,
+            "application/json",
+            format!(
+                "{{\"status\":\"ok\",\"version\":\"{version}\",\"epoch\":{}}}\n",
+                doc.epoch()
+            ),
+        ),
+        None => http::Response::new(
+            503,
+            "application/json",
+            format!("{{\"status\":\"no directory document yet\",\"version\":\"{version}\"}}\n"),
+        ),
+    }
+}
+
 /// State shared by the tasks and threads of one relay.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -329,6 +350,8 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
                         text.push_str(&extra());
                     }
                     http::Response::new(200, "text/plain; version=0.0.4; charset=utf-8", text)
+                } else if req.method == "GET" && req.path == "/health" {
+                    health(&shared.view())
                 } else {
                     http::Response::not_found()
                 }

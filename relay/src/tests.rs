@@ -339,6 +339,14 @@ async fn relay_forwards_over_quic_and_counts_what_it_drops() {
     assert_eq!(s.core.dropped(DropReason::Overload), 0);
     assert_eq!(s.worker_queue_depth, 0);
 
+    let (status, body) = http::get(relay.metrics_addr().unwrap(), "/health")
+        .await
+        .unwrap();
+    let health = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(health.contains(env!("CARGO_PKG_VERSION")), "{health}");
+
     let (status, body) = http::get(relay.metrics_addr().unwrap(), "/metrics")
         .await
         .unwrap();
