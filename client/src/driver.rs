@@ -5,8 +5,9 @@
 //!             ┌────────────── one task owns the core ───────────────┐
 //! commands ──►│ send_message ─► save snapshot ─► reply               │
 //!             │ poll_timeout ─► handle_timeout ─► poll_transmit ──────┼──► uni stream ─► gateway
-//!             │ pull tick (constant) ─► Pull ─────────────────────────┼──►
-//! gateway ───►│ Item ─► handle_mailbox_item; PullDone ─► store ─► Ack │◄── uni stream ◄─ gateway
+//!             │ pull tick (constant) ─► Pull{acks} ───────────────────┼──►
+//! gateway ───►│ Item ─► handle_mailbox_item; PullDone ─► store ─► acks│◄── uni stream ◄─ gateway
+//!             │   (the acks wait in the PullSession for the next tick)  │
 //!             │ DirectoryChunk ─► parse ─► signatures ─► time ─► set_topology
 //!             └──► events (broadcast), stats (shared)                 ┘
 //! ```
@@ -17,14 +18,23 @@
 //!
 //! The core keeps its schedule whether or not the link is up: frames produced while
 //! disconnected are discarded and counted (`frames_unsent`), and real fragments among
-//! them are retransmitted like any lost packet. Reconnection backs off exponentially.
+//! them are retransmitted like any lost packet. Reconnection backs off exponentially
+//! with jitter ([`Backoff`]) and resets only after a pull was answered; a gateway that
+//! refuses the account (`Error{Unauthenticated}`) ends reconnection for good
+//! ([`LinkProblem::AccessRemoved`]). A wrong gateway key or a directory the configured
+//! authorities did not sign is reported once, as a warning and a
+//! [`DriverEvent::Problem`], naming the setting in `client.toml` to check.
+//!
+//! **Nothing leaves the link off schedule.** The pull schedule and the acks live in a
+//! [`PullSession`]: one `Pull` frame per tick, carrying the acks of items made durable
+//! since the last one. The tick is served even while a store write is awaited.
 //!
 //! **Acked ⇒ durable, on the client side too.** A pulled item is acked only once what it
 //! carried is durable: completed messages (and the snapshot naming their ids) are written
 //! in one redb transaction first. A fragment of a multi-fragment message that is still
 //! being reassembled is *not* acked, because partial reassemblies are not persisted; the
 //! gateway offers it again after its redelivery timeout, and the driver acks every held
-//! fragment of a message once the whole message is stored.
+//! fragment of a message once the whole message is stored. Acks go with the next pull.
 //!
 //! **Emulated loss** (`DriverConfig::emulated_loss`, for demos and tests): each Sphinx
 //! frame the client sends and each `Item` it receives is discarded with that
@@ -41,11 +51,11 @@ use ed25519_dalek::SigningKey;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
-use shoal_gateway::protocol::{ClientMsg, DirectoryAssembler, ErrorCode, GatewayMsg, MAX_ACK_IDS};
+use shoal_gateway::protocol::{ClientMsg, DirectoryAssembler, ErrorCode, GatewayMsg};
 use shoal_link::{FrameSender, Link, LinkEndpoint, LinkError, NodeKey, PeerSet};
 use shoal_packet::sphinx::SurbId;
 use shoal_packet::{BodyKind, FRAME_SIZE, Fragment, Frame, FrameKind, MessageId, payload};
-use shoal_topology::{AuthoritySet, Topology, UncheckedDocument};
+use shoal_topology::{AuthoritySet, Topology, TopologyError, UncheckedDocument};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
@@ -57,6 +67,7 @@ use crate::core::{
     ClientConfig, ClientCore, ClientError, ClientStats, Event, Identity, SendRecord,
 };
 use crate::seal;
+use crate::session::{Backoff, LinkProblem, PullConfig, PullSession};
 use crate::store::{ClientStore, ReceivedMessage};
 
 /// Largest directory document accepted from a gateway.
@@ -97,6 +108,10 @@ pub struct DriverConfig {
     /// and cover packets (whose builds differ in cost) leave equally on time. Zero
     /// builds when the event falls due.
     pub build_ahead: Duration,
+    /// Test-only (`[testing] legacy_leaks` in client.toml): ack in separate `Ack` frames
+    /// right after each save instead of in the next pull, as clients did before. The
+    /// observer's control runs use it to show the timing leak that closes.
+    pub legacy_leaks: bool,
     pub client: ClientConfig,
 }
 
@@ -121,6 +136,7 @@ impl DriverConfig {
             emulated_loss: 0.0,
             receive_records: 0,
             build_ahead: Duration::from_millis(4),
+            legacy_leaks: false,
             client: ClientConfig::default(),
         }
     }
@@ -144,6 +160,9 @@ pub enum DriverEvent {
     },
     /// A message we sent is durable in its recipient's mailbox.
     Acked { message_id: MessageId },
+    /// The link cannot work, and why (its `Display` is the sentence to show). After
+    /// [`LinkProblem::AccessRemoved`] the driver no longer connects.
+    Problem(LinkProblem),
 }
 
 impl std::fmt::Debug for DriverEvent {
@@ -155,6 +174,7 @@ impl std::fmt::Debug for DriverEvent {
             // Bodies are user data.
             DriverEvent::Message { bytes, .. } => write!(f, "Message({} bytes)", bytes.len()),
             DriverEvent::Acked { .. } => f.write_str("Acked"),
+            DriverEvent::Problem(p) => write!(f, "Problem({p:?})"),
         }
     }
 }
@@ -239,8 +259,10 @@ pub struct DriverStats {
     pub pull_answers_more: u64,
     pub items_received: u64,
     pub dummies_received: u64,
-    /// Item ids acked to the gateway.
+    /// Item ids acked to the gateway (carried in pulls).
     pub items_acked: u64,
+    /// Item ids durable here and waiting for the next pull to ack them.
+    pub acks_waiting: usize,
     /// Fragments of incomplete messages waiting to be acked.
     pub items_held: usize,
     pub directory_updates: u64,
@@ -250,6 +272,8 @@ pub struct DriverStats {
     pub emulated_lost_in: u64,
     pub snapshots_saved: u64,
     pub store_errors: u64,
+    /// The gateway refused this account; the driver stopped connecting.
+    pub access_removed: bool,
 }
 
 /// Why the driver refused a request or could not start.
@@ -412,7 +436,19 @@ pub fn spawn(
     let (events, _) = broadcast::channel(4096);
     let stats = Arc::new(Mutex::new(DriverStats::default()));
     let loss_rng = StdRng::from_rng(&mut rng);
+    let pulls = PullSession::new(
+        PullConfig {
+            interval: config.pull_interval,
+            legacy_leaks: config.legacy_leaks,
+        },
+        Instant::now(),
+    );
+    let backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     let driver = Driver {
+        pulls,
+        backoff,
+        access_removed: false,
+        reported: None,
         config,
         core,
         secret,
@@ -478,7 +514,7 @@ struct Conn {
     /// Of `batch`, items that are fragments of multi-fragment messages.
     batch_partial: Vec<(u64, MessageId)>,
     /// Kept only when receive records are on.
-    pulls: PullClock,
+    clock: PullClock,
 }
 
 impl Drop for Conn {
@@ -490,6 +526,13 @@ impl Drop for Conn {
 
 struct Driver {
     config: DriverConfig,
+    /// The pull schedule and the acks waiting for it.
+    pulls: PullSession,
+    backoff: Backoff,
+    /// The gateway refused the account: no more connecting.
+    access_removed: bool,
+    /// The last problem reported, so a retry loop reports it once.
+    reported: Option<LinkProblem>,
     core: ClientCore,
     secret: StaticSecret,
     store: Arc<ClientStore>,
@@ -522,24 +565,23 @@ impl Driver {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut conn: Option<Conn> = None;
         let mut connecting: Option<Connecting> = Some(self.start_connect(Duration::ZERO));
-        let mut backoff = self.config.reconnect_min;
-        let mut next_pull = tokio::time::Instant::now() + self.config.pull_interval;
         let mut next_snapshot = tokio::time::Instant::now() + self.config.snapshot_interval;
         // The first GetDirectory goes out with the connection; until a document is in
         // use, ask again every couple of seconds.
         let mut next_directory = tokio::time::Instant::now() + self.directory_wait();
         let far = Duration::from_secs(3600);
         loop {
-            // A link lost while a store write was awaited (`while_storing`) has no
-            // reconnection under way yet.
-            if conn.is_none() && connecting.is_none() {
-                connecting = Some(self.start_connect(backoff));
-                backoff = (backoff * 2).min(self.config.reconnect_max);
+            // Every failure below only drops the link; reconnection is scheduled here,
+            // after the backoff policy's wait (never after the gateway refused us).
+            if conn.is_none() && connecting.is_none() && !self.access_removed {
+                let delay = self.backoff.next_delay(&mut self.rng);
+                connecting = Some(self.start_connect(delay));
             }
             self.publish_stats(conn.is_some());
             let core_due = self
                 .build_time()
                 .unwrap_or_else(|| tokio::time::Instant::now() + far);
+            let pull_due = tokio::time::Instant::from_std(self.pulls.poll_timeout());
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Send { to, bytes, reply }) => {
@@ -560,27 +602,9 @@ impl Driver {
                 _ = sleep_until(core_due) => {
                     if let Err(e) = self.on_core_timer(&mut conn).await {
                         self.lost_link(&mut conn, &e);
-                        connecting = Some(self.start_connect(backoff));
-                        backoff = (backoff * 2).min(self.config.reconnect_max);
                     }
                 }
-                _ = sleep_until(next_pull) => {
-                    // The schedule is fixed: a pull every interval, busy or idle.
-                    next_pull += self.config.pull_interval;
-                    if let Some(c) = conn.as_mut() {
-                        if self.config.receive_records > 0 {
-                            c.pulls.on_pull_sent(Instant::now());
-                        }
-                        match send_msg(&mut c.tx, &ClientMsg::Pull).await {
-                            Ok(()) => self.counters.pulls_sent += 1,
-                            Err(e) => {
-                                self.lost_link(&mut conn, &e);
-                                connecting = Some(self.start_connect(backoff));
-                                backoff = (backoff * 2).min(self.config.reconnect_max);
-                            }
-                        }
-                    }
-                }
+                _ = sleep_until(pull_due) => self.on_pull_tick(&mut conn).await,
                 _ = sleep_until(next_snapshot) => {
                     next_snapshot += self.config.snapshot_interval;
                     if self.dirty {
@@ -593,8 +617,6 @@ impl Driver {
                         && let Err(e) = send_msg(&mut c.tx, &ClientMsg::GetDirectory).await
                     {
                         self.lost_link(&mut conn, &e);
-                        connecting = Some(self.start_connect(backoff));
-                        backoff = (backoff * 2).min(self.config.reconnect_max);
                     }
                 }
                 done = join_connect(&mut connecting), if connecting.is_some() => {
@@ -603,20 +625,20 @@ impl Driver {
                         Ok(Ok(c)) => {
                             info!("connected to gateway");
                             self.counters.connects += 1;
-                            backoff = self.config.reconnect_min;
                             conn = Some(c);
+                            self.pulls.handle_link_up();
                             self.emit(DriverEvent::Connected);
                         }
                         Ok(Err(e)) => {
                             debug!(error = %e, "cannot connect to gateway");
                             self.counters.connect_failures += 1;
-                            connecting = Some(self.start_connect(backoff));
-                            backoff = (backoff * 2).min(self.config.reconnect_max);
+                            if gateway_key_mismatch(&e) {
+                                self.report(LinkProblem::GatewayKeyMismatch {
+                                    gateway: self.config.gateway_addr,
+                                });
+                            }
                         }
-                        Err(_) => {
-                            self.counters.connect_failures += 1;
-                            connecting = Some(self.start_connect(backoff));
-                        }
+                        Err(_) => self.counters.connect_failures += 1,
                     }
                 }
                 msg = next_inbound(&mut conn), if conn.is_some() => {
@@ -626,8 +648,6 @@ impl Driver {
                     };
                     if let Err(e) = result {
                         self.lost_link(&mut conn, &e);
-                        connecting = Some(self.start_connect(backoff));
-                        backoff = (backoff * 2).min(self.config.reconnect_max);
                     }
                 }
             }
@@ -662,6 +682,7 @@ impl Driver {
         s.core = self.core.stats();
         s.connected = connected;
         s.items_held = self.held.values().map(BTreeSet::len).sum();
+        s.acks_waiting = self.pulls.waiting_acks();
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
@@ -692,6 +713,7 @@ impl Driver {
     }
 
     fn lost_link(&mut self, conn: &mut Option<Conn>, error: &LinkError) {
+        self.pulls.handle_link_down();
         if conn.take().is_some() {
             info!(error = %error, "gateway link lost; reconnecting");
             self.emit(DriverEvent::Disconnected);
@@ -733,6 +755,7 @@ impl Driver {
     ) -> Result<T, tokio::task::JoinError> {
         loop {
             let due = self.build_time();
+            let pull_due = tokio::time::Instant::from_std(self.pulls.poll_timeout());
             tokio::select! {
                 done = &mut job => return done,
                 _ = sleep_until_some(due) => {
@@ -740,8 +763,46 @@ impl Driver {
                         self.lost_link(conn, &e);
                     }
                 }
+                // A pull tick during an fsync goes out on time too: otherwise a pull
+                // would leave late exactly when mail had just arrived.
+                _ = sleep_until(pull_due) => self.on_pull_tick(conn).await,
             }
         }
+    }
+
+    /// The pull tick: the session's one `Pull` frame (with the acks waiting) goes out.
+    async fn on_pull_tick(&mut self, conn: &mut Option<Conn>) {
+        self.pulls.handle_timeout(Instant::now());
+        self.flush_control(conn).await;
+    }
+
+    /// Writes the control frames the pull session has ready.
+    async fn flush_control(&mut self, conn: &mut Option<Conn>) {
+        while let Some(msg) = self.pulls.poll_transmit() {
+            let Some(c) = conn.as_mut() else { continue };
+            let is_pull = matches!(msg, ClientMsg::Pull { .. });
+            if is_pull && self.config.receive_records > 0 {
+                c.clock.on_pull_sent(Instant::now());
+            }
+            if let Err(e) = send_msg(&mut c.tx, &msg).await {
+                self.lost_link(conn, &e);
+                continue;
+            }
+            if is_pull {
+                self.counters.pulls_sent += 1;
+            }
+        }
+        self.counters.items_acked = self.pulls.stats().ids_acked;
+    }
+
+    /// Tells the user about `problem` (a warning and an event), once while it lasts.
+    fn report(&mut self, problem: LinkProblem) {
+        if self.reported == Some(problem) {
+            return;
+        }
+        self.reported = Some(problem);
+        warn!("{problem}");
+        self.emit(DriverEvent::Problem(problem));
     }
 
     async fn queue(
@@ -821,7 +882,7 @@ impl Driver {
         if self.config.receive_records > 0
             && matches!(msg, GatewayMsg::Item { .. } | GatewayMsg::Dummy)
         {
-            c.pulls.on_answer_frame(Instant::now());
+            c.clock.on_answer_frame(Instant::now());
         }
         match msg {
             GatewayMsg::Item {
@@ -851,22 +912,22 @@ impl Driver {
                     self.counters.pull_answers_more += 1;
                 }
                 let timing = if self.config.receive_records > 0 {
-                    c.pulls.on_answer_done(Instant::now())
+                    c.clock.on_answer_done(Instant::now())
                 } else {
                     None
                 };
+                // A pull was answered: the session works, so the next failure backs off
+                // from the start again.
+                self.backoff.session_worked();
+                if matches!(self.reported, Some(LinkProblem::GatewayKeyMismatch { .. })) {
+                    self.reported = None;
+                }
                 let batch = std::mem::take(&mut c.batch);
                 let partial = std::mem::take(&mut c.batch_partial);
                 let ids = self.finish_batch(conn, batch, partial, timing).await;
-                for chunk in ids.chunks(MAX_ACK_IDS) {
-                    let ack = ClientMsg::Ack {
-                        ids: chunk.to_vec(),
-                    };
-                    if let Some(c) = conn.as_mut() {
-                        send_msg(&mut c.tx, &ack).await?;
-                        self.counters.items_acked += chunk.len() as u64;
-                    }
-                }
+                // Durable now; the acks go with the next pull (legacy_leaks: at once).
+                self.pulls.handle_durable(ids);
+                self.flush_control(conn).await;
             }
             GatewayMsg::DirectoryChunk {
                 index,
@@ -882,6 +943,13 @@ impl Driver {
             },
             GatewayMsg::Error { code, message } => {
                 self.counters.gateway_errors += 1;
+                if code == ErrorCode::Unauthenticated {
+                    // Final: retrying cannot help, and would knock on the gateway forever.
+                    self.access_removed = true;
+                    self.counters.access_removed = true;
+                    self.report(LinkProblem::AccessRemoved);
+                    return Err(LinkError::StreamClosed);
+                }
                 if code == ErrorCode::Unavailable {
                     // A gateway that just started has no directory yet; we ask again.
                     debug!(?message, "gateway: unavailable");
@@ -1007,6 +1075,15 @@ impl Driver {
                     warn!(epoch, "our gateway is not in the directory");
                 }
                 self.set_topology(topology);
+                if matches!(
+                    self.reported,
+                    Some(
+                        LinkProblem::DirectoryNotTrusted { .. }
+                            | LinkProblem::DirectoryOutOfDate { .. }
+                    )
+                ) {
+                    self.reported = None;
+                }
                 self.counters.directory_updates += 1;
                 self.counters.directory_epoch = Some(epoch);
                 debug!(epoch, "directory installed");
@@ -1015,6 +1092,16 @@ impl Driver {
             Err(e) => {
                 self.counters.directory_rejected += 1;
                 debug!(error = %e, "directory rejected");
+                let gateway = self.config.gateway_addr;
+                match e {
+                    TopologyError::NotEnoughSignatures { .. } => {
+                        self.report(LinkProblem::DirectoryNotTrusted { gateway })
+                    }
+                    TopologyError::NotValidAt { .. } => {
+                        self.report(LinkProblem::DirectoryOutOfDate { gateway })
+                    }
+                    _ => {}
+                }
             }
         }
     }
@@ -1074,7 +1161,7 @@ async fn connect(
         assembler: DirectoryAssembler::new(MAX_DIRECTORY_BYTES),
         batch: Vec::new(),
         batch_partial: Vec::new(),
-        pulls: PullClock::default(),
+        clock: PullClock::default(),
     })
 }
 
@@ -1124,6 +1211,20 @@ async fn send_msg(tx: &mut FrameSender, msg: &ClientMsg) -> Result<(), LinkError
     tx.send(frame.as_bytes()).await
 }
 
+/// Whether a failed dial means the gateway proved another key than the pinned one: our
+/// verifier refuses its raw public key, which rustls reports as the TLS alert
+/// `access_denied` (49) in a local crypto error.
+fn gateway_key_mismatch(e: &LinkError) -> bool {
+    const ACCESS_DENIED: u8 = 49;
+    matches!(
+        e,
+        LinkError::Handshake {
+            source: quinn::ConnectionError::TransportError(t),
+            ..
+        } if t.code == quinn::TransportErrorCode::crypto(ACCESS_DENIED)
+    )
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1136,4 +1237,36 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 18, defect 6): a wrong `[gateway] node_key` used to show only
+    /// as "no ack within 15 s". The dial's error must be recognised as a key mismatch.
+    #[tokio::test]
+    async fn a_wrong_pinned_gateway_key_is_recognised() {
+        let gateway_key = SigningKey::from_bytes(&[1; 32]);
+        let client_key = SigningKey::from_bytes(&[2; 32]);
+        let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+        let gateway = LinkEndpoint::bind(localhost, &gateway_key, PeerSet::any()).unwrap();
+        let addr = gateway.local_addr().unwrap();
+        let accept = tokio::spawn(async move { while let Some(_link) = gateway.accept().await {} });
+        let client = LinkEndpoint::bind(localhost, &client_key, PeerSet::new()).unwrap();
+        let wrong = SigningKey::from_bytes(&[3; 32]).verifying_key().to_bytes();
+        let err = tokio::time::timeout(Duration::from_secs(10), client.connect(addr, wrong))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(gateway_key_mismatch(&err), "{err:?}");
+        let right = gateway_key.verifying_key().to_bytes();
+        let link = tokio::time::timeout(Duration::from_secs(10), client.connect(addr, right))
+            .await
+            .unwrap();
+        assert!(link.is_ok());
+        assert!(!gateway_key_mismatch(&LinkError::StreamClosed));
+        accept.abort();
+    }
 }

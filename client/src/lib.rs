@@ -8,6 +8,7 @@ pub mod managed;
 pub mod messenger;
 pub mod schedule;
 pub mod seal;
+pub mod session;
 pub mod store;
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use crate::limit::{
     DEFAULT_RATE_FACTOR, LimitConfig,
 };
 use crate::mailbox::{DEFAULT_PULL_BATCH, MailboxConfig};
+use crate::pull::{DEFAULT_PULL_ANSWER_DELAY, PullAnswerConfig};
 use crate::store::StoreConfig;
 
 /// File name `shoal gateway init` gives the config.
@@ -58,6 +59,8 @@ pub struct RawConfig {
     pub store: RawStore,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub testing: RawTesting,
 }
 
 /// `[limits]`: per-account send rate limits (see [`crate::limit`]).
@@ -79,6 +82,17 @@ pub struct RawMailbox {
     pub ttl_secs: Option<u64>,
     pub default_quota: Option<u32>,
     pub redelivery_timeout_secs: Option<u64>,
+    pub pull_answer_delay_ms: Option<u64>,
+}
+
+/// `[testing]`: switches that turn protections off, for tests and the observer's
+/// control runs only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTesting {
+    /// Answer pulls as soon as their items are loaded (timing then depends on content).
+    #[serde(default)]
+    pub legacy_leaks: bool,
 }
 
 /// `[store]`.
@@ -107,6 +121,10 @@ pub struct Config {
     /// Subnets hosted here: only their admins may connect as admins, and only their
     /// signed commands are applied.
     pub subnets: Vec<SubnetId>,
+    /// A pull is answered this long after it arrived, whatever it carries.
+    pub pull_answer_delay: Duration,
+    /// Test-only (`[testing] legacy_leaks`): answer pulls as soon as they are loaded.
+    pub legacy_leaks: bool,
 }
 
 impl Config {
@@ -196,6 +214,10 @@ impl Config {
                 ttl: Duration::from_secs(m.ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
             },
             default_quota: m.default_quota.unwrap_or(DEFAULT_QUOTA),
+            pull_answer_delay: m
+                .pull_answer_delay_ms
+                .map_or(DEFAULT_PULL_ANSWER_DELAY, Duration::from_millis),
+            legacy_leaks: raw.testing.legacy_leaks,
             store: StoreConfig {
                 max_batch: raw
                     .store
@@ -243,6 +265,9 @@ impl Config {
         if self.default_quota == 0 {
             return bad("mailbox.default_quota", "must be at least 1");
         }
+        if let Err(GatewayError::Config(reason)) = self.pull_answer().validate() {
+            return bad("mailbox.pull_answer_delay_ms", reason);
+        }
         if let Err(reason) = self.limits.validate() {
             let key = match reason.split_whitespace().next() {
                 Some("rate_factor") => "limits.rate_factor",
@@ -261,6 +286,15 @@ impl Config {
             return bad(key, reason);
         }
         Ok(())
+    }
+
+    /// How client links time their pull answers.
+    pub fn pull_answer(&self) -> PullAnswerConfig {
+        PullAnswerConfig {
+            delay: self.pull_answer_delay,
+            pull_batch: self.mailbox.pull_batch,
+            legacy_leaks: self.legacy_leaks,
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -366,6 +400,11 @@ ttl_secs = {ttl}
 default_quota = {quota}
 # An item offered in a pull and not acked is offered again after this many seconds.
 redelivery_timeout_secs = {redelivery}
+# A pull is answered this many milliseconds after it arrives, whatever the mailbox
+# holds, so the answer's timing says nothing about it. Reading the answer from the
+# store must fit in it; a read that does not is answered with dummies (its items come
+# with the next pull) and counted in shoal_gateway_pull_answers_late_total.
+pull_answer_delay_ms = {answer_delay}
 
 [store]
 # Write batches made durable in one transaction (one fsync) at most: the group commit.
@@ -397,6 +436,7 @@ queue_capacity = {store_queue}
         ttl = DEFAULT_TTL_SECS,
         quota = DEFAULT_QUOTA,
         redelivery = DEFAULT_REDELIVERY_SECS,
+        answer_delay = DEFAULT_PULL_ANSWER_DELAY.as_millis(),
         max_batch = store.max_batch,
         store_queue = store.queue_capacity,
         rate_factor = DEFAULT_RATE_FACTOR,

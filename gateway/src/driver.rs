@@ -4,13 +4,18 @@
 //!            node links ──┐                                   ┌──> next-hop links
 //!  client links (Sphinx) ─┴─> shoal-relay pipeline (workers) ─┤
 //!                                                             └─ Event::Delivered ─┐
-//!  client links (Pull/Ack/GetDirectory) ──requests──> mailbox task <─deliveries────┘
+//!  client links (Pull+acks/GetDirectory) ─requests──> mailbox task <─deliveries────┘
 //!                                                      │ poll_write ──> Store writer (fsync)
 //!                  SURB-acks (into the mixnet) <──────┘ <── on_commit ───┘
 //! ```
 //! [`spawn`] starts the mixing half with [`shoal_relay::spawn_with`] (role `Gateway`,
 //! final-hop packets to the mailbox task, gateway families on `/metrics`), then the
 //! mailbox task, which alone owns the [`Mailbox`] core, and the client endpoint.
+//!
+//! Each client link answers its pulls through a [`PullResponder`]: the acks a pull
+//! carries are applied and its answer planned by the mailbox task, loaded from the store
+//! on a blocking thread, and written exactly `pull_answer_delay` after the pull arrived,
+//! whatever it holds (a load that misses that time is answered with dummies).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -39,6 +44,7 @@ use crate::protocol::{
     AdminRefusal, ChunkAssembler, ClientMsg, ErrorCode, GatewayMsg, MAX_ADMIN_CHUNKS,
     MAX_CHUNK_BYTES, directory_chunks,
 };
+use crate::pull::{PullAnswerConfig, PullResponder, PullToken};
 use crate::remote_admin::{CheckedAdmin, Refusal, check_command};
 use crate::store::{Store, TrySubmitError};
 use crate::{CommitResult, GatewayError};
@@ -77,23 +83,22 @@ enum Request {
         reply: oneshot::Sender<bool>,
     },
     /// The client link `id` of `key` ended.
-    Gone {
-        key: AccountKey,
-        id: usize,
-    },
+    Gone { key: AccountKey, id: usize },
     /// An admin command whose signature checked out.
     Admin {
         checked: Box<CheckedAdmin>,
         reply: AdminReply,
     },
+    /// Delete the acked items, then plan the next answer.
     Pull {
         key: AccountKey,
+        acks: Vec<ItemId>,
         reply: oneshot::Sender<Result<PullPlan, GatewayError>>,
     },
-    Ack {
-        key: AccountKey,
-        ids: Vec<ItemId>,
-    },
+    /// A separate `Ack` frame (older clients).
+    Ack { key: AccountKey, ids: Vec<ItemId> },
+    /// Items planned into an answer that went out as dummies (its load was late).
+    ReleaseOffers { key: AccountKey, ids: Vec<ItemId> },
 }
 
 /// A store report, timed from submission.
@@ -326,6 +331,7 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
         hosted: hosted.clone(),
         requests: request_tx,
         store: Arc::downgrade(&store),
+        pull_answer: config.pull_answer(),
         pipeline: pipeline.clone(),
         metrics: metrics.clone(),
     });
@@ -470,9 +476,14 @@ impl MailboxTask {
                 }
             }
             Request::Admin { checked, reply } => self.on_admin(*checked, reply),
-            Request::Pull { key, reply } => {
+            Request::Pull { key, acks, reply } => {
+                if !acks.is_empty() {
+                    // An unknown account is refused by the pull itself.
+                    let _ = self.mailbox.ack(&key, &acks);
+                }
                 let _ = reply.send(self.mailbox.pull(&key, SystemTime::now()));
             }
+            Request::ReleaseOffers { key, ids } => self.mailbox.release_offers(&key, &ids),
             Request::Ack { key, ids } => {
                 // An unknown account here was deleted while connected; its link finds out
                 // on its next pull.
@@ -677,6 +688,7 @@ struct Clients {
     requests: mpsc::Sender<Request>,
     /// Weak, so a lingering client task cannot keep the store open after shutdown.
     store: std::sync::Weak<Store>,
+    pull_answer: PullAnswerConfig,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
 }
@@ -702,9 +714,10 @@ async fn accept_clients(
     }
 }
 
-/// A control message from a client's stream, or a frame that was not one.
+/// A control message from a client's stream (with its arrival time), or a frame that
+/// was not one.
 enum Control {
-    Msg(ClientMsg),
+    Msg(ClientMsg, Instant),
     Malformed,
     /// The account passed the flood threshold: refuse and close the link.
     Cut,
@@ -1012,7 +1025,7 @@ async fn read_client(
             {
                 Some(msg) => {
                     m.client_control_frames.fetch_add(1, Ordering::Relaxed);
-                    Control::Msg(msg)
+                    Control::Msg(msg, arrived)
                 }
                 None => Control::Malformed,
             }
@@ -1026,7 +1039,8 @@ async fn read_client(
     }
 }
 
-/// Answers a client's control messages in order on one gateway→client stream.
+/// Answers a client's control messages on one gateway→client stream: pulls through the
+/// link's [`PullResponder`] (each at its fixed due time), the rest at once.
 async fn respond(
     link: Link,
     key: AccountKey,
@@ -1034,90 +1048,162 @@ async fn respond(
     clients: Arc<Clients>,
 ) {
     let mut out: Option<FrameSender> = None;
-    while let Some(c) = control.recv().await {
-        let (messages, close) = match c {
-            Control::Cut => {
+    let mut pulls = PullResponder::new(clients.pull_answer);
+    let (loaded_tx, mut loaded) =
+        mpsc::channel::<(PullToken, Vec<GatewayMsg>, bool)>(crate::pull::MAX_PULLS_IN_PROGRESS);
+    let mut reading = true;
+    loop {
+        let due = pulls.poll_timeout().map(tokio::time::Instant::from_std);
+        let (messages, close) = tokio::select! {
+            c = control.recv(), if reading && pulls.can_accept() => match c {
+                Some(Control::Msg(ClientMsg::Pull { acks }, arrived)) => {
+                    let token = pulls.handle_pull(arrived);
+                    let (clients, tx) = (clients.clone(), loaded_tx.clone());
+                    tokio::spawn(
+                        async move {
+                            let (messages, close) = pull(&clients, key, acks).await;
+                            let _ = tx.send((token, messages, close)).await;
+                        }
+                        .in_current_span(),
+                    );
+                    continue;
+                }
+                Some(Control::Msg(ClientMsg::Ack { ids }, _)) => {
+                    if clients.requests.send(Request::Ack { key, ids }).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Some(c) => answer_now(c, &clients),
+                None => {
+                    // Every reader is gone: answer what is in progress, then end.
+                    reading = false;
+                    (Vec::new(), false)
+                }
+            },
+            Some((token, messages, close)) = loaded.recv() => {
+                pulls.handle_loaded(token, messages, close, Instant::now());
+                (Vec::new(), false)
+            }
+            () = sleep_until_some(due) => (Vec::new(), false),
+        };
+        let mut batches = vec![(messages, close)];
+        while let Some(a) = pulls.poll_transmit(Instant::now()) {
+            if a.late {
                 clients
                     .metrics
-                    .clients_rate_cut
+                    .pull_answers_late
                     .fetch_add(1, Ordering::Relaxed);
-                debug!("client link cut for flooding");
-                (
-                    vec![GatewayMsg::Error {
-                        code: ErrorCode::RateLimited,
-                        message: RATE_LIMITED.into(),
-                    }],
-                    true,
-                )
             }
-            Control::Malformed => (
-                vec![GatewayMsg::Error {
-                    code: ErrorCode::Malformed,
-                    message: "malformed frame".into(),
-                }],
-                false,
-            ),
-            Control::Msg(ClientMsg::Ack { ids }) => {
-                if clients
-                    .requests
-                    .send(Request::Ack { key, ids })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+            batches.push((a.messages, a.close));
+        }
+        while let Some(ids) = pulls.poll_release() {
+            let _ = clients
+                .requests
+                .send(Request::ReleaseOffers { key, ids })
+                .await;
+        }
+        for (messages, close) in batches {
+            if messages.is_empty() {
                 continue;
             }
-            Control::Msg(ClientMsg::Pull) => pull(&clients, key).await,
-            Control::Msg(ClientMsg::GetDirectory) => (directory(&clients.pipeline), false),
-            // Only admin links (a hosted subnet's key) may send commands.
-            Control::Msg(ClientMsg::AdminChunk { .. }) => (
-                vec![GatewayMsg::AdminResult {
-                    refusal: Some(AdminRefusal::NotAdmin),
-                    message: "this link is not a hosted subnet's admin".into(),
-                }],
-                false,
-            ),
-        };
-        let mut frames = Vec::with_capacity(messages.len());
-        for m in &messages {
-            match m.to_frame() {
-                Ok(f) => frames.push(Bytes::copy_from_slice(f.as_bytes())),
-                Err(e) => {
-                    warn!(error = %e, "cannot encode a client message");
-                    return;
+            if !write_answer(&link, &mut out, &messages).await {
+                return;
+            }
+            if close {
+                if let Some(tx) = out.as_mut() {
+                    let _ = tx.finish();
                 }
+                let _ = tokio::time::timeout(REFUSAL_LINGER, link.connection().closed()).await;
+                link.close();
+                return;
             }
         }
-        if out.is_none() {
-            match link.open_frames(FRAME_SIZE).await {
-                Ok(s) => out = Some(s),
-                Err(_) => return,
-            }
-        }
-        let Some(tx) = out.as_mut() else { return };
-        if tx.send_many(&mut frames).await.is_err() {
-            return;
-        }
-        if close {
-            let _ = tx.finish();
-            let _ = tokio::time::timeout(REFUSAL_LINGER, link.connection().closed()).await;
-            link.close();
+        if !reading && pulls.is_idle() {
             return;
         }
     }
 }
 
+/// The answer to a control message that is not a pull (or a frame that was not one),
+/// and whether to close the link after it.
+fn answer_now(c: Control, clients: &Clients) -> (Vec<GatewayMsg>, bool) {
+    match c {
+        Control::Cut => {
+            clients
+                .metrics
+                .clients_rate_cut
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("client link cut for flooding");
+            (
+                vec![GatewayMsg::Error {
+                    code: ErrorCode::RateLimited,
+                    message: RATE_LIMITED.into(),
+                }],
+                true,
+            )
+        }
+        Control::Malformed => (
+            vec![GatewayMsg::Error {
+                code: ErrorCode::Malformed,
+                message: "malformed frame".into(),
+            }],
+            false,
+        ),
+        Control::Msg(ClientMsg::GetDirectory, _) => (directory(&clients.pipeline), false),
+        // Only admin links (a hosted subnet's key) may send commands.
+        Control::Msg(ClientMsg::AdminChunk { .. }, _) => (
+            vec![GatewayMsg::AdminResult {
+                refusal: Some(AdminRefusal::NotAdmin),
+                message: "this link is not a hosted subnet's admin".into(),
+            }],
+            false,
+        ),
+        // Handled by the caller.
+        Control::Msg(ClientMsg::Pull { .. } | ClientMsg::Ack { .. }, _) => (Vec::new(), false),
+    }
+}
+
+/// Writes one answer's frames back to back; `false` if the link is gone.
+async fn write_answer(link: &Link, out: &mut Option<FrameSender>, messages: &[GatewayMsg]) -> bool {
+    let mut frames = Vec::with_capacity(messages.len());
+    for m in messages {
+        match m.to_frame() {
+            Ok(f) => frames.push(Bytes::copy_from_slice(f.as_bytes())),
+            Err(e) => {
+                warn!(error = %e, "cannot encode a client message");
+                return false;
+            }
+        }
+    }
+    if out.is_none() {
+        match link.open_frames(FRAME_SIZE).await {
+            Ok(s) => *out = Some(s),
+            Err(_) => return false,
+        }
+    }
+    let Some(tx) = out.as_mut() else { return false };
+    tx.send_many(&mut frames).await.is_ok()
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A pull answer: exactly `pull_batch` Item/Dummy messages and `PullDone`, read from
-/// the store off the async threads. The flag says whether to close the link after.
-async fn pull(clients: &Clients, key: AccountKey) -> (Vec<GatewayMsg>, bool) {
+/// the store off the async threads, after the pull's acks are applied. The flag says
+/// whether to close the link after.
+async fn pull(clients: &Clients, key: AccountKey, acks: Vec<ItemId>) -> (Vec<GatewayMsg>, bool) {
     let error = |code, message: &str| {
         vec![GatewayMsg::Error {
             code,
             message: message.to_owned(),
         }]
     };
-    let plan = match ask(clients, |reply| Request::Pull { key, reply }).await {
+    let plan = match ask(clients, |reply| Request::Pull { key, acks, reply }).await {
         Some(Ok(plan)) => plan,
         Some(Err(GatewayError::UnknownAccount)) => {
             return (error(ErrorCode::Unauthenticated, "unknown account"), true);

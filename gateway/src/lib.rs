@@ -7,6 +7,7 @@ pub mod limit;
 pub mod mailbox;
 pub mod metrics;
 pub mod protocol;
+pub mod pull;
 pub mod remote_admin;
 pub mod store;
 

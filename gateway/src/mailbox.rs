@@ -939,6 +939,20 @@ impl Mailbox {
         Ok(deleted)
     }
 
+    /// Makes items of `account` offered in a pull whose answer never carried them (its
+    /// load missed the answer's due time) pullable again at once, instead of after the
+    /// redelivery timeout. Ids that are not its items are ignored.
+    pub fn release_offers(&mut self, account: &AccountKey, ids: &[ItemId]) {
+        let Some(b) = self.by_key.get(account).and_then(|t| self.boxes.get_mut(t)) else {
+            return;
+        };
+        for id in ids {
+            if let Some(item) = b.items.get_mut(id) {
+                item.offered_at_ms = None;
+            }
+        }
+    }
+
     /// Deletes durable items stored at least their TTL before `now` (the gateway's, or
     /// their subnet policy's max TTL if shorter). Returns how many.
     pub fn expire(&mut self, now: SystemTime) -> usize {
@@ -1309,6 +1323,30 @@ pub(crate) mod tests {
         let p4 = m.pull(&BOB, t(20)).unwrap();
         assert_eq!(p4.real_items(), 2, "unacked items are offered again");
         assert_eq!(m.item_count(&BOB), Some(2));
+    }
+
+    #[test]
+    fn released_offers_are_pullable_again_at_once() {
+        let mut m = mailbox();
+        for _ in 0..2 {
+            m.deliver(&BOB_BOX, [2; 16], &[0; SPHINX_PAYLOAD_SIZE], t(0));
+        }
+        commit_all(&mut m);
+        let p1 = m.pull(&BOB, t(1)).unwrap();
+        assert_eq!(p1.real_items(), 2);
+        let ids: Vec<ItemId> = p1
+            .items()
+            .iter()
+            .filter_map(|i| match i {
+                PullItem::Real { id, .. } => Some(*id),
+                PullItem::Dummy => None,
+            })
+            .collect();
+        // Another account cannot release Bob's offers.
+        m.release_offers(&ALICE, &ids);
+        assert_eq!(m.pull(&BOB, t(2)).unwrap().real_items(), 0);
+        m.release_offers(&BOB, &ids[..1]);
+        assert_eq!(m.pull(&BOB, t(2)).unwrap().real_items(), 1);
     }
 
     #[test]

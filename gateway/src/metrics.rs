@@ -82,6 +82,9 @@ pub struct GatewayStats {
     pub client_malformed: u64,
     /// Client Sphinx frames dropped because their account was over its send rate limit.
     pub client_frames_throttled: u64,
+    /// Pull answers sent as dummies because their items were not loaded within the
+    /// answer delay.
+    pub pull_answers_late: u64,
     /// Client links closed because their account passed the flood threshold.
     pub clients_rate_cut: u64,
     /// Client links refused because their account was serving a cut penalty.
@@ -135,6 +138,7 @@ pub(crate) struct Metrics {
     pub client_control_frames: AtomicU64,
     pub client_malformed: AtomicU64,
     pub client_frames_throttled: AtomicU64,
+    pub pull_answers_late: AtomicU64,
     pub clients_rate_cut: AtomicU64,
     pub clients_rate_refused: AtomicU64,
     pub client_links_superseded: AtomicU64,
@@ -157,6 +161,7 @@ impl Metrics {
             client_control_frames: AtomicU64::new(0),
             client_malformed: AtomicU64::new(0),
             client_frames_throttled: AtomicU64::new(0),
+            pull_answers_late: AtomicU64::new(0),
             clients_rate_cut: AtomicU64::new(0),
             clients_rate_refused: AtomicU64::new(0),
             client_links_superseded: AtomicU64::new(0),
@@ -225,6 +230,7 @@ impl Metrics {
             client_control_frames: load(&self.client_control_frames),
             client_malformed: load(&self.client_malformed),
             client_frames_throttled: load(&self.client_frames_throttled),
+            pull_answers_late: load(&self.pull_answers_late),
             clients_rate_cut: load(&self.clients_rate_cut),
             clients_rate_refused: load(&self.clients_rate_refused),
             client_links_superseded: load(&self.client_links_superseded),
@@ -393,6 +399,12 @@ impl Metrics {
             "counter",
             "Client Sphinx frames dropped because their account was over its send rate limit.",
             &[("", c(s.client_frames_throttled))],
+        );
+        metric(
+            "shoal_gateway_pull_answers_late_total",
+            "counter",
+            "Pull answers sent as dummies because the store did not load their items within the answer delay.",
+            &[("", c(s.pull_answers_late))],
         );
         metric(
             "shoal_gateway_clients_rate_limited_total",

@@ -7,8 +7,8 @@
 //!
 //! ```text
 //! client → gateway
-//!   Pull            | 01 |
-//!   Ack             | 02 | n: u16 | id: u64 × n |                 n ≤ MAX_ACK_IDS
+//!   Pull            | 01 | n: u16 | id: u64 × n |                 n ≤ MAX_ACK_IDS
+//!   Ack             | 02 | n: u16 | id: u64 × n |   (older clients; see below)
 //!   GetDirectory    | 03 |
 //!   AdminChunk      | 04 | index: u16 | count: u16 | len: u16 | bytes: len |
 //! gateway → client
@@ -26,8 +26,16 @@
 //! is durable (or with the refusal's cause). A read-only command (account usage) is
 //! answered with its report in `AdminReport` chunks, then the `AdminResult`.
 //! A pull is answered with exactly `pull_batch` Item-or-Dummy frames and one PullDone,
-//! whatever the mailbox holds. PullDone carries one bit ("more items are waiting"),
-//! never a count.
+//! whatever the mailbox holds, a fixed delay after the pull arrived. PullDone carries
+//! one bit ("more items are waiting"), never a count.
+//!
+//! **Acks ride in the pull.** A `Pull` carries the ids of items the client has made
+//! durable since its last pull (as many as fit one frame; the rest wait for the next
+//! pull), so the client sends exactly one frame per pull tick and nothing on the
+//! client link happens off its schedule. A `Pull` from an older client (type byte,
+//! then zero padding) decodes as a pull that acks nothing. The separate `Ack` message
+//! is still decoded for older clients (and the client's `legacy_leaks` test switch);
+//! current clients never send it.
 //!
 //! Sphinx frames (packets entering the mixnet) share the link but are not control
 //! messages; the driver hands them to the mixing core.
@@ -39,7 +47,7 @@ use crate::GatewayError;
 
 /// Bytes available for a control message: the body of one frame.
 pub const CONTROL_BODY_SIZE: usize = SPHINX_PACKET_SIZE;
-/// Ids one `Ack` message can carry.
+/// Ack ids one `Pull` (or `Ack`) message can carry.
 pub const MAX_ACK_IDS: usize = (CONTROL_BODY_SIZE - 3) / 8;
 /// Bytes of directory one `DirectoryChunk` carries at most.
 pub const MAX_CHUNK_BYTES: usize = CONTROL_BODY_SIZE - 7;
@@ -67,9 +75,11 @@ pub const MAX_ADMIN_CHUNKS: u16 = 64;
 /// A message from a client to its gateway.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ClientMsg {
-    /// Send the next batch of mailbox items.
-    Pull,
-    /// These items arrived; delete them.
+    /// Delete the items `acks` (durable at the client now), then send the next batch
+    /// of mailbox items.
+    Pull { acks: Vec<u64> },
+    /// These items arrived; delete them. Older clients only: current ones put their
+    /// acks in the next `Pull`.
     Ack { ids: Vec<u64> },
     /// Send the current signed directory.
     GetDirectory,
@@ -84,8 +94,8 @@ pub enum ClientMsg {
 impl std::fmt::Debug for ClientMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientMsg::Pull => f.write_str("Pull"),
             // Item ids are per-mailbox traffic data: show only how many.
+            ClientMsg::Pull { acks } => write!(f, "Pull({} acks)", acks.len()),
             ClientMsg::Ack { ids } => write!(f, "Ack({} ids)", ids.len()),
             ClientMsg::GetDirectory => f.write_str("GetDirectory"),
             // Commands name accounts and mailboxes: show only the framing.
@@ -404,30 +414,14 @@ impl ClientMsg {
     /// The unpadded body.
     pub fn encode(&self) -> Result<Vec<u8>, GatewayError> {
         Ok(match self {
-            ClientMsg::Pull => vec![T_PULL],
+            ClientMsg::Pull { acks } => encode_ids(T_PULL, "pull acks", acks)?,
             ClientMsg::GetDirectory => vec![T_GET_DIRECTORY],
             ClientMsg::AdminChunk {
                 index,
                 count,
                 bytes,
             } => encode_chunk(T_ADMIN_CHUNK, "admin chunk", *index, *count, bytes)?,
-            ClientMsg::Ack { ids } => {
-                if ids.len() > MAX_ACK_IDS {
-                    return Err(GatewayError::TooLong {
-                        what: "ack ids",
-                        len: ids.len(),
-                        max: MAX_ACK_IDS,
-                    });
-                }
-                let mut out = Vec::with_capacity(3 + 8 * ids.len());
-                out.push(T_ACK);
-                // MAX_ACK_IDS < u16::MAX, checked above.
-                out.extend_from_slice(&(ids.len() as u16).to_be_bytes());
-                for id in ids {
-                    out.extend_from_slice(&id.to_be_bytes());
-                }
-                out
-            }
+            ClientMsg::Ack { ids } => encode_ids(T_ACK, "ack ids", ids)?,
         })
     }
 
@@ -438,31 +432,16 @@ impl ClientMsg {
     /// Decodes a (possibly zero-padded) control body. Never panics.
     pub fn decode(body: &[u8]) -> Result<Self, GatewayError> {
         let msg = match check_body_len(body)? {
-            T_PULL => {
-                Reader::new("pull", body).finish()?;
-                ClientMsg::Pull
-            }
+            T_PULL => ClientMsg::Pull {
+                acks: decode_ids("pull", body)?,
+            },
             T_GET_DIRECTORY => {
                 Reader::new("get directory", body).finish()?;
                 ClientMsg::GetDirectory
             }
-            T_ACK => {
-                let mut r = Reader::new("ack", body);
-                let n = usize::from(r.u16()?);
-                if n > MAX_ACK_IDS {
-                    return Err(GatewayError::TooLong {
-                        what: "ack ids",
-                        len: n,
-                        max: MAX_ACK_IDS,
-                    });
-                }
-                let mut ids = Vec::with_capacity(n);
-                for _ in 0..n {
-                    ids.push(r.u64()?);
-                }
-                r.finish()?;
-                ClientMsg::Ack { ids }
-            }
+            T_ACK => ClientMsg::Ack {
+                ids: decode_ids("ack", body)?,
+            },
             T_ADMIN_CHUNK => {
                 let (index, count, bytes) = decode_chunk("admin chunk", body)?;
                 ClientMsg::AdminChunk {
@@ -609,6 +588,43 @@ impl GatewayMsg {
     pub fn from_frame(frame: &Frame) -> Result<Self, GatewayError> {
         Self::decode(control_body(frame)?)
     }
+}
+
+/// `| type | n: u16 | id: u64 × n |`, n ≤ [`MAX_ACK_IDS`].
+fn encode_ids(t: u8, what: &'static str, ids: &[u64]) -> Result<Vec<u8>, GatewayError> {
+    if ids.len() > MAX_ACK_IDS {
+        return Err(GatewayError::TooLong {
+            what,
+            len: ids.len(),
+            max: MAX_ACK_IDS,
+        });
+    }
+    let mut out = Vec::with_capacity(3 + 8 * ids.len());
+    out.push(t);
+    // MAX_ACK_IDS < u16::MAX, checked above.
+    out.extend_from_slice(&(ids.len() as u16).to_be_bytes());
+    for id in ids {
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    Ok(out)
+}
+
+fn decode_ids(what: &'static str, body: &[u8]) -> Result<Vec<u64>, GatewayError> {
+    let mut r = Reader::new(what, body);
+    let n = usize::from(r.u16()?);
+    if n > MAX_ACK_IDS {
+        return Err(GatewayError::TooLong {
+            what,
+            len: n,
+            max: MAX_ACK_IDS,
+        });
+    }
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(r.u64()?);
+    }
+    r.finish()?;
+    Ok(ids)
 }
 
 /// `| type | index: u16 | count: u16 | len: u16 | bytes: len |`
@@ -844,7 +860,22 @@ mod tests {
 
     #[test]
     fn testvec_client_messages() {
-        assert_eq!(hex::encode(ClientMsg::Pull.encode().unwrap()), "01");
+        let empty_pull = ClientMsg::Pull { acks: vec![] };
+        assert_eq!(hex::encode(empty_pull.encode().unwrap()), "010000");
+        let pull = ClientMsg::Pull {
+            acks: vec![0x0a, 0x0102030405060708],
+        };
+        let hex_pull = "010002000000000000000a".to_owned() + "0102030405060708";
+        assert_eq!(hex::encode(pull.encode().unwrap()), hex_pull);
+        assert_eq!(
+            ClientMsg::decode(&hex::decode(&hex_pull).unwrap()).unwrap(),
+            pull
+        );
+        // An older client's pull (the type byte, then the frame's zero padding) is a
+        // pull that acks nothing.
+        let mut old = vec![0u8; CONTROL_BODY_SIZE];
+        old[0] = T_PULL;
+        assert_eq!(ClientMsg::decode(&old).unwrap(), empty_pull);
         assert_eq!(hex::encode(ClientMsg::GetDirectory.encode().unwrap()), "03");
         let ack = ClientMsg::Ack {
             ids: vec![1, 0x0102030405060708],
@@ -862,7 +893,7 @@ mod tests {
             "010200000200020000000000000001".to_owned() + "0102"
         );
         assert!(f.as_bytes()[4 + 19..].iter().all(|b| *b == 0));
-        for m in [ClientMsg::Pull, ClientMsg::GetDirectory, ack] {
+        for m in [empty_pull, pull, ClientMsg::GetDirectory, ack] {
             roundtrip_client(&m);
         }
     }
@@ -938,9 +969,25 @@ mod tests {
             "gateway types are not client messages"
         );
         assert!(matches!(
-            ClientMsg::decode(&[T_PULL, 0, 1]),
+            ClientMsg::decode(&[T_GET_DIRECTORY, 0, 1]),
             Err(GatewayError::TrailingBytes { .. })
         ));
+        assert!(matches!(
+            ClientMsg::decode(&[T_PULL, 0, 0, 1]),
+            Err(GatewayError::TrailingBytes { .. })
+        ));
+        // A pull claiming more ack ids than fit.
+        assert!(matches!(
+            ClientMsg::decode(&[T_PULL, 0xff, 0xff]),
+            Err(GatewayError::TooLong { .. })
+        ));
+        assert!(
+            ClientMsg::Pull {
+                acks: vec![0; MAX_ACK_IDS + 1]
+            }
+            .encode()
+            .is_err()
+        );
         // Ack claiming more ids than present.
         assert!(matches!(
             ClientMsg::decode(&[T_ACK, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1]),
@@ -1100,9 +1147,11 @@ mod tests {
     proptest! {
         #[test]
         fn client_roundtrip(ids in proptest::collection::vec(any::<u64>(), 0..=MAX_ACK_IDS)) {
-            let m = ClientMsg::Ack { ids };
-            let f = m.to_frame().unwrap();
-            prop_assert_eq!(ClientMsg::from_frame(&f).unwrap(), m);
+            for m in [ClientMsg::Pull { acks: ids.clone() }, ClientMsg::Ack { ids }] {
+                let f = m.to_frame().unwrap();
+                prop_assert_eq!(f.as_bytes().len(), FRAME_SIZE);
+                prop_assert_eq!(ClientMsg::from_frame(&f).unwrap(), m);
+            }
         }
 
         #[test]

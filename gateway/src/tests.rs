@@ -129,6 +129,8 @@ pub(crate) fn gateway_config(dir: &Path, authority: SocketAddr, key: [u8; 32]) -
         store: StoreConfig::default(),
         limits: crate::LimitConfig::default(),
         subnets: Vec::new(),
+        pull_answer_delay: crate::pull::DEFAULT_PULL_ANSWER_DELAY,
+        legacy_leaks: false,
     }
 }
 
@@ -184,7 +186,13 @@ impl TestClient {
 
     /// One pull: exactly `PULL_BATCH` items or dummies, then `PullDone`.
     async fn pull(&mut self) -> Vec<GatewayMsg> {
-        self.send(&ClientMsg::Pull.to_frame().unwrap()).await;
+        self.pull_acking(vec![]).await
+    }
+
+    /// One pull that acks `acks`.
+    async fn pull_acking(&mut self, acks: Vec<u64>) -> Vec<GatewayMsg> {
+        self.send(&ClientMsg::Pull { acks }.to_frame().unwrap())
+            .await;
         let mut items = Vec::new();
         for _ in 0..PULL_BATCH {
             let m = self.recv().await.unwrap();
@@ -388,10 +396,8 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
     };
     let plaintext = sphinx::open_forward(&payload[..]).unwrap();
     assert_eq!(split_plaintext(&plaintext).unwrap().1, &body[..]);
-    // Bob acks: the item is deleted, and the next pull is all dummies.
-    bob_c
-        .send(&ClientMsg::Ack { ids: vec![id] }.to_frame().unwrap())
-        .await;
+    // Bob acks in his next pull: the item is deleted before that pull is answered.
+    assert!(bob_c.pull_acking(vec![id]).await.is_empty());
     wait_for("bob's ack", &gw_b, |s| {
         s.mailbox.items_acked == 1 && s.items == 0
     })

@@ -242,6 +242,18 @@ pub struct ClientFile {
     pub directory: DirectorySection,
     #[serde(default)]
     pub timing: TimingSection,
+    #[serde(default)]
+    pub testing: TestingSection,
+}
+
+/// `[testing]`: switches that turn protections off, for tests and the observer's
+/// control runs. Never set them on a real client.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingSection {
+    /// Ack pulled items in separate frames right after saving them (the old, leaky
+    /// behaviour) instead of in the next scheduled pull.
+    pub legacy_leaks: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,6 +330,7 @@ pub fn load_config(path: &Path) -> anyhow::Result<Loaded> {
     driver.pull_interval = Duration::from_millis(t.pull_interval_ms);
     driver.snapshot_interval = Duration::from_millis(t.snapshot_interval_ms);
     driver.directory_refresh = Duration::from_secs(t.directory_refresh_secs);
+    driver.legacy_leaks = file.testing.legacy_leaks;
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -489,7 +502,7 @@ pull_interval_ms = {pull}
 snapshot_interval_ms = {snap}
 # The directory is fetched again this often (seconds), and when it expires.
 directory_refresh_secs = {dir}
-"#,
+{testing}"#,
         name = toml::Value::String(f.name.clone()),
         node_key = f.gateway.node_key,
         client_addr = f.gateway.client_addr,
@@ -498,6 +511,11 @@ directory_refresh_secs = {dir}
         pull = t.pull_interval_ms,
         snap = t.snapshot_interval_ms,
         dir = t.directory_refresh_secs,
+        testing = if f.testing.legacy_leaks {
+            "\n[testing]\n# Test-only: turns the client link's timing protection off.\nlegacy_leaks = true\n"
+        } else {
+            ""
+        },
     )
 }
 
@@ -578,6 +596,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     threshold,
                 },
                 timing: TimingSection::default(),
+                testing: TestingSection::default(),
             };
             let (account, mailbox, card) = init_dir(&dir, gateway.key, &file)?;
             println!("account key: {}", hex::encode(account));
@@ -671,21 +690,25 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 let wait = async {
                     loop {
                         match events.recv().await {
-                            Ok(DriverEvent::Acked { message_id }) if message_id == id => return true,
+                            Ok(DriverEvent::Acked { message_id }) if message_id == id => return Ok(true),
+                            // Waiting out the timeout cannot help: say what is wrong.
+                            Ok(DriverEvent::Problem(p)) => return Err(p),
                             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                            Err(_) => return false,
+                            Err(_) => return Ok(false),
                         }
                     }
                 };
                 let acked = tokio::time::timeout(Duration::from_secs(timeout_secs), wait)
                     .await
-                    .unwrap_or(false);
+                    .unwrap_or(Ok(false));
                 handle.shutdown().await;
-                if acked {
-                    println!("delivered to {to}'s mailbox");
-                    Ok(())
-                } else {
-                    bail!("no ack within {timeout_secs} s; the message stays queued and `shoal client run` keeps sending it")
+                match acked {
+                    Ok(true) => {
+                        println!("delivered to {to}'s mailbox");
+                        Ok(())
+                    }
+                    Ok(false) => bail!("no ack within {timeout_secs} s; the message stays queued and `shoal client run` keeps sending it"),
+                    Err(p) => bail!("{p}; the message stays queued"),
                 }
             })
         }
@@ -716,6 +739,13 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                                 println!("[{}] {}", format_ms(received_unix_ms), String::from_utf8_lossy(&bytes));
                             }
                             Ok(DriverEvent::Acked { .. }) => println!("a sent message was acked"),
+                            // The driver has logged it; only the final one ends the run.
+                            Ok(DriverEvent::Problem(p)) => {
+                                if p.is_final() {
+                                    handle.shutdown().await;
+                                    bail!("{p}");
+                                }
+                            }
                             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(_) => break,
                         },
@@ -1170,6 +1200,7 @@ fn run_member(
     let dir = loaded.dir.clone();
     runtime()?.block_on(async move {
         let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
+        let mut problems = client.subscribe();
         let handle = managed::spawn(client, messenger, store.clone())?;
         let mut events = handle.subscribe();
         let mut outbox_tick = tokio::time::interval(Duration::from_millis(500));
@@ -1184,6 +1215,12 @@ fn run_member(
                         Ok(e) => member_event(&handle, &dir, e).await,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(_) => return Ok(()),
+                    },
+                    // The driver logs problems; only the final one ends the run.
+                    ev = problems.recv() => if let Ok(DriverEvent::Problem(p)) = ev
+                        && p.is_final()
+                    {
+                        bail!("{p}");
                     },
                 }
             }
@@ -1305,6 +1342,7 @@ mod tests {
                 threshold: 2,
             },
             timing: TimingSection::default(),
+            testing: TestingSection::default(),
         };
         let text = render_config(&f);
         assert!(text.lines().filter(|l| l.starts_with('#')).count() >= 8);

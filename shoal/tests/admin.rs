@@ -82,7 +82,7 @@ impl Member {
 
     /// One pull; the whole answer (items or dummies, then PullDone) or the refusal.
     async fn pull(&mut self) -> Vec<GatewayMsg> {
-        let frame = ClientMsg::Pull.to_frame().unwrap();
+        let frame = ClientMsg::Pull { acks: vec![] }.to_frame().unwrap();
         if self.tx.send(frame.as_bytes()).await.is_err() {
             return Vec::new();
         }

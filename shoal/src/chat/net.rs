@@ -130,6 +130,7 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                     }
                     Ok(DriverEvent::Connected) => ui.state.apply(Update::Online(true)),
                     Ok(DriverEvent::Disconnected) => ui.state.apply(Update::Online(false)),
+                    Ok(DriverEvent::Problem(p)) => ui.state.apply(Update::Status(p.to_string())),
                     _ => {}
                 },
                 _ = tick.tick() => ui.on_tick(),
