@@ -294,8 +294,14 @@ impl Org {
             not_before: 1000,
             not_after: 100_000,
         })?;
+        let own = shoal_client::Contact {
+            mailbox: seed,
+            gateway,
+            public_key: x25519_dalek::PublicKey::from(&StaticSecret::from(seed)).to_bytes(),
+        };
         Ok(GroupManager::new(
             seed,
+            own,
             &cred,
             self.policy.clone(),
             GroupConfig {

@@ -123,8 +123,13 @@ impl ContactCard {
 
     /// The pasteable text form.
     pub fn to_text(&self) -> String {
-        let name = self.name.as_bytes();
-        let name = &name[..name.len().min(MAX_NAME_LEN)];
+        // `name` is public, so it may be longer than `new` allows: cut it at a char
+        // boundary, never inside a UTF-8 sequence (which `parse` would then refuse).
+        let mut cut = self.name.len().min(MAX_NAME_LEN);
+        while !self.name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let name = &self.name.as_bytes()[..cut];
         let mut bytes = Vec::with_capacity(FIXED_LEN + name.len() + CHECKSUM_LEN);
         bytes.push(CARD_VERSION);
         bytes.extend_from_slice(&self.contact.mailbox);
@@ -255,6 +260,18 @@ mod tests {
         let mut weak = contact();
         weak.public_key = [0; 32];
         assert_eq!(ContactCard::new("w", weak), Err(CardError::WeakKey));
+    }
+
+    // Regression: a long name was cut at byte 64, inside a UTF-8 sequence, so the card
+    // text made from it did not parse back.
+    #[test]
+    fn long_name_is_cut_at_a_char_boundary() {
+        let card = ContactCard {
+            name: "é".repeat(40),
+            contact: contact(),
+        };
+        let back = ContactCard::parse(&card.to_text()).unwrap();
+        assert_eq!(back.name, "é".repeat(32));
     }
 
     proptest! {

@@ -22,3 +22,6 @@ pub use core::{
 pub use schedule::Stream;
 pub use seal::SealError;
 pub use store::{ClientStore, ReceivedMessage};
+
+#[cfg(test)]
+mod rogue;

@@ -95,7 +95,9 @@ pub enum AdminCommand {
         /// The member's Ed25519 signing key for groups (default: the account key).
         #[arg(long, value_parser = parse_hex32)]
         signing_key: Option<[u8; 32]>,
-        /// The member's X25519 key messages are sealed to (its contact key).
+        /// Recorded in the credential for the admin's own bookkeeping only: senders seal
+        /// to the key the member's client signs itself, and the member's client refuses
+        /// a credential naming a key that is not its own.
         #[arg(long, value_parser = parse_hex32)]
         seal_key: Option<[u8; 32]>,
         /// Items the member's mailbox may hold.
@@ -615,9 +617,6 @@ impl Subnet {
             bail!("{:?} is already enrolled; de-provision it first", e.handle);
         }
         let signing_key = Hex32(e.signing_key.unwrap_or(e.account_key));
-        if e.seal_key.is_none() {
-            eprintln!("note: no --seal-key; members cannot seal messages to this credential");
-        }
         let now = unix_now();
         let not_after = now + e.valid_days * 24 * 3600;
         let credential = self.admin.issue_credential(CredentialBody {

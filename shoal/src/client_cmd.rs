@@ -31,7 +31,8 @@ use shoal_client::driver::{self, DriverConfig, DriverEvent};
 use shoal_client::group::GroupEvent;
 use shoal_client::managed::{self, ManagedHandle, unix_ms};
 use shoal_client::messenger::{
-    Messenger, MessengerError, MessengerEvent, OutgoingWhat, StoredMessage, invite_to_text,
+    Messenger, MessengerError, MessengerEvent, OutgoingWhat, PinnedContact, StoredMessage,
+    display_name, invite_to_text,
 };
 use shoal_client::{ClientStore, ContactCard, Identity};
 use shoal_subnet::MessageOptions;
@@ -221,10 +222,18 @@ pub enum ContactCommand {
         name: String,
         card: String,
     },
-    /// List saved contacts.
+    /// List saved contacts, and every member key pinned so far with its safety number
+    /// (compare it with the person's own `contact list`, read out over a trusted channel).
     List {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+    },
+    /// Accept the key of someone who sent you their card over the network, or a changed
+    /// key (`handle` or `handle@subnet`): check the safety number first.
+    Accept {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        contact: String,
     },
 }
 
@@ -458,10 +467,15 @@ fn message_line(m: &StoredMessage, file: &ChatFile, burnt_now: bool) -> String {
         (true, true) => ", burn-on-read: deleted after this read",
         (true, false) => ", burn-on-read",
     };
+    let alert = if m.key_alert {
+        " [NEW KEY, not accepted]"
+    } else {
+        ""
+    };
     format!(
-        "[{}] {place}{}: {} [ttl {ttl}{burn}]",
+        "[{}] {place}{}{alert}: {} [ttl {ttl}{burn}]",
         format_ms(m.received_unix_ms),
-        clean(m.from.as_bytes()),
+        display_name(&m.from, &m.from_subnet),
         clean(&m.body)
     )
 }
@@ -624,7 +638,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Contact(ContactCommand::Add { dir, name, card }) => {
             let store = open_store(&dir)?;
             if card.trim().starts_with("shoal-invite1:") {
-                return add_member_card(&dir, &name, &card);
+                return add_member_card(&dir, &store, &name, &card);
             }
             let parsed = ContactCard::parse(&card).map_err(|e| anyhow::anyhow!("{e}"))?;
             let card = ContactCard::new(name.clone(), parsed.contact)
@@ -636,11 +650,37 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Contact(ContactCommand::List { dir }) => {
             let store = open_store(&dir)?;
             for c in store.contacts()? {
-                println!("{}\t{}", c.name, c.to_text());
+                println!("{}\t{}", clean(c.name.as_bytes()), c.to_text());
             }
             for c in ChatFile::load(&dir)?.contacts {
-                println!("{}\t{}", clean(c.handle.as_bytes()), c.card);
+                let name = match card_credential(&c.card) {
+                    Ok((_, m)) => display_name(m.handle(), &m.subnet()),
+                    Err(_) => clean(c.handle.as_bytes()),
+                };
+                println!("{name}\t{}", c.card);
             }
+            if let Some(snapshot) = store.load_messenger()? {
+                let m = Messenger::restore(&snapshot, unix_ms())?;
+                for c in m.contacts() {
+                    println!("{}", pinned_line(&m, c));
+                }
+            }
+            Ok(())
+        }
+        ClientCommand::Contact(ContactCommand::Accept { dir, contact }) => {
+            let store = open_store(&dir)?;
+            let snapshot = store
+                .load_messenger()?
+                .context("no member state yet: run `shoal client group card` first")?;
+            let mut m = Messenger::restore(&snapshot, unix_ms())?;
+            let c = m.find_contact(&contact)?.clone();
+            m.confirm_contact(&c.subnet, &c.identity_key);
+            store.save_messenger(&m.snapshot()?, &[])?;
+            let c = m
+                .contact(&c.subnet, &c.identity_key)
+                .cloned()
+                .context("contact vanished")?;
+            println!("accepted: {}", pinned_line(&m, &c));
             Ok(())
         }
         ClientCommand::Read { dir } => {
@@ -649,11 +689,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 return read_managed(&dir, &store, &snapshot);
             }
             for m in store.received_messages()? {
-                println!(
-                    "[{}] {}",
-                    format_ms(m.received_unix_ms),
-                    String::from_utf8_lossy(&m.bytes)
-                );
+                println!("[{}] {}", format_ms(m.received_unix_ms), clean(&m.bytes));
             }
             Ok(())
         }
@@ -736,7 +772,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                         _ = outbox_tick.tick() => drain_outbox(&dir, &store, &handle).await,
                         ev = events.recv() => match ev {
                             Ok(DriverEvent::Message { bytes, received_unix_ms, .. }) => {
-                                println!("[{}] {}", format_ms(received_unix_ms), String::from_utf8_lossy(&bytes));
+                                println!("[{}] {}", format_ms(received_unix_ms), clean(&bytes));
                             }
                             Ok(DriverEvent::Acked { .. }) => println!("a sent message was acked"),
                             // The driver has logged it; only the final one ends the run.
@@ -795,26 +831,49 @@ async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHa
     }
 }
 
-/// Saves a membership card in `chat.json` (shared with the chat) under its handle.
-fn add_member_card(dir: &Path, name: &str, card: &str) -> anyhow::Result<()> {
-    let (_, cred) = card_credential(card)?;
-    let handle = cred.handle().to_string();
-    if handle != name {
+/// Saves a membership card in `chat.json` (shared with the chat) and pins its key as
+/// confirmed (the user pasted it: that is the vouching).
+fn add_member_card(dir: &Path, store: &ClientStore, name: &str, card: &str) -> anyhow::Result<()> {
+    let (_, member) = card_credential(card)?;
+    let handle = member.handle().to_string();
+    if handle != name && display_name(&handle, &member.subnet()) != name {
         bail!(
             "this membership card is {:?}'s (the handle its credential carries): save it as `shoal client contact add {} CARD`",
             clean(handle.as_bytes()),
             clean(handle.as_bytes())
         );
     }
+    let snapshot = store.load_messenger()?.context(
+        "no member state yet: run `shoal client group card` (with your admin's files) first",
+    )?;
+    let mut m = Messenger::restore(&snapshot, unix_ms())?;
+    let pinned = m.confirm_card(&member, unix_ms());
+    store.save_messenger(&m.snapshot()?, &[])?;
     let mut file = ChatFile::load(dir)?;
-    file.put_contact(&handle, card);
+    file.put_contact(&member, card);
     file.save(dir)?;
     println!(
-        "member {:?} saved; add them to a group with `shoal client group invite GROUP {}`",
-        clean(handle.as_bytes()),
+        "member {} saved; add them to a group with `shoal client group invite GROUP {}`",
+        pinned.display(),
         clean(handle.as_bytes())
     );
+    println!("{}", pinned_line(&m, &pinned));
     Ok(())
+}
+
+/// One pinned member key: name, key, state, safety number.
+fn pinned_line(m: &Messenger, c: &PinnedContact) -> String {
+    let state = match (c.confirmed, c.replaces.is_some()) {
+        (true, _) => "confirmed",
+        (false, true) => "KEY CHANGED, not accepted",
+        (false, false) => "not confirmed",
+    };
+    format!(
+        "{}\tkey {}\t{state}\tsafety number {}",
+        c.display(),
+        hex::encode(&c.identity_key.0[..4]),
+        m.safety_number_with(&c.identity_key)
+    )
 }
 
 /// A member's client opened for a group command: the store (held until the command
@@ -851,7 +910,7 @@ impl Member {
             policy: opts.policy.clone(),
             commit_settle_secs: opts.commit_settle_secs,
         };
-        let messenger = open_messenger(&dir, &files, &store, &account)?;
+        let messenger = open_messenger(&dir, &files, &store, &account, identity.contact())?;
         let file = ChatFile::load(&dir)?;
         Ok(Member {
             dir,
@@ -1151,7 +1210,7 @@ fn print_groups(m: &Member) {
             .members
             .iter()
             .map(|(h, subnet)| {
-                let shown = clean(h.as_bytes());
+                let shown = display_name(h, subnet);
                 if !skipped_me && h == me.handle() && *subnet == me.subnet() {
                     skipped_me = true;
                     format!("{shown} (you)")
@@ -1180,11 +1239,21 @@ fn print_groups(m: &Member) {
         }
     }
     for i in m.messenger.received_invites() {
-        println!(
-            "card received from {:?}: `shoal client group invite GROUP {}` adds them",
-            clean(i.handle.as_bytes()),
-            clean(i.handle.as_bytes())
-        );
+        let name = display_name(&i.handle, &i.subnet);
+        let confirmed = m
+            .messenger
+            .contact(&i.subnet, &i.identity_key)
+            .is_some_and(|c| c.confirmed);
+        if confirmed {
+            println!(
+                "card received from {name}: `shoal client group invite GROUP {name}` adds them"
+            );
+        } else {
+            println!(
+                "card received from {name} (key {}, not confirmed): check the safety number with `shoal client contact list`, then `shoal client contact accept {name}`",
+                hex::encode(&i.identity_key.0[..4])
+            );
+        }
     }
 }
 
@@ -1257,9 +1326,29 @@ async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
                 message_line(&s, &file, false)
             }
         }
-        MessengerEvent::InviteReceived { handle } => format!(
-            "{h:?} sent you their card: `shoal client group invite GROUP {h}` adds them",
-            h = clean(handle.as_bytes())
+        MessengerEvent::InviteReceived {
+            handle,
+            subnet,
+            confirmed: true,
+            ..
+        } => format!(
+            "{h} sent you their card: `shoal client group invite GROUP {h}` adds them",
+            h = display_name(&handle, &subnet)
+        ),
+        MessengerEvent::InviteReceived { handle, subnet, .. } => format!(
+            "{h} sent you their card, from a key you have not confirmed: check the safety number (`shoal client contact list`), then `shoal client contact accept {h}`",
+            h = display_name(&handle, &subnet)
+        ),
+        MessengerEvent::KeyChanged {
+            subnet,
+            handle,
+            old_key,
+            new_key,
+        } => format!(
+            "WARNING: {} has a NEW KEY ({} instead of {}): a new device, or someone impersonating them; their messages are kept apart until you check the safety number and `shoal client contact accept` it",
+            display_name(&handle, &subnet),
+            hex::encode(&new_key.0[..4]),
+            hex::encode(&old_key.0[..4])
         ),
         MessengerEvent::PolicyDrop {
             handle, refusal, ..
@@ -1274,12 +1363,12 @@ async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
             GroupEvent::Joined { group } => format!("you joined group {}", group_label(&group)),
             GroupEvent::MemberAdded { group, member } => format!(
                 "{} joined group {}",
-                clean(member.credential.handle().as_bytes()),
+                display_name(member.credential.handle(), &member.credential.subnet()),
                 group_label(&group)
             ),
             GroupEvent::MemberRemoved { group, member } => format!(
                 "{} left group {}",
-                clean(member.credential.handle().as_bytes()),
+                display_name(member.credential.handle(), &member.credential.subnet()),
                 group_label(&group)
             ),
             GroupEvent::Removed { group } => {
@@ -1294,10 +1383,18 @@ async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
                 group_label(&group),
                 clean(handle.as_bytes())
             ),
-            GroupEvent::DuplicateHandle { group, new, .. } => format!(
-                "warning: a second {:?} with a different key joined group {}",
+            GroupEvent::DuplicateHandle {
+                group,
+                existing,
+                new,
+            } => format!(
+                "WARNING: a second {:?} with a different key joined group {}: {} (key {}) besides {} (key {})",
                 clean(new.credential.handle().as_bytes()),
-                group_label(&group)
+                group_label(&group),
+                display_name(new.credential.handle(), &new.credential.subnet()),
+                hex::encode(&new.credential.signing_key()[..4]),
+                display_name(existing.credential.handle(), &existing.credential.subnet()),
+                hex::encode(&existing.credential.signing_key()[..4]),
             ),
             GroupEvent::OwnCommitLost { group, .. } => format!(
                 "your change to group {} lost to another member's; make it again",

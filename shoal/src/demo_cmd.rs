@@ -41,8 +41,8 @@ use shoal_client::managed::{self, ManagedHandle};
 use shoal_client::messenger::{Messenger, MessengerConfig, MessengerEvent, policy_update};
 use shoal_client::{ClientStore, ContactCard, Identity};
 use shoal_subnet::{
-    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCredential,
-    MessageOptions, Policy, PolicyBody, RoleRule, SignedPolicy, SubnetAdmin, SubnetId,
+    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCard, MessageOptions,
+    Policy, PolicyBody, RoleRule, SignedPolicy, SubnetAdmin, SubnetId,
 };
 use shoal_topology::Hex32;
 
@@ -877,6 +877,7 @@ impl Subnets {
         };
         Ok(Messenger::new(
             signing.to_bytes(),
+            identity.contact(),
             &cred,
             policy,
             config,
@@ -1113,10 +1114,7 @@ async fn story_steps(
         "managed: cy (subnet C) tries to message ana (subnet A)",
     );
     let (ana, cy) = (find("ana")?, find("cy")?);
-    let ana_cred: MemberCredential = managed[ana]
-        .member()?
-        .with(|m, _| m.credential().clone())
-        .await?;
+    let ana_cred: MemberCard = managed[ana].member()?.with(|m, _| m.card().clone()).await?;
     let to = ana_cred.clone();
     let refused = managed[cy]
         .member()?
@@ -1129,11 +1127,12 @@ async fn story_steps(
     // A modified client skips its own check; ana's client must still refuse it.
     managed[cy]
         .member()?
-        .with(move |m, _| {
+        .with(move |m, now| {
             m.dangerously_send_direct_ignoring_policy(
                 &ana_cred,
                 GROUP_OPTIONS,
                 b"hello from a modified C client",
+                now,
             )
         })
         .await?;
@@ -1185,12 +1184,9 @@ async fn story_steps(
         if managed[i].spec.subnet != A || i == revoked {
             continue;
         }
-        let cred = managed[i]
-            .member()?
-            .with(|m, _| m.credential().clone())
-            .await?;
+        let card = managed[i].member()?.with(|m, _| m.card().clone()).await?;
         admin_client
-            .send(shoal_client::group::contact_of(&cred), update.clone())
+            .send(shoal_client::group::contact_of(&card), update.clone())
             .await?;
     }
     let remaining: Vec<usize> = group_idx

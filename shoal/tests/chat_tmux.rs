@@ -224,7 +224,8 @@ fn two_people_chat_in_a_group_through_tmux() {
         "bob",
         "the group message",
         short,
-        |s| s.contains(&format!("alice: {hello}")),
+        // Other members are named handle@subnet.
+        |s| s.contains("alice@") && s.contains(&format!(": {hello}")),
         &log(bob),
     );
     assert!(screen.contains("with alice"), "{screen}");
@@ -237,7 +238,7 @@ fn two_people_chat_in_a_group_through_tmux() {
         "alice",
         "reply and receipt",
         long,
-        |s| s.contains(&format!("bob: {reply}")) && s.contains("[delivered"),
+        |s| s.contains("bob@") && s.contains(&format!(": {reply}")) && s.contains("[delivered"),
         &log(alice),
     );
     println!("alice's screen:\n{screen}");

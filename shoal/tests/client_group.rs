@@ -87,7 +87,17 @@ fn three_members_use_a_group_from_the_cli() {
     shoal(&["client", "contact", "add", "--dir", &a, "bob", &card_b]);
     shoal(&["client", "contact", "add", "--dir", &a, "carol", &card_c]);
     let list = shoal(&["client", "contact", "list", "--dir", &a]);
-    assert!(list.contains("bob\tshoal-invite1:"), "{list}");
+    // Members are named handle@subnet (the subnet id's first 8 hex digits), each with
+    // its key and safety number.
+    let sub = field(&list, "bob@")[..8].to_string();
+    assert!(
+        list.contains(&format!("bob@{sub}\tshoal-invite1:")),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("bob@{sub}\tkey ")) && list.contains("\tconfirmed\tsafety number "),
+        "{list}"
+    );
 
     let out = shoal(&["client", "group", "create", "--dir", &a, "friends"]);
     assert!(out.contains("group \"friends\" created"), "{out}");
@@ -99,7 +109,8 @@ fn three_members_use_a_group_from_the_cli() {
     assert!(err.contains("no card for \"dave\""), "{err}");
     let list = shoal(&["client", "group", "list", "--dir", &a]);
     assert!(
-        list.contains("friends\tid ") && list.contains("epoch 0\tmembers: alice (you)"),
+        list.contains("friends\tid ")
+            && list.contains(&format!("epoch 0\tmembers: alice@{sub} (you)")),
         "{list}"
     );
     let id = field(&list, "friends\tid ");
@@ -135,7 +146,9 @@ fn three_members_use_a_group_from_the_cli() {
     }
     let list = shoal(&["client", "group", "list", "--dir", &a]);
     assert!(
-        list.contains("epoch 1\tmembers: alice (you), bob, carol"),
+        list.contains(&format!(
+            "epoch 1\tmembers: alice@{sub} (you), bob@{sub}, carol@{sub}"
+        )),
         "{list}"
     );
     assert!(!list.contains("pending"), "{list}");
@@ -182,10 +195,10 @@ fn three_members_use_a_group_from_the_cli() {
     assert!(out.contains("delivered"), "{out}");
     for p in [bob, carol] {
         wait_run_line(p, "hello", long, |l| {
-            l.ends_with(&format!("#{id} alice: {hello} [ttl 2h]"))
+            l.ends_with(&format!("#{id} alice@{sub}: {hello} [ttl 2h]"))
         });
         wait_run_line(p, "burn-on-read notice", long, |l| {
-            l.contains(&format!("#{id} alice: (burn-on-read:"))
+            l.contains(&format!("#{id} alice@{sub}: (burn-on-read:"))
                 && l.ends_with("[ttl 24h, burn-on-read]")
         });
     }
@@ -263,12 +276,12 @@ fn three_members_use_a_group_from_the_cli() {
     // Bob's read shows group, sender, TTL and burn flag; a burnt message goes at once.
     let read = shoal(&["client", "read", "--dir", &b]);
     assert!(
-        read.contains(&format!(" UTC] #{id} alice: {hello} [ttl 2h]")),
+        read.contains(&format!(" UTC] #{id} alice@{sub}: {hello} [ttl 2h]")),
         "{read}"
     );
     assert!(
         read.contains(&format!(
-            "#{id} alice: burn me [ttl 24h, burn-on-read: deleted after this read]"
+            "#{id} alice@{sub}: burn me [ttl 24h, burn-on-read: deleted after this read]"
         )),
         "{read}"
     );
@@ -280,7 +293,7 @@ fn three_members_use_a_group_from_the_cli() {
     );
     let list = shoal(&["client", "group", "list", "--dir", &b]);
     assert!(
-        list.contains("epoch 3\tmembers: alice, bob (you)"),
+        list.contains(&format!("epoch 3\tmembers: alice@{sub}, bob@{sub} (you)")),
         "{list}"
     );
     // Bob asks to leave: the request reaches Alice's mailbox, and waits for her commit.

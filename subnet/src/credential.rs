@@ -1,5 +1,7 @@
 //! Membership credentials: the admin vouches that a signing key belongs to a handle
-//! with a role, reachable at a mailbox on a gateway, for a time.
+//! with a role, for a time. Where the member is reached is *not* the admin's to say:
+//! that is the member's own [`crate::AddressBinding`]; the address fields below are
+//! the admin's bookkeeping and no client trusts them.
 //!
 //! Checking is a chain of types: bytes → [`UncheckedCredential`] →
 //! `.check_signature()` → [`VerifiedCredential`] → `.check_valid_at(now)` →
@@ -26,9 +28,13 @@ pub struct CredentialBody {
     pub role: String,
     /// The member's Ed25519 key: it signs the member's MLS leaf and messages.
     pub signing_key: Hex32,
-    /// The member's X25519 key that message bodies are sealed to (the contact key).
+    /// Not trusted by any client (senders seal to the member's own
+    /// [`crate::AddressBinding`]); a member's client refuses a credential whose
+    /// non-zero value here is not its own key. All zero: not stated.
     pub seal_key: Hex32,
+    /// The admin's record of the member's mailbox; not trusted, as `seal_key`.
     pub mailbox: Hex32,
+    /// The admin's record of the member's gateway; not trusted, as `seal_key`.
     pub gateway: Hex32,
     /// Unix seconds.
     pub not_before: u64,

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod binding;
 pub mod command;
 pub mod credential;
 pub mod federation;
@@ -9,6 +10,7 @@ pub mod usage;
 mod envelope;
 mod error;
 
+pub use binding::{AddressBinding, BindingBody, MemberCard};
 pub use command::{
     AccountAction, AdminCommand, CommandBody, CommandGuard, SignedCheckedCommand, SignedCommand,
     UncheckedCommand,

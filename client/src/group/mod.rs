@@ -9,16 +9,18 @@
 //! recipient; nothing here knows about packets.
 //!
 //! # Credentials
-//! A member's MLS credential is a `BasicCredential` whose identity is the admin-signed
-//! [`SignedCredential`] bytes, and its MLS signature key must be the credential's
-//! `signing_key`. Every member checks every other leaf — on a Welcome, after every
+//! A member's MLS credential is a `BasicCredential` whose identity is a [`MemberCard`]:
+//! the admin-signed credential and the member's own [`shoal_subnet::AddressBinding`]
+//! (signed by the credential's `signing_key`, which must also be the MLS signature
+//! key). Group traffic for a member goes only where its binding says, so an admin
+//! cannot redirect it. Every member checks every other leaf — on a Welcome, after every
 //! commit, and on every application message — with its **own** subnet's policy
 //! ([`Policy::may_share_group`] / [`Policy::may_receive`]). A group that policy forbids
 //! is refused: a Welcome is not joined, and a commit bringing in a forbidden member
 //! makes this member drop the group ([`GroupEvent::Refused`]). A leaf that appears with
 //! a handle some other leaf already has (an admin minting a second credential for an
-//! existing person) is reported as [`GroupEvent::DuplicateHandle`], never merged
-//! silently into the known identity.
+//! existing person, or a look-alike of another subnet) is reported as
+//! [`GroupEvent::DuplicateHandle`], never merged silently into the known identity.
 //!
 //! # Concurrent commits: lowest hash wins, after a settle window
 //! Shoal has no delivery service to order commits, so two members may commit in the
@@ -55,7 +57,11 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use serde::{Deserialize, Serialize};
 use sha2_0_11::{Digest, Sha256};
-use shoal_subnet::{MemberCredential, MessageOptions, Policy, PolicyRefusal, SignedCredential};
+use shoal_subnet::{
+    AddressBinding, BindingBody, MemberCard, MemberCredential, MessageOptions, Policy,
+    PolicyRefusal, SignedCredential,
+};
+use shoal_topology::Hex32;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::Contact;
@@ -98,6 +104,10 @@ pub enum GroupError {
     },
     #[error("MLS leaf key does not match the key in its membership credential")]
     KeyMismatch,
+    /// This member's own credential names a seal key, mailbox or gateway that is not
+    /// its own: an admin trying to redirect its messages.
+    #[error("own membership credential names a {field} that is not this client's own")]
+    NotOwnAddress { field: &'static str },
     #[error("no such group")]
     UnknownGroup,
     #[error("no member {0:?} in this group")]
@@ -121,23 +131,49 @@ fn mls<E: std::fmt::Debug>(e: E) -> GroupError {
 pub struct MemberInfo {
     pub leaf: u32,
     pub credential: MemberCredential,
+    /// The member's card (credential and its own address binding).
+    pub card: MemberCard,
 }
 
 impl MemberInfo {
+    fn new(leaf: u32, card: MemberCard) -> Self {
+        MemberInfo {
+            leaf,
+            credential: card.credential().clone(),
+            card,
+        }
+    }
     /// Where to send this member's copy of group traffic.
     pub fn contact(&self) -> Contact {
-        contact_of(&self.credential)
+        contact_of(&self.card)
     }
 }
 
-/// The [`Contact`] a credential names.
-pub fn contact_of(cred: &MemberCredential) -> Contact {
-    let b = cred.body();
+/// The [`Contact`] a member card's binding names: signed by the member's own identity
+/// key, never the admin's word.
+pub fn contact_of(card: &MemberCard) -> Contact {
+    let b = card.binding().body();
     Contact {
         mailbox: b.mailbox.0,
         gateway: b.gateway.0,
         public_key: b.seal_key.0,
     }
+}
+
+/// Refuses an own credential whose (non-zero) address fields are not this client's:
+/// nobody trusts them, but an admin writing foreign ones is attacking, so say so.
+fn check_own_addresses(cred: &MemberCredential, own: &Contact) -> Result<(), GroupError> {
+    let b = cred.body();
+    for (field, stated, mine) in [
+        ("seal key", b.seal_key.0, own.public_key),
+        ("mailbox", b.mailbox.0, own.mailbox),
+        ("gateway", b.gateway.0, own.gateway),
+    ] {
+        if stated != [0; 32] && stated != mine {
+            return Err(GroupError::NotOwnAddress { field });
+        }
+    }
+    Ok(())
 }
 
 /// Bytes to send, and to whom.
@@ -146,8 +182,8 @@ pub struct GroupOutgoing {
     pub group: GroupId,
     pub kind: OutgoingKind,
     pub bytes: Vec<u8>,
-    /// Each gets one copy via `ClientCore::send_message`.
-    pub recipients: Vec<MemberCredential>,
+    /// Each gets one copy via `ClientCore::send_message`, at its card's binding.
+    pub recipients: Vec<MemberCard>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,7 +294,7 @@ struct GroupMeta {
     applied: BTreeMap<u64, [u8; 32]>,
     /// Epoch check of recent epochs.
     checks: BTreeMap<u64, [u8; 8]>,
-    /// Leaf index → credential bytes, as last validated.
+    /// Leaf index → member card bytes, as last validated.
     known: BTreeMap<u32, Vec<u8>>,
 }
 
@@ -268,6 +304,8 @@ pub struct GroupManager {
     signer: SignatureKeyPair,
     signing_secret: Zeroizing<[u8; 32]>,
     me: MemberCredential,
+    /// `me` with this member's own address binding: what its leaves carry.
+    card: MemberCard,
     policy: Policy,
     config: GroupConfig,
     groups: BTreeMap<GroupId, (MlsGroup, GroupMeta)>,
@@ -290,7 +328,8 @@ struct Snapshot {
     /// Wiped on drop (see the `Drop` below); the serialized snapshot is the caller's to
     /// protect.
     signing_secret: Vec<u8>,
-    credential: Vec<u8>,
+    /// This member's card (credential and own binding).
+    card: Vec<u8>,
     policy: Vec<u8>,
     config: GroupConfig,
     store: Vec<(Vec<u8>, Vec<u8>)>,
@@ -351,9 +390,13 @@ fn decode_app(bytes: &[u8]) -> Option<(MessageOptions, Vec<u8>)> {
 }
 
 impl GroupManager {
-    /// `signing_secret` is the Ed25519 secret whose public key `credential` names.
+    /// `signing_secret` is the Ed25519 identity secret whose public key `credential`
+    /// names; `own` is where this client is reached (its seal key, mailbox, gateway),
+    /// which this member signs into its own address binding. A credential naming
+    /// another key or other addresses is refused.
     pub fn new(
         signing_secret: [u8; 32],
+        own: Contact,
         credential: &SignedCredential,
         policy: Policy,
         config: GroupConfig,
@@ -361,12 +404,24 @@ impl GroupManager {
     ) -> Result<Self, GroupError> {
         let me = MemberCredential::verify(&credential.to_bytes(), now_ms / 1000)?;
         let signing_secret = Zeroizing::new(signing_secret);
-        let public = ed25519_dalek::SigningKey::from_bytes(&signing_secret)
-            .verifying_key()
-            .to_bytes();
+        let key = ed25519_dalek::SigningKey::from_bytes(&signing_secret);
+        let public = key.verifying_key().to_bytes();
         if public != me.signing_key() {
             return Err(GroupError::KeyMismatch);
         }
+        check_own_addresses(&me, &own)?;
+        let binding = AddressBinding::sign(
+            &key,
+            BindingBody {
+                subnet: me.subnet(),
+                identity_key: Hex32(public),
+                seal_key: Hex32(own.public_key),
+                mailbox: Hex32(own.mailbox),
+                gateway: Hex32(own.gateway),
+                sequence: now_ms,
+            },
+        )?;
+        let card = MemberCard::new(me.clone(), binding)?;
         let signer = SignatureKeyPair::from_raw(
             CIPHERSUITE.signature_algorithm(),
             signing_secret.to_vec(),
@@ -377,6 +432,7 @@ impl GroupManager {
             signer,
             signing_secret,
             me,
+            card,
             policy,
             config,
             groups: BTreeMap::new(),
@@ -388,6 +444,10 @@ impl GroupManager {
 
     pub fn credential(&self) -> &MemberCredential {
         &self.me
+    }
+    /// This member's card: its credential with its own address binding.
+    pub fn card(&self) -> &MemberCard {
+        &self.card
     }
     pub fn stats(&self) -> GroupStats {
         self.stats
@@ -407,7 +467,7 @@ impl GroupManager {
 
     fn credential_with_key(&self) -> CredentialWithKey {
         CredentialWithKey {
-            credential: BasicCredential::new(self.me.to_bytes()).into(),
+            credential: BasicCredential::new(self.card.to_bytes()).into(),
             signature_key: self.signer.public().into(),
         }
     }
@@ -429,33 +489,33 @@ impl GroupManager {
             .map_err(|e| GroupError::Internal(format!("{e:?}")))
     }
 
-    /// Checks one leaf: credential signature, key binding, own policy at `now_ms`.
+    /// Checks one leaf: credential and binding signatures, key binding, own policy at
+    /// `now_ms`.
     fn check_leaf(
         &self,
         credential: &Credential,
         signature_key: &[u8],
         now_ms: u64,
-    ) -> Result<MemberCredential, GroupError> {
+    ) -> Result<MemberCard, GroupError> {
         let basic =
             BasicCredential::try_from(credential.clone()).map_err(|e| GroupError::Malformed {
                 what: "MLS credential",
                 reason: format!("{e:?}"),
             })?;
-        let cred = shoal_subnet::UncheckedCredential::parse(basic.identity())?
-            .check_signature()?
-            .ignore_validity();
+        let card = MemberCard::parse(basic.identity())?;
+        let cred = card.credential();
         if cred.signing_key().as_slice() != signature_key {
             return Err(GroupError::KeyMismatch);
         }
         if cred.signing_key() != self.me.signing_key() {
             self.policy
-                .may_share_group(&self.me, &cred, now_ms / 1000)
+                .may_share_group(&self.me, cred, now_ms / 1000)
                 .map_err(|refusal| GroupError::Policy {
                     handle: cred.handle().into(),
                     refusal,
                 })?;
         }
-        Ok(cred)
+        Ok(card)
     }
 
     fn join_config() -> MlsGroupJoinConfig {
@@ -482,7 +542,7 @@ impl GroupManager {
         let id = group.group_id().as_slice().to_vec();
         let mut meta = GroupMeta::default();
         meta.known
-            .insert(group.own_leaf_index().u32(), self.me.to_bytes());
+            .insert(group.own_leaf_index().u32(), self.card.to_bytes());
         self.groups.insert(id.clone(), (group, meta));
         self.after_epoch_change(&id, now_ms);
         Ok(id)
@@ -508,7 +568,7 @@ impl GroupManager {
             .map(|(g, _)| g.epoch_authenticator().as_slice().to_vec())
     }
 
-    /// Current members, as their credentials (unchecked for expiry).
+    /// Current members, as their cards (unchecked for expiry).
     pub fn members(&self, group: &[u8]) -> Vec<MemberInfo> {
         let Some((g, _)) = self.groups.get(group) else {
             return Vec::new();
@@ -516,25 +576,18 @@ impl GroupManager {
         g.members()
             .filter_map(|m| {
                 let basic = BasicCredential::try_from(m.credential).ok()?;
-                let cred = shoal_subnet::UncheckedCredential::parse(basic.identity())
-                    .ok()?
-                    .check_signature()
-                    .ok()?
-                    .ignore_validity();
-                Some(MemberInfo {
-                    leaf: m.index.u32(),
-                    credential: cred,
-                })
+                let card = MemberCard::parse(basic.identity()).ok()?;
+                Some(MemberInfo::new(m.index.u32(), card))
             })
             .collect()
     }
 
-    fn others(&self, group: &[u8]) -> Vec<MemberCredential> {
+    fn others(&self, group: &[u8]) -> Vec<MemberCard> {
         let me = self.me.signing_key();
         self.members(group)
             .into_iter()
             .filter(|m| m.credential.signing_key() != me)
-            .map(|m| m.credential)
+            .map(|m| m.card)
             .collect()
     }
 
@@ -595,9 +648,9 @@ impl GroupManager {
                 .validate(self.provider.crypto(), ProtocolVersion::Mls10)
                 .map_err(mls)?;
             let leaf = kp.leaf_node();
-            let cred =
+            let card =
                 self.check_leaf(leaf.credential(), leaf.signature_key().as_slice(), now_ms)?;
-            invitees.push(cred.to_bytes());
+            invitees.push(card.to_bytes());
             kps.push(kp);
         }
         let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
@@ -606,6 +659,20 @@ impl GroupManager {
             .map_err(mls)?;
         let (commit, welcome) = (ser(&commit)?, ser(&welcome)?);
         self.hold_own_commit(group, commit, Some(welcome), invitees, now_ms)
+    }
+
+    /// The card a KeyPackage's leaf carries, checked as a leaf would be (signatures,
+    /// key, own policy): what adding it would really bring in.
+    pub fn key_package_card(&self, bytes: &[u8], now_ms: u64) -> Result<MemberCard, GroupError> {
+        let kp = KeyPackageIn::tls_deserialize_exact(bytes)
+            .map_err(|e| GroupError::Malformed {
+                what: "key package",
+                reason: format!("{e:?}"),
+            })?
+            .validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(mls)?;
+        let leaf = kp.leaf_node();
+        self.check_leaf(leaf.credential(), leaf.signature_key().as_slice(), now_ms)
     }
 
     /// Invites one member; see [`Self::add_members`].
@@ -658,6 +725,22 @@ impl GroupManager {
     ) -> Result<(), GroupError> {
         let leaf = self.leaf_of(group, handle)?;
         self.remove_leaves(group, &[leaf.u32()], now_ms)
+    }
+
+    /// Removes the member whose identity key is `key` (unambiguous, unlike a handle).
+    pub fn remove_key(
+        &mut self,
+        group: &[u8],
+        key: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<(), GroupError> {
+        let leaf = self
+            .members(group)
+            .into_iter()
+            .find(|m| m.credential.signing_key() == *key && *key != self.me.signing_key())
+            .map(|m| m.leaf)
+            .ok_or_else(|| GroupError::UnknownMember(hex_short(key)))?;
+        self.remove_leaves(group, &[leaf], now_ms)
     }
 
     /// Members this member's policy now refuses (revoked, expired, no longer
@@ -755,6 +838,7 @@ impl GroupManager {
             })?;
         let recipients = self.others(group);
         for r in &recipients {
+            let r = r.credential();
             self.policy
                 .may_send(&self.me, r, now_ms / 1000)
                 .map_err(|refusal| GroupError::Policy {
@@ -926,7 +1010,7 @@ impl GroupManager {
                     return Err(GroupError::Diverged { epoch });
                 }
                 let from = match self.check_leaf(&cred, &sig_key, now_ms) {
-                    Ok(c) => c,
+                    Ok(c) => c.credential().clone(),
                     Err(GroupError::Policy { handle, refusal }) => {
                         self.policy_drop(id, handle, refusal);
                         return Ok(());
@@ -1049,13 +1133,7 @@ impl GroupManager {
                 let recipients = w
                     .invitees
                     .iter()
-                    .filter_map(|b| {
-                        shoal_subnet::UncheckedCredential::parse(b)
-                            .ok()?
-                            .check_signature()
-                            .ok()
-                            .map(|c| c.ignore_validity())
-                    })
+                    .filter_map(|b| MemberCard::parse(b).ok())
                     .collect();
                 self.outgoing.push_back(GroupOutgoing {
                     group: id.to_vec(),
@@ -1113,10 +1191,7 @@ impl GroupManager {
             match self.check_leaf(&cred, &key, now_ms) {
                 Ok(c) => {
                     known.insert(leaf, c.to_bytes());
-                    infos.push(MemberInfo {
-                        leaf,
-                        credential: c,
-                    });
+                    infos.push(MemberInfo::new(leaf, c));
                 }
                 Err(GroupError::Policy { handle, refusal }) => {
                     refused.get_or_insert((handle, refusal));
@@ -1131,36 +1206,28 @@ impl GroupManager {
                 }
             }
         }
-        let parse = |b: &Vec<u8>| {
-            shoal_subnet::UncheckedCredential::parse(b)
-                .ok()
-                .map(|c| c.dangerously_assume_signed().ignore_validity())
-        };
         for (leaf, bytes) in &old {
             if !known.contains_key(leaf)
-                && let Some(c) = parse(bytes)
+                && let Ok(c) = MemberCard::parse(bytes)
             {
                 self.events.push_back(GroupEvent::MemberRemoved {
                     group: group.clone(),
-                    member: MemberInfo {
-                        leaf: *leaf,
-                        credential: c,
-                    },
+                    member: MemberInfo::new(*leaf, c),
                 });
             }
         }
         for m in &infos {
             match old.get(&m.leaf) {
-                Some(b) if *b == m.credential.to_bytes() => {}
+                Some(b) if *b == m.card.to_bytes() => {}
                 Some(_) => self.events.push_back(GroupEvent::KeyChanged {
                     group: group.clone(),
                     member: m.clone(),
                 }),
                 None if !old.is_empty() || m.credential.signing_key() != self.me.signing_key() => {
+                    // Same handle, any subnet: a look-alike from a federated subnet
+                    // is as dangerous as a second key in one's own.
                     if let Some(existing) = infos.iter().find(|o| {
-                        o.leaf != m.leaf
-                            && o.credential.handle() == m.credential.handle()
-                            && o.credential.subnet() == m.credential.subnet()
+                        o.leaf != m.leaf && o.credential.handle() == m.credential.handle()
                     }) {
                         self.events.push_back(GroupEvent::DuplicateHandle {
                             group: group.clone(),
@@ -1216,7 +1283,7 @@ impl GroupManager {
             .collect();
         let snap = Snapshot {
             signing_secret: self.signing_secret.to_vec(),
-            credential: self.me.to_bytes(),
+            card: self.card.to_bytes(),
             policy: self.policy.signed().to_bytes(),
             config: self.config,
             store,
@@ -1243,10 +1310,15 @@ impl GroupManager {
                 .try_into()
                 .map_err(|_| bad("signing secret length".into()))?,
         );
-        let unchecked = shoal_subnet::UncheckedCredential::parse(&snap.credential)?;
-        let subnet = unchecked.claimed_subnet();
-        let policy = Policy::verify(&snap.policy, &subnet)?;
-        let me = unchecked.check_signature()?.ignore_validity();
+        let card = MemberCard::parse(&snap.card)?;
+        let me = card.credential().clone();
+        let policy = Policy::verify(&snap.policy, &me.subnet())?;
+        let public = ed25519_dalek::SigningKey::from_bytes(&secret)
+            .verifying_key()
+            .to_bytes();
+        if public != me.signing_key() {
+            return Err(GroupError::KeyMismatch);
+        }
         let signer = SignatureKeyPair::from_raw(
             CIPHERSUITE.signature_algorithm(),
             secret.to_vec(),
@@ -1277,6 +1349,7 @@ impl GroupManager {
             signer,
             signing_secret: secret,
             me,
+            card,
             policy,
             config: snap.config,
             groups,
@@ -1285,6 +1358,12 @@ impl GroupManager {
             stats: snap.stats,
         })
     }
+}
+
+/// The first 4 bytes of a key in hex: enough for a person to tell keys apart in a
+/// list, never used to decide anything.
+pub fn hex_short(key: &[u8]) -> String {
+    key.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

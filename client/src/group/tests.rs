@@ -61,6 +61,16 @@ fn credential(admin: &SubnetAdmin, handle: &str, role: &str, seed: [u8; 32]) -> 
         .unwrap()
 }
 
+/// The address a member with `seed` signs into its binding (what `credential` records).
+fn own(seed: [u8; 32]) -> Contact {
+    Contact {
+        mailbox: seed,
+        gateway: [9; 32],
+        public_key: x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(seed))
+            .to_bytes(),
+    }
+}
+
 fn member(admin: &SubnetAdmin, pol: &Policy, handle: &str, role: &str, seed: u8) -> GroupManager {
     let mut secret = [seed; 32];
     secret[0] = seed.wrapping_add(1);
@@ -68,6 +78,7 @@ fn member(admin: &SubnetAdmin, pol: &Policy, handle: &str, role: &str, seed: u8)
     let cred = credential(admin, handle, role, secret);
     GroupManager::new(
         secret,
+        own(secret),
         &cred,
         pol.clone(),
         GroupConfig {
@@ -85,7 +96,7 @@ fn pump(from: usize, ms: &mut [GroupManager], now: u64) -> Vec<GroupOutgoing> {
         for r in &out.recipients {
             if let Some(i) = ms
                 .iter()
-                .position(|m| m.credential().signing_key() == r.signing_key())
+                .position(|m| m.credential().signing_key() == r.identity_key())
             {
                 let _ = ms[i].handle_message(&out.bytes, now);
             }
@@ -578,6 +589,7 @@ fn leaf_key_must_match_credential_key() {
     assert!(matches!(
         GroupManager::new(
             [82; 32],
+            own([81; 32]),
             &cred_of_bob,
             pa.clone(),
             GroupConfig::default(),

@@ -11,8 +11,17 @@
 //! - **Sending** checks the member's own policy first ([`Policy::may_send`] and
 //!   [`Policy::check_options`]); a refusal is a [`MessengerError::Refused`] that names
 //!   the rule. Output is [`Outgoing`] items (a contact and bytes) for the driver.
-//! - **Receiving** ([`Messenger::handle_incoming`]) checks the sender's credential and
-//!   signature, then the member's *own* policy ([`Policy::may_receive`], options);
+//! - **Identity**: every member travels as a [`MemberCard`] — the admin's credential
+//!   ("this key is member H of subnet S") and the member's own address binding signed
+//!   by that key. Messages are sealed only to a binding's seal key, so an admin cannot
+//!   open or redirect them. Contacts and direct conversations are keyed by (subnet,
+//!   identity key) and pinned on first use ([`PinnedContact`]); a second key for a
+//!   pinned (subnet, handle) raises [`MessengerEvent::KeyChanged`] and its messages
+//!   stay in their own conversation, flagged. [`safety_number`] lets two people check
+//!   their keys out of band.
+//! - **Receiving** ([`Messenger::handle_incoming`]) checks the sender's card and
+//!   signature, drops a replayed direct message (its id is remembered in the state,
+//!   see [`REPLAY_WINDOW_MS`]), then the member's *own* policy ([`Policy::may_receive`], options);
 //!   what policy forbids is dropped and counted ([`Messenger::policy_drops`]), even
 //!   when a modified sender skipped its checks. Group messages are checked by the
 //!   [`GroupManager`] the same way.
@@ -31,25 +40,39 @@
 
 pub mod wire;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
+use sha2_0_11::{Digest, Sha256};
 use shoal_subnet::{
-    MemberCredential, MessageOptions, Policy, PolicyRefusal, SignedCredential, SignedPolicy,
-    SubnetError, SubnetId, UncheckedCredential, UncheckedPolicy,
+    MemberCard, MemberCredential, MessageOptions, Policy, PolicyRefusal, SignedCredential,
+    SignedPolicy, SubnetError, SubnetId, UncheckedPolicy,
 };
+use shoal_topology::Hex32;
 
 use crate::contact::Contact;
 use crate::group::{
     GroupConfig, GroupError, GroupEvent, GroupId, GroupManager, GroupStats, OutgoingKind,
-    contact_of,
+    contact_of, hex_short,
 };
-pub use wire::{DirectMessage, Envelope, Invite, WireError};
+pub use wire::{DirectMessage, Envelope, Invite, Recipient, WireError};
 
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
+/// How long a direct message's id is remembered: one sent earlier than this (by its
+/// own timestamp) is dropped, so a replay is dropped forever however late it comes.
+pub const REPLAY_WINDOW_MS: u64 = 14 * 24 * 3600 * 1000;
+/// A direct message stamped further in the future than this is dropped (it would
+/// otherwise pin its replay entry, and raise the floor, far ahead).
+const MAX_FUTURE_MS: u64 = 3600 * 1000;
+/// Replay entries kept; beyond this the oldest go and the floor rises to them.
+const MAX_REPLAY_ENTRIES: usize = 16_384;
+const DIRECT_ID_DOMAIN: &[u8] = b"shoal direct message id";
+const SAFETY_DOMAIN: &[u8] = b"shoal safety number v1";
+/// Pinned contacts kept; the oldest unconfirmed go first beyond this.
+const MAX_CONTACTS: usize = 4096;
 /// Group messages for groups not joined yet (their Welcome is still on its way) are
 /// kept this long, at most `max_parked` of them.
 const PARK_MS: u64 = 10 * 60 * 1000;
@@ -64,6 +87,11 @@ pub struct MessengerConfig {
     pub max_parked: usize,
     /// Invites received over the network that are kept for the user.
     pub max_invites: usize,
+    /// Test-only: trust the address fields of the admin's credential (the rule before
+    /// address bindings), so the rogue suite can show the attack it stops.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub dangerously_trust_admin_addresses: bool,
 }
 
 impl Default for MessengerConfig {
@@ -73,6 +101,7 @@ impl Default for MessengerConfig {
             max_inbox: 10_000,
             max_parked: 256,
             max_invites: 64,
+            dangerously_trust_admin_addresses: false,
         }
     }
 }
@@ -92,6 +121,17 @@ pub enum MessengerError {
     Malformed { what: &'static str, reason: String },
     #[error("messenger snapshot: {0}")]
     Snapshot(String),
+    /// An invite whose owner's key the user has not confirmed (its card was not pasted,
+    /// nor the invite accepted).
+    #[error("{0} is not a confirmed contact: compare safety numbers, then accept their card")]
+    NotConfirmed(String),
+    /// The invite's card and the key package inside it name different members.
+    #[error("the invite's card and key package belong to different members")]
+    InviteMismatch,
+    #[error("no contact {0}")]
+    UnknownContact(String),
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 impl From<GroupError> for MessengerError {
@@ -169,6 +209,12 @@ pub struct StoredMessage {
     pub id: u64,
     pub from: String,
     pub from_subnet: SubnetId,
+    /// The sender's identity key: with `from_subnet`, what the conversation is keyed by.
+    pub from_key: Hex32,
+    /// The sender's key is not the one first pinned for its (subnet, handle), and the
+    /// user has not confirmed it: show an alert with it.
+    #[serde(default)]
+    pub key_alert: bool,
     /// The group it was sent to; `None` for a direct message.
     #[serde(with = "b64_opt")]
     pub group: Option<GroupId>,
@@ -185,7 +231,7 @@ impl StoredMessage {
     pub fn conversation(&self) -> Conversation<'_> {
         match &self.group {
             Some(g) => Conversation::Group(g),
-            None => Conversation::Direct(&self.from),
+            None => Conversation::Direct(self.from_subnet, self.from_key),
         }
     }
 }
@@ -200,13 +246,15 @@ impl std::fmt::Debug for StoredMessage {
     }
 }
 
-/// An invite that arrived over the network, kept until the user acts on it.
+/// An invite that arrived over the network, kept until the user acts on it. Used
+/// only by the identity key it came from, once the user has confirmed that key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceivedInvite {
     pub handle: String,
     pub subnet: SubnetId,
+    pub identity_key: Hex32,
     #[serde(with = "b64")]
-    pub credential: Vec<u8>,
+    pub card: Vec<u8>,
     #[serde(with = "b64")]
     pub key_package: Vec<u8>,
 }
@@ -214,9 +262,138 @@ pub struct ReceivedInvite {
 impl ReceivedInvite {
     pub fn invite(&self) -> Invite {
         Invite {
-            credential: self.credential.clone(),
+            card: self.card.clone(),
             key_package: self.key_package.clone(),
         }
+    }
+}
+
+/// A contact as pinned on first use: keyed by (subnet, identity key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedContact {
+    pub subnet: SubnetId,
+    pub identity_key: Hex32,
+    /// The handle its newest credential carries (for display; never a lookup key alone).
+    pub handle: String,
+    /// The user vouched for this key: pasted its card, accepted its invite or its key
+    /// change. Only confirmed contacts' network invites are used.
+    pub confirmed: bool,
+    /// Another key was pinned first for this (subnet, handle): this one is a key
+    /// change (a new device, or an admin impersonating the person) until confirmed.
+    pub replaces: Option<Hex32>,
+    /// The newest card seen (its binding says where to reach the contact).
+    #[serde(with = "b64")]
+    pub card: Vec<u8>,
+    pub first_seen_ms: u64,
+}
+
+impl PinnedContact {
+    /// Shown with an alert: a key change the user has not confirmed.
+    pub fn alert(&self) -> bool {
+        self.replaces.is_some() && !self.confirmed
+    }
+    /// `handle@subnet` (the subnet's first 4 bytes), terminal-safe.
+    pub fn display(&self) -> String {
+        display_name(&self.handle, &self.subnet)
+    }
+}
+
+/// `handle@abcd0123`: a handle with the start of its subnet id, terminal-safe. Every
+/// handle shown to a user is shown so, since handles are unique only per subnet.
+pub fn display_name(handle: &str, subnet: &SubnetId) -> String {
+    format!("{}@{}", terminal_safe(handle), hex_short(&subnet.0))
+}
+
+/// Untrusted text made safe for a terminal: control characters (escape sequences,
+/// newlines, bidi overrides) become spaces.
+pub fn terminal_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The safety number of two identity keys, as Signal shows it: for each key, 30
+/// digits from SHA-256 of the key (six 5-byte chunks, each mod 100000), the two
+/// halves sorted so both people see the same 60 digits, in groups of five.
+pub fn safety_number(a: &[u8; 32], b: &[u8; 32]) -> String {
+    let half = |k: &[u8; 32]| -> String {
+        let mut h = Sha256::new();
+        h.update(SAFETY_DOMAIN);
+        h.update(k);
+        let d = h.finalize();
+        (0..6)
+            .map(|i| {
+                let c = &d[i * 5..i * 5 + 5];
+                let n = c.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+                format!("{:05}", n % 100_000)
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (x, y) = (half(a), half(b));
+    let (lo, hi) = if x <= y { (x, y) } else { (y, x) };
+    format!("{lo} {hi}")
+}
+
+/// Direct-message ids already seen, bounded; see [`REPLAY_WINDOW_MS`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplaySet {
+    /// (sent unix ms, 8 bytes of SHA-256(sender key, id)).
+    entries: Vec<(u64, u64)>,
+    /// Messages sent at or before this are dropped (raised when entries are evicted).
+    floor_ms: u64,
+    #[serde(skip)]
+    index: HashMap<u64, u64>,
+}
+
+impl ReplaySet {
+    fn rebuild(&mut self) {
+        self.entries.sort_unstable();
+        self.index = self.entries.iter().map(|(t, k)| (*k, *t)).collect();
+    }
+
+    /// True if the message is new (and now remembered); false for a replay or one too
+    /// old or too far ahead to judge.
+    fn check_and_insert(&mut self, sender: &[u8; 32], id: &[u8; 16], sent: u64, now: u64) -> bool {
+        let floor = self.floor_ms.max(now.saturating_sub(REPLAY_WINDOW_MS));
+        if sent <= floor || sent > now.saturating_add(MAX_FUTURE_MS) {
+            return false;
+        }
+        let mut h = Sha256::new();
+        h.update(sender);
+        h.update(id);
+        let d = h.finalize();
+        let mut k = [0u8; 8];
+        k.copy_from_slice(&d[..8]);
+        let key = u64::from_be_bytes(k);
+        if self.index.contains_key(&key) {
+            return false;
+        }
+        // Entries are kept sorted by time; drop the expired, then the oldest if full.
+        let expired = self.entries.partition_point(|(t, _)| *t <= floor);
+        for (_, k) in self.entries.drain(..expired) {
+            self.index.remove(&k);
+        }
+        if self.entries.len() >= MAX_REPLAY_ENTRIES {
+            let (t, k) = self.entries.remove(0);
+            self.index.remove(&k);
+            self.floor_ms = self.floor_ms.max(t);
+            if sent <= self.floor_ms {
+                return false;
+            }
+        }
+        let at = self.entries.partition_point(|e| *e <= (sent, key));
+        self.entries.insert(at, (sent, key));
+        self.index.insert(key, sent);
+        true
     }
 }
 
@@ -251,6 +428,10 @@ pub struct MessengerStats {
     pub burnt: u64,
     /// Envelopes that failed to decode or verify.
     pub malformed: u64,
+    /// Direct messages dropped as replays (or too old / too far ahead to tell).
+    pub replays_dropped: u64,
+    /// Direct messages or invites from a second key for a pinned (subnet, handle).
+    pub key_changes: u64,
     /// Group messages that arrived before their group was joined and were dropped.
     pub parked_dropped: u64,
     /// Group operations that failed on receipt (stale, diverged, undecryptable).
@@ -266,8 +447,21 @@ pub enum MessengerEvent {
     Message {
         id: u64,
         from: String,
+        subnet: SubnetId,
+        key: Hex32,
+        /// From an unconfirmed changed key (see [`StoredMessage::key_alert`]).
+        key_alert: bool,
         group: Option<GroupId>,
         body: Vec<u8>,
+    },
+    /// A second identity key for a pinned (subnet, handle): a new device, or someone
+    /// (an admin) impersonating the person. Its messages stay in their own
+    /// conversation until the user confirms it ([`Messenger::confirm_contact`]).
+    KeyChanged {
+        subnet: SubnetId,
+        handle: String,
+        old_key: Hex32,
+        new_key: Hex32,
     },
     /// A message dropped because this member's policy forbids it, counted.
     PolicyDrop {
@@ -277,8 +471,14 @@ pub enum MessengerEvent {
     },
     /// A newer policy of this member's subnet is in force.
     PolicyUpdated { version: u64 },
-    /// Someone sent an invite (credential + KeyPackage).
-    InviteReceived { handle: String },
+    /// Someone sent an invite (card + KeyPackage). `confirmed`: from a key the user
+    /// confirmed; otherwise it is used only after [`Messenger::confirm_contact`].
+    InviteReceived {
+        handle: String,
+        subnet: SubnetId,
+        key: Hex32,
+        confirmed: bool,
+    },
     /// Everything else from the groups (joined, members added/removed, refused, …).
     Group(GroupEvent),
 }
@@ -298,11 +498,11 @@ pub struct GroupSummary {
 }
 
 /// One conversation of the inbox as a user opens it: a group, or the direct messages
-/// from one handle.
+/// from one (subnet, identity key) — never from a handle, which an admin can re-mint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Conversation<'a> {
     Group(&'a [u8]),
-    Direct(&'a str),
+    Direct(SubnetId, Hex32),
 }
 
 /// What [`Messenger::snapshot`] returns: the MLS state (secret keys included) and the
@@ -325,6 +525,9 @@ struct State {
     leaving: Vec<GroupId>,
     invites: Vec<ReceivedInvite>,
     stats: MessengerStats,
+    contacts: Vec<PinnedContact>,
+    replay: ReplaySet,
+    next_direct: u64,
 }
 
 mod ids_b64 {
@@ -358,6 +561,10 @@ pub struct Messenger {
     parked: Vec<Parked>,
     leaving: BTreeSet<GroupId>,
     invites: Vec<ReceivedInvite>,
+    contacts: Vec<PinnedContact>,
+    replay: ReplaySet,
+    /// Counter mixed into direct-message ids.
+    next_direct: u64,
     outgoing: VecDeque<Outgoing>,
     events: VecDeque<MessengerEvent>,
     stats: MessengerStats,
@@ -377,16 +584,27 @@ impl std::fmt::Debug for Messenger {
 }
 
 impl Messenger {
-    /// `signing_secret` is the Ed25519 secret whose public key `credential` names;
-    /// `policy` the newest policy of the credential's subnet.
+    /// `signing_secret` is the Ed25519 identity secret whose public key `credential`
+    /// names; `own` is where this client is reached (its seal key, mailbox and
+    /// gateway), which the member signs into its own address binding; `policy` the
+    /// newest policy of the credential's subnet. A credential for another key, or
+    /// naming addresses that are not `own`, is refused.
     pub fn new(
         signing_secret: [u8; 32],
+        own: Contact,
         credential: &SignedCredential,
         policy: Policy,
         config: MessengerConfig,
         now_ms: u64,
     ) -> Result<Self, MessengerError> {
-        let groups = GroupManager::new(signing_secret, credential, policy, config.groups, now_ms)?;
+        let groups = GroupManager::new(
+            signing_secret,
+            own,
+            credential,
+            policy,
+            config.groups,
+            now_ms,
+        )?;
         if groups.policy().body().subnet != groups.credential().subnet() {
             return Err(MessengerError::Subnet(SubnetError::WrongSubnet {
                 what: "subnet policy",
@@ -406,6 +624,9 @@ impl Messenger {
             parked: Vec::new(),
             leaving: BTreeSet::new(),
             invites: Vec::new(),
+            contacts: Vec::new(),
+            replay: ReplaySet::default(),
+            next_direct: 0,
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
             stats: MessengerStats::default(),
@@ -416,6 +637,23 @@ impl Messenger {
 
     pub fn credential(&self) -> &MemberCredential {
         self.groups.credential()
+    }
+    /// This member's card: credential and own address binding (what contacts need).
+    pub fn card(&self) -> &MemberCard {
+        self.groups.card()
+    }
+    /// Where messages to `card` go: its own binding (or, only with the test-only
+    /// switch, the admin's credential fields, the old rule).
+    fn contact_for(&self, card: &MemberCard) -> Contact {
+        if self.config.dangerously_trust_admin_addresses {
+            let b = card.credential().body();
+            return Contact {
+                mailbox: b.mailbox.0,
+                gateway: b.gateway.0,
+                public_key: b.seal_key.0,
+            };
+        }
+        contact_of(card)
     }
     pub fn policy(&self) -> &Policy {
         self.groups.policy()
@@ -454,7 +692,7 @@ impl Messenger {
         let key_package = self.groups.key_package()?;
         self.dirty = true;
         Ok(Invite {
-            credential: self.credential().to_bytes(),
+            card: self.card().to_bytes(),
             key_package,
         })
     }
@@ -479,16 +717,17 @@ impl Messenger {
         })
     }
 
-    /// Sends a signed 1:1 message to `to`, if this member's policy allows it.
+    /// Sends a signed 1:1 message to the member of `to` (sealed to its own binding), if
+    /// this member's policy allows it.
     pub fn send_direct(
         &mut self,
-        to: &MemberCredential,
+        to: &MemberCard,
         options: MessageOptions,
         body: &[u8],
         now_ms: u64,
     ) -> Result<(), MessengerError> {
-        self.check_send(to, Some(&options), now_ms)?;
-        self.dangerously_send_direct_ignoring_policy(to, options, body);
+        self.check_send(to.credential(), Some(&options), now_ms)?;
+        self.dangerously_send_direct_ignoring_policy(to, options, body, now_ms);
         Ok(())
     }
 
@@ -496,36 +735,53 @@ impl Messenger {
     /// tests of recipient-side enforcement only.
     pub fn dangerously_send_direct_ignoring_policy(
         &mut self,
-        to: &MemberCredential,
+        to: &MemberCard,
         options: MessageOptions,
         body: &[u8],
+        now_ms: u64,
     ) {
+        let id = self.direct_id(now_ms);
         let msg = DirectMessage::sign(
             &self.key,
-            self.credential().to_bytes(),
-            &to.signing_key(),
+            self.card().to_bytes(),
+            &Recipient {
+                identity_key: to.identity_key(),
+                subnet: to.subnet().0,
+            },
+            now_ms,
+            id,
             options,
             body.to_vec(),
         );
         self.stats.direct_sent += 1;
         self.dirty = true;
         self.outgoing.push_back(Outgoing {
-            to: contact_of(to),
+            to: self.contact_for(to),
             what: OutgoingWhat::Direct,
             bytes: Envelope::Direct(msg).encode(),
         });
     }
 
+    /// A fresh id: unique per sender because the counter is persisted with the state.
+    fn direct_id(&mut self, now_ms: u64) -> [u8; 16] {
+        self.next_direct += 1;
+        let mut h = Sha256::new();
+        h.update(DIRECT_ID_DOMAIN);
+        h.update(self.card().identity_key());
+        h.update(now_ms.to_be_bytes());
+        h.update(self.next_direct.to_be_bytes());
+        let d = h.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&d[..16]);
+        id
+    }
+
     /// Sends this member's invite to `to` (who may then add it to a group).
-    pub fn send_invite(
-        &mut self,
-        to: &MemberCredential,
-        now_ms: u64,
-    ) -> Result<(), MessengerError> {
-        self.check_send(to, None, now_ms)?;
+    pub fn send_invite(&mut self, to: &MemberCard, now_ms: u64) -> Result<(), MessengerError> {
+        self.check_send(to.credential(), None, now_ms)?;
         let invite = self.invite()?;
         self.outgoing.push_back(Outgoing {
-            to: contact_of(to),
+            to: self.contact_for(to),
             what: OutgoingWhat::Invite,
             bytes: Envelope::Invite(invite).encode(),
         });
@@ -535,6 +791,158 @@ impl Messenger {
     /// Invites received over the network, oldest first.
     pub fn received_invites(&self) -> &[ReceivedInvite] {
         &self.invites
+    }
+
+    /// The newest network invite from the identity key (`subnet`, `key`), only if the
+    /// user confirmed that key. Never chosen by handle: a look-alike is another key.
+    pub fn invite_from(&self, subnet: &SubnetId, key: &Hex32) -> Option<Invite> {
+        if !self.contact(subnet, key).is_some_and(|c| c.confirmed) {
+            return None;
+        }
+        self.invites
+            .iter()
+            .rev()
+            .find(|i| i.subnet == *subnet && i.identity_key == *key)
+            .map(ReceivedInvite::invite)
+    }
+
+    /// Contacts pinned so far, oldest first.
+    pub fn contacts(&self) -> &[PinnedContact] {
+        &self.contacts
+    }
+
+    pub fn contact(&self, subnet: &SubnetId, key: &Hex32) -> Option<&PinnedContact> {
+        self.contacts
+            .iter()
+            .find(|c| c.subnet == *subnet && c.identity_key == *key)
+    }
+
+    /// The contact a person typed: `handle` or `handle@abcd` (a start of the subnet id in
+    /// hex). Confirmed contacts win over unconfirmed ones; two that still match is an
+    /// error naming both, never a guess.
+    pub fn find_contact(&self, query: &str) -> Result<&PinnedContact, MessengerError> {
+        let (handle, subnet) = match query.trim().rsplit_once('@') {
+            Some((h, s)) => (h, Some(s.to_ascii_lowercase())),
+            None => (query.trim(), None),
+        };
+        let hits: Vec<&PinnedContact> = self
+            .contacts
+            .iter()
+            .filter(|c| {
+                c.handle == handle
+                    && subnet
+                        .as_ref()
+                        .is_none_or(|s| hex_full(&c.subnet.0).starts_with(s.as_str()))
+            })
+            .collect();
+        let confirmed: Vec<&PinnedContact> = hits.iter().copied().filter(|c| c.confirmed).collect();
+        let pick = if confirmed.is_empty() {
+            hits
+        } else {
+            confirmed
+        };
+        match pick.as_slice() {
+            [one] => Ok(one),
+            [] => Err(MessengerError::UnknownContact(terminal_safe(query))),
+            many => Err(MessengerError::Ambiguous(format!(
+                "{} could be {}: say which, e.g. with handle@subnet",
+                terminal_safe(query),
+                many.iter()
+                    .map(|c| format!("{} (key {})", c.display(), hex_short(&c.identity_key.0)))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ))),
+        }
+    }
+
+    /// The user vouches for `card` (pasted it, or checked its safety number): pins its
+    /// key as confirmed. Returns the pinned contact.
+    pub fn confirm_card(&mut self, card: &MemberCard, now_ms: u64) -> PinnedContact {
+        self.observe(card, now_ms);
+        self.confirm_contact(&card.subnet(), &Hex32(card.identity_key()));
+        self.contact(&card.subnet(), &Hex32(card.identity_key()))
+            .cloned()
+            .unwrap_or_else(|| unreachable_contact(card, now_ms))
+    }
+
+    /// The user accepts a pinned key (a new contact's invite, or a key change). False
+    /// if no such contact.
+    pub fn confirm_contact(&mut self, subnet: &SubnetId, key: &Hex32) -> bool {
+        let Some(c) = self
+            .contacts
+            .iter_mut()
+            .find(|c| c.subnet == *subnet && c.identity_key == *key)
+        else {
+            return false;
+        };
+        c.confirmed = true;
+        self.dirty = true;
+        for m in self
+            .inbox
+            .iter_mut()
+            .filter(|m| m.from_subnet == *subnet && m.from_key == *key)
+        {
+            m.key_alert = false;
+        }
+        true
+    }
+
+    /// The safety number of this member's identity key and `key`.
+    pub fn safety_number_with(&self, key: &Hex32) -> String {
+        safety_number(&self.card().identity_key(), &key.0)
+    }
+
+    /// Pins `card` on first use; a second key for a pinned (subnet, handle) is pinned
+    /// apart, unconfirmed, with a [`MessengerEvent::KeyChanged`]. Returns whether the
+    /// key is an unconfirmed key change (its messages carry an alert).
+    fn observe(&mut self, card: &MemberCard, now_ms: u64) -> bool {
+        let subnet = card.subnet();
+        let key = Hex32(card.identity_key());
+        self.dirty = true;
+        if let Some(c) = self
+            .contacts
+            .iter_mut()
+            .find(|c| c.subnet == subnet && c.identity_key == key)
+        {
+            // The same key: a newer binding (new address) or credential replaces.
+            let newer = MemberCard::parse(&c.card)
+                .map(|old| old.binding().body().sequence < card.binding().body().sequence)
+                .unwrap_or(true);
+            if newer {
+                c.card = card.to_bytes();
+                c.handle = card.handle().to_string();
+            }
+            return c.alert();
+        }
+        let old = self
+            .contacts
+            .iter()
+            .find(|c| c.subnet == subnet && c.handle == card.handle() && c.replaces.is_none())
+            .map(|c| c.identity_key);
+        if let Some(old_key) = old {
+            self.stats.key_changes += 1;
+            self.events.push_back(MessengerEvent::KeyChanged {
+                subnet,
+                handle: card.handle().to_string(),
+                old_key,
+                new_key: key,
+            });
+        }
+        if self.contacts.len() >= MAX_CONTACTS
+            && let Some(i) = self.contacts.iter().position(|c| !c.confirmed)
+        {
+            self.contacts.remove(i);
+        }
+        self.contacts.push(PinnedContact {
+            subnet,
+            identity_key: key,
+            handle: card.handle().to_string(),
+            confirmed: false,
+            replaces: old,
+            card: card.to_bytes(),
+            first_seen_ms: now_ms,
+        });
+        old.is_some()
     }
 
     pub fn create_group(&mut self, now_ms: u64) -> Result<GroupId, MessengerError> {
@@ -552,10 +960,18 @@ impl Messenger {
         now_ms: u64,
     ) -> Result<(), MessengerError> {
         for i in invites {
-            let cred = UncheckedCredential::parse(&i.credential)?
-                .check_signature()?
-                .ignore_validity();
-            self.check_send(&cred, None, now_ms)?;
+            let card = MemberCard::parse(&i.card)?;
+            let in_kp = self.groups.key_package_card(&i.key_package, now_ms)?;
+            if in_kp.identity_key() != card.identity_key() || in_kp.subnet() != card.subnet() {
+                return Err(MessengerError::InviteMismatch);
+            }
+            self.check_send(card.credential(), None, now_ms)?;
+        }
+        for i in invites {
+            // The caller chose these invites: adding someone is vouching for them.
+            if let Ok(card) = MemberCard::parse(&i.card) {
+                self.confirm_card(&card, now_ms);
+            }
         }
         let kps: Vec<&[u8]> = invites.iter().map(|i| i.key_package.as_slice()).collect();
         let result = self.groups.add_members(group, &kps, now_ms);
@@ -641,24 +1057,33 @@ impl Messenger {
             Ok(Envelope::Direct(d)) => self.on_direct(d, now_ms),
             Ok(Envelope::Mls(b)) => self.on_mls(b, now_ms, true),
             Ok(Envelope::Policy(b)) => self.on_policy(&b),
-            Ok(Envelope::Invite(i)) => self.on_invite(i),
+            Ok(Envelope::Invite(i)) => self.on_invite(i, now_ms),
             Err(_) => self.stats.malformed += 1,
         }
         self.pump_groups(now_ms);
     }
 
     fn on_direct(&mut self, d: DirectMessage, now_ms: u64) {
-        let Ok(cred) = UncheckedCredential::parse(&d.credential)
-            .and_then(UncheckedCredential::check_signature)
-            .map(|c| c.ignore_validity())
-        else {
+        let Ok(card) = MemberCard::parse(&d.card) else {
             self.stats.malformed += 1;
             return;
         };
-        if !d.verify(&cred.signing_key(), &self.credential().signing_key()) {
+        let me = Recipient {
+            identity_key: self.card().identity_key(),
+            subnet: self.card().subnet().0,
+        };
+        if !d.verify(&card.identity_key(), &me) {
             self.stats.malformed += 1;
             return;
         }
+        if !self
+            .replay
+            .check_and_insert(&card.identity_key(), &d.id, d.sent_unix_ms, now_ms)
+        {
+            self.stats.replays_dropped += 1;
+            return;
+        }
+        let cred = card.credential().clone();
         let policy = self.groups.policy();
         let verdict = policy
             .may_receive(self.groups.credential(), &cred, now_ms / 1000)
@@ -673,12 +1098,14 @@ impl Messenger {
             return;
         }
         self.stats.direct_received += 1;
-        self.store(&cred, None, d.options, d.body, now_ms);
+        let key_alert = self.observe(&card, now_ms);
+        self.store(&cred, key_alert, None, d.options, d.body, now_ms);
     }
 
     fn store(
         &mut self,
         from: &MemberCredential,
+        key_alert: bool,
         group: Option<GroupId>,
         options: MessageOptions,
         body: Vec<u8>,
@@ -686,9 +1113,13 @@ impl Messenger {
     ) {
         let id = self.next_id;
         self.next_id += 1;
+        let key = Hex32(from.signing_key());
         self.events.push_back(MessengerEvent::Message {
             id,
             from: from.handle().into(),
+            subnet: from.subnet(),
+            key,
+            key_alert,
             group: group.clone(),
             body: body.clone(),
         });
@@ -696,6 +1127,8 @@ impl Messenger {
             id,
             from: from.handle().into(),
             from_subnet: from.subnet(),
+            from_key: key,
+            key_alert,
             group,
             body,
             received_unix_ms: now_ms,
@@ -750,11 +1183,8 @@ impl Messenger {
         }
     }
 
-    fn on_invite(&mut self, invite: Invite) {
-        let Ok(cred) = UncheckedCredential::parse(&invite.credential)
-            .and_then(UncheckedCredential::check_signature)
-            .map(|c| c.ignore_validity())
-        else {
+    fn on_invite(&mut self, invite: Invite, now_ms: u64) {
+        let Ok(card) = MemberCard::parse(&invite.card) else {
             self.stats.malformed += 1;
             return;
         };
@@ -762,13 +1192,21 @@ impl Messenger {
         if self.invites.len() >= self.config.max_invites {
             self.invites.remove(0);
         }
+        self.observe(&card, now_ms);
+        let subnet = card.subnet();
+        let key = Hex32(card.identity_key());
+        let confirmed = self.contact(&subnet, &key).is_some_and(|c| c.confirmed);
         self.events.push_back(MessengerEvent::InviteReceived {
-            handle: cred.handle().into(),
+            handle: card.handle().into(),
+            subnet,
+            key,
+            confirmed,
         });
         self.invites.push(ReceivedInvite {
-            handle: cred.handle().into(),
-            subnet: cred.subnet(),
-            credential: invite.credential,
+            handle: card.handle().into(),
+            subnet,
+            identity_key: key,
+            card: invite.card,
             key_package: invite.key_package,
         });
     }
@@ -782,7 +1220,7 @@ impl Messenger {
                 let env = Envelope::Mls(out.bytes).encode();
                 for r in &out.recipients {
                     self.outgoing.push_back(Outgoing {
-                        to: contact_of(r),
+                        to: self.contact_for(r),
                         what: OutgoingWhat::Group(out.kind),
                         bytes: env.clone(),
                     });
@@ -797,7 +1235,7 @@ impl Messenger {
                         body,
                     } => {
                         self.stats.group_received += 1;
-                        self.store(&from, Some(group), options, body, now_ms);
+                        self.store(&from, false, Some(group), options, body, now_ms);
                     }
                     GroupEvent::PolicyDrop {
                         group,
@@ -943,6 +1381,9 @@ impl Messenger {
             leaving: self.leaving.iter().cloned().collect(),
             invites: self.invites.clone(),
             stats: self.stats,
+            contacts: self.contacts.clone(),
+            replay: self.replay.clone(),
+            next_direct: self.next_direct,
         };
         Ok(MessengerSnapshot {
             groups: self.groups.snapshot()?,
@@ -968,9 +1409,30 @@ impl Messenger {
         m.leaving = state.leaving.into_iter().collect();
         m.invites = state.invites;
         m.stats = state.stats;
+        m.contacts = state.contacts;
+        m.replay = state.replay;
+        m.replay.rebuild();
+        m.next_direct = state.next_direct;
         m.dirty = false;
         m.expire(now_ms);
         Ok(m)
+    }
+}
+
+fn hex_full(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Only reached if a contact was pinned and then not found, which `observe` rules out.
+fn unreachable_contact(card: &MemberCard, now_ms: u64) -> PinnedContact {
+    PinnedContact {
+        subnet: card.subnet(),
+        identity_key: Hex32(card.identity_key()),
+        handle: card.handle().to_string(),
+        confirmed: true,
+        replaces: None,
+        card: card.to_bytes(),
+        first_seen_ms: now_ms,
     }
 }
 

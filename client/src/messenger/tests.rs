@@ -67,7 +67,13 @@ fn member(admin: &SubnetAdmin, pol: &Policy, handle: &str, role: &str, seed: u8)
         },
         ..MessengerConfig::default()
     };
-    Messenger::new(secret, &cred, pol.clone(), config, NOW).unwrap()
+    let own = Contact {
+        mailbox: secret,
+        gateway: [9; 32],
+        public_key: x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret))
+            .to_bytes(),
+    };
+    Messenger::new(secret, own, &cred, pol.clone(), config, NOW).unwrap()
 }
 
 /// Delivers everything queued, repeatedly, to whoever owns the mailbox; returns how many
@@ -82,7 +88,7 @@ fn deliver(ms: &mut [Messenger], now: u64) -> usize {
                 moved += 1;
                 if let Some(j) = ms
                     .iter()
-                    .position(|m| m.credential().body().mailbox.0 == out.to.mailbox)
+                    .position(|m| m.card().binding().body().mailbox.0 == out.to.mailbox)
                 {
                     ms[j].handle_incoming(&out.bytes, now);
                 }
@@ -138,8 +144,8 @@ fn world() -> World {
     World { a, ms }
 }
 
-fn cred(ms: &[Messenger], i: usize) -> MemberCredential {
-    ms[i].credential().clone()
+fn cred(ms: &[Messenger], i: usize) -> MemberCard {
+    ms[i].card().clone()
 }
 
 /// ana creates a group and adds `others`; returns its id once everyone joined.
@@ -186,7 +192,7 @@ fn direct_policy_refused_at_sender_and_dropped_at_recipient() {
     assert_eq!(ms[4].stats().sends_refused, 1);
     assert_eq!(deliver(&mut ms, NOW), 0, "nothing was sent");
     // A modified client skips its check: ana's client drops and counts it.
-    ms[4].dangerously_send_direct_ignoring_policy(&ana, OPTS, b"let me in");
+    ms[4].dangerously_send_direct_ignoring_policy(&ana, OPTS, b"let me in", NOW);
     assert_eq!(deliver(&mut ms, NOW), 1);
     assert_eq!(ms[0].policy_drops(), 1);
     assert!(ms[0].peek().is_empty());
@@ -207,7 +213,7 @@ fn direct_policy_refused_at_sender_and_dropped_at_recipient() {
             ..
         })
     ));
-    ms[0].dangerously_send_direct_ignoring_policy(&bo, long, b"x");
+    ms[0].dangerously_send_direct_ignoring_policy(&bo, long, b"x", NOW);
     deliver(&mut ms, NOW);
     assert_eq!(ms[3].policy_drops(), 1);
     assert_eq!(ms[3].stats().direct_received, 1);
@@ -265,6 +271,10 @@ fn ttl_expiry_and_burn_on_read() {
 fn reading_one_conversation_burns_only_its_messages() {
     let World { mut ms, .. } = world();
     let al = cred(&ms, 1);
+    let direct = |ms: &[Messenger], i: usize| {
+        let c = ms[i].card();
+        Conversation::Direct(c.subnet(), Hex32(c.identity_key()))
+    };
     let burn = MessageOptions {
         ttl_secs: 600,
         burn_on_read: true,
@@ -277,7 +287,8 @@ fn reading_one_conversation_burns_only_its_messages() {
     assert_eq!(ms[1].peek().len(), 3);
 
     // Opening ana's direct conversation shows and burns only what ana sent directly.
-    let read = ms[1].read_conversation(Conversation::Direct("ana"), NOW + 1);
+    let from_ana = direct(&ms, 0);
+    let read = ms[1].read_conversation(from_ana, NOW + 1);
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].body, b"from ana");
     let mut left: Vec<&[u8]> = ms[1].peek().iter().map(|m| m.body.as_slice()).collect();
@@ -292,13 +303,11 @@ fn reading_one_conversation_burns_only_its_messages() {
     assert_eq!(read[0].body, b"to the group");
     assert_eq!(read[0].conversation(), Conversation::Group(&g));
     assert_eq!(ms[1].peek().len(), 1);
-    assert!(
-        ms[1]
-            .read_conversation(Conversation::Direct("bo"), NOW + 3)
-            .is_empty()
-    );
+    let from_bo = direct(&ms, 3);
+    assert!(ms[1].read_conversation(from_bo, NOW + 3).is_empty());
     assert_eq!(ms[1].peek().len(), 1, "an empty conversation burns nothing");
-    ms[1].read_conversation(Conversation::Direct("ax"), NOW + 4);
+    let ax = direct(&ms, 2);
+    ms[1].read_conversation(ax, NOW + 4);
     assert!(ms[1].peek().is_empty());
     assert_eq!(ms[1].stats().burnt, 3);
 }
@@ -359,7 +368,7 @@ fn revocation_removes_the_member_at_the_next_commit() {
     let World { a, mut ms } = world();
     let b = SubnetAdmin::from_secret([0xb2; 32]);
     let g = form_group(&mut ms, &[1, 2, 3], NOW);
-    let ax_key = cred(&ms, 2).signing_key();
+    let ax_key = cred(&ms, 2).identity_key();
     // The admin revokes ax and publishes policy v2 to A's remaining members.
     let mut body = policy_body(&a, &[b.subnet()], 2);
     body.revoked_keys.push(Hex32(ax_key));
@@ -447,7 +456,12 @@ fn invites_travel_as_text_and_as_messages() {
     deliver(&mut ms, NOW);
     assert_eq!(ms[0].received_invites().len(), 1);
     let g = ms[0].create_group(NOW).unwrap();
-    let from_bo = ms[0].received_invites()[0].invite();
+    // bo is no confirmed contact of ana's yet: its network invite is not used...
+    let (sb, kb) = (ms[3].card().subnet(), Hex32(ms[3].card().identity_key()));
+    assert!(ms[0].invite_from(&sb, &kb).is_none());
+    // ... until ana confirms bo's key.
+    assert!(ms[0].confirm_contact(&sb, &kb));
+    let from_bo = ms[0].invite_from(&sb, &kb).unwrap();
     ms[0].add_members(&g, &[from_bo], NOW).unwrap();
     deliver(&mut ms, NOW);
     tick(&mut ms, NOW + SETTLE);
@@ -501,8 +515,15 @@ fn inter_and_intra_subnet_group_traffic_look_alike_on_the_wire() {
                 not_after: 100_000,
             })
             .unwrap();
-        let m =
-            Messenger::new(secret, &cred, pol.clone(), MessengerConfig::default(), NOW).unwrap();
+        let m = Messenger::new(
+            secret,
+            identity.contact(),
+            &cred,
+            pol.clone(),
+            MessengerConfig::default(),
+            NOW,
+        )
+        .unwrap();
         let core = ClientCore::new(identity, ClientConfig::default(), &mut crng);
         (m, core)
     };
@@ -605,4 +626,43 @@ fn ks_two_sample(a: &mut [f64], b: &mut [f64]) -> f64 {
         d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
     }
     d
+}
+
+/// The replay set stays bounded: beyond its capacity the oldest ids go and the floor
+/// rises to them, so an evicted id's message is still refused (as too old).
+#[test]
+fn replay_set_is_bounded_and_evicted_ids_stay_refused() {
+    let mut r = ReplaySet::default();
+    let sender = [1u8; 32];
+    let now = REPLAY_WINDOW_MS * 2;
+    let id = |i: usize| {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        b
+    };
+    let base = now - REPLAY_WINDOW_MS / 2;
+    for i in 0..MAX_REPLAY_ENTRIES + 10 {
+        assert!(r.check_and_insert(&sender, &id(i), base + i as u64, now));
+    }
+    assert_eq!(r.entries.len(), MAX_REPLAY_ENTRIES);
+    assert!(
+        !r.check_and_insert(&sender, &id(0), base, now),
+        "evicted, below the floor"
+    );
+    assert!(
+        !r.check_and_insert(&sender, &id(20), base + 20, now),
+        "remembered"
+    );
+    assert!(
+        !r.check_and_insert(&sender, &id(999_999), now - REPLAY_WINDOW_MS, now),
+        "too old"
+    );
+    assert!(
+        !r.check_and_insert(&sender, &id(999_998), now + MAX_FUTURE_MS + 1, now),
+        "too far ahead"
+    );
+    assert!(
+        r.check_and_insert(&[2; 32], &id(20), base + 20, now),
+        "another sender's id"
+    );
 }

@@ -1,29 +1,33 @@
 //! The application envelope: what travels inside the end-to-end seal of a 1:1 message.
 //!
 //! ```text
-//! envelope = "SM" | version (1) | kind (1) | fields
-//! kind 1 Direct  : credential (len32 | bytes) | ttl_secs u64 | burn u8 | body (len32 | bytes) | signature [64]
+//! envelope = "SM" | version (2) | kind (1) | fields
+//! kind 1 Direct  : card (len32 | bytes) | sent_unix_ms u64 | id [16] | ttl_secs u64 | burn u8
+//!                  | body (len32 | bytes) | signature [64]
 //! kind 2 Mls     : MLS message bytes (Welcome, commit, proposal, application)
 //! kind 3 Policy  : admin-signed policy bytes
-//! kind 4 Invite  : credential (len32 | bytes) | key package (len32 | bytes)
+//! kind 4 Invite  : card (len32 | bytes) | key package (len32 | bytes)
 //! ```
 //!
-//! Integers are big-endian. A direct message is signed by the sender's member key over
-//! [`DIRECT_DOMAIN`], the recipient's signing key, the options and the body, so it can
-//! neither be forged under another member's credential nor re-targeted to someone else.
-//! Decoding checks every length against what is left and never panics.
+//! A *card* is a [`shoal_subnet::MemberCard`]: the sender's admin-signed credential
+//! and its own address binding. Integers are big-endian. A direct message is signed by
+//! the sender's identity key over [`DIRECT_DOMAIN`], the recipient's identity key and
+//! subnet, and every field before the signature (card, time, id, options, body), so it
+//! can be neither forged under another key, re-targeted, nor altered; its id and time
+//! let the recipient drop a replay forever. Decoding checks every length against what
+//! is left and never panics.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use shoal_subnet::MessageOptions;
 
 const MAGIC: &[u8; 2] = b"SM";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const KIND_DIRECT: u8 = 1;
 const KIND_MLS: u8 = 2;
 const KIND_POLICY: u8 = 3;
 const KIND_INVITE: u8 = 4;
 /// Domain of the sender's signature on a direct message.
-pub const DIRECT_DOMAIN: &[u8] = b"shoal direct message v1\0";
+pub const DIRECT_DOMAIN: &[u8] = b"shoal direct message v2\0";
 
 /// A decoded envelope. Nothing in it is checked yet except its shape.
 #[derive(Clone, PartialEq, Eq)]
@@ -49,8 +53,13 @@ impl std::fmt::Debug for Envelope {
 /// A signed 1:1 message with its options.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DirectMessage {
-    /// The sender's admin-signed membership credential.
-    pub credential: Vec<u8>,
+    /// The sender's member card (credential and own address binding).
+    pub card: Vec<u8>,
+    /// When the sender sent it (its clock, unix ms): bounds how long a replay is
+    /// remembered.
+    pub sent_unix_ms: u64,
+    /// Chosen by the sender, unique per message.
+    pub id: [u8; 16],
     pub options: MessageOptions,
     pub body: Vec<u8>,
     pub signature: [u8; 64],
@@ -63,10 +72,11 @@ impl std::fmt::Debug for DirectMessage {
     }
 }
 
-/// The group half of an invite: a membership credential and a fresh MLS KeyPackage.
+/// The group half of an invite: a member card and a fresh MLS KeyPackage (whose leaf
+/// carries the same card).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invite {
-    pub credential: Vec<u8>,
+    pub card: Vec<u8>,
     pub key_package: Vec<u8>,
 }
 
@@ -75,43 +85,62 @@ pub struct Invite {
 #[error("malformed envelope: {0}")]
 pub struct WireError(pub &'static str);
 
-fn signed_bytes(recipient_key: &[u8; 32], options: &MessageOptions, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DIRECT_DOMAIN.len() + 41 + body.len());
-    m.extend_from_slice(DIRECT_DOMAIN);
-    m.extend_from_slice(recipient_key);
-    m.extend_from_slice(&options.ttl_secs.to_be_bytes());
-    m.push(u8::from(options.burn_on_read));
-    m.extend_from_slice(body);
-    m
+/// Who a direct message is for: the recipient's identity key and subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipient {
+    pub identity_key: [u8; 32],
+    pub subnet: [u8; 32],
 }
 
 impl DirectMessage {
-    /// Signs `body` for the member whose signing key is `recipient_key`.
+    /// Everything the signature covers.
+    fn signed_bytes(&self, to: &Recipient) -> Vec<u8> {
+        let mut m = Vec::with_capacity(DIRECT_DOMAIN.len() + 64 + 128 + self.card.len());
+        m.extend_from_slice(DIRECT_DOMAIN);
+        m.extend_from_slice(&to.identity_key);
+        m.extend_from_slice(&to.subnet);
+        self.put_fields(&mut m);
+        m
+    }
+
+    fn put_fields(&self, out: &mut Vec<u8>) {
+        put_bytes(out, &self.card);
+        out.extend_from_slice(&self.sent_unix_ms.to_be_bytes());
+        out.extend_from_slice(&self.id);
+        out.extend_from_slice(&self.options.ttl_secs.to_be_bytes());
+        out.push(u8::from(self.options.burn_on_read));
+        put_bytes(out, &self.body);
+    }
+
+    /// Signs `body` for `to`.
     pub fn sign(
         key: &SigningKey,
-        credential: Vec<u8>,
-        recipient_key: &[u8; 32],
+        card: Vec<u8>,
+        to: &Recipient,
+        sent_unix_ms: u64,
+        id: [u8; 16],
         options: MessageOptions,
         body: Vec<u8>,
     ) -> Self {
-        let signature = key
-            .sign(&signed_bytes(recipient_key, &options, &body))
-            .to_bytes();
-        DirectMessage {
-            credential,
+        let mut d = DirectMessage {
+            card,
+            sent_unix_ms,
+            id,
             options,
             body,
-            signature,
-        }
+            signature: [0; 64],
+        };
+        d.signature = key.sign(&d.signed_bytes(to)).to_bytes();
+        d
     }
 
-    /// Checks the signature by `sender_key` for `recipient_key`.
-    pub fn verify(&self, sender_key: &[u8; 32], recipient_key: &[u8; 32]) -> bool {
+    /// Checks the signature by `sender_key` for `to`.
+    pub fn verify(&self, sender_key: &[u8; 32], to: &Recipient) -> bool {
         let Ok(key) = VerifyingKey::from_bytes(sender_key) else {
             return false;
         };
         key.verify_strict(
-            &signed_bytes(recipient_key, &self.options, &self.body),
+            &self.signed_bytes(to),
             &Signature::from_bytes(&self.signature),
         )
         .is_ok()
@@ -132,10 +161,7 @@ impl Envelope {
         match self {
             Envelope::Direct(d) => {
                 out.push(KIND_DIRECT);
-                put_bytes(&mut out, &d.credential);
-                out.extend_from_slice(&d.options.ttl_secs.to_be_bytes());
-                out.push(u8::from(d.options.burn_on_read));
-                put_bytes(&mut out, &d.body);
+                d.put_fields(&mut out);
                 out.extend_from_slice(&d.signature);
             }
             Envelope::Mls(b) => {
@@ -148,7 +174,7 @@ impl Envelope {
             }
             Envelope::Invite(i) => {
                 out.push(KIND_INVITE);
-                put_bytes(&mut out, &i.credential);
+                put_bytes(&mut out, &i.card);
                 put_bytes(&mut out, &i.key_package);
             }
         }
@@ -165,7 +191,9 @@ impl Envelope {
         }
         let env = match r.u8()? {
             KIND_DIRECT => {
-                let credential = r.bytes()?.to_vec();
+                let card = r.bytes()?.to_vec();
+                let sent_unix_ms = u64::from_be_bytes(r.array()?);
+                let id = r.array()?;
                 let ttl_secs = u64::from_be_bytes(r.array()?);
                 let burn_on_read = match r.u8()? {
                     0 => false,
@@ -175,7 +203,9 @@ impl Envelope {
                 let body = r.bytes()?.to_vec();
                 let signature = r.array()?;
                 Envelope::Direct(DirectMessage {
-                    credential,
+                    card,
+                    sent_unix_ms,
+                    id,
                     options: MessageOptions {
                         ttl_secs,
                         burn_on_read,
@@ -187,7 +217,7 @@ impl Envelope {
             KIND_MLS => Envelope::Mls(r.rest().to_vec()),
             KIND_POLICY => Envelope::Policy(r.rest().to_vec()),
             KIND_INVITE => Envelope::Invite(Invite {
-                credential: r.bytes()?.to_vec(),
+                card: r.bytes()?.to_vec(),
                 key_package: r.bytes()?.to_vec(),
             }),
             _ => return Err(WireError("unknown kind")),
@@ -237,33 +267,74 @@ mod tests {
             ttl_secs: 60,
             burn_on_read: true,
         };
-        let d = DirectMessage::sign(&key, b"cred".to_vec(), &[4; 32], opts, b"hi".to_vec());
+        let to = Recipient {
+            identity_key: [4; 32],
+            subnet: [6; 32],
+        };
+        let d = DirectMessage::sign(
+            &key,
+            b"card".to_vec(),
+            &to,
+            0x0102,
+            [7; 16],
+            opts,
+            b"hi".to_vec(),
+        );
         let bytes = Envelope::Direct(d.clone()).encode();
         assert_eq!(
-            hex::encode(&bytes[..27]),
-            "534d01010000000463726564000000000000003c01000000026869"
+            hex::encode(&bytes[..51]),
+            concat!(
+                "534d0201",
+                "00000004",
+                "63617264",
+                "0000000000000102",
+                "07070707070707070707070707070707",
+                "000000000000003c",
+                "01",
+                "00000002",
+                "6869"
+            )
         );
         assert_eq!(
             Envelope::decode(&bytes).unwrap(),
             Envelope::Direct(d.clone())
         );
         let sender = key.verifying_key().to_bytes();
-        assert!(d.verify(&sender, &[4; 32]));
-        // Re-targeted or altered, it no longer verifies.
-        assert!(!d.verify(&sender, &[5; 32]));
+        assert!(d.verify(&sender, &to));
+        // Re-targeted (another key or another subnet) or altered, it no longer verifies.
+        assert!(!d.verify(
+            &sender,
+            &Recipient {
+                identity_key: [5; 32],
+                ..to
+            }
+        ));
+        assert!(!d.verify(
+            &sender,
+            &Recipient {
+                subnet: [5; 32],
+                ..to
+            }
+        ));
         let mut longer = d.clone();
         longer.options.ttl_secs = 61;
-        assert!(!longer.verify(&sender, &[4; 32]));
+        assert!(!longer.verify(&sender, &to));
+        let mut other_id = d.clone();
+        other_id.id[0] ^= 1;
+        assert!(!other_id.verify(&sender, &to));
+        let mut later = d.clone();
+        later.sent_unix_ms += 1;
+        assert!(!later.verify(&sender, &to));
     }
 
     #[test]
     fn rejects_bad_shapes() {
         assert!(Envelope::decode(b"").is_err());
         assert!(Envelope::decode(b"XX\x01\x02").is_err());
-        assert!(Envelope::decode(b"SM\x02\x02").is_err());
-        assert!(Envelope::decode(b"SM\x01\x09").is_err());
+        assert!(Envelope::decode(b"SM\x01\x02").is_err());
+        assert!(Envelope::decode(b"SM\x02\x09").is_err());
         let inv = Envelope::Invite(Invite {
-            credential: vec![1],
+            card: vec![1],
             key_package: vec![2, 3],
         })
         .encode();
@@ -278,7 +349,7 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Envelope::decode(&bytes);
-            let mut framed = b"SM\x01".to_vec();
+            let mut framed = b"SM\x02".to_vec();
             framed.extend_from_slice(&bytes);
             if let Ok(e) = Envelope::decode(&framed) {
                 prop_assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);

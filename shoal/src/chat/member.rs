@@ -9,30 +9,32 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
-use shoal_client::ClientStore;
 use shoal_client::group::{GroupConfig, GroupId};
 use shoal_client::managed::unix_ms;
 use shoal_client::messenger::{GroupSummary, Invite, Messenger, MessengerConfig, invite_from_text};
-use shoal_subnet::{MemberCredential, Policy, UncheckedCredential};
+use shoal_client::{ClientStore, Contact};
+use shoal_subnet::{MemberCard, Policy, UncheckedCredential};
+use shoal_topology::Hex32;
 
 const CHAT_FILE: &str = "chat.json";
 
-/// `chat.json`: contacts (by the handle their credential names) and group names.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// `chat.json`: contacts (their pasted cards, one per (subnet, identity key)) and group
+/// names.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChatFile {
     pub contacts: Vec<SavedContact>,
     pub groups: Vec<SavedGroup>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SavedContact {
     pub handle: String,
     pub card: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SavedGroup {
     pub id: String,
@@ -55,16 +57,25 @@ impl ChatFile {
         write_private(&dir.join(CHAT_FILE), &serde_json::to_vec_pretty(self)?)
     }
 
-    pub fn contact(&self, handle: &str) -> Option<&SavedContact> {
-        self.contacts.iter().find(|c| c.handle == handle)
+    /// The saved card of the member with this (subnet, identity key): never looked up
+    /// by handle, which another subnet (or a rogue admin) can reuse.
+    pub fn contact_by_key(&self, subnet: &Hex32, key: &Hex32) -> Option<&SavedContact> {
+        self.contacts.iter().find(|c| {
+            card_credential(&c.card)
+                .is_ok_and(|(_, m)| m.subnet() == *subnet && m.identity_key() == key.0)
+        })
     }
 
-    /// Saves (or replaces) the membership card of `handle`.
-    pub fn put_contact(&mut self, handle: &str, card: &str) {
-        self.contacts.retain(|c| c.handle != handle);
+    /// Saves (or replaces) the card of the member it names (same subnet and key).
+    pub fn put_contact(&mut self, card: &MemberCard, text: &str) {
+        self.contacts.retain(|c| {
+            !card_credential(&c.card).is_ok_and(|(_, m)| {
+                m.subnet() == card.subnet() && m.identity_key() == card.identity_key()
+            })
+        });
         self.contacts.push(SavedContact {
-            handle: handle.to_string(),
-            card: card.trim().to_string(),
+            handle: card.handle().to_string(),
+            card: text.trim().to_string(),
         });
     }
 
@@ -135,22 +146,19 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The credential inside a card (an invite text), signature checked.
-pub(crate) fn card_credential(card: &str) -> anyhow::Result<(Invite, MemberCredential)> {
+/// The member card inside a card text (an invite text): the admin's signature on the
+/// credential and the member's own on its address binding checked.
+pub(crate) fn card_credential(card: &str) -> anyhow::Result<(Invite, MemberCard)> {
     let invite = invite_from_text(card).map_err(|e| anyhow::anyhow!("not a contact card: {e}"))?;
-    let cred = UncheckedCredential::parse(&invite.credential)
-        .and_then(UncheckedCredential::check_signature)
-        .map_err(|e| anyhow::anyhow!("the card's credential does not check: {e}"))?
-        .ignore_validity();
-    Ok((invite, cred))
+    let member = MemberCard::parse(&invite.card)
+        .map_err(|e| anyhow::anyhow!("the card does not check: {e}"))?;
+    Ok((invite, member))
 }
 
-/// Untrusted text made safe for a terminal: no control characters (escape sequences).
+/// Untrusted text made safe for a terminal: no control characters (escape sequences)
+/// nor bidi overrides.
 pub(crate) fn clean(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    shoal_client::messenger::terminal_safe(&String::from_utf8_lossy(bytes))
 }
 
 /// The admin's files a member starts from (read on first use only).
@@ -169,6 +177,7 @@ pub(crate) fn open_messenger(
     files: &MemberFiles,
     store: &ClientStore,
     account: &SigningKey,
+    own: Contact,
 ) -> anyhow::Result<Messenger> {
     let now = unix_ms();
     if let Some(snapshot) = store.load_messenger()? {
@@ -205,24 +214,33 @@ pub(crate) fn open_messenger(
         },
         ..MessengerConfig::default()
     };
-    let m = Messenger::new(account.to_bytes(), cred.signed(), policy, config, now)?;
+    let m = Messenger::new(account.to_bytes(), own, cred.signed(), policy, config, now)
+        .context("your membership credential is not for this client")?;
     store.save_messenger(&m.snapshot()?, &[])?;
     Ok(m)
 }
 
-/// The invite to add `handle` with: a card that came over the network is fresher than
-/// a saved one (each card brings its owner into one group).
-pub(crate) fn invite_for(m: &Messenger, file: &ChatFile, handle: &str) -> Option<Invite> {
-    m.received_invites()
-        .iter()
-        .rev()
-        .find(|i| i.handle == handle)
-        .map(|i| i.invite())
-        .or_else(|| {
-            file.contact(handle)
-                .and_then(|c| card_credential(&c.card).ok())
-                .map(|(i, _)| i)
-        })
+/// The invite to add the contact `query` names (`handle` or `handle@subnet`) with. The
+/// name is resolved to one pinned identity key first; then the newest network invite
+/// *from that key* (only if the user confirmed the key) is fresher than the saved card
+/// (each card brings its owner into one group). A look-alike's invite, from another
+/// key, is never chosen.
+pub(crate) fn invite_for(m: &Messenger, file: &ChatFile, query: &str) -> anyhow::Result<Invite> {
+    let c = m.find_contact(query)?;
+    if let Some(i) = m.invite_from(&c.subnet, &c.identity_key) {
+        return Ok(i);
+    }
+    if let Some(saved) = file.contact_by_key(&c.subnet, &c.identity_key) {
+        return Ok(card_credential(&saved.card)?.0);
+    }
+    if !c.confirmed {
+        bail!(
+            "{} sent a card but is not a confirmed contact: compare safety numbers ({}), then accept it",
+            c.display(),
+            m.safety_number_with(&c.identity_key)
+        );
+    }
+    bail!("no card for {}: ask them for their card", c.display())
 }
 
 #[cfg(test)]

@@ -13,15 +13,17 @@ use shoal_client::driver::{self, DriverEvent};
 use shoal_client::group::GroupEvent;
 use shoal_client::managed::{self, EnvelopeSent, ManagedHandle, unix_ms};
 use shoal_client::messenger::{
-    Conversation, Messenger, MessengerEvent, OutgoingWhat, invite_to_text,
+    Conversation, Messenger, MessengerEvent, OutgoingWhat, PinnedContact, display_name,
+    invite_to_text,
 };
 use shoal_packet::MessageId;
-use shoal_subnet::MessageOptions;
+use shoal_subnet::{MemberCard, MessageOptions, SubnetId};
+use shoal_topology::Hex32;
 use tokio::sync::{broadcast, mpsc};
 
 use super::ChatArgs;
 use super::member::{
-    ChatFile, MemberFiles, SavedContact, SavedGroup, card_credential, clean, open_messenger,
+    ChatFile, MemberFiles, SavedGroup, card_credential, clean, invite_for, open_messenger,
     write_private,
 };
 use super::state::{ChatState, ConvKey, Delivery, Key, Request, Update, default_title};
@@ -56,6 +58,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         },
         &store,
         &account,
+        identity.contact(),
     )?;
     if args.print_card {
         let card = invite_to_text(&messenger.invite()?);
@@ -268,10 +271,21 @@ struct Ui<'a> {
 
 impl<'a> Ui<'a> {
     async fn new(handle: &'a ManagedHandle, dir: PathBuf, file: ChatFile) -> anyhow::Result<Self> {
-        let (me, inbox) = handle
+        let (me, inbox, contacts) = handle
             .with(|m, _| {
                 let c = m.credential();
-                ((c.handle().to_string(), c.subnet()), m.peek().to_vec())
+                let inbox: Vec<(StoredLabel, shoal_client::messenger::StoredMessage)> = m
+                    .peek()
+                    .iter()
+                    .map(|s| (label_of(m, &s.from_subnet, &s.from_key), s.clone()))
+                    .collect();
+                let contacts: Vec<String> = m
+                    .contacts()
+                    .iter()
+                    .filter(|c| c.confirmed)
+                    .map(conv_label)
+                    .collect();
+                ((c.handle().to_string(), c.subnet()), inbox, contacts)
             })
             .await?;
         let mut ui = Ui {
@@ -288,25 +302,25 @@ impl<'a> Ui<'a> {
                 ui.state.name_group(id, g.name.clone());
             }
         }
-        for c in &ui.file.contacts {
+        for label in contacts {
             ui.state.apply(Update::Conversation {
-                key: ConvKey::Direct(c.handle.clone()),
-                title: clean(c.handle.as_bytes()),
+                key: ConvKey::Direct(label.clone()),
+                title: label,
                 members: Vec::new(),
             });
         }
         ui.refresh_groups().await;
-        for m in inbox {
+        for (label, m) in inbox {
             let conv = match m.group {
                 Some(g) => ConvKey::Group(g),
-                None => ConvKey::Direct(m.from.clone()),
+                None => ConvKey::Direct(label.clone()),
             };
             if m.burn_on_read {
                 ui.burn_pending.push(conv.clone());
             }
             ui.state.apply(Update::Received {
                 conv,
-                from: clean(m.from.as_bytes()),
+                from: label,
                 body: clean(&m.body),
                 at_unix_ms: m.received_unix_ms,
                 expires_unix_ms: m.expires_unix_ms,
@@ -337,7 +351,7 @@ impl<'a> Ui<'a> {
                     skipped_me = true;
                     continue;
                 }
-                members.push(clean(h.as_bytes()));
+                members.push(display_name(&h, &subnet));
             }
             let key = ConvKey::Group(g.id);
             let title = default_title(&key);
@@ -362,6 +376,8 @@ impl<'a> Ui<'a> {
             Request::NewGroup { name } => self.new_group(name).await,
             Request::Invite { group, handle } => self.invite(group, handle).await,
             Request::ShowCard => self.show_card().await,
+            Request::Verify { to, contact } => self.verify(to, contact).await,
+            Request::Accept { contact } => self.accept(contact).await,
             Request::Quit => Ok(()),
         };
         if let Err(e) = result {
@@ -384,23 +400,23 @@ impl<'a> Ui<'a> {
         let now = unix_ms();
         self.state.stamp_own(local_id, now, ttl_secs);
         let result = match to {
-            ConvKey::Direct(h) => {
-                let cred = self
-                    .file
-                    .contact(&h)
-                    .map(|c| card_credential(&c.card))
-                    .transpose()?
-                    .map(|(_, c)| c);
-                let Some(cred) = cred else {
-                    self.fail(local_id);
-                    bail!("{h} is not in your contacts: ask for their card and /add it");
-                };
-                self.handle
+            ConvKey::Direct(label) => {
+                let sent = self
+                    .handle
                     .with(move |m, now| {
-                        m.send_direct(&cred, options, body.as_bytes(), now)
-                            .map(|()| 1)
+                        let card = contact_by_label(m, &label)
+                            .and_then(|c| MemberCard::parse(&c.card).ok());
+                        card.map(|card| {
+                            m.send_direct(&card, options, body.as_bytes(), now)
+                                .map(|()| 1)
+                        })
                     })
-                    .await?
+                    .await?;
+                let Some(result) = sent else {
+                    self.fail(local_id);
+                    bail!("not in your contacts: ask for their card and /add it");
+                };
+                result
             }
             ConvKey::Group(g) => {
                 self.handle
@@ -436,27 +452,27 @@ impl<'a> Ui<'a> {
     }
 
     async fn add_contact(&mut self, card: &str) -> anyhow::Result<()> {
-        let (_, cred) = card_credential(card)?;
-        let handle = cred.handle().to_string();
-        self.file.contacts.retain(|c| c.handle != handle);
-        self.file.contacts.push(SavedContact {
-            handle: handle.clone(),
-            card: card.trim().to_string(),
-        });
+        let (_, member) = card_credential(card)?;
+        self.file.put_contact(&member, card);
         self.file.save(&self.dir)?;
-        let key = ConvKey::Direct(handle.clone());
+        // Pasting a card is the user vouching for its key; then send them this user's
+        // card, so they can add this user to groups too.
+        let (pinned, sent) = self
+            .handle
+            .with(move |m, now| {
+                let pinned = m.confirm_card(&member, now);
+                (pinned, m.send_invite(&member, now))
+            })
+            .await?;
+        let label = conv_label(&pinned);
+        let key = ConvKey::Direct(label.clone());
         self.state.apply(Update::Conversation {
             key: key.clone(),
-            title: clean(handle.as_bytes()),
+            title: label.clone(),
             members: Vec::new(),
         });
         self.state.focus(&key);
-        // Send them this user's card, so they can add this user to groups too.
-        let sent = self
-            .handle
-            .with(move |m, now| m.send_invite(&cred, now))
-            .await?;
-        let shown = clean(handle.as_bytes());
+        let shown = label;
         match sent {
             Ok(()) => self.status(format!("{shown} added; your card is on its way to them")),
             Err(e) => self.status(format!("{shown} added, but your card was not sent: {e}")),
@@ -484,39 +500,72 @@ impl<'a> Ui<'a> {
     }
 
     async fn invite(&mut self, group: Vec<u8>, handle: String) -> anyhow::Result<()> {
-        let from_card = self
-            .file
-            .contact(&handle)
-            .map(|c| card_credential(&c.card))
-            .transpose()?
-            .map(|(i, _)| i);
+        let file = self.file.clone();
         let h = handle.clone();
+        // The handle is resolved to one pinned key; only that key's cards are used.
         let done = self
             .handle
-            .with(move |m, now| {
-                // A card sent over the network is fresher than the pasted one (each
-                // card can bring its owner into one group).
-                let invite = m
-                    .received_invites()
-                    .iter()
-                    .rev()
-                    .find(|i| i.handle == h)
-                    .map(|i| i.invite())
-                    .or(from_card);
-                invite.map(|i| m.add_members(&group, &[i], now))
-            })
+            .with(move |m, now| invite_for(m, &file, &h).map(|i| m.add_members(&group, &[i], now)))
             .await?;
         let shown = clean(handle.as_bytes());
         match done {
-            None => bail!("no card for {shown}: /add their card first"),
-            Some(Err(e)) => bail!("cannot add {shown}: {e}"),
-            Some(Ok(())) => {
+            Err(e) => bail!("cannot add {shown}: {e:#}"),
+            Ok(Err(e)) => bail!("cannot add {shown}: {e}"),
+            Ok(Ok(())) => {
                 self.status(format!(
                     "adding {shown}: they join once the change has settled (the group list shows them then)"
                 ));
                 Ok(())
             }
         }
+    }
+
+    /// Shows the safety number with a contact: both people must see the same digits.
+    async fn verify(&mut self, to: Option<ConvKey>, contact: String) -> anyhow::Result<()> {
+        let line = self
+            .handle
+            .with(move |m, _| {
+                let c = if contact.is_empty() {
+                    match to {
+                        Some(ConvKey::Direct(label)) => contact_by_label(m, &label)
+                            .cloned()
+                            .ok_or_else(|| anyhow::anyhow!("no such contact")),
+                        _ => Err(anyhow::anyhow!("open a direct conversation, or /verify HANDLE")),
+                    }
+                } else {
+                    m.find_contact(&contact)
+                        .cloned()
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                }?;
+                let state = if c.confirmed { "accepted" } else { "not accepted: /accept it once the digits match" };
+                Ok::<_, anyhow::Error>(format!(
+                    "safety number with {} (key {}): {} ({state}); compare it with theirs over a channel you trust",
+                    c.display(),
+                    hex::encode(&c.identity_key.0[..4]),
+                    m.safety_number_with(&c.identity_key)
+                ))
+            })
+            .await??;
+        self.status(line);
+        Ok(())
+    }
+
+    async fn accept(&mut self, contact: String) -> anyhow::Result<()> {
+        let label = self
+            .handle
+            .with(move |m, _| {
+                let c = m.find_contact(&contact).cloned()?;
+                m.confirm_contact(&c.subnet, &c.identity_key);
+                Ok::<_, shoal_client::messenger::MessengerError>(conv_label(&c))
+            })
+            .await??;
+        self.state.apply(Update::Conversation {
+            key: ConvKey::Direct(label.clone()),
+            title: label.clone(),
+            members: Vec::new(),
+        });
+        self.status(format!("{label} accepted"));
+        Ok(())
     }
 
     async fn show_card(&mut self) -> anyhow::Result<()> {
@@ -537,45 +586,70 @@ impl<'a> Ui<'a> {
         match e {
             MessengerEvent::Message {
                 id,
-                from,
+                subnet,
+                key,
+                key_alert,
                 group,
                 body,
+                ..
             } => {
-                let meta = self
-                    .handle
-                    .with(move |m, _| {
-                        m.peek()
-                            .iter()
-                            .find(|s| s.id == id)
-                            .map(|s| (s.received_unix_ms, s.expires_unix_ms, s.burn_on_read))
-                    })
-                    .await
-                    .ok()
-                    .flatten();
+                let meta =
+                    self.handle
+                        .with(move |m, _| {
+                            let label = label_of(m, &subnet, &key);
+                            m.peek().iter().find(|s| s.id == id).map(|s| {
+                                (label, s.received_unix_ms, s.expires_unix_ms, s.burn_on_read)
+                            })
+                        })
+                        .await
+                        .ok()
+                        .flatten();
                 // Gone already (expired): nothing to show.
-                let Some((at, expires, burn)) = meta else {
+                let Some((label, at, expires, burn)) = meta else {
                     return;
                 };
                 let conv = match group {
                     Some(g) => ConvKey::Group(g),
-                    None => ConvKey::Direct(from.clone()),
+                    None => ConvKey::Direct(label.clone()),
                 };
                 if burn {
                     self.burn_pending.push(conv.clone());
                 }
+                if key_alert {
+                    self.status(format!(
+                        "WARNING: {label} is a NEW KEY for this name: /verify and /accept it only if the safety number matches"
+                    ));
+                }
                 self.state.apply(Update::Received {
                     conv,
-                    from: clean(from.as_bytes()),
+                    from: label,
                     body: clean(&body),
                     at_unix_ms: at,
                     expires_unix_ms: expires,
                     burn_on_read: burn,
                 });
             }
-            MessengerEvent::InviteReceived { handle } => {
-                let h = clean(handle.as_bytes());
+            MessengerEvent::InviteReceived {
+                handle,
+                subnet,
+                confirmed,
+                ..
+            } => {
+                let h = display_name(&handle, &subnet);
+                if confirmed {
+                    self.status(format!(
+                        "{h} sent you their card: open a group and /invite {h} to add them"
+                    ));
+                } else {
+                    self.status(format!(
+                        "{h} sent you their card from a key you have not accepted: /verify {h}, then /accept {h}"
+                    ));
+                }
+            }
+            MessengerEvent::KeyChanged { subnet, handle, .. } => {
+                let h = display_name(&handle, &subnet);
                 self.status(format!(
-                    "{h} sent you their card: open a group and /invite {h} to add them"
+                    "WARNING: {h} now has a DIFFERENT KEY (a new device, or someone impersonating them); its messages are kept apart: /verify {h}"
                 ));
             }
             MessengerEvent::PolicyDrop { handle, .. } => {
@@ -592,7 +666,8 @@ impl<'a> Ui<'a> {
                 match &g {
                     GroupEvent::Joined { .. } => self.status("you were added to a group"),
                     GroupEvent::MemberAdded { member, .. } => {
-                        let h = clean(member.credential.handle().as_bytes());
+                        let h =
+                            display_name(member.credential.handle(), &member.credential.subnet());
                         self.status(format!("{h} joined a group"));
                     }
                     GroupEvent::Refused { handle, .. } => {
@@ -602,14 +677,19 @@ impl<'a> Ui<'a> {
                         ));
                     }
                     GroupEvent::Removed { .. } => self.status("you were removed from a group"),
-                    GroupEvent::DuplicateHandle { new, .. } => {
-                        let h = clean(new.credential.handle().as_bytes());
+                    GroupEvent::DuplicateHandle { new, existing, .. } => {
+                        let h = display_name(new.credential.handle(), &new.credential.subnet());
+                        let e = display_name(
+                            existing.credential.handle(),
+                            &existing.credential.subnet(),
+                        );
                         self.status(format!(
-                            "warning: a second {h} with a different key joined a group; check with {h} in person"
+                            "WARNING: {h} joined a group that has {e}: same name, different key; check with them in person"
                         ));
                     }
                     GroupEvent::KeyChanged { member, .. } => {
-                        let h = clean(member.credential.handle().as_bytes());
+                        let h =
+                            display_name(member.credential.handle(), &member.credential.subnet());
                         self.status(format!("{h}'s device key changed in a group"));
                     }
                     GroupEvent::OwnCommitLost { .. } => self.status(
@@ -665,12 +745,46 @@ impl<'a> Ui<'a> {
 fn burn_conversation(m: &mut Messenger, conv: &ConvKey, now_ms: u64) -> usize {
     let c = match conv {
         ConvKey::Group(g) => Conversation::Group(g),
-        ConvKey::Direct(h) => Conversation::Direct(h),
+        ConvKey::Direct(label) => match contact_by_label(m, label) {
+            Some(c) => Conversation::Direct(c.subnet, c.identity_key),
+            None => return 0,
+        },
     };
     m.read_conversation(c, now_ms)
         .iter()
         .filter(|s| s.burn_on_read)
         .count()
+}
+
+/// What a direct conversation is called: `handle@subnet`, and for a second key of a
+/// pinned name (a key change or an impostor) that key's start too, so two keys never
+/// share a conversation.
+fn conv_label(c: &PinnedContact) -> String {
+    match c.replaces {
+        None => c.display(),
+        Some(_) => format!(
+            "{} (new key {})",
+            c.display(),
+            hex::encode(&c.identity_key.0[..4])
+        ),
+    }
+}
+
+type StoredLabel = String;
+
+/// The conversation label of the sender (subnet, key).
+fn label_of(m: &Messenger, subnet: &SubnetId, key: &Hex32) -> String {
+    m.contact(subnet, key).map(conv_label).unwrap_or_else(|| {
+        format!(
+            "{} key {}",
+            hex::encode(&subnet.0[..4]),
+            hex::encode(&key.0[..4])
+        )
+    })
+}
+
+fn contact_by_label<'m>(m: &'m Messenger, label: &str) -> Option<&'m PinnedContact> {
+    m.contacts().iter().find(|c| conv_label(c) == label)
 }
 
 #[cfg(test)]
@@ -747,7 +861,7 @@ mod tests {
                     handle: handle.into(),
                     role: "member".into(),
                     signing_key: Hex32(key.verifying_key().to_bytes()),
-                    seal_key: Hex32([seed; 32]),
+                    seal_key: Hex32([0; 32]),
                     mailbox: Hex32([seed; 32]),
                     gateway: Hex32([9; 32]),
                     not_before: 1000,
@@ -760,7 +874,15 @@ mod tests {
                 },
                 ..MessengerConfig::default()
             };
-            Messenger::new(secret, &cred, policy.clone(), config, NOW).unwrap()
+            let own = shoal_client::Contact {
+                mailbox: [seed; 32],
+                gateway: [9; 32],
+                public_key: x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(
+                    [seed; 32],
+                ))
+                .to_bytes(),
+            };
+            Messenger::new(secret, own, &cred, policy.clone(), config, NOW).unwrap()
         };
         (member("ana", 1), member("al", 2))
     }
@@ -789,16 +911,21 @@ mod tests {
             ttl_secs: 600,
             burn_on_read: true,
         };
-        let al_cred = al.credential().clone();
-        ana.send_direct(&al_cred, burn, b"direct", NOW + 1000)
+        let al_card = al.card().clone();
+        ana.send_direct(&al_card, burn, b"direct", NOW + 1000)
             .unwrap();
         ana.send_group(&g, burn, b"in the group", NOW + 1000)
             .unwrap();
         deliver(&mut ana, &mut al, NOW + 1000);
         assert_eq!(al.peek().len(), 2);
 
-        let mut pending = vec![ConvKey::Direct("ana".into()), ConvKey::Group(g.clone())];
-        let open = ConvKey::Direct("ana".into());
+        let ana_label = label_of(&al, &ana.card().subnet(), &Hex32(ana.card().identity_key()));
+        assert!(ana_label.starts_with("ana@"), "{ana_label}");
+        let mut pending = vec![
+            ConvKey::Direct(ana_label.clone()),
+            ConvKey::Group(g.clone()),
+        ];
+        let open = ConvKey::Direct(ana_label);
         assert_eq!(burn_conversation(&mut al, &open, NOW + 2000), 1);
         pending.retain(|c| *c != open);
         assert_eq!(

@@ -88,6 +88,15 @@ pub enum Request {
     },
     /// Write this user's card to a file and say where.
     ShowCard,
+    /// Show the safety number with the contact of a direct conversation (or `contact`).
+    Verify {
+        to: Option<ConvKey>,
+        contact: String,
+    },
+    /// Accept a contact's key (a card that came over the network, or a changed key).
+    Accept {
+        contact: String,
+    },
     Quit,
 }
 
@@ -148,8 +157,7 @@ pub struct ChatState {
     names: BTreeMap<Vec<u8>, String>,
 }
 
-pub const HELP: &str =
-    "/add CARD · /group new NAME · /invite HANDLE · /ttl SECS · /burn on|off · /card · /quit";
+pub const HELP: &str = "/add CARD · /group new NAME · /invite HANDLE · /verify [HANDLE] · /accept HANDLE · /ttl SECS · /burn on|off · /card · /quit";
 
 impl ChatState {
     pub fn new(me: String) -> Self {
@@ -249,6 +257,13 @@ impl ChatState {
                 None
             }
             "card" => Some(Request::ShowCard),
+            "verify" => Some(Request::Verify {
+                to: self.current().map(|c| c.key.clone()),
+                contact: rest.into(),
+            }),
+            "accept" if !rest.is_empty() => Some(Request::Accept {
+                contact: rest.into(),
+            }),
             "add" if !rest.is_empty() => Some(Request::AddContact { card: rest.into() }),
             "group" => match rest.split_once(' ') {
                 Some(("new", name)) if !name.trim().is_empty() => Some(Request::NewGroup {
@@ -624,6 +639,16 @@ mod tests {
             })
         ));
         assert_eq!(typed(&mut s, "/card"), Some(Request::ShowCard));
+        assert_eq!(
+            typed(&mut s, "/accept bob@ab12"),
+            Some(Request::Accept {
+                contact: "bob@ab12".into()
+            })
+        );
+        assert!(matches!(
+            typed(&mut s, "/verify bob"),
+            Some(Request::Verify { contact, .. }) if contact == "bob"
+        ));
         assert_eq!(typed(&mut s, "/nope"), None);
         assert!(s.status.contains("unknown command"));
         s.on_key(Key::Paste("/add shoal-invite1:abc\n".into()));
