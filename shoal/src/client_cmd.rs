@@ -242,6 +242,25 @@ pub struct ClientFile {
     pub directory: DirectorySection,
     #[serde(default)]
     pub timing: TimingSection,
+    /// Test-only switches; absent from configs `init` writes.
+    #[serde(default, skip_serializing_if = "TestingSection::is_default")]
+    pub testing: TestingSection,
+}
+
+/// `[testing]`: switches that exist only so tests can measure what a protection is
+/// worth. Never set them in use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingSection {
+    /// Restores the pre-fix cover routing and λP rule, which leak who sends real traffic
+    /// to which gateway (`shoal_client::core::ClientConfig::legacy_leaks`).
+    pub legacy_leaks: bool,
+}
+
+impl TestingSection {
+    fn is_default(&self) -> bool {
+        *self == TestingSection::default()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,6 +337,12 @@ pub fn load_config(path: &Path) -> anyhow::Result<Loaded> {
     driver.pull_interval = Duration::from_millis(t.pull_interval_ms);
     driver.snapshot_interval = Duration::from_millis(t.snapshot_interval_ms);
     driver.directory_refresh = Duration::from_secs(t.directory_refresh_secs);
+    driver.client.legacy_leaks = file.testing.legacy_leaks;
+    if file.testing.legacy_leaks {
+        tracing::warn!(
+            "[testing] legacy_leaks is on: cover no longer hides who sends to which gateway"
+        );
+    }
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -578,6 +603,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     threshold,
                 },
                 timing: TimingSection::default(),
+                testing: TestingSection::default(),
             };
             let (account, mailbox, card) = init_dir(&dir, gateway.key, &file)?;
             println!("account key: {}", hex::encode(account));
@@ -1305,6 +1331,7 @@ mod tests {
                 threshold: 2,
             },
             timing: TimingSection::default(),
+            testing: TestingSection::default(),
         };
         let text = render_config(&f);
         assert!(text.lines().filter(|l| l.starts_with('#')).count() >= 8);
@@ -1313,5 +1340,10 @@ mod tests {
             toml::to_string(&back).unwrap(),
             toml::to_string(&f).unwrap()
         );
+        assert!(!text.contains("[testing]"));
+        // The observer's control run adds the test-only table by hand.
+        let legacy: ClientFile =
+            toml::from_str(&format!("{text}\n[testing]\nlegacy_leaks = true\n")).unwrap();
+        assert!(legacy.testing.legacy_leaks);
     }
 }
