@@ -8,7 +8,10 @@
 //! and cover vs real packets.
 //!
 //! Then the managed story (issue 4) on the same network: three subnets A, B and C, each
-//! with its own admin key and policy; A and B federate, C federates with nobody.
+//! with its own admin key and policy; A and B federate, C federates with nobody. Both
+//! gateways host all three subnets, and each member sits at the gateway its account key
+//! picks (`shoal_topology::gateway_for_member`), so subnets share gateways (the hidden
+//! `--legacy-leaks` control puts A on gateway 0 and B, C on gateway 1, as before).
 //! Members are managed clients (the messenger on top of the client driver):
 //! - one MLS group spans A and B; every member sends one message to it, and every other
 //!   member must receive it;

@@ -737,7 +737,8 @@ pub fn run_scenario(
         if !(b.period_s > 0.0 && b.rate_on > 0.0 && b.rate_on.is_finite()) {
             return Err(bad("scenario", "bursts need a positive period and rate"));
         }
-        let at = |g: usize| (0..n_clients).filter(move |&i| gateway_of[i] == g);
+        let gof = &gateway_of;
+        let at = |g: usize| (0..n_clients).filter(move |&i| gof[i] == g);
         pairs = at(0)
             .zip(at(1))
             .take(b.pairs)
