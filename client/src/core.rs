@@ -1272,19 +1272,20 @@ mod tests {
         other: &mut ClientCore,
         t: Instant,
         f: &Frame,
-    ) -> (MailboxAddress, bool) {
+    ) -> (MailboxAddress, NodeId, bool) {
         let arrival = net.deliver(c.identity().gateway, f);
+        let exit = arrival.exit;
         if arrival.mailbox == DROP_MAILBOX {
             // λP cover carries a real SURB-ack; a λD drop's is all zero.
             let Some(ack) = net.exit_ack(&arrival) else {
-                return (DROP_MAILBOX, false);
+                return (DROP_MAILBOX, exit, false);
             };
             assert_eq!(
                 (ack.mailbox, ack.exit),
                 (c.identity().mailbox, c.identity().gateway)
             );
             c.handle_mailbox_item(ack.surb_id, &ack.payload, t);
-            return (DROP_MAILBOX, true);
+            return (DROP_MAILBOX, exit, true);
         }
         if arrival.mailbox == other.identity().mailbox {
             assert_eq!(arrival.exit, other.identity().gateway);
@@ -1302,7 +1303,7 @@ mod tests {
             (c.identity().mailbox, c.identity().gateway)
         );
         c.handle_mailbox_item(ack.surb_id, &ack.payload, t);
-        (arrival.mailbox, true)
+        (arrival.mailbox, exit, true)
     }
 
     fn deliver(
@@ -1503,7 +1504,7 @@ mod tests {
     /// client's packets pile onto the recipient's gateway (the leak the control shows).
     #[test]
     fn payload_slots_go_where_the_draw_says_whatever_is_queued() {
-        fn run_payload(legacy: bool, busy: bool) -> (Vec<(Instant, NodeId)>, ClientStats) {
+        fn run_payload(legacy: bool, busy: bool) -> (Vec<(Duration, NodeId)>, ClientStats) {
             let mut w = World::new(12);
             let mut rng = StdRng::seed_from_u64(120);
             let identity = Identity::generate(&mut rng, w.net.gateways[0]);
@@ -1522,11 +1523,12 @@ mod tests {
             }
             let mut exits = Vec::new();
             let World { net, rng, now } = &mut w;
-            run_with(&mut a, rng, *now + Duration::from_secs(100), |a, t, f| {
-                let exit = net.deliver(a.identity().gateway, &f).exit;
+            let start = *now;
+            run_with(&mut a, rng, start + Duration::from_secs(100), |a, t, f| {
                 // λD drops are the only packets without an ack.
-                if deliver_acked(net, a, &mut b, t, &f).1 {
-                    exits.push((t, exit));
+                let (_, exit, acked) = deliver_acked(net, a, &mut b, t, &f);
+                if acked {
+                    exits.push((t - start, exit));
                 }
             });
             (exits, a.stats())
@@ -1541,7 +1543,7 @@ mod tests {
             busy_stats.loops_sent + busy_stats.payload_cover_sent + busy_stats.real_sent
         );
         let gw_b = World::new(12).net.gateways[1];
-        let share_b = |x: &[(Instant, NodeId)]| {
+        let share_b = |x: &[(Duration, NodeId)]| {
             x.iter().filter(|(_, g)| *g == gw_b).count() as f64 / x.len() as f64
         };
         // λP/2 of λP + λL = 0.4 go to B's gateway; ~250 packets, 4 SDs ≈ 0.12.
