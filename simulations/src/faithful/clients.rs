@@ -561,7 +561,7 @@ pub struct Bursts {
 impl Bursts {
     /// Whether a burst is on at time `t` (seconds).
     pub fn on_at(&self, t: f64) -> bool {
-        (t / self.period_s).floor() as u64 % 2 == 0
+        ((t / self.period_s).floor() as u64).is_multiple_of(2)
     }
 }
 
