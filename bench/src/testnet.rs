@@ -272,6 +272,29 @@ pub struct TestnetConfig {
     pub client_rates: Option<[f64; 3]>,
     /// How long a retired Sphinx key keeps unwrapping (None: the authority's default).
     pub key_grace_secs: Option<u64>,
+    /// Test-only: restores the pre-fix deployment, in which each subnet's members sit at
+    /// one gateway that hosts only that subnet ([`assign_gateway`]), and clients use the
+    /// pre-fix cover routing (`ClientConfig::legacy_leaks`). For control runs of the
+    /// attacks that show the leaks; never in use.
+    pub legacy_leaks: bool,
+}
+
+/// The gateway (an index into `gateways`) a member with account key `account` uses: the
+/// directory's rule, rendezvous hashing of the key (`shoal_topology::gateway_for_member`),
+/// the same for the member's client and the admin who enrols it, whatever its subnet.
+/// With `legacy_leaks` it is `by_subnet`, the gateway of the member's subnet, as before.
+pub fn assign_gateway(
+    legacy_leaks: bool,
+    gateways: &[NodeId],
+    account: &[u8; 32],
+    by_subnet: usize,
+) -> usize {
+    if legacy_leaks {
+        return by_subnet;
+    }
+    shoal_topology::gateway_for_member(gateways, account)
+        .and_then(|g| gateways.iter().position(|x| *x == g))
+        .unwrap_or(by_subnet)
 }
 
 impl Default for TestnetConfig {
@@ -287,6 +310,7 @@ impl Default for TestnetConfig {
             workers: None,
             client_rates: None,
             key_grace_secs: None,
+            legacy_leaks: false,
         }
     }
 }

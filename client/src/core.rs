@@ -100,8 +100,9 @@ impl Identity {
     }
 }
 
-/// The mailbox address drops are sent to; gateways discard what arrives for it.
-pub const DROP_MAILBOX: MailboxAddress = [0u8; 32];
+/// The mailbox address cover and drops are sent to; gateways store nothing for it (they
+/// ack λP cover, whose SURB is real, and not λD drops).
+pub use shoal_packet::sphinx::DROP_MAILBOX;
 
 /// When an unacked fragment is sent again.
 ///
@@ -166,6 +167,11 @@ pub struct ClientConfig {
     /// real fragments sent (0, the default, keeps none). Per-packet timings: for
     /// `shoal bench e2e` only, never logged or exported as metrics.
     pub send_records: usize,
+    /// Test-only: restores the pre-fix cover routing (a λP slot with nothing queued
+    /// sends a loop to our own gateway, and a real fragment goes whichever gateway it is
+    /// for), which lets gateway inbound volume follow real traffic. It exists so the
+    /// attack tests can show the leak they guard against; never set it in use.
+    pub legacy_leaks: bool,
 }
 
 impl Default for ClientConfig {
@@ -180,6 +186,7 @@ impl Default for ClientConfig {
             reassembly: ReassemblyLimits::default(),
             remember_received: 65536,
             send_records: 0,
+            legacy_leaks: false,
         }
     }
 }
@@ -221,7 +228,8 @@ pub struct ClientStats {
     pub real_sent: u64,
     /// Of `real_sent`, retransmissions.
     pub retransmissions: u64,
-    /// λP events with nothing queued, sent as loops.
+    /// λP events with no real fragment queued for the slot's gateway, sent as cover to
+    /// that gateway's drop mailbox (with `legacy_leaks`: loops to ourselves).
     pub payload_cover_sent: u64,
     /// λL loops.
     pub loops_sent: u64,
@@ -239,13 +247,13 @@ pub struct ClientStats {
     /// Acks for fragments already acked: a retransmission that was not needed.
     pub duplicate_acks: u64,
 
-    /// Loops (λL and λP cover) whose body came back.
+    /// Loops (λL; with `legacy_leaks` also λP cover) whose body came back.
     pub loops_returned: u64,
-    /// Loops whose SURB-ack came back.
+    /// Loops and λP cover whose SURB-ack came back.
     pub loop_acks_returned: u64,
     /// Loops whose body was not back before its deadline: the active-attack signal.
     pub loops_lost: u64,
-    /// Loops whose ack was not back before the loop's deadline.
+    /// Loops and λP cover whose ack was not back before the deadline (also a signal).
     pub loop_acks_lost: u64,
     /// Loops that came back after being counted lost.
     pub loops_late: u64,
@@ -674,16 +682,36 @@ impl ClientCore {
             return;
         };
         match stream {
-            Stream::Payload => {
-                if self.send_next_real(&topo, now, rng) {
+            Stream::Payload if self.config.legacy_leaks => {
+                if self.send_next_real(&topo, None, now, rng) {
                     return;
                 }
-                if self.send_loop(&topo, now, rng) {
+                let gw = self.identity.gateway;
+                if self.send_acked_cover(&topo, &gw, true, now, rng) {
+                    self.stats.payload_cover_sent += 1;
+                }
+            }
+            Stream::Payload => {
+                // The slot's exit gateway is drawn before the queue is looked at, so
+                // where λP packets go (and, through their acks, what comes back) does
+                // not depend on who we are talking to: a real fragment only takes a
+                // slot that was going to its gateway anyway.
+                let gateways = topo.gateways();
+                let Some(exit) = self.schedule.pick_exit(gateways.len()).map(|i| gateways[i])
+                else {
+                    self.stats.build_failures += 1;
+                    return;
+                };
+                if self.send_next_real(&topo, Some(&exit), now, rng) {
+                    return;
+                }
+                if self.send_acked_cover(&topo, &exit, false, now, rng) {
                     self.stats.payload_cover_sent += 1;
                 }
             }
             Stream::Loop => {
-                if self.send_loop(&topo, now, rng) {
+                let gw = self.identity.gateway;
+                if self.send_acked_cover(&topo, &gw, true, now, rng) {
                     self.stats.loops_sent += 1;
                 }
             }
@@ -697,29 +725,37 @@ impl ClientCore {
         }
     }
 
-    fn next_ready(&mut self) -> Option<(FragKey, bool)> {
-        while let Some(key) = self.retry.pop_front() {
-            if self.fragments.contains_key(&key) {
-                return Some((key, true));
+    /// The oldest queued fragment (retransmissions first) for gateway `exit`, or for any
+    /// gateway if `None`, taken off its queue.
+    fn next_ready(&mut self, exit: Option<&NodeId>) -> Option<(FragKey, bool)> {
+        let (fragments, messages) = (&self.fragments, &self.messages);
+        let live = |k: &FragKey| fragments.contains_key(k);
+        let wanted = |k: &FragKey| {
+            live(k) && exit.is_none_or(|e| messages.get(&k.0).is_some_and(|m| m.to.gateway == *e))
+        };
+        for (queue, is_retry) in [(&mut self.retry, true), (&mut self.fresh, false)] {
+            // Acked or forgotten fragments at the front are dropped as they surface.
+            while queue.front().is_some_and(|k| !live(k)) {
+                queue.pop_front();
             }
-        }
-        while let Some(key) = self.fresh.pop_front() {
-            if self.fragments.contains_key(&key) {
-                return Some((key, false));
+            if let Some(key) = queue.iter().position(wanted).and_then(|i| queue.remove(i)) {
+                return Some((key, is_retry));
             }
         }
         None
     }
 
-    /// Sends the next queued fragment (retransmissions first). Returns false if there
-    /// was none or it could not be built, so the slot carries cover instead.
+    /// Sends the next queued fragment for `exit` (any gateway if `None`), retransmissions
+    /// first. Returns false if there was none or it could not be built, so the slot
+    /// carries cover instead.
     fn send_next_real<R: CryptoRng + ?Sized>(
         &mut self,
         topo: &Topology,
+        exit: Option<&NodeId>,
         now: Instant,
         rng: &mut R,
     ) -> bool {
-        let Some((key, is_retry)) = self.next_ready() else {
+        let Some((key, is_retry)) = self.next_ready(exit) else {
             return false;
         };
         let built = self.build_real(topo, key, now, rng);
@@ -865,16 +901,27 @@ impl ClientCore {
         }
     }
 
-    /// Sends a loop to our own mailbox carrying a SURB-ack. Returns whether it was sent.
-    fn send_loop<R: CryptoRng + ?Sized>(
+    /// Sends cover carrying a real SURB-ack: a loop to our own mailbox (`to_self`, and
+    /// `exit` is our gateway) or λP cover to `exit`'s drop mailbox, whose body is sealed
+    /// to a throwaway key like a drop's. Either way its ack is expected back, and a loop's
+    /// body too. Returns whether it was sent.
+    fn send_acked_cover<R: CryptoRng + ?Sized>(
         &mut self,
         topo: &Topology,
+        exit: &NodeId,
+        to_self: bool,
         now: Instant,
         rng: &mut R,
     ) -> bool {
         let loop_id = random_id(rng);
-        let inner = Fragment::cover(BodyKind::Loop, loop_id).encode();
-        let Ok(sealed) = seal::seal(rng, &self.public_key, &inner) else {
+        let (kind, seal_to, mailbox) = if to_self {
+            (BodyKind::Loop, self.public_key, self.identity.mailbox)
+        } else {
+            let throwaway = PublicKey::from(&StaticSecret::random_from_rng(rng));
+            (BodyKind::Drop, throwaway, DROP_MAILBOX)
+        };
+        let inner = Fragment::cover(kind, loop_id).encode();
+        let Ok(sealed) = seal::seal(rng, &seal_to, &inner) else {
             self.stats.build_failures += 1;
             return false;
         };
@@ -883,10 +930,8 @@ impl ClientCore {
             self.stats.build_failures += 1;
             return false;
         };
-        let gw = self.identity.gateway;
-        let mailbox = self.identity.mailbox;
         let Some((frame, fwd_delay, _)) =
-            self.build_forward(topo, &gw, &mailbox, &slot, &sealed, rng)
+            self.build_forward(topo, exit, &mailbox, &slot, &sealed, rng)
         else {
             self.forget_surb_of(&slot);
             self.stats.build_failures += 1;
@@ -907,7 +952,8 @@ impl ClientCore {
         self.loops.insert(
             loop_id,
             PendingLoop {
-                body_back: false,
+                // Cover to a drop mailbox has no body to come back.
+                body_back: !to_self,
                 ack_back: false,
             },
         );
@@ -916,13 +962,12 @@ impl ClientCore {
         true
     }
 
-    /// A drop: a random gateway, the drop mailbox, a random ack slot (its "first hop"
-    /// names no node, so the gateway discards it) and a body sealed to a throwaway key,
-    /// so it is built exactly like a real body.
+    /// A drop: a random gateway, the drop mailbox, an all-zero SURB (the gateway sends no
+    /// ack for it) and a body sealed to a throwaway key, so it is built like a real body.
+    /// Only the exit gateway sees the slot, and it sees the drop mailbox anyway.
     fn build_drop<R: CryptoRng + ?Sized>(&mut self, topo: &Topology, rng: &mut R) -> Option<Frame> {
         let exit = topo.random_gateway(rng).ok()?;
-        let mut surb = [0u8; SURB_SIZE];
-        rng.fill_bytes(&mut surb);
+        let surb = [0u8; SURB_SIZE];
         let mut message = [0u8; ACK_MESSAGE_SIZE];
         rng.fill_bytes(&mut message);
         let slot = AckSlot { surb, message };
@@ -1219,21 +1264,28 @@ mod tests {
     }
 
     /// Delivers a frame `c` sent: to `other` if addressed there, else back to `c`, and
-    /// the exit gateway's ack back to `c`. Returns the mailbox it went to.
-    fn deliver(
+    /// the exit gateway's ack back to `c`. Returns the mailbox it went to and whether an
+    /// ack came back.
+    fn deliver_acked(
         net: &TestNet,
         c: &mut ClientCore,
         other: &mut ClientCore,
         t: Instant,
         f: &Frame,
-    ) -> MailboxAddress {
+    ) -> (MailboxAddress, NodeId, bool) {
         let arrival = net.deliver(c.identity().gateway, f);
+        let exit = arrival.exit;
         if arrival.mailbox == DROP_MAILBOX {
-            assert!(
-                net.exit_ack(&arrival).is_none(),
-                "a drop's ack slot names no node"
+            // λP cover carries a real SURB-ack; a λD drop's is all zero.
+            let Some(ack) = net.exit_ack(&arrival) else {
+                return (DROP_MAILBOX, exit, false);
+            };
+            assert_eq!(
+                (ack.mailbox, ack.exit),
+                (c.identity().mailbox, c.identity().gateway)
             );
-            return DROP_MAILBOX;
+            c.handle_mailbox_item(ack.surb_id, &ack.payload, t);
+            return (DROP_MAILBOX, exit, true);
         }
         if arrival.mailbox == other.identity().mailbox {
             assert_eq!(arrival.exit, other.identity().gateway);
@@ -1251,7 +1303,17 @@ mod tests {
             (c.identity().mailbox, c.identity().gateway)
         );
         c.handle_mailbox_item(ack.surb_id, &ack.payload, t);
-        arrival.mailbox
+        (arrival.mailbox, exit, true)
+    }
+
+    fn deliver(
+        net: &TestNet,
+        c: &mut ClientCore,
+        other: &mut ClientCore,
+        t: Instant,
+        f: &Frame,
+    ) -> MailboxAddress {
+        deliver_acked(net, c, other, t, f).0
     }
 
     fn events(c: &mut ClientCore) -> Vec<Event> {
@@ -1298,9 +1360,10 @@ mod tests {
             ),
             (3, 0, 3, 1)
         );
-        let loops = s.loops_sent + s.payload_cover_sent;
-        assert_eq!(s.loops_returned, loops);
-        assert_eq!(s.loop_acks_returned, loops);
+        // λL loops come back whole; λP cover went to drop mailboxes and only its ack
+        // comes back.
+        assert_eq!(s.loops_returned, s.loops_sent);
+        assert_eq!(s.loop_acks_returned, s.loops_sent + s.payload_cover_sent);
         assert_eq!(s.malformed_items + s.unknown_replies + s.build_failures, 0);
         assert_eq!(s.queued_fragments + s.in_flight_fragments, 0);
         assert_eq!(b.stats().messages_received, 1);
@@ -1434,6 +1497,64 @@ mod tests {
         assert!(d < 1.63 / n.sqrt(), "KS {d}, n {n}");
     }
 
+    /// Where λP packets go does not depend on what is queued: a client sending all its
+    /// real traffic to the other gateway puts its acked packets (λP and λL) on exactly
+    /// the same gateways at exactly the same instants as an idle client with the same
+    /// seed, λP half on each; every one's ack comes back. With `legacy_leaks` the busy
+    /// client's packets pile onto the recipient's gateway (the leak the control shows).
+    #[test]
+    fn payload_slots_go_where_the_draw_says_whatever_is_queued() {
+        fn run_payload(legacy: bool, busy: bool) -> (Vec<(Duration, NodeId)>, ClientStats) {
+            let mut w = World::new(12);
+            let mut rng = StdRng::seed_from_u64(120);
+            let identity = Identity::generate(&mut rng, w.net.gateways[0]);
+            let config = ClientConfig {
+                legacy_leaks: legacy,
+                ..ClientConfig::default()
+            };
+            let mut a = ClientCore::new(identity, config, &mut rng);
+            a.set_topology(w.net.topo.clone(), w.now);
+            let mut b = w.client(1, 121);
+            if busy {
+                for i in 0..40u8 {
+                    a.send_message(&mut w.rng, b.contact(), &vec![i; FRAGMENT_DATA_SIZE * 2])
+                        .unwrap();
+                }
+            }
+            let mut exits = Vec::new();
+            let World { net, rng, now } = &mut w;
+            let start = *now;
+            run_with(&mut a, rng, start + Duration::from_secs(100), |a, t, f| {
+                // λD drops are the only packets without an ack.
+                let (_, exit, acked) = deliver_acked(net, a, &mut b, t, &f);
+                if acked {
+                    exits.push((t - start, exit));
+                }
+            });
+            (exits, a.stats())
+        }
+        let (idle, idle_stats) = run_payload(false, false);
+        let (busy, busy_stats) = run_payload(false, true);
+        assert_eq!(idle, busy);
+        assert_eq!(idle_stats.real_sent, 0);
+        assert!(busy_stats.real_sent > 60, "{busy_stats:?}");
+        assert_eq!(
+            busy_stats.loop_acks_returned + busy_stats.fragments_acked,
+            busy_stats.loops_sent + busy_stats.payload_cover_sent + busy_stats.real_sent
+        );
+        let gw_b = World::new(12).net.gateways[1];
+        let share_b = |x: &[(Duration, NodeId)]| {
+            x.iter().filter(|(_, g)| *g == gw_b).count() as f64 / x.len() as f64
+        };
+        // λP/2 of λP + λL = 0.4 go to B's gateway; ~250 packets, 4 SDs ≈ 0.12.
+        assert!((share_b(&busy) - 0.4).abs() < 0.12, "{}", share_b(&busy));
+        // The control: the same workload with the old rule.
+        let (legacy_idle, _) = run_payload(true, false);
+        let (legacy_busy, _) = run_payload(true, true);
+        assert_eq!(share_b(&legacy_idle), 0.0);
+        assert!(share_b(&legacy_busy) > 0.2, "{}", share_b(&legacy_busy));
+    }
+
     #[test]
     fn idle_client_emits_only_cover() {
         let mut w = World::new(5);
@@ -1454,7 +1575,8 @@ mod tests {
             "{s:?}"
         );
         assert_eq!(s.payload_cover_sent + s.loops_sent + s.drops_sent, frames);
-        assert_eq!(s.loops_returned, s.payload_cover_sent + s.loops_sent);
+        assert_eq!(s.loops_returned, s.loops_sent);
+        assert_eq!(s.loop_acks_returned, s.payload_cover_sent + s.loops_sent);
         assert!(events(&mut a).is_empty());
     }
 
@@ -1464,12 +1586,13 @@ mod tests {
         let mut a = w.client(0, 60);
         let frames = run(&mut a, &mut w.rng, w.now + Duration::from_secs(10));
         let sent = a.stats().loops_sent + a.stats().payload_cover_sent;
-        assert!(sent > 0);
-        // Nothing comes back; far past every deadline all loops are lost.
+        assert!(a.stats().loops_sent > 0);
+        // Nothing comes back; far past every deadline all loops are lost, and every λP
+        // cover's ack.
         let later = w.now + Duration::from_secs(3600);
         a.handle_timeout(later, &mut w.rng);
         let s = a.stats();
-        assert!(s.loops_lost >= sent, "{s:?}");
+        assert!(s.loops_lost >= s.loops_sent, "{s:?}");
         assert!(s.loop_acks_lost >= sent);
         // One straggler arrives after all.
         let late = frames

@@ -7,17 +7,22 @@
 //! carried. With a separate generator the send times are a pure function of (seed,
 //! rates, `now`): a busy client and an idle one with the same seed send at exactly the
 //! same instants, which the tests check.
+//!
+//! Where each λP slot goes (its exit gateway) is drawn from a third generator, also
+//! seeded once, for the same reason: the destinations of λP packets are a pure function
+//! of (seed, number of gateways, slot count), the same whatever is queued.
 
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Exp};
 
 /// Which stream an event belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stream {
-    /// λP: a real fragment if one is queued, else a loop (see the crate's design notes).
+    /// λP: the slot's exit gateway is drawn uniformly; a real fragment for that gateway if
+    /// one is queued, else cover to its drop mailbox (see the crate's design notes).
     Payload,
     /// λL: a loop to self.
     Loop,
@@ -33,14 +38,24 @@ const MAX_GAP: Duration = Duration::from_secs(7 * 24 * 3600);
 #[derive(Debug)]
 pub(crate) struct Schedule {
     rng: StdRng,
+    /// Draws λP slots' exit gateways; separate so those draws never move send times.
+    exits: StdRng,
     rates: [f64; 3],
     next: [Option<Instant>; 3],
 }
 
 impl Schedule {
     pub(crate) fn new(seed: [u8; 32]) -> Self {
+        let mut exit_seed = seed;
+        for (b, d) in exit_seed
+            .iter_mut()
+            .zip(b"shoal lambda-P exit gateway draw")
+        {
+            *b ^= d;
+        }
         Schedule {
             rng: StdRng::from_seed(seed),
+            exits: StdRng::from_seed(exit_seed),
             rates: [0.0; 3],
             next: [None; 3],
         }
@@ -91,6 +106,12 @@ impl Schedule {
             }
         }
         skipped
+    }
+
+    /// The index, uniform in `0..n`, of the exit gateway of the λP slot being fired, or
+    /// `None` if `n` is 0.
+    pub(crate) fn pick_exit(&mut self, n: usize) -> Option<usize> {
+        (n > 0).then(|| self.exits.random_range(0..n))
     }
 
     /// Takes the earliest event due at or before `now` and schedules that stream's next.

@@ -20,6 +20,7 @@ use rand::CryptoRng;
 use sha2::{Digest, Sha256};
 use shoal_packet::SPHINX_PAYLOAD_SIZE;
 use shoal_packet::payload::{ACK_MESSAGE_SIZE, split_plaintext};
+pub use shoal_packet::sphinx::DROP_MAILBOX;
 use shoal_packet::sphinx::{self, ForwardPacket, MailboxAddress, SURB_SIZE, SurbId};
 use shoal_subnet::{
     AccountAction, AccountUsage, CommandGuard, Policy, SubnetError, SubnetId, UsageReport,
@@ -140,7 +141,12 @@ pub enum DeliverOutcome {
     /// Queued for a durable write as item `id`. If `ack` is true its SURB-ack is released
     /// by [`Mailbox::on_committed`] once the write is durable.
     Accepted { id: ItemId, ack: bool },
-    /// No account has this mailbox: discarded (this is where drop cover ends).
+    /// For the cover/drop mailbox ([`DROP_MAILBOX`]): nothing is stored. If `ack` is true
+    /// (λP cover carries a usable SURB-ack) the ack rides in the current write batch and is
+    /// released by [`Mailbox::on_committed`] exactly as a real item's, so the acks a
+    /// gateway sends count a sender's λP slots, not its real messages.
+    Cover { ack: bool },
+    /// No account has this mailbox: discarded.
     UnknownMailbox,
     /// The mailbox is at its quota: refused, no ack, so the sender retries later.
     QuotaFull,
@@ -369,8 +375,12 @@ impl Recovered {
 pub struct MailboxStats {
     /// Deliveries queued for a durable write.
     pub accepted: u64,
-    /// Deliveries to no known mailbox (drop cover ends here).
+    /// Deliveries to no known mailbox.
     pub dropped_unknown: u64,
+    /// Deliveries to the cover/drop mailbox (λP cover and λD drops; never stored).
+    pub cover: u64,
+    /// Of those, with an ack slot (λP cover): their acks ride the write batches.
+    pub cover_acks: u64,
     /// Deliveries refused because the mailbox was at its quota.
     pub refused_quota: u64,
     /// Deliveries whose payload was not a Sphinx payload.
@@ -496,10 +506,13 @@ fn ms(d: Duration) -> u64 {
 }
 
 /// The ack slot of a forward packet's payload. SURB replies (sealed for their
-/// creator) do not open and have none.
+/// creator) do not open and have none; λD drops carry an all-zero SURB, meaning none.
 fn ack_slot(payload: &[u8]) -> Option<AckToSend> {
     let plaintext = sphinx::open_forward(payload).ok()?;
     let (slot, _) = split_plaintext(&plaintext).ok()?;
+    if slot.surb.iter().all(|b| *b == 0) {
+        return None;
+    }
     Some(AckToSend {
         surb: Box::new(slot.surb),
         message: slot.message,
@@ -664,6 +677,11 @@ impl Mailbox {
     }
 
     /// Batches handed out by `poll_write` and not yet reported back.
+    /// SURB-acks waiting for their batch's commit (not yet taken or still with the store).
+    pub fn acks_pending(&self) -> usize {
+        self.open.acks.len() + self.in_flight.values().map(|f| f.acks.len()).sum::<usize>()
+    }
+
     pub fn in_flight_batches(&self) -> usize {
         self.in_flight.len()
     }
@@ -695,6 +713,9 @@ impl Mailbox {
             return Err(GatewayError::AccountExists);
         }
         let tag = MailboxTag::derive(&self.salt, mailbox);
+        if *mailbox == DROP_MAILBOX {
+            return Err(GatewayError::MailboxTaken);
+        }
         if self.boxes.contains_key(&tag) {
             return Err(GatewayError::MailboxTaken);
         }
@@ -764,6 +785,18 @@ impl Mailbox {
             self.stats.malformed += 1;
             return DeliverOutcome::Malformed;
         };
+        if *destination == DROP_MAILBOX {
+            // Cover is not stored, but its ack waits for the same commit as the items
+            // beside it: the ack's timing must not say whether a packet was real.
+            self.stats.cover += 1;
+            let ack = ack_slot(&payload);
+            let has_ack = ack.is_some();
+            if let Some(a) = ack {
+                self.stats.cover_acks += 1;
+                self.open.acks.push(a);
+            }
+            return DeliverOutcome::Cover { ack: has_ack };
+        }
         let tag = MailboxTag::derive(&self.salt, destination);
         let ttl = self.ttl_of(&tag);
         let Some(b) = self.boxes.get_mut(&tag) else {
@@ -807,9 +840,10 @@ impl Mailbox {
         DeliverOutcome::Accepted { id, ack: has_ack }
     }
 
-    /// Everything queued since the last call, as one batch for the store.
+    /// Everything queued since the last call, as one batch for the store. A batch may
+    /// hold no writes, only the acks of cover: it still goes through a commit.
     pub fn poll_write(&mut self) -> Option<WriteBatch> {
-        if self.open_ops.is_empty() {
+        if self.open_ops.is_empty() && self.open.acks.is_empty() {
             return None;
         }
         let id = BatchId(self.next_batch);
@@ -1464,6 +1498,72 @@ pub(crate) mod tests {
         );
         let ack = acks.into_iter().next().unwrap();
         assert_eq!(net.read_ack(ack, &rec), [0x42; 16]);
+    }
+
+    /// λP cover ends in the drop mailbox: nothing stored, its ack released by the same
+    /// commit as a real item delivered beside it; alone it still waits for a commit. A λD
+    /// drop (all-zero SURB) gets no ack. No account can take the drop mailbox.
+    #[test]
+    fn cover_is_not_stored_and_its_ack_rides_the_commit() {
+        let mut net = Net::new(4);
+        let mut m = mailbox();
+        let (sid, cover, rec) = net.forward_with_ack(&DROP_MAILBOX, &BOB_BOX, [0x44; 16]);
+        assert_eq!(
+            m.deliver(&DROP_MAILBOX, sid, &cover, t(0)),
+            DeliverOutcome::Cover { ack: true }
+        );
+        let (sid2, real, _) = net.forward_with_ack(&ALICE_BOX, &BOB_BOX, [0x45; 16]);
+        m.deliver(&ALICE_BOX, sid2, &real, t(0));
+        let batch = m.poll_write().unwrap();
+        assert_eq!(batch.len(), 1, "only the real item is written");
+        let acks = m.on_committed(Committed::dangerously_assume_durable(&batch));
+        assert_eq!(acks.len(), 2);
+        assert_eq!(m.total_items(), 1);
+        assert_eq!(
+            net.read_ack(acks.into_iter().next().unwrap(), &rec),
+            [0x44; 16]
+        );
+
+        // Cover alone: a batch with no writes, acks only after its commit.
+        let (sid, cover, _) = net.forward_with_ack(&DROP_MAILBOX, &BOB_BOX, [0x46; 16]);
+        m.deliver(&DROP_MAILBOX, sid, &cover, t(0));
+        let batch = m.poll_write().unwrap();
+        assert!(batch.is_empty());
+        assert_eq!(
+            m.on_committed(Committed::dangerously_assume_durable(&batch))
+                .len(),
+            1
+        );
+
+        // A drop: an all-zero SURB means no ack, and no batch.
+        let hops = [net.exit.clone()];
+        let slot = AckSlot {
+            surb: [0; SURB_SIZE],
+            message: [9; ACK_MESSAGE_SIZE],
+        };
+        let plaintext = join_plaintext(&slot, &[0x5a; BODY_SIZE]).unwrap();
+        let (fwd, _) = build_forward(
+            &mut net.rng,
+            &hops,
+            &[Duration::ZERO],
+            &DROP_MAILBOX,
+            &plaintext,
+        )
+        .unwrap();
+        let (dest, sid, drop) = net.arrive(&fwd.packet);
+        assert_eq!(
+            m.deliver(&dest, sid, &drop, t(0)),
+            DeliverOutcome::Cover { ack: false }
+        );
+        assert!(m.poll_write().is_none());
+        assert_eq!(m.stats().cover, 3);
+        assert_eq!(m.stats().cover_acks, 2);
+        assert_eq!(m.acks_pending(), 0);
+        assert_eq!(m.stats().acks_released, 3);
+        assert_eq!(
+            m.create_account(&DROP_MAILBOX, [0xd0; 32], 10),
+            Err(GatewayError::MailboxTaken)
+        );
     }
 
     #[test]

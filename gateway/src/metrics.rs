@@ -255,6 +255,7 @@ impl Metrics {
             &[
                 ("{outcome=\"accepted\"}", c(m.accepted)),
                 ("{outcome=\"unknown_mailbox\"}", c(m.dropped_unknown)),
+                ("{outcome=\"cover\"}", c(m.cover)),
                 ("{outcome=\"quota_full\"}", c(m.refused_quota)),
                 ("{outcome=\"malformed\"}", c(m.malformed)),
                 ("{outcome=\"overload\"}", c(s.deliveries_overload)),
@@ -269,7 +270,7 @@ impl Metrics {
         metric(
             "shoal_gateway_unknown_mailbox_total",
             "counter",
-            "Deliveries for no known mailbox (where drop cover ends).",
+            "Deliveries for no known mailbox (cover ends in the drop mailbox, outcome cover of deliveries_total).",
             &[("", c(m.dropped_unknown))],
         );
         metric(

@@ -22,6 +22,10 @@ use crate::{PLAINTEXT_SIZE, PacketError, ROUTE_HOPS, SPHINX_PACKET_SIZE, SPHINX_
 pub type NodeAddress = [u8; 32];
 /// A mailbox address at an exit gateway.
 pub type MailboxAddress = [u8; 32];
+/// The cover/drop mailbox every gateway has: what arrives for it is never stored. A
+/// forward packet for it that carries a usable SURB-ack (λP cover) is acked like a real
+/// one; one whose ack slot's SURB is all zero (λD drops) is not.
+pub const DROP_MAILBOX: MailboxAddress = [0u8; 32];
 /// Identifier the exit hop receives with the payload; for SURB replies it names the
 /// recovery material, for forward packets it is random.
 pub type SurbId = [u8; 16];

@@ -251,18 +251,26 @@ pub struct ClientFile {
     pub directory: DirectorySection,
     #[serde(default)]
     pub timing: TimingSection,
-    #[serde(default)]
+    /// Test-only switches; absent from configs `init` writes.
+    #[serde(default, skip_serializing_if = "TestingSection::is_default")]
     pub testing: TestingSection,
 }
 
-/// `[testing]`: switches that turn protections off, for tests and the observer's
-/// control runs. Never set them on a real client.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[testing]`: switches that exist only so tests and the observer's control runs can
+/// measure what a protection is worth. Never set them in use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TestingSection {
-    /// Ack pulled items in separate frames right after saving them (the old, leaky
-    /// behaviour) instead of in the next scheduled pull.
+    /// Restores the pre-fix leaks: cover routing and the λP rule that show who sends
+    /// real traffic to which gateway (`shoal_client::core::ClientConfig::legacy_leaks`),
+    /// and acks in separate frames right after saving instead of in the next pull.
     pub legacy_leaks: bool,
+}
+
+impl TestingSection {
+    fn is_default(&self) -> bool {
+        *self == TestingSection::default()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,6 +348,10 @@ pub fn load_config(path: &Path) -> anyhow::Result<Loaded> {
     driver.snapshot_interval = Duration::from_millis(t.snapshot_interval_ms);
     driver.directory_refresh = Duration::from_secs(t.directory_refresh_secs);
     driver.legacy_leaks = file.testing.legacy_leaks;
+    driver.client.legacy_leaks = file.testing.legacy_leaks;
+    if file.testing.legacy_leaks {
+        tracing::warn!("[testing] legacy_leaks is on: the client's traffic shows what it sends");
+    }
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -1448,5 +1460,10 @@ mod tests {
             toml::to_string(&back).unwrap(),
             toml::to_string(&f).unwrap()
         );
+        assert!(!text.contains("[testing]"));
+        // The observer's control run adds the test-only table by hand.
+        let legacy: ClientFile =
+            toml::from_str(&format!("{text}\n[testing]\nlegacy_leaks = true\n")).unwrap();
+        assert!(legacy.testing.legacy_leaks);
     }
 }

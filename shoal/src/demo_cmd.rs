@@ -8,7 +8,10 @@
 //! and cover vs real packets.
 //!
 //! Then the managed story (issue 4) on the same network: three subnets A, B and C, each
-//! with its own admin key and policy; A and B federate, C federates with nobody.
+//! with its own admin key and policy; A and B federate, C federates with nobody. Both
+//! gateways host all three subnets, and each member sits at the gateway its account key
+//! picks (`shoal_topology::gateway_for_member`), so subnets share gateways (the hidden
+//! `--legacy-leaks` control puts A on gateway 0 and B, C on gateway 1, as before).
 //! Members are managed clients (the messenger on top of the client driver):
 //! - one MLS group spans A and B; every member sends one message to it, and every other
 //!   member must receive it;
@@ -34,7 +37,7 @@ use clap::Args;
 use ed25519_dalek::SigningKey;
 use serde::Serialize;
 use shoal_bench::standin::wait_for_topology;
-use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig, shoal_binary};
+use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig, assign_gateway, shoal_binary};
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
 use shoal_client::group::{GroupConfig, GroupEvent};
 use shoal_client::managed::{self, ManagedHandle};
@@ -44,7 +47,7 @@ use shoal_subnet::{
     AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCard, MessageOptions,
     Policy, PolicyBody, RoleRule, SignedPolicy, SubnetAdmin, SubnetId,
 };
-use shoal_topology::Hex32;
+use shoal_topology::{Hex32, NodeId};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -76,6 +79,10 @@ pub struct DemoArgs {
     /// hash; must exceed the spread of commit delivery times.
     #[arg(long, default_value_t = 1500)]
     commit_settle_ms: u64,
+    /// Test-only control: gateways by subnet and the pre-fix cover routing, which leak
+    /// membership and who sends to which gateway (`TestnetConfig::legacy_leaks`).
+    #[arg(long, hide = true)]
+    legacy_leaks: bool,
 }
 
 /// Mailbox pull interval of the demo's clients.
@@ -93,7 +100,8 @@ struct Packets {
     /// λP slots that carried a real fragment (first sends and retransmissions).
     real: u64,
     retransmissions: u64,
-    /// λP slots with nothing queued (sent as loops).
+    /// λP slots with nothing queued for their drawn gateway (sent as cover to its drop
+    /// mailbox).
     payload_cover: u64,
     loops: u64,
     drops: u64,
@@ -231,6 +239,7 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
         epoch_secs: 3600,
         workers: Some(1),
         client_rates: Some([lambda_p, lambda_p / 5.0, lambda_p / 5.0]),
+        legacy_leaks: args.legacy_leaks,
         ..TestnetConfig::default()
     };
     say(args, "starting 1 authority and 6 relays (real processes)");
@@ -246,38 +255,55 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     let mut managed_setup = Vec::new();
     for (g, hosted) in HOSTED.iter().enumerate() {
         let init = net.init_gateway(&shoal, g, &GatewayOptions::default())?;
-        // Gateway 0 hosts subnet A, gateway 1 hosts B and C: only their admins may
-        // command them.
-        let hosted: Vec<SubnetId> = hosted.iter().map(|&i| subnets.id(i)).collect();
+        // Every gateway hosts every subnet: members are spread over gateways by their
+        // keys, not their organisation. (The control: gateway 0 hosts only A, 1 hosts B
+        // and C.) Only hosted subnets' admins may command a gateway.
+        let hosted: Vec<SubnetId> = if cfg.legacy_leaks {
+            hosted.iter().map(|&i| subnets.id(i)).collect()
+        } else {
+            [A, B, C].iter().map(|&i| subnets.id(i)).collect()
+        };
         set_hosted_subnets(&init.config, &hosted)?;
-        for (m, spec) in MEMBERS.iter().enumerate().filter(|(_, s)| s.gateway == g) {
-            let mut rng = rand::rng();
-            let account = SigningKey::generate(&mut rng);
-            let identity = Identity::generate(&mut rng, init.id);
-            if spec.subnet == ADMIN {
-                // The admin's own client is an ordinary account, outside any subnet.
-                Testnet::add_account(
-                    &shoal,
-                    &init,
-                    &account.verifying_key().to_bytes(),
-                    &identity.mailbox,
-                )?;
-            }
-            managed_setup.push((m, *spec, account, identity));
+        inits.push(init);
+    }
+    let gateway_ids: Vec<NodeId> = inits.iter().map(|i| i.id).collect();
+    for (m, spec) in MEMBERS.iter().enumerate() {
+        let mut rng = rand::rng();
+        let account = SigningKey::generate(&mut rng);
+        let mut spec = *spec;
+        spec.gateway = assign_gateway(
+            cfg.legacy_leaks,
+            &gateway_ids,
+            &account.verifying_key().to_bytes(),
+            spec.gateway,
+        );
+        let init = &inits[spec.gateway];
+        let identity = Identity::generate(&mut rng, init.id);
+        if spec.subnet == ADMIN {
+            // The admin's own client is an ordinary account, outside any subnet.
+            Testnet::add_account(
+                &shoal,
+                init,
+                &account.verifying_key().to_bytes(),
+                &identity.mailbox,
+            )?;
         }
+        managed_setup.push((m, spec, account, identity));
+    }
+    // Plain clients are placed per gateway: the demo measures delivery across gateways.
+    for (g, init) in inits.iter().enumerate() {
         for c in 0..args.clients_per_gateway {
             let mut rng = rand::rng();
             let account = SigningKey::generate(&mut rng);
             let identity = Identity::generate(&mut rng, init.id);
             Testnet::add_account(
                 &shoal,
-                &init,
+                init,
                 &account.verifying_key().to_bytes(),
                 &identity.mailbox,
             )?;
             clients_setup.push((g, c, account, identity));
         }
-        inits.push(init);
     }
     for init in inits.clone() {
         net.run_gateway(&shoal, init)?;
@@ -654,6 +680,8 @@ const ADMIN: usize = usize::MAX;
 struct MemberSpec {
     name: &'static str,
     subnet: usize,
+    /// In `MEMBERS`, the gateway of the member's subnet (used only by the `legacy_leaks`
+    /// control); at setup it becomes the gateway the member's key picks.
     gateway: usize,
 }
 
@@ -694,7 +722,7 @@ const MEMBERS: [MemberSpec; 7] = [
         gateway: 0,
     },
 ];
-/// Subnets each gateway hosts.
+/// Subnets each gateway hosted before gateways were shared (the `legacy_leaks` control).
 const HOSTED: [&[usize]; 2] = [&[A], &[B, C]];
 /// The group: created by the first, spanning A and B.
 const GROUP: [&str; 5] = ["ana", "al", "ax", "bo", "bea"];
@@ -745,6 +773,7 @@ fn client_config(
     // Loopback: the margin over the sampled delays covers link, fsync and pull.
     config.client.retransmit.margin = Duration::from_millis(1500);
     config.client.loop_margin = Duration::from_secs(3);
+    config.client.legacy_leaks = args.legacy_leaks;
     config
 }
 
@@ -1155,7 +1184,7 @@ async fn story_steps(
         .with(|m, _| m.credential().signing_key())
         .await?;
     let started = Instant::now();
-    let gw = &inits[MEMBERS[revoked].gateway];
+    let gw = &inits[managed[revoked].spec.gateway];
     subnets
         .command(
             A,

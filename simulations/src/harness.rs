@@ -368,6 +368,18 @@ pub struct Network {
     deliveries: Vec<Delivery>,
     record_frames: bool,
     frames: Vec<FrameRecord>,
+    record_arrivals: bool,
+    arrivals: Vec<Arrival>,
+}
+
+/// A frame's arrival at a node as a link observer sees it: when, from where, to where;
+/// no contents. Kept only when [`Network::record_arrivals`] is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    pub at: Duration,
+    /// `None` for frames injected from outside (clients).
+    pub from: Option<NodeId>,
+    pub to: NodeId,
 }
 
 impl Network {
@@ -464,6 +476,8 @@ impl Network {
             deliveries: Vec::new(),
             record_frames: false,
             frames: Vec::new(),
+            record_arrivals: false,
+            arrivals: Vec::new(),
         };
         net.rotate(0)?;
         net.publish(0)?;
@@ -597,6 +611,17 @@ impl Network {
 
     pub fn frames(&self) -> &[FrameRecord] {
         &self.frames
+    }
+
+    /// Keeps the (time, from, to) of every frame that arrives at a node from now on: the
+    /// global passive observer's view of the links, cheap enough for long runs.
+    pub fn record_arrivals(&mut self, on: bool) {
+        self.record_arrivals = on;
+    }
+
+    /// The arrivals recorded since the last call.
+    pub fn take_arrivals(&mut self) -> Vec<Arrival> {
+        std::mem::take(&mut self.arrivals)
     }
 
     pub fn deliveries(&self) -> &[Delivery] {
@@ -774,6 +799,13 @@ impl Network {
 
     fn arrive(&mut self, from: Option<usize>, to: usize, frame: Frame) {
         self.on_links -= 1;
+        if self.record_arrivals {
+            self.arrivals.push(Arrival {
+                at: self.now,
+                from: from.map(|f| self.nodes[f].id),
+                to: self.nodes[to].id,
+            });
+        }
         if self.record_frames {
             self.frames.push(FrameRecord {
                 at: self.now,

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod assign;
 pub mod authority;
 pub mod descriptor;
 pub mod document;
@@ -10,6 +11,7 @@ pub mod route;
 mod encoding;
 mod error;
 
+pub use assign::gateway_for_member;
 pub use authority::{
     Authority, AuthorityConfig, Inclusion, LIVENESS_PERIODS, RosterEntry,
     default_descriptor_max_age_secs,

@@ -295,6 +295,10 @@ pub struct Acks {
 pub struct GatewayCounters {
     pub accepted: u64,
     pub dropped_unknown: u64,
+    /// Deliveries to the cover/drop mailbox (λP cover, acked; λD drops).
+    pub cover: u64,
+    /// Of those, λP cover (with an ack slot).
+    pub cover_acks: u64,
     pub refused_quota: u64,
     pub malformed: u64,
     pub without_ack_slot: u64,
@@ -305,7 +309,8 @@ pub struct GatewayCounters {
     pub dummies_offered: u64,
     pub items_acked: u64,
     pub ack_ids_ignored: u64,
-    /// Acks of items whose commit had not finished when the run stopped (never released).
+    /// Acks (of items and of cover) whose commit had not finished when the run stopped
+    /// (never released).
     pub acks_pending_at_end: u64,
     /// Group commits (one simulated fsync each).
     pub group_commits: u64,
@@ -317,6 +322,8 @@ impl GatewayCounters {
     fn add(&mut self, s: &MailboxStats) {
         self.accepted += s.accepted;
         self.dropped_unknown += s.dropped_unknown;
+        self.cover += s.cover;
+        self.cover_acks += s.cover_acks;
         self.refused_quota += s.refused_quota;
         self.malformed += s.malformed;
         self.without_ack_slot += s.without_ack_slot;
@@ -421,8 +428,6 @@ fn sum(clients: &[ClientCore]) -> ClientStats {
 /// One stored item as the simulated store holds it.
 struct Stored {
     payload: Vec<u8>,
-    /// Its ack slot waits for the commit.
-    ack: bool,
     stored_s: f64,
     durable_s: Option<f64>,
 }
@@ -511,6 +516,76 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 /// layers of `width` real relays and `gateways` gateways. Client `i` has its mailbox at gateway
 /// `i mod gateways` and enters the network there.
 pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
+    run_scenario(config, &Scenario::default()).map(|(run, _)| run)
+}
+
+/// How clients are assigned to gateways.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Assignment {
+    /// Client `i` at gateway `i mod gateways` (faithful mode's default).
+    #[default]
+    Modulo,
+    /// The production rule: the rendezvous-hash winner of the client's account key over
+    /// the directory's gateways (`shoal_topology::gateway_for_member`).
+    ByKey,
+    /// The pre-fix deployment: each subnet's members at one gateway, subnet `s` at gateway
+    /// `s mod gateways`. One subnet per client.
+    BySubnet(Vec<u32>),
+}
+
+/// What a faithful run does beyond `config`'s own workload: the wire-leak attack tests
+/// use it to choose who sends to whom and when, and to watch.
+#[derive(Debug, Clone, Default)]
+pub struct Scenario {
+    pub assignment: Assignment,
+    /// On/off bursts between clients of different gateways, replacing the config's
+    /// Poisson workload (`rate_per_client` then only sets λP's default).
+    pub bursts: Option<Bursts>,
+    /// Runs every client core with `ClientConfig::legacy_leaks` (the control).
+    pub legacy_leaks: bool,
+    /// Record what a link observer and each exit gateway see ([`Observed`]).
+    pub observe: bool,
+}
+
+/// The wire-leak workload: `pairs` senders at gateway 0 (the first `pairs` clients there)
+/// each send single-fragment messages to their own recipient at gateway 1 (the first
+/// `pairs` there), Poisson at `rate_on` per second while a burst is on: during
+/// `[2k·period_s, (2k+1)·period_s)`, silent in the periods between, all pairs in step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bursts {
+    pub pairs: usize,
+    pub period_s: f64,
+    pub rate_on: f64,
+}
+
+impl Bursts {
+    /// Whether a burst is on at time `t` (seconds).
+    pub fn on_at(&self, t: f64) -> bool {
+        ((t / self.period_s).floor() as u64).is_multiple_of(2)
+    }
+}
+
+/// What the adversaries of the wire-leak tests see (recorded when [`Scenario::observe`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    /// Gateway index of each client.
+    pub gateway_of: Vec<usize>,
+    /// The (sender, recipient) pairs of [`Scenario::bursts`].
+    pub pairs: Vec<(u32, u32)>,
+    /// A global passive observer: (time s, gateway index) of every frame arriving at a
+    /// gateway from a layer-3 relay (forward packets, cover and SURB replies alike).
+    pub gateway_inbound: Vec<(f64, usize)>,
+    /// Each exit gateway: (time s, client index, is a forward packet) of every packet
+    /// that ended in one of its clients' mailboxes. A gateway tells forward packets from
+    /// SURB replies (acks) by whether the payload opens.
+    pub mailbox_arrivals: Vec<(f64, u32, bool)>,
+}
+
+/// [`run_clients`] with a [`Scenario`]: also returns what the observers saw.
+pub fn run_scenario(
+    config: &ModelConfig,
+    scenario: &Scenario,
+) -> Result<(ClientRun, Observed), SimError> {
     let v = check(config)?;
     let mean_ms = v.mean_hop_s * 1e3;
     let link = LinkConfig {
@@ -554,18 +629,10 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
     let mut gw_rng = StdRng::seed_from_u64(v.seed ^ 0x6761_7465_7761_7973);
     let ccfg = ClientConfig {
         send_records: usize::MAX,
+        legacy_leaks: scenario.legacy_leaks,
         ..ClientConfig::default()
     };
     let start = net.now_instant();
-    let mut clients: Vec<ClientCore> = (0..v.clients as usize)
-        .map(|i| {
-            let id = Identity::generate(&mut rng, gateway_ids[i % gateway_ids.len()]);
-            let mut c = ClientCore::new(id, ccfg.clone(), &mut rng);
-            c.set_topology(topo.clone(), start);
-            c
-        })
-        .collect();
-    let contacts: Vec<_> = clients.iter().map(ClientCore::contact).collect();
 
     let mcfg = MailboxConfig {
         pull_batch: v.pull_batch,
@@ -589,18 +656,54 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
     }
     let by_node: HashMap<NodeId, usize> =
         gws.iter().enumerate().map(|(i, g)| (g.node, i)).collect();
+    let n_clients = v.clients as usize;
+    let keys: Vec<AccountKey> = (0..n_clients)
+        .map(|_| {
+            let mut key = [0u8; 32];
+            gw_rng.fill_bytes(&mut key);
+            key
+        })
+        .collect();
+    let gateway_of: Vec<usize> = match &scenario.assignment {
+        Assignment::Modulo => (0..n_clients).map(|i| i % gws.len()).collect(),
+        Assignment::ByKey => keys
+            .iter()
+            .map(|k| {
+                let g = topo
+                    .gateway_for_member(k)
+                    .map_err(|e| bad("gateway assignment", e.to_string()))?;
+                Ok(by_node.get(&g).copied().unwrap_or(0))
+            })
+            .collect::<Result<_, SimError>>()?,
+        Assignment::BySubnet(subnets) => {
+            if subnets.len() != n_clients {
+                return Err(bad("scenario", "one subnet per client"));
+            }
+            subnets.iter().map(|s| *s as usize % gws.len()).collect()
+        }
+    };
+    let mut clients: Vec<ClientCore> = gateway_of
+        .iter()
+        .map(|&g| {
+            let id = Identity::generate(&mut rng, gateway_ids[g]);
+            let mut c = ClientCore::new(id, ccfg.clone(), &mut rng);
+            c.set_topology(topo.clone(), start);
+            c
+        })
+        .collect();
+    let contacts: Vec<_> = clients.iter().map(ClientCore::contact).collect();
+    let client_of: HashMap<MailboxAddress, u32> = contacts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.mailbox, i as u32))
+        .collect();
     // Accounts exist before the run starts: created and committed at once.
-    let mut keys: Vec<AccountKey> = Vec::with_capacity(clients.len());
     for (i, c) in clients.iter().enumerate() {
-        let mut key = [0u8; 32];
-        gw_rng.fill_bytes(&mut key);
         let mailbox: MailboxAddress = c.identity().mailbox;
-        let n = gws.len();
-        gws[i % n]
+        gws[gateway_of[i]]
             .mailbox
-            .create_account(&mailbox, key, v.quota)
+            .create_account(&mailbox, keys[i], v.quota)
             .map_err(|e| bad("gateway account", e.to_string()))?;
-        keys.push(key);
     }
     for g in &mut gws {
         while let Some(b) = g.mailbox.poll_write() {
@@ -626,9 +729,42 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
         );
     }
 
-    // Real messages: each client's Poisson stream, merged (sender, recipient).
+    // Real messages: each client's Poisson stream, merged (sender, recipient), unless the
+    // scenario brings its own.
     let mut sends: Vec<(f64, u32, u32)> = Vec::new();
-    for client in 0..v.clients {
+    let mut pairs = Vec::new();
+    if let Some(b) = &scenario.bursts {
+        if !(b.period_s > 0.0 && b.rate_on > 0.0 && b.rate_on.is_finite()) {
+            return Err(bad("scenario", "bursts need a positive period and rate"));
+        }
+        let gof = &gateway_of;
+        let at = |g: usize| (0..n_clients).filter(move |&i| gof[i] == g);
+        pairs = at(0)
+            .zip(at(1))
+            .take(b.pairs)
+            .map(|(s, r)| (s as u32, r as u32))
+            .collect();
+        if pairs.len() < b.pairs {
+            return Err(bad("scenario", "too few clients at gateways 0 and 1"));
+        }
+        for &(from, to) in &pairs {
+            let mut t = 0.0;
+            loop {
+                let gap: f64 = Exp1.sample(&mut rng);
+                t += gap / b.rate_on;
+                if t >= v.duration_s {
+                    break;
+                }
+                if !b.on_at(t) {
+                    // Skip to the next burst: Poisson within bursts only.
+                    t = ((t / b.period_s).floor() + 1.0) * b.period_s;
+                    continue;
+                }
+                sends.push((t, from, to));
+            }
+        }
+    }
+    for client in (0..v.clients).filter(|_| scenario.bursts.is_none()) {
         let mut t = 0.0;
         loop {
             let gap: f64 = Exp1.sample(&mut rng);
@@ -646,6 +782,16 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
     let mut by_id: HashMap<[u8; 16], usize> = HashMap::new();
     let mut acked_events = 0u64;
     let (mut acks_sent, mut acks_unroutable) = (0u64, 0u64);
+    let mut observed = Observed {
+        gateway_of: gateway_of.clone(),
+        pairs,
+        ..Observed::default()
+    };
+    let last_layer: std::collections::HashSet<NodeId> = net
+        .layer(shoal_packet::MIX_LAYERS - 1)
+        .into_iter()
+        .collect();
+    net.record_arrivals(scenario.observe);
     let mut next_send = 0usize;
     let secs = |t: Instant| t.saturating_duration_since(start).as_secs_f64();
     let mut window = None;
@@ -673,6 +819,13 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
             break;
         }
         net.drive_until(t)?;
+        for a in net.take_arrivals() {
+            if let (Some(from), Some(&gi)) = (a.from, by_node.get(&a.to))
+                && last_layer.contains(&from)
+            {
+                observed.gateway_inbound.push((a.at.as_secs_f64(), gi));
+            }
+        }
         let now = net.now_instant();
         let now_s = secs(now);
         let sys = sys_origin + t;
@@ -709,8 +862,16 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
             let Some(&gi) = by_node.get(&d.node) else {
                 continue;
             };
+            if scenario.observe
+                && let Some(&c) = client_of.get(&d.destination)
+            {
+                let forward = shoal_packet::sphinx::open_forward(&d.payload).is_ok();
+                observed
+                    .mailbox_arrivals
+                    .push((d.at.as_secs_f64(), c, forward));
+            }
             let g = &mut gws[gi];
-            if let DeliverOutcome::Accepted { id, ack } =
+            if let DeliverOutcome::Accepted { id, .. } =
                 g.mailbox
                     .deliver(&d.destination, d.surb_id, &d.payload, sys)
             {
@@ -718,7 +879,6 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
                     id,
                     Stored {
                         payload: d.payload,
-                        ack,
                         stored_s: d.at.as_secs_f64(),
                         durable_s: None,
                     },
@@ -738,7 +898,7 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
                     push(&mut control, t + pull_every, Control::Tick(i));
                 }
                 Control::Pull(i) => {
-                    let g = &mut gws[i % gateway_ids.len()];
+                    let g = &mut gws[gateway_of[i]];
                     let plan = g
                         .mailbox
                         .pull(&keys[i], sys)
@@ -792,7 +952,7 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
                     }
                 }
                 Control::Ack(i, ids) => {
-                    let g = &mut gws[i % gateway_ids.len()];
+                    let g = &mut gws[gateway_of[i]];
                     g.mailbox
                         .ack(&keys[i], &ids)
                         .map_err(|e| bad("gateway ack", e.to_string()))?;
@@ -874,16 +1034,13 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
         gcount.add(g.mailbox.stats());
         gcount.group_commits += g.group_commits;
         gcount.batches_committed += g.batches_committed;
-        gcount.acks_pending_at_end += g
-            .items
-            .values()
-            .filter(|i| i.ack && i.durable_s.is_none())
-            .count() as u64;
+        gcount.acks_pending_at_end += g.mailbox.acks_pending() as u64;
     }
-    Ok(ClientRun {
+    let run = ClientRun {
         summary: summarize(
             config,
             &v,
+            slot_wait_theory(&v, &gateway_of, scenario.legacy_leaks),
             &rows,
             stats,
             w,
@@ -896,13 +1053,52 @@ pub fn run_clients(config: &ModelConfig) -> Result<ClientRun, SimError> {
             end,
         ),
         rows,
-    })
+    };
+    Ok((run, observed))
+}
+
+/// Mean and variance of the wait for a λP slot under the config's workload (each client
+/// sends Poisson at `real_rate` to a uniformly random other client). Each λP slot goes to a
+/// uniformly drawn gateway, so the fragments for gateway `g` are an M/M/1 queue served at
+/// λP / gateways and fed at `real_rate` × the share of recipients at `g`; the wait is the
+/// mixture of those queues' Exp sojourns. With `legacy_leaks` one queue is served at λP.
+fn slot_wait_theory(v: &Checked, gateway_of: &[usize], legacy: bool) -> (f64, f64) {
+    if legacy {
+        let m = 1.0 / (v.lambda_p - v.real_rate);
+        return (m, m * m);
+    }
+    let gws = v.gateways.max(1);
+    let mu = v.lambda_p / gws as f64;
+    let n = gateway_of.len();
+    let mut at = vec![0usize; gws];
+    for &g in gateway_of {
+        at[g.min(gws - 1)] += 1;
+    }
+    let (mut mean, mut m2) = (0.0, 0.0);
+    for &own in gateway_of {
+        for (g, &count) in at.iter().enumerate() {
+            let others = count - usize::from(g == own);
+            let share = others as f64 / (n.max(2) - 1) as f64;
+            if share == 0.0 {
+                continue;
+            }
+            let rate = mu - v.real_rate * share;
+            if rate <= 0.0 {
+                return (f64::INFINITY, f64::INFINITY);
+            }
+            mean += share / rate;
+            m2 += share * 2.0 / (rate * rate);
+        }
+    }
+    let (mean, m2) = (mean / n.max(1) as f64, m2 / n.max(1) as f64);
+    (mean, m2 - mean * mean)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn summarize(
     config: &ModelConfig,
     v: &Checked,
+    slot: (f64, f64),
     rows: &[MessageRow],
     stats: ClientStats,
     w: ClientStats,
@@ -936,7 +1132,7 @@ fn summarize(
         0.0
     };
     let links = 5.0 * v.link_s;
-    let slot_wait = 1.0 / (v.lambda_p - v.real_rate);
+    let (slot_wait, slot_wait_variance) = slot;
     let latency_s = Latency {
         count: e2e.len() as u64,
         mean,
@@ -946,7 +1142,7 @@ fn summarize(
         p90: quantile(&e2e, 0.9),
         p99: quantile(&e2e, 0.99),
         max: e2e.last().copied().unwrap_or(0.0),
-        // M/M/1 wait for a λP slot + 5 links + Gamma(4, mean) (the entry gateway mixes too)
+        // M/M/1 wait for a λP slot to the right gateway (see `slot_wait_theory`) + 5 links + Gamma(4, mean) (the entry gateway mixes too)
         // + one commit + a uniform wait for the next pull and one link back. Ignores waiting
         // behind a commit in progress and retransmissions.
         theory_mean: slot_wait
@@ -955,7 +1151,7 @@ fn summarize(
             + v.commit_s
             + v.pull_interval_s / 2.0
             + v.link_s,
-        theory_variance: slot_wait * slot_wait
+        theory_variance: slot_wait_variance
             + 4.0 * v.mean_hop_s * v.mean_hop_s
             + v.pull_interval_s * v.pull_interval_s / 12.0,
         fixed_links_s: links + v.link_s,

@@ -16,7 +16,10 @@
 pub mod clients;
 pub mod output;
 
-pub use clients::{ClientRun, FaithfulSummary as ClientRunSummary, MessageRow, run_clients};
+pub use clients::{
+    Assignment, Bursts, ClientRun, FaithfulSummary as ClientRunSummary, MessageRow, Observed,
+    Scenario, run_clients, run_scenario,
+};
 
 use std::collections::HashMap;
 use std::time::Duration;
