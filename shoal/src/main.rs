@@ -11,6 +11,7 @@ mod chat;
 mod client_cmd;
 mod demo_cmd;
 mod gateway_cmd;
+mod observe_cmd;
 mod relay_cmd;
 mod runtime;
 mod sim_cmd;
@@ -62,6 +63,8 @@ enum Command {
     Demo(demo_cmd::DemoArgs),
     /// An interactive terminal chat (groups and contacts) on the client in --dir.
     Chat(chat::ChatArgs),
+    /// The global passive observer: attacks on a packet capture, scored against the truth.
+    Observe(observe_cmd::ObserveArgs),
 }
 
 /// The format `--log-format` or else `SHOAL_LOG_FORMAT` asks for; text by default. An
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
         Command::Client(cmd) => client_cmd::run(cmd),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Observe(args) => observe_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
