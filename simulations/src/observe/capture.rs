@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use pcap_file::DataLink;
 use pcap_file::pcap::PcapReader;
+use pcap_file::{DataLink, TsResolution};
 use shoal_topology::{DocumentBody, Role, SignedDocument};
 
 use super::ObserveError;
@@ -28,9 +28,16 @@ pub struct Datagram {
 /// v1/v2, BSD loopback or raw IP link types); other packets are skipped.
 pub fn read_pcap(input: impl Read) -> Result<Vec<Datagram>, ObserveError> {
     let mut reader = PcapReader::new(input).map_err(|e| ObserveError::Capture(e.to_string()))?;
-    let link = reader.header().datalink;
+    let header = reader.header();
+    let link = header.datalink;
+    let frac = match header.ts_resolution {
+        TsResolution::MicroSecond => 1e-6,
+        TsResolution::NanoSecond => 1e-9,
+    };
     let mut out = Vec::new();
-    while let Some(packet) = reader.next_packet() {
+    // Raw records: pcap-file 2.0's checked packets refuse orig_len > snaplen, which is
+    // every packet of a capture cut short with `-s` (as headers-only captures are).
+    while let Some(packet) = reader.next_raw_packet() {
         let packet = packet.map_err(|e| ObserveError::Capture(e.to_string()))?;
         let Some((src, dst)) = udp_ends(link, &packet.data) else {
             continue;
@@ -41,7 +48,7 @@ pub fn read_pcap(input: impl Read) -> Result<Vec<Datagram>, ObserveError> {
             )));
         }
         out.push(Datagram {
-            t: packet.timestamp.as_secs_f64(),
+            t: f64::from(packet.ts_sec) + f64::from(packet.ts_frac) * frac,
             src,
             dst,
         });
@@ -293,7 +300,7 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+    use pcap_file::pcap::{PcapHeader, PcapWriter, RawPcapPacket};
     use std::time::Duration;
 
     /// A Linux-cooked-v2 IPv4/UDP frame as `tcpdump -i lo` on a recent kernel writes it.
@@ -322,6 +329,7 @@ mod tests {
         let relay: SocketAddr = "127.0.0.1:20000".parse().unwrap();
         let header = PcapHeader {
             datalink: DataLink::LINUX_SLL2,
+            snaplen: 96,
             ..PcapHeader::default()
         };
         let mut w = PcapWriter::with_header(Vec::new(), header).unwrap();
@@ -337,13 +345,21 @@ mod tests {
         {
             let data = sll2_udp(s, d);
             let t = Duration::from_millis(1_000_000 + 500 * i as u64);
-            w.write_packet(&PcapPacket::new(t, data.len() as u32, &data))
-                .unwrap();
+            // Cut short like `tcpdump -s 96`: the datagram was 1200 bytes on the wire.
+            w.write_raw_packet(&RawPcapPacket {
+                ts_sec: t.as_secs() as u32,
+                ts_frac: t.subsec_micros(),
+                incl_len: data.len() as u32,
+                orig_len: 1248,
+                data: data.into(),
+            })
+            .unwrap();
         }
         let bytes = w.into_writer();
         let dgs = read_pcap(&bytes[..]).unwrap();
         assert_eq!(dgs.len(), 5);
         assert_eq!((dgs[0].src, dgs[0].dst), (a, front));
+        assert!((dgs[1].t - 1000.5).abs() < 1e-6);
         let mut k = Knowledge::default();
         k.relays.insert(relay);
         k.gateway_links.push(link);

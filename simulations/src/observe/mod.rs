@@ -130,7 +130,7 @@ impl Report {
             self.minutes, self.clients, self.subnets, self.window_s, self.seed
         );
         s.push_str(&format!(
-            "  {:<22} {:<10} {:>7} {:>17} {:>7} {:>8}  verdict\n",
+            "  {:<22} {:<12} {:>7} {:>17} {:>7} {:>8}  verdict\n",
             "attack", "metric", "value", "95% CI", "chance", "control"
         ));
         for a in &self.attacks {
@@ -138,7 +138,7 @@ impl Report {
                 .control_value
                 .map_or("-".to_string(), |c| format!("{c:.3}"));
             s.push_str(&format!(
-                "  {:<22} {:<10} {:>7.3} [{:>6.3}, {:>6.3}] {:>7.3} {:>8}  {}\n",
+                "  {:<22} {:<12} {:>7.3} [{:>6.3}, {:>6.3}] {:>7.3} {:>8}  {}\n",
                 a.name,
                 a.metric,
                 a.value,
