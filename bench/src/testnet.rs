@@ -691,12 +691,161 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
+/// `tcpdump -i lo udp` writing a pcap file, stopped (and flushed) by [`Tcpdump::stop`]
+/// or killed on drop. Used by `shoal observe --testnet` and the capture tests.
+#[derive(Debug)]
+pub struct Tcpdump {
+    proc: Proc,
+}
+
+impl Tcpdump {
+    /// Starts the capture and returns once tcpdump listens. Fails with the reason when
+    /// capturing is not possible here (not root, no tcpdump).
+    pub fn start(file: &Path) -> anyhow::Result<Tcpdump> {
+        use std::io::BufRead;
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .context("cannot run id")?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            bail!("capturing on lo needs root (tcpdump)");
+        }
+        let mut child = Command::new("tcpdump")
+            .args(["-i", "lo", "-n", "-U", "-s", "96", "-B", "16384", "-w"])
+            .arg(file)
+            .arg("udp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run tcpdump; install it (apt-get install tcpdump)")?;
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let proc = Proc::from_child("tcpdump", child);
+        // "listening on lo" comes before the first packet is taken.
+        let mut err = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        err.read_line(&mut line)?;
+        if !line.contains("listening") {
+            bail!("tcpdump did not start: {}", line.trim());
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Ok(Tcpdump { proc })
+    }
+
+    /// SIGINT makes tcpdump write out what it buffered and exit; waits up to 10 s.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.proc.pid().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.proc.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// UDP segmentation offload on `lo` turned off while held, and restored on drop.
+///
+/// Links hand the kernel GSO runs of datagrams. A device that offloads UDP segmentation
+/// (loopback does) is handed the run whole, so a capture there would see one large
+/// datagram; with the offload off the kernel splits the run before the device, and the
+/// capture sees what any wire carries.
+#[derive(Debug)]
+pub struct SegmentedLoopback {
+    restore: bool,
+}
+
+impl SegmentedLoopback {
+    const FEATURE: &str = "tx-udp-segmentation";
+
+    /// Fails when ethtool cannot be run here.
+    pub fn hold() -> anyhow::Result<Self> {
+        let out = Command::new("ethtool")
+            .args(["-k", "lo"])
+            .output()
+            .context("cannot run ethtool; install it (apt-get install ethtool)")?;
+        if !out.status.success() {
+            bail!("ethtool -k lo failed");
+        }
+        let on = String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            l.trim_start()
+                .starts_with(&format!("{}: on", Self::FEATURE))
+        });
+        if on {
+            Self::set("off")?;
+        }
+        Ok(SegmentedLoopback { restore: on })
+    }
+
+    fn set(value: &str) -> anyhow::Result<()> {
+        let status = Command::new("ethtool")
+            .args(["-K", "lo", Self::FEATURE, value])
+            .status()?;
+        if !status.success() {
+            bail!("ethtool -K lo {} {value} failed", Self::FEATURE);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SegmentedLoopback {
+    fn drop(&mut self) {
+        if self.restore {
+            let _ = Self::set("on");
+        }
+    }
+}
+
+/// The local addresses of the IPv4 UDP sockets process `pid` holds (from `/proc`): the
+/// ground truth of which capture address is which client, for the truth file.
+pub fn udp_addrs_of(pid: u32) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut inodes = std::collections::BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        let t = target.to_string_lossy();
+        if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+            inodes.insert(n.to_string());
+        }
+    }
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/udp"))?;
+    let mut out = Vec::new();
+    for line in table.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(inode)) = (cols.get(1), cols.get(9)) else {
+            continue;
+        };
+        if !inodes.contains(*inode) {
+            continue;
+        }
+        let Some((ip, port)) = local.split_once(':') else {
+            continue;
+        };
+        let (Ok(ip), Ok(port)) = (u32::from_str_radix(ip, 16), u16::from_str_radix(port, 16))
+        else {
+            continue;
+        };
+        // /proc prints the network-order address read as a native integer.
+        let ip = std::net::Ipv4Addr::from(ip.to_ne_bytes());
+        out.push(SocketAddr::from((ip, port)));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A port handed out stays locked: any other open of its file (as another test
     /// process's would be) cannot take it.
+    #[test]
+    fn our_own_udp_socket_is_found_in_proc() {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        assert!(udp_addrs_of(std::process::id()).unwrap().contains(&addr));
+    }
+
     #[test]
     fn a_handed_out_port_is_reserved_against_other_processes() {
         let a = free_port().unwrap();

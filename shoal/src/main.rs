@@ -12,6 +12,7 @@ mod chat;
 mod client_cmd;
 mod demo_cmd;
 mod gateway_cmd;
+mod observe_cmd;
 mod relay_cmd;
 mod runtime;
 mod sim_cmd;
@@ -63,6 +64,8 @@ enum Command {
     Demo(demo_cmd::DemoArgs),
     /// An interactive terminal chat (groups and contacts) on the client in --dir.
     Chat(chat::ChatArgs),
+    /// The global passive observer: attacks on a packet capture, scored against the truth.
+    Observe(observe_cmd::ObserveArgs),
 }
 
 /// The format `--log-format` or else `SHOAL_LOG_FORMAT` asks for; text by default. An
@@ -163,6 +166,7 @@ fn main() -> ExitCode {
         Command::Client(cmd) => client_cmd::run(cmd),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Observe(args) => observe_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

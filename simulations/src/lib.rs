@@ -4,6 +4,7 @@ pub mod attacks;
 pub mod faithful;
 pub mod harness;
 pub mod model;
+pub mod observe;
 
 mod error;
 
