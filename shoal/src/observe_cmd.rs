@@ -177,9 +177,8 @@ impl Design {
 }
 
 /// Whether this build's client config has the test-only `[testing] legacy_leaks` knob
-/// (the leak fixes add it). Until then the control runs today's client, which has the
-/// leaks built in.
-const LEGACY_LEAKS_KNOB: bool = false;
+/// (it restores the pre-fix cover routing, λP rule and ack frames for the control).
+const LEGACY_LEAKS_KNOB: bool = true;
 
 /// Switches the leaks back on in one client's config for the control run: the one place
 /// the knob is written. Returns false when this build has no knob.
