@@ -354,16 +354,19 @@ mod tests {
     }
 
     /// Every secret this layer creates or holds wipes itself on drop: node Sphinx keys
-    /// and per-packet initial secrets (`StaticSecret`), the per-hop expanded shared
-    /// secret `unwrap` derives (header MAC, stream-cipher, payload keys and blinding
-    /// factor all come from it), and a SURB's recovery seeds. Fails to compile if a
-    /// dependency update drops one.
+    /// (`StaticSecret`), the per-hop expanded shared secret `unwrap` derives (header MAC,
+    /// stream-cipher, payload keys and blinding factor all come from it), and a SURB's
+    /// recovery seeds. Fails to compile if a dependency update drops one. The builder's
+    /// secrets (initial secret, scalar product, shared secrets, hop keys) are held in
+    /// `Zeroizing` in `build.rs`; the scalar and point types must stay `Zeroize`.
     #[test]
     fn secrets_are_zeroized_on_drop() {
         fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
         zeroize_on_drop::<StaticSecret>();
         zeroize_on_drop::<sphinx_packet::header::shared_secret::ExpandedSharedSecret>();
         zeroize_on_drop::<SurbReplyRecovery>();
+        zeroize_on_drop::<Zeroizing<curve25519_dalek::scalar::Scalar>>();
+        zeroize_on_drop::<Zeroizing<curve25519_dalek::montgomery::MontgomeryPoint>>();
     }
 
     #[test]
