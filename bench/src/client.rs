@@ -8,6 +8,9 @@
 //! - **raw ceiling**: `sphinx-packet`'s own builder for one 5-hop forward packet plus
 //!   one 4-hop SURB (the ack's route: L1, L2, L3, back to the sender's gateway), which
 //!   is exactly the Sphinx work of one real client packet.
+//! - **Shoal's builder**: the same packet and SURB built by `shoal_packet::sphinx`
+//!   (`build_forward`, `build_surb`: one X25519 ladder per hop where the crate spends
+//!   `n(n+1)/2`); `build_speedup_vs_sphinx_packet` divides its rate by the crate's.
 //! - **client path**: a real [`ClientCore`] with a directory that went through the
 //!   whole checking chain, messages queued with `send_message`, λP slots fired with
 //!   `handle_timeout`: seal, fragment encoding, ack SURB, forward packet, framing and
@@ -29,7 +32,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 use shoal_client::group::{GroupConfig, GroupManager, contact_of};
 use shoal_client::{ClientConfig, ClientCore, Identity};
-use shoal_packet::PLAINTEXT_SIZE;
+use shoal_packet::{PLAINTEXT_SIZE, sphinx};
 use shoal_subnet::{
     BurnOnRead, CredentialBody, MessageOptions, Policy, PolicyBody, RoleRule, SignedCredential,
     SubnetAdmin,
@@ -90,6 +93,14 @@ pub struct ClientReport {
     pub client_packets_per_cpu_sec: f64,
     /// client / raw (target ≥ 0.9).
     pub ratio: f64,
+    /// Shoal's own builder (`sphinx::build_forward` + `sphinx::build_surb`) for the same
+    /// 5-hop packet + 4-hop SURB, per CPU-second.
+    pub shoal_packets_per_cpu_sec: f64,
+    /// Shoal's builder / raw `sphinx-packet`, measured in the same run (target ≥ 2.2).
+    pub build_speedup_vs_sphinx_packet: f64,
+    /// client / Shoal's builder: what the client adds on top of the Sphinx work it does.
+    pub ratio_vs_shoal_build: f64,
+    pub shoal_build_us: f64,
     /// The same with the end-to-end seal's own X25519 work taken out of the client's
     /// time (measured separately): what the Sphinx wrapping costs over the raw crate.
     pub ratio_excluding_seal: f64,
@@ -207,6 +218,29 @@ fn raw_rate(
         );
         let surb = SURB::new_recoverable(StaticSecret::random_from_rng(&mut *rng), material)?;
         std::hint::black_box((packet.to_bytes(), surb.0.to_bytes()));
+    }
+    Ok(n as f64 / ((cpu_ns() - start) as f64 / 1e9))
+}
+
+/// The same as [`raw_rate`] with Shoal's builder (what the client runs).
+fn shoal_rate(
+    topo: &Topology,
+    gateways: &[NodeId],
+    n: usize,
+    rng: &mut StdRng,
+) -> anyhow::Result<f64> {
+    let route = topo.client_route(rng, 0, &gateways[0], &gateways[1])?;
+    let ack_route = topo
+        .client_route(rng, 0, &gateways[0], &gateways[0])?
+        .split_off(1);
+    let delays = |k: usize| vec![std::time::Duration::from_millis(20); k];
+    let plaintext = vec![7u8; PLAINTEXT_SIZE];
+    let start = cpu_ns();
+    for _ in 0..n {
+        let (packet, _) =
+            sphinx::build_forward(rng, &route, &delays(route.len()), &[3; 32], &plaintext)?;
+        let surb = sphinx::build_surb(rng, &ack_route, &delays(ack_route.len()), &[3; 32])?;
+        std::hint::black_box((packet, surb));
     }
     Ok(n as f64 / ((cpu_ns() - start) as f64 / 1e9))
 }
@@ -414,7 +448,9 @@ pub fn run(opts: &ClientBenchOptions) -> anyhow::Result<ClientReport> {
     // Warm-up of both paths (page faults, caches), then the measurements interleaved
     // raw / client / raw so that drift on a shared machine falls on both alike.
     let _ = raw_rate(&topo, &gateways, 10, &mut rng)?;
+    let _ = shoal_rate(&topo, &gateways, 10, &mut rng)?;
     let raw_a = raw_rate(&topo, &gateways, n / 2, &mut rng)?;
+    let shoal_a = shoal_rate(&topo, &gateways, n / 2, &mut rng)?;
     let (mut core, now) = fast_client(&topo, gateways[0], &mut rng);
     let peer = Identity::generate(&mut rng, gateways[1]).contact();
     for _ in 0..n {
@@ -426,8 +462,10 @@ pub fn run(opts: &ClientBenchOptions) -> anyhow::Result<ClientReport> {
     let (frames, _) = drain(&mut core, &mut rng, now, (n - 10) as u64);
     let client_ns = cpu_ns() - start;
     let real = core.stats().real_sent - before;
+    let shoal_b = shoal_rate(&topo, &gateways, n / 2, &mut rng)?;
     let raw_b = raw_rate(&topo, &gateways, n / 2, &mut rng)?;
     let raw = (raw_a + raw_b) / 2.0;
+    let shoal = (shoal_a + shoal_b) / 2.0;
     // Every frame (a few λL/λD among them) is one build; count them all.
     let client = frames.max(real) as f64 / (client_ns as f64 / 1e9);
     let seal = seal_us(&mut rng, 200)?;
@@ -455,6 +493,10 @@ pub fn run(opts: &ClientBenchOptions) -> anyhow::Result<ClientReport> {
         raw_packets_per_cpu_sec: raw,
         client_packets_per_cpu_sec: client,
         ratio: client / raw,
+        shoal_packets_per_cpu_sec: shoal,
+        build_speedup_vs_sphinx_packet: shoal / raw,
+        ratio_vs_shoal_build: client / shoal,
+        shoal_build_us: 1e6 / shoal,
         ratio_excluding_seal: raw_build_us / (client_build_us - seal).max(1e-9),
         seal_us: seal,
         raw_build_us,
@@ -498,6 +540,7 @@ mod tests {
         };
         let r = run(&opts).unwrap();
         assert!(r.ratio > 0.0 && r.raw_packets_per_cpu_sec > 0.0);
+        assert!(r.build_speedup_vs_sphinx_packet > 0.0 && r.shoal_packets_per_cpu_sec > 0.0);
         assert_eq!(r.groups[0].recipients, 0);
         assert_eq!(r.groups[1].recipients, 2);
         // One 100-byte application message is one fragment per recipient.

@@ -1,4 +1,7 @@
-//! Building and unwrapping Shoal's Sphinx packets on top of `sphinx-packet`.
+//! Building and unwrapping Shoal's Sphinx packets, wire-compatible with `sphinx-packet` 0.8.
+//!
+//! Headers are built by the `build` module in one X25519 ladder per hop (the crate spends
+//! `n(n+1)/2`); SURB use, reply recovery and unwrapping are the crate's.
 //!
 //! Client routes have [`ROUTE_HOPS`] hops; node loops may be shorter. The header is
 //! padded to the maximum either way, so every packet is the same size. A node's Sphinx address is its Ed25519
@@ -7,13 +10,15 @@
 use std::time::Duration;
 
 use rand::CryptoRng;
-use sphinx_packet::header::SphinxHeader;
-use sphinx_packet::header::delays::Delay;
-use sphinx_packet::route::{Destination, DestinationAddressBytes, Node, NodeAddressBytes};
-use sphinx_packet::surb::{SURB, SURBMaterial, SurbReplyRecovery};
+use sphinx_packet::constants::{NODE_ADDRESS_LENGTH, PAYLOAD_KEY_SEED_SIZE};
+use sphinx_packet::header::{HEADER_SIZE, SphinxHeader};
+use sphinx_packet::surb::{SURB, SurbReplyRecovery};
 use sphinx_packet::version::SINGLE_SEED_SURB_VERSION;
-use sphinx_packet::{ProcessedPacketData, SphinxPacket, SphinxPacketBuilder};
+use sphinx_packet::{ProcessedPacketData, SphinxPacket};
 use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+mod build;
 
 use crate::replay::{ReplayFilter, ReplayVerdict};
 use crate::{PLAINTEXT_SIZE, PacketError, ROUTE_HOPS, SPHINX_PACKET_SIZE, SPHINX_PAYLOAD_SIZE};
@@ -63,29 +68,31 @@ pub enum Unwrapped {
     },
 }
 
-fn to_nodes(route: &[Hop]) -> Result<Vec<Node>, PacketError> {
+/// Each hop's delay in nanoseconds, as the header encodes it (saturating, as before).
+fn delays_ns(route: &[Hop], delays: &[Duration]) -> Result<Vec<u64>, PacketError> {
     if route.is_empty() || route.len() > ROUTE_HOPS {
         return Err(PacketError::Route("a route has one to five hops"));
     }
-    Ok(route
-        .iter()
-        .map(|h| Node::new(NodeAddressBytes::from_bytes(h.address), h.sphinx_key))
-        .collect())
-}
-
-fn to_delays(route: &[Hop], delays: &[Duration]) -> Result<Vec<Delay>, PacketError> {
     if delays.len() != route.len() {
         return Err(PacketError::Route("a route needs one delay per hop"));
     }
     Ok(delays
         .iter()
-        .map(|d| Delay::new_from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .collect())
 }
+
+/// The header version of every packet and SURB Shoal builds: payload keys from seeds,
+/// single-seed SURBs. It is also the crate's default for forward packets
+/// (`forward_packets_use_the_crates_default_version`).
+const VERSION: sphinx_packet::version::Version = SINGLE_SEED_SURB_VERSION;
 
 /// Builds a forward packet carrying `plaintext` (exactly [`PLAINTEXT_SIZE`] bytes) to
 /// `mailbox` at the last hop of `route`. Also returns the random identifier the exit
 /// hop will see with it, which lets a node recognise its own returning loops.
+///
+/// The header costs one X25519 ladder per hop and is byte for byte what
+/// `sphinx-packet`'s builder makes from the same initial secret and padding.
 pub fn build_forward<R: CryptoRng + ?Sized>(
     rng: &mut R,
     route: &[Hop],
@@ -100,29 +107,35 @@ pub fn build_forward<R: CryptoRng + ?Sized>(
             got: plaintext.len(),
         });
     }
-    let nodes = to_nodes(route)?;
-    let delays = to_delays(route, delays)?;
+    let delays = delays_ns(route, delays)?;
     let mut surb_id = [0u8; 16];
     rng.fill_bytes(&mut surb_id);
-    let destination = Destination::new(DestinationAddressBytes::from_bytes(*mailbox), surb_id);
-    let initial = StaticSecret::random_from_rng(rng);
-    let packet = SphinxPacketBuilder::new()
-        .with_payload_size(SPHINX_PAYLOAD_SIZE)
-        .with_initial_secret(&initial)
-        .build_packet(plaintext, &nodes, &destination, &delays)?;
+    let mut initial = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(initial.as_mut());
+    let built = build::build_header(
+        &initial,
+        route,
+        &delays,
+        mailbox,
+        &surb_id,
+        VERSION,
+        &mut |b| rng.fill_bytes(b),
+    )?;
+    let payload = built.payload(plaintext, SPHINX_PAYLOAD_SIZE)?;
+    let mut packet = Vec::with_capacity(SPHINX_PACKET_SIZE);
+    packet.extend_from_slice(&built.header);
+    packet.extend_from_slice(payload.as_bytes());
     Ok((
         ForwardPacket {
             first_hop: route[0].address,
-            packet: packet.to_bytes(),
+            packet,
         },
         surb_id,
     ))
 }
 
 /// Serialized size of a single-seed SURB: header, first hop, one payload key seed.
-pub const SURB_SIZE: usize = sphinx_packet::header::HEADER_SIZE
-    + sphinx_packet::constants::NODE_ADDRESS_LENGTH
-    + sphinx_packet::constants::PAYLOAD_KEY_SEED_SIZE;
+pub const SURB_SIZE: usize = HEADER_SIZE + NODE_ADDRESS_LENGTH + PAYLOAD_KEY_SEED_SIZE;
 
 /// A reply block and the secret material its creator keeps to read the reply.
 #[derive(Debug)]
@@ -136,31 +149,46 @@ pub struct ReplyBlock {
 /// Builds a single-seed SURB that routes back to `mailbox` at the last hop of `route`.
 ///
 /// Single-seed SURBs give the replier only the last hop's payload key, so the replier
-/// cannot compute the payload at earlier hops and trace its own reply.
+/// cannot compute the payload at earlier hops and trace its own reply. The header is
+/// built as in [`build_forward`]; the bytes are the crate's `SURB::to_bytes` layout
+/// (`HEADER || FIRST_HOP || LAST_SEED`) and the recovery its `IDENTIFIER || SEEDS`.
 pub fn build_surb<R: CryptoRng + ?Sized>(
     rng: &mut R,
     route: &[Hop],
     delays: &[Duration],
     mailbox: &MailboxAddress,
 ) -> Result<ReplyBlock, PacketError> {
-    let nodes = to_nodes(route)?;
-    let delays = to_delays(route, delays)?;
+    let delays = delays_ns(route, delays)?;
+    // The crate refuses a zero identifier: it is what the recovery is looked up by.
     let mut surb_id = [0u8; 16];
     while surb_id == [0u8; 16] {
         rng.fill_bytes(&mut surb_id);
     }
-    let destination = Destination::new(DestinationAddressBytes::from_bytes(*mailbox), surb_id);
-    let material = SURBMaterial::new(nodes, delays, destination, SINGLE_SEED_SURB_VERSION);
-    let (surb, recovery) = SURB::new_recoverable(StaticSecret::random_from_rng(rng), material)?;
-    let bytes = surb.to_bytes();
-    let surb: [u8; SURB_SIZE] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| PacketError::Length {
-            what: "surb",
-            expected: SURB_SIZE,
-            got: bytes.len(),
-        })?;
+    let mut initial = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(initial.as_mut());
+    let built = build::build_header(
+        &initial,
+        route,
+        &delays,
+        mailbox,
+        &surb_id,
+        VERSION,
+        &mut |b| rng.fill_bytes(b),
+    )?;
+    let last_seed = built
+        .seeds
+        .last()
+        .ok_or(PacketError::Route("a route has one to five hops"))?;
+    let mut surb = [0u8; SURB_SIZE];
+    surb[..HEADER_SIZE].copy_from_slice(&built.header);
+    surb[HEADER_SIZE..HEADER_SIZE + NODE_ADDRESS_LENGTH].copy_from_slice(&route[0].address);
+    surb[HEADER_SIZE + NODE_ADDRESS_LENGTH..].copy_from_slice(last_seed);
+    let mut recovery = Zeroizing::new(Vec::with_capacity(16 + 16 * built.seeds.len()));
+    recovery.extend_from_slice(&surb_id);
+    for seed in built.seeds.iter() {
+        recovery.extend_from_slice(seed);
+    }
+    let recovery = SurbReplyRecovery::from_bytes(&recovery)?;
     Ok(ReplyBlock { surb, recovery })
 }
 
@@ -330,16 +358,19 @@ mod tests {
     }
 
     /// Every secret this layer creates or holds wipes itself on drop: node Sphinx keys
-    /// and per-packet initial secrets (`StaticSecret`), the per-hop expanded shared
-    /// secret `unwrap` derives (header MAC, stream-cipher, payload keys and blinding
-    /// factor all come from it), and a SURB's recovery seeds. Fails to compile if a
-    /// dependency update drops one.
+    /// (`StaticSecret`), the per-hop expanded shared secret `unwrap` derives (header MAC,
+    /// stream-cipher, payload keys and blinding factor all come from it), and a SURB's
+    /// recovery seeds. Fails to compile if a dependency update drops one. The builder's
+    /// secrets (initial secret, scalar product, shared secrets, hop keys) are held in
+    /// `Zeroizing` in `build.rs`; the scalar and point types must stay `Zeroize`.
     #[test]
     fn secrets_are_zeroized_on_drop() {
         fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
         zeroize_on_drop::<StaticSecret>();
         zeroize_on_drop::<sphinx_packet::header::shared_secret::ExpandedSharedSecret>();
         zeroize_on_drop::<SurbReplyRecovery>();
+        zeroize_on_drop::<Zeroizing<curve25519_dalek::scalar::Scalar>>();
+        zeroize_on_drop::<Zeroizing<curve25519_dalek::montgomery::MontgomeryPoint>>();
     }
 
     #[test]

@@ -223,6 +223,10 @@ fn print_client(r: &ClientReport) {
         r.raw_packets_per_cpu_sec, r.raw_build_us
     );
     println!(
+        "  Shoal's builder (same packet + SURB)                 {:>8.0} /CPU-s  ({:.0} us)  {:.2} x the crate",
+        r.shoal_packets_per_cpu_sec, r.shoal_build_us, r.build_speedup_vs_sphinx_packet
+    );
+    println!(
         "  client real packet (seal + SURB-ack + packet)       {:>8.0} /CPU-s  ({:.0} us)",
         r.client_packets_per_cpu_sec, r.client_build_us
     );
