@@ -110,17 +110,7 @@ pub fn build_forward<R: CryptoRng + ?Sized>(
     let delays = delays_ns(route, delays)?;
     let mut surb_id = [0u8; 16];
     rng.fill_bytes(&mut surb_id);
-    let mut initial = Zeroizing::new([0u8; 32]);
-    rng.fill_bytes(initial.as_mut());
-    let built = build::build_header(
-        &initial,
-        route,
-        &delays,
-        mailbox,
-        &surb_id,
-        VERSION,
-        &mut |b| rng.fill_bytes(b),
-    )?;
+    let built = header_from_fresh_secret(rng, route, &delays, mailbox, &surb_id)?;
     let payload = built.payload(plaintext, SPHINX_PAYLOAD_SIZE)?;
     let mut packet = Vec::with_capacity(SPHINX_PACKET_SIZE);
     packet.extend_from_slice(&built.header);
@@ -132,6 +122,28 @@ pub fn build_forward<R: CryptoRng + ?Sized>(
         },
         surb_id,
     ))
+}
+
+/// A header from a fresh initial secret drawn from `rng` (wiped after use), the same for
+/// forward packets and SURBs.
+fn header_from_fresh_secret<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    route: &[Hop],
+    delays_ns: &[u64],
+    mailbox: &MailboxAddress,
+    surb_id: &[u8; 16],
+) -> Result<build::BuiltHeader, PacketError> {
+    let mut initial = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(initial.as_mut());
+    build::build_header(
+        &initial,
+        route,
+        delays_ns,
+        mailbox,
+        surb_id,
+        VERSION,
+        &mut |b| rng.fill_bytes(b),
+    )
 }
 
 /// Serialized size of a single-seed SURB: header, first hop, one payload key seed.
@@ -164,17 +176,7 @@ pub fn build_surb<R: CryptoRng + ?Sized>(
     while surb_id == [0u8; 16] {
         rng.fill_bytes(&mut surb_id);
     }
-    let mut initial = Zeroizing::new([0u8; 32]);
-    rng.fill_bytes(initial.as_mut());
-    let built = build::build_header(
-        &initial,
-        route,
-        &delays,
-        mailbox,
-        &surb_id,
-        VERSION,
-        &mut |b| rng.fill_bytes(b),
-    )?;
+    let built = header_from_fresh_secret(rng, route, &delays, mailbox, &surb_id)?;
     let last_seed = built
         .seeds
         .last()

@@ -18,13 +18,10 @@
 mod cli_net;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cli_net::{run_client, set_pull_interval, shoal, sigterm, start, temp_dir};
-use shoal_bench::testnet::Proc;
+use shoal_bench::testnet::{SegmentedLoopback, Tcpdump};
 
 /// UDP payload size of every Shoal datagram.
 const WIRE: usize = shoal_link::WIRE_DATAGRAM_SIZE as usize;
@@ -98,109 +95,6 @@ fn parse_pcap(bytes: &[u8]) -> Vec<Datagram> {
     out
 }
 
-/// `tcpdump -i lo udp`, stopped (and flushed) on drop.
-struct Tcpdump {
-    proc: Proc,
-}
-
-impl Tcpdump {
-    /// `None` (with a printed reason) when capturing is not possible here.
-    fn start(file: &Path) -> Option<Tcpdump> {
-        // SAFETY-free root check: tcpdump needs CAP_NET_RAW; uid 0 is the usual way.
-        let uid = Command::new("id").arg("-u").output().ok()?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-            eprintln!("SKIPPED: capture needs root (tcpdump on lo)");
-            return None;
-        }
-        let child = Command::new("tcpdump")
-            .args(["-i", "lo", "-n", "-U", "-s", "96", "-B", "16384", "-w"])
-            .arg(file)
-            .arg("udp")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!(
-                    "SKIPPED: cannot run tcpdump ({e}); install it (apt-get install tcpdump)"
-                );
-                return None;
-            }
-        };
-        // Wait for "listening on lo" so no packet of the run is missed.
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
-        assert!(line.contains("listening"), "tcpdump: {line}");
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        Some(Tcpdump {
-            proc: Proc::from_child("tcpdump", child),
-        })
-    }
-
-    /// SIGINT makes tcpdump write out what it buffered and exit.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.proc.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.proc.alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// UDP segmentation offload on `lo` turned off while held, and restored on drop.
-///
-/// Links hand the kernel GSO runs of 1200-byte datagrams. A device that offloads UDP
-/// segmentation (loopback does) is handed the run whole, so a capture there would see
-/// one large datagram; with the offload off the kernel splits the run before the
-/// device, so the capture sees what any wire carries.
-struct SegmentedLoopback {
-    restore: bool,
-}
-
-impl SegmentedLoopback {
-    const FEATURE: &str = "tx-udp-segmentation";
-
-    /// `None` (with a printed reason) when ethtool cannot be run here.
-    fn hold() -> Option<Self> {
-        let state = match Command::new("ethtool").args(["-k", "lo"]).output() {
-            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-            _ => {
-                eprintln!("SKIPPED: cannot run ethtool; install it (apt-get install ethtool)");
-                return None;
-            }
-        };
-        let on = state.lines().any(|l| {
-            l.trim_start()
-                .starts_with(&format!("{}: on", Self::FEATURE))
-        });
-        if on {
-            set_lo_feature(Self::FEATURE, "off");
-        }
-        Some(SegmentedLoopback { restore: on })
-    }
-}
-
-impl Drop for SegmentedLoopback {
-    fn drop(&mut self) {
-        if self.restore {
-            set_lo_feature(Self::FEATURE, "on");
-        }
-    }
-}
-
-fn set_lo_feature(feature: &str, value: &str) {
-    let status = Command::new("ethtool")
-        .args(["-K", "lo", feature, value])
-        .status()
-        .unwrap();
-    assert!(status.success(), "ethtool -K lo {feature} {value} failed");
-}
-
 /// Kolmogorov–Smirnov distance between `samples` and Exp(`rate`).
 fn ks_exp(samples: &mut [f64], rate: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
@@ -245,11 +139,20 @@ fn send_waits(flow: &[Datagram], from: f64, to: f64) -> (Vec<f64>, usize) {
 fn wire_has_one_datagram_size_and_clients_send_at_their_poisson_rate() {
     let dir = temp_dir("capture");
     let pcap = dir.join("lo.pcap");
-    let Some(tcpdump) = Tcpdump::start(&pcap) else {
-        return;
+    // Capturing needs root, tcpdump and ethtool; without them the test says so and passes.
+    let tcpdump = match Tcpdump::start(&pcap) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("SKIPPED: {e:#}");
+            return;
+        }
     };
-    let Some(_segmented) = SegmentedLoopback::hold() else {
-        return;
+    let _segmented = match SegmentedLoopback::hold() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("SKIPPED: {e:#}");
+            return;
+        }
     };
     let (net, gateways, clients) =
         start(&dir, Some(RATES), &[("busy", 0), ("idle", 1), ("peer", 1)]);

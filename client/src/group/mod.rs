@@ -640,16 +640,7 @@ impl GroupManager {
         let mut kps = Vec::with_capacity(key_packages.len());
         let mut invitees = Vec::with_capacity(key_packages.len());
         for bytes in key_packages {
-            let kp = KeyPackageIn::tls_deserialize_exact(bytes)
-                .map_err(|e| GroupError::Malformed {
-                    what: "key package",
-                    reason: format!("{e:?}"),
-                })?
-                .validate(self.provider.crypto(), ProtocolVersion::Mls10)
-                .map_err(mls)?;
-            let leaf = kp.leaf_node();
-            let card =
-                self.check_leaf(leaf.credential(), leaf.signature_key().as_slice(), now_ms)?;
+            let (kp, card) = self.checked_key_package(bytes, now_ms)?;
             invitees.push(card.to_bytes());
             kps.push(kp);
         }
@@ -664,6 +655,16 @@ impl GroupManager {
     /// The card a KeyPackage's leaf carries, checked as a leaf would be (signatures,
     /// key, own policy): what adding it would really bring in.
     pub fn key_package_card(&self, bytes: &[u8], now_ms: u64) -> Result<MemberCard, GroupError> {
+        self.checked_key_package(bytes, now_ms)
+            .map(|(_, card)| card)
+    }
+
+    /// A KeyPackage decoded, validated and with its leaf's card checked.
+    fn checked_key_package(
+        &self,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(KeyPackage, MemberCard), GroupError> {
         let kp = KeyPackageIn::tls_deserialize_exact(bytes)
             .map_err(|e| GroupError::Malformed {
                 what: "key package",
@@ -672,7 +673,8 @@ impl GroupManager {
             .validate(self.provider.crypto(), ProtocolVersion::Mls10)
             .map_err(mls)?;
         let leaf = kp.leaf_node();
-        self.check_leaf(leaf.credential(), leaf.signature_key().as_slice(), now_ms)
+        let card = self.check_leaf(leaf.credential(), leaf.signature_key().as_slice(), now_ms)?;
+        Ok((kp, card))
     }
 
     /// Invites one member; see [`Self::add_members`].
