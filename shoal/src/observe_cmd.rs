@@ -420,6 +420,19 @@ fn experiment(
             .context("cannot start a client")?;
         runs.push(Proc::from_child(&m.name, child));
     }
+    // `client send` spools to the store of a running client, but opens the store itself
+    // when no `client run` holds it yet, and the run started a moment ago would then fail
+    // to open it. A run binds its socket only after opening its store: wait for that.
+    if !poll(Duration::from_secs(60), || {
+        runs.iter()
+            .all(|r| udp_addrs_of(r.pid()).is_ok_and(|a| !a.is_empty()))
+    }) {
+        bail!(
+            "{} run: a client did not open its store within 60 s; {}",
+            design.name(),
+            net.exited()
+        );
+    }
     // Warm-up: every client sends one message and waits for its ack, so the network is
     // whole before the capture starts.
     eprintln!(
