@@ -85,7 +85,9 @@ fn observer_finds_the_control_leaks_and_nothing_in_the_current_design() {
         f(membership, "ci_low") <= f(membership, "chance"),
         "{membership}"
     );
+    // One minute and 12 clients give an interval about ±0.17 wide, so a point value
+    // above 0.6 happens by chance on a design with no leak; what is asserted is that
+    // chance lies inside the interval. The full-length run (`--minutes`) narrows it.
     let federation = metric(&report, "federation_pairs", "auc");
-    assert!(f(federation, "value") <= 0.6, "{federation}");
     assert!(f(federation, "ci_low") <= 0.5, "{federation}");
 }
