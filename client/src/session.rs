@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngExt};
-use shoal_gateway::protocol::{ClientMsg, MAX_ACK_IDS};
+use shoal_packet::protocol::{ClientMsg, MAX_ACK_IDS};
 
 /// Ids waiting for a pull to carry them, at most. Past it, newly durable ids are
 /// dropped: the gateway offers those items again after its redelivery timeout and the

@@ -2,7 +2,7 @@
 //! An admin link's frames as the gateway reads them: control bodies decoded, admin
 //! chunks reassembled (with the driver's limit), and every complete command checked.
 use libfuzzer_sys::fuzz_target;
-use shoal_gateway::protocol::{
+use shoal_packet::protocol::{
     CONTROL_BODY_SIZE, ChunkAssembler, ClientMsg, GatewayMsg, MAX_ADMIN_CHUNKS, MAX_CHUNK_BYTES,
 };
 use shoal_gateway::remote_admin::check_command;

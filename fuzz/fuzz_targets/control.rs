@@ -3,7 +3,7 @@
 //! them): decoding never panics, and whatever decodes re-encodes into one fixed-size
 //! frame that decodes to the same message.
 use libfuzzer_sys::fuzz_target;
-use shoal_gateway::protocol::{ClientMsg, GatewayMsg};
+use shoal_packet::protocol::{ClientMsg, GatewayMsg};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = ClientMsg::decode(data)

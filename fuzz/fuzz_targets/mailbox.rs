@@ -2,7 +2,7 @@
 //! The mailbox protocol as it arrives on a client↔gateway link: whole frames decoded
 //! into client and gateway messages, and directory chunks fed to the bounded assembler.
 use libfuzzer_sys::fuzz_target;
-use shoal_gateway::protocol::{ChunkAssembler, ClientMsg, GatewayMsg};
+use shoal_packet::protocol::{ChunkAssembler, ClientMsg, GatewayMsg};
 use shoal_packet::{FRAME_SIZE, Frame};
 
 fuzz_target!(|data: &[u8]| {

@@ -40,14 +40,14 @@ use crate::config::Config;
 use crate::limit::{Admit, LimitConfig, SendLimiter};
 use crate::mailbox::{AccountKey, AckToSend, BatchId, ItemId, Mailbox, PullPlan, WriteBatch};
 use crate::metrics::{AckDrop, GatewayStats, Metrics};
-use crate::protocol::{
-    AdminRefusal, ChunkAssembler, ClientMsg, ErrorCode, GatewayMsg, MAX_ADMIN_CHUNKS,
-    MAX_CHUNK_BYTES, directory_chunks,
-};
 use crate::pull::{PullAnswerConfig, PullResponder, PullToken};
 use crate::remote_admin::{CheckedAdmin, Refusal, check_command};
 use crate::store::{Store, TrySubmitError};
 use crate::{CommitResult, GatewayError};
+use shoal_packet::protocol::{
+    AdminRefusal, ChunkAssembler, ClientMsg, ErrorCode, GatewayMsg, MAX_ADMIN_CHUNKS,
+    MAX_CHUNK_BYTES, directory_chunks,
+};
 
 /// Final-hop packets the mailbox task takes per wake-up (one write batch).
 const DELIVERY_BATCH: usize = 256;
@@ -872,7 +872,7 @@ async fn admin_task(link: Link, clients: &Clients) {
         };
         let chunk = Frame::decode(&bytes)
             .map_err(GatewayError::Frame)
-            .and_then(|f| ClientMsg::from_frame(&f));
+            .and_then(|f| ClientMsg::from_frame(&f).map_err(GatewayError::from));
         let outcome = match chunk {
             Ok(ClientMsg::AdminChunk {
                 index,

@@ -35,6 +35,9 @@ pub enum GatewayError {
     /// Building or checking a frame failed.
     #[error("frame: {0}")]
     Frame(PacketError),
+    /// A client↔gateway control message was malformed or could not be built.
+    #[error("control message: {0}")]
+    Protocol(#[from] shoal_packet::protocol::ProtocolError),
     /// No account is registered for this key. For clients: authentication failed.
     #[error("unknown account")]
     UnknownAccount,
@@ -94,7 +97,7 @@ pub enum GatewayError {
     /// The gateway refused an admin command; nothing changed there.
     #[error("gateway refused the admin command ({refusal}): {message}")]
     AdminRefused {
-        refusal: crate::protocol::AdminRefusal,
+        refusal: shoal_packet::protocol::AdminRefusal,
         message: String,
     },
     /// The admin link to the gateway failed or timed out before an answer.

@@ -6,7 +6,6 @@ pub mod driver;
 pub mod limit;
 pub mod mailbox;
 pub mod metrics;
-pub mod protocol;
 pub mod pull;
 pub mod remote_admin;
 pub mod store;
@@ -23,7 +22,7 @@ pub use mailbox::{
     WriteBatch,
 };
 pub use metrics::{AckDrop, GatewayStats};
-pub use protocol::{AdminRefusal, ClientMsg, ErrorCode, GatewayMsg};
+pub use shoal_packet::protocol::{AdminRefusal, ClientMsg, ErrorCode, GatewayMsg};
 pub use store::{Store, StoreConfig, StoreStats, TrySubmitError};
 
 #[cfg(test)]

@@ -28,8 +28,8 @@ use shoal_subnet::{
 use shoal_topology::Hex32;
 
 use crate::GatewayError;
-use crate::protocol::AdminRefusal;
 use crate::remote_admin::{CheckedAdmin, Refusal};
+use shoal_packet::protocol::AdminRefusal;
 
 /// A client's account key: the Ed25519 key its QUIC link authenticates with.
 pub type AccountKey = [u8; 32];

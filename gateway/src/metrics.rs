@@ -12,8 +12,8 @@ use hdrhistogram::Histogram;
 use shoal_relay::metrics::{family, histogram, record, summary, summary_scaled};
 
 use crate::mailbox::MailboxStats;
-use crate::protocol::AdminRefusal;
 use crate::store::StoreStats;
+use shoal_packet::protocol::AdminRefusal;
 
 /// How long a latency window lasts; summaries cover the last one or two windows.
 const WINDOW: Duration = Duration::from_secs(30);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::GatewayError;
 use crate::mailbox::ItemId;
-use crate::protocol::GatewayMsg;
+use shoal_packet::protocol::GatewayMsg;
 
 /// How long after its arrival a pull is answered, when not configured otherwise.
 pub const DEFAULT_PULL_ANSWER_DELAY: Duration = Duration::from_millis(50);

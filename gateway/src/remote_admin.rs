@@ -25,7 +25,7 @@ use shoal_subnet::{
 };
 
 use crate::GatewayError;
-use crate::protocol::{
+use shoal_packet::protocol::{
     AdminRefusal, ChunkAssembler, GatewayMsg, MAX_ADMIN_CHUNKS, MAX_CHUNK_BYTES, admin_chunks,
 };
 
@@ -236,7 +236,7 @@ async fn exchange(
                 })?;
             let msg = Frame::decode(bytes)
                 .map_err(GatewayError::Frame)
-                .and_then(|f| GatewayMsg::from_frame(&f))?;
+                .and_then(|f| GatewayMsg::from_frame(&f).map_err(GatewayError::from))?;
             match msg {
                 GatewayMsg::AdminResult { refusal, message } => break (refusal, message),
                 GatewayMsg::AdminReport {

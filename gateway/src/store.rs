@@ -37,7 +37,7 @@ use crate::mailbox::{
     AccountKey, CommitFailed, CommitResult, Committed, ItemId, MailboxTag, PullItem, PullPlan,
     Recovered, Salt, WriteBatch, WriteOp,
 };
-use crate::protocol::GatewayMsg;
+use shoal_packet::protocol::GatewayMsg;
 
 const ACCOUNTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("accounts");
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");

@@ -24,9 +24,9 @@ use shoal_topology::{
 
 use crate::config::Config;
 use crate::mailbox::MailboxConfig;
-use crate::protocol::{ClientMsg, DirectoryAssembler, ErrorCode, GatewayMsg};
 use crate::store::StoreConfig;
 use crate::{GatewayHandle, admin};
+use shoal_packet::protocol::{ClientMsg, DirectoryAssembler, ErrorCode, GatewayMsg};
 
 const PULL_BATCH: usize = 4;
 const ALICE_BOX: MailboxAddress = [0xa1; 32];
@@ -523,8 +523,8 @@ fn admin_adds_and_removes_accounts_and_refuses_bad_keys() {
 /// No directory is needed: admin and client links do not route packets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_commands_over_the_network() {
-    use crate::protocol::AdminRefusal;
     use crate::remote_admin::execute;
+    use shoal_packet::protocol::AdminRefusal;
     use shoal_subnet::{AccountAction, CommandBody, SignedCommand, SubnetAdmin};
 
     let mut rng = StdRng::seed_from_u64(77);
@@ -659,7 +659,7 @@ async fn admin_commands_over_the_network() {
     // A client key sending admin chunks on its own link gets NotAdmin, no change.
     alice_c
         .send(
-            &crate::protocol::admin_chunks(&create1.to_bytes()).unwrap()[0]
+            &shoal_packet::protocol::admin_chunks(&create1.to_bytes()).unwrap()[0]
                 .to_frame()
                 .unwrap(),
         )

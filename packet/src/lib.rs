@@ -3,6 +3,7 @@
 pub mod fragment;
 pub mod frame;
 pub mod payload;
+pub mod protocol;
 pub mod replay;
 pub mod sphinx;
 

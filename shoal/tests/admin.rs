@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig};
-use shoal_gateway::protocol::{ClientMsg, ErrorCode, GatewayMsg};
 use shoal_link::{FrameReceiver, FrameSender, Link, LinkEndpoint, PeerSet};
+use shoal_packet::protocol::{ClientMsg, ErrorCode, GatewayMsg};
 use shoal_packet::{FRAME_SIZE, Frame};
 
 fn shoal(bin: &Path, args: &[&str]) -> String {

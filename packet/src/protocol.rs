@@ -40,10 +40,44 @@
 //! Sphinx frames (packets entering the mixnet) share the link but are not control
 //! messages; the driver hands them to the mixing core.
 
-use shoal_packet::sphinx::SurbId;
-use shoal_packet::{Frame, FrameKind, SPHINX_PACKET_SIZE, SPHINX_PAYLOAD_SIZE};
+use crate::sphinx::SurbId;
+use crate::{Frame, FrameKind, PacketError, SPHINX_PACKET_SIZE, SPHINX_PAYLOAD_SIZE};
 
-use crate::GatewayError;
+/// What can be wrong with a control message. Messages name the message and field,
+/// never the bytes: they are peer data and must not reach logs.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A control message ended before one of its fields. Peer misbehaviour.
+    #[error("{what}: truncated, needed {need} bytes, had {got}")]
+    Truncated {
+        what: &'static str,
+        need: usize,
+        got: usize,
+    },
+    /// A length (of a message, list or string) exceeds what the format allows.
+    #[error("{what}: length {len} exceeds the maximum of {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// A field held a value the format does not allow. Peer misbehaviour.
+    #[error("{what}: invalid value {value}")]
+    Field { what: &'static str, value: u64 },
+    /// Bytes after the end of a control message were not zero padding.
+    #[error("{what}: non-zero bytes after the message")]
+    TrailingBytes { what: &'static str },
+    /// A Sphinx frame was handed to the control-message decoder.
+    #[error("expected a control frame")]
+    NotControl,
+    /// Building or checking a frame failed.
+    #[error("frame: {0}")]
+    Frame(PacketError),
+    /// A bug in this module, not the peer's fault.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
 
 /// Bytes available for a control message: the body of one frame.
 pub const CONTROL_BODY_SIZE: usize = SPHINX_PACKET_SIZE;
@@ -340,79 +374,82 @@ impl<'a> Reader<'a> {
         Reader { what, buf, pos: 1 }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], GatewayError> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         let end = self
             .pos
             .checked_add(n)
-            .ok_or(GatewayError::Internal("reader overflow"))?;
-        let got = self.buf.get(self.pos..end).ok_or(GatewayError::Truncated {
-            what: self.what,
-            need: end,
-            got: self.buf.len(),
-        })?;
+            .ok_or(ProtocolError::Internal("reader overflow"))?;
+        let got = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(ProtocolError::Truncated {
+                what: self.what,
+                need: end,
+                got: self.buf.len(),
+            })?;
         self.pos = end;
         Ok(got)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], GatewayError> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
-    fn u8(&mut self) -> Result<u8, GatewayError> {
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, GatewayError> {
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
         Ok(u16::from_be_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, GatewayError> {
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
         Ok(u64::from_be_bytes(self.array()?))
     }
 
     /// The rest must be zero padding.
-    fn finish(self) -> Result<(), GatewayError> {
+    fn finish(self) -> Result<(), ProtocolError> {
         if self.buf[self.pos.min(self.buf.len())..]
             .iter()
             .any(|b| *b != 0)
         {
-            return Err(GatewayError::TrailingBytes { what: self.what });
+            return Err(ProtocolError::TrailingBytes { what: self.what });
         }
         Ok(())
     }
 }
 
-fn check_body_len(body: &[u8]) -> Result<u8, GatewayError> {
+fn check_body_len(body: &[u8]) -> Result<u8, ProtocolError> {
     if body.len() > CONTROL_BODY_SIZE {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what: "control body",
             len: body.len(),
             max: CONTROL_BODY_SIZE,
         });
     }
-    body.first().copied().ok_or(GatewayError::Truncated {
+    body.first().copied().ok_or(ProtocolError::Truncated {
         what: "control body",
         need: 1,
         got: 0,
     })
 }
 
-fn to_frame(body: &[u8]) -> Result<Frame, GatewayError> {
-    Frame::control(body).map_err(GatewayError::Frame)
+fn to_frame(body: &[u8]) -> Result<Frame, ProtocolError> {
+    Frame::control(body).map_err(ProtocolError::Frame)
 }
 
-fn control_body(frame: &Frame) -> Result<&[u8], GatewayError> {
+fn control_body(frame: &Frame) -> Result<&[u8], ProtocolError> {
     if frame.kind() != FrameKind::Control {
-        return Err(GatewayError::NotControl);
+        return Err(ProtocolError::NotControl);
     }
     Ok(frame.body())
 }
 
 impl ClientMsg {
     /// The unpadded body.
-    pub fn encode(&self) -> Result<Vec<u8>, GatewayError> {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
         Ok(match self {
             ClientMsg::Pull { acks } => encode_ids(T_PULL, "pull acks", acks)?,
             ClientMsg::GetDirectory => vec![T_GET_DIRECTORY],
@@ -425,12 +462,12 @@ impl ClientMsg {
         })
     }
 
-    pub fn to_frame(&self) -> Result<Frame, GatewayError> {
+    pub fn to_frame(&self) -> Result<Frame, ProtocolError> {
         to_frame(&self.encode()?)
     }
 
     /// Decodes a (possibly zero-padded) control body. Never panics.
-    pub fn decode(body: &[u8]) -> Result<Self, GatewayError> {
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
         let msg = match check_body_len(body)? {
             T_PULL => ClientMsg::Pull {
                 acks: decode_ids("pull", body)?,
@@ -451,7 +488,7 @@ impl ClientMsg {
                 }
             }
             other => {
-                return Err(GatewayError::Field {
+                return Err(ProtocolError::Field {
                     what: "client message type",
                     value: other.into(),
                 });
@@ -460,14 +497,14 @@ impl ClientMsg {
         Ok(msg)
     }
 
-    pub fn from_frame(frame: &Frame) -> Result<Self, GatewayError> {
+    pub fn from_frame(frame: &Frame) -> Result<Self, ProtocolError> {
         Self::decode(control_body(frame)?)
     }
 }
 
 impl GatewayMsg {
     /// The unpadded body.
-    pub fn encode(&self) -> Result<Vec<u8>, GatewayError> {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
         Ok(match self {
             GatewayMsg::Item {
                 id,
@@ -507,12 +544,12 @@ impl GatewayMsg {
         })
     }
 
-    pub fn to_frame(&self) -> Result<Frame, GatewayError> {
+    pub fn to_frame(&self) -> Result<Frame, ProtocolError> {
         to_frame(&self.encode()?)
     }
 
     /// Decodes a (possibly zero-padded) control body. Never panics.
-    pub fn decode(body: &[u8]) -> Result<Self, GatewayError> {
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
         let msg = match check_body_len(body)? {
             T_ITEM => {
                 let mut r = Reader::new("item", body);
@@ -536,7 +573,7 @@ impl GatewayMsg {
                     0 => false,
                     1 => true,
                     other => {
-                        return Err(GatewayError::Field {
+                        return Err(ProtocolError::Field {
                             what: "pull done flag",
                             value: other.into(),
                         });
@@ -576,7 +613,7 @@ impl GatewayMsg {
                 }
             }
             other => {
-                return Err(GatewayError::Field {
+                return Err(ProtocolError::Field {
                     what: "gateway message type",
                     value: other.into(),
                 });
@@ -585,15 +622,15 @@ impl GatewayMsg {
         Ok(msg)
     }
 
-    pub fn from_frame(frame: &Frame) -> Result<Self, GatewayError> {
+    pub fn from_frame(frame: &Frame) -> Result<Self, ProtocolError> {
         Self::decode(control_body(frame)?)
     }
 }
 
 /// `| type | n: u16 | id: u64 × n |`, n ≤ [`MAX_ACK_IDS`].
-fn encode_ids(t: u8, what: &'static str, ids: &[u64]) -> Result<Vec<u8>, GatewayError> {
+fn encode_ids(t: u8, what: &'static str, ids: &[u64]) -> Result<Vec<u8>, ProtocolError> {
     if ids.len() > MAX_ACK_IDS {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what,
             len: ids.len(),
             max: MAX_ACK_IDS,
@@ -609,11 +646,11 @@ fn encode_ids(t: u8, what: &'static str, ids: &[u64]) -> Result<Vec<u8>, Gateway
     Ok(out)
 }
 
-fn decode_ids(what: &'static str, body: &[u8]) -> Result<Vec<u64>, GatewayError> {
+fn decode_ids(what: &'static str, body: &[u8]) -> Result<Vec<u64>, ProtocolError> {
     let mut r = Reader::new(what, body);
     let n = usize::from(r.u16()?);
     if n > MAX_ACK_IDS {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what,
             len: n,
             max: MAX_ACK_IDS,
@@ -634,9 +671,9 @@ fn encode_chunk(
     index: u16,
     count: u16,
     bytes: &[u8],
-) -> Result<Vec<u8>, GatewayError> {
+) -> Result<Vec<u8>, ProtocolError> {
     if bytes.len() > MAX_CHUNK_BYTES {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what,
             len: bytes.len(),
             max: MAX_CHUNK_BYTES,
@@ -653,14 +690,14 @@ fn encode_chunk(
     Ok(out)
 }
 
-fn decode_chunk(what: &'static str, body: &[u8]) -> Result<(u16, u16, Vec<u8>), GatewayError> {
+fn decode_chunk(what: &'static str, body: &[u8]) -> Result<(u16, u16, Vec<u8>), ProtocolError> {
     let mut r = Reader::new(what, body);
     let index = r.u16()?;
     let count = r.u16()?;
     check_chunk_index(index, count)?;
     let len = usize::from(r.u16()?);
     if len > MAX_CHUNK_BYTES {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what,
             len,
             max: MAX_CHUNK_BYTES,
@@ -672,9 +709,9 @@ fn decode_chunk(what: &'static str, body: &[u8]) -> Result<(u16, u16, Vec<u8>), 
 }
 
 /// `| type | code: u16 | len: u8 | UTF-8 message: len |`
-fn encode_coded(t: u8, code: u16, message: &str) -> Result<Vec<u8>, GatewayError> {
+fn encode_coded(t: u8, code: u16, message: &str) -> Result<Vec<u8>, ProtocolError> {
     if message.len() > MAX_ERROR_MESSAGE {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what: "error message",
             len: message.len(),
             max: MAX_ERROR_MESSAGE,
@@ -688,19 +725,19 @@ fn encode_coded(t: u8, code: u16, message: &str) -> Result<Vec<u8>, GatewayError
     Ok(out)
 }
 
-fn decode_coded(what: &'static str, body: &[u8]) -> Result<(u16, String), GatewayError> {
+fn decode_coded(what: &'static str, body: &[u8]) -> Result<(u16, String), ProtocolError> {
     let mut r = Reader::new(what, body);
     let code = r.u16()?;
     let len = usize::from(r.u8()?);
     if len > MAX_ERROR_MESSAGE {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what: "error message",
             len,
             max: MAX_ERROR_MESSAGE,
         });
     }
     let message = std::str::from_utf8(r.take(len)?)
-        .map_err(|_| GatewayError::Field {
+        .map_err(|_| ProtocolError::Field {
             what: "error message utf-8",
             value: len as u64,
         })?
@@ -710,10 +747,10 @@ fn decode_coded(what: &'static str, body: &[u8]) -> Result<(u16, String), Gatewa
 }
 
 /// Splits one admin command into `AdminChunk` messages (at most [`MAX_ADMIN_CHUNKS`]).
-pub fn admin_chunks(command: &[u8]) -> Result<Vec<ClientMsg>, GatewayError> {
+pub fn admin_chunks(command: &[u8]) -> Result<Vec<ClientMsg>, ProtocolError> {
     let n = command.len().div_ceil(MAX_CHUNK_BYTES);
     if n == 0 || n > usize::from(MAX_ADMIN_CHUNKS) {
-        return Err(GatewayError::TooLong {
+        return Err(ProtocolError::TooLong {
             what: "admin command",
             len: command.len(),
             max: MAX_CHUNK_BYTES * usize::from(MAX_ADMIN_CHUNKS),
@@ -731,9 +768,9 @@ pub fn admin_chunks(command: &[u8]) -> Result<Vec<ClientMsg>, GatewayError> {
         .collect())
 }
 
-fn check_chunk_index(index: u16, count: u16) -> Result<(), GatewayError> {
+fn check_chunk_index(index: u16, count: u16) -> Result<(), ProtocolError> {
     if index >= count {
-        return Err(GatewayError::Field {
+        return Err(ProtocolError::Field {
             what: "directory chunk index",
             value: index.into(),
         });
@@ -742,9 +779,9 @@ fn check_chunk_index(index: u16, count: u16) -> Result<(), GatewayError> {
 }
 
 /// Splits a signed directory document into `DirectoryChunk` messages (at least one).
-pub fn directory_chunks(document: &[u8]) -> Result<Vec<GatewayMsg>, GatewayError> {
+pub fn directory_chunks(document: &[u8]) -> Result<Vec<GatewayMsg>, ProtocolError> {
     let n = document.len().div_ceil(MAX_CHUNK_BYTES).max(1);
-    let count = u16::try_from(n).map_err(|_| GatewayError::TooLong {
+    let count = u16::try_from(n).map_err(|_| ProtocolError::TooLong {
         what: "directory document",
         len: document.len(),
         max: MAX_CHUNK_BYTES * usize::from(u16::MAX),
@@ -795,7 +832,7 @@ impl ChunkAssembler {
         index: u16,
         count: u16,
         bytes: &[u8],
-    ) -> Result<Option<Vec<u8>>, GatewayError> {
+    ) -> Result<Option<Vec<u8>>, ProtocolError> {
         check_chunk_index(index, count)?;
         if self.parts.len() != usize::from(count) {
             self.parts = vec![None; usize::from(count)];
@@ -805,10 +842,10 @@ impl ChunkAssembler {
         let slot = self
             .parts
             .get_mut(usize::from(index))
-            .ok_or(GatewayError::Internal("chunk index checked"))?;
+            .ok_or(ProtocolError::Internal("chunk index checked"))?;
         if slot.is_none() {
             if self.bytes + bytes.len() > self.max_bytes {
-                return Err(GatewayError::TooLong {
+                return Err(ProtocolError::TooLong {
                     what: "directory document",
                     len: self.bytes + bytes.len(),
                     max: self.max_bytes,
@@ -831,8 +868,8 @@ impl ChunkAssembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FRAME_SIZE;
     use proptest::prelude::*;
-    use shoal_packet::FRAME_SIZE;
 
     fn roundtrip_client(m: &ClientMsg) {
         let f = m.to_frame().unwrap();
@@ -970,16 +1007,16 @@ mod tests {
         );
         assert!(matches!(
             ClientMsg::decode(&[T_GET_DIRECTORY, 0, 1]),
-            Err(GatewayError::TrailingBytes { .. })
+            Err(ProtocolError::TrailingBytes { .. })
         ));
         assert!(matches!(
             ClientMsg::decode(&[T_PULL, 0, 0, 1]),
-            Err(GatewayError::TrailingBytes { .. })
+            Err(ProtocolError::TrailingBytes { .. })
         ));
         // A pull claiming more ack ids than fit.
         assert!(matches!(
             ClientMsg::decode(&[T_PULL, 0xff, 0xff]),
-            Err(GatewayError::TooLong { .. })
+            Err(ProtocolError::TooLong { .. })
         ));
         assert!(
             ClientMsg::Pull {
@@ -991,12 +1028,12 @@ mod tests {
         // Ack claiming more ids than present.
         assert!(matches!(
             ClientMsg::decode(&[T_ACK, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1]),
-            Err(GatewayError::Truncated { .. })
+            Err(ProtocolError::Truncated { .. })
         ));
         // Ack claiming more ids than fit.
         assert!(matches!(
             ClientMsg::decode(&[T_ACK, 0xff, 0xff]),
-            Err(GatewayError::TooLong { .. })
+            Err(ProtocolError::TooLong { .. })
         ));
         assert!(ClientMsg::decode(&[1u8; CONTROL_BODY_SIZE + 1]).is_err());
         assert!(
@@ -1019,7 +1056,7 @@ mod tests {
         let sphinx = Frame::sphinx(0, &[0u8; SPHINX_PACKET_SIZE]).unwrap();
         assert_eq!(
             ClientMsg::from_frame(&sphinx),
-            Err(GatewayError::NotControl)
+            Err(ProtocolError::NotControl)
         );
         let long = GatewayMsg::Error {
             code: ErrorCode::Internal,
