@@ -181,6 +181,23 @@ fn cpu_ns() -> u64 {
     thread_cpu_ns().unwrap_or(0)
 }
 
+/// The routes both build-rate measurements use: a 5-hop packet from one gateway to the
+/// other, and its 4-hop SURB-ack back to the first.
+fn bench_routes(
+    topo: &Topology,
+    gateways: &[NodeId],
+    rng: &mut StdRng,
+) -> anyhow::Result<(
+    Vec<shoal_packet::sphinx::Hop>,
+    Vec<shoal_packet::sphinx::Hop>,
+)> {
+    let route = topo.client_route(rng, 0, &gateways[0], &gateways[1])?;
+    let ack_route = topo
+        .client_route(rng, 0, &gateways[0], &gateways[0])?
+        .split_off(1);
+    Ok((route, ack_route))
+}
+
 /// Per CPU-second of one 5-hop forward packet + one 4-hop SURB with the bare crate.
 fn raw_rate(
     topo: &Topology,
@@ -188,10 +205,7 @@ fn raw_rate(
     n: usize,
     rng: &mut StdRng,
 ) -> anyhow::Result<f64> {
-    let route = topo.client_route(rng, 0, &gateways[0], &gateways[1])?;
-    let ack_route = topo
-        .client_route(rng, 0, &gateways[0], &gateways[0])?
-        .split_off(1);
+    let (route, ack_route) = bench_routes(topo, gateways, rng)?;
     let nodes = |r: &[shoal_packet::sphinx::Hop]| -> Vec<Node> {
         r.iter()
             .map(|h| Node::new(NodeAddressBytes::from_bytes(h.address), h.sphinx_key))
@@ -229,10 +243,7 @@ fn shoal_rate(
     n: usize,
     rng: &mut StdRng,
 ) -> anyhow::Result<f64> {
-    let route = topo.client_route(rng, 0, &gateways[0], &gateways[1])?;
-    let ack_route = topo
-        .client_route(rng, 0, &gateways[0], &gateways[0])?
-        .split_off(1);
+    let (route, ack_route) = bench_routes(topo, gateways, rng)?;
     let delays = |k: usize| vec![std::time::Duration::from_millis(20); k];
     let plaintext = vec![7u8; PLAINTEXT_SIZE];
     let start = cpu_ns();
