@@ -3,8 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/duo.rs"]
-mod duo;
+use crate::support::duo;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -6,8 +6,7 @@
 //! unknown groups and contacts and for policy refusals are checked on the way.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/cli_net.rs"]
-mod cli_net;
+use crate::support::cli_net;
 
 use std::time::{Duration, Instant};
 

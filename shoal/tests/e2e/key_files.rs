@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/authorities.rs"]
-mod authorities;
+use crate::support::authorities;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

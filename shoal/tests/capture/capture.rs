@@ -14,8 +14,7 @@
 //! checking (CI installs both and runs as root).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/cli_net.rs"]
-mod cli_net;
+use crate::support::cli_net;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -137,6 +136,7 @@ fn send_waits(flow: &[Datagram], from: f64, to: f64) -> (Vec<f64>, usize) {
 
 #[test]
 fn wire_has_one_datagram_size_and_clients_send_at_their_poisson_rate() {
+    let _alone = crate::loopback_alone();
     let dir = temp_dir("capture");
     let pcap = dir.join("lo.pcap");
     // Capturing needs root, tcpdump and ethtool; without them the test says so and passes.

@@ -1,8 +1,7 @@
 //! Three real `shoal authority` processes on loopback, k = 2 of 3.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/authorities.rs"]
-mod authorities;
+use crate::support::authorities;
 
 use std::net::SocketAddr;
 use std::process::Command;

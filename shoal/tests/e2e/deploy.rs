@@ -11,10 +11,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/authorities.rs"]
-mod authorities;
-#[path = "support/hosts.rs"]
-mod hosts;
+use crate::support::authorities;
+use crate::support::hosts;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

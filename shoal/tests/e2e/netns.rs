@@ -6,10 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/duo.rs"]
-mod duo;
-#[path = "support/hosts.rs"]
-mod hosts;
+use crate::support::duo;
+use crate::support::hosts;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -11,8 +11,7 @@
 //! `policy.json` → `policy`), which the chat reads on first use.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/cli_net.rs"]
-mod cli_net;
+use crate::support::cli_net;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -8,10 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/authorities.rs"]
-mod authorities;
-#[path = "support/duo.rs"]
-mod duo;
+use crate::support::authorities;
+use crate::support::duo;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -4,8 +4,7 @@
 //! and `shoal client read` on the recipient.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/cli_net.rs"]
-mod cli_net;
+use crate::support::cli_net;
 
 use std::time::{Duration, Instant};
 
