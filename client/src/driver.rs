@@ -8,7 +8,7 @@
 //!             │ pull tick (constant) ─► Pull{acks} ───────────────────┼──►
 //! gateway ───►│ Item ─► handle_mailbox_item; PullDone ─► store ─► acks│◄── uni stream ◄─ gateway
 //!             │   (the acks wait in the PullSession for the next tick)  │
-//!             │ DirectoryChunk ─► parse ─► signatures ─► time ─► set_topology
+//!             │ DirectoryChunk ─► parse ─► signatures ─► time ─► epoch edge ─► set_topology
 //!             └──► events (broadcast), stats (shared)                 ┘
 //! ```
 //!
@@ -67,7 +67,7 @@ use crate::core::{
     ClientConfig, ClientCore, ClientError, ClientStats, Event, Identity, SendRecord,
 };
 use crate::seal;
-use crate::session::{Backoff, LinkProblem, PullConfig, PullSession};
+use crate::session::{Backoff, EpochEdge, LinkProblem, PullConfig, PullSession};
 use crate::store::{ClientStore, ReceivedMessage};
 
 /// Largest directory document accepted from a gateway.
@@ -462,6 +462,7 @@ pub fn spawn(
         completed,
         held: HashMap::new(),
         directory_valid_until: None,
+        edge: EpochEdge::default(),
         dirty: false,
         unsaved: Vec::new(),
         unacked: Vec::new(),
@@ -546,6 +547,8 @@ struct Driver {
     /// Item ids of fragments of messages not yet complete, by message.
     held: HashMap<MessageId, BTreeSet<u64>>,
     directory_valid_until: Option<u64>,
+    /// Holds a fetched later document until its epoch starts.
+    edge: EpochEdge<Topology>,
     /// The core changed since the last saved snapshot.
     dirty: bool,
     /// Completed messages not yet durable (the store failed).
@@ -582,6 +585,7 @@ impl Driver {
                 .build_time()
                 .unwrap_or_else(|| tokio::time::Instant::now() + far);
             let pull_due = tokio::time::Instant::from_std(self.pulls.poll_timeout());
+            let edge_due = self.edge.poll_timeout().map(instant_at_unix);
             tokio::select! {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Send { to, bytes, reply }) => {
@@ -609,6 +613,11 @@ impl Driver {
                     next_snapshot += self.config.snapshot_interval;
                     if self.dirty {
                         self.save_snapshot(&mut conn).await;
+                    }
+                }
+                _ = sleep_until_some(edge_due) => {
+                    if let Some(topology) = self.edge.handle_timeout(unix_now()) {
+                        self.use_directory(topology);
                     }
                 }
                 _ = sleep_until(next_directory) => {
@@ -1069,12 +1078,8 @@ impl Driver {
             .and_then(|d| d.check_valid_at(unix_now()));
         match checked {
             Ok(topology) => {
-                let epoch = topology.epoch();
-                self.directory_valid_until = Some(topology.body().valid_until);
-                if topology.node(&self.config.gateway_key).is_none() {
-                    warn!(epoch, "our gateway is not in the directory");
-                }
-                self.set_topology(topology);
+                let valid_until = topology.body().valid_until;
+                self.directory_valid_until = self.directory_valid_until.max(Some(valid_until));
                 if matches!(
                     self.reported,
                     Some(
@@ -1084,10 +1089,10 @@ impl Driver {
                 ) {
                     self.reported = None;
                 }
-                self.counters.directory_updates += 1;
-                self.counters.directory_epoch = Some(epoch);
-                debug!(epoch, "directory installed");
-                self.emit(DriverEvent::Directory { epoch });
+                let (epoch, starts) = (topology.epoch(), topology.body().epoch_start());
+                if let Some(topology) = self.edge.offer(epoch, starts, topology, unix_now()) {
+                    self.use_directory(topology);
+                }
             }
             Err(e) => {
                 self.counters.directory_rejected += 1;
@@ -1106,8 +1111,17 @@ impl Driver {
         }
     }
 
-    fn set_topology(&mut self, topology: Topology) {
+    /// Puts a verified document in use (at its epoch's edge; see [`EpochEdge`]).
+    fn use_directory(&mut self, topology: Topology) {
+        let epoch = topology.epoch();
+        if topology.node(&self.config.gateway_key).is_none() {
+            warn!(epoch, "our gateway is not in the directory");
+        }
         self.core.set_topology(Arc::new(topology), Instant::now());
+        self.counters.directory_updates += 1;
+        self.counters.directory_epoch = Some(epoch);
+        debug!(epoch, "directory installed");
+        self.emit(DriverEvent::Directory { epoch });
     }
 }
 
@@ -1223,6 +1237,14 @@ fn gateway_key_mismatch(e: &LinkError) -> bool {
             ..
         } if t.code == quinn::TransportErrorCode::crypto(ACCESS_DENIED)
     )
+}
+
+/// The tokio instant at which the wall clock reads `unix` seconds.
+fn instant_at_unix(unix: u64) -> tokio::time::Instant {
+    let now = SystemTime::now();
+    let at = UNIX_EPOCH + Duration::from_secs(unix);
+    let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + wait
 }
 
 fn unix_now() -> u64 {

@@ -1,6 +1,7 @@
 //! The client's side of its gateway link, sans-IO: the pull schedule with the acks it
-//! carries ([`PullSession`]), the reconnection policy ([`Backoff`]), and what the user
-//! is told when the link cannot work ([`LinkProblem`]).
+//! carries ([`PullSession`]), the reconnection policy ([`Backoff`]), when a fetched
+//! directory takes effect ([`EpochEdge`]), and what the user is told when the link
+//! cannot work ([`LinkProblem`]).
 //!
 //! **Nothing leaves the client link off schedule.** The client sends exactly one
 //! control frame per pull tick, a `Pull`, and it carries the ids of the items the client
@@ -241,6 +242,75 @@ impl std::fmt::Display for LinkProblem {
     }
 }
 
+/// When a verified directory document takes effect: at its epoch's edge, never before.
+///
+/// Authorities publish the next epoch's document a vote-lead ahead, and clients fetch it
+/// at their own times. A client that switched on fetch would put the next epoch's frame
+/// label and keys on the wire early, so exit gateways and observers would see two
+/// populations of labels sorted by fetch time. Every client therefore holds a document
+/// for a later epoch until that epoch starts. It never goes back to an older epoch than
+/// the one in use. A client with no document at all takes the first one at once: it has
+/// nothing else to send with.
+#[derive(Debug)]
+pub struct EpochEdge<T> {
+    current: Option<u64>,
+    /// The newest later document, and the unix second its epoch starts.
+    waiting: Option<(u64, u64, T)>,
+}
+
+impl<T> Default for EpochEdge<T> {
+    fn default() -> Self {
+        EpochEdge {
+            current: None,
+            waiting: None,
+        }
+    }
+}
+
+impl<T> EpochEdge<T> {
+    /// The epoch in use, if any.
+    pub fn current(&self) -> Option<u64> {
+        self.current
+    }
+
+    /// A verified document for `epoch`, whose epoch starts at `starts_unix`. Returns it
+    /// when it is to be used now; otherwise it waits (replacing an older waiting one) or
+    /// is dropped as old.
+    pub fn offer(&mut self, epoch: u64, starts_unix: u64, doc: T, now_unix: u64) -> Option<T> {
+        match self.current {
+            Some(current) if epoch < current => None,
+            Some(_) if now_unix < starts_unix => {
+                if self.waiting.as_ref().is_none_or(|(e, _, _)| epoch >= *e) {
+                    self.waiting = Some((epoch, starts_unix, doc));
+                }
+                None
+            }
+            _ => {
+                if self.waiting.as_ref().is_some_and(|(e, _, _)| *e <= epoch) {
+                    self.waiting = None;
+                }
+                self.current = Some(epoch);
+                Some(doc)
+            }
+        }
+    }
+
+    /// Unix second at which a waiting document takes effect.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.waiting.as_ref().map(|(_, starts, _)| *starts)
+    }
+
+    /// The waiting document, once its epoch has started.
+    pub fn handle_timeout(&mut self, now_unix: u64) -> Option<T> {
+        if self.poll_timeout().is_none_or(|starts| now_unix < starts) {
+            return None;
+        }
+        let (epoch, _, doc) = self.waiting.take()?;
+        self.current = Some(epoch);
+        Some(doc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,5 +504,44 @@ mod tests {
         );
         assert!(LinkProblem::AccessRemoved.is_final());
         assert!(!LinkProblem::GatewayKeyMismatch { gateway }.is_final());
+    }
+
+    #[test]
+    fn a_later_document_waits_for_its_epoch_edge() {
+        let mut edge = EpochEdge::default();
+        // The first document is used at once, even before its start: nothing else exists.
+        assert_eq!(edge.offer(5, 1_000, "e5", 900), Some("e5"));
+        // The next one, fetched in the vote-lead window, waits for the edge.
+        assert_eq!(edge.offer(6, 1_100, "e6", 1_090), None);
+        assert_eq!(edge.current(), Some(5));
+        assert_eq!(edge.poll_timeout(), Some(1_100));
+        assert_eq!(edge.handle_timeout(1_099), None);
+        assert_eq!(edge.handle_timeout(1_100), Some("e6"));
+        assert_eq!(edge.current(), Some(6));
+        assert_eq!(edge.poll_timeout(), None);
+    }
+
+    #[test]
+    fn never_back_to_an_older_epoch() {
+        let mut edge = EpochEdge::default();
+        assert_eq!(edge.offer(6, 1_100, "e6", 1_150), Some("e6"));
+        assert_eq!(edge.offer(5, 1_000, "e5", 1_150), None);
+        // A re-fetch of the current epoch (e.g. more signatures) is taken.
+        assert_eq!(edge.offer(6, 1_100, "e6'", 1_150), Some("e6'"));
+        // A waiting document is never replaced by an older one.
+        assert_eq!(edge.offer(8, 1_300, "e8", 1_160), None);
+        assert_eq!(edge.offer(7, 1_200, "e7", 1_160), None);
+        assert_eq!(edge.poll_timeout(), Some(1_300));
+    }
+
+    #[test]
+    fn a_late_fetch_after_the_edge_is_used_at_once() {
+        let mut edge = EpochEdge::default();
+        assert_eq!(edge.offer(5, 1_000, "e5", 1_010), Some("e5"));
+        assert_eq!(edge.offer(6, 1_100, "e6", 1_090), None);
+        // The edge passed while asleep: the next offer (or timeout) installs it.
+        assert_eq!(edge.offer(7, 1_200, "e7", 1_205), Some("e7"));
+        assert_eq!(edge.poll_timeout(), None);
+        assert_eq!(edge.handle_timeout(1_300), None);
     }
 }

@@ -53,14 +53,7 @@ pub struct RawAuthority {
     pub key: String,
 }
 
-/// A directory authority the relay talks to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthorityAddr {
-    /// Its HTTP address.
-    pub addr: SocketAddr,
-    /// Its Ed25519 signing key.
-    pub key: [u8; 32],
-}
+pub use shoal_topology::AuthorityAddr;
 
 /// A checked relay configuration. Build it from a file with [`Config::load`], or
 /// directly (tests, harnesses) and then call [`Config::validate`].
@@ -88,26 +81,6 @@ pub struct Config {
     pub authorities: Vec<AuthorityAddr>,
     /// Signatures a directory document needs.
     pub threshold: usize,
-}
-
-/// `ADDR=HEXKEY`, as `shoal relay init --authority` takes it.
-impl std::str::FromStr for AuthorityAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, key) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected ADDR=HEXKEY"))?;
-        let addr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not ip:port"))?;
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(key.trim(), &mut bytes)
-            .map_err(|_| format!("{key:?} is not 64 hex digits"))?;
-        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
-            .map_err(|_| format!("{key:?} is not an Ed25519 public key"))?;
-        Ok(AuthorityAddr { addr, key: bytes })
-    }
 }
 
 fn default_workers() -> usize {

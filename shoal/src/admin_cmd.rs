@@ -27,6 +27,7 @@
 //! the account with the invite's handle, role and gateway, and marks the invite used. No
 //! client change is needed: the exchange is two files over a channel the admin trusts.
 
+use crate::parse_hex32;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,15 +37,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
-use shoal_relay::config::AuthorityAddr;
 use shoal_subnet::{
     AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, OfferBody, OfferGuard,
     Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedOffer, UsageReport,
     usage_id,
 };
+use shoal_topology::AuthorityAddr;
 use shoal_topology::Hex32;
-
-use crate::client_cmd::parse_authority;
 
 const KEY_FILE: &str = "admin.key";
 const POLICY_FILE: &str = "policy.json";
@@ -121,7 +120,7 @@ pub enum AdminCommand {
         gateway_node: Option<SocketAddr>,
         /// A directory authority as ADDR=HEXKEY (repeatable), written into the invite's
         /// `shoal client init` line so the user can run it as is.
-        #[arg(long = "authority", value_name = "ADDR=HEXKEY", value_parser = parse_authority)]
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY")]
         authorities: Vec<AuthorityAddr>,
         /// Authority signatures a document needs, for the same line (default: the
         /// client's, a majority).
@@ -322,12 +321,6 @@ fn parse_duration_secs(s: &str) -> Result<u64, String> {
         Some(v) if v > 0 => Ok(v),
         _ => Err(format!("{s:?}: must be above zero and not absurdly long")),
     }
-}
-
-fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| format!("{s:?} is not 64 hex digits"))?;
-    Ok(out)
 }
 
 /// DIR/state.json.

@@ -40,7 +40,7 @@ use shoal_subnet::MessageOptions;
 use crate::chat::member::{
     ChatFile, MemberFiles, card_credential, clean, invite_for, open_messenger,
 };
-use shoal_relay::config::AuthorityAddr;
+use shoal_topology::AuthorityAddr;
 use shoal_topology::{AuthoritySet, Hex32};
 
 pub const CONFIG_FILE: &str = "client.toml";
@@ -54,13 +54,13 @@ pub enum ClientCommand {
         #[arg(long)]
         dir: PathBuf,
         /// The gateway's node key, as ADDR=HEXKEY (ADDR is its node link address).
-        #[arg(long, value_name = "ADDR=HEXKEY", value_parser = parse_authority)]
+        #[arg(long, value_name = "ADDR=HEXKEY")]
         gateway: AuthorityAddr,
         /// The gateway's client endpoint.
         #[arg(long)]
         gateway_client_addr: SocketAddr,
         /// A directory authority as ADDR=HEXKEY (repeatable).
-        #[arg(long = "authority", value_name = "ADDR=HEXKEY", value_parser = parse_authority, required = true)]
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY", required = true)]
         authorities: Vec<AuthorityAddr>,
         /// Authority signatures a document needs (default: a majority).
         #[arg(long)]
@@ -237,10 +237,6 @@ pub enum ContactCommand {
     },
 }
 
-pub(crate) fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
-    s.parse()
-}
-
 /// `client.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -310,10 +306,8 @@ impl Default for TimingSection {
 }
 
 fn hex32(s: &str, what: &str) -> anyhow::Result<[u8; 32]> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s.trim(), &mut out)
-        .with_context(|| format!("{what} is not 32 hex bytes"))?;
-    Ok(out)
+    let key: Hex32 = s.parse().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    Ok(key.0)
 }
 
 /// A checked client config.

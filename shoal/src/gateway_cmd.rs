@@ -1,12 +1,13 @@
 //! `shoal gateway ...`: set up and run a gateway, and manage its accounts.
 
+use crate::parse_hex32;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use shoal_gateway::config::{Config, InitOptions, init_dir};
-use shoal_relay::config::AuthorityAddr;
+use shoal_topology::AuthorityAddr;
 
 #[derive(Subcommand, Debug)]
 pub enum GatewayCommand {
@@ -28,7 +29,7 @@ pub enum GatewayCommand {
         #[arg(long)]
         metrics: Option<SocketAddr>,
         /// A directory authority as ADDR=HEXKEY (repeatable).
-        #[arg(long = "authority", value_name = "ADDR=HEXKEY", value_parser = parse_authority)]
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY")]
         authorities: Vec<AuthorityAddr>,
         /// Authority signatures a document needs (default: a majority).
         #[arg(long)]
@@ -98,16 +99,6 @@ pub enum AccountCommand {
         #[arg(long, value_parser = parse_hex32)]
         key: [u8; 32],
     },
-}
-
-fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
-    s.parse()
-}
-
-fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| format!("{s:?} is not 64 hex digits"))?;
-    Ok(out)
 }
 
 pub fn run(cmd: GatewayCommand) -> anyhow::Result<()> {

@@ -139,6 +139,11 @@ fn init_logging(format: LogFormat, writer: BoxMakeWriter, ansi: bool) {
     };
 }
 
+/// A 32-byte key or id written as 64 hex digits, as the CLI's arguments take them.
+fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
+    s.parse::<shoal_topology::Hex32>().map(|h| h.0)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = match log_format(cli.log_format) {

@@ -283,9 +283,8 @@ fn field(out: &str, prefix: &str) -> anyhow::Result<String> {
 }
 
 fn hex32(s: &str) -> anyhow::Result<[u8; 32]> {
-    let mut b = [0u8; 32];
-    hex::decode_to_slice(s, &mut b)?;
-    Ok(b)
+    let h: shoal_topology::Hex32 = s.parse().map_err(anyhow::Error::msg)?;
+    Ok(h.0)
 }
 
 fn unix_now() -> f64 {

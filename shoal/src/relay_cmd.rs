@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Subcommand;
-use shoal_relay::config::{AuthorityAddr, Config, InitOptions, init_dir};
+use shoal_relay::config::{Config, InitOptions, init_dir};
+use shoal_topology::AuthorityAddr;
 
 #[derive(Subcommand, Debug)]
 pub enum RelayCommand {
@@ -24,7 +25,7 @@ pub enum RelayCommand {
         #[arg(long)]
         metrics: Option<SocketAddr>,
         /// A directory authority as ADDR=HEXKEY (repeatable).
-        #[arg(long = "authority", value_name = "ADDR=HEXKEY", value_parser = parse_authority)]
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY")]
         authorities: Vec<AuthorityAddr>,
         /// Authority signatures a document needs (default: a majority).
         #[arg(long)]
@@ -56,10 +57,6 @@ pub enum KeysCommand {
         #[arg(long)]
         config: PathBuf,
     },
-}
-
-fn parse_authority(s: &str) -> Result<AuthorityAddr, String> {
-    s.parse()
 }
 
 fn hex(bytes: &[u8]) -> String {

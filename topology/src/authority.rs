@@ -738,6 +738,15 @@ mod tests {
     }
 
     #[test]
+    fn a_document_says_when_its_epoch_starts() {
+        let a = &authorities(1, 1)[0];
+        for epoch in [0, 1, 7, 1000] {
+            let body = a.build_body(epoch);
+            assert_eq!(body.epoch_start(), config(1, 1).schedule.start_of(epoch));
+        }
+    }
+
+    #[test]
     fn roster_says_why_a_node_is_left_out() {
         let now = GENESIS + 5 * LENGTH + 30; // epoch 5
         let mut a = authorities(1, 1).remove(0);

@@ -21,7 +21,7 @@ pub use document::{
     AuthoritySet, AuthoritySignature, DocumentBody, NodeEntry, SignatureChecked, SignedDocument,
     Topology, UncheckedDocument,
 };
-pub use encoding::{Hex32, Hex64};
+pub use encoding::{AuthorityAddr, Hex32, Hex64};
 pub use epoch::EpochSchedule;
 pub use error::TopologyError;
 pub use params::NetworkParams;
