@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 use shoal_relay::config::AuthorityAddr;
 use shoal_subnet::{
     AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, OfferBody, OfferGuard,
-    Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedOffer, UsageReport,
-    usage_id,
+    Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedCredential,
+    UncheckedOffer, UsageReport, VerifiedCredential, usage_id,
 };
 use shoal_topology::Hex32;
 
@@ -52,6 +52,8 @@ const STATE_FILE: &str = "state.json";
 const MEMBERS_DIR: &str = "members";
 const INVITES_DIR: &str = "invites";
 const FEDERATION_FILE: &str = "federation.json";
+/// The admin's own client directory unless state.json names another.
+const ADMIN_CLIENT_DIR: &str = "client";
 /// How long `list` waits for each gateway's usage report before calling it unreachable.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a signed command stays valid: long enough to reach the gateway, short
@@ -178,6 +180,15 @@ pub enum AdminCommand {
     /// Show or change the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Name the admin's own `shoal client` directory (default: DIR/client). Its running
+    /// client (`shoal client run`) carries each new policy version to every member
+    /// through the mixnet, as ordinary messages.
+    UseClient {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A directory made by `shoal client init` (an account at a gateway of the network).
+        client: PathBuf,
+    },
     /// Federate with another subnet by exchanging signed offers: `offer` on one side,
     /// `accept` on the other (which prints a counter-offer), `accept` back.
     #[command(subcommand)]
@@ -264,8 +275,16 @@ pub enum PolicyCommand {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Make a new policy version: validated, signed, written, and published to every
-    /// gateway that hosts an enrolled member.
+    /// Send the current policy again to every member (through the admin's client), e.g.
+    /// after setting the client up, or for a member whose client was away for longer
+    /// than mail is kept. Members ignore a version they already have.
+    Publish {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Make a new policy version: validated, signed, written, queued for every member
+    /// through the admin's client, and given to the gateways if what they enforce (TTL
+    /// bound, revoked account keys) changed.
     Set {
         #[arg(long)]
         dir: PathBuf,
@@ -337,6 +356,10 @@ struct State {
     name: String,
     /// The last command sequence number used; the next is above it and above now in ms.
     sequence: u64,
+    /// The admin's own `shoal client` directory, whose running client carries policy
+    /// updates to members through the mixnet (default: DIR/client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client: Option<PathBuf>,
 }
 
 /// DIR/members/HANDLE.json: what the admin needs to manage the account later.
@@ -668,8 +691,30 @@ impl Subnet {
         )
     }
 
-    /// Publishes `policy` to every gateway hosting an enrolled member.
-    async fn publish(&self, policy: &Policy) -> anyhow::Result<usize> {
+    /// The admin's own client directory (see [`State::client`]).
+    fn client_dir(&self) -> anyhow::Result<PathBuf> {
+        let state: State = read_json(&self.dir.join(STATE_FILE))?;
+        Ok(state.client.unwrap_or_else(|| self.dir.join(ADMIN_CLIENT_DIR)))
+    }
+
+    /// Publishes `new` (replacing `old`): to every member through the mixnet, and to
+    /// every gateway hosting an enrolled member if what gateways enforce changed (or
+    /// `gateways` is `Always`). Gateways are told first, so a de-provisioned account is
+    /// cut there before members hear of it.
+    async fn publish(&self, old: &Policy, new: &Policy, gateways: ToGateways) -> anyhow::Result<Published> {
+        let enforced = |p: &Policy| (p.body().ttl_max_secs, p.body().revoked_keys.clone());
+        let tell_gateways = matches!(gateways, ToGateways::Always) || enforced(old) != enforced(new);
+        let mut published = Published::default();
+        if tell_gateways {
+            published.gateways = Some(self.publish_to_gateways(new).await?);
+        }
+        self.publish_to_members(new, &mut published)?;
+        Ok(published)
+    }
+
+    /// Gives `policy` to every gateway hosting an enrolled member (they bound mailbox
+    /// TTLs by it and cut revoked accounts).
+    async fn publish_to_gateways(&self, policy: &Policy) -> anyhow::Result<usize> {
         let gateways: BTreeSet<(SocketAddr, [u8; 32])> = self
             .members()?
             .iter()
@@ -687,6 +732,100 @@ impl Subnet {
             .await?;
         }
         Ok(gateways.len())
+    }
+
+    /// Queues `policy` for every enrolled member the policy does not revoke, in the
+    /// admin client's outbox: its running client sends each as an ordinary message
+    /// (sealed to the member, fixed-size packets on its Poisson schedule). A member
+    /// whose credential names no seal key cannot be reached and is listed.
+    fn publish_to_members(&self, policy: &Policy, out: &mut Published) -> anyhow::Result<()> {
+        let client = self.client_dir()?;
+        out.client = Some(client.clone());
+        let mut creds = Vec::new();
+        for m in self.members()? {
+            let cred_path = self.dir.join(MEMBERS_DIR).join(format!("{}.cred", m.handle));
+            let cred = std::fs::read(&cred_path)
+                .ok()
+                .and_then(|b| UncheckedCredential::parse(&b).ok())
+                .and_then(|c| c.check_signature().ok())
+                .map(VerifiedCredential::ignore_validity);
+            match cred {
+                Some(c) => creds.push(c),
+                None => out.unreachable.push(m.handle.clone()),
+            }
+        }
+        creds.sort_by(|a, b| a.handle().cmp(b.handle()));
+        let (deliveries, unreachable) =
+            shoal_client::messenger::policy_deliveries(policy, creds.iter());
+        out.unreachable.extend(unreachable);
+        if !client.join(crate::client_cmd::CONFIG_FILE).exists() {
+            out.unqueued = deliveries.len();
+            return Ok(());
+        }
+        for d in deliveries {
+            let card = shoal_client::ContactCard::new("member", d.to)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::client_cmd::spool_bytes(&client, &card.to_text(), &d.bytes)?;
+            out.members += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Whether [`Subnet::publish`] must give the policy to the gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ToGateways {
+    /// Only if what they enforce changed.
+    IfEnforcedChanged,
+    Always,
+}
+
+/// Where a policy version went.
+#[derive(Debug, Default)]
+struct Published {
+    /// Gateways told (`None`: nothing they enforce changed, so none was dialled).
+    gateways: Option<usize>,
+    /// Members it was queued for.
+    members: usize,
+    /// Members it could not be queued for because the admin has no client yet.
+    unqueued: usize,
+    /// Members without a usable seal key in their credential.
+    unreachable: Vec<String>,
+    client: Option<PathBuf>,
+}
+
+impl Published {
+    /// What the admin is told, one line each.
+    fn report(&self, version: u64) -> String {
+        let mut out = match self.gateways {
+            Some(n) => format!("policy v{version} written and published to {n} gateway(s)\n"),
+            None => format!(
+                "policy v{version} written (gateways not told: nothing they enforce changed)\n"
+            ),
+        };
+        let client = self
+            .client
+            .as_ref()
+            .map_or_else(String::new, |c| c.display().to_string());
+        if self.members > 0 {
+            out.push_str(&format!(
+                "queued for {} member(s) through the mixnet (in {client}/outbox; `shoal client run --config {client}/client.toml` sends them, within a second if it is running)\n",
+                self.members
+            ));
+        }
+        if self.unqueued > 0 {
+            out.push_str(&format!(
+                "NOT sent to {} member(s): the admin has no client at {client} (make one with `shoal client init --dir {client} ...`, enrol it, or name another with `shoal admin use-client`), then run `shoal admin policy publish`\n",
+                self.unqueued
+            ));
+        }
+        if !self.unreachable.is_empty() {
+            out.push_str(&format!(
+                "NOT sent to {} (their credentials name no seal key: re-enrol them with --seal-key)\n",
+                self.unreachable.join(", ")
+            ));
+        }
+        out
     }
 }
 
@@ -793,7 +932,11 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 true,
             )?;
             write_file(&dir.join(POLICY_FILE), &policy.to_bytes())?;
-            let state = State { name, sequence: 0 };
+            let state = State {
+                name,
+                sequence: 0,
+                client: None,
+            };
             write_file(
                 &dir.join(STATE_FILE),
                 serde_json::to_string_pretty(&state)?.as_bytes(),
@@ -1007,9 +1150,9 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     body.revoked_keys.push(k);
                 }
             }
-            let (_, new) = s.next_policy(body)?;
+            let (old, new) = s.next_policy(body)?;
             // Publish while the member's record still names its gateway; forget it after.
-            let gateways = s.publish(&new).await?;
+            let published = s.publish(&old, &new, ToGateways::Always).await?;
             s.save_policy(&new)?;
             let members = dir.join(MEMBERS_DIR);
             // Kept (outside *.json) so `list` still shows the account as de-provisioned.
@@ -1026,7 +1169,13 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 cut.as_millis()
             );
             println!(
-                "policy v{} revokes its keys; published to {gateways} gateway(s)",
+                "policy v{} revokes its keys; published to {} gateway(s)",
+                new.version(),
+                published.gateways.unwrap_or(0)
+            );
+            print!("{}", published.report(new.version()));
+            println!(
+                "members' clients remove {handle:?} from every group at their next commit once they have v{}",
                 new.version()
             );
             Ok(())
@@ -1048,6 +1197,41 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 ..m
             })?;
             println!("quota of {handle:?} set to {quota}");
+            Ok(())
+        }
+        AdminCommand::UseClient { dir, client } => {
+            let s = Subnet::open(&dir)?;
+            if !client.join(crate::client_cmd::CONFIG_FILE).exists() {
+                bail!(
+                    "{} has no {}: make it with `shoal client init --dir {}`",
+                    client.display(),
+                    crate::client_cmd::CONFIG_FILE,
+                    client.display()
+                );
+            }
+            let path = s.dir.join(STATE_FILE);
+            let mut state: State = read_json(&path)?;
+            state.client = Some(std::path::absolute(&client)?);
+            write_file(&path, serde_json::to_string_pretty(&state)?.as_bytes())?;
+            println!(
+                "policy updates go through the client at {}; keep `shoal client run --config {}` running",
+                client.display(),
+                client.join(crate::client_cmd::CONFIG_FILE).display()
+            );
+            Ok(())
+        }
+        AdminCommand::Policy(PolicyCommand::Publish { dir }) => {
+            let s = Subnet::open(&dir)?;
+            let p = s.policy()?;
+            let mut published = Published::default();
+            s.publish_to_members(&p, &mut published)?;
+            published.gateways = None;
+            print!(
+                "{}",
+                published
+                    .report(p.version())
+                    .replacen(" written (gateways not told: nothing they enforce changed)", " (current)", 1)
+            );
             Ok(())
         }
         AdminCommand::Policy(PolicyCommand::Show { dir }) => {
@@ -1259,7 +1443,7 @@ async fn accept_offer(
         );
         return Ok(());
     }
-    let gateways = s.publish(&new).await?;
+    let published = s.publish(&old, &new, ToGateways::IfEnforcedChanged).await?;
     s.save_policy(&new)?;
     // Recorded only once applied, so an offer whose policy could not be published can be
     // accepted again.
@@ -1281,10 +1465,7 @@ async fn accept_offer(
         None
     };
     s.save_federation_state(&state)?;
-    println!(
-        "policy v{} written and published to {gateways} gateway(s)",
-        new.version()
-    );
+    print!("{}", published.report(new.version()));
     match counter {
         Some(counter) => {
             // Printed first: the policy is already published, so the counter-offer must
@@ -1505,12 +1686,9 @@ async fn update_policy(s: &Subnet, body: PolicyBody, dry_run: bool) -> anyhow::R
         );
         return Ok(());
     }
-    let gateways = s.publish(&new).await?;
+    let published = s.publish(&old, &new, ToGateways::IfEnforcedChanged).await?;
     s.save_policy(&new)?;
-    println!(
-        "policy v{} written and published to {gateways} gateway(s)",
-        new.version()
-    );
+    print!("{}", published.report(new.version()));
     Ok(())
 }
 
