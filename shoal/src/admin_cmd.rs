@@ -12,7 +12,17 @@
 //! D/invites/H.json     a pending one-time invite for H: its secret code, role, gateway, expiry
 //! D/federation.json    federation offers made (nonce → expiry) and the replay guard over
 //!                      offers accepted
+//! D/client/            the admin's own `shoal client` directory (or the one state.json
+//!                      names, `use-client`): its running client carries policy updates
 //! ```
+//!
+//! Policy distribution: every new version is queued, one ordinary message per member it
+//! does not revoke, in the admin client's `outbox/` (sealed to the seal key, mailbox and
+//! gateway of the member's credential, [`shoal_client::messenger::policy_deliveries`]);
+//! the admin's `shoal client run` sends them on its constant schedule, and each member's
+//! client applies a version only if this key signed it and it is newer than its own.
+//! Gateways get the version too, but only when what they enforce changes (TTL bound,
+//! revoked account keys).
 //!
 //! Federation: `federate offer` writes an offer signed by D/admin.key; the other admin's
 //! `federate accept` checks it (signature, expiry, not ours, not replayed), shows the
@@ -97,9 +107,10 @@ pub enum AdminCommand {
         /// The member's Ed25519 signing key for groups (default: the account key).
         #[arg(long, value_parser = parse_hex32)]
         signing_key: Option<[u8; 32]>,
-        /// Recorded in the credential for the admin's own bookkeeping only: senders seal
-        /// to the key the member's client signs itself, and the member's client refuses
-        /// a credential naming a key that is not its own.
+        /// The member's seal key (in its contact card). Senders never use it (they seal to
+        /// the key the member's client signs itself, and the member's client refuses a
+        /// credential naming a key that is not its own); the admin's client seals policy
+        /// updates to it, so a member enrolled without it does not get them.
         #[arg(long, value_parser = parse_hex32)]
         seal_key: Option<[u8; 32]>,
         /// Items the member's mailbox may hold.
