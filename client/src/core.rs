@@ -1461,6 +1461,49 @@ mod tests {
         assert_eq!(b.stats().messages_received, 1);
     }
 
+    /// Fragments of a message still arriving are kept in the store with the ack that
+    /// lets the gateway forget them: after a crash the message still completes, and
+    /// once complete its fragments leave the store.
+    #[test]
+    fn fragments_of_an_incomplete_message_survive_a_restart() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let id = Identity::generate(&mut rng, [1; 32]);
+        let store = crate::ClientStore::in_memory().unwrap();
+        let msg = vec![9u8; FRAGMENT_DATA_SIZE * 2 + 3];
+        let frags = shoal_packet::fragment::fragment([4; 16], &msg).unwrap();
+        let now = Instant::now();
+        let mut a = ClientCore::new(id.clone(), ClientConfig::default(), &mut rng);
+        a.handle_fragment(frags[0].clone(), now);
+        a.handle_fragment(frags[2].clone(), now);
+        assert!(events(&mut a).is_empty());
+        store
+            .save_received(&[], &a.take_partial_ops(), &a.snapshot())
+            .unwrap();
+        assert_eq!(store.load_partials().unwrap().len(), 2);
+        // The items are acked now; the process dies; a new one starts from the store.
+        drop(a);
+        let mut b = ClientCore::new(id, ClientConfig::default(), &mut rng);
+        b.restore(store.load_snapshot().unwrap().unwrap()).unwrap();
+        b.restore_partials(store.load_partials().unwrap(), now);
+        assert!(b.take_partial_ops().is_empty());
+        b.handle_fragment(frags[1].clone(), now);
+        let got: Vec<Vec<u8>> = events(&mut b)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Message { bytes, .. } => Some(bytes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![msg]);
+        store
+            .save_received(&[], &b.take_partial_ops(), &b.snapshot())
+            .unwrap();
+        assert!(store.load_partials().unwrap().is_empty());
+        // A late copy of a fragment is a duplicate, not a new partial.
+        b.handle_fragment(frags[0].clone(), now);
+        assert!(b.take_partial_ops().is_empty());
+    }
+
     #[test]
     fn withheld_ack_is_retransmitted_and_receiver_deduplicates() {
         let mut w = World::new(2);

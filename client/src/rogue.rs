@@ -624,14 +624,13 @@ fn rogue_policy_reaches_members_through_ordinary_messages() {
     }
     assert!(ms.iter().all(|m| m.groups().len() == 1), "group formed");
     // The admin de-provisions cy: v2 revokes cy's key; its records name where each is.
-    let records: Vec<MemberCredential> =
-        [("ana", 1), ("bob", BOB), ("cy", 3), ("dee", 4)]
-            .iter()
-            .map(|&(h, s)| {
-                let addr = if h == "dee" { None } else { Some(own(s)) };
-                credential(&admin, h, s, addr)
-            })
-            .collect();
+    let records: Vec<MemberCredential> = [("ana", 1), ("bob", BOB), ("cy", 3), ("dee", 4)]
+        .iter()
+        .map(|&(h, s)| {
+            let addr = if h == "dee" { None } else { Some(own(s)) };
+            credential(&admin, h, s, addr)
+        })
+        .collect();
     let cy_key = records[2].signing_key();
     let v2 = policy_version(&admin, 2, &[], &[cy_key]);
     let (outs, unreachable) = policy_deliveries(&v2, records.iter());
@@ -640,7 +639,10 @@ fn rogue_policy_reaches_members_through_ordinary_messages() {
     assert_eq!(to, [own(1), own(BOB)], "not to cy, whom it revokes");
     for (o, (name, seed)) in outs.iter().zip([("ana", 1), ("bob", BOB)]) {
         assert_eq!(o.what, OutgoingWhat::Policy);
-        assert!(o.bytes.len() < INNER_BODY_SIZE * 4, "a few fixed-size packets");
+        assert!(
+            o.bytes.len() < INNER_BODY_SIZE * 4,
+            "a few fixed-size packets"
+        );
         assert_eq!(who_opens(o, &[("ana", 1), ("bob", BOB), ("cy", 3)]), [name]);
         let i = usize::from(seed != 1);
         ms[i].handle_incoming(&o.bytes, t);
@@ -663,8 +665,8 @@ fn rogue_policy_reaches_members_through_ordinary_messages() {
             m.handle_timeout(t);
         }
     }
-    for i in 0..2 {
-        let members = &ms[i].groups()[0].members;
+    for (i, m) in ms.iter().take(2).enumerate() {
+        let members = &m.groups()[0].members;
         assert_eq!(members.len(), 2, "member {i}: {members:?}");
         assert!(!members.iter().any(|(h, _)| h == "cy"));
     }
@@ -690,7 +692,9 @@ fn rogue_forged_policy_is_refused() {
     let mut ana = member(&admin, &v1, "ana", 1);
     let mpol = policy(&mallory_admin, &[admin.subnet()]);
     let mut mallory = member(&mallory_admin, &mpol, "mallory", 6);
-    let mut wanted = policy_version(&admin, 2, &[mallory_admin.subnet()], &[]).body().clone();
+    let mut wanted = policy_version(&admin, 2, &[mallory_admin.subnet()], &[])
+        .body()
+        .clone();
     wanted.version = 99;
     let stranger = ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]);
     let by_stranger = forged_policy(&stranger, &wanted);
@@ -724,7 +728,9 @@ fn rogue_forged_policy_is_refused() {
         );
     }
     let to_ana = ana.card().clone();
-    mallory.send_direct(&to_ana, OPTS, b"let me in", NOW).unwrap();
+    mallory
+        .send_direct(&to_ana, OPTS, b"let me in", NOW)
+        .unwrap();
     deliver(&mut mallory, &mut ana, NOW);
     assert!(ana.peek().is_empty(), "still not federated");
     assert_eq!(ana.stats().direct_policy_drops, 1);
@@ -750,7 +756,11 @@ fn rogue_replayed_old_policy_cannot_undo_a_revocation() {
     }
     let snap = ana.snapshot().unwrap();
     let mut ana = Messenger::restore(&snap, NOW + 2).unwrap();
-    assert_eq!(ana.policy().version(), 3, "the applied version survives a restart");
+    assert_eq!(
+        ana.policy().version(),
+        3,
+        "the applied version survives a restart"
+    );
     ana.handle_incoming(&policy_bytes(&v1), NOW + 3);
     assert_eq!(ana.policy().version(), 3);
     assert_eq!(ana.stats().policies_rejected, 3);

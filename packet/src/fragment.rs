@@ -479,8 +479,15 @@ mod tests {
             assert!(r.pending() <= limits.max_pending);
             assert!(r.bytes_held() <= limits.max_bytes + FRAGMENT_DATA_SIZE);
         }
-        assert_eq!(too_large, 10_000, "counts beyond the byte bound are refused");
-        assert_eq!(dropped + r.pending(), 10_000, "every other one is held or dropped");
+        assert_eq!(
+            too_large, 10_000,
+            "counts beyond the byte bound are refused"
+        );
+        assert_eq!(
+            dropped + r.pending(),
+            10_000,
+            "every other one is held or dropped"
+        );
     }
 
     /// Hole 11: a flood of junk partials does not displace a legitimate message that is

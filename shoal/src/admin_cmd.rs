@@ -705,16 +705,24 @@ impl Subnet {
     /// The admin's own client directory (see [`State::client`]).
     fn client_dir(&self) -> anyhow::Result<PathBuf> {
         let state: State = read_json(&self.dir.join(STATE_FILE))?;
-        Ok(state.client.unwrap_or_else(|| self.dir.join(ADMIN_CLIENT_DIR)))
+        Ok(state
+            .client
+            .unwrap_or_else(|| self.dir.join(ADMIN_CLIENT_DIR)))
     }
 
     /// Publishes `new` (replacing `old`): to every member through the mixnet, and to
     /// every gateway hosting an enrolled member if what gateways enforce changed (or
     /// `gateways` is `Always`). Gateways are told first, so a de-provisioned account is
     /// cut there before members hear of it.
-    async fn publish(&self, old: &Policy, new: &Policy, gateways: ToGateways) -> anyhow::Result<Published> {
+    async fn publish(
+        &self,
+        old: &Policy,
+        new: &Policy,
+        gateways: ToGateways,
+    ) -> anyhow::Result<Published> {
         let enforced = |p: &Policy| (p.body().ttl_max_secs, p.body().revoked_keys.clone());
-        let tell_gateways = matches!(gateways, ToGateways::Always) || enforced(old) != enforced(new);
+        let tell_gateways =
+            matches!(gateways, ToGateways::Always) || enforced(old) != enforced(new);
         let mut published = Published::default();
         if tell_gateways {
             published.gateways = Some(self.publish_to_gateways(new).await?);
@@ -754,7 +762,10 @@ impl Subnet {
         out.client = Some(client.clone());
         let mut creds = Vec::new();
         for m in self.members()? {
-            let cred_path = self.dir.join(MEMBERS_DIR).join(format!("{}.cred", m.handle));
+            let cred_path = self
+                .dir
+                .join(MEMBERS_DIR)
+                .join(format!("{}.cred", m.handle));
             let cred = std::fs::read(&cred_path)
                 .ok()
                 .and_then(|b| UncheckedCredential::parse(&b).ok())
@@ -1239,9 +1250,11 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             published.gateways = None;
             print!(
                 "{}",
-                published
-                    .report(p.version())
-                    .replacen(" written (gateways not told: nothing they enforce changed)", " (current)", 1)
+                published.report(p.version()).replacen(
+                    " written (gateways not told: nothing they enforce changed)",
+                    " (current)",
+                    1
+                )
             );
             Ok(())
         }

@@ -60,7 +60,10 @@ fn deprovisioned_member_is_removed_from_groups_by_the_published_policy() {
 
     // The admin's own client carries policy updates.
     let out = shoal(&["admin", "use-client", "--dir", &admin, &d(office)]);
-    assert!(out.contains("policy updates go through the client at"), "{out}");
+    assert!(
+        out.contains("policy updates go through the client at"),
+        "{out}"
+    );
 
     let card = |dir: &str| {
         shoal(&[
