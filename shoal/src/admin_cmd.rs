@@ -825,6 +825,13 @@ impl Published {
                 "policy v{version} written (gateways not told: nothing they enforce changed)\n"
             ),
         };
+        out.push_str(&self.members_report());
+        out
+    }
+
+    /// The lines about members only.
+    fn members_report(&self) -> String {
+        let mut out = String::new();
         let client = self
             .client
             .as_ref()
@@ -1195,7 +1202,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 new.version(),
                 published.gateways.unwrap_or(0)
             );
-            print!("{}", published.report(new.version()));
+            print!("{}", published.members_report());
             println!(
                 "members' clients remove {handle:?} from every group at their next commit once they have v{}",
                 new.version()
@@ -1247,15 +1254,8 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             let p = s.policy()?;
             let mut published = Published::default();
             s.publish_to_members(&p, &mut published)?;
-            published.gateways = None;
-            print!(
-                "{}",
-                published.report(p.version()).replacen(
-                    " written (gateways not told: nothing they enforce changed)",
-                    " (current)",
-                    1
-                )
-            );
+            println!("policy v{} (current)", p.version());
+            print!("{}", published.members_report());
             Ok(())
         }
         AdminCommand::Policy(PolicyCommand::Show { dir }) => {
