@@ -1586,16 +1586,7 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
         for (addr, key) in &gateways {
             let report = s.usage(*addr, *key).await;
             if let Err(e) = &report {
-                let refused = matches!(
-                    e.downcast_ref::<shoal_gateway::GatewayError>(),
-                    Some(shoal_gateway::GatewayError::AdminRefused { .. })
-                );
-                notes.push(if refused {
-                    // Gateways answer once per 15 minutes per subnet.
-                    format!("gateway {addr} refused the usage query: {e:#}")
-                } else {
-                    format!("gateway {addr} unreachable: {e:#}")
-                });
+                notes.push(format!("gateway {addr} unreachable: {e:#}"));
             }
             reports.insert(*addr, report.ok());
         }
