@@ -261,6 +261,11 @@ pub struct ClientStats {
     pub messages_received: u64,
     pub fragments_received: u64,
     pub duplicate_fragments: u64,
+    /// Fragments of messages larger than the reassembly limit allows (junk).
+    pub fragments_too_large: u64,
+    /// Incomplete messages dropped (evicted to stay within the reassembly limits, or
+    /// no new fragment for the reassembly timeout).
+    pub partials_dropped: u64,
     pub drops_received: u64,
     /// Loop bodies with an id we never sent (or forgot).
     pub unknown_loops: u64,
@@ -275,6 +280,28 @@ pub struct ClientStats {
     pub in_flight_fragments: usize,
     /// Loops sent and not yet resolved.
     pub loops_outstanding: usize,
+}
+
+/// A change to the incomplete messages a store keeps, so that a fragment can be acked
+/// to the gateway as soon as it is durable here (never held unacked, where the
+/// gateway would offer it again and again and a flood of junk first fragments would
+/// fill every pull).
+#[derive(Clone, PartialEq, Eq)]
+pub enum PartialOp {
+    /// Keep this fragment of an incomplete message.
+    Held(Fragment),
+    /// Forget every fragment of this message (completed, evicted or expired).
+    Done(MessageId),
+}
+
+impl std::fmt::Debug for PartialOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Fragments are user data.
+        match self {
+            PartialOp::Held(_) => f.write_str("Held(..)"),
+            PartialOp::Done(_) => f.write_str("Done(..)"),
+        }
+    }
 }
 
 /// Why the client refused a request.
@@ -433,6 +460,8 @@ pub struct ClientCore {
 
     reassembler: Reassembler,
     received: RecentSet,
+    /// Changes to the incomplete messages since [`ClientCore::take_partial_ops`].
+    partial_ops: Vec<PartialOp>,
 
     seq: u64,
     transmits: VecDeque<Frame>,
@@ -486,6 +515,7 @@ impl ClientCore {
             public_key: identity.public_key(),
             identity,
             reassembler: Reassembler::new(config.reassembly),
+            partial_ops: Vec::new(),
             config,
             topology: None,
             schedule: Schedule::new(seed),
@@ -1083,15 +1113,27 @@ impl ClientCore {
             self.stats.duplicate_fragments += 1;
             return;
         }
-        match self.reassembler.insert(fragment, now) {
-            Reassembled::Pending => {}
+        let held = (fragment.header.count > 1).then(|| fragment.clone());
+        let outcome = self.reassembler.insert(fragment, now);
+        // Drops first: the message just fed may have expired and started over.
+        self.take_dropped();
+        match outcome {
+            Reassembled::Pending => {
+                if let Some(f) = held {
+                    self.partial_ops.push(PartialOp::Held(f));
+                }
+            }
             Reassembled::Duplicate | Reassembled::Inconsistent => {
                 self.stats.duplicate_fragments += 1
             }
+            Reassembled::TooLarge => self.stats.fragments_too_large += 1,
             Reassembled::Complete {
                 message_id,
                 message,
             } => {
+                if held.is_some() {
+                    self.partial_ops.push(PartialOp::Done(message_id));
+                }
                 self.received
                     .insert(message_id, self.config.remember_received);
                 self.stats.messages_received += 1;
@@ -1102,6 +1144,56 @@ impl ClientCore {
                 });
             }
         }
+    }
+
+    fn take_dropped(&mut self) {
+        for id in self.reassembler.take_dropped() {
+            self.stats.partials_dropped += 1;
+            self.partial_ops.push(PartialOp::Done(id));
+        }
+    }
+
+    /// What changed in the incomplete messages since the last call, in order: the store
+    /// applies it in the transaction that saves completed messages, after which every
+    /// item pulled so far may be acked ([`crate::store::ClientStore::save_received`]).
+    pub fn take_partial_ops(&mut self) -> Vec<PartialOp> {
+        std::mem::take(&mut self.partial_ops)
+    }
+
+    /// Loads the fragments of incomplete messages a store kept (at start, after
+    /// [`Self::restore`]). Their timeout counts from `now`. What the limits no longer
+    /// admit is reported by the next [`Self::take_partial_ops`].
+    pub fn restore_partials(&mut self, fragments: Vec<Fragment>, now: Instant) {
+        for f in fragments {
+            let id = f.header.message_id;
+            if self.received.set.contains(&id) {
+                self.partial_ops.push(PartialOp::Done(id));
+                continue;
+            }
+            match self.reassembler.insert(f, now) {
+                Reassembled::Complete {
+                    message_id,
+                    message,
+                } => {
+                    // Cannot happen for a store this client wrote (a complete message is
+                    // saved with its fragments removed), but is honoured if it does.
+                    self.partial_ops.push(PartialOp::Done(message_id));
+                    self.received
+                        .insert(message_id, self.config.remember_received);
+                    self.stats.messages_received += 1;
+                    self.events.push_back(Event::Message {
+                        from: None,
+                        message_id,
+                        bytes: message,
+                    });
+                }
+                Reassembled::Pending | Reassembled::Duplicate => {}
+                Reassembled::Inconsistent | Reassembled::TooLarge => {
+                    self.partial_ops.push(PartialOp::Done(id));
+                }
+            }
+        }
+        self.take_dropped();
     }
 
     /// What a durable store must save: unacked outgoing fragments and the ids of
@@ -1367,6 +1459,49 @@ mod tests {
         assert_eq!(s.malformed_items + s.unknown_replies + s.build_failures, 0);
         assert_eq!(s.queued_fragments + s.in_flight_fragments, 0);
         assert_eq!(b.stats().messages_received, 1);
+    }
+
+    /// Fragments of a message still arriving are kept in the store with the ack that
+    /// lets the gateway forget them: after a crash the message still completes, and
+    /// once complete its fragments leave the store.
+    #[test]
+    fn fragments_of_an_incomplete_message_survive_a_restart() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let id = Identity::generate(&mut rng, [1; 32]);
+        let store = crate::ClientStore::in_memory().unwrap();
+        let msg = vec![9u8; FRAGMENT_DATA_SIZE * 2 + 3];
+        let frags = shoal_packet::fragment::fragment([4; 16], &msg).unwrap();
+        let now = Instant::now();
+        let mut a = ClientCore::new(id.clone(), ClientConfig::default(), &mut rng);
+        a.handle_fragment(frags[0].clone(), now);
+        a.handle_fragment(frags[2].clone(), now);
+        assert!(events(&mut a).is_empty());
+        store
+            .save_received(&[], &a.take_partial_ops(), &a.snapshot())
+            .unwrap();
+        assert_eq!(store.load_partials().unwrap().len(), 2);
+        // The items are acked now; the process dies; a new one starts from the store.
+        drop(a);
+        let mut b = ClientCore::new(id, ClientConfig::default(), &mut rng);
+        b.restore(store.load_snapshot().unwrap().unwrap()).unwrap();
+        b.restore_partials(store.load_partials().unwrap(), now);
+        assert!(b.take_partial_ops().is_empty());
+        b.handle_fragment(frags[1].clone(), now);
+        let got: Vec<Vec<u8>> = events(&mut b)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Message { bytes, .. } => Some(bytes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![msg]);
+        store
+            .save_received(&[], &b.take_partial_ops(), &b.snapshot())
+            .unwrap();
+        assert!(store.load_partials().unwrap().is_empty());
+        // A late copy of a fragment is a duplicate, not a new partial.
+        b.handle_fragment(frags[0].clone(), now);
+        assert!(b.take_partial_ops().is_empty());
     }
 
     #[test]

@@ -30,11 +30,14 @@
 //! since the last one. The tick is served even while a store write is awaited.
 //!
 //! **Acked ⇒ durable, on the client side too.** A pulled item is acked only once what it
-//! carried is durable: completed messages (and the snapshot naming their ids) are written
-//! in one redb transaction first. A fragment of a multi-fragment message that is still
-//! being reassembled is *not* acked, because partial reassemblies are not persisted; the
-//! gateway offers it again after its redelivery timeout, and the driver acks every held
-//! fragment of a message once the whole message is stored. Acks go with the next pull.
+//! carried is durable: completed messages, the fragments of incomplete ones and the
+//! snapshot naming completed ids are written in one redb transaction first. Every item
+//! of an answer is then acked, whatever it carried, so the gateway never offers an
+//! item again once it is safe here: fragments of messages that never complete (junk
+//! from anyone who knows our card) cost one pull slot each, and are dropped by the
+//! bounded reassembler ([`shoal_packet::fragment::ReassemblyLimits`]), never held
+//! unacked where the gateway would offer them again and again ahead of newer mail.
+//! Acks go with the next pull.
 //!
 //! **Emulated loss** (`DriverConfig::emulated_loss`, for demos and tests): each Sphinx
 //! frame the client sends and each `Item` it receives is discarded with that
@@ -42,7 +45,7 @@
 //! discarded item is not acked, so the gateway offers it again after its redelivery
 //! timeout. QUIC would hide real link loss; this emulates packets lost in the mixnet.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,20 +56,17 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use shoal_link::{FrameSender, Link, LinkEndpoint, LinkError, NodeKey, PeerSet};
 use shoal_packet::protocol::{ClientMsg, DirectoryAssembler, ErrorCode, GatewayMsg};
-use shoal_packet::sphinx::SurbId;
-use shoal_packet::{BodyKind, FRAME_SIZE, Fragment, Frame, FrameKind, MessageId, payload};
+use shoal_packet::{FRAME_SIZE, Frame, FrameKind, MessageId};
 use shoal_topology::{AuthoritySet, Topology, TopologyError, UncheckedDocument};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 use tracing::{Instrument, debug, info, trace, warn};
-use x25519_dalek::StaticSecret;
 
 use crate::contact::Contact;
 use crate::core::{
-    ClientConfig, ClientCore, ClientError, ClientStats, Event, Identity, SendRecord,
+    ClientConfig, ClientCore, ClientError, ClientStats, Event, Identity, PartialOp, SendRecord,
 };
-use crate::seal;
 use crate::session::{Backoff, EpochEdge, LinkProblem, PullConfig, PullSession};
 use crate::store::{ClientStore, ReceivedMessage};
 
@@ -263,8 +263,6 @@ pub struct DriverStats {
     pub items_acked: u64,
     /// Item ids durable here and waiting for the next pull to ack them.
     pub acks_waiting: usize,
-    /// Fragments of incomplete messages waiting to be acked.
-    pub items_held: usize,
     pub directory_updates: u64,
     pub directory_rejected: u64,
     pub gateway_errors: u64,
@@ -417,7 +415,6 @@ pub fn spawn(
     }
     let mut rng: StdRng = rand::make_rng();
     let contact = identity.contact();
-    let secret = identity.secret.clone();
     let mut core = ClientCore::new(identity, config.client.clone(), &mut rng);
     let mut completed = Completed::default();
     if let Some(snapshot) = store.load_snapshot()? {
@@ -426,6 +423,7 @@ pub fn spawn(
         }
         core.restore(snapshot)?;
     }
+    core.restore_partials(store.load_partials()?, Instant::now());
     // The client dials only; nobody may connect to it.
     let endpoint = Arc::new(LinkEndpoint::bind(
         config.bind,
@@ -451,7 +449,6 @@ pub fn spawn(
         reported: None,
         config,
         core,
-        secret,
         store,
         endpoint,
         rng,
@@ -460,11 +457,11 @@ pub fn spawn(
         stats: stats.clone(),
         counters: DriverStats::default(),
         completed,
-        held: HashMap::new(),
         directory_valid_until: None,
         edge: EpochEdge::default(),
         dirty: false,
         unsaved: Vec::new(),
+        unsaved_partials: Vec::new(),
         unacked: Vec::new(),
         receive_records: VecDeque::new(),
         write_records: VecDeque::new(),
@@ -512,8 +509,6 @@ struct Conn {
     assembler: DirectoryAssembler,
     /// Item ids of the pull answer being received.
     batch: Vec<u64>,
-    /// Of `batch`, items that are fragments of multi-fragment messages.
-    batch_partial: Vec<(u64, MessageId)>,
     /// Kept only when receive records are on.
     clock: PullClock,
 }
@@ -535,7 +530,6 @@ struct Driver {
     /// The last problem reported, so a retry loop reports it once.
     reported: Option<LinkProblem>,
     core: ClientCore,
-    secret: StaticSecret,
     store: Arc<ClientStore>,
     endpoint: Arc<LinkEndpoint>,
     rng: StdRng,
@@ -544,8 +538,6 @@ struct Driver {
     stats: Arc<Mutex<DriverStats>>,
     counters: DriverStats,
     completed: Completed,
-    /// Item ids of fragments of messages not yet complete, by message.
-    held: HashMap<MessageId, BTreeSet<u64>>,
     directory_valid_until: Option<u64>,
     /// Holds a fetched later document until its epoch starts.
     edge: EpochEdge<Topology>,
@@ -553,6 +545,8 @@ struct Driver {
     dirty: bool,
     /// Completed messages not yet durable (the store failed).
     unsaved: Vec<ReceivedMessage>,
+    /// Changes to incomplete messages not yet durable, in order.
+    unsaved_partials: Vec<PartialOp>,
     /// Item ids to ack once `unsaved` is durable.
     unacked: Vec<u64>,
     /// Bench-only (`DriverConfig::receive_records`); never logged.
@@ -690,7 +684,6 @@ impl Driver {
         let mut s = self.counters.clone();
         s.core = self.core.stats();
         s.connected = connected;
-        s.items_held = self.held.values().map(BTreeSet::len).sum();
         s.acks_waiting = self.pulls.waiting_acks();
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
@@ -906,11 +899,7 @@ impl Driver {
                     self.counters.emulated_lost_in += 1;
                     return Ok(());
                 }
-                if let Some(message_id) = self.multi_fragment_of(&surb_id, &payload[..]) {
-                    c.batch_partial.push((id, message_id));
-                } else {
-                    c.batch.push(id);
-                }
+                c.batch.push(id);
                 self.core
                     .handle_mailbox_item(surb_id, &payload[..], Instant::now());
             }
@@ -932,8 +921,7 @@ impl Driver {
                     self.reported = None;
                 }
                 let batch = std::mem::take(&mut c.batch);
-                let partial = std::mem::take(&mut c.batch_partial);
-                let ids = self.finish_batch(conn, batch, partial, timing).await;
+                let ids = self.finish_batch(conn, batch, timing).await;
                 // Durable now; the acks go with the next pull (legacy_leaks: at once).
                 self.pulls.handle_durable(ids);
                 self.flush_control(conn).await;
@@ -975,15 +963,14 @@ impl Driver {
         Ok(())
     }
 
-    /// After a pull answer: makes received messages durable, then returns the item ids
-    /// that may be acked: `ids` (items that carried no fragment to keep) plus held
-    /// fragments of messages now complete. If the store fails, nothing is acked; the
-    /// messages stay in memory and are written with the next answer.
+    /// After a pull answer: makes what it carried durable (completed messages and the
+    /// fragments of incomplete ones), then returns the item ids that may be acked: all of
+    /// them. If the store fails, nothing is acked; what was received stays in memory and
+    /// is written with the next answer.
     async fn finish_batch(
         &mut self,
         conn: &mut Option<Conn>,
         ids: Vec<u64>,
-        partial: Vec<(u64, MessageId)>,
         timing: Option<AnswerTiming>,
     ) -> Vec<u64> {
         let mut acked = Vec::new();
@@ -1005,15 +992,16 @@ impl Driver {
         for message_id in acked {
             self.emit(DriverEvent::Acked { message_id });
         }
-        for (id, message_id) in partial {
-            self.held.entry(message_id).or_default().insert(id);
-        }
         self.unacked.extend(ids);
-        if !self.unsaved.is_empty() {
+        self.unsaved_partials.extend(self.core.take_partial_ops());
+        if !self.unsaved.is_empty() || !self.unsaved_partials.is_empty() {
             let snapshot = self.core.snapshot();
             let store = self.store.clone();
             let batch = self.unsaved.clone();
-            let job = tokio::task::spawn_blocking(move || store.save_received(&batch, &snapshot));
+            let partials = self.unsaved_partials.clone();
+            let job = tokio::task::spawn_blocking(move || {
+                store.save_received(&batch, &partials, &snapshot)
+            });
             let saved = self.while_storing(conn, job).await;
             if !matches!(saved, Ok(Ok(()))) {
                 self.counters.store_errors += 1;
@@ -1022,6 +1010,7 @@ impl Driver {
             }
             self.counters.snapshots_saved += 1;
             self.dirty = false;
+            self.unsaved_partials.clear();
             let stored = Instant::now();
             for m in std::mem::take(&mut self.unsaved) {
                 self.completed.insert(m.message_id);
@@ -1045,31 +1034,7 @@ impl Driver {
                 });
             }
         }
-        let mut out = std::mem::take(&mut self.unacked);
-        // Fragments of messages that are now complete (or were before) can go.
-        let done: Vec<MessageId> = self
-            .held
-            .keys()
-            .filter(|id| self.completed.set.contains(*id))
-            .copied()
-            .collect();
-        for id in done {
-            if let Some(items) = self.held.remove(&id) {
-                out.extend(items);
-            }
-        }
-        out
-    }
-
-    /// If the item is a fragment of a message of more than one fragment, its message id.
-    /// Costs one X25519 exchange; only items that are forward packets get that far.
-    fn multi_fragment_of(&self, _surb_id: &SurbId, item: &[u8]) -> Option<MessageId> {
-        let plaintext = shoal_packet::sphinx::open_forward(item).ok()?;
-        let (_, sealed) = payload::split_plaintext(&plaintext).ok()?;
-        let inner = seal::open(&self.secret, sealed).ok()?;
-        let fragment = Fragment::decode(&inner).ok()?;
-        (fragment.kind == BodyKind::Real && fragment.header.count > 1)
-            .then_some(fragment.header.message_id)
+        std::mem::take(&mut self.unacked)
     }
 
     fn install_directory(&mut self, document: &[u8]) {
@@ -1174,7 +1139,6 @@ async fn connect(
         reader,
         assembler: DirectoryAssembler::new(MAX_DIRECTORY_BYTES),
         batch: Vec::new(),
-        batch_partial: Vec::new(),
         clock: PullClock::default(),
     })
 }

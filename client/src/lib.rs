@@ -17,7 +17,7 @@ mod testnet;
 pub use contact::{CardError, Contact, ContactCard};
 pub use core::{
     ClientConfig, ClientCore, ClientError, ClientSnapshot, ClientStats, Event, Identity,
-    OutgoingFragment, OutgoingMessage, RetransmitPolicy, SendRecord,
+    OutgoingFragment, OutgoingMessage, PartialOp, RetransmitPolicy, SendRecord,
 };
 pub use schedule::Stream;
 pub use seal::SealError;

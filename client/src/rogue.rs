@@ -552,3 +552,255 @@ fn rogue_terminal_escapes_are_neutralised() {
     let s = SubnetId::from([0xab; 32]);
     assert_eq!(display_name("b\x1bob", &s), "b ob@abababab");
 }
+
+/// Policy version `version` of `admin`'s subnet: `fed` federated, `revoked` keys
+/// revoked.
+fn policy_version(
+    admin: &SubnetAdmin,
+    version: u64,
+    fed: &[SubnetId],
+    revoked: &[[u8; 32]],
+) -> Policy {
+    let mut body = policy(admin, fed).body().clone();
+    body.version = version;
+    body.revoked_keys = revoked.iter().map(|k| Hex32(*k)).collect();
+    let signed = admin.issue_policy(body).unwrap();
+    Policy::verify(&signed.to_bytes(), &admin.subnet()).unwrap()
+}
+
+/// What a gateway (or anyone who knows a member's card) hands the member's messenger.
+fn policy_bytes(p: &Policy) -> Vec<u8> {
+    policy_update(p.signed())
+}
+
+/// A policy "of" `subnet` signed by `key`, with `edit` applied to its body: the signed
+/// text is rebuilt and signed, as a forger with its own key would.
+fn forged_policy(key: &ed25519_dalek::SigningKey, body: &PolicyBody) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    let text = serde_json::to_string(body).unwrap();
+    let mut signed = b"shoal subnet policy v1\0".to_vec();
+    signed.extend_from_slice(text.as_bytes());
+    let sig = key.sign(&signed);
+    let envelope = serde_json::json!({
+        "body": text,
+        "signature": hex::encode(sig.to_bytes()),
+    });
+    policy_update_raw(serde_json::to_vec(&envelope).unwrap())
+}
+
+fn policy_update_raw(policy: Vec<u8>) -> Vec<u8> {
+    Envelope::Policy(policy).encode()
+}
+
+/// Hole 4, the path: the admin's records (credentials) give one update per member the
+/// new version does not revoke, sealed to that member alone; each member's messenger
+/// applies it, and the revoked member is removed from the group at the next commit.
+#[test]
+fn rogue_policy_reaches_members_through_ordinary_messages() {
+    let admin = SubnetAdmin::from_secret([0xa1; 32]);
+    let v1 = policy(&admin, &[]);
+    let mut ms = [
+        member(&admin, &v1, "ana", 1),
+        member(&admin, &v1, "bob", BOB),
+        member(&admin, &v1, "cy", 3),
+    ];
+    let g = ms[0].create_group(NOW).unwrap();
+    let invites: Vec<_> = [1, 2].iter().map(|&i| ms[i].invite().unwrap()).collect();
+    ms[0].add_members(&g, &invites, NOW).unwrap();
+    let mut t = NOW;
+    for _ in 0..4 {
+        let outs: Vec<Outgoing> = std::iter::from_fn(|| ms[0].poll_outgoing()).collect();
+        for o in outs {
+            for m in ms.iter_mut().skip(1) {
+                if o.to == crate::group::contact_of(m.card()) {
+                    m.handle_incoming(&o.bytes, t);
+                }
+            }
+        }
+        t += 1000;
+        for m in ms.iter_mut() {
+            m.handle_timeout(t);
+        }
+    }
+    assert!(ms.iter().all(|m| m.groups().len() == 1), "group formed");
+    // The admin de-provisions cy: v2 revokes cy's key; its records name where each is.
+    let records: Vec<MemberCredential> = [("ana", 1), ("bob", BOB), ("cy", 3), ("dee", 4)]
+        .iter()
+        .map(|&(h, s)| {
+            let addr = if h == "dee" { None } else { Some(own(s)) };
+            credential(&admin, h, s, addr)
+        })
+        .collect();
+    let cy_key = records[2].signing_key();
+    let v2 = policy_version(&admin, 2, &[], &[cy_key]);
+    let (outs, unreachable) = policy_deliveries(&v2, records.iter());
+    assert_eq!(unreachable, ["dee"], "no seal key in dee's credential");
+    let to: Vec<Contact> = outs.iter().map(|o| o.to).collect();
+    assert_eq!(to, [own(1), own(BOB)], "not to cy, whom it revokes");
+    for (o, (name, seed)) in outs.iter().zip([("ana", 1), ("bob", BOB)]) {
+        assert_eq!(o.what, OutgoingWhat::Policy);
+        assert!(
+            o.bytes.len() < INNER_BODY_SIZE * 4,
+            "a few fixed-size packets"
+        );
+        assert_eq!(who_opens(o, &[("ana", 1), ("bob", BOB), ("cy", 3)]), [name]);
+        let i = usize::from(seed != 1);
+        ms[i].handle_incoming(&o.bytes, t);
+        assert!(events(&mut ms[i]).contains(&MessengerEvent::PolicyUpdated { version: 2 }));
+    }
+    // Each remaining member commits the removal; whichever commit wins, cy is out.
+    for _ in 0..4 {
+        for i in 0..2 {
+            let outs: Vec<Outgoing> = std::iter::from_fn(|| ms[i].poll_outgoing()).collect();
+            for o in outs {
+                for m in ms.iter_mut() {
+                    if o.to == crate::group::contact_of(m.card()) {
+                        m.handle_incoming(&o.bytes, t);
+                    }
+                }
+            }
+        }
+        t += 1000;
+        for m in ms.iter_mut() {
+            m.handle_timeout(t);
+        }
+    }
+    for (i, m) in ms.iter().take(2).enumerate() {
+        let members = &m.groups()[0].members;
+        assert_eq!(members.len(), 2, "member {i}: {members:?}");
+        assert!(!members.iter().any(|(h, _)| h == "cy"));
+    }
+    ms[1].send_group(&g, OPTS, b"cy is gone", t).unwrap();
+    let outs: Vec<Outgoing> = std::iter::from_fn(|| ms[1].poll_outgoing()).collect();
+    assert!(!outs.is_empty());
+    assert!(
+        outs.iter().all(|o| o.to == own(1)),
+        "group messages go to ana alone"
+    );
+}
+
+/// Hole 4, forgery: a gateway or a stranger makes a policy "of" subnet A that
+/// federates A with the stranger's subnet (so the stranger could message A's members)
+/// and drops a revocation. Signed by another key, edited after A's admin signed it, or
+/// the stranger's own genuine policy: each is refused, and the stranger's message is
+/// still dropped.
+#[test]
+fn rogue_forged_policy_is_refused() {
+    let admin = SubnetAdmin::from_secret([0xa1; 32]);
+    let mallory_admin = SubnetAdmin::from_secret([0x66; 32]);
+    let v1 = policy(&admin, &[]);
+    let mut ana = member(&admin, &v1, "ana", 1);
+    let mpol = policy(&mallory_admin, &[admin.subnet()]);
+    let mut mallory = member(&mallory_admin, &mpol, "mallory", 6);
+    let mut wanted = policy_version(&admin, 2, &[mallory_admin.subnet()], &[])
+        .body()
+        .clone();
+    wanted.version = 99;
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]);
+    let by_stranger = forged_policy(&stranger, &wanted);
+    // A's genuine v2 (federating nobody), its body edited to federate mallory.
+    let genuine = policy_version(&admin, 2, &[], &[]);
+    let text = String::from_utf8(genuine.signed().to_bytes()).unwrap();
+    let edited = text.replace(
+        "\\\"federation\\\":[]",
+        &format!(
+            "\\\"federation\\\":[{{\\\"subnet\\\":\\\"{}\\\",\\\"local_roles\\\":[\\\"staff\\\"],\\\"remote_roles\\\":[\\\"staff\\\"]}}]",
+            hex::encode(mallory_admin.subnet().0)
+        ),
+    );
+    assert_ne!(edited, text, "the edit applies");
+    let edited = policy_update_raw(edited.into_bytes());
+    let foreign = policy_bytes(&policy_version(&mallory_admin, 50, &[admin.subnet()], &[]));
+    for (what, bytes) in [
+        ("signed by a stranger", by_stranger),
+        ("edited after signing", edited),
+        ("another subnet's", foreign),
+    ] {
+        let before = ana.stats().policies_rejected;
+        ana.handle_incoming(&bytes, NOW);
+        assert_eq!(ana.stats().policies_rejected, before + 1, "{what}");
+        assert_eq!(ana.policy().version(), 1, "{what}");
+        assert!(
+            !events(&mut ana)
+                .iter()
+                .any(|e| matches!(e, MessengerEvent::PolicyUpdated { .. })),
+            "{what}"
+        );
+    }
+    let to_ana = ana.card().clone();
+    mallory
+        .send_direct(&to_ana, OPTS, b"let me in", NOW)
+        .unwrap();
+    deliver(&mut mallory, &mut ana, NOW);
+    assert!(ana.peek().is_empty(), "still not federated");
+    assert_eq!(ana.stats().direct_policy_drops, 1);
+}
+
+/// Hole 4, rollback: a gateway that kept policy v1 (before cy was revoked) replays it,
+/// before and after a restart, and delivers v2 after v3: members never go back, and
+/// cy's messages stay dropped.
+#[test]
+fn rogue_replayed_old_policy_cannot_undo_a_revocation() {
+    let admin = SubnetAdmin::from_secret([0xa1; 32]);
+    let v1 = policy(&admin, &[]);
+    let mut ana = member(&admin, &v1, "ana", 1);
+    let mut cy = member(&admin, &v1, "cy", 3);
+    let cy_key = cy.card().identity_key();
+    let v2 = policy_version(&admin, 2, &[], &[cy_key]);
+    let v3 = policy_version(&admin, 3, &[SubnetId::from([0x33; 32])], &[cy_key]);
+    ana.handle_incoming(&policy_bytes(&v3), NOW);
+    assert_eq!(ana.policy().version(), 3);
+    for old in [&v2, &v1] {
+        ana.handle_incoming(&policy_bytes(old), NOW + 1);
+        assert_eq!(ana.policy().version(), 3);
+    }
+    let snap = ana.snapshot().unwrap();
+    let mut ana = Messenger::restore(&snap, NOW + 2).unwrap();
+    assert_eq!(
+        ana.policy().version(),
+        3,
+        "the applied version survives a restart"
+    );
+    ana.handle_incoming(&policy_bytes(&v1), NOW + 3);
+    assert_eq!(ana.policy().version(), 3);
+    assert_eq!(ana.stats().policies_rejected, 3);
+    let to_ana = ana.card().clone();
+    cy.dangerously_send_direct_ignoring_policy(&to_ana, OPTS, b"am I back?", NOW + 4);
+    deliver(&mut cy, &mut ana, NOW + 4);
+    assert!(ana.peek().is_empty(), "cy stays revoked");
+}
+
+/// New federation takes effect at members once their admins' updates arrive: before,
+/// ana's client refuses to send to cy's subnet and drops cy's messages; after, both
+/// directions work.
+#[test]
+fn federation_update_takes_effect_at_members() {
+    let a = SubnetAdmin::from_secret([0xa1; 32]);
+    let c = SubnetAdmin::from_secret([0xc3; 32]);
+    let mut ana = member(&a, &policy(&a, &[]), "ana", 1);
+    let mut cy = member(&c, &policy(&c, &[]), "cy", 3);
+    let (to_ana, to_cy) = (ana.card().clone(), cy.card().clone());
+    assert!(matches!(
+        ana.send_direct(&to_cy, OPTS, b"hi", NOW),
+        Err(MessengerError::Refused { .. })
+    ));
+    cy.dangerously_send_direct_ignoring_policy(&to_ana, OPTS, b"early", NOW);
+    deliver(&mut cy, &mut ana, NOW);
+    assert!(ana.peek().is_empty());
+    let a2 = policy_version(&a, 2, &[c.subnet()], &[]);
+    let c2 = policy_version(&c, 2, &[a.subnet()], &[]);
+    let ana_rec = credential(&a, "ana", 1, Some(own(1)));
+    let cy_rec = credential(&c, "cy", 3, Some(own(3)));
+    for o in policy_deliveries(&a2, [&ana_rec]).0 {
+        ana.handle_incoming(&o.bytes, NOW + 1);
+    }
+    for o in policy_deliveries(&c2, [&cy_rec]).0 {
+        cy.handle_incoming(&o.bytes, NOW + 1);
+    }
+    ana.send_direct(&to_cy, OPTS, b"hello C", NOW + 2).unwrap();
+    deliver(&mut ana, &mut cy, NOW + 2);
+    cy.send_direct(&to_ana, OPTS, b"hello A", NOW + 3).unwrap();
+    deliver(&mut cy, &mut ana, NOW + 3);
+    assert_eq!(cy.peek()[0].body, b"hello C");
+    assert_eq!(ana.peek()[0].body, b"hello A");
+}

@@ -14,10 +14,10 @@ use redb::backends::InMemoryBackend;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use shoal_packet::MessageId;
+use shoal_packet::{BodyKind, Fragment, FragmentHeader, MessageId};
 
 use crate::contact::ContactCard;
-use crate::core::{ClientError, ClientSnapshot, Identity};
+use crate::core::{ClientError, ClientSnapshot, Identity, PartialOp};
 use crate::messenger::MessengerSnapshot;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -25,6 +25,9 @@ const CONTACTS: TableDefinition<&str, &str> = TableDefinition::new("contacts");
 /// Received messages by message id (so storing one twice is harmless); values are JSON
 /// [`ReceivedMessage`]s.
 const INBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("inbox");
+/// Fragments of incomplete incoming messages, by message id and index (18 bytes);
+/// values are the fragment count (2 bytes, big-endian) and the data.
+const PARTIALS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partials");
 const SCHEMA_VERSION: u32 = 1;
 /// The messenger's MLS state (secret keys included) and the rest of its state.
 const MESSENGER_GROUPS: &str = "messenger.groups";
@@ -127,6 +130,8 @@ impl ClientStore {
                 .map_err(|e| store_err("open contacts")(e.into()))?;
             txn.open_table(INBOX)
                 .map_err(|e| store_err("open inbox")(e.into()))?;
+            txn.open_table(PARTIALS)
+                .map_err(|e| store_err("open partials")(e.into()))?;
         }
         txn.commit().map_err(|e| store_err("commit")(e.into()))?;
         Ok(ClientStore { db })
@@ -184,11 +189,13 @@ impl ClientStore {
         self.get("snapshot")
     }
 
-    /// Stores received messages and the snapshot that remembers their ids in one durable
-    /// transaction. Only after this returns may the mailbox items they came in be acked.
+    /// Stores received messages, the changes to incomplete messages (`partials`, in
+    /// order) and the snapshot that remembers completed ids in one durable transaction.
+    /// Only after this returns may the mailbox items they came in be acked.
     pub fn save_received(
         &self,
         messages: &[ReceivedMessage],
+        partials: &[PartialOp],
         snapshot: &ClientSnapshot,
     ) -> Result<(), ClientError> {
         let snap = serde_json::to_vec(snapshot)
@@ -208,6 +215,27 @@ impl ClientStore {
                     .insert(m.message_id.as_slice(), value.as_slice())
                     .map_err(|e| store_err("write inbox")(e.into()))?;
             }
+            let mut held = txn
+                .open_table(PARTIALS)
+                .map_err(|e| store_err("open partials")(e.into()))?;
+            for op in partials {
+                match op {
+                    PartialOp::Held(f) => {
+                        let mut key = f.header.message_id.to_vec();
+                        key.extend_from_slice(&f.header.index.to_be_bytes());
+                        let mut value = f.header.count.to_be_bytes().to_vec();
+                        value.extend_from_slice(&f.data);
+                        held.insert(key.as_slice(), value.as_slice())
+                            .map_err(|e| store_err("write partials")(e.into()))?;
+                    }
+                    PartialOp::Done(id) => {
+                        let mut end = id.to_vec();
+                        end.extend_from_slice(&[0xff, 0xff]);
+                        held.retain_in(id.as_slice()..=end.as_slice(), |_, _| false)
+                            .map_err(|e| store_err("remove partials")(e.into()))?;
+                    }
+                }
+            }
             let mut meta = txn
                 .open_table(META)
                 .map_err(|e| store_err("open meta")(e.into()))?;
@@ -215,6 +243,47 @@ impl ClientStore {
                 .map_err(|e| store_err("write meta")(e.into()))?;
         }
         txn.commit().map_err(|e| store_err("commit")(e.into()))
+    }
+
+    /// The fragments of incomplete messages kept by [`Self::save_received`]; a damaged
+    /// entry is skipped (its message is then dropped like any incomplete one).
+    pub fn load_partials(&self) -> Result<Vec<Fragment>, ClientError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| store_err("begin read")(e.into()))?;
+        let t = txn
+            .open_table(PARTIALS)
+            .map_err(|e| store_err("open partials")(e.into()))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| store_err("read partials")(e.into()))? {
+            let (k, v) = entry.map_err(|e| store_err("read partials")(e.into()))?;
+            let (k, v) = (k.value(), v.value());
+            if k.len() != 18 || v.len() < 2 {
+                continue;
+            }
+            let mut message_id = [0u8; 16];
+            message_id.copy_from_slice(&k[..16]);
+            let data = v[2..].to_vec();
+            let Ok(len) = u16::try_from(data.len()) else {
+                continue;
+            };
+            let f = Fragment {
+                kind: BodyKind::Real,
+                header: FragmentHeader {
+                    message_id,
+                    index: u16::from_be_bytes([k[16], k[17]]),
+                    count: u16::from_be_bytes([v[0], v[1]]),
+                    len,
+                },
+                data,
+            };
+            // Through the wire decoder, so a damaged entry cannot be what no peer could send.
+            if Fragment::decode(&f.encode()).is_ok_and(|g| g == f) {
+                out.push(f);
+            }
+        }
+        Ok(out)
     }
 
     /// Every received message, oldest first.
@@ -426,10 +495,10 @@ mod tests {
             bytes: b"first".to_vec(),
         };
         store
-            .save_received(std::slice::from_ref(&a), &snapshot)
+            .save_received(std::slice::from_ref(&a), &[], &snapshot)
             .unwrap();
         store
-            .save_received(&[b.clone(), a.clone()], &snapshot)
+            .save_received(&[b.clone(), a.clone()], &[], &snapshot)
             .unwrap();
         assert_eq!(store.received_messages().unwrap(), vec![b, a]);
         assert_eq!(store.load_snapshot().unwrap().unwrap(), snapshot);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use shoal_packet::payload::INNER_BODY_SIZE;
-use shoal_packet::fragment::{Fragment, Reassembler, ReassemblyLimits};
+use shoal_packet::fragment::{FRAGMENT_DATA_SIZE, Fragment, Reassembler, ReassemblyLimits};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(f) = Fragment::decode(data) {
@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut r = Reassembler::new(ReassemblyLimits {
         max_pending: 4,
+        max_bytes: 3 * FRAGMENT_DATA_SIZE,
         timeout: Duration::from_secs(60),
         remember_completed: 8,
     });
@@ -26,5 +27,8 @@ fuzz_target!(|data: &[u8]| {
             let _ = r.insert(f, t0 + Duration::from_secs(i as u64));
         }
         assert!(r.pending() <= 4);
+        // The message just fed may overshoot by less than one fragment.
+        assert!(r.bytes_held() < 4 * FRAGMENT_DATA_SIZE);
+        let _ = r.take_dropped();
     }
 });

@@ -252,7 +252,8 @@ pub(crate) enum WriteOp {
         /// The subnet whose admin created it; `None` for accounts added offline.
         subnet: Option<SubnetId>,
     },
-    /// A hosted subnet's last accepted command sequence and newest policy (JSON text).
+    /// A hosted subnet's last accepted command sequence and what it enforces of the
+    /// newest policy ([`HostedPolicy`]'s encoding: never roles, rules or federation).
     PutSubnet {
         subnet: SubnetId,
         last_sequence: u64,
@@ -465,15 +466,18 @@ impl std::fmt::Debug for Mailbox {
     }
 }
 
-/// What the gateway takes from a subnet's policy.
-#[derive(Debug)]
+/// What the gateway takes from a subnet's policy, and all it keeps of it: the version,
+/// the TTL bound and the revoked account keys, which it enforces. Roles, rules and
+/// federation partners are checked with the signature and then forgotten, never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct HostedPolicy {
     version: u64,
     ttl_max: Duration,
     revoked: HashSet<AccountKey>,
-    /// The signed JSON text, kept to persist and to hand out.
-    signed: Vec<u8>,
 }
+
+/// First byte of a stored [`HostedPolicy`] (a legacy store holds the signed JSON, `{`).
+const HOSTED_POLICY_TAG: u8 = 1;
 
 impl HostedPolicy {
     fn new(policy: &Policy) -> Self {
@@ -482,8 +486,55 @@ impl HostedPolicy {
             version: b.version,
             ttl_max: Duration::from_secs(b.ttl_max_secs),
             revoked: b.revoked_keys.iter().map(|k| k.0).collect(),
-            signed: policy.signed().to_bytes(),
         }
+    }
+
+    /// `tag | version u64 | ttl_max secs u64 | n u32 | n × key`, keys sorted.
+    fn encode(&self) -> Vec<u8> {
+        let mut keys: Vec<&AccountKey> = self.revoked.iter().collect();
+        keys.sort();
+        let mut out = Vec::with_capacity(21 + 32 * keys.len());
+        out.push(HOSTED_POLICY_TAG);
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&self.ttl_max.as_secs().to_be_bytes());
+        out.extend_from_slice(&u32::try_from(keys.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for k in keys {
+            out.extend_from_slice(k);
+        }
+        out
+    }
+
+    /// Reads what [`Self::encode`] wrote, or a legacy store's signed policy text
+    /// (checked against `subnet`, then reduced to what is enforced).
+    fn decode(bytes: &[u8], subnet: &SubnetId) -> Option<Self> {
+        if bytes.first() == Some(&b'{') {
+            return Policy::verify(bytes, subnet)
+                .ok()
+                .map(|p| HostedPolicy::new(&p));
+        }
+        let (&tag, rest) = bytes.split_first()?;
+        if tag != HOSTED_POLICY_TAG || rest.len() < 20 {
+            return None;
+        }
+        let u64_at = |i: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(rest.get(i..i + 8)?.try_into().ok()?))
+        };
+        let version = u64_at(0)?;
+        let ttl_max = Duration::from_secs(u64_at(8)?);
+        let n = u32::from_be_bytes(rest.get(16..20)?.try_into().ok()?) as usize;
+        let keys = rest.get(20..)?;
+        if keys.len() != n.checked_mul(32)? {
+            return None;
+        }
+        let revoked = keys
+            .chunks_exact(32)
+            .filter_map(|k| <AccountKey>::try_from(k).ok())
+            .collect();
+        Some(HostedPolicy {
+            version,
+            ttl_max,
+            revoked,
+        })
     }
 }
 
@@ -555,13 +606,12 @@ impl Mailbox {
         let mut guard = Vec::with_capacity(subnets.len());
         for (subnet, last, policy) in subnets {
             guard.push((subnet, last));
-            if let Some(text) = policy {
-                // Verified when it was published; checked again, it is the gateway's
-                // own disk but the signature is cheap insurance against a swapped file.
-                let p = Policy::verify(&text, &subnet).map_err(|_| GatewayError::Corrupt {
+            if let Some(bytes) = policy {
+                // Verified when it was published; only what is enforced was kept.
+                let p = HostedPolicy::decode(&bytes, &subnet).ok_or(GatewayError::Corrupt {
                     what: "subnet policy",
                 })?;
-                m.policies.insert(subnet, HostedPolicy::new(&p));
+                m.policies.insert(subnet, p);
             }
         }
         m.guard = CommandGuard::from_entries(guard);
@@ -651,9 +701,10 @@ impl Mailbox {
         self.boxes.get(self.by_key.get(key)?)?.subnet
     }
 
-    /// The newest policy held for `subnet`, as its signed JSON text.
-    pub fn policy_of(&self, subnet: &SubnetId) -> Option<&[u8]> {
-        self.policies.get(subnet).map(|p| p.signed.as_slice())
+    /// The version of the newest policy held for `subnet` (only its TTL bound and
+    /// revoked keys are kept).
+    pub fn policy_version(&self, subnet: &SubnetId) -> Option<u64> {
+        self.policies.get(subnet).map(|p| p.version)
     }
 
     /// The last command sequence accepted from `subnet`.
@@ -1120,7 +1171,7 @@ impl Mailbox {
         self.open_ops.push(WriteOp::PutSubnet {
             subnet,
             last_sequence: command.sequence(),
-            policy: self.policies.get(&subnet).map(|p| p.signed.clone()),
+            policy: self.policies.get(&subnet).map(HostedPolicy::encode),
         });
         Ok(applied)
     }

@@ -504,7 +504,7 @@ pub(crate) mod tests {
         assert_eq!(cut, vec![key(11).0]);
         assert!(!m.is_account(&key(11).0), "revoked key refused");
         assert!(m.is_account(&key(10).0));
-        assert_eq!(m.policy_of(&a.subnet()), Some(p1.as_bytes()));
+        assert_eq!(m.policy_version(&a.subnet()), Some(1));
         // Items already stored are rescheduled to the policy's TTL.
         assert_eq!(m.next_expiry(), Some(at(60)));
         assert_eq!(m.expire(at(59)), 0);
@@ -784,6 +784,70 @@ pub(crate) mod tests {
         assert_eq!(report.accounts[..], many.accounts[..report.accounts.len()]);
     }
 
+    /// Hole 6: a gateway's store keeps only what it enforces of a policy (version, TTL
+    /// bound, revoked keys): whoever holds its database learns no federation partner,
+    /// role or rule, and the enforcement survives a restart.
+    #[test]
+    fn rogue_gateway_store_keeps_no_federation_partners() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let a = SubnetAdmin::from_secret([1; 32]);
+        let partner = SubnetAdmin::from_secret([0x77; 32]).subnet();
+        let hosted = [a.subnet()];
+        let signed = policy(&a, 1, 60, vec![key(11)]);
+        let envelope: serde_json::Value = serde_json::from_str(&signed).unwrap();
+        let mut pb: PolicyBody = serde_json::from_str(envelope["body"].as_str().unwrap()).unwrap();
+        pb.federation.push(shoal_subnet::Federation {
+            subnet: partner,
+            local_roles: vec!["staff".into()],
+            remote_roles: vec!["staff".into()],
+        });
+        pb.roles.push("secretrole".into());
+        let p1 = String::from_utf8(a.issue_policy(pb).unwrap().to_bytes()).unwrap();
+        {
+            let (store, rec) =
+                Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
+            let mut m = Mailbox::restore(cfg(), rec).unwrap();
+            for (seq, action) in [
+                (1, create(10, 0xa0)),
+                (2, create(11, 0xa1)),
+                (3, AccountAction::PublishPolicy { policy: p1 }),
+            ] {
+                let c = a.issue_command(body(seq, action)).unwrap().to_bytes();
+                m.apply_admin(check_command(&c, &hosted).unwrap(), &GW, at(0))
+                    .unwrap();
+            }
+            while let Some(b) = m.poll_write() {
+                store.commit(b).unwrap();
+            }
+            store.close().unwrap();
+        }
+        let raw = std::fs::read(&path).unwrap();
+        let has = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(&partner.0), "partner's id, raw");
+        assert!(!has(hex::encode(partner.0).as_bytes()), "partner's id, hex");
+        assert!(!has(b"secretrole"), "roles");
+        let (_store, rec) = Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
+        let mut m = Mailbox::restore(cfg(), rec).unwrap();
+        assert_eq!(m.policy_version(&a.subnet()), Some(1));
+        assert!(m.is_account(&key(10).0));
+        assert!(!m.is_account(&key(11).0), "the revocation is kept");
+        let old = a
+            .issue_command(body(
+                4,
+                AccountAction::PublishPolicy {
+                    policy: policy(&a, 1, 60, vec![]),
+                },
+            ))
+            .unwrap()
+            .to_bytes();
+        assert!(
+            m.apply_admin(check_command(&old, &hosted).unwrap(), &GW, at(0))
+                .is_err(),
+            "the version is kept: an older one is still refused"
+        );
+    }
+
     #[test]
     fn guard_policy_and_subnet_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -816,7 +880,7 @@ pub(crate) mod tests {
         let mut m = Mailbox::restore(cfg(), rec).unwrap();
         assert_eq!(m.last_sequence(&a.subnet()), Some(8));
         assert_eq!(m.account_subnet(&key(10).0), Some(a.subnet()));
-        assert_eq!(m.policy_of(&a.subnet()), Some(p1.as_bytes()));
+        assert_eq!(m.policy_version(&a.subnet()), Some(1));
         // The captured command replayed after the restart is still refused.
         assert_eq!(
             m.apply_admin(check_command(&create1, &hosted).unwrap(), &GW, at(0))

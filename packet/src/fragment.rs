@@ -7,7 +7,7 @@
 //! Every fragment fills a whole body, so the last fragment of a message looks like all
 //! the others once sealed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::PacketError;
@@ -147,9 +147,14 @@ pub fn fragment(message_id: MessageId, message: &[u8]) -> Result<Vec<Fragment>, 
 /// first fragments and never the rest.
 #[derive(Debug, Clone, Copy)]
 pub struct ReassemblyLimits {
-    /// Incomplete messages held at once; the oldest is evicted beyond this.
+    /// Incomplete messages held at once; beyond this the one that made progress
+    /// least recently is dropped.
     pub max_pending: usize,
-    /// An incomplete message is dropped this long after its first fragment.
+    /// Message bytes held across all incomplete messages; beyond this the one that
+    /// made progress least recently is dropped. A message that could never fit (its
+    /// fragment count says it is larger) is refused at its first fragment.
+    pub max_bytes: usize,
+    /// An incomplete message is dropped once no new fragment of it arrived for this long.
     pub timeout: Duration,
     /// Completed message ids remembered to drop late duplicates.
     pub remember_completed: usize,
@@ -159,18 +164,22 @@ impl Default for ReassemblyLimits {
     fn default() -> Self {
         ReassemblyLimits {
             max_pending: 1024,
+            max_bytes: 32 << 20,
             timeout: Duration::from_secs(24 * 3600),
             remember_completed: 65536,
         }
     }
 }
 
+/// One incomplete message: only the fragments received are held (a fragment count
+/// from the network allocates nothing).
 #[derive(Debug)]
 struct Partial {
-    first_seen: Instant,
     count: u16,
-    received: usize,
-    parts: Vec<Option<Vec<u8>>>,
+    /// When a new fragment of it last arrived (its key in `Reassembler::lru`).
+    progress: (Instant, u64),
+    bytes: usize,
+    parts: BTreeMap<u16, Vec<u8>>,
 }
 
 /// What became of a fragment handed to the reassembler.
@@ -187,16 +196,29 @@ pub enum Reassembled {
     Duplicate,
     /// Inconsistent with earlier fragments of the same id; ignored.
     Inconsistent,
+    /// Its message could never be held within [`ReassemblyLimits::max_bytes`]; ignored.
+    TooLarge,
 }
 
-/// Collects fragments into messages, de-duplicating on the way.
+/// Collects fragments into messages, de-duplicating on the way. Memory is bounded by
+/// [`ReassemblyLimits`] whatever the network sends: incomplete messages are dropped
+/// least-recently-progressed first, so a flood of junk first fragments displaces a
+/// legitimate message only if that message has made no progress for longer than the
+/// flood took to fill the limits.
+///
+/// Every message dropped incomplete (evicted or expired) is reported once by
+/// [`Self::take_dropped`], so a caller that persists partial messages can forget it.
 #[derive(Debug)]
 pub struct Reassembler {
     limits: ReassemblyLimits,
     pending: HashMap<MessageId, Partial>,
-    order: VecDeque<MessageId>,
-    completed: HashMap<MessageId, ()>,
+    /// Pending messages by (last progress, insertion counter): the front goes first.
+    lru: BTreeSet<((Instant, u64), MessageId)>,
+    next_seq: u64,
+    bytes: usize,
+    completed: HashSet<MessageId>,
     completed_order: VecDeque<MessageId>,
+    dropped: Vec<MessageId>,
 }
 
 impl Reassembler {
@@ -204,9 +226,12 @@ impl Reassembler {
         Reassembler {
             limits,
             pending: HashMap::new(),
-            order: VecDeque::new(),
-            completed: HashMap::new(),
+            lru: BTreeSet::new(),
+            next_seq: 0,
+            bytes: 0,
+            completed: HashSet::new(),
             completed_order: VecDeque::new(),
+            dropped: Vec::new(),
         }
     }
 
@@ -215,10 +240,21 @@ impl Reassembler {
         self.pending.len()
     }
 
+    /// Message bytes currently held in incomplete messages.
+    pub fn bytes_held(&self) -> usize {
+        self.bytes
+    }
+
+    /// Ids of incomplete messages dropped (evicted or expired) since the last call (at
+    /// most `2 × max_pending + 2` are kept between calls).
+    pub fn take_dropped(&mut self) -> Vec<MessageId> {
+        std::mem::take(&mut self.dropped)
+    }
+
     pub fn insert(&mut self, fragment: Fragment, now: Instant) -> Reassembled {
         self.expire(now);
         let h = fragment.header;
-        if self.completed.contains_key(&h.message_id) {
+        if self.completed.contains(&h.message_id) {
             return Reassembled::Duplicate;
         }
         if h.count == 1 {
@@ -228,67 +264,96 @@ impl Reassembler {
                 message: fragment.data,
             };
         }
-        if !self.pending.contains_key(&h.message_id) {
-            if self.pending.len() >= self.limits.max_pending
-                && let Some(oldest) = self.order.pop_front()
-            {
-                self.pending.remove(&oldest);
+        // The smallest size `count` fragments can carry.
+        let least = usize::from(h.count - 1) * FRAGMENT_DATA_SIZE + 1;
+        if least > self.limits.max_bytes {
+            return Reassembled::TooLarge;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let progress = (now, seq);
+        match self.pending.get_mut(&h.message_id) {
+            Some(p) if p.count != h.count => return Reassembled::Inconsistent,
+            Some(p) if p.parts.contains_key(&h.index) => return Reassembled::Duplicate,
+            Some(p) => {
+                self.lru.remove(&(p.progress, h.message_id));
+                p.progress = progress;
+                self.lru.insert((progress, h.message_id));
             }
-            self.order.push_back(h.message_id);
-            self.pending.insert(
-                h.message_id,
-                Partial {
-                    first_seen: now,
-                    count: h.count,
-                    received: 0,
-                    parts: vec![None; usize::from(h.count)],
-                },
-            );
+            None => {
+                self.pending.insert(
+                    h.message_id,
+                    Partial {
+                        count: h.count,
+                        progress,
+                        bytes: 0,
+                        parts: BTreeMap::new(),
+                    },
+                );
+                self.lru.insert((progress, h.message_id));
+            }
         }
-        let Some(p) = self.pending.get_mut(&h.message_id) else {
-            return Reassembled::Inconsistent;
-        };
-        if p.count != h.count {
-            return Reassembled::Inconsistent;
+        let len = fragment.data.len();
+        if let Some(p) = self.pending.get_mut(&h.message_id) {
+            p.bytes += len;
+            p.parts.insert(h.index, fragment.data);
         }
-        let slot = &mut p.parts[usize::from(h.index)];
-        if slot.is_some() {
-            return Reassembled::Duplicate;
+        self.bytes += len;
+        // Make room: least recently progressed first, never the message just fed.
+        while self.pending.len() > self.limits.max_pending || self.bytes > self.limits.max_bytes {
+            let victim = self
+                .lru
+                .iter()
+                .map(|(_, id)| *id)
+                .find(|id| *id != h.message_id);
+            let Some(victim) = victim else { break };
+            self.drop_partial(&victim);
         }
-        *slot = Some(fragment.data);
-        p.received += 1;
-        if p.received < usize::from(p.count) {
+        let complete = self
+            .pending
+            .get(&h.message_id)
+            .is_some_and(|p| p.parts.len() == usize::from(p.count));
+        if !complete {
             return Reassembled::Pending;
         }
-        let Some(p) = self.pending.remove(&h.message_id) else {
+        let Some(p) = self.remove(&h.message_id) else {
             return Reassembled::Inconsistent;
         };
-        self.order.retain(|id| id != &h.message_id);
         self.mark_completed(h.message_id);
-        let message = p.parts.into_iter().flatten().flatten().collect();
         Reassembled::Complete {
             message_id: h.message_id,
-            message,
+            message: p.parts.into_values().flatten().collect(),
         }
     }
 
-    /// Drops incomplete messages older than the timeout.
+    fn remove(&mut self, id: &MessageId) -> Option<Partial> {
+        let p = self.pending.remove(id)?;
+        self.lru.remove(&(p.progress, *id));
+        self.bytes -= p.bytes;
+        Some(p)
+    }
+
+    fn drop_partial(&mut self, id: &MessageId) {
+        // Bounded for callers that never take them (they lose the overflow only).
+        if self.remove(id).is_some() && self.dropped.len() < 2 * self.limits.max_pending + 2 {
+            self.dropped.push(*id);
+        }
+    }
+
+    /// Drops incomplete messages that made no progress for the timeout.
     pub fn expire(&mut self, now: Instant) {
-        while let Some(id) = self.order.front().copied() {
-            let expired = self
-                .pending
-                .get(&id)
-                .is_none_or(|p| now.saturating_duration_since(p.first_seen) >= self.limits.timeout);
-            if !expired {
+        while let Some(&((at, _), id)) = self.lru.first() {
+            if now.saturating_duration_since(at) < self.limits.timeout {
                 break;
             }
-            self.order.pop_front();
-            self.pending.remove(&id);
+            self.drop_partial(&id);
         }
     }
 
     fn mark_completed(&mut self, id: MessageId) {
-        self.completed.insert(id, ());
+        if !self.completed.insert(id) {
+            return;
+        }
         self.completed_order.push_back(id);
         while self.completed_order.len() > self.limits.remember_completed {
             if let Some(old) = self.completed_order.pop_front() {
@@ -344,6 +409,7 @@ mod tests {
         let now = Instant::now();
         let mut r = Reassembler::new(ReassemblyLimits {
             max_pending: 2,
+            max_bytes: 1 << 20,
             timeout: Duration::from_secs(10),
             remember_completed: 4,
         });
@@ -364,8 +430,93 @@ mod tests {
             r.insert(f[0].clone(), now);
         }
         assert_eq!(r.pending(), 2);
+        assert_eq!(r.take_dropped().len(), 2, "evictions are reported");
         r.expire(now + Duration::from_secs(11));
         assert_eq!(r.pending(), 0);
+        assert_eq!(r.take_dropped().len(), 2, "expiries are reported");
+        assert_eq!(r.bytes_held(), 0);
+    }
+
+    fn junk(i: u32, count: u16, index: u16) -> Fragment {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        Fragment {
+            kind: BodyKind::Real,
+            header: FragmentHeader {
+                message_id: id,
+                index,
+                count,
+                len: FRAGMENT_DATA_SIZE as u16,
+            },
+            data: vec![0x6a; FRAGMENT_DATA_SIZE],
+        }
+    }
+
+    /// Hole 11: first fragments of messages that claim up to 65,535 fragments, far more
+    /// of them than the limits admit. Held bytes stay within the byte bound (one
+    /// fragment over at most), the count within its bound, and a message that could
+    /// never fit is refused at once. (Before, each partial allocated a slot per claimed
+    /// fragment: 1.5 MB for a count of 65,535, 1.6 GB across 1,024 pending.)
+    #[test]
+    fn rogue_partial_message_flood_stays_within_the_memory_bound() {
+        let limits = ReassemblyLimits {
+            max_pending: 1024,
+            max_bytes: 4 << 20,
+            ..ReassemblyLimits::default()
+        };
+        let mut r = Reassembler::new(limits);
+        let now = Instant::now();
+        let fits = (limits.max_bytes / FRAGMENT_DATA_SIZE) as u16;
+        let (mut too_large, mut dropped) = (0, 0);
+        for i in 0..20_000u32 {
+            let count = [2, fits, fits + 2, u16::MAX][(i % 4) as usize];
+            match r.insert(junk(i, count, (i % 2) as u16), now) {
+                Reassembled::TooLarge => too_large += 1,
+                Reassembled::Pending => {}
+                other => panic!("{other:?}"),
+            }
+            dropped += r.take_dropped().len();
+            assert!(r.pending() <= limits.max_pending);
+            assert!(r.bytes_held() <= limits.max_bytes + FRAGMENT_DATA_SIZE);
+        }
+        assert_eq!(
+            too_large, 10_000,
+            "counts beyond the byte bound are refused"
+        );
+        assert_eq!(
+            dropped + r.pending(),
+            10_000,
+            "every other one is held or dropped"
+        );
+    }
+
+    /// Hole 11: a flood of junk partials does not displace a legitimate message that is
+    /// still arriving (one fragment per second here, while the flood sends 50 junk
+    /// first fragments per second into a reassembler that holds 64 partials).
+    #[test]
+    fn rogue_junk_flood_does_not_evict_a_message_still_arriving() {
+        let mut r = Reassembler::new(ReassemblyLimits {
+            max_pending: 64,
+            max_bytes: 1 << 20,
+            ..ReassemblyLimits::default()
+        });
+        let t0 = Instant::now();
+        let msg = vec![7u8; FRAGMENT_DATA_SIZE * 100];
+        let frags = fragment([0xaa; 16], &msg).unwrap();
+        let (mut out, mut n, mut dropped) = (None, 0, 0);
+        for (sec, f) in frags.into_iter().enumerate() {
+            let now = t0 + Duration::from_secs(sec as u64);
+            for _ in 0..50 {
+                n += 1;
+                let _ = r.insert(junk(n, 2, 0), now);
+                dropped += r.take_dropped().len();
+            }
+            if let Reassembled::Complete { message, .. } = r.insert(f, now) {
+                out = Some(message);
+            }
+        }
+        assert_eq!(out, Some(msg));
+        assert!(dropped >= 4_900, "the junk was evicted instead: {dropped}");
     }
 
     proptest! {

@@ -12,7 +12,17 @@
 //! D/invites/H.json     a pending one-time invite for H: its secret code, role, gateway, expiry
 //! D/federation.json    federation offers made (nonce → expiry) and the replay guard over
 //!                      offers accepted
+//! D/client/            the admin's own `shoal client` directory (or the one state.json
+//!                      names, `use-client`): its running client carries policy updates
 //! ```
+//!
+//! Policy distribution: every new version is queued, one ordinary message per member it
+//! does not revoke, in the admin client's `outbox/` (sealed to the seal key, mailbox and
+//! gateway of the member's credential, [`shoal_client::messenger::policy_deliveries`]);
+//! the admin's `shoal client run` sends them on its constant schedule, and each member's
+//! client applies a version only if this key signed it and it is newer than its own.
+//! Gateways get the version too, but only when what they enforce changes (TTL bound,
+//! revoked account keys).
 //!
 //! Federation: `federate offer` writes an offer signed by D/admin.key; the other admin's
 //! `federate accept` checks it (signature, expiry, not ours, not replayed), shows the
@@ -39,8 +49,8 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use shoal_subnet::{
     AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, OfferBody, OfferGuard,
-    Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedOffer, UsageReport,
-    usage_id,
+    Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedCredential,
+    UncheckedOffer, UsageReport, VerifiedCredential, usage_id,
 };
 use shoal_topology::AuthorityAddr;
 use shoal_topology::Hex32;
@@ -51,6 +61,8 @@ const STATE_FILE: &str = "state.json";
 const MEMBERS_DIR: &str = "members";
 const INVITES_DIR: &str = "invites";
 const FEDERATION_FILE: &str = "federation.json";
+/// The admin's own client directory unless state.json names another.
+const ADMIN_CLIENT_DIR: &str = "client";
 /// How long `list` waits for each gateway's usage report before calling it unreachable.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a signed command stays valid: long enough to reach the gateway, short
@@ -94,9 +106,10 @@ pub enum AdminCommand {
         /// The member's Ed25519 signing key for groups (default: the account key).
         #[arg(long, value_parser = parse_hex32)]
         signing_key: Option<[u8; 32]>,
-        /// Recorded in the credential for the admin's own bookkeeping only: senders seal
-        /// to the key the member's client signs itself, and the member's client refuses
-        /// a credential naming a key that is not its own.
+        /// The member's seal key (in its contact card). Senders never use it (they seal to
+        /// the key the member's client signs itself, and the member's client refuses a
+        /// credential naming a key that is not its own); the admin's client seals policy
+        /// updates to it, so a member enrolled without it does not get them.
         #[arg(long, value_parser = parse_hex32)]
         seal_key: Option<[u8; 32]>,
         /// Items the member's mailbox may hold.
@@ -177,6 +190,15 @@ pub enum AdminCommand {
     /// Show or change the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Name the admin's own `shoal client` directory (default: DIR/client). Its running
+    /// client (`shoal client run`) carries each new policy version to every member
+    /// through the mixnet, as ordinary messages.
+    UseClient {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A directory made by `shoal client init` (an account at a gateway of the network).
+        client: PathBuf,
+    },
     /// Federate with another subnet by exchanging signed offers: `offer` on one side,
     /// `accept` on the other (which prints a counter-offer), `accept` back.
     #[command(subcommand)]
@@ -263,8 +285,16 @@ pub enum PolicyCommand {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Make a new policy version: validated, signed, written, and published to every
-    /// gateway that hosts an enrolled member.
+    /// Send the current policy again to every member (through the admin's client), e.g.
+    /// after setting the client up, or for a member whose client was away for longer
+    /// than mail is kept. Members ignore a version they already have.
+    Publish {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Make a new policy version: validated, signed, written, queued for every member
+    /// through the admin's client, and given to the gateways if what they enforce (TTL
+    /// bound, revoked account keys) changed.
     Set {
         #[arg(long)]
         dir: PathBuf,
@@ -330,6 +360,10 @@ struct State {
     name: String,
     /// The last command sequence number used; the next is above it and above now in ms.
     sequence: u64,
+    /// The admin's own `shoal client` directory, whose running client carries policy
+    /// updates to members through the mixnet (default: DIR/client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client: Option<PathBuf>,
 }
 
 /// DIR/members/HANDLE.json: what the admin needs to manage the account later.
@@ -661,8 +695,38 @@ impl Subnet {
         )
     }
 
-    /// Publishes `policy` to every gateway hosting an enrolled member.
-    async fn publish(&self, policy: &Policy) -> anyhow::Result<usize> {
+    /// The admin's own client directory (see [`State::client`]).
+    fn client_dir(&self) -> anyhow::Result<PathBuf> {
+        let state: State = read_json(&self.dir.join(STATE_FILE))?;
+        Ok(state
+            .client
+            .unwrap_or_else(|| self.dir.join(ADMIN_CLIENT_DIR)))
+    }
+
+    /// Publishes `new` (replacing `old`): to every member through the mixnet, and to
+    /// every gateway hosting an enrolled member if what gateways enforce changed (or
+    /// `gateways` is `Always`). Gateways are told first, so a de-provisioned account is
+    /// cut there before members hear of it.
+    async fn publish(
+        &self,
+        old: &Policy,
+        new: &Policy,
+        gateways: ToGateways,
+    ) -> anyhow::Result<Published> {
+        let enforced = |p: &Policy| (p.body().ttl_max_secs, p.body().revoked_keys.clone());
+        let tell_gateways =
+            matches!(gateways, ToGateways::Always) || enforced(old) != enforced(new);
+        let mut published = Published::default();
+        if tell_gateways {
+            published.gateways = Some(self.publish_to_gateways(new).await?);
+        }
+        self.publish_to_members(new, &mut published)?;
+        Ok(published)
+    }
+
+    /// Gives `policy` to every gateway hosting an enrolled member (they bound mailbox
+    /// TTLs by it and cut revoked accounts).
+    async fn publish_to_gateways(&self, policy: &Policy) -> anyhow::Result<usize> {
         let gateways: BTreeSet<(SocketAddr, [u8; 32])> = self
             .members()?
             .iter()
@@ -680,6 +744,110 @@ impl Subnet {
             .await?;
         }
         Ok(gateways.len())
+    }
+
+    /// Queues `policy` for every enrolled member the policy does not revoke, in the
+    /// admin client's outbox: its running client sends each as an ordinary message
+    /// (sealed to the member, fixed-size packets on its Poisson schedule). A member
+    /// whose credential names no seal key cannot be reached and is listed.
+    fn publish_to_members(&self, policy: &Policy, out: &mut Published) -> anyhow::Result<()> {
+        let client = self.client_dir()?;
+        out.client = Some(client.clone());
+        let mut creds = Vec::new();
+        for m in self.members()? {
+            let cred_path = self
+                .dir
+                .join(MEMBERS_DIR)
+                .join(format!("{}.cred", m.handle));
+            let cred = std::fs::read(&cred_path)
+                .ok()
+                .and_then(|b| UncheckedCredential::parse(&b).ok())
+                .and_then(|c| c.check_signature().ok())
+                .map(VerifiedCredential::ignore_validity);
+            match cred {
+                Some(c) => creds.push(c),
+                None => out.unreachable.push(m.handle.clone()),
+            }
+        }
+        creds.sort_by(|a, b| a.handle().cmp(b.handle()));
+        let (deliveries, unreachable) =
+            shoal_client::messenger::policy_deliveries(policy, creds.iter());
+        out.unreachable.extend(unreachable);
+        if !client.join(crate::client_cmd::CONFIG_FILE).exists() {
+            out.unqueued = deliveries.len();
+            return Ok(());
+        }
+        for d in deliveries {
+            let card = shoal_client::ContactCard::new("member", d.to)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::client_cmd::spool_bytes(&client, &card.to_text(), &d.bytes)?;
+            out.members += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Whether [`Subnet::publish`] must give the policy to the gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ToGateways {
+    /// Only if what they enforce changed.
+    IfEnforcedChanged,
+    Always,
+}
+
+/// Where a policy version went.
+#[derive(Debug, Default)]
+struct Published {
+    /// Gateways told (`None`: nothing they enforce changed, so none was dialled).
+    gateways: Option<usize>,
+    /// Members it was queued for.
+    members: usize,
+    /// Members it could not be queued for because the admin has no client yet.
+    unqueued: usize,
+    /// Members without a usable seal key in their credential.
+    unreachable: Vec<String>,
+    client: Option<PathBuf>,
+}
+
+impl Published {
+    /// What the admin is told, one line each.
+    fn report(&self, version: u64) -> String {
+        let mut out = match self.gateways {
+            Some(n) => format!("policy v{version} written and published to {n} gateway(s)\n"),
+            None => format!(
+                "policy v{version} written (gateways not told: nothing they enforce changed)\n"
+            ),
+        };
+        out.push_str(&self.members_report());
+        out
+    }
+
+    /// The lines about members only.
+    fn members_report(&self) -> String {
+        let mut out = String::new();
+        let client = self
+            .client
+            .as_ref()
+            .map_or_else(String::new, |c| c.display().to_string());
+        if self.members > 0 {
+            out.push_str(&format!(
+                "queued for {} member(s) through the mixnet (in {client}/outbox; `shoal client run --config {client}/client.toml` sends them, within a second if it is running)\n",
+                self.members
+            ));
+        }
+        if self.unqueued > 0 {
+            out.push_str(&format!(
+                "NOT sent to {} member(s): the admin has no client at {client} (make one with `shoal client init --dir {client} ...`, enrol it, or name another with `shoal admin use-client`), then run `shoal admin policy publish`\n",
+                self.unqueued
+            ));
+        }
+        if !self.unreachable.is_empty() {
+            out.push_str(&format!(
+                "NOT sent to {} (their credentials name no seal key: re-enrol them with --seal-key)\n",
+                self.unreachable.join(", ")
+            ));
+        }
+        out
     }
 }
 
@@ -786,7 +954,11 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 true,
             )?;
             write_file(&dir.join(POLICY_FILE), &policy.to_bytes())?;
-            let state = State { name, sequence: 0 };
+            let state = State {
+                name,
+                sequence: 0,
+                client: None,
+            };
             write_file(
                 &dir.join(STATE_FILE),
                 serde_json::to_string_pretty(&state)?.as_bytes(),
@@ -1000,9 +1172,9 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     body.revoked_keys.push(k);
                 }
             }
-            let (_, new) = s.next_policy(body)?;
+            let (old, new) = s.next_policy(body)?;
             // Publish while the member's record still names its gateway; forget it after.
-            let gateways = s.publish(&new).await?;
+            let published = s.publish(&old, &new, ToGateways::Always).await?;
             s.save_policy(&new)?;
             let members = dir.join(MEMBERS_DIR);
             // Kept (outside *.json) so `list` still shows the account as de-provisioned.
@@ -1019,7 +1191,13 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 cut.as_millis()
             );
             println!(
-                "policy v{} revokes its keys; published to {gateways} gateway(s)",
+                "policy v{} revokes its keys; published to {} gateway(s)",
+                new.version(),
+                published.gateways.unwrap_or(0)
+            );
+            print!("{}", published.members_report());
+            println!(
+                "members' clients remove {handle:?} from every group at their next commit once they have v{}",
                 new.version()
             );
             Ok(())
@@ -1041,6 +1219,36 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 ..m
             })?;
             println!("quota of {handle:?} set to {quota}");
+            Ok(())
+        }
+        AdminCommand::UseClient { dir, client } => {
+            let s = Subnet::open(&dir)?;
+            if !client.join(crate::client_cmd::CONFIG_FILE).exists() {
+                bail!(
+                    "{} has no {}: make it with `shoal client init --dir {}`",
+                    client.display(),
+                    crate::client_cmd::CONFIG_FILE,
+                    client.display()
+                );
+            }
+            let path = s.dir.join(STATE_FILE);
+            let mut state: State = read_json(&path)?;
+            state.client = Some(std::path::absolute(&client)?);
+            write_file(&path, serde_json::to_string_pretty(&state)?.as_bytes())?;
+            println!(
+                "policy updates go through the client at {}; keep `shoal client run --config {}` running",
+                client.display(),
+                client.join(crate::client_cmd::CONFIG_FILE).display()
+            );
+            Ok(())
+        }
+        AdminCommand::Policy(PolicyCommand::Publish { dir }) => {
+            let s = Subnet::open(&dir)?;
+            let p = s.policy()?;
+            let mut published = Published::default();
+            s.publish_to_members(&p, &mut published)?;
+            println!("policy v{} (current)", p.version());
+            print!("{}", published.members_report());
             Ok(())
         }
         AdminCommand::Policy(PolicyCommand::Show { dir }) => {
@@ -1252,7 +1460,7 @@ async fn accept_offer(
         );
         return Ok(());
     }
-    let gateways = s.publish(&new).await?;
+    let published = s.publish(&old, &new, ToGateways::IfEnforcedChanged).await?;
     s.save_policy(&new)?;
     // Recorded only once applied, so an offer whose policy could not be published can be
     // accepted again.
@@ -1274,10 +1482,7 @@ async fn accept_offer(
         None
     };
     s.save_federation_state(&state)?;
-    println!(
-        "policy v{} written and published to {gateways} gateway(s)",
-        new.version()
-    );
+    print!("{}", published.report(new.version()));
     match counter {
         Some(counter) => {
             // Printed first: the policy is already published, so the counter-offer must
@@ -1498,12 +1703,9 @@ async fn update_policy(s: &Subnet, body: PolicyBody, dry_run: bool) -> anyhow::R
         );
         return Ok(());
     }
-    let gateways = s.publish(&new).await?;
+    let published = s.publish(&old, &new, ToGateways::IfEnforcedChanged).await?;
     s.save_policy(&new)?;
-    println!(
-        "policy v{} written and published to {gateways} gateway(s)",
-        new.version()
-    );
+    print!("{}", published.report(new.version()));
     Ok(())
 }
 

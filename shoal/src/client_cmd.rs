@@ -46,6 +46,8 @@ use shoal_topology::{AuthoritySet, Hex32};
 pub const CONFIG_FILE: &str = "client.toml";
 pub const STORE_FILE: &str = "client.redb";
 const OUTBOX_DIR: &str = "outbox";
+/// How long group changes are collected before they take effect, unless set on first use.
+const DEFAULT_COMMIT_SETTLE_SECS: u64 = 30;
 
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
@@ -115,7 +117,7 @@ pub struct MemberOpts {
     policy: Option<PathBuf>,
     /// First use only: how long group changes are collected before they take effect
     /// (every member must get them within this time).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = DEFAULT_COMMIT_SETTLE_SECS)]
     commit_settle_secs: u64,
 }
 
@@ -541,23 +543,38 @@ directory_refresh_secs = {dir}
 
 /// A message waiting in `outbox/` for a running client.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Spooled {
+    Text(SpooledText),
+    Bytes(SpooledBytes),
+}
+
+/// `shoal client send` while `run` holds the store: a text to a saved contact.
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Spooled {
+struct SpooledText {
     to: String,
     message: String,
 }
 
-fn spool(dir: &Path, to: &str, message: &str) -> anyhow::Result<PathBuf> {
+/// Bytes another command prepared (an admin's policy update), to a contact card.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpooledBytes {
+    card: String,
+    /// Hex.
+    bytes: String,
+}
+
+/// Writes one outbox file atomically (a running client never sees half of one).
+fn write_spool(dir: &Path, spooled: &Spooled) -> anyhow::Result<PathBuf> {
     let outbox = dir.join(OUTBOX_DIR);
     std::fs::create_dir_all(&outbox)?;
     let mut id = [0u8; 8];
     rand::RngExt::fill(&mut rand::rng(), &mut id);
     let name = format!("{}.json", hex::encode(id));
     let tmp = outbox.join(format!(".{name}.tmp"));
-    let body = serde_json::to_vec(&Spooled {
-        to: to.to_string(),
-        message: message.to_string(),
-    })?;
+    let body = serde_json::to_vec(spooled)?;
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
@@ -567,6 +584,29 @@ fn spool(dir: &Path, to: &str, message: &str) -> anyhow::Result<PathBuf> {
     let path = outbox.join(name);
     std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+fn spool(dir: &Path, to: &str, message: &str) -> anyhow::Result<PathBuf> {
+    write_spool(
+        dir,
+        &Spooled::Text(SpooledText {
+            to: to.to_string(),
+            message: message.to_string(),
+        }),
+    )
+}
+
+/// Queues `bytes` for the contact of `card` (a contact card's text) in the outbox of
+/// the client at `dir`: its running client (`shoal client run`) sends it as an ordinary
+/// message. Used by `shoal admin` for policy updates.
+pub(crate) fn spool_bytes(dir: &Path, card: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    write_spool(
+        dir,
+        &Spooled::Bytes(SpooledBytes {
+            card: card.to_string(),
+            bytes: hex::encode(bytes),
+        }),
+    )
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -759,9 +799,16 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             let loaded = load_config(&config)?;
             let store = open_store(&loaded.dir)?;
             let (identity, account) = load_identity(&store)?;
-            if let Some(snapshot) = store.load_messenger()? {
-                let messenger = Messenger::restore(&snapshot, shoal_client::managed::unix_ms())
-                    .context("cannot restore the member state")?;
+            // A member (its state in the store, or the admin's files in the directory on
+            // first use) runs the messenger: policy updates, groups, checked messages.
+            if store.load_messenger()?.is_some() || loaded.dir.join("credential").exists() {
+                let files = MemberFiles {
+                    credential: None,
+                    policy: None,
+                    commit_settle_secs: DEFAULT_COMMIT_SETTLE_SECS,
+                };
+                let messenger =
+                    open_messenger(&loaded.dir, &files, &store, &account, identity.contact())?;
                 return run_member(loaded, store, identity, account, messenger);
             }
             let store = Arc::new(store);
@@ -818,19 +865,33 @@ async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHa
             tracing::warn!(file = %path.display(), "unreadable outbox file; left in place");
             continue;
         };
-        let card = match find_contact(store, &s.to) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("outbox: {e:#}; message discarded");
-                let _ = std::fs::remove_file(&path);
-                continue;
+        let (contact, bytes, to) = match s {
+            Spooled::Text(t) => match find_contact(store, &t.to) {
+                Ok(c) => (c.contact, t.message.into_bytes(), clean(t.to.as_bytes())),
+                Err(e) => {
+                    eprintln!("outbox: {e:#}; message discarded");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            },
+            Spooled::Bytes(b) => {
+                let card = ContactCard::parse(&b.card);
+                let bytes = hex::decode(&b.bytes);
+                match (card, bytes) {
+                    (Ok(card), Ok(bytes)) => (card.contact, bytes, "a member".to_string()),
+                    _ => {
+                        eprintln!("outbox: a damaged file; discarded");
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                }
             }
         };
-        match handle.send(card.contact, s.message.into_bytes()).await {
+        match handle.send(contact, bytes).await {
             // Durable in the store now, so the spool file can go.
             Ok(_) => {
                 let _ = std::fs::remove_file(&path);
-                println!("queued a message to {}", s.to);
+                println!("queued a message to {to}");
             }
             Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
         }

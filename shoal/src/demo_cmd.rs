@@ -41,7 +41,7 @@ use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig, assign_gatewa
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
 use shoal_client::group::{GroupConfig, GroupEvent};
 use shoal_client::managed::{self, ManagedHandle};
-use shoal_client::messenger::{Messenger, MessengerConfig, MessengerEvent, policy_update};
+use shoal_client::messenger::{Messenger, MessengerConfig, MessengerEvent, policy_deliveries};
 use shoal_client::{ClientStore, ContactCard, Identity};
 use shoal_subnet::{
     AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCard, MessageOptions,
@@ -1207,16 +1207,21 @@ async fn story_steps(
         )
         .await
         .context("publishing policy v2 to the gateway")?;
+    // To members the way `shoal admin` does it: from the admin's records (each
+    // member's credential), to every member the policy does not revoke, sent by the
+    // admin's own client as ordinary messages (`policy_deliveries`).
     let admin_client = managed[find("admin-a")?].client();
-    let update = policy_update(&policy);
-    for &i in &group_idx {
-        if managed[i].spec.subnet != A || i == revoked {
-            continue;
-        }
-        let card = managed[i].member()?.with(|m, _| m.card().clone()).await?;
-        admin_client
-            .send(shoal_client::group::contact_of(&card), update.clone())
-            .await?;
+    let mut records = Vec::new();
+    for c in managed.iter().filter(|c| c.spec.subnet == A) {
+        records.push(c.member()?.with(|m, _| m.credential().clone()).await?);
+    }
+    let policy = Policy::verify(&policy.to_bytes(), &subnets.id(A))?;
+    let (deliveries, unreachable) = policy_deliveries(&policy, records.iter());
+    if !unreachable.is_empty() {
+        bail!("members without a seal key in their credential: {unreachable:?}");
+    }
+    for d in deliveries {
+        admin_client.send(d.to, d.bytes).await?;
     }
     let remaining: Vec<usize> = group_idx
         .iter()

@@ -551,6 +551,46 @@ pub fn policy_update(policy: &SignedPolicy) -> Vec<u8> {
     Envelope::Policy(policy.to_bytes()).encode()
 }
 
+/// The admin's side of policy distribution, shared by `shoal admin` and the demo: one
+/// [`Outgoing`] per member of `members` (the admin's own records) that `policy` does
+/// not revoke, to the address the member's credential names, carrying
+/// [`policy_update`]. Members whose credential names no usable seal key (enrolled
+/// without one) cannot be reached and are returned by handle.
+///
+/// Nothing here needs trust in the path: a member's messenger applies a policy only if
+/// its subnet's admin signed it and its version is newer than the one it holds
+/// ([`Messenger::handle_incoming`]), so a gateway or stranger that forges, replays or
+/// reorders updates changes nothing.
+pub fn policy_deliveries<'a>(
+    policy: &Policy,
+    members: impl IntoIterator<Item = &'a MemberCredential>,
+) -> (Vec<Outgoing>, Vec<String>) {
+    let update = policy_update(policy.signed());
+    let (mut out, mut unreachable) = (Vec::new(), Vec::new());
+    for cred in members {
+        if cred.subnet() != policy.subnet() || policy.is_revoked(cred) {
+            continue;
+        }
+        let b = cred.body();
+        let to = Contact {
+            mailbox: b.mailbox.0,
+            gateway: b.gateway.0,
+            public_key: b.seal_key.0,
+        };
+        // An all-zero (unstated) or low-order seal key: a card cannot be made for it.
+        if crate::ContactCard::new("member", to).is_err() {
+            unreachable.push(cred.handle().to_string());
+            continue;
+        }
+        out.push(Outgoing {
+            to,
+            what: OutgoingWhat::Policy,
+            bytes: update.clone(),
+        });
+    }
+    (out, unreachable)
+}
+
 /// One member's messenger.
 pub struct Messenger {
     groups: GroupManager,

@@ -25,5 +25,6 @@ mod log_privacy;
 mod metrics_doc;
 mod netns;
 mod overload;
+mod policy;
 mod relay_network;
 mod soak;

@@ -1,0 +1,177 @@
+//! Policy reaches members through the mixnet, with the real CLI only (issue 17 hole 4).
+//! Alice, Bob and Carol of one subnet share a group; the admin's own client ("office",
+//! a `shoal client run` like any other) carries policy updates. `shoal admin
+//! deprovision carol` cuts Carol's account at her gateway and queues policy v2 for
+//! every other member in the office client's outbox; the office client sends it as
+//! ordinary messages; Alice's and Bob's running clients check and apply it and remove
+//! Carol from the group at their next commit; a group message sent afterwards goes to
+//! Alice alone, and Carol's store never gets it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::support::cli_net;
+
+use std::time::{Duration, Instant};
+
+use cli_net::{
+    ClientDir, field, run_client, run_output, shoal, shoal_output, sigterm, start_subnet, temp_dir,
+};
+use shoal_bench::testnet::Proc;
+
+/// Waits until `c`'s background `run` printed a line satisfying `pred`.
+fn wait_run_line(c: &ClientDir, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if run_output(c).lines().any(&pred) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{}: no {what} within {timeout:?}; run printed:\n{}\n--- log ---\n{}",
+        c.name,
+        run_output(c),
+        std::fs::read_to_string(c.dir.join("run.log")).unwrap_or_default()
+    );
+}
+
+/// Stops a background run (it may have ended already: Carol's, once her account is cut).
+fn stop(p: &mut Proc) {
+    sigterm(p.pid());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!p.alive(), "client run ignored SIGTERM");
+}
+
+#[test]
+fn deprovisioned_member_is_removed_from_groups_by_the_published_policy() {
+    let started = Instant::now();
+    let dir = temp_dir("policy");
+    let (net, people) = start_subnet(
+        &dir,
+        &[("alice", 0), ("bob", 1), ("carol", 0), ("office", 1)],
+    );
+    let (alice, bob, carol, office) = (&people[0], &people[1], &people[2], &people[3]);
+    let d = |c: &ClientDir| c.dir.to_string_lossy().into_owned();
+    let (a, b, c) = (d(alice), d(bob), d(carol));
+    let admin = dir.join("admin").to_string_lossy().into_owned();
+
+    // The admin's own client carries policy updates.
+    let out = shoal(&["admin", "use-client", "--dir", &admin, &d(office)]);
+    assert!(
+        out.contains("policy updates go through the client at"),
+        "{out}"
+    );
+
+    let card = |dir: &str| {
+        shoal(&[
+            "client",
+            "group",
+            "card",
+            "--dir",
+            dir,
+            "--commit-settle-secs",
+            "8",
+        ])
+        .trim()
+        .to_string()
+    };
+    let (_, card_b, card_c) = (card(&a), card(&b), card(&c));
+    shoal(&["client", "contact", "add", "--dir", &a, "bob", &card_b]);
+    shoal(&["client", "contact", "add", "--dir", &a, "carol", &card_c]);
+    shoal(&["client", "group", "create", "--dir", &a, "friends"]);
+    let list = shoal(&["client", "group", "list", "--dir", &a]);
+    let sub = list.split("alice@").nth(1).expect("alice@subnet")[..8].to_string();
+    let id = field(&list, "friends\tid ");
+    let id = id.split('\t').next().unwrap().to_string();
+
+    let mut bob_run = run_client(bob);
+    let mut carol_run = run_client(carol);
+    let mut office_run = run_client(office);
+    let out = shoal_output(&[
+        "client",
+        "group",
+        "invite",
+        "--dir",
+        &a,
+        "--timeout-secs",
+        "60",
+        "friends",
+        "bob",
+        "carol",
+    ]);
+    assert!(
+        out.status.success(),
+        "invite: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let long = Duration::from_secs(60);
+    for p in [bob, carol] {
+        wait_run_line(p, "join", long, |l| l == format!("you joined group {id}"));
+    }
+    let mut alice_run = run_client(alice);
+
+    // De-provision Carol: cut at her gateway, and policy v2 queued for the others.
+    let out = shoal(&["admin", "deprovision", "--dir", &admin, "--handle", "carol"]);
+    assert!(out.contains("policy v2 revokes its keys"), "{out}");
+    assert!(
+        out.contains("queued for 3 member(s) through the mixnet"),
+        "alice, bob and the office client, not carol: {out}"
+    );
+    wait_run_line(office, "the updates sent", long, |l| {
+        l == "queued a message to a member"
+    });
+    for p in [alice, bob] {
+        wait_run_line(p, "policy v2", long, |l| {
+            l == "your admin's policy version 2 is in force"
+        });
+    }
+    // Whichever of Alice's and Bob's removal commits wins, both end at epoch 2.
+    // (Alice named the group; Bob sees its id.)
+    for (p, label) in [(alice, "friends"), (bob, id.as_str())] {
+        wait_run_line(p, "carol's removal", long, |l| {
+            l == format!("group {label} is at epoch 2")
+        });
+    }
+    stop(&mut alice_run);
+    stop(&mut bob_run);
+    stop(&mut carol_run);
+    stop(&mut office_run);
+    for who in [&a, &b] {
+        let list = shoal(&["client", "group", "list", "--dir", who]);
+        assert!(
+            list.contains(&format!("epoch 2\tmembers: alice@{sub}"))
+                && list.contains(&format!("bob@{sub}"))
+                && !list.contains("carol@"),
+            "{list}"
+        );
+    }
+
+    // A message sent now goes to Alice alone; Carol's store never gets it.
+    let after = "carol is no longer with us";
+    let out = shoal(&[
+        "client",
+        "group",
+        "send",
+        "--dir",
+        &b,
+        "--timeout-secs",
+        "60",
+        &id,
+        after,
+    ]);
+    assert!(out.contains("to the mailboxes of 1 members"), "{out}");
+    let mut alice_run = run_client(alice);
+    wait_run_line(alice, "the message after the removal", long, |l| {
+        l.contains(&format!("bob@{sub}: {after}"))
+    });
+    stop(&mut alice_run);
+    let read = shoal(&["client", "read", "--dir", &c]);
+    assert!(!read.contains(after), "{read}");
+
+    drop(net);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("policy test took {:?}", started.elapsed());
+}
