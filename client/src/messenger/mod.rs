@@ -71,6 +71,8 @@ const MAX_FUTURE_MS: u64 = 3600 * 1000;
 const MAX_REPLAY_ENTRIES: usize = 16_384;
 const DIRECT_ID_DOMAIN: &[u8] = b"shoal direct message id";
 const SAFETY_DOMAIN: &[u8] = b"shoal safety number v1";
+/// How long an unverified plain message is kept (it carries no TTL of its own).
+const UNVERIFIED_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Pinned contacts kept; the oldest unconfirmed go first beyond this.
 const MAX_CONTACTS: usize = 4096;
 /// Group messages for groups not joined yet (their Welcome is still on its way) are
@@ -155,12 +157,30 @@ pub enum OutgoingWhat {
     Policy,
 }
 
+/// Names one send the user made ([`Messenger::send_direct`], [`Messenger::send_group`]):
+/// every [`Outgoing`] envelope it produced carries it, so a receipt is bound to its
+/// own message by id, never by position in a queue (see [`crate::receipts`]). Unique
+/// within one [`Messenger`] run; not persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SendId(pub u64);
+
+/// What a user's send produced: its id and how many envelopes it handed to the driver
+/// (one per recipient; zero for a group with nobody else in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendTicket {
+    pub id: SendId,
+    pub envelopes: usize,
+}
+
 /// One message for the driver: seal `bytes` to `to` and send.
 #[derive(Clone)]
 pub struct Outgoing {
     pub to: Contact,
     pub what: OutgoingWhat,
     pub bytes: Vec<u8>,
+    /// The user's send this envelope belongs to (`None`: protocol traffic such as
+    /// commits, invites, policy updates).
+    pub send: Option<SendId>,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -224,6 +244,12 @@ pub struct StoredMessage {
     pub expires_unix_ms: u64,
     pub burn_on_read: bool,
     pub read: bool,
+    /// Not an envelope: plain bytes from a client without a member card (`shoal client
+    /// send` outside a subnet). Nothing vouches for its sender; `from_subnet` and
+    /// `from_key` are all zero. Kept and shown flagged rather than dropped, since the
+    /// gateway has already been told it arrived.
+    #[serde(default)]
+    pub unverified: bool,
 }
 
 impl StoredMessage {
@@ -428,6 +454,9 @@ pub struct MessengerStats {
     pub burnt: u64,
     /// Envelopes that failed to decode or verify.
     pub malformed: u64,
+    /// Plain messages (not envelopes) kept as unverified.
+    #[serde(default)]
+    pub unverified_received: u64,
     /// Direct messages dropped as replays (or too old / too far ahead to tell).
     pub replays_dropped: u64,
     /// Direct messages or invites from a second key for a pinned (subnet, handle).
@@ -481,6 +510,10 @@ pub enum MessengerEvent {
     },
     /// Everything else from the groups (joined, members added/removed, refused, …).
     Group(GroupEvent),
+    /// An envelope failed its checks (a bad signature, a card that does not verify, a
+    /// message for someone else) and was dropped, counted in `malformed`: the user is
+    /// told, since its receipt went back to the sender.
+    Dropped { reason: &'static str },
 }
 
 /// A group as listed to the user.
@@ -565,6 +598,11 @@ pub struct Messenger {
     replay: ReplaySet,
     /// Counter mixed into direct-message ids.
     next_direct: u64,
+    /// The next [`SendId`].
+    next_send: u64,
+    /// Set while a `send_group` call pumps its group's output, so its application
+    /// envelopes carry its id.
+    sending: Option<SendId>,
     outgoing: VecDeque<Outgoing>,
     events: VecDeque<MessengerEvent>,
     stats: MessengerStats,
@@ -627,6 +665,8 @@ impl Messenger {
             contacts: Vec::new(),
             replay: ReplaySet::default(),
             next_direct: 0,
+            next_send: 1,
+            sending: None,
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
             stats: MessengerStats::default(),
@@ -725,10 +765,15 @@ impl Messenger {
         options: MessageOptions,
         body: &[u8],
         now_ms: u64,
-    ) -> Result<(), MessengerError> {
+    ) -> Result<SendTicket, MessengerError> {
         self.check_send(to.credential(), Some(&options), now_ms)?;
-        self.dangerously_send_direct_ignoring_policy(to, options, body, now_ms);
-        Ok(())
+        Ok(self.dangerously_send_direct_ignoring_policy(to, options, body, now_ms))
+    }
+
+    fn new_send_id(&mut self) -> SendId {
+        let id = SendId(self.next_send);
+        self.next_send += 1;
+        id
     }
 
     /// What a modified client does: sends without asking its own policy. For demos and
@@ -739,7 +784,8 @@ impl Messenger {
         options: MessageOptions,
         body: &[u8],
         now_ms: u64,
-    ) {
+    ) -> SendTicket {
+        let send = self.new_send_id();
         let id = self.direct_id(now_ms);
         let msg = DirectMessage::sign(
             &self.key,
@@ -759,7 +805,12 @@ impl Messenger {
             to: self.contact_for(to),
             what: OutgoingWhat::Direct,
             bytes: Envelope::Direct(msg).encode(),
+            send: Some(send),
         });
+        SendTicket {
+            id: send,
+            envelopes: 1,
+        }
     }
 
     /// A fresh id: unique per sender because the counter is persisted with the state.
@@ -784,6 +835,7 @@ impl Messenger {
             to: self.contact_for(to),
             what: OutgoingWhat::Invite,
             bytes: Envelope::Invite(invite).encode(),
+            send: None,
         });
         Ok(())
     }
@@ -853,6 +905,21 @@ impl Messenger {
                     .join(" or ")
             ))),
         }
+    }
+
+    /// The card to write to the contact (`subnet`, `key`) with, e.g. to answer a
+    /// message whose card arrived with it: a key pinned on first use, or one the user
+    /// confirmed. An unconfirmed key change (a second key for a name already pinned: a
+    /// new device, or an admin impersonating the person) is refused until the user
+    /// accepts it, so a reply never goes to an impostor unnoticed.
+    pub fn reply_card(&self, subnet: &SubnetId, key: &Hex32) -> Result<MemberCard, MessengerError> {
+        let c = self
+            .contact(subnet, key)
+            .ok_or_else(|| MessengerError::UnknownContact(hex_short(&key.0)))?;
+        if c.alert() {
+            return Err(MessengerError::NotConfirmed(c.display()));
+        }
+        MemberCard::parse(&c.card).map_err(MessengerError::Subnet)
     }
 
     /// The user vouches for `card` (pasted it, or checked its safety number): pins its
@@ -985,7 +1052,7 @@ impl Messenger {
         options: MessageOptions,
         body: &[u8],
         now_ms: u64,
-    ) -> Result<(), MessengerError> {
+    ) -> Result<SendTicket, MessengerError> {
         let result = self.groups.send(group, options, body, now_ms);
         if matches!(result, Err(GroupError::Policy { .. })) {
             self.stats.sends_refused += 1;
@@ -993,7 +1060,19 @@ impl Messenger {
         if result.is_ok() {
             self.stats.group_sent += 1;
         }
-        self.after_group_call(result, now_ms)
+        let id = self.new_send_id();
+        let before = self.outgoing.len();
+        self.sending = Some(id);
+        let done = self.after_group_call(result, now_ms);
+        self.sending = None;
+        done?;
+        let envelopes = self
+            .outgoing
+            .iter()
+            .skip(before)
+            .filter(|o| o.send == Some(id))
+            .count();
+        Ok(SendTicket { id, envelopes })
     }
 
     pub fn remove_member(
@@ -1058,14 +1137,59 @@ impl Messenger {
             Ok(Envelope::Mls(b)) => self.on_mls(b, now_ms, true),
             Ok(Envelope::Policy(b)) => self.on_policy(&b),
             Ok(Envelope::Invite(i)) => self.on_invite(i, now_ms),
-            Err(_) => self.stats.malformed += 1,
+            Err(_) if wire::is_plain(bytes) => self.store_unverified(bytes, now_ms),
+            Err(_) => self.drop_malformed("it is damaged"),
         }
         self.pump_groups(now_ms);
     }
 
+    fn drop_malformed(&mut self, reason: &'static str) {
+        self.stats.malformed += 1;
+        self.events.push_back(MessengerEvent::Dropped { reason });
+    }
+
+    /// Keeps plain bytes (not an envelope) as an unverified message, for the default TTL.
+    fn store_unverified(&mut self, bytes: &[u8], now_ms: u64) {
+        self.stats.unverified_received += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        let (subnet, key): (SubnetId, Hex32) = (Hex32([0; 32]), Hex32([0; 32]));
+        self.events.push_back(MessengerEvent::Message {
+            id,
+            from: String::new(),
+            subnet,
+            key,
+            key_alert: false,
+            group: None,
+            body: bytes.to_vec(),
+        });
+        self.push_inbox(StoredMessage {
+            id,
+            from: String::new(),
+            from_subnet: subnet,
+            from_key: key,
+            key_alert: false,
+            group: None,
+            body: bytes.to_vec(),
+            received_unix_ms: now_ms,
+            expires_unix_ms: now_ms.saturating_add(UNVERIFIED_TTL_MS),
+            burn_on_read: false,
+            read: false,
+            unverified: true,
+        });
+    }
+
+    fn push_inbox(&mut self, m: StoredMessage) {
+        self.inbox.push(m);
+        if self.inbox.len() > self.config.max_inbox {
+            let extra = self.inbox.len() - self.config.max_inbox;
+            self.inbox.drain(..extra);
+        }
+    }
+
     fn on_direct(&mut self, d: DirectMessage, now_ms: u64) {
         let Ok(card) = MemberCard::parse(&d.card) else {
-            self.stats.malformed += 1;
+            self.drop_malformed("its sender's card does not verify");
             return;
         };
         let me = Recipient {
@@ -1073,7 +1197,7 @@ impl Messenger {
             subnet: self.card().subnet().0,
         };
         if !d.verify(&card.identity_key(), &me) {
-            self.stats.malformed += 1;
+            self.drop_malformed("its signature does not verify, or it was meant for someone else");
             return;
         }
         if !self
@@ -1123,7 +1247,7 @@ impl Messenger {
             group: group.clone(),
             body: body.clone(),
         });
-        self.inbox.push(StoredMessage {
+        self.push_inbox(StoredMessage {
             id,
             from: from.handle().into(),
             from_subnet: from.subnet(),
@@ -1135,11 +1259,8 @@ impl Messenger {
             expires_unix_ms: now_ms.saturating_add(options.ttl_secs.saturating_mul(1000)),
             burn_on_read: options.burn_on_read,
             read: false,
+            unverified: false,
         });
-        if self.inbox.len() > self.config.max_inbox {
-            let extra = self.inbox.len() - self.config.max_inbox;
-            self.inbox.drain(..extra);
-        }
     }
 
     fn on_mls(&mut self, bytes: Vec<u8>, now_ms: u64, may_park: bool) {
@@ -1185,7 +1306,7 @@ impl Messenger {
 
     fn on_invite(&mut self, invite: Invite, now_ms: u64) {
         let Ok(card) = MemberCard::parse(&invite.card) else {
-            self.stats.malformed += 1;
+            self.drop_malformed("the card in it does not verify");
             return;
         };
         self.stats.invites_received += 1;
@@ -1218,11 +1339,17 @@ impl Messenger {
             let mut joined = false;
             while let Some(out) = self.groups.poll_outgoing() {
                 let env = Envelope::Mls(out.bytes).encode();
+                // Only a `send_group` call produces application messages.
+                let send = match out.kind {
+                    OutgoingKind::Application => self.sending,
+                    _ => None,
+                };
                 for r in &out.recipients {
                     self.outgoing.push_back(Outgoing {
                         to: self.contact_for(r),
                         what: OutgoingWhat::Group(out.kind),
                         bytes: env.clone(),
+                        send,
                     });
                 }
             }

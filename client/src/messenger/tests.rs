@@ -666,3 +666,56 @@ fn replay_set_is_bounded_and_evicted_ids_stay_refused() {
         "another sender's id"
     );
 }
+
+// Regression (issue 18 #2): a plain message (from `shoal client send` without a member
+// card) was acked at the gateway and then dropped as malformed, unseen. It is kept,
+// flagged unverified; a damaged or forged envelope is dropped but the user is told.
+#[test]
+fn plain_messages_are_kept_unverified_and_drops_are_reported() {
+    let World { mut ms, .. } = world();
+    ms[0].handle_incoming(b"hello from a plain client", NOW);
+    let got = ms[0].peek().to_vec();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].unverified);
+    assert_eq!(got[0].body, b"hello from a plain client");
+    assert_eq!(got[0].from_key, Hex32([0; 32]));
+    assert_eq!(ms[0].stats().unverified_received, 1);
+    assert!(events(&mut ms[0]).iter().any(|e| matches!(
+        e,
+        MessengerEvent::Message { body, .. } if body == b"hello from a plain client"
+    )));
+    // A damaged envelope: dropped, counted and reported.
+    ms[0].handle_incoming(b"SM\x00\x02\x01garbage", NOW);
+    assert_eq!(ms[0].peek().len(), 1);
+    assert_eq!(ms[0].stats().malformed, 1);
+    assert!(
+        events(&mut ms[0])
+            .iter()
+            .any(|e| matches!(e, MessengerEvent::Dropped { .. }))
+    );
+    // Kept across a restart like any message.
+    let snap = ms[0].snapshot().unwrap();
+    let back = Messenger::restore(&snap, NOW).unwrap();
+    assert!(back.peek()[0].unverified);
+}
+
+// Issue 18 #1: every envelope of a send carries that send's id, and only those.
+#[test]
+fn sends_tag_their_own_envelopes() {
+    let World { mut ms, .. } = world();
+    let g = form_group(&mut ms, &[1, 3], NOW);
+    let now = NOW + 2 * SETTLE;
+    while ms[0].poll_outgoing().is_some() {}
+    let al = cred(&ms, 1);
+    let a = ms[0].send_direct(&al, OPTS, b"one", now).unwrap();
+    let b = ms[0].send_group(&g, OPTS, b"two", now).unwrap();
+    assert_ne!(a.id, b.id);
+    assert_eq!((a.envelopes, b.envelopes), (1, 2));
+    let tags: Vec<Option<SendId>> = std::iter::from_fn(|| ms[0].poll_outgoing())
+        .map(|o| o.send)
+        .collect();
+    assert_eq!(tags, [Some(a.id), Some(b.id), Some(b.id)]);
+    // Protocol traffic carries none.
+    ms[0].send_invite(&al, now).unwrap();
+    assert_eq!(ms[0].poll_outgoing().unwrap().send, None);
+}

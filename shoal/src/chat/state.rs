@@ -30,6 +30,9 @@ pub enum Delivery {
     Acked,
     /// The app refused it (the reason is in the status line).
     Failed,
+    /// Kept on this device until the user accepts the recipient's key (`/accept`) or
+    /// adds their card (`/add`); then it is sent.
+    Held,
 }
 
 impl Delivery {
@@ -39,6 +42,7 @@ impl Delivery {
             Delivery::Sent => "sent",
             Delivery::Acked => "delivered",
             Delivery::Failed => "not sent",
+            Delivery::Held => "held: /accept or /add them to send",
         }
     }
 }
@@ -120,6 +124,10 @@ pub enum Update {
     Delivery {
         local_id: u64,
         delivery: Delivery,
+    },
+    /// A held or failed own message is being sent again: back to queued.
+    Retry {
+        local_id: u64,
     },
     Online(bool),
     Status(String),
@@ -416,6 +424,19 @@ impl ChatState {
                     }
                 }
             }
+            Update::Retry { local_id } => {
+                for m in self
+                    .conversations
+                    .iter_mut()
+                    .flat_map(|c| c.messages.iter_mut())
+                {
+                    if let Some((id, d)) = &mut m.own
+                        && *id == local_id
+                    {
+                        *d = Delivery::Queued;
+                    }
+                }
+            }
             Update::Online(online) => self.online = online,
             Update::Status(s) => self.status = s,
         }
@@ -457,6 +478,8 @@ fn rank(d: Delivery) -> u8 {
         Delivery::Sent => 1,
         Delivery::Acked => 2,
         Delivery::Failed => 3,
+        // Left only by a retry (`Update::Retry`).
+        Delivery::Held => 4,
     }
 }
 
