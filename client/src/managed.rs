@@ -333,6 +333,11 @@ impl Task {
             let result = match self.client.send(out.to, out.bytes).await {
                 Ok(message_id) => {
                     self.counters.envelopes_sent += 1;
+                    if let Some(send) = send {
+                        // Saved at the next flush: receipts after a restart find it.
+                        self.messenger.note_envelope(send, message_id);
+                        self.unsaved = true;
+                    }
                     Ok(message_id)
                 }
                 Err(e) => {

@@ -346,6 +346,31 @@ fn two_people_chat_in_a_group_through_tmux() {
         !tmux.alive("alice") && !tmux.alive("bob"),
         "the chat did not exit on /quit"
     );
+    // Alice opens the chat again: her own messages are still there, with their marks
+    // (issue 18 #8).
+    let cmd = format!("SHOAL_LOG=debug {SHOAL} chat --dir {}", alice.dir.display());
+    tmux.ok(&[
+        "new-session",
+        "-d",
+        "-s",
+        "alice",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    tmux.wait_for(
+        "alice",
+        "her own answer after a restart",
+        short,
+        |s| {
+            s.lines()
+                .any(|l| l.contains(&format!("alice: {answer}")) && l.contains("[delivered"))
+        },
+        &log(alice),
+    );
+    tmux.type_line("alice", "/quit");
     drop(tmux);
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);

@@ -160,8 +160,8 @@ pub enum OutgoingWhat {
 /// Names one send the user made ([`Messenger::send_direct`], [`Messenger::send_group`]):
 /// every [`Outgoing`] envelope it produced carries it, so a receipt is bound to its
 /// own message by id, never by position in a queue (see [`crate::receipts`]). Unique
-/// within one [`Messenger`] run; not persisted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// per member (the counter is kept in the state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SendId(pub u64);
 
 /// What a user's send produced: its id and how many envelopes it handed to the driver
@@ -170,6 +170,51 @@ pub struct SendId(pub u64);
 pub struct SendTicket {
     pub id: SendId,
     pub envelopes: usize,
+}
+
+/// Where an own message went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum OwnTo {
+    Direct { subnet: SubnetId, key: Hex32 },
+    Group(#[serde(with = "b64")] GroupId),
+}
+
+/// The last delivery mark of an own message (see [`crate::receipts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OwnState {
+    Queued,
+    Sent,
+    Delivered,
+    Failed,
+}
+
+/// A message this member sent, kept (like the inbox, in the store) until its TTL runs
+/// out so the sender still sees it after a restart. Burn-on-read messages are not kept.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnMessage {
+    pub id: SendId,
+    pub to: OwnTo,
+    #[serde(with = "b64")]
+    pub body: Vec<u8>,
+    pub sent_unix_ms: u64,
+    pub expires_unix_ms: u64,
+    /// Copies it went out as (one per recipient).
+    pub envelopes: usize,
+    /// The client driver's ids of the copies handed to it, so receipts that come after
+    /// a restart still find their message.
+    pub message_ids: Vec<[u8; 16]>,
+    pub state: OwnState,
+}
+
+impl std::fmt::Debug for OwnMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnMessage")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One message for the driver: seal `bytes` to `to` and send.
@@ -561,6 +606,10 @@ struct State {
     contacts: Vec<PinnedContact>,
     replay: ReplaySet,
     next_direct: u64,
+    #[serde(default)]
+    next_send: u64,
+    #[serde(default)]
+    own: Vec<OwnMessage>,
 }
 
 mod ids_b64 {
@@ -600,6 +649,8 @@ pub struct Messenger {
     next_direct: u64,
     /// The next [`SendId`].
     next_send: u64,
+    /// Own messages, oldest first.
+    own: Vec<OwnMessage>,
     /// Set while a `send_group` call pumps its group's output, so its application
     /// envelopes carry its id.
     sending: Option<SendId>,
@@ -666,6 +717,7 @@ impl Messenger {
             replay: ReplaySet::default(),
             next_direct: 0,
             next_send: 1,
+            own: Vec::new(),
             sending: None,
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
@@ -767,7 +819,64 @@ impl Messenger {
         now_ms: u64,
     ) -> Result<SendTicket, MessengerError> {
         self.check_send(to.credential(), Some(&options), now_ms)?;
-        Ok(self.dangerously_send_direct_ignoring_policy(to, options, body, now_ms))
+        let ticket = self.dangerously_send_direct_ignoring_policy(to, options, body, now_ms);
+        let to = OwnTo::Direct {
+            subnet: to.subnet(),
+            key: Hex32(to.identity_key()),
+        };
+        self.keep_own(ticket, to, options, body, now_ms);
+        Ok(ticket)
+    }
+
+    /// Keeps an own message for the sender (not burn-on-read ones: those leave no
+    /// copy behind).
+    fn keep_own(
+        &mut self,
+        ticket: SendTicket,
+        to: OwnTo,
+        options: MessageOptions,
+        body: &[u8],
+        now_ms: u64,
+    ) {
+        if options.burn_on_read {
+            return;
+        }
+        self.own.push(OwnMessage {
+            id: ticket.id,
+            to,
+            body: body.to_vec(),
+            sent_unix_ms: now_ms,
+            expires_unix_ms: now_ms.saturating_add(options.ttl_secs.saturating_mul(1000)),
+            envelopes: ticket.envelopes,
+            message_ids: Vec::new(),
+            state: OwnState::Queued,
+        });
+        if self.own.len() > self.config.max_inbox {
+            let extra = self.own.len() - self.config.max_inbox;
+            self.own.drain(..extra);
+        }
+        self.dirty = true;
+    }
+
+    /// Own messages not yet expired, oldest first.
+    pub fn own_messages(&self) -> &[OwnMessage] {
+        &self.own
+    }
+
+    /// The driver took one copy of own message `send` under `message_id`.
+    pub fn note_envelope(&mut self, send: SendId, message_id: [u8; 16]) {
+        if let Some(m) = self.own.iter_mut().find(|m| m.id == send) {
+            m.message_ids.push(message_id);
+            self.dirty = true;
+        }
+    }
+
+    /// The newest delivery mark of own message `send`.
+    pub fn note_own_state(&mut self, send: SendId, state: OwnState) {
+        if let Some(m) = self.own.iter_mut().find(|m| m.id == send) {
+            m.state = state;
+            self.dirty = true;
+        }
     }
 
     fn new_send_id(&mut self) -> SendId {
@@ -1072,7 +1181,9 @@ impl Messenger {
             .skip(before)
             .filter(|o| o.send == Some(id))
             .count();
-        Ok(SendTicket { id, envelopes })
+        let ticket = SendTicket { id, envelopes };
+        self.keep_own(ticket, OwnTo::Group(group.to_vec()), options, body, now_ms);
+        Ok(ticket)
     }
 
     pub fn remove_member(
@@ -1427,7 +1538,12 @@ impl Messenger {
 
     /// When [`Self::handle_timeout`] must next be called (unix ms), if ever.
     pub fn poll_timeout(&self) -> Option<u64> {
-        let expiry = self.inbox.iter().map(|m| m.expires_unix_ms).min();
+        let expiry = self
+            .inbox
+            .iter()
+            .map(|m| m.expires_unix_ms)
+            .chain(self.own.iter().map(|m| m.expires_unix_ms))
+            .min();
         let parked = self.parked.iter().map(|p| p.at_ms + PARK_MS).min();
         [self.groups.poll_timeout(), expiry, parked]
             .into_iter()
@@ -1452,6 +1568,11 @@ impl Messenger {
     }
 
     fn expire(&mut self, now_ms: u64) {
+        let own = self.own.len();
+        self.own.retain(|m| m.expires_unix_ms > now_ms);
+        if self.own.len() != own {
+            self.dirty = true;
+        }
         let before = self.inbox.len();
         self.inbox.retain(|m| m.expires_unix_ms > now_ms);
         if self.inbox.len() != before {
@@ -1511,6 +1632,8 @@ impl Messenger {
             contacts: self.contacts.clone(),
             replay: self.replay.clone(),
             next_direct: self.next_direct,
+            next_send: self.next_send,
+            own: self.own.clone(),
         };
         Ok(MessengerSnapshot {
             groups: self.groups.snapshot()?,
@@ -1540,6 +1663,8 @@ impl Messenger {
         m.replay = state.replay;
         m.replay.rebuild();
         m.next_direct = state.next_direct;
+        m.next_send = state.next_send.max(1);
+        m.own = state.own;
         m.dirty = false;
         m.expire(now_ms);
         Ok(m)

@@ -719,3 +719,42 @@ fn sends_tag_their_own_envelopes() {
     ms[0].send_invite(&al, now).unwrap();
     assert_eq!(ms[0].poll_outgoing().unwrap().send, None);
 }
+
+// Regression (issue 18 #8): own messages vanished when the chat restarted. They are
+// kept in the state (with the driver's ids of their copies and their last mark) until
+// their TTL runs out; burn-on-read ones leave no copy.
+#[test]
+fn own_messages_survive_a_restart_until_they_expire() {
+    let World { mut ms, .. } = world();
+    let al = cred(&ms, 1);
+    let t = ms[0].send_direct(&al, OPTS, b"kept", NOW).unwrap();
+    let burn = MessageOptions {
+        ttl_secs: 60,
+        burn_on_read: true,
+    };
+    ms[0].send_direct(&al, burn, b"not kept", NOW).unwrap();
+    ms[0].note_envelope(t.id, [5; 16]);
+    ms[0].note_own_state(t.id, OwnState::Sent);
+    let back = Messenger::restore(&ms[0].snapshot().unwrap(), NOW + 1).unwrap();
+    let own = back.own_messages();
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].body, b"kept");
+    assert_eq!(own[0].id, t.id);
+    assert_eq!(own[0].message_ids, [[5; 16]]);
+    assert_eq!(own[0].state, OwnState::Sent);
+    assert_eq!(
+        own[0].to,
+        OwnTo::Direct {
+            subnet: al.subnet(),
+            key: Hex32(al.identity_key())
+        }
+    );
+    // Send ids stay unique across the restart.
+    let mut back = back;
+    let next = back.send_direct(&al, OPTS, b"after", NOW + 2).unwrap();
+    assert!(next.id > t.id);
+    // Gone with their TTL.
+    let later = NOW + OPTS.ttl_secs * 1000 + 10;
+    back.handle_timeout(later);
+    assert!(back.own_messages().is_empty());
+}

@@ -13,8 +13,8 @@ use shoal_client::driver::{self, DriverEvent};
 use shoal_client::group::GroupEvent;
 use shoal_client::managed::{self, EnvelopeSent, ManagedHandle, unix_ms};
 use shoal_client::messenger::{
-    Conversation, Messenger, MessengerError, MessengerEvent, PinnedContact, SendId, SendTicket,
-    display_name, invite_to_text,
+    Conversation, Messenger, MessengerError, MessengerEvent, OwnMessage, OwnState, OwnTo,
+    PinnedContact, SendId, SendTicket, display_name, invite_to_text,
 };
 use shoal_client::receipts::{self, Receipts};
 use shoal_subnet::{MessageOptions, SubnetId};
@@ -124,18 +124,18 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                     Err(broadcast::error::RecvError::Lagged(_)) => ui.refresh_groups().await,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
-                s = sent.recv() => if let Ok(s) = s { ui.on_envelope(s) },
+                s = sent.recv() => if let Ok(s) = s { ui.on_envelope(s).await },
                 d = raw.recv() => match d {
                     Ok(DriverEvent::Acked { message_id }) => {
                         let r = ui.tracker.on_acked(&message_id);
-                        ui.on_receipt(r);
+                        ui.on_receipt(r).await;
                     }
                     Ok(DriverEvent::Connected) => ui.state.apply(Update::Online(true)),
                     Ok(DriverEvent::Disconnected) => ui.state.apply(Update::Online(false)),
                     Ok(DriverEvent::Problem(p)) => ui.state.apply(Update::Status(p.to_string())),
                     _ => {}
                 },
-                _ = tick.tick() => ui.on_tick(),
+                _ = tick.tick() => ui.on_tick().await,
                 r = &mut signal => { r?; return Ok(()); }
             }
             ui.burn_if_seen().await;
@@ -216,9 +216,20 @@ struct Ui<'a> {
 
 impl<'a> Ui<'a> {
     async fn new(handle: &'a ManagedHandle, dir: PathBuf, file: ChatFile) -> anyhow::Result<Self> {
-        let (me, inbox, contacts) = handle
+        let (me, inbox, contacts, own) = handle
             .with(|m, _| {
                 let c = m.credential();
+                let own: Vec<(String, OwnMessage)> = m
+                    .own_messages()
+                    .iter()
+                    .map(|o| {
+                        let label = match &o.to {
+                            OwnTo::Direct { subnet, key } => label_of(m, subnet, key),
+                            OwnTo::Group(_) => String::new(),
+                        };
+                        (label, o.clone())
+                    })
+                    .collect();
                 let inbox: Vec<(StoredLabel, shoal_client::messenger::StoredMessage)> = m
                     .peek()
                     .iter()
@@ -230,7 +241,7 @@ impl<'a> Ui<'a> {
                     .filter(|c| c.confirmed)
                     .map(conv_label)
                     .collect();
-                ((c.handle().to_string(), c.subnet()), inbox, contacts)
+                ((c.handle().to_string(), c.subnet()), inbox, contacts, own)
             })
             .await?;
         let mut ui = Ui {
@@ -257,6 +268,8 @@ impl<'a> Ui<'a> {
             });
         }
         ui.refresh_groups().await;
+        // Received and own messages from before, in time order.
+        let mut earlier: Vec<(u64, Update)> = Vec::new();
         for (label, m) in inbox {
             let conv = match m.group {
                 Some(g) => ConvKey::Group(g),
@@ -265,14 +278,58 @@ impl<'a> Ui<'a> {
             if m.burn_on_read {
                 ui.burn_pending.push(conv.clone());
             }
-            ui.state.apply(Update::Received {
-                conv,
-                from: label,
-                body: clean(&m.body),
-                at_unix_ms: m.received_unix_ms,
-                expires_unix_ms: m.expires_unix_ms,
-                burn_on_read: m.burn_on_read,
-            });
+            earlier.push((
+                m.received_unix_ms,
+                Update::Received {
+                    conv,
+                    from: label,
+                    body: clean(&m.body),
+                    at_unix_ms: m.received_unix_ms,
+                    expires_unix_ms: m.expires_unix_ms,
+                    burn_on_read: m.burn_on_read,
+                },
+            ));
+        }
+        for (label, o) in own {
+            let local_id = RESTORED_LOCAL_IDS + o.id.0;
+            let conv = match o.to {
+                OwnTo::Group(g) => ConvKey::Group(g),
+                OwnTo::Direct { .. } => ConvKey::Direct(label),
+            };
+            let delivery = match o.state {
+                OwnState::Queued => Delivery::Queued,
+                OwnState::Sent => Delivery::Sent,
+                OwnState::Delivered => Delivery::Acked,
+                OwnState::Failed => Delivery::Failed,
+            };
+            // Receipts still to come find their message again.
+            if matches!(o.state, OwnState::Queued | OwnState::Sent)
+                && o.message_ids.len() == o.envelopes
+            {
+                ui.local_of.insert(o.id, local_id);
+                ui.tracker.expect(SendTicket {
+                    id: o.id,
+                    envelopes: o.envelopes,
+                });
+                for id in &o.message_ids {
+                    ui.tracker.on_envelope(o.id, Ok(*id));
+                }
+            }
+            earlier.push((
+                o.sent_unix_ms,
+                Update::Own {
+                    conv,
+                    local_id,
+                    body: clean(&o.body),
+                    at_unix_ms: o.sent_unix_ms,
+                    expires_unix_ms: o.expires_unix_ms,
+                    delivery,
+                },
+            ));
+        }
+        earlier.sort_by_key(|(t, _)| *t);
+        for (_, u) in earlier {
+            ui.state.apply(u);
         }
         // What was there before this session counts as seen.
         for c in &mut ui.state.conversations {
@@ -393,7 +450,7 @@ impl<'a> Ui<'a> {
             Ok(ticket) => {
                 self.local_of.insert(ticket.id, o.local_id);
                 let r = self.tracker.expect(ticket);
-                self.on_receipt(r);
+                self.on_receipt(r).await;
                 Ok(())
             }
             Err(NotTaken::Identity(why)) => {
@@ -423,32 +480,36 @@ impl<'a> Ui<'a> {
         }
     }
 
-    fn on_envelope(&mut self, s: EnvelopeSent) {
+    async fn on_envelope(&mut self, s: EnvelopeSent) {
         if let Some(send) = s.send {
             let r = self.tracker.on_envelope(send, s.result);
-            self.on_receipt(r);
+            self.on_receipt(r).await;
         }
     }
 
-    /// Shows what became of an own message.
-    fn on_receipt(&mut self, r: Option<(SendId, receipts::Delivery)>) {
+    /// Shows what became of an own message, and keeps the mark with it.
+    async fn on_receipt(&mut self, r: Option<(SendId, receipts::Delivery)>) {
         let Some((send, d)) = r else { return };
         let Some(&local_id) = self.local_of.get(&send) else {
             return;
         };
-        let delivery = match d {
-            receipts::Delivery::Sent => Delivery::Sent,
+        let (delivery, kept) = match d {
+            receipts::Delivery::Sent => (Delivery::Sent, OwnState::Sent),
             receipts::Delivery::Delivered => {
                 self.local_of.remove(&send);
-                Delivery::Acked
+                (Delivery::Acked, OwnState::Delivered)
             }
             receipts::Delivery::Failed(why) => {
                 self.local_of.remove(&send);
                 self.status(format!("a message was not sent: {why}"));
-                Delivery::Failed
+                (Delivery::Failed, OwnState::Failed)
             }
         };
         self.state.apply(Update::Delivery { local_id, delivery });
+        let _ = self
+            .handle
+            .with(move |m, _| m.note_own_state(send, kept))
+            .await;
     }
 
     fn fail(&mut self, local_id: u64) {
@@ -717,14 +778,14 @@ impl<'a> Ui<'a> {
         }
     }
 
-    fn on_tick(&mut self) {
+    async fn on_tick(&mut self) {
         self.state.expire(unix_ms());
         let stats = self.handle.client().stats();
         self.state.apply(Update::Online(stats.connected));
         // Offline, the schedule still runs but its packets go nowhere: nothing "left".
         let idle = stats.connected && stats.core.queued_fragments == 0;
         for r in self.tracker.on_tick(idle) {
-            self.on_receipt(Some(r));
+            self.on_receipt(Some(r)).await;
         }
     }
 
@@ -778,6 +839,10 @@ fn conv_label(c: &PinnedContact) -> String {
 }
 
 type StoredLabel = String;
+
+/// Local ids of own messages from before this session: the kept message's id plus
+/// this, apart from the ids the state hands out.
+const RESTORED_LOCAL_IDS: u64 = 1 << 62;
 
 /// Where plain messages (from a client without a member card) are shown.
 const UNVERIFIED_LABEL: &str = "unverified (no sender identity)";

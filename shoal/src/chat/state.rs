@@ -125,6 +125,15 @@ pub enum Update {
         local_id: u64,
         delivery: Delivery,
     },
+    /// An own message from before this session (kept in the store).
+    Own {
+        conv: ConvKey,
+        local_id: u64,
+        body: String,
+        at_unix_ms: u64,
+        expires_unix_ms: u64,
+        delivery: Delivery,
+    },
     /// A held or failed own message is being sent again: back to queued.
     Retry {
         local_id: u64,
@@ -424,6 +433,28 @@ impl ChatState {
                     }
                 }
             }
+            Update::Own {
+                conv,
+                local_id,
+                body,
+                at_unix_ms,
+                expires_unix_ms,
+                delivery,
+            } => {
+                let i = self.ensure(conv.clone(), default_title(&conv), Vec::new());
+                let from = self.me.clone();
+                push_capped(
+                    &mut self.conversations[i].messages,
+                    ChatMessage {
+                        from,
+                        body,
+                        at_unix_ms,
+                        expires_unix_ms,
+                        burn_on_read: false,
+                        own: Some((local_id, delivery)),
+                    },
+                );
+            }
             Update::Retry { local_id } => {
                 for m in self
                     .conversations
@@ -552,6 +583,41 @@ mod tests {
         assert_eq!(m.own, Some((1, Delivery::Queued)));
         s.stamp_own(1, 1_000, 10);
         assert_eq!(s.conversations[0].messages[0].expires_unix_ms, 11_000);
+    }
+
+    #[test]
+    fn held_messages_go_back_to_queued_on_retry_and_kept_ones_show() {
+        let mut s = ChatState::new("me".into());
+        s.apply(Update::Conversation {
+            key: ConvKey::Direct("bob".into()),
+            title: "bob".into(),
+            members: vec![],
+        });
+        s.on_key(Key::Paste("hi\n".into()));
+        let held = |s: &ChatState| s.conversations[0].messages[0].own.map(|o| o.1);
+        s.apply(Update::Delivery {
+            local_id: 1,
+            delivery: Delivery::Held,
+        });
+        assert_eq!(held(&s), Some(Delivery::Held));
+        s.apply(Update::Delivery {
+            local_id: 1,
+            delivery: Delivery::Sent,
+        });
+        assert_eq!(held(&s), Some(Delivery::Held), "only a retry leaves held");
+        s.apply(Update::Retry { local_id: 1 });
+        assert_eq!(held(&s), Some(Delivery::Queued));
+        s.apply(Update::Own {
+            conv: ConvKey::Direct("bob".into()),
+            local_id: 1 << 62,
+            body: "from before".into(),
+            at_unix_ms: 5,
+            expires_unix_ms: 10,
+            delivery: Delivery::Acked,
+        });
+        let m = &s.conversations[0].messages[1];
+        assert_eq!((m.from.as_str(), m.body.as_str()), ("me", "from before"));
+        assert_eq!(m.own, Some((1 << 62, Delivery::Acked)));
     }
 
     #[test]
