@@ -1628,9 +1628,7 @@ async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
 }
 
 fn format_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    format!("{h:02}:{m:02}:{s:02} UTC")
+    crate::human_time::human_time_ms(ms)
 }
 
 #[cfg(test)]

@@ -587,13 +587,8 @@ mod tests {
 
     #[test]
     fn held_messages_go_back_to_queued_on_retry_and_kept_ones_show() {
-        let mut s = ChatState::new("me".into());
-        s.apply(Update::Conversation {
-            key: ConvKey::Direct("bob".into()),
-            title: "bob".into(),
-            members: vec![],
-        });
-        s.on_key(Key::Paste("hi\n".into()));
+        let mut s = with_two();
+        assert!(typed(&mut s, "hi").is_some());
         let held = |s: &ChatState| s.conversations[0].messages[0].own.map(|o| o.1);
         s.apply(Update::Delivery {
             local_id: 1,
@@ -616,7 +611,7 @@ mod tests {
             delivery: Delivery::Acked,
         });
         let m = &s.conversations[0].messages[1];
-        assert_eq!((m.from.as_str(), m.body.as_str()), ("me", "from before"));
+        assert_eq!((m.from.as_str(), m.body.as_str()), ("alice", "from before"));
         assert_eq!(m.own, Some((1 << 62, Delivery::Acked)));
     }
 
