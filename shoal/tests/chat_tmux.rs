@@ -228,6 +228,18 @@ fn two_people_chat_in_a_group_through_tmux() {
         &log(alice),
     );
 
+    // Alice saves Carol's card too (she uses scripts, not the chat).
+    tmux.ok(&["send-keys", "-t", "alice", "-l", "/add "]);
+    tmux.paste("alice", card_c.trim());
+    tmux.ok(&["send-keys", "-t", "alice", "Enter"]);
+    tmux.wait_for(
+        "alice",
+        "contact carol",
+        short,
+        |s| s.contains("@ carol@"),
+        &log(alice),
+    );
+
     // Alice makes a group and adds Bob; the group shows him once the change settled.
     tmux.type_line("alice", "/group new friends");
     tmux.wait_for(
@@ -238,6 +250,15 @@ fn two_people_chat_in_a_group_through_tmux() {
         &log(alice),
     );
     tmux.type_line("alice", "/invite bob");
+    // A second invite while the first settles is queued, not refused (issue 18 #9).
+    tmux.type_line("alice", "/invite carol");
+    tmux.wait_for(
+        "alice",
+        "carol queued",
+        short,
+        |s| s.contains("carol is queued"),
+        &log(alice),
+    );
     tmux.wait_for(
         "alice",
         "bob in the group",
@@ -246,6 +267,21 @@ fn two_people_chat_in_a_group_through_tmux() {
         &log(alice),
     );
 
+    tmux.wait_for(
+        "alice",
+        "carol in the group after bob",
+        long,
+        |s| s.contains("friends — with bob") && s.contains(", carol@"),
+        &log(alice),
+    );
+    tmux.type_line("alice", "/members");
+    tmux.wait_for(
+        "alice",
+        "member list",
+        short,
+        |s| s.contains("3 members: alice (you), bob@"),
+        &log(alice),
+    );
     let hello = "hello friends, this crossed the mixnet";
     tmux.type_line("alice", hello);
     tmux.wait_for(

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use shoal_client::ClientStore;
 use shoal_client::driver::{self, DriverEvent};
-use shoal_client::group::GroupEvent;
+use shoal_client::group::{GroupError, GroupEvent};
 use shoal_client::managed::{self, EnvelopeSent, ManagedHandle, unix_ms};
 use shoal_client::messenger::{
     Conversation, Messenger, MessengerError, MessengerEvent, OwnMessage, OwnState, OwnTo,
@@ -135,7 +135,10 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                     Ok(DriverEvent::Problem(p)) => ui.state.apply(Update::Status(p.to_string())),
                     _ => {}
                 },
-                _ = tick.tick() => ui.on_tick().await,
+                _ = tick.tick() => {
+                    ui.on_tick().await;
+                    ui.flush_invites().await;
+                }
                 r = &mut signal => { r?; return Ok(()); }
             }
             ui.burn_if_seen().await;
@@ -209,6 +212,8 @@ struct Ui<'a> {
     local_of: HashMap<SendId, u64>,
     /// Own messages held until their recipient's key is accepted.
     held: Vec<Outbound>,
+    /// (group, handle) invites waiting for the group's current change to settle.
+    queued_invites: Vec<(Vec<u8>, String)>,
     /// Conversations that received burn-on-read messages not yet burnt.
     burn_pending: Vec<ConvKey>,
     me: (String, shoal_subnet::SubnetId),
@@ -252,6 +257,7 @@ impl<'a> Ui<'a> {
             tracker: Receipts::new(),
             local_of: HashMap::new(),
             held: Vec::new(),
+            queued_invites: Vec::new(),
             burn_pending: Vec::new(),
             me,
         };
@@ -380,6 +386,9 @@ impl<'a> Ui<'a> {
             Request::NewGroup { name } => self.new_group(name).await,
             Request::Invite { group, handle } => self.invite(group, handle).await,
             Request::ShowCard => self.show_card().await,
+            Request::Remove { group, handle } => self.remove(group, handle).await,
+            Request::Leave { group } => self.leave(group).await,
+            Request::Rename { group, name } => self.rename(group, name),
             Request::Verify { to, contact } => self.verify(to, contact).await,
             Request::Accept { contact } => self.accept(contact).await,
             Request::Quit => Ok(()),
@@ -571,6 +580,7 @@ impl<'a> Ui<'a> {
     async fn invite(&mut self, group: Vec<u8>, handle: String) -> anyhow::Result<()> {
         let file = self.file.clone();
         let h = handle.clone();
+        let group_id = group.clone();
         // The handle is resolved to one pinned key; only that key's cards are used.
         let done = self
             .handle
@@ -579,6 +589,14 @@ impl<'a> Ui<'a> {
         let shown = clean(handle.as_bytes());
         match done {
             Err(e) => bail!("cannot add {shown}: {e:#}"),
+            Ok(Err(MessengerError::Group(GroupError::CommitPending))) => {
+                // Another change of this group is settling: add them right after it.
+                self.queued_invites.push((group_id, handle));
+                self.status(format!(
+                    "{shown} is queued: they are added when the group's current change has settled"
+                ));
+                Ok(())
+            }
             Ok(Err(e)) => bail!("cannot add {shown}: {e}"),
             Ok(Ok(())) => {
                 self.status(format!(
@@ -587,6 +605,95 @@ impl<'a> Ui<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Adds the queued invites of groups whose change has settled, all of a group's in
+    /// one change.
+    async fn flush_invites(&mut self) {
+        if self.queued_invites.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued_invites);
+        let file = self.file.clone();
+        let (done, still): (Vec<String>, Vec<(Vec<u8>, String)>) = self
+            .handle
+            .with(move |m, now| {
+                let mut done = Vec::new();
+                let mut still = Vec::new();
+                let mut groups: Vec<Vec<u8>> = queued.iter().map(|(g, _)| g.clone()).collect();
+                groups.dedup();
+                for g in groups {
+                    let handles: Vec<String> = queued
+                        .iter()
+                        .filter(|(q, _)| *q == g)
+                        .map(|(_, h)| h.clone())
+                        .collect();
+                    let settling = m
+                        .groups()
+                        .iter()
+                        .find(|s| s.id == g)
+                        .is_some_and(|s| s.settling_until_ms.is_some());
+                    if settling {
+                        still.extend(handles.into_iter().map(|h| (g.clone(), h)));
+                        continue;
+                    }
+                    let invites: Vec<_> = handles
+                        .iter()
+                        .filter_map(|h| invite_for(m, &file, h).ok())
+                        .collect();
+                    match m.add_members(&g, &invites, now) {
+                        Ok(()) => done.extend(handles),
+                        Err(MessengerError::Group(GroupError::CommitPending)) => {
+                            still.extend(handles.into_iter().map(|h| (g.clone(), h)))
+                        }
+                        Err(e) => done.push(format!("(not added: {e})")),
+                    }
+                }
+                (done, still)
+            })
+            .await
+            .unwrap_or_default();
+        self.queued_invites.extend(still);
+        if !done.is_empty() {
+            let shown: Vec<String> = done.iter().map(|h| clean(h.as_bytes())).collect();
+            self.status(format!(
+                "adding {}: they join once the change has settled",
+                shown.join(", ")
+            ));
+        }
+    }
+
+    async fn remove(&mut self, group: Vec<u8>, handle: String) -> anyhow::Result<()> {
+        let h = handle.clone();
+        self.handle
+            .with(move |m, now| m.remove_member(&group, &h, now))
+            .await??;
+        self.status(format!(
+            "removing {}: done once the change has settled",
+            clean(handle.as_bytes())
+        ));
+        Ok(())
+    }
+
+    async fn leave(&mut self, group: Vec<u8>) -> anyhow::Result<()> {
+        self.handle
+            .with(move |m, now| m.leave(&group, now))
+            .await??;
+        self.status("asked to leave: the next change by another member takes you out");
+        Ok(())
+    }
+
+    fn rename(&mut self, group: Vec<u8>, name: String) -> anyhow::Result<()> {
+        let id = hex::encode(&group);
+        self.file.groups.retain(|g| g.id != id);
+        self.file.groups.push(SavedGroup {
+            id,
+            name: name.clone(),
+        });
+        self.file.save(&self.dir)?;
+        self.state.name_group(group, name.clone());
+        self.status(format!("the group is called {name} on this device"));
+        Ok(())
     }
 
     /// Shows the safety number with a contact: both people must see the same digits.

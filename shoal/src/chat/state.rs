@@ -90,6 +90,20 @@ pub enum Request {
         group: Vec<u8>,
         handle: String,
     },
+    /// Take a member out of a group.
+    Remove {
+        group: Vec<u8>,
+        handle: String,
+    },
+    /// Ask to leave a group.
+    Leave {
+        group: Vec<u8>,
+    },
+    /// Give a group another (local) name.
+    Rename {
+        group: Vec<u8>,
+        name: String,
+    },
     /// Write this user's card to a file and say where.
     ShowCard,
     /// Show the safety number with the contact of a direct conversation (or `contact`).
@@ -174,7 +188,7 @@ pub struct ChatState {
     names: BTreeMap<Vec<u8>, String>,
 }
 
-pub const HELP: &str = "/add CARD · /group new NAME · /invite HANDLE · /verify [HANDLE] · /accept HANDLE · /ttl SECS · /burn on|off · /card · /quit";
+pub const HELP: &str = "/add CARD · /group new NAME · /invite HANDLE · /members · /remove HANDLE · /leave · /rename NAME · /verify [HANDLE] · /accept HANDLE · /ttl SECS · /burn on|off · /card · /quit";
 
 impl ChatState {
     pub fn new(me: String) -> Self {
@@ -295,6 +309,35 @@ impl ChatState {
                 }),
                 _ => self.say("open a group first (Tab), then /invite HANDLE"),
             },
+            "members" => match self.current() {
+                Some(c) if matches!(c.key, ConvKey::Group(_)) => {
+                    let mut all = vec![format!("{} (you)", self.me)];
+                    all.extend(c.members.iter().cloned());
+                    let line = format!("{} members: {}", all.len(), all.join(", "));
+                    self.say(&line)
+                }
+                _ => self.say("open a group first (Tab), then /members"),
+            },
+            "remove" | "leave" | "rename" => {
+                let Some(ConvKey::Group(group)) = self.current().map(|c| c.key.clone()) else {
+                    return self.say(&format!("open a group first (Tab), then /{word}"));
+                };
+                match word {
+                    "remove" if !rest.is_empty() => Some(Request::Remove {
+                        group,
+                        handle: rest.into(),
+                    }),
+                    "leave" => Some(Request::Leave { group }),
+                    "rename" if !rest.is_empty() => Some(Request::Rename {
+                        group,
+                        name: rest.into(),
+                    }),
+                    _ => self.say(&format!(
+                        "usage: /{word} {}",
+                        if word == "remove" { "HANDLE" } else { "NAME" }
+                    )),
+                }
+            }
             "ttl" => match rest.parse::<u64>() {
                 Ok(secs) if secs > 0 => {
                     self.ttl_secs = secs;
@@ -371,8 +414,15 @@ impl ChatState {
         }
     }
 
-    /// Remembers the name this user gave a group.
+    /// Remembers the name this user gave a group (and shows it).
     pub fn name_group(&mut self, group: Vec<u8>, name: String) {
+        if let Some(c) = self
+            .conversations
+            .iter_mut()
+            .find(|c| c.key == ConvKey::Group(group.clone()))
+        {
+            c.title = name.clone();
+        }
         self.names.insert(group, name);
     }
 
@@ -613,6 +663,38 @@ mod tests {
         let m = &s.conversations[0].messages[1];
         assert_eq!((m.from.as_str(), m.body.as_str()), ("alice", "from before"));
         assert_eq!(m.own, Some((1 << 62, Delivery::Acked)));
+    }
+
+    #[test]
+    fn group_commands_need_an_open_group() {
+        let mut s = with_two();
+        assert_eq!(typed(&mut s, "/leave"), None);
+        assert!(s.status.contains("open a group first"), "{}", s.status);
+        s.on_key(Key::Tab);
+        assert_eq!(typed(&mut s, "/members"), None);
+        assert_eq!(s.status, "2 members: alice (you), bob");
+        assert_eq!(
+            typed(&mut s, "/remove bob"),
+            Some(Request::Remove {
+                group: vec![1, 2, 3, 4, 5],
+                handle: "bob".into()
+            })
+        );
+        assert_eq!(
+            typed(&mut s, "/leave"),
+            Some(Request::Leave {
+                group: vec![1, 2, 3, 4, 5]
+            })
+        );
+        assert_eq!(
+            typed(&mut s, "/rename book club"),
+            Some(Request::Rename {
+                group: vec![1, 2, 3, 4, 5],
+                name: "book club".into()
+            })
+        );
+        s.name_group(vec![1, 2, 3, 4, 5], "book club".into());
+        assert_eq!(s.conversations[1].title, "book club");
     }
 
     #[test]
