@@ -742,7 +742,10 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 Err(_) if dir.join(STORE_FILE).exists() => {
                     // Most likely `shoal client run` holds the store: hand it over.
                     let path = spool(&dir, &to, &message)?;
-                    println!("the client is running; queued in {}", path.display());
+                    println!(
+                        "the client (or the chat) is running; queued in {}",
+                        path.display()
+                    );
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
@@ -985,10 +988,13 @@ async fn send_member_online(
     }
 }
 
-/// `drain_outbox` for a member: spooled messages become signed direct messages.
-async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) {
+/// `drain_outbox` for a member: spooled messages (from `client send` while `run` or the
+/// chat holds the store) become signed direct messages. Returns a line per message for
+/// the user (the chat shows them on its status line, `run` prints them).
+pub(crate) async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) -> Vec<String> {
+    let mut notes = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir.join(OUTBOX_DIR)) else {
-        return;
+        return notes;
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -1018,15 +1024,16 @@ async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) {
             // In the messenger's state, saved before it is handed on: the file can go.
             Ok(Ok(_)) => {
                 let _ = std::fs::remove_file(&path);
-                println!("queued a message to {}", clean(to.as_bytes()));
+                notes.push(format!("queued a message to {}", clean(to.as_bytes())));
             }
             Ok(Err(e)) => {
-                eprintln!("outbox: {e:#}; message discarded");
+                notes.push(format!("outbox: {e:#}; message discarded"));
                 let _ = std::fs::remove_file(&path);
             }
             Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
         }
     }
+    notes
 }
 
 /// Saves a membership card in `chat.json` (shared with the chat) and pins its key as
@@ -1488,7 +1495,11 @@ fn run_member(
             loop {
                 tokio::select! {
                     r = &mut signal => { r?; return Ok(()); }
-                    _ = outbox_tick.tick() => drain_member_outbox(&dir, &handle).await,
+                    _ = outbox_tick.tick() => {
+                        for note in drain_member_outbox(&dir, &handle).await {
+                            println!("{note}");
+                        }
+                    }
                     ev = events.recv() => match ev {
                         Ok(e) => member_event(&handle, &dir, e).await,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

@@ -274,6 +274,15 @@ fn two_people_chat_in_a_group_through_tmux() {
         |s| s.contains("friends — with bob") && s.contains(", carol@"),
         &log(alice),
     );
+    // Bob applies Carol's change after its own settle time; what Alice writes before
+    // that he cannot read (documented: wait for a change to reach everyone).
+    tmux.wait_for(
+        "bob",
+        "carol's change applied",
+        long,
+        |s| s.contains("carol@") && s.contains("joined a group"),
+        &log(bob),
+    );
     tmux.type_line("alice", "/members");
     tmux.wait_for(
         "alice",
@@ -366,6 +375,30 @@ fn two_people_chat_in_a_group_through_tmux() {
         |s| {
             s.lines()
                 .any(|l| l.contains("@ carol@") && l.contains("(1)"))
+        },
+        &log(bob),
+    );
+
+    // A script of Alice's while her chat holds the store: spooled, then sent by the
+    // chat itself.
+    let alice_s = alice.dir.to_string_lossy().into_owned();
+    let spooled = shoal(&[
+        "client",
+        "send",
+        "--dir",
+        &alice_s,
+        "--to",
+        "bob",
+        "from alice's script",
+    ]);
+    assert!(spooled.contains("queued in"), "{spooled}");
+    tmux.wait_for(
+        "bob",
+        "alice's scripted message",
+        long,
+        |s| {
+            s.lines()
+                .any(|l| l.contains("@ alice@") && l.contains("(1)"))
         },
         &log(bob),
     );

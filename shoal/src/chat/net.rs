@@ -138,6 +138,10 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                 _ = tick.tick() => {
                     ui.on_tick().await;
                     ui.flush_invites().await;
+                    // `shoal client send` while the chat holds the store spools here.
+                    for note in crate::client_cmd::drain_member_outbox(&ui.dir, handle).await {
+                        ui.status(note);
+                    }
                 }
                 r = &mut signal => { r?; return Ok(()); }
             }
