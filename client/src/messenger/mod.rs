@@ -71,6 +71,9 @@ const MAX_FUTURE_MS: u64 = 3600 * 1000;
 const MAX_REPLAY_ENTRIES: usize = 16_384;
 const DIRECT_ID_DOMAIN: &[u8] = b"shoal direct message id";
 const SAFETY_DOMAIN: &[u8] = b"shoal safety number v1";
+/// Unverified plain messages kept: anyone holding a member's card can send them, so
+/// they never push verified messages out of the inbox; the oldest go first.
+const MAX_UNVERIFIED: usize = 256;
 /// How long an unverified plain message is kept (it carries no TTL of its own).
 const UNVERIFIED_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Pinned contacts kept; the oldest unconfirmed go first beyond this.
@@ -1265,6 +1268,11 @@ impl Messenger {
         let id = self.next_id;
         self.next_id += 1;
         let (subnet, key): (SubnetId, Hex32) = (Hex32([0; 32]), Hex32([0; 32]));
+        if self.inbox.iter().filter(|m| m.unverified).count() >= MAX_UNVERIFIED
+            && let Some(i) = self.inbox.iter().position(|m| m.unverified)
+        {
+            self.inbox.remove(i);
+        }
         self.events.push_back(MessengerEvent::Message {
             id,
             from: String::new(),

@@ -697,6 +697,20 @@ fn plain_messages_are_kept_unverified_and_drops_are_reported() {
     let snap = ms[0].snapshot().unwrap();
     let back = Messenger::restore(&snap, NOW).unwrap();
     assert!(back.peek()[0].unverified);
+    // A flood of them (anyone with the card can send them) never evicts a verified
+    // message: they are capped among themselves.
+    let ana = cred(&ms, 0);
+    ms[1].send_direct(&ana, OPTS, b"verified", NOW).unwrap();
+    deliver(&mut ms, NOW);
+    for i in 0..(MAX_UNVERIFIED + 50) {
+        ms[0].handle_incoming(format!("spam {i}").as_bytes(), NOW);
+    }
+    let inbox = ms[0].peek();
+    assert_eq!(
+        inbox.iter().filter(|m| m.unverified).count(),
+        MAX_UNVERIFIED
+    );
+    assert!(inbox.iter().any(|m| m.body == b"verified"));
 }
 
 // Issue 18 #1: every envelope of a send carries that send's id, and only those.
