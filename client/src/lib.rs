@@ -6,6 +6,7 @@ pub mod driver;
 pub mod group;
 pub mod managed;
 pub mod messenger;
+pub mod receipts;
 pub mod schedule;
 pub mod seal;
 pub mod session;

@@ -27,7 +27,7 @@ use tracing::{Instrument, debug, warn};
 
 use crate::driver::{ClientHandle, DriverError, DriverEvent};
 use crate::group::GroupStats;
-use crate::messenger::{Messenger, MessengerEvent, MessengerStats, Outgoing, OutgoingWhat};
+use crate::messenger::{Messenger, MessengerEvent, MessengerStats, Outgoing, OutgoingWhat, SendId};
 use crate::store::ClientStore;
 
 type Call = Box<dyn FnOnce(&mut Messenger, u64) + Send>;
@@ -49,12 +49,15 @@ pub struct ManagedStats {
     pub store_errors: u64,
 }
 
-/// An envelope handed to the client driver: its id matches the driver's
-/// `DriverEvent::Acked`, so an application can show per-message delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An envelope handed to the client driver, or refused by it: its id matches the
+/// driver's `DriverEvent::Acked`, and `send` names the user's send it belongs to, so an
+/// application can show per-message delivery ([`crate::receipts::Receipts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeSent {
     pub what: OutgoingWhat,
-    pub message_id: MessageId,
+    pub send: Option<SendId>,
+    /// The driver's id for it, or why the driver refused it.
+    pub result: Result<MessageId, String>,
 }
 
 /// A running managed client.
@@ -326,17 +329,24 @@ impl Task {
         let outgoing: Vec<Outgoing> =
             std::iter::from_fn(|| self.messenger.poll_outgoing()).collect();
         for out in outgoing {
-            let what = out.what;
-            match self.client.send(out.to, out.bytes).await {
+            let (what, send) = (out.what, out.send);
+            let result = match self.client.send(out.to, out.bytes).await {
                 Ok(message_id) => {
                     self.counters.envelopes_sent += 1;
-                    let _ = self.sent.send(EnvelopeSent { what, message_id });
+                    if let Some(send) = send {
+                        // Saved at the next flush: receipts after a restart find it.
+                        self.messenger.note_envelope(send, message_id);
+                        self.unsaved = true;
+                    }
+                    Ok(message_id)
                 }
                 Err(e) => {
                     self.counters.send_errors += 1;
                     debug!(error = %e, "client refused an envelope");
+                    Err(e.to_string())
                 }
-            }
+            };
+            let _ = self.sent.send(EnvelopeSent { what, send, result });
         }
         self.publish();
     }

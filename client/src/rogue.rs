@@ -402,6 +402,49 @@ fn rogue_admin_reminted_handle_is_a_different_contact_with_an_alert() {
     );
 }
 
+/// Issue 18 #3 against hole 2: ana answers the people who wrote to her without
+/// pasting their cards (the card that came with the message is pinned on first use),
+/// but an answer to the admin's re-minted "bob" is refused until ana accepts that key;
+/// the real bob's answer is sealed to bob. With the naive rule (answer whichever card
+/// came with the message) the admin reads ana's answer.
+#[test]
+fn rogue_reminted_handle_gets_no_reply_until_accepted() {
+    let admin = SubnetAdmin::from_secret([0xa1; 32]);
+    let pol = policy(&admin, &[]);
+    let mut ana = member(&admin, &pol, "ana", 1);
+    let mut bob = member(&admin, &pol, "bob", BOB);
+    let mut fake = member(&admin, &pol, "bob", ADMIN_SEED);
+    let to_ana = ana.card().clone();
+    bob.send_direct(&to_ana, OPTS, b"real", NOW).unwrap();
+    deliver(&mut bob, &mut ana, NOW);
+    fake.send_direct(&to_ana, OPTS, b"it's me, new phone", NOW)
+        .unwrap();
+    deliver(&mut fake, &mut ana, NOW);
+    let secrets = [("bob", BOB), ("admin", ADMIN_SEED)];
+
+    // The real bob (first seen, not yet verified): the answer goes to him.
+    let (s, k) = key_of(&bob);
+    let card = ana.reply_card(&s, &k).unwrap();
+    ana.send_direct(&card, OPTS, b"hi bob", NOW).unwrap();
+    let out = ana.poll_outgoing().unwrap();
+    assert_eq!(who_opens(&out, &secrets), ["bob"]);
+
+    // The re-minted key: refused until accepted.
+    let (fs, fk) = key_of(&fake);
+    assert!(matches!(
+        ana.reply_card(&fs, &fk),
+        Err(MessengerError::NotConfirmed(_))
+    ));
+    // The naive rule, the card that came with the message, hands the admin the answer.
+    let naive = MemberCard::parse(&ana.contact(&fs, &fk).unwrap().card).unwrap();
+    ana.send_direct(&naive, OPTS, b"hi bob", NOW).unwrap();
+    let out = ana.poll_outgoing().unwrap();
+    assert_eq!(who_opens(&out, &secrets), ["admin"], "the attack has power");
+    // Once ana accepts it (after comparing safety numbers), she may answer it.
+    assert!(ana.confirm_contact(&fs, &fk));
+    assert!(ana.reply_card(&fs, &fk).is_ok());
+}
+
 /// Hole 2 in groups: the DM carries no weight for a group, but a group that gains a
 /// leaf with a handle already present — from any subnet — reports it.
 #[test]

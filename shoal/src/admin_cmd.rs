@@ -106,12 +106,12 @@ pub enum AdminCommand {
         /// The member's Ed25519 signing key for groups (default: the account key).
         #[arg(long, value_parser = parse_hex32)]
         signing_key: Option<[u8; 32]>,
-        /// The member's seal key (in its contact card). Senders never use it (they seal to
-        /// the key the member's client signs itself, and the member's client refuses a
-        /// credential naming a key that is not its own); the admin's client seals policy
-        /// updates to it, so a member enrolled without it does not get them.
+        /// The member's seal key (`seal key:` from `shoal client init`). Senders never use
+        /// it (they seal to the key the member's client signs itself, and the member's
+        /// client refuses a credential naming a key that is not its own); the admin's
+        /// client seals policy updates to it, so enrolment refuses to go without it.
         #[arg(long, value_parser = parse_hex32)]
-        seal_key: Option<[u8; 32]>,
+        seal_key: [u8; 32],
         /// Items the member's mailbox may hold.
         #[arg(long, default_value_t = 10_000)]
         quota: u32,
@@ -447,6 +447,8 @@ struct Subnet {
     admin: SubnetAdmin,
     key: SigningKey,
 }
+
+use crate::human_time::{human_date, human_time};
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -989,7 +991,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     account_key,
                     mailbox,
                     signing_key,
-                    seal_key,
+                    seal_key: Some(seal_key),
                     quota,
                     valid_days,
                 })
@@ -1063,7 +1065,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 d
             };
             let text = format!(
-                "# Shoal invite: one use, expires at unix time {expires_at}.\n\
+                "# Shoal invite: one use, expires at {expires_human} (unix time {expires_at}).\n\
                  # 1. Run (one --authority per directory authority):\n\
                  #    shoal client init --dir <YOUR_DIR> --gateway {node}={gw_key} --gateway-client-addr {gw}{directory}\n\
                  # 2. Append that command's output to this file and give the file back to your admin.\n\
@@ -1077,12 +1079,13 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 gw_key = hex::encode(gateway.gateway_key),
                 subnet = hex::encode(s.id().0),
                 code = hex::encode(code),
+                expires_human = human_time(expires_at),
             );
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{handle}.invite")));
             write_file(&out, text.as_bytes())?;
             println!("invite written: {}", out.display());
             println!("invite code: {}", hex::encode(code));
-            println!("expires at: {expires_at}");
+            println!("expires at: {}", human_time(expires_at));
             Ok(())
         }
         AdminCommand::Redeem { dir, file } => {
@@ -1097,15 +1100,16 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 .context("the invite code is not one this subnet issued (or it was replaced)")?;
             if let Some(at) = invite.redeemed_at {
                 bail!(
-                    "the invite for {:?} was already redeemed (at unix time {at}); an invite works once",
-                    invite.handle
+                    "the invite for {:?} was already redeemed (at {}); an invite works once",
+                    invite.handle,
+                    human_time(at)
                 );
             }
             if unix_now() >= invite.expires_at {
                 bail!(
-                    "the invite for {:?} expired (at unix time {}); issue a new one",
+                    "the invite for {:?} expired (at {}); issue a new one",
                     invite.handle,
-                    invite.expires_at
+                    human_time(invite.expires_at)
                 );
             }
             let account_key = field_hex32(&text, "account key")?;
@@ -1377,9 +1381,9 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 None => print!("{text}"),
             }
             println!(
-                "expires at unix time {}; give it to the other admin, who runs \
+                "expires at {}; give it to the other admin, who runs \
                  `shoal admin federate accept` and hands you back a counter-offer",
-                offer.body().expires_at
+                human_time(offer.body().expires_at)
             );
             Ok(())
         }
@@ -1443,10 +1447,10 @@ async fn accept_offer(
     }
     println!("offer from subnet {}", hex::encode(b.subnet.0));
     println!(
-        "  their roles {} may talk to our roles {}; offer expires at unix time {}",
+        "  their roles {} may talk to our roles {}; offer expires at {}",
         entry.remote_roles.join(","),
         entry.local_roles.join(","),
-        b.expires_at
+        human_time(b.expires_at)
     );
     let mut body = policy.body().clone();
     body.federation.retain(|f| f.subnet != entry.subnet);
@@ -1512,11 +1516,17 @@ fn offer_refusal(e: &SubnetError, now: u64) -> String {
                 .into()
         }
         SubnetError::NotValidAt { not_after, .. } if now > *not_after => {
-            format!("it expired at unix time {not_after} (now {now}); ask for a new one")
+            format!(
+                "it expired at {} (now {}); ask for a new one",
+                human_time(*not_after),
+                human_time(now)
+            )
         }
         SubnetError::NotValidAt { not_before, .. } => {
             format!(
-                "it is issued in the future (unix time {not_before}, now {now}); check the clocks"
+                "it is issued in the future ({}, now {}); check the clocks",
+                human_time(*not_before),
+                human_time(now)
             )
         }
         SubnetError::OwnOffer => {
@@ -1612,9 +1622,17 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
             format!("{h:<20} {r:<12} {g:<22} {st:<15} {exp:<12} {q:>8} {items:>11} {bytes:>11}\n")
         };
     let mut out = line(
-        "HANDLE", "ROLE", "GATEWAY", "STATE", "EXPIRES", "QUOTA", "STORED", "BYTES",
+        "HANDLE",
+        "ROLE",
+        "GATEWAY",
+        "STATE",
+        "EXPIRES(UTC)",
+        "QUOTA",
+        "STORED",
+        "BYTES",
     );
     let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let date = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), human_date);
     for (m, state) in &rows {
         let (quota, items, bytes) = match usage_of(m, state, &mut known) {
             Use::NotAsked => (opt(m.quota.map(u64::from)), "-".into(), "-".into()),
@@ -1635,7 +1653,7 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
             &m.role,
             &m.gateway_addr.to_string(),
             state,
-            &opt(m.not_after),
+            &date(m.not_after),
             &quota,
             &items,
             &bytes,
@@ -1654,7 +1672,7 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
             &i.role,
             &i.gateway_addr.to_string(),
             state,
-            &i.expires_at.to_string(),
+            &human_date(i.expires_at),
             &i.quota.to_string(),
             "-",
             "-",

@@ -35,7 +35,7 @@ use shoal_client::messenger::{
     display_name, invite_to_text,
 };
 use shoal_client::{ClientStore, ContactCard, Identity};
-use shoal_subnet::MessageOptions;
+use shoal_subnet::{MemberCard, MessageOptions};
 
 use crate::chat::member::{
     ChatFile, MemberFiles, card_credential, clean, invite_for, open_messenger,
@@ -388,12 +388,21 @@ pub fn load_identity(store: &ClientStore) -> anyhow::Result<(Identity, SigningKe
     Ok((identity, SigningKey::from_bytes(&key)))
 }
 
-/// Writes a fresh identity into `dir`; returns (account key, mailbox, contact card).
+/// What a fresh client directory's owner gives an admin or a gateway operator.
+#[derive(Debug)]
+pub struct NewClient {
+    pub account_key: [u8; 32],
+    pub mailbox: [u8; 32],
+    pub seal_key: [u8; 32],
+    pub card: String,
+}
+
+/// Writes a fresh identity into `dir`.
 pub fn init_dir(
     dir: &Path,
     gateway_key: [u8; 32],
     client_file: &ClientFile,
-) -> anyhow::Result<([u8; 32], [u8; 32], String)> {
+) -> anyhow::Result<NewClient> {
     // Owner-only: the store in it holds the identity's secrets.
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
@@ -418,11 +427,12 @@ pub fn init_dir(
     let text = render_config(client_file);
     std::fs::write(&config_path, text)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
-    Ok((
-        account.verifying_key().to_bytes(),
-        identity.mailbox,
-        card.to_text(),
-    ))
+    Ok(NewClient {
+        account_key: account.verifying_key().to_bytes(),
+        mailbox: identity.mailbox,
+        seal_key: identity.contact().public_key,
+        card: card.to_text(),
+    })
 }
 
 /// `read` for a member: pending raw messages go through the messenger (policy, TTL),
@@ -480,10 +490,14 @@ fn message_line(m: &StoredMessage, file: &ChatFile, burnt_now: bool) -> String {
     } else {
         ""
     };
+    let from = if m.unverified {
+        "unverified plain message (no sender identity)".to_string()
+    } else {
+        display_name(&m.from, &m.from_subnet)
+    };
     format!(
-        "[{}] {place}{}{alert}: {} [ttl {ttl}{burn}]",
+        "[{}] {place}{from}{alert}: {} [ttl {ttl}{burn}]",
         format_ms(m.received_unix_ms),
-        display_name(&m.from, &m.from_subnet),
         clean(&m.body)
     )
 }
@@ -658,9 +672,15 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 timing: TimingSection::default(),
                 testing: TestingSection::default(),
             };
-            let (account, mailbox, card) = init_dir(&dir, gateway.key, &file)?;
+            let NewClient {
+                account_key: account,
+                mailbox,
+                seal_key,
+                card,
+            } = init_dir(&dir, gateway.key, &file)?;
             println!("account key: {}", hex::encode(account));
             println!("mailbox: {}", hex::encode(mailbox));
+            println!("seal key: {}", hex::encode(seal_key));
             println!("contact card: {card}");
             println!("config written: {}", dir.join(CONFIG_FILE).display());
             println!(
@@ -675,7 +695,21 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Contact(ContactCommand::Show { dir }) => {
             let loaded = load_config(&dir.join(CONFIG_FILE))?;
             let store = open_store(&dir)?;
-            let (identity, _) = load_identity(&store)?;
+            let (identity, account) = load_identity(&store)?;
+            if store.load_messenger()?.is_some() || dir.join("credential").exists() {
+                // A member's card: the signed member card the chat's `/card` gives.
+                let files = MemberFiles {
+                    credential: None,
+                    policy: None,
+                    commit_settle_secs: 30,
+                };
+                let mut m = open_messenger(&dir, &files, &store, &account, identity.contact())?;
+                let card = invite_to_text(&m.invite()?);
+                // The card's one-time key is now part of the state: keep it.
+                store.save_messenger(&m.snapshot()?, &[])?;
+                println!("{card}");
+                return Ok(());
+            }
             let card = ContactCard::new(loaded.name, identity.contact())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{}", card.to_text());
@@ -685,6 +719,12 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             let store = open_store(&dir)?;
             if card.trim().starts_with("shoal-invite1:") {
                 return add_member_card(&dir, &store, &name, &card);
+            }
+            if store.load_messenger()?.is_some() {
+                bail!(
+                    "this is a plain card (shoal1:), which carries no signed identity; as a member, ask {} for their member card (`shoal client contact show`, or /card in the chat), which starts with shoal-invite1:",
+                    clean(name.as_bytes())
+                );
             }
             let parsed = ContactCard::parse(&card).map_err(|e| anyhow::anyhow!("{e}"))?;
             let card = ContactCard::new(name.clone(), parsed.contact)
@@ -752,11 +792,26 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 Err(_) if dir.join(STORE_FILE).exists() => {
                     // Most likely `shoal client run` holds the store: hand it over.
                     let path = spool(&dir, &to, &message)?;
-                    println!("the client is running; queued in {}", path.display());
+                    println!(
+                        "the client (or the chat) is running; queued in {}",
+                        path.display()
+                    );
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
             };
+            if let Some(snapshot) = store.load_messenger()? {
+                // A member writes signed direct messages, the one format the chat reads.
+                return send_member(
+                    loaded,
+                    store,
+                    &snapshot,
+                    &to,
+                    message,
+                    no_wait,
+                    timeout_secs,
+                );
+            }
             let card = find_contact(&store, &to)?;
             let (identity, account) = load_identity(&store)?;
             let store = Arc::new(store);
@@ -898,6 +953,160 @@ async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHa
     }
 }
 
+/// The member card to write to the contact `to` (`handle` or `handle@subnet`): a key
+/// pinned on first use or confirmed, never an unaccepted key change.
+fn member_card_for(m: &Messenger, to: &str) -> anyhow::Result<MemberCard> {
+    let c = m.find_contact(to).map_err(|e| match e {
+        MessengerError::UnknownContact(_) => anyhow::anyhow!(
+            "no member {:?} among your contacts: save their member card with `shoal client contact add {} CARD` (they print it with `shoal client contact show`)",
+            clean(to.as_bytes()),
+            clean(to.as_bytes())
+        ),
+        e => anyhow::anyhow!("{e}"),
+    })?;
+    m.reply_card(&c.subnet, &c.identity_key).map_err(|e| match e {
+        MessengerError::NotConfirmed(who) => anyhow::anyhow!(
+            "{who} has a new key you have not accepted: compare the safety number (`shoal client contact list`) with theirs, then `shoal client contact accept {who}`"
+        ),
+        e => anyhow::anyhow!("{e}"),
+    })
+}
+
+/// `client send` for a member: a signed direct message through the messenger (the
+/// format `shoal chat` and `shoal client read` show), then, unless `no_wait`, the
+/// client runs until the recipient's mailbox has acked that message.
+fn send_member(
+    loaded: Loaded,
+    store: ClientStore,
+    snapshot: &shoal_client::messenger::MessengerSnapshot,
+    to: &str,
+    message: String,
+    no_wait: bool,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    let messenger =
+        Messenger::restore(snapshot, unix_ms()).context("cannot restore the member state")?;
+    let card = member_card_for(&messenger, to)?;
+    let shown = display_name(card.handle(), &card.subnet());
+    let (identity, account) = load_identity(&store)?;
+    let store = Arc::new(store);
+    runtime()?.block_on(async move {
+        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
+        let handle = managed::spawn(client, messenger, store)?;
+        let result =
+            send_member_online(&handle, card, &shown, message, no_wait, timeout_secs).await;
+        handle.shutdown().await;
+        result
+    })
+}
+
+async fn send_member_online(
+    handle: &ManagedHandle,
+    card: MemberCard,
+    shown: &str,
+    message: String,
+    no_wait: bool,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    use shoal_client::receipts::{Delivery, Receipts};
+    // Subscribed before the send, so nothing it causes is missed.
+    let mut sent = handle.subscribe_sent();
+    let mut raw = handle.client().subscribe();
+    let options = MessageOptions {
+        ttl_secs: crate::chat::DEFAULT_TTL_SECS,
+        burn_on_read: false,
+    };
+    let ticket = handle
+        .with(move |m, now| m.send_direct(&card, options, message.as_bytes(), now))
+        .await?
+        .map_err(|e| anyhow::anyhow!("not sent: {e}"))?;
+    println!("queued");
+    if no_wait {
+        return Ok(());
+    }
+    let mut receipts = Receipts::new();
+    let mut outcome = receipts.expect(ticket);
+    let wait = async {
+        loop {
+            match outcome.take().map(|(_, d)| d) {
+                Some(Delivery::Delivered) => return Ok(()),
+                Some(Delivery::Failed(why)) => bail!("not sent: {why}"),
+                _ => {}
+            }
+            tokio::select! {
+                s = sent.recv() => if let Ok(s) = s && let Some(id) = s.send {
+                    outcome = receipts.on_envelope(id, s.result);
+                },
+                d = raw.recv() => match d {
+                    Ok(DriverEvent::Acked { message_id }) => outcome = receipts.on_acked(&message_id),
+                    // Waiting out the timeout cannot help: say what is wrong.
+                    Ok(DriverEvent::Problem(p)) => bail!("{p}; the message stays queued"),
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => bail!("the client stopped"),
+                },
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(timeout_secs), wait).await {
+        Ok(Ok(())) => {
+            println!("delivered to {shown}'s mailbox");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!(
+            "no ack within {timeout_secs} s; the message stays queued and `shoal client run` keeps sending it"
+        ),
+    }
+}
+
+/// `drain_outbox` for a member: spooled messages (from `client send` while `run` or the
+/// chat holds the store) become signed direct messages. Returns a line per message for
+/// the user (the chat shows them on its status line, `run` prints them).
+pub(crate) async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) -> Vec<String> {
+    let mut notes = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join(OUTBOX_DIR)) else {
+        return notes;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let spooled = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Spooled>(&b).ok());
+        let Some(s) = spooled else {
+            tracing::warn!(file = %path.display(), "unreadable outbox file; left in place");
+            continue;
+        };
+        let to = s.to.clone();
+        let options = MessageOptions {
+            ttl_secs: crate::chat::DEFAULT_TTL_SECS,
+            burn_on_read: false,
+        };
+        let done = handle
+            .with(move |m, now| {
+                let card = member_card_for(m, &s.to)?;
+                m.send_direct(&card, options, s.message.as_bytes(), now)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+            })
+            .await;
+        match done {
+            // In the messenger's state, saved before it is handed on: the file can go.
+            Ok(Ok(_)) => {
+                let _ = std::fs::remove_file(&path);
+                notes.push(format!("queued a message to {}", clean(to.as_bytes())));
+            }
+            Ok(Err(e)) => {
+                notes.push(format!("outbox: {e:#}; message discarded"));
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
+        }
+    }
+    notes
+}
+
 /// Saves a membership card in `chat.json` (shared with the chat) and pins its key as
 /// confirmed (the user pasted it: that is the vouching).
 fn add_member_card(dir: &Path, store: &ClientStore, name: &str, card: &str) -> anyhow::Result<()> {
@@ -910,10 +1119,14 @@ fn add_member_card(dir: &Path, store: &ClientStore, name: &str, card: &str) -> a
             clean(handle.as_bytes())
         );
     }
-    let snapshot = store.load_messenger()?.context(
-        "no member state yet: run `shoal client group card` (with your admin's files) first",
-    )?;
-    let mut m = Messenger::restore(&snapshot, unix_ms())?;
+    // On first use this reads the admin's files in DIR, like the chat.
+    let (identity, account) = load_identity(store)?;
+    let files = MemberFiles {
+        credential: None,
+        policy: None,
+        commit_settle_secs: 30,
+    };
+    let mut m = open_messenger(dir, &files, store, &account, identity.contact())?;
     let pinned = m.confirm_card(&member, unix_ms());
     store.save_messenger(&m.snapshot()?, &[])?;
     let mut file = ChatFile::load(dir)?;
@@ -1154,7 +1367,9 @@ async fn change_online(
                 .map_or(0, |s| s.members.len().saturating_sub(1));
             match change {
                 Change::Invite(_) => m.add_members(&g, &invites, now),
-                Change::Send(options, body) => m.send_group(&g, options, body.as_bytes(), now),
+                Change::Send(options, body) => {
+                    m.send_group(&g, options, body.as_bytes(), now).map(|_| ())
+                }
                 Change::Remove(h) => m.remove_member(&g, &h, now),
                 Change::Update => m.self_update(&g, now),
                 Change::Leave => m.leave(&g, now),
@@ -1192,8 +1407,13 @@ async fn change_online(
                 Ok(s) => {
                     if matches!(s.what, OutgoingWhat::Group(_)) {
                         handed += 1;
-                        if !acked.remove(&s.message_id) {
-                            outstanding.insert(s.message_id);
+                        match s.result {
+                            Ok(id) => {
+                                if !acked.remove(&id) {
+                                    outstanding.insert(id);
+                                }
+                            }
+                            Err(e) => bail!("not done ({what}): the client refused a copy: {e}"),
                         }
                     }
                 }
@@ -1346,7 +1566,11 @@ fn run_member(
             loop {
                 tokio::select! {
                     r = &mut signal => { r?; return Ok(()); }
-                    _ = outbox_tick.tick() => drain_outbox(&dir, &store, handle.client()).await,
+                    _ = outbox_tick.tick() => {
+                        for note in drain_member_outbox(&dir, &handle).await {
+                            println!("{note}");
+                        }
+                    }
                     ev = events.recv() => match ev {
                         Ok(e) => member_event(&handle, &dir, e).await,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -1426,6 +1650,9 @@ async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
         MessengerEvent::PolicyUpdated { version } => {
             format!("your admin's policy version {version} is in force")
         }
+        MessengerEvent::Dropped { reason } => {
+            format!("a message that failed its checks was dropped: {reason}")
+        }
         MessengerEvent::Group(g) => match g {
             GroupEvent::Joined { group } => format!("you joined group {}", group_label(&group)),
             GroupEvent::MemberAdded { group, member } => format!(
@@ -1483,9 +1710,7 @@ async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
 }
 
 fn format_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    format!("{h:02}:{m:02}:{s:02} UTC")
+    crate::human_time::human_time_ms(ms)
 }
 
 #[cfg(test)]

@@ -1151,7 +1151,7 @@ async fn story_steps(
         .await?;
     let sender_refusal_error = match refused {
         Err(e) => e.to_string(),
-        Ok(()) => bail!("cy's client sent to a subnet its policy does not federate"),
+        Ok(_) => bail!("cy's client sent to a subnet its policy does not federate"),
     };
     // A modified client skips its own check; ana's client must still refuse it.
     managed[cy]

@@ -12,6 +12,7 @@ mod chat;
 mod client_cmd;
 mod demo_cmd;
 mod gateway_cmd;
+mod human_time;
 mod observe_cmd;
 mod relay_cmd;
 mod runtime;

@@ -71,6 +71,11 @@ const MAX_FUTURE_MS: u64 = 3600 * 1000;
 const MAX_REPLAY_ENTRIES: usize = 16_384;
 const DIRECT_ID_DOMAIN: &[u8] = b"shoal direct message id";
 const SAFETY_DOMAIN: &[u8] = b"shoal safety number v1";
+/// Unverified plain messages kept: anyone holding a member's card can send them, so
+/// they never push verified messages out of the inbox; the oldest go first.
+const MAX_UNVERIFIED: usize = 256;
+/// How long an unverified plain message is kept (it carries no TTL of its own).
+const UNVERIFIED_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Pinned contacts kept; the oldest unconfirmed go first beyond this.
 const MAX_CONTACTS: usize = 4096;
 /// Group messages for groups not joined yet (their Welcome is still on its way) are
@@ -155,12 +160,75 @@ pub enum OutgoingWhat {
     Policy,
 }
 
+/// Names one send the user made ([`Messenger::send_direct`], [`Messenger::send_group`]):
+/// every [`Outgoing`] envelope it produced carries it, so a receipt is bound to its
+/// own message by id, never by position in a queue (see [`crate::receipts`]). Unique
+/// per member (the counter is kept in the state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SendId(pub u64);
+
+/// What a user's send produced: its id and how many envelopes it handed to the driver
+/// (one per recipient; zero for a group with nobody else in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendTicket {
+    pub id: SendId,
+    pub envelopes: usize,
+}
+
+/// Where an own message went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum OwnTo {
+    Direct { subnet: SubnetId, key: Hex32 },
+    Group(#[serde(with = "b64")] GroupId),
+}
+
+/// The last delivery mark of an own message (see [`crate::receipts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OwnState {
+    Queued,
+    Sent,
+    Delivered,
+    Failed,
+}
+
+/// A message this member sent, kept (like the inbox, in the store) until its TTL runs
+/// out so the sender still sees it after a restart. Burn-on-read messages are not kept.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnMessage {
+    pub id: SendId,
+    pub to: OwnTo,
+    #[serde(with = "b64")]
+    pub body: Vec<u8>,
+    pub sent_unix_ms: u64,
+    pub expires_unix_ms: u64,
+    /// Copies it went out as (one per recipient).
+    pub envelopes: usize,
+    /// The client driver's ids of the copies handed to it, so receipts that come after
+    /// a restart still find their message.
+    pub message_ids: Vec<[u8; 16]>,
+    pub state: OwnState,
+}
+
+impl std::fmt::Debug for OwnMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnMessage")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One message for the driver: seal `bytes` to `to` and send.
 #[derive(Clone)]
 pub struct Outgoing {
     pub to: Contact,
     pub what: OutgoingWhat,
     pub bytes: Vec<u8>,
+    /// The user's send this envelope belongs to (`None`: protocol traffic such as
+    /// commits, invites, policy updates).
+    pub send: Option<SendId>,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -224,6 +292,12 @@ pub struct StoredMessage {
     pub expires_unix_ms: u64,
     pub burn_on_read: bool,
     pub read: bool,
+    /// Not an envelope: plain bytes from a client without a member card (`shoal client
+    /// send` outside a subnet). Nothing vouches for its sender; `from_subnet` and
+    /// `from_key` are all zero. Kept and shown flagged rather than dropped, since the
+    /// gateway has already been told it arrived.
+    #[serde(default)]
+    pub unverified: bool,
 }
 
 impl StoredMessage {
@@ -428,6 +502,9 @@ pub struct MessengerStats {
     pub burnt: u64,
     /// Envelopes that failed to decode or verify.
     pub malformed: u64,
+    /// Plain messages (not envelopes) kept as unverified.
+    #[serde(default)]
+    pub unverified_received: u64,
     /// Direct messages dropped as replays (or too old / too far ahead to tell).
     pub replays_dropped: u64,
     /// Direct messages or invites from a second key for a pinned (subnet, handle).
@@ -481,6 +558,10 @@ pub enum MessengerEvent {
     },
     /// Everything else from the groups (joined, members added/removed, refused, …).
     Group(GroupEvent),
+    /// An envelope failed its checks (a bad signature, a card that does not verify, a
+    /// message for someone else) and was dropped, counted in `malformed`: the user is
+    /// told, since its receipt went back to the sender.
+    Dropped { reason: &'static str },
 }
 
 /// A group as listed to the user.
@@ -528,6 +609,10 @@ struct State {
     contacts: Vec<PinnedContact>,
     replay: ReplaySet,
     next_direct: u64,
+    #[serde(default)]
+    next_send: u64,
+    #[serde(default)]
+    own: Vec<OwnMessage>,
 }
 
 mod ids_b64 {
@@ -605,6 +690,13 @@ pub struct Messenger {
     replay: ReplaySet,
     /// Counter mixed into direct-message ids.
     next_direct: u64,
+    /// The next [`SendId`].
+    next_send: u64,
+    /// Own messages, oldest first.
+    own: Vec<OwnMessage>,
+    /// Set while a `send_group` call pumps its group's output, so its application
+    /// envelopes carry its id.
+    sending: Option<SendId>,
     outgoing: VecDeque<Outgoing>,
     events: VecDeque<MessengerEvent>,
     stats: MessengerStats,
@@ -667,6 +759,9 @@ impl Messenger {
             contacts: Vec::new(),
             replay: ReplaySet::default(),
             next_direct: 0,
+            next_send: 1,
+            own: Vec::new(),
+            sending: None,
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
             stats: MessengerStats::default(),
@@ -765,10 +860,72 @@ impl Messenger {
         options: MessageOptions,
         body: &[u8],
         now_ms: u64,
-    ) -> Result<(), MessengerError> {
+    ) -> Result<SendTicket, MessengerError> {
         self.check_send(to.credential(), Some(&options), now_ms)?;
-        self.dangerously_send_direct_ignoring_policy(to, options, body, now_ms);
-        Ok(())
+        let ticket = self.dangerously_send_direct_ignoring_policy(to, options, body, now_ms);
+        let to = OwnTo::Direct {
+            subnet: to.subnet(),
+            key: Hex32(to.identity_key()),
+        };
+        self.keep_own(ticket, to, options, body, now_ms);
+        Ok(ticket)
+    }
+
+    /// Keeps an own message for the sender (not burn-on-read ones: those leave no
+    /// copy behind).
+    fn keep_own(
+        &mut self,
+        ticket: SendTicket,
+        to: OwnTo,
+        options: MessageOptions,
+        body: &[u8],
+        now_ms: u64,
+    ) {
+        if options.burn_on_read {
+            return;
+        }
+        self.own.push(OwnMessage {
+            id: ticket.id,
+            to,
+            body: body.to_vec(),
+            sent_unix_ms: now_ms,
+            expires_unix_ms: now_ms.saturating_add(options.ttl_secs.saturating_mul(1000)),
+            envelopes: ticket.envelopes,
+            message_ids: Vec::new(),
+            state: OwnState::Queued,
+        });
+        if self.own.len() > self.config.max_inbox {
+            let extra = self.own.len() - self.config.max_inbox;
+            self.own.drain(..extra);
+        }
+        self.dirty = true;
+    }
+
+    /// Own messages not yet expired, oldest first.
+    pub fn own_messages(&self) -> &[OwnMessage] {
+        &self.own
+    }
+
+    /// The driver took one copy of own message `send` under `message_id`.
+    pub fn note_envelope(&mut self, send: SendId, message_id: [u8; 16]) {
+        if let Some(m) = self.own.iter_mut().find(|m| m.id == send) {
+            m.message_ids.push(message_id);
+            self.dirty = true;
+        }
+    }
+
+    /// The newest delivery mark of own message `send`.
+    pub fn note_own_state(&mut self, send: SendId, state: OwnState) {
+        if let Some(m) = self.own.iter_mut().find(|m| m.id == send) {
+            m.state = state;
+            self.dirty = true;
+        }
+    }
+
+    fn new_send_id(&mut self) -> SendId {
+        let id = SendId(self.next_send);
+        self.next_send += 1;
+        id
     }
 
     /// What a modified client does: sends without asking its own policy. For demos and
@@ -779,7 +936,8 @@ impl Messenger {
         options: MessageOptions,
         body: &[u8],
         now_ms: u64,
-    ) {
+    ) -> SendTicket {
+        let send = self.new_send_id();
         let id = self.direct_id(now_ms);
         let msg = DirectMessage::sign(
             &self.key,
@@ -799,7 +957,12 @@ impl Messenger {
             to: self.contact_for(to),
             what: OutgoingWhat::Direct,
             bytes: Envelope::Direct(msg).encode(),
+            send: Some(send),
         });
+        SendTicket {
+            id: send,
+            envelopes: 1,
+        }
     }
 
     /// A fresh id: unique per sender because the counter is persisted with the state.
@@ -824,6 +987,7 @@ impl Messenger {
             to: self.contact_for(to),
             what: OutgoingWhat::Invite,
             bytes: Envelope::Invite(invite).encode(),
+            send: None,
         });
         Ok(())
     }
@@ -893,6 +1057,21 @@ impl Messenger {
                     .join(" or ")
             ))),
         }
+    }
+
+    /// The card to write to the contact (`subnet`, `key`) with, e.g. to answer a
+    /// message whose card arrived with it: a key pinned on first use, or one the user
+    /// confirmed. An unconfirmed key change (a second key for a name already pinned: a
+    /// new device, or an admin impersonating the person) is refused until the user
+    /// accepts it, so a reply never goes to an impostor unnoticed.
+    pub fn reply_card(&self, subnet: &SubnetId, key: &Hex32) -> Result<MemberCard, MessengerError> {
+        let c = self
+            .contact(subnet, key)
+            .ok_or_else(|| MessengerError::UnknownContact(hex_short(&key.0)))?;
+        if c.alert() {
+            return Err(MessengerError::NotConfirmed(c.display()));
+        }
+        MemberCard::parse(&c.card).map_err(MessengerError::Subnet)
     }
 
     /// The user vouches for `card` (pasted it, or checked its safety number): pins its
@@ -1025,7 +1204,7 @@ impl Messenger {
         options: MessageOptions,
         body: &[u8],
         now_ms: u64,
-    ) -> Result<(), MessengerError> {
+    ) -> Result<SendTicket, MessengerError> {
         let result = self.groups.send(group, options, body, now_ms);
         if matches!(result, Err(GroupError::Policy { .. })) {
             self.stats.sends_refused += 1;
@@ -1033,7 +1212,21 @@ impl Messenger {
         if result.is_ok() {
             self.stats.group_sent += 1;
         }
-        self.after_group_call(result, now_ms)
+        let id = self.new_send_id();
+        let before = self.outgoing.len();
+        self.sending = Some(id);
+        let done = self.after_group_call(result, now_ms);
+        self.sending = None;
+        done?;
+        let envelopes = self
+            .outgoing
+            .iter()
+            .skip(before)
+            .filter(|o| o.send == Some(id))
+            .count();
+        let ticket = SendTicket { id, envelopes };
+        self.keep_own(ticket, OwnTo::Group(group.to_vec()), options, body, now_ms);
+        Ok(ticket)
     }
 
     pub fn remove_member(
@@ -1098,14 +1291,64 @@ impl Messenger {
             Ok(Envelope::Mls(b)) => self.on_mls(b, now_ms, true),
             Ok(Envelope::Policy(b)) => self.on_policy(&b),
             Ok(Envelope::Invite(i)) => self.on_invite(i, now_ms),
-            Err(_) => self.stats.malformed += 1,
+            Err(_) if wire::is_plain(bytes) => self.store_unverified(bytes, now_ms),
+            Err(_) => self.drop_malformed("it is damaged"),
         }
         self.pump_groups(now_ms);
     }
 
+    fn drop_malformed(&mut self, reason: &'static str) {
+        self.stats.malformed += 1;
+        self.events.push_back(MessengerEvent::Dropped { reason });
+    }
+
+    /// Keeps plain bytes (not an envelope) as an unverified message, for the default TTL.
+    fn store_unverified(&mut self, bytes: &[u8], now_ms: u64) {
+        self.stats.unverified_received += 1;
+        let id = self.next_id;
+        self.next_id += 1;
+        let (subnet, key): (SubnetId, Hex32) = (Hex32([0; 32]), Hex32([0; 32]));
+        if self.inbox.iter().filter(|m| m.unverified).count() >= MAX_UNVERIFIED
+            && let Some(i) = self.inbox.iter().position(|m| m.unverified)
+        {
+            self.inbox.remove(i);
+        }
+        self.events.push_back(MessengerEvent::Message {
+            id,
+            from: String::new(),
+            subnet,
+            key,
+            key_alert: false,
+            group: None,
+            body: bytes.to_vec(),
+        });
+        self.push_inbox(StoredMessage {
+            id,
+            from: String::new(),
+            from_subnet: subnet,
+            from_key: key,
+            key_alert: false,
+            group: None,
+            body: bytes.to_vec(),
+            received_unix_ms: now_ms,
+            expires_unix_ms: now_ms.saturating_add(UNVERIFIED_TTL_MS),
+            burn_on_read: false,
+            read: false,
+            unverified: true,
+        });
+    }
+
+    fn push_inbox(&mut self, m: StoredMessage) {
+        self.inbox.push(m);
+        if self.inbox.len() > self.config.max_inbox {
+            let extra = self.inbox.len() - self.config.max_inbox;
+            self.inbox.drain(..extra);
+        }
+    }
+
     fn on_direct(&mut self, d: DirectMessage, now_ms: u64) {
         let Ok(card) = MemberCard::parse(&d.card) else {
-            self.stats.malformed += 1;
+            self.drop_malformed("its sender's card does not verify");
             return;
         };
         let me = Recipient {
@@ -1113,7 +1356,7 @@ impl Messenger {
             subnet: self.card().subnet().0,
         };
         if !d.verify(&card.identity_key(), &me) {
-            self.stats.malformed += 1;
+            self.drop_malformed("its signature does not verify, or it was meant for someone else");
             return;
         }
         if !self
@@ -1163,7 +1406,7 @@ impl Messenger {
             group: group.clone(),
             body: body.clone(),
         });
-        self.inbox.push(StoredMessage {
+        self.push_inbox(StoredMessage {
             id,
             from: from.handle().into(),
             from_subnet: from.subnet(),
@@ -1175,11 +1418,8 @@ impl Messenger {
             expires_unix_ms: now_ms.saturating_add(options.ttl_secs.saturating_mul(1000)),
             burn_on_read: options.burn_on_read,
             read: false,
+            unverified: false,
         });
-        if self.inbox.len() > self.config.max_inbox {
-            let extra = self.inbox.len() - self.config.max_inbox;
-            self.inbox.drain(..extra);
-        }
     }
 
     fn on_mls(&mut self, bytes: Vec<u8>, now_ms: u64, may_park: bool) {
@@ -1225,7 +1465,7 @@ impl Messenger {
 
     fn on_invite(&mut self, invite: Invite, now_ms: u64) {
         let Ok(card) = MemberCard::parse(&invite.card) else {
-            self.stats.malformed += 1;
+            self.drop_malformed("the card in it does not verify");
             return;
         };
         self.stats.invites_received += 1;
@@ -1258,11 +1498,17 @@ impl Messenger {
             let mut joined = false;
             while let Some(out) = self.groups.poll_outgoing() {
                 let env = Envelope::Mls(out.bytes).encode();
+                // Only a `send_group` call produces application messages.
+                let send = match out.kind {
+                    OutgoingKind::Application => self.sending,
+                    _ => None,
+                };
                 for r in &out.recipients {
                     self.outgoing.push_back(Outgoing {
                         to: self.contact_for(r),
                         what: OutgoingWhat::Group(out.kind),
                         bytes: env.clone(),
+                        send,
                     });
                 }
             }
@@ -1340,7 +1586,12 @@ impl Messenger {
 
     /// When [`Self::handle_timeout`] must next be called (unix ms), if ever.
     pub fn poll_timeout(&self) -> Option<u64> {
-        let expiry = self.inbox.iter().map(|m| m.expires_unix_ms).min();
+        let expiry = self
+            .inbox
+            .iter()
+            .map(|m| m.expires_unix_ms)
+            .chain(self.own.iter().map(|m| m.expires_unix_ms))
+            .min();
         let parked = self.parked.iter().map(|p| p.at_ms + PARK_MS).min();
         [self.groups.poll_timeout(), expiry, parked]
             .into_iter()
@@ -1365,6 +1616,11 @@ impl Messenger {
     }
 
     fn expire(&mut self, now_ms: u64) {
+        let own = self.own.len();
+        self.own.retain(|m| m.expires_unix_ms > now_ms);
+        if self.own.len() != own {
+            self.dirty = true;
+        }
         let before = self.inbox.len();
         self.inbox.retain(|m| m.expires_unix_ms > now_ms);
         if self.inbox.len() != before {
@@ -1424,6 +1680,8 @@ impl Messenger {
             contacts: self.contacts.clone(),
             replay: self.replay.clone(),
             next_direct: self.next_direct,
+            next_send: self.next_send,
+            own: self.own.clone(),
         };
         Ok(MessengerSnapshot {
             groups: self.groups.snapshot()?,
@@ -1453,6 +1711,8 @@ impl Messenger {
         m.replay = state.replay;
         m.replay.rebuild();
         m.next_direct = state.next_direct;
+        m.next_send = state.next_send.max(1);
+        m.own = state.own;
         m.dirty = false;
         m.expire(now_ms);
         Ok(m)

@@ -666,3 +666,109 @@ fn replay_set_is_bounded_and_evicted_ids_stay_refused() {
         "another sender's id"
     );
 }
+
+// Regression (issue 18 #2): a plain message (from `shoal client send` without a member
+// card) was acked at the gateway and then dropped as malformed, unseen. It is kept,
+// flagged unverified; a damaged or forged envelope is dropped but the user is told.
+#[test]
+fn plain_messages_are_kept_unverified_and_drops_are_reported() {
+    let World { mut ms, .. } = world();
+    ms[0].handle_incoming(b"hello from a plain client", NOW);
+    let got = ms[0].peek().to_vec();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].unverified);
+    assert_eq!(got[0].body, b"hello from a plain client");
+    assert_eq!(got[0].from_key, Hex32([0; 32]));
+    assert_eq!(ms[0].stats().unverified_received, 1);
+    assert!(events(&mut ms[0]).iter().any(|e| matches!(
+        e,
+        MessengerEvent::Message { body, .. } if body == b"hello from a plain client"
+    )));
+    // A damaged envelope: dropped, counted and reported.
+    ms[0].handle_incoming(b"SM\x00\x02\x01garbage", NOW);
+    assert_eq!(ms[0].peek().len(), 1);
+    assert_eq!(ms[0].stats().malformed, 1);
+    assert!(
+        events(&mut ms[0])
+            .iter()
+            .any(|e| matches!(e, MessengerEvent::Dropped { .. }))
+    );
+    // Kept across a restart like any message.
+    let snap = ms[0].snapshot().unwrap();
+    let back = Messenger::restore(&snap, NOW).unwrap();
+    assert!(back.peek()[0].unverified);
+    // A flood of them (anyone with the card can send them) never evicts a verified
+    // message: they are capped among themselves.
+    let ana = cred(&ms, 0);
+    ms[1].send_direct(&ana, OPTS, b"verified", NOW).unwrap();
+    deliver(&mut ms, NOW);
+    for i in 0..(MAX_UNVERIFIED + 50) {
+        ms[0].handle_incoming(format!("spam {i}").as_bytes(), NOW);
+    }
+    let inbox = ms[0].peek();
+    assert_eq!(
+        inbox.iter().filter(|m| m.unverified).count(),
+        MAX_UNVERIFIED
+    );
+    assert!(inbox.iter().any(|m| m.body == b"verified"));
+}
+
+// Issue 18 #1: every envelope of a send carries that send's id, and only those.
+#[test]
+fn sends_tag_their_own_envelopes() {
+    let World { mut ms, .. } = world();
+    let g = form_group(&mut ms, &[1, 3], NOW);
+    let now = NOW + 2 * SETTLE;
+    while ms[0].poll_outgoing().is_some() {}
+    let al = cred(&ms, 1);
+    let a = ms[0].send_direct(&al, OPTS, b"one", now).unwrap();
+    let b = ms[0].send_group(&g, OPTS, b"two", now).unwrap();
+    assert_ne!(a.id, b.id);
+    assert_eq!((a.envelopes, b.envelopes), (1, 2));
+    let tags: Vec<Option<SendId>> = std::iter::from_fn(|| ms[0].poll_outgoing())
+        .map(|o| o.send)
+        .collect();
+    assert_eq!(tags, [Some(a.id), Some(b.id), Some(b.id)]);
+    // Protocol traffic carries none.
+    ms[0].send_invite(&al, now).unwrap();
+    assert_eq!(ms[0].poll_outgoing().unwrap().send, None);
+}
+
+// Regression (issue 18 #8): own messages vanished when the chat restarted. They are
+// kept in the state (with the driver's ids of their copies and their last mark) until
+// their TTL runs out; burn-on-read ones leave no copy.
+#[test]
+fn own_messages_survive_a_restart_until_they_expire() {
+    let World { mut ms, .. } = world();
+    let al = cred(&ms, 1);
+    let t = ms[0].send_direct(&al, OPTS, b"kept", NOW).unwrap();
+    let burn = MessageOptions {
+        ttl_secs: 60,
+        burn_on_read: true,
+    };
+    ms[0].send_direct(&al, burn, b"not kept", NOW).unwrap();
+    ms[0].note_envelope(t.id, [5; 16]);
+    ms[0].note_own_state(t.id, OwnState::Sent);
+    let back = Messenger::restore(&ms[0].snapshot().unwrap(), NOW + 1).unwrap();
+    let own = back.own_messages();
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].body, b"kept");
+    assert_eq!(own[0].id, t.id);
+    assert_eq!(own[0].message_ids, [[5; 16]]);
+    assert_eq!(own[0].state, OwnState::Sent);
+    assert_eq!(
+        own[0].to,
+        OwnTo::Direct {
+            subnet: al.subnet(),
+            key: Hex32(al.identity_key())
+        }
+    );
+    // Send ids stay unique across the restart.
+    let mut back = back;
+    let next = back.send_direct(&al, OPTS, b"after", NOW + 2).unwrap();
+    assert!(next.id > t.id);
+    // Gone with their TTL.
+    let later = NOW + OPTS.ttl_secs * 1000 + 10;
+    back.handle_timeout(later);
+    assert!(back.own_messages().is_empty());
+}

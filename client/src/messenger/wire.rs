@@ -29,6 +29,12 @@ const KIND_INVITE: u8 = 4;
 /// Domain of the sender's signature on a direct message.
 pub const DIRECT_DOMAIN: &[u8] = b"shoal direct message v2\0";
 
+/// True if `bytes` are not meant as an envelope at all (they lack its magic): a plain
+/// message from a client without a member card. Empty bytes are not a message.
+pub fn is_plain(bytes: &[u8]) -> bool {
+    !bytes.is_empty() && !bytes.starts_with(MAGIC)
+}
+
 /// A decoded envelope. Nothing in it is checked yet except its shape.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Envelope {

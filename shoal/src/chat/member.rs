@@ -149,6 +149,11 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// The member card inside a card text (an invite text): the admin's signature on the
 /// credential and the member's own on its address binding checked.
 pub(crate) fn card_credential(card: &str) -> anyhow::Result<(Invite, MemberCard)> {
+    if card.trim().starts_with(shoal_client::contact::CARD_PREFIX) {
+        bail!(
+            "this is a plain card (shoal1:), which carries no signed identity: ask for their member card (/card in their chat, or `shoal client contact show`), which starts with shoal-invite1:"
+        );
+    }
     let invite = invite_from_text(card).map_err(|e| anyhow::anyhow!("not a contact card: {e}"))?;
     let member = MemberCard::parse(&invite.card)
         .map_err(|e| anyhow::anyhow!("the card does not check: {e}"))?;

@@ -1,7 +1,7 @@
 //! The chat's driver: sets up the messenger, runs the client and the terminal, and
 //! moves keys, messenger events and delivery receipts between them and the state.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +10,14 @@ use anyhow::{Context, bail};
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use shoal_client::ClientStore;
 use shoal_client::driver::{self, DriverEvent};
-use shoal_client::group::GroupEvent;
+use shoal_client::group::{GroupError, GroupEvent};
 use shoal_client::managed::{self, EnvelopeSent, ManagedHandle, unix_ms};
 use shoal_client::messenger::{
-    Conversation, Messenger, MessengerEvent, OutgoingWhat, PinnedContact, display_name,
-    invite_to_text,
+    Conversation, Messenger, MessengerError, MessengerEvent, OwnMessage, OwnState, OwnTo,
+    PinnedContact, SendId, SendTicket, display_name, invite_to_text,
 };
-use shoal_packet::MessageId;
-use shoal_subnet::{MemberCard, MessageOptions, SubnetId};
+use shoal_client::receipts::{self, Receipts};
+use shoal_subnet::{MessageOptions, SubnetId};
 use shoal_topology::Hex32;
 use tokio::sync::{broadcast, mpsc};
 
@@ -124,19 +124,25 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                     Err(broadcast::error::RecvError::Lagged(_)) => ui.refresh_groups().await,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
-                s = sent.recv() => if let Ok(s) = s { ui.tracker.on_sent(s) },
+                s = sent.recv() => if let Ok(s) = s { ui.on_envelope(s).await },
                 d = raw.recv() => match d {
                     Ok(DriverEvent::Acked { message_id }) => {
-                        if let Some(id) = ui.tracker.on_acked(&message_id) {
-                            ui.state.apply(Update::Delivery { local_id: id, delivery: Delivery::Acked });
-                        }
+                        let r = ui.tracker.on_acked(&message_id);
+                        ui.on_receipt(r).await;
                     }
                     Ok(DriverEvent::Connected) => ui.state.apply(Update::Online(true)),
                     Ok(DriverEvent::Disconnected) => ui.state.apply(Update::Online(false)),
                     Ok(DriverEvent::Problem(p)) => ui.state.apply(Update::Status(p.to_string())),
                     _ => {}
                 },
-                _ = tick.tick() => ui.on_tick(),
+                _ = tick.tick() => {
+                    ui.on_tick().await;
+                    ui.flush_invites().await;
+                    // `shoal client send` while the chat holds the store spools here.
+                    for note in crate::client_cmd::drain_member_outbox(&ui.dir, handle).await {
+                        ui.status(note);
+                    }
+                }
                 r = &mut signal => { r?; return Ok(()); }
             }
             ui.burn_if_seen().await;
@@ -182,80 +188,22 @@ fn read_keys(tx: mpsc::Sender<Key>) {
     }
 }
 
-/// Maps the driver's message ids to the chat's own messages, for delivery marks.
-#[derive(Debug, Default)]
-struct Tracker {
-    /// Own messages whose envelopes the messenger has yet to hand to the driver, in
-    /// order: (local id, envelopes still to come).
-    expecting: VecDeque<(u64, usize)>,
-    by_id: HashMap<MessageId, u64>,
-    /// Local id → (envelopes not yet acked, tick at which the last was handed over).
-    open: HashMap<u64, (usize, Option<u64>)>,
-    ticks: u64,
+/// An own message on its way to the messenger (kept to retry a held one).
+#[derive(Debug, Clone)]
+struct Outbound {
+    local_id: u64,
+    to: ConvKey,
+    body: String,
+    options: MessageOptions,
 }
 
-impl Tracker {
-    fn expect(&mut self, local_id: u64, envelopes: usize) {
-        if envelopes > 0 {
-            self.expecting.push_back((local_id, envelopes));
-            self.open.insert(local_id, (envelopes, None));
-        }
-    }
-
-    /// Direct and group application envelopes come only from the chat's own sends, in
-    /// the order the sends were made.
-    fn on_sent(&mut self, s: EnvelopeSent) {
-        let mine = matches!(
-            s.what,
-            OutgoingWhat::Direct
-                | OutgoingWhat::Group(shoal_client::group::OutgoingKind::Application)
-        );
-        if !mine {
-            return;
-        }
-        let Some((local, left)) = self.expecting.front_mut() else {
-            return;
-        };
-        let local = *local;
-        *left -= 1;
-        if *left == 0 {
-            self.expecting.pop_front();
-            if let Some(o) = self.open.get_mut(&local) {
-                o.1 = Some(self.ticks);
-            }
-        }
-        self.by_id.insert(s.message_id, local);
-    }
-
-    /// The local id that is now fully acked, if any.
-    fn on_acked(&mut self, id: &MessageId) -> Option<u64> {
-        let local = self.by_id.remove(id)?;
-        let o = self.open.get_mut(&local)?;
-        o.0 = o.0.saturating_sub(1);
-        if o.0 == 0 && o.1.is_some() {
-            self.open.remove(&local);
-            return Some(local);
-        }
-        None
-    }
-
-    /// Own messages that have left the device: handed over before the previous tick
-    /// (so the driver's counters include them) and nothing is waiting to be sent.
-    fn on_tick(&mut self, queued_fragments: usize) -> Vec<u64> {
-        self.ticks += 1;
-        if queued_fragments > 0 {
-            return Vec::new();
-        }
-        let now = self.ticks;
-        let mut out = Vec::new();
-        for (local, (_, handed)) in &mut self.open {
-            if handed.is_some_and(|t| t + 1 < now) {
-                *handed = Some(u64::MAX / 2);
-                out.push(*local);
-            }
-        }
-        out
-    }
+/// Why the messenger did not take an own message.
+enum NotTaken {
+    /// The recipient's key is not one the user may write to yet (unknown, or an
+    /// unaccepted key change): held until `/add` or `/accept`.
+    Identity(String),
+    /// Refused for good (policy, no such group, ...).
+    Refused(MessengerError),
 }
 
 struct Ui<'a> {
@@ -263,7 +211,13 @@ struct Ui<'a> {
     dir: PathBuf,
     file: ChatFile,
     state: ChatState,
-    tracker: Tracker,
+    /// Receipts of own messages, by send id.
+    tracker: Receipts,
+    local_of: HashMap<SendId, u64>,
+    /// Own messages held until their recipient's key is accepted.
+    held: Vec<Outbound>,
+    /// (group, handle) invites waiting for the group's current change to settle.
+    queued_invites: Vec<(Vec<u8>, String)>,
     /// Conversations that received burn-on-read messages not yet burnt.
     burn_pending: Vec<ConvKey>,
     me: (String, shoal_subnet::SubnetId),
@@ -271,9 +225,20 @@ struct Ui<'a> {
 
 impl<'a> Ui<'a> {
     async fn new(handle: &'a ManagedHandle, dir: PathBuf, file: ChatFile) -> anyhow::Result<Self> {
-        let (me, inbox, contacts) = handle
+        let (me, inbox, contacts, own) = handle
             .with(|m, _| {
                 let c = m.credential();
+                let own: Vec<(String, OwnMessage)> = m
+                    .own_messages()
+                    .iter()
+                    .map(|o| {
+                        let label = match &o.to {
+                            OwnTo::Direct { subnet, key } => label_of(m, subnet, key),
+                            OwnTo::Group(_) => String::new(),
+                        };
+                        (label, o.clone())
+                    })
+                    .collect();
                 let inbox: Vec<(StoredLabel, shoal_client::messenger::StoredMessage)> = m
                     .peek()
                     .iter()
@@ -285,7 +250,7 @@ impl<'a> Ui<'a> {
                     .filter(|c| c.confirmed)
                     .map(conv_label)
                     .collect();
-                ((c.handle().to_string(), c.subnet()), inbox, contacts)
+                ((c.handle().to_string(), c.subnet()), inbox, contacts, own)
             })
             .await?;
         let mut ui = Ui {
@@ -293,7 +258,10 @@ impl<'a> Ui<'a> {
             dir,
             file,
             state: ChatState::new(clean(me.0.as_bytes())),
-            tracker: Tracker::default(),
+            tracker: Receipts::new(),
+            local_of: HashMap::new(),
+            held: Vec::new(),
+            queued_invites: Vec::new(),
             burn_pending: Vec::new(),
             me,
         };
@@ -310,6 +278,8 @@ impl<'a> Ui<'a> {
             });
         }
         ui.refresh_groups().await;
+        // Received and own messages from before, in time order.
+        let mut earlier: Vec<(u64, Update)> = Vec::new();
         for (label, m) in inbox {
             let conv = match m.group {
                 Some(g) => ConvKey::Group(g),
@@ -318,14 +288,58 @@ impl<'a> Ui<'a> {
             if m.burn_on_read {
                 ui.burn_pending.push(conv.clone());
             }
-            ui.state.apply(Update::Received {
-                conv,
-                from: label,
-                body: clean(&m.body),
-                at_unix_ms: m.received_unix_ms,
-                expires_unix_ms: m.expires_unix_ms,
-                burn_on_read: m.burn_on_read,
-            });
+            earlier.push((
+                m.received_unix_ms,
+                Update::Received {
+                    conv,
+                    from: label,
+                    body: clean(&m.body),
+                    at_unix_ms: m.received_unix_ms,
+                    expires_unix_ms: m.expires_unix_ms,
+                    burn_on_read: m.burn_on_read,
+                },
+            ));
+        }
+        for (label, o) in own {
+            let local_id = RESTORED_LOCAL_IDS + o.id.0;
+            let conv = match o.to {
+                OwnTo::Group(g) => ConvKey::Group(g),
+                OwnTo::Direct { .. } => ConvKey::Direct(label),
+            };
+            let delivery = match o.state {
+                OwnState::Queued => Delivery::Queued,
+                OwnState::Sent => Delivery::Sent,
+                OwnState::Delivered => Delivery::Acked,
+                OwnState::Failed => Delivery::Failed,
+            };
+            // Receipts still to come find their message again.
+            if matches!(o.state, OwnState::Queued | OwnState::Sent)
+                && o.message_ids.len() == o.envelopes
+            {
+                ui.local_of.insert(o.id, local_id);
+                ui.tracker.expect(SendTicket {
+                    id: o.id,
+                    envelopes: o.envelopes,
+                });
+                for id in &o.message_ids {
+                    ui.tracker.on_envelope(o.id, Ok(*id));
+                }
+            }
+            earlier.push((
+                o.sent_unix_ms,
+                Update::Own {
+                    conv,
+                    local_id,
+                    body: clean(&o.body),
+                    at_unix_ms: o.sent_unix_ms,
+                    expires_unix_ms: o.expires_unix_ms,
+                    delivery,
+                },
+            ));
+        }
+        earlier.sort_by_key(|(t, _)| *t);
+        for (_, u) in earlier {
+            ui.state.apply(u);
         }
         // What was there before this session counts as seen.
         for c in &mut ui.state.conversations {
@@ -376,6 +390,9 @@ impl<'a> Ui<'a> {
             Request::NewGroup { name } => self.new_group(name).await,
             Request::Invite { group, handle } => self.invite(group, handle).await,
             Request::ShowCard => self.show_card().await,
+            Request::Remove { group, handle } => self.remove(group, handle).await,
+            Request::Leave { group } => self.leave(group).await,
+            Request::Rename { group, name } => self.rename(group, name),
             Request::Verify { to, contact } => self.verify(to, contact).await,
             Request::Accept { contact } => self.accept(contact).await,
             Request::Quit => Ok(()),
@@ -399,49 +416,113 @@ impl<'a> Ui<'a> {
         };
         let now = unix_ms();
         self.state.stamp_own(local_id, now, ttl_secs);
-        let result = match to {
-            ConvKey::Direct(label) => {
-                let sent = self
-                    .handle
-                    .with(move |m, now| {
-                        let card = contact_by_label(m, &label)
-                            .and_then(|c| MemberCard::parse(&c.card).ok());
-                        card.map(|card| {
-                            m.send_direct(&card, options, body.as_bytes(), now)
-                                .map(|()| 1)
-                        })
-                    })
-                    .await?;
-                let Some(result) = sent else {
-                    self.fail(local_id);
-                    bail!("not in your contacts: ask for their card and /add it");
-                };
-                result
-            }
-            ConvKey::Group(g) => {
-                self.handle
-                    .with(move |m, now| {
-                        let others = m
-                            .groups()
-                            .into_iter()
-                            .find(|s| s.id == g)
-                            .map_or(0, |s| s.members.len().saturating_sub(1));
-                        m.send_group(&g, options, body.as_bytes(), now)
-                            .map(|()| others)
-                    })
-                    .await?
-            }
-        };
+        self.dispatch(Outbound {
+            local_id,
+            to,
+            body,
+            options,
+        })
+        .await
+    }
+
+    /// Hands one own message to the messenger. A direct message goes to the contact's
+    /// pinned key: one first seen with their message (TOFU) or confirmed; to an
+    /// unaccepted key change, or someone not in the contacts, it is held until `/accept`
+    /// or `/add` sends it.
+    async fn dispatch(&mut self, o: Outbound) -> anyhow::Result<()> {
+        let (to, body, options) = (o.to.clone(), o.body.clone(), o.options);
+        let result: Result<SendTicket, NotTaken> = self
+            .handle
+            .with(move |m, now| match to {
+                ConvKey::Direct(label) if label == UNVERIFIED_LABEL => Err(NotTaken::Refused(
+                    MessengerError::UnknownContact(
+                        "plain messages carry no sender to answer".into(),
+                    ),
+                )),
+                ConvKey::Direct(label) => {
+                    let Some(c) = contact_by_label(m, &label) else {
+                        return Err(NotTaken::Identity(format!(
+                            "{label} is not in your contacts: /add their card"
+                        )));
+                    };
+                    let (subnet, key) = (c.subnet, c.identity_key);
+                    let card = m.reply_card(&subnet, &key).map_err(|_| {
+                        NotTaken::Identity(format!(
+                            "{label} has a key you have not accepted: /verify {label}, then /accept it"
+                        ))
+                    })?;
+                    m.send_direct(&card, options, body.as_bytes(), now)
+                        .map_err(NotTaken::Refused)
+                }
+                ConvKey::Group(g) => m
+                    .send_group(&g, options, body.as_bytes(), now)
+                    .map_err(NotTaken::Refused),
+            })
+            .await?;
         match result {
-            Ok(envelopes) => {
-                self.tracker.expect(local_id, envelopes);
+            Ok(ticket) => {
+                self.local_of.insert(ticket.id, o.local_id);
+                let r = self.tracker.expect(ticket);
+                self.on_receipt(r).await;
                 Ok(())
             }
-            Err(e) => {
-                self.fail(local_id);
-                Err(anyhow::anyhow!("not sent: {e}"))
+            Err(NotTaken::Identity(why)) => {
+                self.state.apply(Update::Delivery {
+                    local_id: o.local_id,
+                    delivery: Delivery::Held,
+                });
+                self.held.push(o);
+                bail!("{why}; your message is kept and sent then")
+            }
+            Err(NotTaken::Refused(e)) => {
+                self.fail(o.local_id);
+                bail!("not sent: {e}")
             }
         }
+    }
+
+    /// Sends again the messages held for a key the user has now added or accepted (the
+    /// others stay held).
+    async fn retry_held(&mut self) {
+        for o in std::mem::take(&mut self.held) {
+            self.state.apply(Update::Retry {
+                local_id: o.local_id,
+            });
+            // A message still held is back in `held`; its reason is not news.
+            let _ = self.dispatch(o).await;
+        }
+    }
+
+    async fn on_envelope(&mut self, s: EnvelopeSent) {
+        if let Some(send) = s.send {
+            let r = self.tracker.on_envelope(send, s.result);
+            self.on_receipt(r).await;
+        }
+    }
+
+    /// Shows what became of an own message, and keeps the mark with it.
+    async fn on_receipt(&mut self, r: Option<(SendId, receipts::Delivery)>) {
+        let Some((send, d)) = r else { return };
+        let Some(&local_id) = self.local_of.get(&send) else {
+            return;
+        };
+        let (delivery, kept) = match d {
+            receipts::Delivery::Sent => (Delivery::Sent, OwnState::Sent),
+            receipts::Delivery::Delivered => {
+                self.local_of.remove(&send);
+                (Delivery::Acked, OwnState::Delivered)
+            }
+            receipts::Delivery::Failed(why) => {
+                self.local_of.remove(&send);
+                self.status(format!("a message was not sent: {why}"));
+                (Delivery::Failed, OwnState::Failed)
+            }
+        };
+        self.state.apply(Update::Delivery { local_id, delivery });
+        let _ = self
+            .handle
+            .with(move |m, _| m.note_own_state(send, kept))
+            .await;
     }
 
     fn fail(&mut self, local_id: u64) {
@@ -477,6 +558,7 @@ impl<'a> Ui<'a> {
             Ok(()) => self.status(format!("{shown} added; your card is on its way to them")),
             Err(e) => self.status(format!("{shown} added, but your card was not sent: {e}")),
         }
+        self.retry_held().await;
         Ok(())
     }
 
@@ -502,6 +584,7 @@ impl<'a> Ui<'a> {
     async fn invite(&mut self, group: Vec<u8>, handle: String) -> anyhow::Result<()> {
         let file = self.file.clone();
         let h = handle.clone();
+        let group_id = group.clone();
         // The handle is resolved to one pinned key; only that key's cards are used.
         let done = self
             .handle
@@ -510,6 +593,14 @@ impl<'a> Ui<'a> {
         let shown = clean(handle.as_bytes());
         match done {
             Err(e) => bail!("cannot add {shown}: {e:#}"),
+            Ok(Err(MessengerError::Group(GroupError::CommitPending))) => {
+                // Another change of this group is settling: add them right after it.
+                self.queued_invites.push((group_id, handle));
+                self.status(format!(
+                    "{shown} is queued: they are added when the group's current change has settled"
+                ));
+                Ok(())
+            }
             Ok(Err(e)) => bail!("cannot add {shown}: {e}"),
             Ok(Ok(())) => {
                 self.status(format!(
@@ -518,6 +609,95 @@ impl<'a> Ui<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Adds the queued invites of groups whose change has settled, all of a group's in
+    /// one change.
+    async fn flush_invites(&mut self) {
+        if self.queued_invites.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued_invites);
+        let file = self.file.clone();
+        let (done, still): (Vec<String>, Vec<(Vec<u8>, String)>) = self
+            .handle
+            .with(move |m, now| {
+                let mut done = Vec::new();
+                let mut still = Vec::new();
+                let mut groups: Vec<Vec<u8>> = queued.iter().map(|(g, _)| g.clone()).collect();
+                groups.dedup();
+                for g in groups {
+                    let handles: Vec<String> = queued
+                        .iter()
+                        .filter(|(q, _)| *q == g)
+                        .map(|(_, h)| h.clone())
+                        .collect();
+                    let settling = m
+                        .groups()
+                        .iter()
+                        .find(|s| s.id == g)
+                        .is_some_and(|s| s.settling_until_ms.is_some());
+                    if settling {
+                        still.extend(handles.into_iter().map(|h| (g.clone(), h)));
+                        continue;
+                    }
+                    let invites: Vec<_> = handles
+                        .iter()
+                        .filter_map(|h| invite_for(m, &file, h).ok())
+                        .collect();
+                    match m.add_members(&g, &invites, now) {
+                        Ok(()) => done.extend(handles),
+                        Err(MessengerError::Group(GroupError::CommitPending)) => {
+                            still.extend(handles.into_iter().map(|h| (g.clone(), h)))
+                        }
+                        Err(e) => done.push(format!("(not added: {e})")),
+                    }
+                }
+                (done, still)
+            })
+            .await
+            .unwrap_or_default();
+        self.queued_invites.extend(still);
+        if !done.is_empty() {
+            let shown: Vec<String> = done.iter().map(|h| clean(h.as_bytes())).collect();
+            self.status(format!(
+                "adding {}: they join once the change has settled",
+                shown.join(", ")
+            ));
+        }
+    }
+
+    async fn remove(&mut self, group: Vec<u8>, handle: String) -> anyhow::Result<()> {
+        let h = handle.clone();
+        self.handle
+            .with(move |m, now| m.remove_member(&group, &h, now))
+            .await??;
+        self.status(format!(
+            "removing {}: done once the change has settled",
+            clean(handle.as_bytes())
+        ));
+        Ok(())
+    }
+
+    async fn leave(&mut self, group: Vec<u8>) -> anyhow::Result<()> {
+        self.handle
+            .with(move |m, now| m.leave(&group, now))
+            .await??;
+        self.status("asked to leave: the next change by another member takes you out");
+        Ok(())
+    }
+
+    fn rename(&mut self, group: Vec<u8>, name: String) -> anyhow::Result<()> {
+        let id = hex::encode(&group);
+        self.file.groups.retain(|g| g.id != id);
+        self.file.groups.push(SavedGroup {
+            id,
+            name: name.clone(),
+        });
+        self.file.save(&self.dir)?;
+        self.state.name_group(group, name.clone());
+        self.status(format!("the group is called {name} on this device"));
+        Ok(())
     }
 
     /// Shows the safety number with a contact: both people must see the same digits.
@@ -565,6 +745,7 @@ impl<'a> Ui<'a> {
             members: Vec::new(),
         });
         self.status(format!("{label} accepted"));
+        self.retry_held().await;
         Ok(())
     }
 
@@ -658,6 +839,11 @@ impl<'a> Ui<'a> {
                     "a message from {h} was dropped: your group's rules do not allow it"
                 ));
             }
+            MessengerEvent::Dropped { reason } => {
+                self.status(format!(
+                    "a message that failed its checks was dropped: {reason}"
+                ));
+            }
             MessengerEvent::PolicyUpdated { version } => {
                 self.status(format!("your admin updated the rules (version {version})"));
                 self.refresh_groups().await;
@@ -703,21 +889,14 @@ impl<'a> Ui<'a> {
         }
     }
 
-    fn on_tick(&mut self) {
+    async fn on_tick(&mut self) {
         self.state.expire(unix_ms());
         let stats = self.handle.client().stats();
         self.state.apply(Update::Online(stats.connected));
         // Offline, the schedule still runs but its packets go nowhere: nothing "left".
-        let waiting = if stats.connected {
-            stats.core.queued_fragments
-        } else {
-            usize::MAX
-        };
-        for local_id in self.tracker.on_tick(waiting) {
-            self.state.apply(Update::Delivery {
-                local_id,
-                delivery: Delivery::Sent,
-            });
+        let idle = stats.connected && stats.core.queued_fragments == 0;
+        for r in self.tracker.on_tick(idle) {
+            self.on_receipt(Some(r)).await;
         }
     }
 
@@ -772,8 +951,18 @@ fn conv_label(c: &PinnedContact) -> String {
 
 type StoredLabel = String;
 
+/// Local ids of own messages from before this session: the kept message's id plus
+/// this, apart from the ids the state hands out.
+const RESTORED_LOCAL_IDS: u64 = 1 << 62;
+
+/// Where plain messages (from a client without a member card) are shown.
+const UNVERIFIED_LABEL: &str = "unverified (no sender identity)";
+
 /// The conversation label of the sender (subnet, key).
 fn label_of(m: &Messenger, subnet: &SubnetId, key: &Hex32) -> String {
+    if subnet.0 == [0; 32] && key.0 == [0; 32] {
+        return UNVERIFIED_LABEL.to_string();
+    }
     m.contact(subnet, key).map(conv_label).unwrap_or_else(|| {
         format!(
             "{} key {}",
@@ -794,39 +983,6 @@ mod tests {
     use shoal_client::group::GroupConfig;
     use shoal_client::messenger::MessengerConfig;
     use shoal_subnet::Policy;
-
-    fn sent(what: OutgoingWhat, n: u8) -> EnvelopeSent {
-        EnvelopeSent {
-            what,
-            message_id: [n; 16],
-        }
-    }
-
-    #[test]
-    fn tracker_maps_envelopes_in_order_and_acks_when_all_are_back() {
-        let mut t = Tracker::default();
-        t.expect(1, 2); // a group message to two others
-        t.expect(2, 1); // a direct message
-        // A commit from elsewhere is not ours.
-        t.on_sent(sent(
-            OutgoingWhat::Group(shoal_client::group::OutgoingKind::Commit),
-            9,
-        ));
-        let app = OutgoingWhat::Group(shoal_client::group::OutgoingKind::Application);
-        t.on_sent(sent(app, 1));
-        t.on_sent(sent(app, 2));
-        t.on_sent(sent(OutgoingWhat::Direct, 3));
-        assert_eq!(t.on_acked(&[9; 16]), None);
-        assert_eq!(t.on_acked(&[3; 16]), Some(2));
-        assert_eq!(t.on_acked(&[1; 16]), None);
-        // Not yet "sent" on the tick it was handed over, nor while fragments wait.
-        assert!(t.on_tick(0).is_empty());
-        assert!(t.on_tick(5).is_empty());
-        assert_eq!(t.on_tick(0), vec![1]);
-        assert!(t.on_tick(0).is_empty(), "reported once");
-        assert_eq!(t.on_acked(&[2; 16]), Some(1));
-        assert!(t.open.is_empty());
-    }
 
     /// Two members of one subnet whose policy allows burn-on-read.
     fn two_members() -> (Messenger, Messenger) {

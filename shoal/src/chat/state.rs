@@ -30,6 +30,9 @@ pub enum Delivery {
     Acked,
     /// The app refused it (the reason is in the status line).
     Failed,
+    /// Kept on this device until the user accepts the recipient's key (`/accept`) or
+    /// adds their card (`/add`); then it is sent.
+    Held,
 }
 
 impl Delivery {
@@ -39,6 +42,7 @@ impl Delivery {
             Delivery::Sent => "sent",
             Delivery::Acked => "delivered",
             Delivery::Failed => "not sent",
+            Delivery::Held => "held: /accept or /add them to send",
         }
     }
 }
@@ -86,6 +90,20 @@ pub enum Request {
         group: Vec<u8>,
         handle: String,
     },
+    /// Take a member out of a group.
+    Remove {
+        group: Vec<u8>,
+        handle: String,
+    },
+    /// Ask to leave a group.
+    Leave {
+        group: Vec<u8>,
+    },
+    /// Give a group another (local) name.
+    Rename {
+        group: Vec<u8>,
+        name: String,
+    },
     /// Write this user's card to a file and say where.
     ShowCard,
     /// Show the safety number with the contact of a direct conversation (or `contact`).
@@ -120,6 +138,19 @@ pub enum Update {
     Delivery {
         local_id: u64,
         delivery: Delivery,
+    },
+    /// An own message from before this session (kept in the store).
+    Own {
+        conv: ConvKey,
+        local_id: u64,
+        body: String,
+        at_unix_ms: u64,
+        expires_unix_ms: u64,
+        delivery: Delivery,
+    },
+    /// A held or failed own message is being sent again: back to queued.
+    Retry {
+        local_id: u64,
     },
     Online(bool),
     Status(String),
@@ -157,7 +188,7 @@ pub struct ChatState {
     names: BTreeMap<Vec<u8>, String>,
 }
 
-pub const HELP: &str = "/add CARD · /group new NAME · /invite HANDLE · /verify [HANDLE] · /accept HANDLE · /ttl SECS · /burn on|off · /card · /quit";
+pub const HELP: &str = "/add CARD · /group new NAME · /invite HANDLE · /members · /remove HANDLE · /leave · /rename NAME · /verify [HANDLE] · /accept HANDLE · /ttl SECS · /burn on|off · /card · /quit";
 
 impl ChatState {
     pub fn new(me: String) -> Self {
@@ -278,6 +309,35 @@ impl ChatState {
                 }),
                 _ => self.say("open a group first (Tab), then /invite HANDLE"),
             },
+            "members" => match self.current() {
+                Some(c) if matches!(c.key, ConvKey::Group(_)) => {
+                    let mut all = vec![format!("{} (you)", self.me)];
+                    all.extend(c.members.iter().cloned());
+                    let line = format!("{} members: {}", all.len(), all.join(", "));
+                    self.say(&line)
+                }
+                _ => self.say("open a group first (Tab), then /members"),
+            },
+            "remove" | "leave" | "rename" => {
+                let Some(ConvKey::Group(group)) = self.current().map(|c| c.key.clone()) else {
+                    return self.say(&format!("open a group first (Tab), then /{word}"));
+                };
+                match word {
+                    "remove" if !rest.is_empty() => Some(Request::Remove {
+                        group,
+                        handle: rest.into(),
+                    }),
+                    "leave" => Some(Request::Leave { group }),
+                    "rename" if !rest.is_empty() => Some(Request::Rename {
+                        group,
+                        name: rest.into(),
+                    }),
+                    _ => self.say(&format!(
+                        "usage: /{word} {}",
+                        if word == "remove" { "HANDLE" } else { "NAME" }
+                    )),
+                }
+            }
             "ttl" => match rest.parse::<u64>() {
                 Ok(secs) if secs > 0 => {
                     self.ttl_secs = secs;
@@ -354,8 +414,15 @@ impl ChatState {
         }
     }
 
-    /// Remembers the name this user gave a group.
+    /// Remembers the name this user gave a group (and shows it).
     pub fn name_group(&mut self, group: Vec<u8>, name: String) {
+        if let Some(c) = self
+            .conversations
+            .iter_mut()
+            .find(|c| c.key == ConvKey::Group(group.clone()))
+        {
+            c.title = name.clone();
+        }
         self.names.insert(group, name);
     }
 
@@ -416,6 +483,41 @@ impl ChatState {
                     }
                 }
             }
+            Update::Own {
+                conv,
+                local_id,
+                body,
+                at_unix_ms,
+                expires_unix_ms,
+                delivery,
+            } => {
+                let i = self.ensure(conv.clone(), default_title(&conv), Vec::new());
+                let from = self.me.clone();
+                push_capped(
+                    &mut self.conversations[i].messages,
+                    ChatMessage {
+                        from,
+                        body,
+                        at_unix_ms,
+                        expires_unix_ms,
+                        burn_on_read: false,
+                        own: Some((local_id, delivery)),
+                    },
+                );
+            }
+            Update::Retry { local_id } => {
+                for m in self
+                    .conversations
+                    .iter_mut()
+                    .flat_map(|c| c.messages.iter_mut())
+                {
+                    if let Some((id, d)) = &mut m.own
+                        && *id == local_id
+                    {
+                        *d = Delivery::Queued;
+                    }
+                }
+            }
             Update::Online(online) => self.online = online,
             Update::Status(s) => self.status = s,
         }
@@ -457,6 +559,8 @@ fn rank(d: Delivery) -> u8 {
         Delivery::Sent => 1,
         Delivery::Acked => 2,
         Delivery::Failed => 3,
+        // Left only by a retry (`Update::Retry`).
+        Delivery::Held => 4,
     }
 }
 
@@ -529,6 +633,68 @@ mod tests {
         assert_eq!(m.own, Some((1, Delivery::Queued)));
         s.stamp_own(1, 1_000, 10);
         assert_eq!(s.conversations[0].messages[0].expires_unix_ms, 11_000);
+    }
+
+    #[test]
+    fn held_messages_go_back_to_queued_on_retry_and_kept_ones_show() {
+        let mut s = with_two();
+        assert!(typed(&mut s, "hi").is_some());
+        let held = |s: &ChatState| s.conversations[0].messages[0].own.map(|o| o.1);
+        s.apply(Update::Delivery {
+            local_id: 1,
+            delivery: Delivery::Held,
+        });
+        assert_eq!(held(&s), Some(Delivery::Held));
+        s.apply(Update::Delivery {
+            local_id: 1,
+            delivery: Delivery::Sent,
+        });
+        assert_eq!(held(&s), Some(Delivery::Held), "only a retry leaves held");
+        s.apply(Update::Retry { local_id: 1 });
+        assert_eq!(held(&s), Some(Delivery::Queued));
+        s.apply(Update::Own {
+            conv: ConvKey::Direct("bob".into()),
+            local_id: 1 << 62,
+            body: "from before".into(),
+            at_unix_ms: 5,
+            expires_unix_ms: 10,
+            delivery: Delivery::Acked,
+        });
+        let m = &s.conversations[0].messages[1];
+        assert_eq!((m.from.as_str(), m.body.as_str()), ("alice", "from before"));
+        assert_eq!(m.own, Some((1 << 62, Delivery::Acked)));
+    }
+
+    #[test]
+    fn group_commands_need_an_open_group() {
+        let mut s = with_two();
+        assert_eq!(typed(&mut s, "/leave"), None);
+        assert!(s.status.contains("open a group first"), "{}", s.status);
+        s.on_key(Key::Tab);
+        assert_eq!(typed(&mut s, "/members"), None);
+        assert_eq!(s.status, "2 members: alice (you), bob");
+        assert_eq!(
+            typed(&mut s, "/remove bob"),
+            Some(Request::Remove {
+                group: vec![1, 2, 3, 4, 5],
+                handle: "bob".into()
+            })
+        );
+        assert_eq!(
+            typed(&mut s, "/leave"),
+            Some(Request::Leave {
+                group: vec![1, 2, 3, 4, 5]
+            })
+        );
+        assert_eq!(
+            typed(&mut s, "/rename book club"),
+            Some(Request::Rename {
+                group: vec![1, 2, 3, 4, 5],
+                name: "book club".into()
+            })
+        );
+        s.name_group(vec![1, 2, 3, 4, 5], "book club".into());
+        assert_eq!(s.conversations[1].title, "book club");
     }
 
     #[test]

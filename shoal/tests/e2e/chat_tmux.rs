@@ -1,13 +1,16 @@
 //! `shoal chat` driven the way a person uses it: two people on a live testnet of real
 //! processes, each running the chat in a terminal (a detached tmux session), typing
 //! with `tmux send-keys`, pasting cards with `tmux paste-buffer`, and reading the
-//! screen with `tmux capture-pane`. Alice makes a group, adds Bob, and a group message
-//! goes each way.
+//! screen with `tmux capture-pane`. Only Bob pastes a card: he writes to Alice, she
+//! answers from the message (issue 18 #3) and her answer is marked delivered by its own
+//! receipt (#1); she accepts his key, makes a group, adds Bob, and a group message goes
+//! each way. Carol, a member using `shoal client send` from a script, writes to Bob, and
+//! his chat shows it (#2: one message format).
 //!
-//! Set-up is by CLI only: `shoal admin init` (a subnet, hosted by both gateways),
-//! `shoal client init` for each person, `shoal admin enroll` with what `client init`
-//! printed (the account key and mailbox; the seal key is read from the person's contact
-//! card), and the admin's files handed to each person (`members/H.cred` → `credential`,
+//! Set-up is by CLI only, as `use-the-chat.md` says: `shoal admin init` (a subnet,
+//! hosted by both gateways), `shoal client init` for each person, `shoal admin enroll`
+//! with what `client init` printed for the admin (account key and mailbox, no seal key:
+//! #7), and the admin's files handed to each person (`members/H.cred` → `credential`,
 //! `policy.json` → `policy`), which the chat reads on first use.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -103,8 +106,8 @@ fn two_people_chat_in_a_group_through_tmux() {
     }
     let started = Instant::now();
     let dir = temp_dir("chat-tmux");
-    let (net, clients) = start_subnet(&dir, &[("alice", 0), ("bob", 1)]);
-    let (alice, bob) = (&clients[0], &clients[1]);
+    let (net, clients) = start_subnet(&dir, &[("alice", 0), ("bob", 1), ("carol", 0)]);
+    let (alice, bob, carol) = (&clients[0], &clients[1], &clients[2]);
 
     // Each prints the card to give the other (first use also reads the admin's files).
     // Group changes settle in 8 s here (30 s by default) to keep the test short.
@@ -123,6 +126,14 @@ fn two_people_chat_in_a_group_through_tmux() {
     };
     let (card_a, card_b) = (card(alice), card(bob));
     assert!(card_a.starts_with("shoal-invite1:"), "{card_a}");
+    // `client contact show` prints the same kind of card.
+    let carol_s = carol.dir.to_string_lossy().into_owned();
+    let card_c = shoal(&["client", "contact", "show", "--dir", &carol_s]);
+    assert!(card_c.trim().starts_with("shoal-invite1:"), "{card_c}");
+    // Carol saves Bob's card for her script.
+    shoal(&[
+        "client", "contact", "add", "--dir", &carol_s, "bob", &card_b,
+    ]);
 
     let tmux = Tmux {
         socket: format!("shoal-chat-test-{}", std::process::id()),
@@ -145,6 +156,7 @@ fn two_people_chat_in_a_group_through_tmux() {
     }
     let log = |c: &ClientDir| c.dir.join("chat.log");
     let short = Duration::from_secs(15);
+    let long = Duration::from_secs(45);
     for c in [alice, bob] {
         tmux.wait_for(
             &c.name,
@@ -155,7 +167,7 @@ fn two_people_chat_in_a_group_through_tmux() {
         );
     }
 
-    // Cards are pasted into each other's chat.
+    // Only Bob pastes a card, and writes to Alice.
     tmux.ok(&["send-keys", "-t", "bob", "-l", "/add "]);
     tmux.paste("bob", &card_a);
     tmux.ok(&["send-keys", "-t", "bob", "Enter"]);
@@ -166,14 +178,64 @@ fn two_people_chat_in_a_group_through_tmux() {
         |s| s.contains("@ alice"),
         &log(bob),
     );
+    tmux.type_line("bob", "hi alice, it's bob");
+    // Alice sees it in a conversation with Bob, without pasting anything, and answers.
+    tmux.wait_for(
+        "alice",
+        "bob's message",
+        long,
+        |s| s.contains("@ bob@") && s.contains(": hi alice, it's bob"),
+        &log(alice),
+    );
+    let answer = "hello bob, no card pasted";
+    tmux.type_line("alice", answer);
+    let screen = tmux.wait_for(
+        "alice",
+        "the answer's own receipt",
+        long,
+        |s| {
+            s.lines()
+                .any(|l| l.contains(answer) && l.contains("[delivered"))
+        },
+        &log(alice),
+    );
+    assert!(!screen.contains("not in your contacts"), "{screen}");
+    tmux.wait_for(
+        "bob",
+        "alice's answer",
+        long,
+        |s| s.contains(&format!(": {answer}")),
+        &log(bob),
+    );
+
+    // To add Bob to a group, Alice accepts his key (the card his /add sent her); the
+    // safety number is what she would compare with him first.
+    tmux.type_line("alice", "/verify");
+    tmux.wait_for(
+        "alice",
+        "safety number",
+        short,
+        |s| s.contains("safety number with bob@"),
+        &log(alice),
+    );
+    tmux.type_line("alice", "/accept bob");
+    tmux.wait_for(
+        "alice",
+        "bob accepted",
+        short,
+        |s| s.contains("accepted"),
+        &log(alice),
+    );
+
+    // Alice saves Carol's card too (she uses scripts, not the chat).
     tmux.ok(&["send-keys", "-t", "alice", "-l", "/add "]);
-    tmux.paste("alice", &card_b);
+    tmux.paste("alice", card_c.trim());
     tmux.ok(&["send-keys", "-t", "alice", "Enter"]);
     tmux.wait_for(
         "alice",
-        "contact bob",
+        "contact carol",
         short,
-        |s| s.contains("@ bob"),
+        |s| s.contains("@ carol@"),
         &log(alice),
     );
 
@@ -187,7 +249,15 @@ fn two_people_chat_in_a_group_through_tmux() {
         &log(alice),
     );
     tmux.type_line("alice", "/invite bob");
-    let long = Duration::from_secs(45);
+    // A second invite while the first settles is queued, not refused (issue 18 #9).
+    tmux.type_line("alice", "/invite carol");
+    tmux.wait_for(
+        "alice",
+        "carol queued",
+        short,
+        |s| s.contains("carol is queued"),
+        &log(alice),
+    );
     tmux.wait_for(
         "alice",
         "bob in the group",
@@ -196,6 +266,30 @@ fn two_people_chat_in_a_group_through_tmux() {
         &log(alice),
     );
 
+    tmux.wait_for(
+        "alice",
+        "carol in the group after bob",
+        long,
+        |s| s.contains("friends — with bob") && s.contains(", carol@"),
+        &log(alice),
+    );
+    // Bob applies Carol's change after its own settle time; what Alice writes before
+    // that he cannot read (documented: wait for a change to reach everyone).
+    tmux.wait_for(
+        "bob",
+        "carol's change applied",
+        long,
+        |s| s.contains("carol@") && s.contains("joined a group"),
+        &log(bob),
+    );
+    tmux.type_line("alice", "/members");
+    tmux.wait_for(
+        "alice",
+        "member list",
+        short,
+        |s| s.contains("3 members: alice (you), bob@"),
+        &log(alice),
+    );
     let hello = "hello friends, this crossed the mixnet";
     tmux.type_line("alice", hello);
     tmux.wait_for(
@@ -259,6 +353,55 @@ fn two_people_chat_in_a_group_through_tmux() {
         );
     }
 
+    // Carol, from a script: a signed direct message (before this change, a plain one
+    // Bob's chat acked at the gateway and then dropped unseen).
+    let sent = shoal(&[
+        "client",
+        "send",
+        "--dir",
+        &carol_s,
+        "--to",
+        "bob",
+        "--timeout-secs",
+        "60",
+        "from carol's script",
+    ]);
+    assert!(sent.contains("delivered to bob@"), "{sent}");
+    tmux.wait_for(
+        "bob",
+        "carol's conversation",
+        long,
+        |s| {
+            s.lines()
+                .any(|l| l.contains("@ carol@") && l.contains("(1)"))
+        },
+        &log(bob),
+    );
+
+    // A script of Alice's while her chat holds the store: spooled, then sent by the
+    // chat itself.
+    let alice_s = alice.dir.to_string_lossy().into_owned();
+    let spooled = shoal(&[
+        "client",
+        "send",
+        "--dir",
+        &alice_s,
+        "--to",
+        "bob",
+        "from alice's script",
+    ]);
+    assert!(spooled.contains("queued in"), "{spooled}");
+    tmux.wait_for(
+        "bob",
+        "alice's scripted message",
+        long,
+        |s| {
+            s.lines()
+                .any(|l| l.contains("@ alice@") && l.contains("(1)"))
+        },
+        &log(bob),
+    );
+
     // Both leave cleanly with /quit.
     for c in [alice, bob] {
         tmux.type_line(&c.name, "/quit");
@@ -271,6 +414,31 @@ fn two_people_chat_in_a_group_through_tmux() {
         !tmux.alive("alice") && !tmux.alive("bob"),
         "the chat did not exit on /quit"
     );
+    // Alice opens the chat again: her own messages are still there, with their marks
+    // (issue 18 #8).
+    let cmd = format!("SHOAL_LOG=debug {SHOAL} chat --dir {}", alice.dir.display());
+    tmux.ok(&[
+        "new-session",
+        "-d",
+        "-s",
+        "alice",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    tmux.wait_for(
+        "alice",
+        "her own answer after a restart",
+        short,
+        |s| {
+            s.lines()
+                .any(|l| l.contains(&format!("alice: {answer}")) && l.contains("[delivered"))
+        },
+        &log(alice),
+    );
+    tmux.type_line("alice", "/quit");
     drop(tmux);
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);

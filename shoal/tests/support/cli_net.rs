@@ -9,7 +9,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal_bench::testnet::{GatewayInit, GatewayOptions, Proc, Testnet, TestnetConfig};
-use shoal_client::ContactCard;
 
 pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
@@ -150,7 +149,9 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
         let cdir = dir.join(name);
         let out = client_init(&cdir, name, gw, &authority);
         let card = field(&out, "contact card: ");
-        let seal_key = hex::encode(ContactCard::parse(&card).unwrap().contact.public_key);
+        // What `shoal client init` prints for the admin, and nothing else (the guide's
+        // path). The seal key is for the admin's policy updates only: members sign
+        // their own into their cards.
         let enroll = [
             "admin",
             "enroll",
@@ -169,7 +170,7 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
             "--mailbox",
             &field(&out, "mailbox: "),
             "--seal-key",
-            &seal_key,
+            &field(&out, "seal key: "),
         ];
         // The gateway process may still be starting: retry until it answers.
         let deadline = Instant::now() + Duration::from_secs(20);
