@@ -5,6 +5,7 @@ pub mod authority;
 pub mod descriptor;
 pub mod document;
 pub mod epoch;
+pub mod operator;
 pub mod params;
 pub mod route;
 
@@ -16,13 +17,14 @@ pub use authority::{
     Authority, AuthorityConfig, Inclusion, LIVENESS_PERIODS, RosterEntry,
     default_descriptor_max_age_secs,
 };
-pub use descriptor::{Descriptor, SignedDescriptor, SphinxKeyEntry};
+pub use descriptor::{Descriptor, MAX_DESCRIPTOR_BYTES, SignedDescriptor, SphinxKeyEntry};
 pub use document::{
     AuthoritySet, AuthoritySignature, DocumentBody, NodeEntry, SignatureChecked, SignedDocument,
     Topology, UncheckedDocument,
 };
 pub use encoding::{Hex32, Hex64};
 pub use epoch::EpochSchedule;
+pub use operator::{Admission, AdmittedOperator, NodeCertificate};
 pub use error::TopologyError;
 pub use params::NetworkParams;
 
