@@ -53,7 +53,12 @@ async fn serve_authority(
 ) -> (SocketAddr, Arc<Mutex<Authority>>) {
     let info = {
         let c = authority.config();
-        serde_json::json!({ "schedule": c.schedule, "params": c.params }).to_string()
+        serde_json::json!({
+            "schedule": c.schedule,
+            "params": c.params,
+            "signed": authority.network_description().unwrap(),
+        })
+        .to_string()
     };
     let authority = Arc::new(Mutex::new(authority));
     let a = authority.clone();
@@ -322,6 +327,7 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();

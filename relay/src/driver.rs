@@ -304,6 +304,11 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
     config.validate(Path::new("relay config"))?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
     let identity = keystore::load_identity(&config.identity_path())?;
+    let certificate = keystore::load_certificate(
+        &config.data_dir,
+        &identity.verifying_key().to_bytes(),
+        hooks.role,
+    )?;
     let me = identity.verifying_key().to_bytes();
     let keys = keystore::load_sphinx_keys(&config.data_dir)?;
     let unwrapper = Arc::new(Unwrapper::new(keys.clone(), config.replay_capacity));
@@ -415,6 +420,7 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
         router,
         peers,
         identity,
+        certificate,
         role: hooks.role,
         link_addr,
         authority_set: config.authority_set(),

@@ -50,10 +50,23 @@ impl StandIn {
         }
     }
 
-    fn descriptor(&self) -> SignedDescriptor {
+
+    /// Its descriptor in `role`, certified by its own operator, whom it admits at
+    /// `authority`.
+    fn admitted(&self, authority: &mut Authority, role: Role) -> SignedDescriptor {
+        let operator = shoal_topology::operator::solo_operator_key(&self.key);
+        authority
+            .admit(shoal_topology::AdmittedOperator::solo(&operator, "stand-in"))
+            .unwrap();
+        self.descriptor_as(role)
+    }
+
+    fn descriptor_as(&self, role: Role) -> SignedDescriptor {
+        let operator = shoal_topology::operator::solo_operator_key(&self.key);
+        let cert = shoal_topology::NodeCertificate::issue(&operator, node_key(&self.key), role);
         Descriptor {
             identity: Hex32(node_key(&self.key)),
-            role: Role::Gateway,
+            role,
             link_addr: self.addr.to_string(),
             sphinx_keys: self
                 .sphinx
@@ -68,7 +81,20 @@ impl StandIn {
         }
         .sign(&self.key)
         .unwrap()
+        .certified(cert)
     }
+}
+
+/// [`admit_dir`] before the authority is served.
+fn admit_dir_now(authority: &mut Authority, dir: &std::path::Path) {
+    let op = keystore::self_certify(dir, Role::Relay).unwrap();
+    authority.admit(op).unwrap();
+}
+
+/// Certifies the node in `dir` as its own operator and admits that operator.
+fn admit_dir(authority: &Mutex<Authority>, dir: &std::path::Path, role: Role) {
+    let op = keystore::self_certify(dir, role).unwrap();
+    authority.lock().unwrap().admit(op).unwrap();
 }
 
 /// An authority (threshold 1) behind the real HTTP API. Documents are built on the
@@ -87,7 +113,7 @@ async fn serve_authority_after(
         serde_json::json!({
             "schedule": c.schedule,
             "params": c.params,
-            "authorities": c.authorities,
+            "signed": authority.network_description().unwrap(),
         })
         .to_string()
     };
@@ -190,6 +216,7 @@ async fn relay_forwards_over_quic_and_counts_what_it_drops() {
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();
@@ -199,11 +226,23 @@ async fn relay_forwards_over_quic_and_counts_what_it_drops() {
     let relay_id = node_key(&keystore::create_identity(&data_dir, &mut rng).unwrap());
     let entry = StandIn::new(&mut rng, PeerSet::new());
     let exit = StandIn::new(&mut rng, PeerSet::from_keys([relay_id]));
+    // Two more relays (stand-ins) so that every layer has one: no document is
+    // published without a usable network.
+    let fillers = [
+        StandIn::new(&mut rng, PeerSet::new()),
+        StandIn::new(&mut rng, PeerSet::new()),
+    ];
     let (auth_addr, authority) = {
         let mut authority = authority;
         for s in [&entry, &exit] {
-            authority.handle_descriptor(s.descriptor(), now).unwrap();
+            let d = s.admitted(&mut authority, Role::Gateway);
+            authority.handle_descriptor(d, now).unwrap();
         }
+        for s in &fillers {
+            let d = s.admitted(&mut authority, Role::Relay);
+            authority.handle_descriptor(d, now).unwrap();
+        }
+        admit_dir_now(&mut authority, &data_dir);
         serve_authority(authority).await
     };
 
@@ -232,7 +271,7 @@ async fn relay_forwards_over_quic_and_counts_what_it_drops() {
         .unwrap()
         .check_valid_at(unix_now())
         .unwrap();
-    assert_eq!(topo.node(&relay_id).unwrap().layer, Some(0));
+    assert!(topo.node(&relay_id).unwrap().layer.is_some());
     let route = vec![
         topo.hop(&relay_id, 0).unwrap(),
         topo.hop(&node_key(&exit.key), 0).unwrap(),
@@ -457,6 +496,7 @@ async fn throughput_vs_raw_unwrap() {
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();
@@ -464,11 +504,23 @@ async fn throughput_vs_raw_unwrap() {
     let relay_id = node_key(&keystore::create_identity(&data_dir, &mut rng).unwrap());
     let entry = StandIn::new(&mut rng, PeerSet::new());
     let exit = StandIn::new(&mut rng, PeerSet::from_keys([relay_id]));
+    // Two more relays (stand-ins) so that every layer has one: no document is
+    // published without a usable network.
+    let fillers = [
+        StandIn::new(&mut rng, PeerSet::new()),
+        StandIn::new(&mut rng, PeerSet::new()),
+    ];
     let (auth_addr, authority) = {
         let mut authority = authority;
         for s in [&entry, &exit] {
-            authority.handle_descriptor(s.descriptor(), now).unwrap();
+            let d = s.admitted(&mut authority, Role::Gateway);
+            authority.handle_descriptor(d, now).unwrap();
         }
+        for s in &fillers {
+            let d = s.admitted(&mut authority, Role::Relay);
+            authority.handle_descriptor(d, now).unwrap();
+        }
+        admit_dir_now(&mut authority, &data_dir);
         serve_authority(authority).await
     };
     let mut config = relay_config(data_dir.clone(), auth_addr, node_key(&auth_key));
@@ -603,6 +655,7 @@ fn test_authority(rng: &mut StdRng, params: NetworkParams) -> (SigningKey, Autho
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();
@@ -624,9 +677,8 @@ async fn loops_return_through_three_layers() {
     };
     let (auth_key, mut authority) = test_authority(&mut rng, params);
     let gateway = StandIn::new(&mut rng, PeerSet::any());
-    authority
-        .handle_descriptor(gateway.descriptor(), unix_now())
-        .unwrap();
+    let d = gateway.admitted(&mut authority, Role::Gateway);
+    authority.handle_descriptor(d, unix_now()).unwrap();
     let (auth_addr, authority) = serve_authority_after(authority, 4).await;
 
     let mut relays = Vec::new();
@@ -634,6 +686,7 @@ async fn loops_return_through_three_layers() {
     for i in 0..3 {
         let dir = temp_dir(&format!("loops{i}"));
         keystore::create_identity(&dir, &mut rng).unwrap();
+        admit_dir(&authority, &dir, Role::Relay);
         let mut config = relay_config(dir.clone(), auth_addr, node_key(&auth_key));
         config.workers = 2;
         config.metrics_listen = None;

@@ -369,6 +369,33 @@ impl Authority {
         });
     }
 
+    /// Admits one more operator (or replaces its caps).
+    pub fn admit(&mut self, operator: crate::AdmittedOperator) -> Result<(), TopologyError> {
+        let mut ops: Vec<_> = self
+            .config
+            .admission
+            .operators()
+            .filter(|o| o.key != operator.key)
+            .cloned()
+            .collect();
+        ops.push(operator);
+        self.set_admission(Admission::new(ops)?);
+        Ok(())
+    }
+
+    /// What `/v1/network` serves: the schedule, parameters and authority set, signed
+    /// by this authority.
+    pub fn network_description(&self) -> Result<crate::SignedNetwork, TopologyError> {
+        crate::SignedNetwork::sign(
+            &self.key,
+            &crate::NetworkBody {
+                schedule: self.config.schedule,
+                params: self.config.params.clone(),
+                authorities: self.config.authorities.clone(),
+            },
+        )
+    }
+
     /// Descriptors taken since start.
     pub fn accepted(&self) -> u64 {
         self.accepted

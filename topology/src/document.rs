@@ -118,6 +118,60 @@ impl AuthoritySignature {
     }
 }
 
+/// What an authority's `/v1/network` says: the schedule and parameters a node needs
+/// before it holds any document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkBody {
+    pub schedule: crate::EpochSchedule,
+    pub params: NetworkParams,
+    pub authorities: AuthoritySet,
+}
+
+/// A [`NetworkBody`] signed by the authority that serves it, so that no one on the
+/// path can shift a node's epoch schedule: a node takes it only with the signature of
+/// the authority it asked, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedNetwork {
+    pub body: String,
+    pub signature: AuthoritySignature,
+}
+
+impl SignedNetwork {
+    pub fn sign(key: &SigningKey, body: &NetworkBody) -> Result<Self, TopologyError> {
+        let body = serde_json::to_string(body).map_err(|e| TopologyError::Malformed {
+            what: "network body",
+            reason: e.to_string(),
+        })?;
+        Ok(SignedNetwork {
+            signature: AuthoritySignature::sign(key, &body),
+            body,
+        })
+    }
+
+    /// The body, if `authority` signed it.
+    pub fn check(&self, authority: &[u8; 32]) -> Result<NetworkBody, TopologyError> {
+        if self.signature.authority.0 != *authority || !self.signature.verify(&self.body) {
+            return Err(TopologyError::BadSignature {
+                what: "network description",
+            });
+        }
+        let body: NetworkBody =
+            serde_json::from_str(&self.body).map_err(|e| TopologyError::Malformed {
+                what: "network body",
+                reason: e.to_string(),
+            })?;
+        if body.schedule.length_secs == 0 {
+            return Err(TopologyError::Invalid {
+                what: "network schedule",
+                reason: "zero epoch length".into(),
+            });
+        }
+        Ok(body)
+    }
+}
+
 /// A document as it travels: the exact signed bytes and the signatures gathered so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -668,6 +722,37 @@ pub(crate) mod tests {
             AuthoritySet::majority(authority_set(4, 0).keys).threshold,
             3
         );
+    }
+
+    /// A man in the middle of `/v1/network` shifts the schedule (so the node would make
+    /// keys for the wrong epochs): the signature no longer checks, and a body signed by
+    /// another key (even another authority's) is not taken either.
+    #[test]
+    fn admission_network_description_resists_a_man_in_the_middle() {
+        let key = authority_key(0);
+        let me = key.verifying_key().to_bytes();
+        let body = NetworkBody {
+            schedule: EpochSchedule {
+                genesis_unix: 1000,
+                length_secs: 100,
+            },
+            params: NetworkParams::default(),
+            authorities: authority_set(3, 2),
+        };
+        let signed = SignedNetwork::sign(&key, &body).unwrap();
+        assert_eq!(signed.check(&me).unwrap(), body);
+        let mut shifted = signed.clone();
+        shifted.body = shifted.body.replace("\"genesis_unix\":1000", "\"genesis_unix\":1050");
+        assert_ne!(shifted.body, signed.body);
+        assert!(shifted.check(&me).is_err());
+        // Re-signed by the attacker's own key, claiming to be the authority.
+        let mut resigned = SignedNetwork::sign(&authority_key(9), &body).unwrap();
+        assert!(resigned.check(&me).is_err());
+        resigned.signature.authority = Hex32(me);
+        assert!(resigned.check(&me).is_err());
+        // Another authority's genuine signature is not the one asked.
+        let other = SignedNetwork::sign(&authority_key(1), &body).unwrap();
+        assert!(other.check(&me).is_err());
     }
 
     /// Fixed keys → exact bytes; decode → re-encode gives the same bytes, and the

@@ -19,8 +19,8 @@ pub use authority::{
 };
 pub use descriptor::{Descriptor, MAX_DESCRIPTOR_BYTES, SignedDescriptor, SphinxKeyEntry};
 pub use document::{
-    AuthoritySet, AuthoritySignature, DocumentBody, NodeEntry, SignatureChecked, SignedDocument,
-    Topology, UncheckedDocument,
+    AuthoritySet, AuthoritySignature, DocumentBody, NetworkBody, NodeEntry, SignatureChecked,
+    SignedDocument, SignedNetwork, Topology, UncheckedDocument,
 };
 pub use encoding::{Hex32, Hex64};
 pub use epoch::EpochSchedule;

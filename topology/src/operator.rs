@@ -38,6 +38,29 @@ pub struct AdmittedOperator {
     pub max_per_layer: u32,
 }
 
+impl AdmittedOperator {
+    /// An operator with room for one node, as in test networks where every node is its
+    /// own operator (its own family).
+    pub fn solo(operator: &SigningKey, name: impl Into<String>) -> Self {
+        AdmittedOperator {
+            key: Hex32(operator.verifying_key().to_bytes()),
+            name: name.into(),
+            max_nodes: 1,
+            max_per_layer: 1,
+        }
+    }
+}
+
+/// The operator key of a node that is its own operator, derived from the node's own
+/// secret key (test networks and the simulator: no extra key to keep or seed).
+pub fn solo_operator_key(node: &SigningKey) -> SigningKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"shoal solo operator v1");
+    h.update(node.to_bytes());
+    SigningKey::from_bytes(&h.finalize().into())
+}
+
 /// The operators an authority admits, by key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Admission {
