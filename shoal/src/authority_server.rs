@@ -207,6 +207,9 @@ fn metrics(auth: &Authority, limits: &Limits) -> String {
         "shoal_authority_operators_admitted {}\n",
         auth.config().admission.len()
     ));
+    out.push_str("# HELP shoal_authority_rate_sources Source addresses whose rate is tracked.\n");
+    out.push_str("# TYPE shoal_authority_rate_sources gauge\n");
+    out.push_str(&format!("shoal_authority_rate_sources {}\n", limits.sources()));
     out.push_str("# HELP shoal_authority_requests_limited_total Requests refused for rate (429).\n");
     out.push_str("# TYPE shoal_authority_requests_limited_total counter\n");
     out.push_str(&format!(
