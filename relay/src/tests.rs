@@ -421,6 +421,7 @@ async fn unknown_peers_cannot_connect() {
     let mut rng = StdRng::seed_from_u64(5);
     let data_dir = temp_dir("refuse");
     keystore::create_identity(&data_dir, &mut rng).unwrap();
+    keystore::self_certify(&data_dir, Role::Relay).unwrap();
     // An authority that never answers: the relay has no directory and accepts nobody.
     let config = relay_config(data_dir.clone(), "127.0.0.1:9".parse().unwrap(), [1; 32]);
     let mut config = config;
