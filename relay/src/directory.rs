@@ -300,6 +300,18 @@ impl DirectoryTask {
                 .collect::<Vec<_>>(),
         );
         self.router.retain(listed);
+        // Each node that may send to us holds one share of the replay filter: the
+        // nodes of the position before ours (gateways before layer 0, layer l-1 before
+        // layer l, the last layer before a gateway), plus one for our own loops.
+        if let Some(t) = &topology {
+            let me = self.identity.verifying_key().to_bytes();
+            let before = match t.node(&me).and_then(|n| n.layer) {
+                Some(0) => t.gateways().len(),
+                Some(l) => t.layer(usize::from(l) - 1).len(),
+                None => t.layer(shoal_packet::MIX_LAYERS - 1).len(),
+            };
+            self.shared.unwrapper.set_upstream_shares(before + 1);
+        }
         self.shared.set_view(View {
             current: topology,
             docs: docs.clone(),

@@ -164,6 +164,7 @@ impl Pipeline {
             bytes: frame,
             arrived,
             peer: None,
+            upstream: None,
         })
     }
 
@@ -484,7 +485,8 @@ async fn link_task(link: Link, dispatch: Arc<Dispatch>, slot: Arc<PeerSlot>, sha
     shared.metrics.links_inbound.fetch_add(1, Ordering::Relaxed);
     while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
         tokio::spawn(
-            stream_task(rx, dispatch.clone(), slot.clone(), shared.clone()).in_current_span(),
+            stream_task(rx, dispatch.clone(), slot.clone(), link.peer(), shared.clone())
+                .in_current_span(),
         );
     }
     shared.metrics.links_inbound.fetch_sub(1, Ordering::Relaxed);
@@ -494,6 +496,7 @@ async fn stream_task(
     mut rx: FrameReceiver,
     dispatch: Arc<Dispatch>,
     slot: Arc<PeerSlot>,
+    upstream: [u8; 32],
     shared: Arc<Shared>,
 ) {
     let m = &shared.metrics;
@@ -512,6 +515,7 @@ async fn stream_task(
                     bytes: buf,
                     arrived: Instant::now(),
                     peer: Some(slot.queue()),
+                    upstream: Some(upstream),
                 });
             }
             Ok(false) => return,
