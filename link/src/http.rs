@@ -123,7 +123,9 @@ where
         };
         let handler = handler.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(TIMEOUT, handle_connection(stream, peer.ip(), &*handler)).await {
+            match tokio::time::timeout(TIMEOUT, handle_connection(stream, peer.ip(), &*handler))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => trace!(%peer, error = %e, "HTTP connection failed"),
                 Err(_) => trace!(%peer, "HTTP connection timed out"),

@@ -167,11 +167,11 @@ impl Unwrapper {
             upstream.map(|u| (u, shares)),
         )
         .map_err(|e| match e {
-                PacketError::Replayed => DropReason::Replay,
-                PacketError::ReplayFilterFull => DropReason::ReplayFilterFull,
-                PacketError::UnknownEpoch { .. } => DropReason::UnknownEpoch,
-                _ => DropReason::BadPacket,
-            })?;
+            PacketError::Replayed => DropReason::Replay,
+            PacketError::ReplayFilterFull => DropReason::ReplayFilterFull,
+            PacketError::UnknownEpoch { .. } => DropReason::UnknownEpoch,
+            _ => DropReason::BadPacket,
+        })?;
         Ok(match out {
             Unwrapped::Forward {
                 next_hop,

@@ -42,7 +42,10 @@ pub struct NetworkInfo {
 
 impl NetworkInfo {
     /// The schedule and parameters `authority` signed.
-    pub fn checked(&self, authority: &[u8; 32]) -> Result<NetworkInfo, shoal_topology::TopologyError> {
+    pub fn checked(
+        &self,
+        authority: &[u8; 32],
+    ) -> Result<NetworkInfo, shoal_topology::TopologyError> {
         let signed = self
             .signed
             .as_ref()

@@ -485,8 +485,14 @@ async fn link_task(link: Link, dispatch: Arc<Dispatch>, slot: Arc<PeerSlot>, sha
     shared.metrics.links_inbound.fetch_add(1, Ordering::Relaxed);
     while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
         tokio::spawn(
-            stream_task(rx, dispatch.clone(), slot.clone(), link.peer(), shared.clone())
-                .in_current_span(),
+            stream_task(
+                rx,
+                dispatch.clone(),
+                slot.clone(),
+                link.peer(),
+                shared.clone(),
+            )
+            .in_current_span(),
         );
     }
     shared.metrics.links_inbound.fetch_sub(1, Ordering::Relaxed);

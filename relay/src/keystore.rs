@@ -149,12 +149,11 @@ pub fn load_certificate(
         reason: "no operator certificate: have your operator run `shoal operator certify` for \
                  this node's identity and put the file here",
     })?;
-    let cert = shoal_topology::NodeCertificate::from_json(&bytes).map_err(|_| {
-        RelayError::KeyFile {
+    let cert =
+        shoal_topology::NodeCertificate::from_json(&bytes).map_err(|_| RelayError::KeyFile {
             path: path.clone(),
             reason: "not an operator certificate",
-        }
-    })?;
+        })?;
     if cert.node.0 != *identity || cert.role != role || !cert.verify() {
         return Err(RelayError::KeyFile {
             path,

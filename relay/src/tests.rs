@@ -50,13 +50,14 @@ impl StandIn {
         }
     }
 
-
     /// Its descriptor in `role`, certified by its own operator, whom it admits at
     /// `authority`.
     fn admitted(&self, authority: &mut Authority, role: Role) -> SignedDescriptor {
         let operator = shoal_topology::operator::solo_operator_key(&self.key);
         authority
-            .admit(shoal_topology::AdmittedOperator::solo(&operator, "stand-in"))
+            .admit(shoal_topology::AdmittedOperator::solo(
+                &operator, "stand-in",
+            ))
             .unwrap();
         self.descriptor_as(role)
     }

@@ -164,9 +164,9 @@ impl Worker {
             );
             // The delay counts from arrival, so time spent queued for a worker is part
             // of the mixing delay rather than added to it.
-            let _ = self
-                .core
-                .handle_packet_from(&item.bytes[..], item.upstream.as_ref(), item.arrived);
+            let _ =
+                self.core
+                    .handle_packet_from(&item.bytes[..], item.upstream.as_ref(), item.arrived);
             let done = Instant::now();
             record(
                 &mut local.latencies.unwrap,

@@ -9,8 +9,7 @@ use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use serde::Deserialize;
 use shoal_topology::{
-    Admission, AdmittedOperator, AuthorityConfig, AuthoritySet, EpochSchedule, Hex32,
-    NetworkParams,
+    Admission, AdmittedOperator, AuthorityConfig, AuthoritySet, EpochSchedule, Hex32, NetworkParams,
 };
 
 /// The admitted operators, beside authority.toml; `shoal authority operator` edits it and

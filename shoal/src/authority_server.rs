@@ -73,11 +73,9 @@ impl Limits {
                 self.buckets.clear();
             }
         }
-        let (tokens, at) = self
-            .buckets
-            .entry(source)
-            .or_insert((self.burst, now_ms));
-        *tokens = (*tokens + now_ms.saturating_sub(*at) as f64 / 1000.0 * self.rate).min(self.burst);
+        let (tokens, at) = self.buckets.entry(source).or_insert((self.burst, now_ms));
+        *tokens =
+            (*tokens + now_ms.saturating_sub(*at) as f64 / 1000.0 * self.rate).min(self.burst);
         *at = now_ms;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -187,7 +185,9 @@ fn metrics(auth: &Authority, limits: &Limits) -> String {
         "shoal_authority_descriptors_accepted_total {}\n",
         auth.accepted()
     ));
-    out.push_str("# HELP shoal_authority_descriptors_refused_total Descriptors refused, by reason.\n");
+    out.push_str(
+        "# HELP shoal_authority_descriptors_refused_total Descriptors refused, by reason.\n",
+    );
     out.push_str("# TYPE shoal_authority_descriptors_refused_total counter\n");
     for (why, n) in auth.refusals() {
         out.push_str(&format!(
@@ -209,8 +209,13 @@ fn metrics(auth: &Authority, limits: &Limits) -> String {
     ));
     out.push_str("# HELP shoal_authority_rate_sources Source addresses whose rate is tracked.\n");
     out.push_str("# TYPE shoal_authority_rate_sources gauge\n");
-    out.push_str(&format!("shoal_authority_rate_sources {}\n", limits.sources()));
-    out.push_str("# HELP shoal_authority_requests_limited_total Requests refused for rate (429).\n");
+    out.push_str(&format!(
+        "shoal_authority_rate_sources {}\n",
+        limits.sources()
+    ));
+    out.push_str(
+        "# HELP shoal_authority_requests_limited_total Requests refused for rate (429).\n",
+    );
     out.push_str("# TYPE shoal_authority_requests_limited_total counter\n");
     out.push_str(&format!(
         "shoal_authority_requests_limited_total {}\n",
@@ -244,12 +249,10 @@ pub fn respond(
             "text/plain; version=0.0.4",
             metrics(auth, limits).into_bytes(),
         ),
-        ("POST", ["v1", "descriptor"]) => {
-            match auth.handle_descriptor_bytes(&req.body, now) {
-                Ok(_) => Response::text(200, "ok\n"),
-                Err(e) => Response::text(400, format!("{e}\n")),
-            }
-        }
+        ("POST", ["v1", "descriptor"]) => match auth.handle_descriptor_bytes(&req.body, now) {
+            Ok(_) => Response::text(200, "ok\n"),
+            Err(e) => Response::text(400, format!("{e}\n")),
+        },
         ("GET", ["v1", "descriptors"]) => {
             json(serde_json::to_vec(&auth.descriptors()).unwrap_or_default())
         }
@@ -337,7 +340,9 @@ impl Sync {
                     auth.set_admission(a);
                 }
                 Ok(_) => {}
-                Err(e) => warn!(error = %format!("{e:#}"), "cannot read the admitted operators; keeping the old list"),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot read the admitted operators; keeping the old list")
+                }
             }
             auth.expire_descriptors(now);
             auth.epochs_of_interest(now)

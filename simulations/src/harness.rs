@@ -22,9 +22,9 @@ use shoal_packet::{Frame, PLAINTEXT_SIZE};
 use shoal_relay::{Event, KeyRing, MixConfig, MixCore, Transmit, Unwrapper};
 use shoal_topology::route::sample_delays;
 use shoal_topology::{
-    Authority, AuthorityConfig, AuthoritySet, Descriptor, EpochSchedule, Hex32, NetworkParams,
-    NodeId, Role, SignedDescriptor, SphinxKeyEntry, Topology, UncheckedDocument,
-    operator::solo_operator_key, Admission, AdmittedOperator, NodeCertificate,
+    Admission, AdmittedOperator, Authority, AuthorityConfig, AuthoritySet, Descriptor,
+    EpochSchedule, Hex32, NetworkParams, NodeCertificate, NodeId, Role, SignedDescriptor,
+    SphinxKeyEntry, Topology, UncheckedDocument, operator::solo_operator_key,
 };
 
 pub use shoal_relay::DropReason;

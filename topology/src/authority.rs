@@ -1026,8 +1026,7 @@ mod tests {
     fn node_of(op: u8, i: u8, published_unix: u64, epochs: &[u64]) -> SignedDescriptor {
         let key = node_key(i);
         let role = if i < 100 { Role::Relay } else { Role::Gateway };
-        let cert =
-            NodeCertificate::issue(&operator_key(op), key.verifying_key().to_bytes(), role);
+        let cert = NodeCertificate::issue(&operator_key(op), key.verifying_key().to_bytes(), role);
         Descriptor {
             identity: Hex32(key.verifying_key().to_bytes()),
             role,
@@ -1194,7 +1193,8 @@ mod tests {
             Role::Gateway,
         ));
         // A certificate whose operator field was swapped to an admitted key.
-        let mut forged = NodeCertificate::issue(&stranger, key.verifying_key().to_bytes(), Role::Relay);
+        let mut forged =
+            NodeCertificate::issue(&stranger, key.verifying_key().to_bytes(), Role::Relay);
         forged.operator = operator_id(7);
         for bad in [other_node, other_role, bare.clone().certified(forged)] {
             assert!(a.handle_descriptor(bad, now).is_err());
@@ -1230,7 +1230,10 @@ mod tests {
         assert_eq!(a.descriptor_count(), 0);
         // A real descriptor is far below the limit.
         assert!(node(1, now, &[0, 1, 2]).to_json().len() < MAX_DESCRIPTOR_BYTES / 2);
-        assert!(a.handle_descriptor_bytes(&node(1, now, &[0]).to_json(), now).unwrap());
+        assert!(
+            a.handle_descriptor_bytes(&node(1, now, &[0]).to_json(), now)
+                .unwrap()
+        );
     }
 
     /// A hostile admitted operator posting far more nodes than its cap: the authority
@@ -1294,7 +1297,10 @@ mod tests {
             cert.operator = Hex32(op);
             d.certificate = Some(cert);
             let bytes = d.to_json();
-            assert!(a.handle_descriptor_bytes(&bytes, now + u64::from(i % 2)).is_err());
+            assert!(
+                a.handle_descriptor_bytes(&bytes, now + u64::from(i % 2))
+                    .is_err()
+            );
         }
         let hostile = operator_key(250);
         for i in 0..1000u32 {
@@ -1328,7 +1334,11 @@ mod tests {
         a.vote(0).unwrap();
         let body = a.document_body(0).unwrap();
         let hostile_id = Hex32(hostile.verifying_key().to_bytes());
-        let listed = body.nodes.iter().filter(|n| n.operator == hostile_id).count();
+        let listed = body
+            .nodes
+            .iter()
+            .filter(|n| n.operator == hostile_id)
+            .count();
         assert!(listed <= 4, "{listed}");
         for l in 0..3u8 {
             let per_layer = body
@@ -1347,7 +1357,14 @@ mod tests {
         let now = GENESIS + 30;
         let mut a = authorities(1, 1).remove(0);
         feed(&mut a, &network(now, &[0, 1]), now);
-        feed(&mut a, &[node_of(200, 110, now, &[0, 1]), node_of(200, 111, now, &[0, 1])], now);
+        feed(
+            &mut a,
+            &[
+                node_of(200, 110, now, &[0, 1]),
+                node_of(200, 111, now, &[0, 1]),
+            ],
+            now,
+        );
         assert_eq!(a.descriptor_count(), 6);
         let mut ops: Vec<AdmittedOperator> = a
             .config()
@@ -1655,7 +1672,11 @@ mod tests {
         assert!(a.vote(0).is_err());
         assert!(a.signature_for(0).is_none());
         // One relay and a gateway: two layers empty.
-        feed(&mut a, &[node(1, GENESIS, &[0, 1]), node(101, GENESIS, &[0, 1])], GENESIS);
+        feed(
+            &mut a,
+            &[node(1, GENESIS, &[0, 1]), node(101, GENESIS, &[0, 1])],
+            GENESIS,
+        );
         let err = a.vote(0).unwrap_err().to_string();
         assert!(err.contains("no relay in layer"), "{err}");
         assert!(a.document(0).is_none());

@@ -742,7 +742,9 @@ pub(crate) mod tests {
         let signed = SignedNetwork::sign(&key, &body).unwrap();
         assert_eq!(signed.check(&me).unwrap(), body);
         let mut shifted = signed.clone();
-        shifted.body = shifted.body.replace("\"genesis_unix\":1000", "\"genesis_unix\":1050");
+        shifted.body = shifted
+            .body
+            .replace("\"genesis_unix\":1000", "\"genesis_unix\":1050");
         assert_ne!(shifted.body, signed.body);
         assert!(shifted.check(&me).is_err());
         // Re-signed by the attacker's own key, claiming to be the authority.

@@ -24,8 +24,8 @@ pub use document::{
 };
 pub use encoding::{Hex32, Hex64};
 pub use epoch::EpochSchedule;
-pub use operator::{Admission, AdmittedOperator, NodeCertificate};
 pub use error::TopologyError;
+pub use operator::{Admission, AdmittedOperator, NodeCertificate};
 pub use params::NetworkParams;
 
 /// A node's identity: its Ed25519 public key. Also its Sphinx address and the key

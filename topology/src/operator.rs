@@ -203,7 +203,11 @@ mod tests {
 
     fn op(seed: u8) -> AdmittedOperator {
         AdmittedOperator {
-            key: Hex32(SigningKey::from_bytes(&[seed; 32]).verifying_key().to_bytes()),
+            key: Hex32(
+                SigningKey::from_bytes(&[seed; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            ),
             name: format!("op{seed}"),
             max_nodes: 4,
             max_per_layer: 2,

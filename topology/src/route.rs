@@ -329,7 +329,9 @@ mod tests {
             b[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
             b
         };
-        let key = Hex32(x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([9; 32])).to_bytes());
+        let key = Hex32(
+            x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([9; 32])).to_bytes(),
+        );
         let mut nodes = Vec::new();
         for i in 0..per_layer * 3 + gateways {
             let relay = i < per_layer * 3;
@@ -344,7 +346,11 @@ mod tests {
                 layer: relay.then_some((i / per_layer) as u8),
                 link_addr: addr,
                 sphinx_keys: vec![SphinxKeyEntry { epoch: 7, key }],
-                operator: if relay && hostile(i) { family } else { Hex32(id(i)) },
+                operator: if relay && hostile(i) {
+                    family
+                } else {
+                    Hex32(id(i))
+                },
             });
         }
         nodes.sort_by_key(|n| n.identity);
@@ -378,8 +384,8 @@ mod tests {
         let topo = big_topology(per_layer, 10, hostile, false);
         let family = [0xee; 32];
         let is_hostile = |id: &NodeId| topo.node(id).unwrap().operator == family;
-        let hostile_share = topo.nodes().filter(|n| n.operator == family).count() as f64
-            / (per_layer * 3) as f64;
+        let hostile_share =
+            topo.nodes().filter(|n| n.operator == family).count() as f64 / (per_layer * 3) as f64;
         assert!((hostile_share - 0.2).abs() < 1e-9);
         let mut rng = StdRng::seed_from_u64(20);
         let (entry, exit) = (topo.gateways()[0], topo.gateways()[1]);
