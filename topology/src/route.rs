@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn family_20_percent_hostile_never_takes_two_hops() {
         let per_layer = 30;
-        let hostile = |i: usize| i % 5 == 0;
+        let hostile = |i: usize| i.is_multiple_of(5);
         let topo = big_topology(per_layer, 10, hostile, false);
         let family = [0xee; 32];
         let is_hostile = |id: &NodeId| topo.node(id).unwrap().operator == family;
