@@ -403,8 +403,6 @@ pub async fn run(
     let info = network_info_retry(net.authority_addr).await?;
     let mut loadgen = StandIn::bind(11)?;
     let mut sink = StandIn::bind(12)?;
-    net.admit_operator(shoal, &loadgen.operator_hex(), "loadgen")?;
-    net.admit_operator(shoal, &sink.operator_hex(), "sink")?;
     loadgen.register(&[net.authority_addr], &info).await?;
     sink.register(&[net.authority_addr], &info).await?;
     sink.spawn_sink(false, false);

@@ -224,8 +224,6 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
     };
     let mut loadgen = StandIn::bind(21)?;
     let mut sink = StandIn::bind(22)?;
-    net.admit_operator(shoal, &loadgen.operator_hex(), "loadgen")?;
-    net.admit_operator(shoal, &sink.operator_hex(), "sink")?;
     loadgen.register(&[net.authority_addr], &info).await?;
     sink.register(&[net.authority_addr], &info).await?;
     sink.spawn_sink(false, false);

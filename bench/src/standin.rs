@@ -174,6 +174,16 @@ impl StandIn {
         )
     }
 
+    /// [`StandIn::operator_hex`] of the stand-in `bind(seed)` makes, without binding.
+    pub fn operator_hex_for_seed(seed: u64) -> String {
+        let identity = SigningKey::generate(&mut StdRng::seed_from_u64(seed));
+        hex::encode(
+            shoal_topology::operator::solo_operator_key(&identity)
+                .verifying_key()
+                .to_bytes(),
+        )
+    }
+
     /// Accepts links and reads frames. With `unwrap`, final-hop packets are unwrapped
     /// with this stand-in's keys and tagged with their first plaintext bytes.
     pub fn spawn_sink(&self, unwrap: bool, record: bool) {

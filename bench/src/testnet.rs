@@ -206,6 +206,9 @@ pub(crate) fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result
     Ok(())
 }
 
+/// Stand-in seeds whose operators every test network admits from the start.
+pub const STANDIN_SEEDS: u64 = 64;
+
 /// Makes the node in `node_dir` the node of its own operator, as a real operator
 /// would (docs/guides/run-a-node.md): `shoal operator keygen`, `shoal operator certify`
 /// into the node's directory, and `shoal authority operator admit` at the testnet's
@@ -313,6 +316,16 @@ pub(crate) fn init_authority(
         values.push(("key_grace_secs", g.to_string()));
     }
     set_keys(&auth_config, &values)?;
+    // Stand-ins (`StandIn::bind(seed)`, seeds below 64) are admitted in advance, each
+    // its own operator, so that tests can register them at any time.
+    let mut operators = std::fs::read_to_string(auth_dir.join("operators.toml"))?;
+    for seed in 0..STANDIN_SEEDS {
+        operators.push_str(&format!(
+            "\n[[operators]]\nkey = \"{}\"\nname = \"stand-in {seed}\"\nmax_nodes = 1\nmax_per_layer = 1\n",
+            crate::standin::StandIn::operator_hex_for_seed(seed)
+        ));
+    }
+    std::fs::write(auth_dir.join("operators.toml"), operators)?;
     Ok((key, auth_config))
 }
 

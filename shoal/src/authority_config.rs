@@ -20,7 +20,8 @@ pub const OPERATORS_FILE: &str = "operators.toml";
 #[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorsFile {
-    #[serde(default)]
+    // Empty: nothing written, so `[[operators]]` tables can be appended by hand.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operators: Vec<AdmittedOperator>,
 }
 
@@ -534,6 +535,33 @@ mod tests {
         let other = SigningKey::from_bytes(&[5; 32]).verifying_key().to_bytes();
         let msg = format!("{:#}", replace_own_key(&text, &other, &new).unwrap_err());
         assert!(msg.contains("found it 0 times"), "{msg}");
+    }
+
+    /// `operator admit` writes what `run` reads, an empty list takes hand-appended
+    /// `[[operators]]` tables, and a bad entry is refused with the file named.
+    #[test]
+    fn admission_operators_file_round_trips() {
+        let dir = temp_dir("operators");
+        let path = dir.join(OPERATORS_FILE);
+        assert!(load_operators(&path).unwrap().is_empty(), "missing: nobody");
+        save_operators(&path, &Admission::default()).unwrap();
+        let key = hex::encode(peer(1).key);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[[operators]]\nkey = \"{key}\"\nname = \"a\"\nmax_nodes = 3\nmax_per_layer = 1\n"
+        ));
+        std::fs::write(&path, &text).unwrap();
+        let a = load_operators(&path).unwrap();
+        assert_eq!(a.len(), 1);
+        save_operators(&path, &a).unwrap();
+        assert_eq!(load_operators(&path).unwrap(), a);
+        std::fs::write(
+            &path,
+            text.replace("max_per_layer = 1", "max_per_layer = 0"),
+        )
+        .unwrap();
+        let msg = format!("{:#}", load_operators(&path).unwrap_err());
+        assert!(msg.contains("operators.toml"), "{msg}");
     }
 
     #[test]
