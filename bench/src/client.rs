@@ -141,6 +141,7 @@ pub fn topology(
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )?;
     let mut gateways = Vec::new();
@@ -164,7 +165,10 @@ pub fn topology(
         if role == Role::Gateway {
             gateways.push(d.id());
         }
-        authority.handle_descriptor(d.sign(&identity)?, 100)?;
+        let operator = shoal_topology::operator::solo_operator_key(&identity);
+        authority.admit(shoal_topology::AdmittedOperator::solo(&operator, "bench"))?;
+        let cert = shoal_topology::NodeCertificate::issue(&operator, d.id(), role);
+        authority.handle_descriptor(d.sign(&identity)?.certified(cert), 100)?;
     }
     authority.vote(0)?;
     let doc = authority

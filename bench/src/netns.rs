@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::testnet::{
     GatewayInit, GatewayOptions, GatewayProc, Proc, RelayProc, TestnetConfig, hex32_after,
-    init_authority, run_init,
+    init_authority, operate, run_init,
 };
 
 /// Why the namespace network cannot run here (not root, no `ip`, namespaces refused).
@@ -596,6 +596,7 @@ impl NsTestnet {
             ],
         )?;
         let id = hex32_after(&out, "relay identity: ")?;
+        operate(shoal, &self.dir, &rdir, &id, "relay")?;
         let config = rdir.join("relay.toml");
         if let Some(w) = workers {
             let text = std::fs::read_to_string(&config)?;
@@ -678,6 +679,7 @@ impl NsTestnet {
             ],
         )?;
         let id = hex32_after(&out, "gateway identity: ")?;
+        operate(shoal, &self.dir, &gdir, &id, "gateway")?;
         let config = gdir.join("gateway.toml");
         opts.write_into(&config)?;
         Ok(GatewayInit {

@@ -143,17 +143,45 @@ impl StandIn {
                 .collect(),
             published_unix: unix_now(),
         };
-        let signed = descriptor.sign(&self.identity)?;
+        let operator = shoal_topology::operator::solo_operator_key(&self.identity);
+        let cert = shoal_topology::NodeCertificate::issue(&operator, self.id(), Role::Gateway);
+        let signed = descriptor.sign(&self.identity)?.certified(cert);
         for a in authorities {
-            let (status, body) = http::post(*a, "/v1/descriptor", &signed.to_json()).await?;
-            if status != 200 {
-                bail!(
-                    "authority refused descriptor: {status} {}",
-                    String::from_utf8_lossy(&body)
-                );
+            // The authority re-reads its admitted operators once per sync round: an
+            // operator admitted a moment ago may not be known yet.
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let (status, body) = http::post(*a, "/v1/descriptor", &signed.to_json()).await?;
+                if status == 200 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&body).into_owned();
+                if !text.contains("not admitted") || std::time::Instant::now() >= deadline {
+                    bail!("authority refused descriptor: {status} {text}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         Ok(())
+    }
+
+    /// The public key of this stand-in's operator (itself), to admit at the authority.
+    pub fn operator_hex(&self) -> String {
+        hex::encode(
+            shoal_topology::operator::solo_operator_key(&self.identity)
+                .verifying_key()
+                .to_bytes(),
+        )
+    }
+
+    /// [`StandIn::operator_hex`] of the stand-in `bind(seed)` makes, without binding.
+    pub fn operator_hex_for_seed(seed: u64) -> String {
+        let identity = SigningKey::generate(&mut StdRng::seed_from_u64(seed));
+        hex::encode(
+            shoal_topology::operator::solo_operator_key(&identity)
+                .verifying_key()
+                .to_bytes(),
+        )
     }
 
     /// Accepts links and reads frames. With `unwrap`, final-hop packets are unwrapped

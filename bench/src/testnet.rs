@@ -206,6 +206,71 @@ pub(crate) fn set_keys(path: &Path, values: &[(&str, String)]) -> anyhow::Result
     Ok(())
 }
 
+/// Stand-in seeds whose operators every test network admits from the start.
+pub const STANDIN_SEEDS: u64 = 64;
+
+/// Makes the node in `node_dir` the node of its own operator, as a real operator
+/// would (docs/guides/run-a-node.md): `shoal operator keygen`, `shoal operator certify`
+/// into the node's directory, and `shoal authority operator admit` at the testnet's
+/// authority (`net_dir/authority`), which re-reads its operators every sync round, so
+/// this works while it runs. One operator per node, so that routes in a small network
+/// can keep every operator to one hop.
+pub(crate) fn operate(
+    shoal: &Path,
+    net_dir: &Path,
+    node_dir: &Path,
+    id: &[u8; 32],
+    role: &str,
+) -> anyhow::Result<()> {
+    let name = node_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let op_dir = net_dir.join("operators").join(&name);
+    let out = run_init(
+        shoal,
+        &["operator", "keygen", "--dir", &op_dir.to_string_lossy()],
+    )?;
+    let op_key = out.lines().last().unwrap_or("").trim().to_string();
+    run_init(
+        shoal,
+        &[
+            "operator",
+            "certify",
+            "--dir",
+            &op_dir.to_string_lossy(),
+            "--node",
+            &hex::encode(id),
+            "--role",
+            role,
+            "--out",
+            &node_dir.join("operator.cert").to_string_lossy(),
+        ],
+    )?;
+    run_init(
+        shoal,
+        &[
+            "authority",
+            "operator",
+            "admit",
+            "--config",
+            &net_dir
+                .join("authority")
+                .join("authority.toml")
+                .to_string_lossy(),
+            "--key",
+            &op_key,
+            "--name",
+            &name,
+            "--max-nodes",
+            "1",
+            "--max-per-layer",
+            "1",
+        ],
+    )?;
+    Ok(())
+}
+
 /// `shoal authority init` in `auth_dir`, listening on `listen`, with `cfg`'s schedule and
 /// network parameters written into its config. Returns the authority's public key and
 /// the config's path.
@@ -251,6 +316,16 @@ pub(crate) fn init_authority(
         values.push(("key_grace_secs", g.to_string()));
     }
     set_keys(&auth_config, &values)?;
+    // Stand-ins (`StandIn::bind(seed)`, seeds below 64) are admitted in advance, each
+    // its own operator, so that tests can register them at any time.
+    let mut operators = std::fs::read_to_string(auth_dir.join("operators.toml"))?;
+    for seed in 0..STANDIN_SEEDS {
+        operators.push_str(&format!(
+            "\n[[operators]]\nkey = \"{}\"\nname = \"stand-in {seed}\"\nmax_nodes = 1\nmax_per_layer = 1\n",
+            crate::standin::StandIn::operator_hex_for_seed(seed)
+        ));
+    }
+    std::fs::write(auth_dir.join("operators.toml"), operators)?;
     Ok((key, auth_config))
 }
 
@@ -435,6 +510,7 @@ impl Testnet {
             .context("gateway init did not print its identity")?;
         let mut id = [0u8; 32];
         hex::decode_to_slice(id_hex.trim(), &mut id)?;
+        operate(shoal, &self.dir, &gdir, &id, "gateway")?;
         let config = gdir.join("gateway.toml");
         opts.write_into(&config)?;
         Ok(GatewayInit {
@@ -546,6 +622,7 @@ impl Testnet {
                 .context("relay init did not print its identity")?;
             let mut id = [0u8; 32];
             hex::decode_to_slice(id_hex.trim(), &mut id)?;
+            operate(shoal, dir, &rdir, &id, "relay")?;
             let config = rdir.join("relay.toml");
             if let Some(w) = cfg.workers {
                 let text = std::fs::read_to_string(&config)?;
@@ -584,6 +661,34 @@ impl Testnet {
             relays,
             gateways: Vec::new(),
         })
+    }
+
+    /// Admits an operator (e.g. a stand-in's, [`crate::standin::StandIn::operator_hex`]) at
+    /// the running authority, with room for one node.
+    pub fn admit_operator(&self, shoal: &Path, key_hex: &str, name: &str) -> anyhow::Result<()> {
+        run_init(
+            shoal,
+            &[
+                "authority",
+                "operator",
+                "admit",
+                "--config",
+                &self
+                    .dir
+                    .join("authority")
+                    .join("authority.toml")
+                    .to_string_lossy(),
+                "--key",
+                key_hex,
+                "--name",
+                name,
+                "--max-nodes",
+                "1",
+                "--max-per-layer",
+                "1",
+            ],
+        )?;
+        Ok(())
     }
 
     /// Starts relay `i` again from its config (after a kill); its keys are on disk.

@@ -50,6 +50,7 @@ impl TestNet {
                 descriptor_max_age_secs: 86_400,
                 vote_lead_secs: 60,
                 bootstrap_delay_secs: 0,
+                admission: Default::default(),
             },
         )
         .unwrap();
@@ -76,8 +77,13 @@ impl TestNet {
             if role == Role::Gateway {
                 gateways.push(d.id());
             }
+            let operator = shoal_topology::operator::solo_operator_key(&identity);
             authority
-                .handle_descriptor(d.sign(&identity).unwrap(), 100)
+                .admit(shoal_topology::AdmittedOperator::solo(&operator, "test"))
+                .unwrap();
+            let cert = shoal_topology::NodeCertificate::issue(&operator, d.id(), role);
+            authority
+                .handle_descriptor(d.sign(&identity).unwrap().certified(cert), 100)
                 .unwrap();
         }
         authority.vote(0).unwrap();

@@ -654,6 +654,7 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("gw");
         shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
+        shoal_relay::keystore::self_certify(&dir, shoal_topology::Role::Gateway).unwrap();
         let a_key = SigningKey::generate(&mut rng);
         let a = SubnetAdmin::new(a_key.clone());
         let mut config =

@@ -53,7 +53,12 @@ async fn serve_authority(
 ) -> (SocketAddr, Arc<Mutex<Authority>>) {
     let info = {
         let c = authority.config();
-        serde_json::json!({ "schedule": c.schedule, "params": c.params }).to_string()
+        serde_json::json!({
+            "schedule": c.schedule,
+            "params": c.params,
+            "signed": authority.network_description().unwrap(),
+        })
+        .to_string()
     };
     let authority = Arc::new(Mutex::new(authority));
     let a = authority.clone();
@@ -322,6 +327,7 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();
@@ -332,6 +338,8 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
     for i in 0..3 {
         let dir = tmp.path().join(format!("relay{i}"));
         shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
+        let op = shoal_relay::keystore::self_certify(&dir, shoal_topology::Role::Relay).unwrap();
+        authority.lock().unwrap().admit(op).unwrap();
         let mut c = node_config(dir, auth_addr, auth_id, 1);
         c.metrics_listen = None;
         relays.push(shoal_relay::spawn(c).await.unwrap());
@@ -344,6 +352,8 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
     let mut configs = Vec::new();
     for (dir, key, mailbox) in [(&dir_a, &alice, ALICE_BOX), (&dir_b, &bob, BOB_BOX)] {
         shoal_relay::keystore::create_identity(dir, &mut rng).unwrap();
+        let op = shoal_relay::keystore::self_certify(dir, shoal_topology::Role::Gateway).unwrap();
+        authority.lock().unwrap().admit(op).unwrap();
         let config = gateway_config(dir, auth_addr, auth_id);
         admin::add_account(&config, node_key(key), &mailbox, None).unwrap();
         configs.push(config);
@@ -531,6 +541,7 @@ async fn admin_commands_over_the_network() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("gw");
     shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
+    shoal_relay::keystore::self_certify(&dir, shoal_topology::Role::Gateway).unwrap();
     let a_key = SigningKey::generate(&mut rng);
     let b_key = SigningKey::generate(&mut rng);
     let (a, b) = (
@@ -796,6 +807,7 @@ async fn an_account_opening_a_fifth_link_loses_its_oldest() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("gw");
     shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
+    shoal_relay::keystore::self_certify(&dir, shoal_topology::Role::Gateway).unwrap();
     let config = gateway_config(&dir, "127.0.0.1:9".parse().unwrap(), [1; 32]);
     let alice = SigningKey::generate(&mut rng);
     admin::add_account(&config, node_key(&alice), &ALICE_BOX, None).unwrap();

@@ -35,6 +35,8 @@ pub struct Request {
     pub path: String,
     /// Body (empty without `Content-Length`).
     pub body: Vec<u8>,
+    /// The address the connection came from, for per-source limits. Never log it.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// A response to send.
@@ -121,7 +123,9 @@ where
         };
         let handler = handler.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(TIMEOUT, handle_connection(stream, &*handler)).await {
+            match tokio::time::timeout(TIMEOUT, handle_connection(stream, peer.ip(), &*handler))
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => trace!(%peer, error = %e, "HTTP connection failed"),
                 Err(_) => trace!(%peer, "HTTP connection timed out"),
@@ -139,12 +143,19 @@ enum Refusal {
     Status(u16),
 }
 
-async fn handle_connection<H>(mut stream: TcpStream, handler: &H) -> std::io::Result<()>
+async fn handle_connection<H>(
+    mut stream: TcpStream,
+    peer: std::net::IpAddr,
+    handler: &H,
+) -> std::io::Result<()>
 where
     H: Fn(Request) -> Response,
 {
     let response = match read_request(&mut stream).await {
-        Ok(request) => handler(request),
+        Ok(mut request) => {
+            request.peer = Some(peer);
+            handler(request)
+        }
         Err(Refusal::Gone) => return Ok(()),
         Err(Refusal::Status(status)) => Response::text(status, format!("{}\n", reason(status))),
     };
@@ -198,7 +209,12 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, Refusal> {
             .await
             .map_err(|_| Refusal::Gone)?;
     }
-    Ok(Request { method, path, body })
+    Ok(Request {
+        method,
+        path,
+        body,
+        peer: None,
+    })
 }
 
 struct Headers {

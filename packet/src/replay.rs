@@ -58,6 +58,9 @@ struct Generation {
     epoch: u64,
     shards: Vec<Shard>,
     len: AtomicUsize,
+    /// Tags recorded per upstream (the first 8 bytes of its key). At most one entry per
+    /// peer that may send to this node, which the directory bounds.
+    per_upstream: Mutex<std::collections::HashMap<u64, usize>>,
 }
 
 impl Generation {
@@ -66,6 +69,7 @@ impl Generation {
             epoch,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             len: AtomicUsize::new(0),
+            per_upstream: Mutex::default(),
         }
     }
 }
@@ -157,6 +161,58 @@ impl ReplayFilter {
         ReplayVerdict::Fresh
     }
 
+    /// Records `tag` for `epoch` as sent by `upstream`, which may hold at most
+    /// `capacity / shares` tags of the generation: one upstream filling the filter
+    /// would otherwise force `Full` on every other sender until the epoch ends.
+    /// `shares` is the number of peers that may send to this node (at least 1; with 1,
+    /// the only limit is the capacity). Frames the node injects itself have no upstream
+    /// and use [`ReplayFilter::insert`].
+    pub fn insert_from(
+        &self,
+        epoch: u64,
+        tag: &ReplayTag,
+        upstream: &[u8; 32],
+        shares: usize,
+    ) -> ReplayVerdict {
+        let gens = self.generations.read().unwrap_or_else(|e| e.into_inner());
+        let Some(generation) = gens.iter().find(|g| g.epoch == epoch) else {
+            return ReplayVerdict::UnknownEpoch;
+        };
+        let share = (self.capacity / shares.max(1)).max(1);
+        let key = u64::from_le_bytes([
+            upstream[0],
+            upstream[1],
+            upstream[2],
+            upstream[3],
+            upstream[4],
+            upstream[5],
+            upstream[6],
+            upstream[7],
+        ]);
+        let (shard, fp) = split(tag);
+        let mut set = generation.shards[shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if set.contains(&fp) {
+            return ReplayVerdict::Replayed;
+        }
+        if generation.len.load(Ordering::Relaxed) >= self.capacity {
+            return ReplayVerdict::Full;
+        }
+        let mut counts = generation
+            .per_upstream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let used = counts.entry(key).or_default();
+        if *used >= share {
+            return ReplayVerdict::Full;
+        }
+        *used += 1;
+        set.insert(fp);
+        generation.len.fetch_add(1, Ordering::Relaxed);
+        ReplayVerdict::Fresh
+    }
+
     /// Tags held across all generations.
     pub fn len(&self) -> usize {
         let gens = self.generations.read().unwrap_or_else(|e| e.into_inner());
@@ -177,6 +233,32 @@ mod tests {
         t[..4].copy_from_slice(&i.to_le_bytes());
         t[16] = (i % 251) as u8;
         t
+    }
+
+    /// A filter-filling upstream: one peer sends fresh tags without end. With the
+    /// per-upstream share it fills only its share and the other upstreams keep
+    /// getting through; without it (one share) it fills the filter and everyone else
+    /// is shed for the rest of the epoch.
+    #[test]
+    fn sybil_filter_filling_upstream_is_held_to_its_share() {
+        let (flooder, honest) = ([1u8; 32], [2u8; 32]);
+        let run = |shares: usize| {
+            let f = ReplayFilter::new(0, 1000);
+            let taken = (0..5000)
+                .filter(|&i| f.insert_from(0, &tag(i), &flooder, shares) == ReplayVerdict::Fresh)
+                .count();
+            let honest_ok = (10_000..10_100)
+                .filter(|&i| f.insert_from(0, &tag(i), &honest, shares) == ReplayVerdict::Fresh)
+                .count();
+            // Replays are still caught, whoever sends them.
+            assert_eq!(
+                f.insert_from(0, &tag(0), &honest, shares),
+                ReplayVerdict::Replayed
+            );
+            (taken, honest_ok)
+        };
+        assert_eq!(run(4), (250, 100));
+        assert_eq!(run(1), (1000, 0), "the attack, with no shares");
     }
 
     #[test]

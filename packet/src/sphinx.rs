@@ -234,6 +234,18 @@ pub fn unwrap(
     replay: &ReplayFilter,
     packet: &[u8],
 ) -> Result<Unwrapped, PacketError> {
+    unwrap_from(secret, epoch, replay, packet, None)
+}
+
+/// [`unwrap`] for a packet that came from `upstream`, which holds one of `shares`
+/// shares of the replay filter ([`ReplayFilter::insert_from`]).
+pub fn unwrap_from(
+    secret: &StaticSecret,
+    epoch: KeyEpoch,
+    replay: &ReplayFilter,
+    packet: &[u8],
+    upstream: Option<(&[u8; 32], usize)>,
+) -> Result<Unwrapped, PacketError> {
     if packet.len() != SPHINX_PACKET_SIZE {
         return Err(PacketError::Length {
             what: "sphinx packet",
@@ -252,7 +264,11 @@ pub fn unwrap(
     // second check here would cost one more HMAC per packet.
     let payload = sphinx_packet::payload::Payload::from_bytes(&packet[header_len..])?;
     let processed = SphinxPacket { header, payload }.process_with_expanded_secret(&expanded)?;
-    match replay.insert(epoch, &tag) {
+    let verdict = match upstream {
+        Some((from, shares)) => replay.insert_from(epoch, &tag, from, shares),
+        None => replay.insert(epoch, &tag),
+    };
+    match verdict {
         ReplayVerdict::Fresh => {}
         ReplayVerdict::Replayed => return Err(PacketError::Replayed),
         ReplayVerdict::UnknownEpoch => return Err(PacketError::UnknownEpoch { epoch }),

@@ -69,6 +69,9 @@ impl DropReason {
 pub struct Unwrapper {
     keys: RwLock<KeyRing>,
     replay: ReplayFilter,
+    /// Peers that may send to this node (from the directory): each holds one share of
+    /// the replay filter.
+    upstream_shares: std::sync::atomic::AtomicUsize,
 }
 
 /// A packet after one layer came off.
@@ -97,6 +100,7 @@ impl Unwrapper {
         Unwrapper {
             keys: RwLock::new(keys),
             replay,
+            upstream_shares: std::sync::atomic::AtomicUsize::new(1),
         }
     }
 
@@ -122,8 +126,25 @@ impl Unwrapper {
         self.replay.len()
     }
 
+    /// Sets how many peers may send to this node (the directory's count of the
+    /// nodes that precede it); each gets that share of the replay filter.
+    pub fn set_upstream_shares(&self, shares: usize) {
+        self.upstream_shares
+            .store(shares.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Unwraps one frame. All the public-key work of a hop happens here.
     pub fn unwrap_frame(&self, bytes: &[u8]) -> Result<Processed, DropReason> {
+        self.unwrap_frame_from(bytes, None)
+    }
+
+    /// [`Unwrapper::unwrap_frame`] for a frame from peer `upstream` (`None`: injected
+    /// by this node), whose replay tags count against its share.
+    pub fn unwrap_frame_from(
+        &self,
+        bytes: &[u8],
+        upstream: Option<&[u8; 32]>,
+    ) -> Result<Processed, DropReason> {
         let frame = Frame::decode(bytes).map_err(|_| DropReason::Malformed)?;
         if frame.kind() != FrameKind::Sphinx {
             return Err(DropReason::Malformed);
@@ -135,13 +156,22 @@ impl Unwrapper {
                 .ok_or(DropReason::UnknownEpoch)?;
             (e, k.clone())
         };
-        let out =
-            sphinx::unwrap(&secret, epoch, &self.replay, frame.body()).map_err(|e| match e {
-                PacketError::Replayed => DropReason::Replay,
-                PacketError::ReplayFilterFull => DropReason::ReplayFilterFull,
-                PacketError::UnknownEpoch { .. } => DropReason::UnknownEpoch,
-                _ => DropReason::BadPacket,
-            })?;
+        let shares = self
+            .upstream_shares
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let out = sphinx::unwrap_from(
+            &secret,
+            epoch,
+            &self.replay,
+            frame.body(),
+            upstream.map(|u| (u, shares)),
+        )
+        .map_err(|e| match e {
+            PacketError::Replayed => DropReason::Replay,
+            PacketError::ReplayFilterFull => DropReason::ReplayFilterFull,
+            PacketError::UnknownEpoch { .. } => DropReason::UnknownEpoch,
+            _ => DropReason::BadPacket,
+        })?;
         Ok(match out {
             Unwrapped::Forward {
                 next_hop,
@@ -356,8 +386,18 @@ impl MixCore {
 
     /// Takes in one frame from a link.
     pub fn handle_packet(&mut self, bytes: &[u8], now: Instant) -> Result<(), DropReason> {
+        self.handle_packet_from(bytes, None, now)
+    }
+
+    /// Takes in one frame from peer `upstream` (`None`: injected by this node).
+    pub fn handle_packet_from(
+        &mut self,
+        bytes: &[u8],
+        upstream: Option<&[u8; 32]>,
+        now: Instant,
+    ) -> Result<(), DropReason> {
         self.stats.received += 1;
-        let processed = self.unwrapper.unwrap_frame(bytes);
+        let processed = self.unwrapper.unwrap_frame_from(bytes, upstream);
         self.handle_processed(processed, now)
     }
 

@@ -30,12 +30,35 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Longest sleep between directory checks once everything is in hand.
 const IDLE_CHECK: Duration = Duration::from_secs(30);
 
-/// What `/v1/network` answers. Unsigned: only the schedule and parameters are used,
-/// never its authority list (documents are checked against the configured keys).
+/// What `/v1/network` answers. Only `signed` is read, and only with the signature of
+/// the authority asked (its key from the config): the plain copies beside it are for
+/// people and tools.
 #[derive(Debug, Clone, Deserialize)]
 pub struct NetworkInfo {
     pub schedule: EpochSchedule,
     pub params: NetworkParams,
+    pub signed: Option<shoal_topology::SignedNetwork>,
+}
+
+impl NetworkInfo {
+    /// The schedule and parameters `authority` signed.
+    pub fn checked(
+        &self,
+        authority: &[u8; 32],
+    ) -> Result<NetworkInfo, shoal_topology::TopologyError> {
+        let signed = self
+            .signed
+            .as_ref()
+            .ok_or(shoal_topology::TopologyError::BadSignature {
+                what: "network description (unsigned)",
+            })?;
+        let body = signed.check(authority)?;
+        Ok(NetworkInfo {
+            schedule: body.schedule,
+            params: body.params,
+            signed: None,
+        })
+    }
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -68,6 +91,7 @@ pub(crate) struct DirectoryTask {
     pub router: Arc<Router>,
     pub peers: PeerSet,
     pub identity: SigningKey,
+    pub certificate: shoal_topology::NodeCertificate,
     pub role: Role,
     pub link_addr: String,
     pub authorities: Vec<AuthorityAddr>,
@@ -94,11 +118,11 @@ impl DirectoryTask {
         loop {
             for a in &self.authorities {
                 match http::get(a.addr, "/v1/network").await {
-                    Ok((200, body)) => match serde_json::from_slice::<NetworkInfo>(&body) {
-                        Ok(info) if info.schedule.length_secs > 0 => return Some(info),
-                        Ok(_) => {
-                            warn!(authority = %a.addr, "authority announced a zero epoch length")
-                        }
+                    Ok((200, body)) => match serde_json::from_slice::<NetworkInfo>(&body)
+                        .map_err(|e| e.to_string())
+                        .and_then(|i| i.checked(&a.key).map_err(|e| e.to_string()))
+                    {
+                        Ok(info) => return Some(info),
                         Err(e) => {
                             warn!(authority = %a.addr, error = %e, "malformed /v1/network answer")
                         }
@@ -172,7 +196,7 @@ impl DirectoryTask {
             published_unix: now,
         };
         let signed = match descriptor.sign(&self.identity) {
-            Ok(s) => s.to_json(),
+            Ok(s) => s.certified(self.certificate.clone()).to_json(),
             Err(e) => {
                 warn!(error = %e, "cannot sign our descriptor");
                 return false;
@@ -206,7 +230,12 @@ impl DirectoryTask {
         accepted > 0
     }
 
-    async fn fetch_document(&self, epoch: u64, now: u64) -> Option<Topology> {
+    async fn fetch_document(
+        &self,
+        epoch: u64,
+        now: u64,
+        schedule: &EpochSchedule,
+    ) -> Option<Topology> {
         let n = self.authorities.len();
         let start = usize::try_from(epoch).unwrap_or(0) % n.max(1);
         for i in 0..n {
@@ -234,7 +263,18 @@ impl DirectoryTask {
                     }
                 })
                 .and_then(|u| u.check_signatures(&self.authority_set))
-                .and_then(|s| s.check_valid_at(now));
+                .and_then(|s| s.check_valid_at(now))
+                .and_then(|t| {
+                    if t.schedule() == schedule {
+                        Ok(t)
+                    } else {
+                        Err(shoal_topology::TopologyError::Invalid {
+                            what: "document schedule",
+                            reason: "differs from the one /v1/network gave: restart the node"
+                                .into(),
+                        })
+                    }
+                });
             match checked {
                 Ok(t) => return Some(t),
                 Err(e) => {
@@ -263,6 +303,18 @@ impl DirectoryTask {
                 .collect::<Vec<_>>(),
         );
         self.router.retain(listed);
+        // Each node that may send to us holds one share of the replay filter: the
+        // nodes of the position before ours (gateways before layer 0, layer l-1 before
+        // layer l, the last layer before a gateway), plus one for our own loops.
+        if let Some(t) = &topology {
+            let me = self.identity.verifying_key().to_bytes();
+            let before = match t.node(&me).and_then(|n| n.layer) {
+                Some(0) => t.gateways().len(),
+                Some(l) => t.layer(usize::from(l) - 1).len(),
+                None => t.layer(shoal_packet::MIX_LAYERS - 1).len(),
+            };
+            self.shared.unwrapper.set_upstream_shares(before + 1);
+        }
         self.shared.set_view(View {
             current: topology,
             docs: docs.clone(),
@@ -305,15 +357,16 @@ impl DirectoryTask {
 
             let mut changed = false;
             let before = docs.len();
-            docs.retain(|&e, _| {
-                e + 1 >= current && schedule.end_of(e).saturating_add(grace) >= now
-            });
+            // A document carries keys for its epoch and the next, so when the next one
+            // is late the last valid one keeps routing, for one epoch at most; a newer
+            // one replaces it as soon as it comes, and an older one is never fetched.
+            docs.retain(|&e, _| e + 1 >= current);
             changed |= docs.len() != before;
             for epoch in [current, current + 1] {
                 if docs.contains_key(&epoch) {
                     continue;
                 }
-                match self.fetch_document(epoch, now).await {
+                match self.fetch_document(epoch, now, &schedule).await {
                     Some(t) => {
                         info!(
                             epoch,

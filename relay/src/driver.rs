@@ -164,6 +164,7 @@ impl Pipeline {
             bytes: frame,
             arrived,
             peer: None,
+            upstream: None,
         })
     }
 
@@ -304,6 +305,11 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
     config.validate(Path::new("relay config"))?;
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
     let identity = keystore::load_identity(&config.identity_path())?;
+    let certificate = keystore::load_certificate(
+        &config.data_dir,
+        &identity.verifying_key().to_bytes(),
+        hooks.role,
+    )?;
     let me = identity.verifying_key().to_bytes();
     let keys = keystore::load_sphinx_keys(&config.data_dir)?;
     let unwrapper = Arc::new(Unwrapper::new(keys.clone(), config.replay_capacity));
@@ -415,6 +421,7 @@ pub async fn spawn_with(config: Config, hooks: NodeHooks) -> Result<RelayHandle,
         router,
         peers,
         identity,
+        certificate,
         role: hooks.role,
         link_addr,
         authority_set: config.authority_set(),
@@ -478,7 +485,14 @@ async fn link_task(link: Link, dispatch: Arc<Dispatch>, slot: Arc<PeerSlot>, sha
     shared.metrics.links_inbound.fetch_add(1, Ordering::Relaxed);
     while let Ok(rx) = link.accept_frames(FRAME_SIZE).await {
         tokio::spawn(
-            stream_task(rx, dispatch.clone(), slot.clone(), shared.clone()).in_current_span(),
+            stream_task(
+                rx,
+                dispatch.clone(),
+                slot.clone(),
+                link.peer(),
+                shared.clone(),
+            )
+            .in_current_span(),
         );
     }
     shared.metrics.links_inbound.fetch_sub(1, Ordering::Relaxed);
@@ -488,6 +502,7 @@ async fn stream_task(
     mut rx: FrameReceiver,
     dispatch: Arc<Dispatch>,
     slot: Arc<PeerSlot>,
+    upstream: [u8; 32],
     shared: Arc<Shared>,
 ) {
     let m = &shared.metrics;
@@ -506,6 +521,7 @@ async fn stream_task(
                     bytes: buf,
                     arrived: Instant::now(),
                     peer: Some(slot.queue()),
+                    upstream: Some(upstream),
                 });
             }
             Ok(false) => return,

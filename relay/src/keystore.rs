@@ -16,6 +16,8 @@ use crate::{KeyRing, RelayError};
 
 /// File name of the identity key inside the data directory.
 pub const IDENTITY_FILE: &str = "identity.key";
+/// The operator's certificate for this node (`shoal operator certify`), beside its key.
+pub const CERTIFICATE_FILE: &str = "operator.cert";
 /// Subdirectory holding Sphinx keys, one `epoch-<n>.key` per epoch.
 pub const SPHINX_DIR: &str = "sphinx";
 
@@ -132,6 +134,63 @@ pub fn rotate_identity<R: rand::CryptoRng + ?Sized>(
         Err(e) => return Err(io("cannot remove", &path)(e)),
     }
     create_identity(dir, rng)
+}
+
+/// Reads `dir/operator.cert` and checks that it is a good certificate for the node
+/// `identity` in `role`.
+pub fn load_certificate(
+    dir: &Path,
+    identity: &[u8; 32],
+    role: shoal_topology::Role,
+) -> Result<shoal_topology::NodeCertificate, RelayError> {
+    let path = dir.join(CERTIFICATE_FILE);
+    let bytes = fs::read(&path).map_err(|_| RelayError::KeyFile {
+        path: path.clone(),
+        reason: "no operator certificate: have your operator run `shoal operator certify` for \
+                 this node's identity and put the file here",
+    })?;
+    let cert =
+        shoal_topology::NodeCertificate::from_json(&bytes).map_err(|_| RelayError::KeyFile {
+            path: path.clone(),
+            reason: "not an operator certificate",
+        })?;
+    if cert.node.0 != *identity || cert.role != role || !cert.verify() {
+        return Err(RelayError::KeyFile {
+            path,
+            reason: "the operator certificate is not for this node's identity and role, or its \
+                     signature is bad",
+        });
+    }
+    Ok(cert)
+}
+
+/// Writes `dir/operator.cert`, replacing any earlier one.
+pub fn save_certificate(
+    dir: &Path,
+    cert: &shoal_topology::NodeCertificate,
+) -> Result<(), RelayError> {
+    let path = dir.join(CERTIFICATE_FILE);
+    fs::write(&path, cert.to_json()).map_err(io("cannot write", &path))
+}
+
+/// Certifies the node in `dir` as its own operator (test networks): writes the
+/// certificate and returns the operator to admit.
+pub fn self_certify(
+    dir: &Path,
+    role: shoal_topology::Role,
+) -> Result<shoal_topology::AdmittedOperator, RelayError> {
+    let identity = load_identity(&dir.join(IDENTITY_FILE))?;
+    let operator = shoal_topology::operator::solo_operator_key(&identity);
+    let cert = shoal_topology::NodeCertificate::issue(
+        &operator,
+        identity.verifying_key().to_bytes(),
+        role,
+    );
+    save_certificate(dir, &cert)?;
+    Ok(shoal_topology::AdmittedOperator::solo(
+        &operator,
+        hex::encode(&identity.verifying_key().to_bytes()[..4]),
+    ))
 }
 
 /// Reads the identity key from `path`.

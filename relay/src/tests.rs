@@ -50,10 +50,24 @@ impl StandIn {
         }
     }
 
-    fn descriptor(&self) -> SignedDescriptor {
+    /// Its descriptor in `role`, certified by its own operator, whom it admits at
+    /// `authority`.
+    fn admitted(&self, authority: &mut Authority, role: Role) -> SignedDescriptor {
+        let operator = shoal_topology::operator::solo_operator_key(&self.key);
+        authority
+            .admit(shoal_topology::AdmittedOperator::solo(
+                &operator, "stand-in",
+            ))
+            .unwrap();
+        self.descriptor_as(role)
+    }
+
+    fn descriptor_as(&self, role: Role) -> SignedDescriptor {
+        let operator = shoal_topology::operator::solo_operator_key(&self.key);
+        let cert = shoal_topology::NodeCertificate::issue(&operator, node_key(&self.key), role);
         Descriptor {
             identity: Hex32(node_key(&self.key)),
-            role: Role::Gateway,
+            role,
             link_addr: self.addr.to_string(),
             sphinx_keys: self
                 .sphinx
@@ -68,7 +82,20 @@ impl StandIn {
         }
         .sign(&self.key)
         .unwrap()
+        .certified(cert)
     }
+}
+
+/// [`admit_dir`] before the authority is served.
+fn admit_dir_now(authority: &mut Authority, dir: &std::path::Path) {
+    let op = keystore::self_certify(dir, Role::Relay).unwrap();
+    authority.admit(op).unwrap();
+}
+
+/// Certifies the node in `dir` as its own operator and admits that operator.
+fn admit_dir(authority: &Mutex<Authority>, dir: &std::path::Path, role: Role) {
+    let op = keystore::self_certify(dir, role).unwrap();
+    authority.lock().unwrap().admit(op).unwrap();
 }
 
 /// An authority (threshold 1) behind the real HTTP API. Documents are built on the
@@ -87,7 +114,7 @@ async fn serve_authority_after(
         serde_json::json!({
             "schedule": c.schedule,
             "params": c.params,
-            "authorities": c.authorities,
+            "signed": authority.network_description().unwrap(),
         })
         .to_string()
     };
@@ -190,6 +217,7 @@ async fn relay_forwards_over_quic_and_counts_what_it_drops() {
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();
@@ -199,11 +227,23 @@ async fn relay_forwards_over_quic_and_counts_what_it_drops() {
     let relay_id = node_key(&keystore::create_identity(&data_dir, &mut rng).unwrap());
     let entry = StandIn::new(&mut rng, PeerSet::new());
     let exit = StandIn::new(&mut rng, PeerSet::from_keys([relay_id]));
+    // Two more relays (stand-ins) so that every layer has one: no document is
+    // published without a usable network.
+    let fillers = [
+        StandIn::new(&mut rng, PeerSet::new()),
+        StandIn::new(&mut rng, PeerSet::new()),
+    ];
     let (auth_addr, authority) = {
         let mut authority = authority;
         for s in [&entry, &exit] {
-            authority.handle_descriptor(s.descriptor(), now).unwrap();
+            let d = s.admitted(&mut authority, Role::Gateway);
+            authority.handle_descriptor(d, now).unwrap();
         }
+        for s in &fillers {
+            let d = s.admitted(&mut authority, Role::Relay);
+            authority.handle_descriptor(d, now).unwrap();
+        }
+        admit_dir_now(&mut authority, &data_dir);
         serve_authority(authority).await
     };
 
@@ -232,7 +272,7 @@ async fn relay_forwards_over_quic_and_counts_what_it_drops() {
         .unwrap()
         .check_valid_at(unix_now())
         .unwrap();
-    assert_eq!(topo.node(&relay_id).unwrap().layer, Some(0));
+    assert!(topo.node(&relay_id).unwrap().layer.is_some());
     let route = vec![
         topo.hop(&relay_id, 0).unwrap(),
         topo.hop(&node_key(&exit.key), 0).unwrap(),
@@ -382,6 +422,7 @@ async fn unknown_peers_cannot_connect() {
     let mut rng = StdRng::seed_from_u64(5);
     let data_dir = temp_dir("refuse");
     keystore::create_identity(&data_dir, &mut rng).unwrap();
+    keystore::self_certify(&data_dir, Role::Relay).unwrap();
     // An authority that never answers: the relay has no directory and accepts nobody.
     let config = relay_config(data_dir.clone(), "127.0.0.1:9".parse().unwrap(), [1; 32]);
     let mut config = config;
@@ -457,6 +498,7 @@ async fn throughput_vs_raw_unwrap() {
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();
@@ -464,11 +506,23 @@ async fn throughput_vs_raw_unwrap() {
     let relay_id = node_key(&keystore::create_identity(&data_dir, &mut rng).unwrap());
     let entry = StandIn::new(&mut rng, PeerSet::new());
     let exit = StandIn::new(&mut rng, PeerSet::from_keys([relay_id]));
+    // Two more relays (stand-ins) so that every layer has one: no document is
+    // published without a usable network.
+    let fillers = [
+        StandIn::new(&mut rng, PeerSet::new()),
+        StandIn::new(&mut rng, PeerSet::new()),
+    ];
     let (auth_addr, authority) = {
         let mut authority = authority;
         for s in [&entry, &exit] {
-            authority.handle_descriptor(s.descriptor(), now).unwrap();
+            let d = s.admitted(&mut authority, Role::Gateway);
+            authority.handle_descriptor(d, now).unwrap();
         }
+        for s in &fillers {
+            let d = s.admitted(&mut authority, Role::Relay);
+            authority.handle_descriptor(d, now).unwrap();
+        }
+        admit_dir_now(&mut authority, &data_dir);
         serve_authority(authority).await
     };
     let mut config = relay_config(data_dir.clone(), auth_addr, node_key(&auth_key));
@@ -603,6 +657,7 @@ fn test_authority(rng: &mut StdRng, params: NetworkParams) -> (SigningKey, Autho
             descriptor_max_age_secs: 86_400,
             vote_lead_secs: 60,
             bootstrap_delay_secs: 0,
+            admission: Default::default(),
         },
     )
     .unwrap();
@@ -624,9 +679,8 @@ async fn loops_return_through_three_layers() {
     };
     let (auth_key, mut authority) = test_authority(&mut rng, params);
     let gateway = StandIn::new(&mut rng, PeerSet::any());
-    authority
-        .handle_descriptor(gateway.descriptor(), unix_now())
-        .unwrap();
+    let d = gateway.admitted(&mut authority, Role::Gateway);
+    authority.handle_descriptor(d, unix_now()).unwrap();
     let (auth_addr, authority) = serve_authority_after(authority, 4).await;
 
     let mut relays = Vec::new();
@@ -634,6 +688,7 @@ async fn loops_return_through_three_layers() {
     for i in 0..3 {
         let dir = temp_dir(&format!("loops{i}"));
         keystore::create_identity(&dir, &mut rng).unwrap();
+        admit_dir(&authority, &dir, Role::Relay);
         let mut config = relay_config(dir.clone(), auth_addr, node_key(&auth_key));
         config.workers = 2;
         config.metrics_listen = None;

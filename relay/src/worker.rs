@@ -29,6 +29,8 @@ pub(crate) struct Inbound {
     /// The sending peer's place in its fair share, released when a worker takes the
     /// frame (`None`: injected by the node's own front end).
     pub peer: Option<Arc<crate::fair::PeerQueue>>,
+    /// The sending peer's key (`None`: injected), for its share of the replay filter.
+    pub upstream: Option<[u8; 32]>,
 }
 
 /// Frames a worker takes per wake-up before it looks at its timers again.
@@ -162,7 +164,9 @@ impl Worker {
             );
             // The delay counts from arrival, so time spent queued for a worker is part
             // of the mixing delay rather than added to it.
-            let _ = self.core.handle_packet(&item.bytes[..], item.arrived);
+            let _ =
+                self.core
+                    .handle_packet_from(&item.bytes[..], item.upstream.as_ref(), item.arrived);
             let done = Instant::now();
             record(
                 &mut local.latencies.unwrap,

@@ -57,6 +57,11 @@ pub enum AuthorityCommand {
     /// Manage the authority's signing key.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Admit or remove node operators (operators.toml beside authority.toml). A running
+    /// authority picks the change up at its next sync round. Do the same at every
+    /// authority: a node is in a document only if k of them admit its operator.
+    #[command(subcommand)]
+    Operator(OperatorAdminCommand),
     /// Show which nodes are in the current and next documents, and why any is left out.
     Status {
         /// The authority's HTTP API address.
@@ -65,6 +70,40 @@ pub enum AuthorityCommand {
         /// Print the two rosters as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorAdminCommand {
+    /// Admit the operator with public key KEY (as `shoal operator keygen` printed it).
+    Admit {
+        /// Path of authority.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The operator's public key, 64 hex digits.
+        #[arg(long)]
+        key: String,
+        /// Who runs it, for people reading the file.
+        #[arg(long)]
+        name: String,
+        /// Most nodes (relays and gateways) it may have in a document.
+        #[arg(long, default_value_t = 4)]
+        max_nodes: u32,
+        /// Most of its relays in one mix layer.
+        #[arg(long, default_value_t = 2)]
+        max_per_layer: u32,
+    },
+    /// Remove an operator: its nodes leave the next document voted.
+    Remove {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        key: String,
+    },
+    /// List the admitted operators.
+    List {
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -108,7 +147,72 @@ pub fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
         }
         AuthorityCommand::Keys(KeysCommand::Rotate { config, force }) => rotate(&config, force),
         AuthorityCommand::Status { addr, json } => status(addr, json),
+        AuthorityCommand::Operator(cmd) => operator(cmd),
     }
+}
+
+fn operator(cmd: OperatorAdminCommand) -> anyhow::Result<()> {
+    let config = match &cmd {
+        OperatorAdminCommand::Admit { config, .. }
+        | OperatorAdminCommand::Remove { config, .. }
+        | OperatorAdminCommand::List { config } => config.clone(),
+    };
+    let path = config
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(authority_config::OPERATORS_FILE);
+    let admission = authority_config::load_operators(&path)?;
+    let mut ops: Vec<shoal_topology::AdmittedOperator> = admission.operators().cloned().collect();
+    match cmd {
+        OperatorAdminCommand::Admit {
+            key,
+            name,
+            max_nodes,
+            max_per_layer,
+            ..
+        } => {
+            let key = shoal_topology::Hex32(authority_config::parse_key(&key)?);
+            ops.retain(|o| o.key != key);
+            ops.push(shoal_topology::AdmittedOperator {
+                key,
+                name,
+                max_nodes,
+                max_per_layer,
+            });
+            let admission = shoal_topology::Admission::new(ops)?;
+            authority_config::save_operators(&path, &admission)?;
+            eprintln!(
+                "admitted; {} now lists {} operators. Admit it at every other authority too.",
+                path.display(),
+                admission.len()
+            );
+        }
+        OperatorAdminCommand::Remove { key, .. } => {
+            let key = shoal_topology::Hex32(authority_config::parse_key(&key)?);
+            let before = ops.len();
+            ops.retain(|o| o.key != key);
+            if ops.len() == before {
+                bail!("that operator is not in {}", path.display());
+            }
+            authority_config::save_operators(&path, &shoal_topology::Admission::new(ops)?)?;
+            eprintln!("removed; remove it at every other authority too");
+        }
+        OperatorAdminCommand::List { .. } => {
+            if ops.is_empty() {
+                println!("no operators admitted ({})", path.display());
+            }
+            for o in ops {
+                println!(
+                    "{} max_nodes={} max_per_layer={} {:?}",
+                    hex::encode(o.key.0),
+                    o.max_nodes,
+                    o.max_per_layer,
+                    o.name
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize, serde::Serialize)]
@@ -143,6 +247,7 @@ fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rosters)?);
         return Ok(());
     }
+    let now = authority_server::now_unix();
     for (name, r) in ["current", "next"].iter().zip(&rosters) {
         let state = if r.published {
             "published"
@@ -158,12 +263,24 @@ fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
             let why = match &n.inclusion {
                 Inclusion::Included { layer: Some(l) } => format!("in, layer {l}"),
                 Inclusion::Included { layer: None } => "in".to_owned(),
+                // The next epoch's vote takes only descriptors newer than its cutoff,
+                // which can lie in the future: a running node re-publishes before then.
+                Inclusion::Stale {
+                    oldest_accepted_unix,
+                    ..
+                } if *oldest_accepted_unix > now => format!(
+                    "not yet: this epoch takes descriptors published after {oldest_accepted_unix} ({} s from now); a running node re-publishes before its vote",
+                    oldest_accepted_unix - now
+                ),
                 Inclusion::Stale {
                     published_unix,
                     oldest_accepted_unix,
                 } => format!(
                     "left out: descriptor published at {published_unix}, before {oldest_accepted_unix} (node stopped re-publishing, or its clock is behind)"
                 ),
+                Inclusion::OperatorCap => {
+                    "left out: its operator has more nodes (or relays in this layer) than it is admitted for".to_owned()
+                }
                 Inclusion::NoKeyForEpoch => {
                     "left out: its descriptor has no Sphinx key for this epoch".to_owned()
                 }
@@ -259,6 +376,10 @@ fn init(
         .context("the requested settings do not make a valid config")?;
     std::fs::write(&config_path, text)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
+    let operators = dir.join(authority_config::OPERATORS_FILE);
+    if !operators.exists() {
+        authority_config::save_operators(&operators, &shoal_topology::Admission::default())?;
+    }
     eprintln!(
         "wrote {} ({n} authorities, threshold {threshold})",
         config_path.display()

@@ -8,7 +8,50 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use serde::Deserialize;
-use shoal_topology::{AuthorityConfig, AuthoritySet, EpochSchedule, Hex32, NetworkParams};
+use shoal_topology::{
+    Admission, AdmittedOperator, AuthorityConfig, AuthoritySet, EpochSchedule, Hex32, NetworkParams,
+};
+
+/// The admitted operators, beside authority.toml; `shoal authority operator` edits it and
+/// a running authority re-reads it every sync round.
+pub const OPERATORS_FILE: &str = "operators.toml";
+
+/// `operators.toml` as written.
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorsFile {
+    // Empty: nothing written, so `[[operators]]` tables can be appended by hand.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<AdmittedOperator>,
+}
+
+/// Reads the admitted operators; a missing file admits nobody.
+pub fn load_operators(path: &Path) -> anyhow::Result<Admission> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Admission::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let file: OperatorsFile =
+        toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+    Admission::new(file.operators).with_context(|| format!("in {}", path.display()))
+}
+
+/// Writes the admitted operators (atomically: a temporary file renamed over the old).
+pub fn save_operators(path: &Path, admission: &Admission) -> anyhow::Result<()> {
+    let file = OperatorsFile {
+        operators: admission.operators().cloned().collect(),
+    };
+    let text = format!(
+        "# Operators this authority admits (shoal authority operator admit/remove).\n\
+         # Every authority of the network must list the same operators with the same caps:\n\
+         # a node is in a document only if k authorities admit its operator.\n\n{}",
+        toml::to_string(&file).context("cannot encode the operators")?
+    );
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
 
 /// The file as written: every field required, nothing unknown.
 #[derive(Debug, Deserialize)]
@@ -24,6 +67,28 @@ pub struct RawConfig {
     pub schedule: EpochSchedule,
     pub params: NetworkParams,
     pub authorities: Vec<RawAuthority>,
+    /// Per-source request limits; absent in configs written before they existed.
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[limits]`: what one source address may ask of the API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub requests_per_sec: f64,
+    pub burst: f64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        // Generous for one host running many nodes and peers (a test network on
+        // loopback), tight enough that one source cannot keep the authority busy.
+        RawLimits {
+            requests_per_sec: 200.0,
+            burst: 400.0,
+        }
+    }
 }
 
 /// One `[[authorities]]` entry.
@@ -50,6 +115,11 @@ pub struct AuthorityFileConfig {
     pub peers: Vec<Peer>,
     pub sync_interval: Duration,
     pub authority: AuthorityConfig,
+    /// Where the admitted operators are (re-read while running).
+    pub operators_path: PathBuf,
+    /// Requests per second one source address may sustain, and its burst.
+    pub rate_per_source: f64,
+    pub burst_per_source: f64,
 }
 
 /// Parses a hex Ed25519 public key.
@@ -150,6 +220,13 @@ impl RawConfig {
             bail!("descriptor_max_age_secs must be at least 1");
         }
         self.params.validate().context("in [params]")?;
+        if !(self.limits.requests_per_sec.is_finite()
+            && self.limits.requests_per_sec > 0.0
+            && self.limits.burst.is_finite()
+            && self.limits.burst >= 1.0)
+        {
+            bail!("[limits] requests_per_sec must be > 0 and burst >= 1");
+        }
 
         let authority = AuthorityConfig {
             authorities: AuthoritySet {
@@ -161,6 +238,7 @@ impl RawConfig {
             descriptor_max_age_secs: self.descriptor_max_age_secs,
             vote_lead_secs: self.vote_lead_secs,
             bootstrap_delay_secs: self.bootstrap_delay_secs,
+            admission: load_operators(&base_dir.join(OPERATORS_FILE))?,
         };
         Ok(AuthorityFileConfig {
             listen,
@@ -168,6 +246,9 @@ impl RawConfig {
             peers: all.into_iter().filter(|p| p.key != me).collect(),
             sync_interval: Duration::from_secs(self.sync_interval_secs),
             authority,
+            operators_path: base_dir.join(OPERATORS_FILE),
+            rate_per_source: self.limits.requests_per_sec,
+            burst_per_source: self.limits.burst,
         })
     }
 }
@@ -454,6 +535,33 @@ mod tests {
         let other = SigningKey::from_bytes(&[5; 32]).verifying_key().to_bytes();
         let msg = format!("{:#}", replace_own_key(&text, &other, &new).unwrap_err());
         assert!(msg.contains("found it 0 times"), "{msg}");
+    }
+
+    /// `operator admit` writes what `run` reads, an empty list takes hand-appended
+    /// `[[operators]]` tables, and a bad entry is refused with the file named.
+    #[test]
+    fn admission_operators_file_round_trips() {
+        let dir = temp_dir("operators");
+        let path = dir.join(OPERATORS_FILE);
+        assert!(load_operators(&path).unwrap().is_empty(), "missing: nobody");
+        save_operators(&path, &Admission::default()).unwrap();
+        let key = hex::encode(peer(1).key);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[[operators]]\nkey = \"{key}\"\nname = \"a\"\nmax_nodes = 3\nmax_per_layer = 1\n"
+        ));
+        std::fs::write(&path, &text).unwrap();
+        let a = load_operators(&path).unwrap();
+        assert_eq!(a.len(), 1);
+        save_operators(&path, &a).unwrap();
+        assert_eq!(load_operators(&path).unwrap(), a);
+        std::fs::write(
+            &path,
+            text.replace("max_per_layer = 1", "max_per_layer = 0"),
+        )
+        .unwrap();
+        let msg = format!("{:#}", load_operators(&path).unwrap_err());
+        assert!(msg.contains("operators.toml"), "{msg}");
     }
 
     #[test]

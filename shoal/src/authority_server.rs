@@ -18,14 +18,92 @@ use tracing::{debug, info, warn};
 
 use super::authority_config::{AuthorityFileConfig, Peer};
 
-type Shared = Arc<Mutex<Authority>>;
+/// The authority and the limits its API enforces, behind one lock.
+pub struct State {
+    pub auth: Authority,
+    pub limits: Limits,
+}
 
-fn lock(state: &Shared) -> MutexGuard<'_, Authority> {
+type Shared = Arc<Mutex<State>>;
+
+/// Largest request body any endpoint takes; only descriptor posts have a body, and a
+/// descriptor is at most [`shoal_topology::MAX_DESCRIPTOR_BYTES`].
+pub const MAX_REQUEST_BYTES: usize = shoal_topology::MAX_DESCRIPTOR_BYTES;
+/// Sources whose request rate is tracked; beyond it the idlest are forgotten.
+pub const MAX_SOURCES: usize = 4096;
+
+/// Per-source request rate limits (a token bucket per IP address), with a bounded
+/// table. Pure: time comes in as an argument.
+#[derive(Debug)]
+pub struct Limits {
+    /// Requests per second a source may sustain.
+    pub rate: f64,
+    /// Requests a source may make at once.
+    pub burst: f64,
+    buckets: std::collections::HashMap<std::net::IpAddr, (f64, u64)>,
+    /// Requests refused for rate, since start.
+    pub limited: u64,
+}
+
+impl Limits {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Limits {
+            rate,
+            burst,
+            buckets: std::collections::HashMap::new(),
+            limited: 0,
+        }
+    }
+
+    /// Whether `source` may make a request at `now_ms`.
+    pub fn allow(&mut self, source: Option<std::net::IpAddr>, now_ms: u64) -> bool {
+        let Some(source) = source else { return true };
+        if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_SOURCES {
+            // Forget the sources with the fullest buckets (the idlest): a full bucket
+            // is what a forgotten source starts with anyway.
+            let (rate, burst) = (self.rate, self.burst);
+            let level = |&(tokens, at): &(f64, u64)| {
+                (tokens + now_ms.saturating_sub(at) as f64 / 1000.0 * rate).min(burst)
+            };
+            let mut levels: Vec<f64> = self.buckets.values().map(level).collect();
+            levels.sort_by(f64::total_cmp);
+            let cut = levels[levels.len() / 2];
+            self.buckets.retain(|_, b| level(b) < cut);
+            if self.buckets.len() >= MAX_SOURCES {
+                self.buckets.clear();
+            }
+        }
+        let (tokens, at) = self.buckets.entry(source).or_insert((self.burst, now_ms));
+        *tokens =
+            (*tokens + now_ms.saturating_sub(*at) as f64 / 1000.0 * self.rate).min(self.burst);
+        *at = now_ms;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            self.limited += 1;
+            false
+        }
+    }
+
+    pub fn sources(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+fn lock(state: &Shared) -> MutexGuard<'_, State> {
     // A panic while holding the lock leaves the authority's maps intact (every
     // mutation is a single insert or remove), so carry on with them.
     state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 pub fn now_unix() -> u64 {
@@ -40,12 +118,22 @@ pub async fn run(cfg: AuthorityFileConfig) -> anyhow::Result<()> {
     let started = now_unix();
     let authority = Authority::new(cfg.key, cfg.authority.clone())
         .context("invalid authority configuration")?;
+    if authority.config().admission.is_empty() {
+        warn!(
+            operators = %cfg.operators_path.display(),
+            "no operators admitted: every descriptor will be refused (shoal authority operator admit)"
+        );
+    }
     let network = serde_json::to_vec(&serde_json::json!({
         "schedule": cfg.authority.schedule,
         "params": cfg.authority.params,
         "authorities": cfg.authority.authorities,
+        "signed": authority.network_description()?,
     }))?;
-    let state: Shared = Arc::new(Mutex::new(authority));
+    let state: Shared = Arc::new(Mutex::new(State {
+        auth: authority,
+        limits: Limits::new(cfg.rate_per_source, cfg.burst_per_source),
+    }));
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -58,11 +146,16 @@ pub async fn run(cfg: AuthorityFileConfig) -> anyhow::Result<()> {
 
     let handler_state = state.clone();
     let server = tokio::spawn(http::serve(listener, move |req| {
-        respond(&mut lock(&handler_state), &network, &req, now_unix())
+        let mut state = lock(&handler_state);
+        let State { auth, limits } = &mut *state;
+        if !limits.allow(req.peer, now_ms()) {
+            return Response::text(429, "too many requests from this address\n");
+        }
+        respond(auth, limits, &network, &req, now_unix())
     }));
 
     let sync = async {
-        let mut sync = Sync::new(cfg.peers.clone(), started);
+        let mut sync = Sync::new(cfg.peers.clone(), started, cfg.operators_path.clone());
         let mut tick = tokio::time::interval(cfg.sync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -83,21 +176,83 @@ fn json(body: Vec<u8>) -> Response {
     Response::new(200, "application/json", body)
 }
 
+/// The authority's own counters, in the Prometheus text format.
+fn metrics(auth: &Authority, limits: &Limits) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP shoal_authority_descriptors_accepted_total Descriptors taken.\n");
+    out.push_str("# TYPE shoal_authority_descriptors_accepted_total counter\n");
+    out.push_str(&format!(
+        "shoal_authority_descriptors_accepted_total {}\n",
+        auth.accepted()
+    ));
+    out.push_str(
+        "# HELP shoal_authority_descriptors_refused_total Descriptors refused, by reason.\n",
+    );
+    out.push_str("# TYPE shoal_authority_descriptors_refused_total counter\n");
+    for (why, n) in auth.refusals() {
+        out.push_str(&format!(
+            "shoal_authority_descriptors_refused_total{{reason=\"{}\"}} {n}\n",
+            why.as_str()
+        ));
+    }
+    out.push_str("# HELP shoal_authority_descriptors_held Descriptors held (bounded by the operators' caps).\n");
+    out.push_str("# TYPE shoal_authority_descriptors_held gauge\n");
+    out.push_str(&format!(
+        "shoal_authority_descriptors_held {}\n",
+        auth.descriptor_count()
+    ));
+    out.push_str("# HELP shoal_authority_operators_admitted Operators this authority admits.\n");
+    out.push_str("# TYPE shoal_authority_operators_admitted gauge\n");
+    out.push_str(&format!(
+        "shoal_authority_operators_admitted {}\n",
+        auth.config().admission.len()
+    ));
+    out.push_str("# HELP shoal_authority_rate_sources Source addresses whose rate is tracked.\n");
+    out.push_str("# TYPE shoal_authority_rate_sources gauge\n");
+    out.push_str(&format!(
+        "shoal_authority_rate_sources {}\n",
+        limits.sources()
+    ));
+    out.push_str(
+        "# HELP shoal_authority_requests_limited_total Requests refused for rate (429).\n",
+    );
+    out.push_str("# TYPE shoal_authority_requests_limited_total counter\n");
+    out.push_str(&format!(
+        "shoal_authority_requests_limited_total {}\n",
+        limits.limited
+    ));
+    out
+}
+
 /// Answers one API request. Pure apart from the authority's state.
-pub fn respond(auth: &mut Authority, network: &[u8], req: &Request, now: u64) -> Response {
+pub fn respond(
+    auth: &mut Authority,
+    limits: &Limits,
+    network: &[u8],
+    req: &Request,
+    now: u64,
+) -> Response {
+    if req.body.len() > MAX_REQUEST_BYTES {
+        if req.method == "POST" {
+            // Counted as the descriptor refusal it is.
+            let _ = auth.handle_descriptor_bytes(&req.body, now);
+        }
+        return Response::text(413, "request too large\n");
+    }
     let path = req.path.split('?').next().unwrap_or("");
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let epoch = |s: &str| s.parse::<u64>().ok();
     match (req.method.as_str(), segments.as_slice()) {
         ("GET", ["v1", "network"]) => json(network.to_vec()),
-        ("POST", ["v1", "descriptor"]) => {
-            let result =
-                SignedDescriptor::from_json(&req.body).and_then(|d| auth.handle_descriptor(d, now));
-            match result {
-                Ok(_) => Response::text(200, "ok\n"),
-                Err(e) => Response::text(400, format!("{e}\n")),
-            }
-        }
+        ("GET", ["metrics"]) => Response::new(
+            200,
+            "text/plain; version=0.0.4",
+            metrics(auth, limits).into_bytes(),
+        ),
+        ("POST", ["v1", "descriptor"]) => match auth.handle_descriptor_bytes(&req.body, now) {
+            Ok(_) => Response::text(200, "ok\n"),
+            Err(e) => Response::text(400, format!("{e}\n")),
+        },
         ("GET", ["v1", "descriptors"]) => {
             json(serde_json::to_vec(&auth.descriptors()).unwrap_or_default())
         }
@@ -135,7 +290,8 @@ pub fn respond(auth: &mut Authority, network: &[u8], req: &Request, now: u64) ->
         (
             _,
             ["v1", "network" | "descriptor" | "descriptors"]
-            | ["v1", "vote" | "document" | "roster", _],
+            | ["v1", "vote" | "document" | "roster", _]
+            | ["metrics"],
         ) => Response::text(405, "method not allowed\n"),
         _ => Response::not_found(),
     }
@@ -145,6 +301,7 @@ pub fn respond(auth: &mut Authority, network: &[u8], req: &Request, now: u64) ->
 struct Sync {
     peers: Vec<Peer>,
     started: u64,
+    operators_path: std::path::PathBuf,
     /// Whether each peer answered last time (absent: not asked yet), to log changes
     /// rather than every failure.
     reachable: BTreeMap<SocketAddr, bool>,
@@ -159,10 +316,11 @@ struct PeerState {
 }
 
 impl Sync {
-    fn new(peers: Vec<Peer>, started: u64) -> Self {
+    fn new(peers: Vec<Peer>, started: u64, operators_path: std::path::PathBuf) -> Self {
         Sync {
             peers,
             started,
+            operators_path,
             reachable: BTreeMap::new(),
             announced: BTreeSet::new(),
         }
@@ -172,8 +330,20 @@ impl Sync {
     /// collect peers' votes for those epochs.
     async fn round(&mut self, state: &Shared) {
         let now = now_unix();
+        let admission = super::authority_config::load_operators(&self.operators_path);
         let interest = {
-            let mut auth = lock(state);
+            let mut state = lock(state);
+            let auth = &mut state.auth;
+            match admission {
+                Ok(a) if a != auth.config().admission => {
+                    info!(operators = a.len(), "admitted operators changed");
+                    auth.set_admission(a);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot read the admitted operators; keeping the old list")
+                }
+            }
             auth.expire_descriptors(now);
             auth.epochs_of_interest(now)
         };
@@ -213,7 +383,8 @@ impl Sync {
         }
 
         let to_vote = {
-            let mut auth = lock(state);
+            let mut state = lock(state);
+            let auth = &mut state.auth;
             for answer in answers {
                 for d in answer.descriptors {
                     // Peers pass on what nodes uploaded; a stale or bad one is not news.
@@ -233,7 +404,7 @@ impl Sync {
                     debug!(error = %e, "not voting");
                 }
             }
-            self.announce(&auth);
+            self.announce(auth);
             to_vote
         };
         if to_vote.is_empty() {
@@ -259,12 +430,12 @@ impl Sync {
         while let Some(joined) = tasks.join_next().await {
             sigs.extend(joined.unwrap_or_default());
         }
-        let mut auth = lock(state);
+        let mut state = lock(state);
         for (e, sig) in sigs {
             // A signature over another body is normal while inputs still differ.
-            auth.add_signature(e, sig);
+            state.auth.add_signature(e, sig);
         }
-        self.announce(&auth);
+        self.announce(&state.auth);
     }
 
     /// Records whether `addr` answered; logs only changes.
@@ -308,5 +479,37 @@ async fn get_json<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> anyhow::
         )),
         404 => Ok(None),
         s => anyhow::bail!("{path} answered {s}"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// One source flooding the API is held to its rate, others are not affected, and
+    /// the table of sources stays bounded however many addresses appear.
+    #[test]
+    fn sybil_flood_of_requests_is_rate_limited_per_source_with_bounded_state() {
+        let mut limits = Limits::new(10.0, 20.0);
+        let flooder: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let honest: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+        let allowed = (0..1000)
+            .filter(|_| limits.allow(Some(flooder), 5_000))
+            .count();
+        assert_eq!(allowed, 20, "the burst, then nothing");
+        assert!(limits.allow(Some(honest), 5_000));
+        // One second later, the rate's worth again.
+        let allowed = (0..1000)
+            .filter(|_| limits.allow(Some(flooder), 6_000))
+            .count();
+        assert_eq!(allowed, 10);
+        assert_eq!(limits.limited, 980 + 990);
+        // 10^5 distinct sources: the table never grows past its bound.
+        for i in 0..100_000u32 {
+            let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            limits.allow(Some(ip), 7_000);
+            assert!(limits.sources() <= MAX_SOURCES);
+        }
     }
 }

@@ -14,6 +14,7 @@ mod demo_cmd;
 mod gateway_cmd;
 mod human_time;
 mod observe_cmd;
+mod operator_cmd;
 mod relay_cmd;
 mod runtime;
 mod sim_cmd;
@@ -48,6 +49,9 @@ enum Command {
     /// Run or set up a mix relay.
     #[command(subcommand)]
     Relay(relay_cmd::RelayCommand),
+    /// An operator's key and the certificates for the nodes it runs.
+    #[command(subcommand)]
+    Operator(operator_cmd::OperatorCommand),
     /// Run a subnet: admin key, policy, member credentials, commands to gateways.
     #[command(subcommand)]
     Admin(admin_cmd::AdminCommand),
@@ -165,6 +169,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Authority(cmd) => authority_cmd::run(cmd),
         Command::Relay(cmd) => relay_cmd::run(cmd),
+        Command::Operator(cmd) => operator_cmd::run(cmd),
         Command::Gateway(cmd) => gateway_cmd::run(cmd),
         Command::Admin(cmd) => admin_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run(args),

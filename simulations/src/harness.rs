@@ -22,8 +22,9 @@ use shoal_packet::{Frame, PLAINTEXT_SIZE};
 use shoal_relay::{Event, KeyRing, MixConfig, MixCore, Transmit, Unwrapper};
 use shoal_topology::route::sample_delays;
 use shoal_topology::{
-    Authority, AuthorityConfig, AuthoritySet, Descriptor, EpochSchedule, Hex32, NetworkParams,
-    NodeId, Role, SignedDescriptor, SphinxKeyEntry, Topology, UncheckedDocument,
+    Admission, AdmittedOperator, Authority, AuthorityConfig, AuthoritySet, Descriptor,
+    EpochSchedule, Hex32, NetworkParams, NodeCertificate, NodeId, Role, SignedDescriptor,
+    SphinxKeyEntry, Topology, UncheckedDocument, operator::solo_operator_key,
 };
 
 pub use shoal_relay::DropReason;
@@ -337,6 +338,13 @@ impl Node {
             published_unix: now_unix,
         }
         .sign(&self.identity)
+        .map(|d| {
+            d.certified(NodeCertificate::issue(
+                &solo_operator_key(&self.identity),
+                self.id,
+                self.role,
+            ))
+        })
         .map_err(|source| SimError::Topology {
             doing: "signing a node descriptor",
             source,
@@ -419,8 +427,10 @@ impl Network {
             descriptor_max_age_secs: b.epoch_secs.saturating_mul(2),
             vote_lead_secs: b.vote_lead_secs,
             bootstrap_delay_secs: 0,
+            // Every node is its own operator; admitted once the nodes exist.
+            admission: Admission::default(),
         };
-        let authority =
+        let mut authority =
             Authority::new(auth_key, config).map_err(topo_err("creating the authority"))?;
         let mix = MixConfig {
             max_delay: Duration::from_secs_f64(b.params.max_hop_delay_ms / 1000.0),
@@ -455,6 +465,17 @@ impl Network {
                 wake: None,
             });
         }
+        let admission = Admission::new(
+            nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    AdmittedOperator::solo(&solo_operator_key(&n.identity), format!("node {i}"))
+                })
+                .collect(),
+        )
+        .map_err(topo_err("admitting the nodes' operators"))?;
+        authority.set_admission(admission);
         let mut net = Network {
             base: Instant::now(),
             now: Duration::ZERO,

@@ -8,15 +8,16 @@
 //! body; an authority that built a different body adopts the published one without
 //! signing it. See the crate README for how competing documents resolve.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::SigningKey;
 use sha2::{Digest, Sha256};
 
 use crate::document::AuthoritySignature;
 use crate::{
-    AuthoritySet, Descriptor, DocumentBody, EpochSchedule, Hex32, NetworkParams, NodeEntry, NodeId,
-    Role, SignedDescriptor, SignedDocument, TopologyError, UncheckedDocument,
+    Admission, AuthoritySet, Descriptor, DocumentBody, EpochSchedule, Hex32, MAX_DESCRIPTOR_BYTES,
+    NetworkParams, NodeEntry, NodeId, Role, SignedDescriptor, SignedDocument, TopologyError,
+    UncheckedDocument,
 };
 
 /// An authority's configuration. All but the two timing fields must be identical at
@@ -38,6 +39,79 @@ pub struct AuthorityConfig {
     /// After startup, collect descriptors this long before voting on any epoch with no
     /// published document (see [`Authority::epochs_to_vote`]).
     pub bootstrap_delay_secs: u64,
+    /// The operators whose nodes this authority takes, with their caps. Must list the
+    /// same operators at every authority (see [`crate::operator`]).
+    pub admission: Admission,
+}
+
+/// Why an authority refused a descriptor. Each reason has its own counter
+/// ([`Authority::refusals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Longer than [`MAX_DESCRIPTOR_BYTES`].
+    Oversized,
+    /// Not a descriptor, or its content is out of range.
+    Malformed,
+    /// No operator certificate.
+    NoCertificate,
+    /// The certificate's operator is not admitted here.
+    UnknownOperator,
+    /// The certificate is for another node or role, or its signature is bad.
+    BadCertificate,
+    /// The node's own signature is bad.
+    BadSignature,
+    /// Published in the future.
+    FromTheFuture,
+    /// The operator already has its `max_nodes` nodes here.
+    OperatorCap,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 8] = [
+        Refusal::Oversized,
+        Refusal::Malformed,
+        Refusal::NoCertificate,
+        Refusal::UnknownOperator,
+        Refusal::BadCertificate,
+        Refusal::BadSignature,
+        Refusal::FromTheFuture,
+        Refusal::OperatorCap,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Oversized => "oversized",
+            Refusal::Malformed => "malformed",
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::UnknownOperator => "unknown_operator",
+            Refusal::BadCertificate => "bad_certificate",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::FromTheFuture => "from_the_future",
+            Refusal::OperatorCap => "operator_cap",
+        }
+    }
+
+    /// What the node operator should hear.
+    fn explain(self) -> &'static str {
+        match self {
+            Refusal::Oversized => "the descriptor is too large",
+            Refusal::Malformed => "the descriptor is malformed",
+            Refusal::NoCertificate => {
+                "the descriptor carries no operator certificate (shoal operator certify)"
+            }
+            Refusal::UnknownOperator => {
+                "its operator is not admitted by this authority (shoal authority operator admit)"
+            }
+            Refusal::BadCertificate => {
+                "the operator certificate is not for this node and role, or its signature is bad"
+            }
+            Refusal::BadSignature => "the node's signature is bad",
+            Refusal::FromTheFuture => "published in the future (check the node's clock)",
+            Refusal::OperatorCap => "its operator already runs as many nodes as it is admitted for",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -64,6 +138,9 @@ pub enum Inclusion {
     /// Usable now, but the epoch's document was agreed before its descriptor arrived; it
     /// will be in a later one.
     NotInPublished,
+    /// Its operator has more nodes, or more relays in its layer, than it is admitted
+    /// for; the ones with the highest identities (or ranks, per layer) stay out.
+    OperatorCap,
 }
 
 /// One line of [`Authority::roster`].
@@ -118,6 +195,8 @@ pub struct Authority {
     descriptors: BTreeMap<NodeId, (SignedDescriptor, Descriptor)>,
     ballots: BTreeMap<u64, Ballot>,
     published: BTreeMap<u64, Published>,
+    accepted: u64,
+    refused: BTreeMap<Refusal, u64>,
 }
 
 /// A document with at least k signatures, and its parsed body.
@@ -165,6 +244,8 @@ impl Authority {
             descriptors: BTreeMap::new(),
             ballots: BTreeMap::new(),
             published: BTreeMap::new(),
+            accepted: 0,
+            refused: BTreeMap::new(),
         })
     }
 
@@ -176,34 +257,161 @@ impl Authority {
         &self.config
     }
 
-    /// Accepts a node's descriptor if its signature checks and it is newer than what we hold.
-    /// Returns whether it changed our inputs.
+    /// Takes a descriptor as posted: refuses it before parsing if it is too large.
+    pub fn handle_descriptor_bytes(
+        &mut self,
+        bytes: &[u8],
+        now_unix: u64,
+    ) -> Result<bool, TopologyError> {
+        if bytes.len() > MAX_DESCRIPTOR_BYTES {
+            return Err(self.refuse(Refusal::Oversized));
+        }
+        match SignedDescriptor::from_json(bytes) {
+            Ok(d) => self.handle_descriptor(d, now_unix),
+            Err(_) => Err(self.refuse(Refusal::Malformed)),
+        }
+    }
+
+    fn refuse(&mut self, why: Refusal) -> TopologyError {
+        *self.refused.entry(why).or_default() += 1;
+        TopologyError::Refused {
+            reason: why.as_str(),
+            detail: why.explain(),
+        }
+    }
+
+    /// Accepts a node's descriptor if it carries a good certificate from an admitted
+    /// operator that is under its cap, its signature checks and it is newer than what
+    /// we hold. Returns whether it changed our inputs. Every refusal is counted.
+    ///
+    /// The cheap checks come first (size, an admitted operator: a map lookup), so a
+    /// flood from unknown operators costs no signature verification.
     pub fn handle_descriptor(
         &mut self,
         signed: SignedDescriptor,
         now_unix: u64,
     ) -> Result<bool, TopologyError> {
-        let d = signed.check()?;
+        if signed.body.len() > MAX_DESCRIPTOR_BYTES {
+            return Err(self.refuse(Refusal::Oversized));
+        }
+        let Some(cert) = signed.certificate.clone() else {
+            return Err(self.refuse(Refusal::NoCertificate));
+        };
+        let Some(operator) = self.config.admission.get(&cert.operator) else {
+            return Err(self.refuse(Refusal::UnknownOperator));
+        };
+        let max_nodes = operator.max_nodes as usize;
+        let d = match signed.check() {
+            Ok(d) => d,
+            Err(TopologyError::BadSignature { .. }) => {
+                return Err(self.refuse(Refusal::BadSignature));
+            }
+            Err(_) => return Err(self.refuse(Refusal::Malformed)),
+        };
+        if cert.node != d.identity || cert.role != d.role || !cert.verify() {
+            return Err(self.refuse(Refusal::BadCertificate));
+        }
         if d.published_unix > now_unix.saturating_add(300) {
-            return Err(TopologyError::Invalid {
-                what: "descriptor published_unix",
-                reason: "in the future".into(),
-            });
+            return Err(self.refuse(Refusal::FromTheFuture));
         }
         // Newest wins; equal timestamps fall back to the signed bytes, so the merged
         // set does not depend on the order descriptors arrived in.
-        match self.descriptors.get(&d.id()) {
-            Some((old_signed, old))
-                if (old.published_unix, old_signed.body.as_str())
-                    >= (d.published_unix, signed.body.as_str()) =>
-            {
-                Ok(false)
-            }
-            _ => {
-                self.descriptors.insert(d.id(), (signed, d));
-                Ok(true)
+        if let Some((old_signed, old)) = self.descriptors.get(&d.id())
+            && (old.published_unix, old_signed.body.as_str())
+                >= (d.published_unix, signed.body.as_str())
+        {
+            return Ok(false);
+        }
+        // The operator's cap: it keeps its `max_nodes` smallest identities, whatever
+        // order they arrived in, so every authority ends up holding the same ones.
+        if !self.descriptors.contains_key(&d.id()) {
+            let held: Vec<NodeId> = self
+                .descriptors
+                .iter()
+                .filter(|(_, (s, _))| {
+                    s.certificate.as_ref().map(|c| c.operator) == Some(cert.operator)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if held.len() >= max_nodes {
+                match held.iter().max() {
+                    Some(largest) if *largest > d.id() => {
+                        let largest = *largest;
+                        self.descriptors.remove(&largest);
+                    }
+                    _ => return Err(self.refuse(Refusal::OperatorCap)),
+                }
             }
         }
+        self.accepted += 1;
+        self.descriptors.insert(d.id(), (signed, d));
+        Ok(true)
+    }
+
+    /// Replaces the admitted operators (the authority's `operators.toml` changed):
+    /// forgets the descriptors of operators no longer admitted, and trims the others
+    /// to their new caps.
+    pub fn set_admission(&mut self, admission: Admission) {
+        self.config.admission = admission;
+        let mut per_operator: BTreeMap<Hex32, usize> = BTreeMap::new();
+        // BTreeMap order is by identity, so each operator keeps its smallest ones.
+        let admission = &self.config.admission;
+        self.descriptors.retain(|_, (s, _)| {
+            let Some(op) = s.certificate.as_ref().map(|c| c.operator) else {
+                return false;
+            };
+            let Some(admitted) = admission.get(&op) else {
+                return false;
+            };
+            let n = per_operator.entry(op).or_default();
+            *n += 1;
+            *n <= admitted.max_nodes as usize
+        });
+    }
+
+    /// Admits one more operator (or replaces its caps).
+    pub fn admit(&mut self, operator: crate::AdmittedOperator) -> Result<(), TopologyError> {
+        let mut ops: Vec<_> = self
+            .config
+            .admission
+            .operators()
+            .filter(|o| o.key != operator.key)
+            .cloned()
+            .collect();
+        ops.push(operator);
+        self.set_admission(Admission::new(ops)?);
+        Ok(())
+    }
+
+    /// What `/v1/network` serves: the schedule, parameters and authority set, signed
+    /// by this authority.
+    pub fn network_description(&self) -> Result<crate::SignedNetwork, TopologyError> {
+        crate::SignedNetwork::sign(
+            &self.key,
+            &crate::NetworkBody {
+                schedule: self.config.schedule,
+                params: self.config.params.clone(),
+                authorities: self.config.authorities.clone(),
+            },
+        )
+    }
+
+    /// Descriptors taken since start.
+    pub fn accepted(&self) -> u64 {
+        self.accepted
+    }
+
+    /// Descriptors refused since start, by reason.
+    pub fn refusals(&self) -> Vec<(Refusal, u64)> {
+        Refusal::ALL
+            .iter()
+            .map(|r| (*r, self.refused.get(r).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Descriptors held. Never more than the admitted operators' `max_nodes` summed.
+    pub fn descriptor_count(&self) -> usize {
+        self.descriptors.len()
     }
 
     /// Forgets descriptors too old to appear in the document of the current epoch or
@@ -248,6 +456,7 @@ impl Authority {
             Some(b) => b.clone(),
             None => self.build_body(epoch),
         };
+        let capped = self.select(epoch).capped;
         let listed: BTreeMap<NodeId, &NodeEntry> =
             body.nodes.iter().map(|n| (n.identity.0, n)).collect();
         let mut out: BTreeMap<NodeId, RosterEntry> = BTreeMap::new();
@@ -255,6 +464,7 @@ impl Authority {
             let inclusion = match (listed.get(id), exclusion(d, epoch, oldest)) {
                 (Some(n), _) => Inclusion::Included { layer: n.layer },
                 (None, Some(why)) => why,
+                (None, None) if capped.contains(id) => Inclusion::OperatorCap,
                 (None, None) => Inclusion::NotInPublished,
             };
             out.insert(
@@ -278,18 +488,34 @@ impl Authority {
         out.into_values().collect()
     }
 
-    /// Builds the body for `epoch` from our current inputs. Pure and deterministic.
-    pub fn build_body(&self, epoch: u64) -> DocumentBody {
-        let schedule = &self.config.schedule;
+    /// What `epoch`'s document would list from our inputs: the usable descriptors
+    /// within their operators' caps, the relays' layers, the shared randomness, and the
+    /// usable nodes the caps leave out. Pure and deterministic; `build_body` and
+    /// `roster` share it.
+    fn select(&self, epoch: u64) -> Selection<'_> {
         let oldest = self.oldest_accepted(epoch);
-        let usable: Vec<&Descriptor> = self
-            .descriptors
-            .values()
-            .map(|(_, d)| d)
-            .filter(|d| exclusion(d, epoch, oldest).is_none())
-            .collect();
+        let admission = &self.config.admission;
+        let mut per_operator: BTreeMap<Hex32, usize> = BTreeMap::new();
+        let mut capped = BTreeSet::new();
+        let mut kept: Vec<(&Descriptor, Hex32)> = Vec::new();
+        // In identity order: an operator over `max_nodes` keeps its smallest identities.
+        for (id, (s, d)) in &self.descriptors {
+            if exclusion(d, epoch, oldest).is_some() {
+                continue;
+            }
+            let op = operator_of(s);
+            let max = admission.get(&op).map_or(0, |o| o.max_nodes as usize);
+            let n = per_operator.entry(op).or_default();
+            *n += 1;
+            if *n > max {
+                capped.insert(*id);
+            } else {
+                kept.push((d, op));
+            }
+        }
         let prev = self.previous(epoch);
-        let shared_random = shared_random(epoch, prev.map(|p| p.shared_random.0), &usable);
+        let ids: Vec<&Descriptor> = kept.iter().map(|(d, _)| *d).collect();
+        let shared_random = shared_random(epoch, prev.map(|p| p.shared_random.0), &ids);
         let prior: BTreeMap<NodeId, u8> = prev
             .map(|p| {
                 p.nodes
@@ -298,18 +524,44 @@ impl Authority {
                     .collect()
             })
             .unwrap_or_default();
-        let relays: Vec<NodeId> = usable
+        let relays: Vec<(NodeId, Hex32)> = kept
             .iter()
-            .filter(|d| d.role == Role::Relay)
-            .map(|d| d.id())
+            .filter(|(d, _)| d.role == Role::Relay)
+            .map(|(d, op)| (d.id(), *op))
             .collect();
-        let layers = assign_layers(&relays, &prior, shoal_packet::MIX_LAYERS, &shared_random);
-        let nodes = usable
+        let per_layer = |op: &Hex32| admission.get(op).map_or(0, |o| o.max_per_layer as usize);
+        let layers = assign_layers(
+            &relays,
+            &prior,
+            shoal_packet::MIX_LAYERS,
+            &shared_random,
+            &per_layer,
+        );
+        for (id, _) in &relays {
+            if !layers.contains_key(id) {
+                capped.insert(*id);
+            }
+        }
+        kept.retain(|(d, _)| !capped.contains(&d.id()));
+        Selection {
+            nodes: kept,
+            layers,
+            shared_random,
+            capped,
+        }
+    }
+
+    /// Builds the body for `epoch` from our current inputs. Pure and deterministic.
+    pub fn build_body(&self, epoch: u64) -> DocumentBody {
+        let schedule = &self.config.schedule;
+        let sel = self.select(epoch);
+        let nodes = sel
+            .nodes
             .iter()
-            .map(|d| NodeEntry {
+            .map(|(d, op)| NodeEntry {
                 identity: d.identity,
                 role: d.role,
-                layer: layers.get(&d.id()).copied(),
+                layer: sel.layers.get(&d.id()).copied(),
                 link_addr: d.link_addr.clone(),
                 sphinx_keys: d
                     .sphinx_keys
@@ -317,6 +569,7 @@ impl Authority {
                     .filter(|k| k.epoch == epoch || k.epoch == epoch + 1)
                     .cloned()
                     .collect(),
+                operator: *op,
             })
             .collect();
         DocumentBody {
@@ -327,9 +580,10 @@ impl Authority {
             valid_until: schedule
                 .end_of(epoch)
                 .saturating_add(self.config.params.key_grace_secs),
+            schedule: *schedule,
             layers: shoal_packet::MIX_LAYERS as u8,
             params: self.config.params.clone(),
-            shared_random: Hex32(shared_random),
+            shared_random: Hex32(sel.shared_random),
             nodes,
         }
     }
@@ -358,11 +612,13 @@ impl Authority {
             return Ok(sig);
         }
         let parsed = self.build_body(epoch);
-        if parsed.nodes.is_empty() {
-            // An empty document would be final for its epoch and route nothing.
+        // A published document is final for its epoch: one that routes nothing (an
+        // empty layer, no gateway) would leave every node that arrives a little later
+        // out for a whole epoch. Wait for a usable network instead.
+        if let Some(missing) = missing_for_routing(&parsed) {
             return Err(TopologyError::Invalid {
                 what: "vote",
-                reason: format!("no usable descriptors for epoch {epoch}"),
+                reason: format!("no usable network for epoch {epoch} yet: {missing}"),
             });
         }
         let body = parsed.to_bytes()?;
@@ -588,18 +844,53 @@ fn shared_random(epoch: u64, prev: Option<[u8; 32]>, nodes: &[&Descriptor]) -> [
     h.finalize().into()
 }
 
-/// Stable layer assignment: a relay keeps the layer it had; a new relay joins the
-/// smallest layer, in an order drawn from the shared randomness. Layers therefore do
-/// not reshuffle between epochs, which would split anonymity sets.
+/// What [`Authority::select`] decides for one epoch.
+struct Selection<'a> {
+    nodes: Vec<(&'a Descriptor, Hex32)>,
+    layers: BTreeMap<NodeId, u8>,
+    shared_random: [u8; 32],
+    capped: BTreeSet<NodeId>,
+}
+
+/// The operator on a held descriptor (every held descriptor has a certificate).
+fn operator_of(s: &SignedDescriptor) -> Hex32 {
+    s.certificate
+        .as_ref()
+        .map_or(Hex32([0; 32]), |c| c.operator)
+}
+
+/// What a body lacks for a client to build a route, if anything.
+fn missing_for_routing(body: &DocumentBody) -> Option<String> {
+    if !body.nodes.iter().any(|n| n.role == Role::Gateway) {
+        return Some("no gateway".into());
+    }
+    let empty: Vec<String> = (0..body.layers)
+        .filter(|l| !body.nodes.iter().any(|n| n.layer == Some(*l)))
+        .map(|l| l.to_string())
+        .collect();
+    (!empty.is_empty()).then(|| format!("no relay in layer {}", empty.join(", ")))
+}
+
+/// Layer assignment that no one steers by choosing when to join.
 ///
-/// The one exception: a layer left empty (all its relays gone, no newcomers) takes a
-/// relay from the largest layer, if that has at least two, because no route can be
-/// built across an empty layer.
+/// - A relay keeps the layer it had (layers do not reshuffle between epochs, which
+///   would split anonymity sets), as long as its operator stays within
+///   `max_per_layer` there.
+/// - A new relay goes to the layer its rank picks (`H(shared_random, id)` mod the
+///   layer count), not to the smallest layer: when it joins changes nothing about where
+///   it lands. If its operator is at `max_per_layer` there, the next layer with room.
+/// - Then, while the largest layer has two more relays than the smallest, the relay of
+///   the largest layer with the lowest rank whose operator has room moves to the
+///   smallest. Every relay of that layer is equally likely to be the one, a newcomer no
+///   more than anyone else.
+///
+/// A relay whose operator has no room in any layer is left out (absent from the map).
 pub fn assign_layers(
-    relays: &[NodeId],
+    relays: &[(NodeId, Hex32)],
     prior: &BTreeMap<NodeId, u8>,
     layers: usize,
     shared_random: &[u8; 32],
+    max_per_layer: &dyn Fn(&Hex32) -> usize,
 ) -> BTreeMap<NodeId, u8> {
     let mut out = BTreeMap::new();
     if layers == 0 {
@@ -607,39 +898,58 @@ pub fn assign_layers(
     }
     let rank = |id: &NodeId| -> [u8; 32] {
         let mut h = Sha256::new();
+        h.update(b"shoal layer rank v2");
         h.update(shared_random);
         h.update(id);
         h.finalize().into()
     };
-    let mut members: Vec<Vec<NodeId>> = vec![Vec::new(); layers];
-    let mut fresh = Vec::new();
-    for id in relays {
-        match prior.get(id) {
-            Some(&l) if usize::from(l) < layers => members[usize::from(l)].push(*id),
-            _ => fresh.push(*id),
+    let mut order: Vec<(NodeId, Hex32)> = relays.to_vec();
+    order.sort_by_key(|(id, _)| (!prior.contains_key(id), rank(id)));
+    order.dedup_by_key(|(id, _)| *id);
+    let mut members: Vec<Vec<(NodeId, Hex32)>> = vec![Vec::new(); layers];
+    let mut count: BTreeMap<(Hex32, usize), usize> = BTreeMap::new();
+    for (id, op) in order {
+        let cap = max_per_layer(&op);
+        let kept = prior
+            .get(&id)
+            .map(|&l| usize::from(l))
+            .filter(|&l| l < layers && count.get(&(op, l)).copied().unwrap_or(0) < cap);
+        let r = rank(&id);
+        let start = (u64::from_be_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]])
+            % layers as u64) as usize;
+        let place = kept.or_else(|| {
+            (0..layers)
+                .map(|k| (start + k) % layers)
+                .find(|&l| count.get(&(op, l)).copied().unwrap_or(0) < cap)
+        });
+        if let Some(l) = place {
+            *count.entry((op, l)).or_default() += 1;
+            members[l].push((id, op));
         }
     }
-    fresh.sort_by_key(rank);
-    fresh.dedup();
-    for id in fresh {
-        let smallest = (0..layers)
-            .min_by_key(|&i| (members[i].len(), i))
-            .unwrap_or(0);
-        members[smallest].push(id);
-    }
-    while let Some(empty) = members.iter().position(Vec::is_empty) {
+    loop {
         let largest = (0..layers)
             .max_by_key(|&i| (members[i].len(), std::cmp::Reverse(i)))
             .unwrap_or(0);
-        if members[largest].len() < 2 {
+        let smallest = (0..layers)
+            .min_by_key(|&i| (members[i].len(), i))
+            .unwrap_or(0);
+        if members[largest].len() <= members[smallest].len() + 1 {
             break;
         }
-        members[largest].sort_by_key(rank);
-        let moved = members[largest].remove(0);
-        members[empty].push(moved);
+        members[largest].sort_by_key(|(id, _)| rank(id));
+        let Some(pos) = members[largest].iter().position(|(_, op)| {
+            count.get(&(*op, smallest)).copied().unwrap_or(0) < max_per_layer(op)
+        }) else {
+            break;
+        };
+        let (id, op) = members[largest].remove(pos);
+        *count.entry((op, largest)).or_default() -= 1;
+        *count.entry((op, smallest)).or_default() += 1;
+        members[smallest].push((id, op));
     }
     for (layer, ids) in members.iter().enumerate() {
-        for id in ids {
+        for (id, _) in ids {
             out.insert(*id, layer as u8);
         }
     }
@@ -651,7 +961,10 @@ pub fn assign_layers(
 mod tests {
     use super::*;
     use crate::SphinxKeyEntry;
-    use crate::document::tests::{authority_key, authority_set, node_key, sphinx_key};
+    use crate::document::tests::{
+        authority_key, authority_set, node_key, operator_id, operator_key, sphinx_key,
+    };
+    use crate::{AdmittedOperator, NodeCertificate};
     use proptest::prelude::*;
 
     const LENGTH: u64 = 100;
@@ -668,7 +981,23 @@ mod tests {
             descriptor_max_age_secs: 1000,
             vote_lead_secs: 20,
             bootstrap_delay_secs: 10,
+            admission: admit_all(),
         }
+    }
+
+    /// Every test operator 0..=255, each with room for 4 nodes, 2 per layer.
+    fn admit_all() -> Admission {
+        Admission::new(
+            (0..=255u8)
+                .map(|i| AdmittedOperator {
+                    key: operator_id(i),
+                    name: format!("operator {i}"),
+                    max_nodes: 4,
+                    max_per_layer: 2,
+                })
+                .collect(),
+        )
+        .unwrap()
     }
 
     /// Authorities 0..n of a k-of-n network.
@@ -678,12 +1007,29 @@ mod tests {
             .collect()
     }
 
-    /// Node `i`'s descriptor: relays for i < 100, gateways above.
+    /// Node `i`'s descriptor, certified by operator `i`: relays for i < 100, gateways
+    /// above.
     fn node(i: u8, published_unix: u64, epochs: &[u64]) -> SignedDescriptor {
+        node_of(i, i, published_unix, epochs)
+    }
+
+    /// A usable network at `published_unix`: relays 1..=3 (one per layer from empty)
+    /// and gateway 101.
+    fn network(published_unix: u64, epochs: &[u64]) -> Vec<SignedDescriptor> {
+        [1, 2, 3, 101]
+            .iter()
+            .map(|&i| node(i, published_unix, epochs))
+            .collect()
+    }
+
+    /// Node `i`'s descriptor, certified by operator `op`.
+    fn node_of(op: u8, i: u8, published_unix: u64, epochs: &[u64]) -> SignedDescriptor {
         let key = node_key(i);
+        let role = if i < 100 { Role::Relay } else { Role::Gateway };
+        let cert = NodeCertificate::issue(&operator_key(op), key.verifying_key().to_bytes(), role);
         Descriptor {
             identity: Hex32(key.verifying_key().to_bytes()),
-            role: if i < 100 { Role::Relay } else { Role::Gateway },
+            role,
             link_addr: format!("127.0.0.1:{}", 4000 + u16::from(i)),
             sphinx_keys: epochs
                 .iter()
@@ -696,6 +1042,7 @@ mod tests {
         }
         .sign(&key)
         .unwrap()
+        .certified(cert)
     }
 
     fn feed(a: &mut Authority, descriptors: &[SignedDescriptor], now: u64) {
@@ -750,8 +1097,7 @@ mod tests {
     fn roster_says_why_a_node_is_left_out() {
         let now = GENESIS + 5 * LENGTH + 30; // epoch 5
         let mut a = authorities(1, 1).remove(0);
-        let fresh: Vec<SignedDescriptor> = (1..=3).map(|i| node(i, now - 10, &[5, 6])).collect();
-        feed(&mut a, &fresh, now);
+        feed(&mut a, &network(now - 10, &[5, 6]), now);
         // No key for epoch 5.
         feed(&mut a, &[node(4, now - 10, &[6, 7])], now);
         // Older than descriptor_max_age before the start of epoch 5.
@@ -759,7 +1105,7 @@ mod tests {
         feed(&mut a, &[node(5, start - 1001, &[5, 6])], now);
 
         let roster = a.roster(5);
-        assert_eq!(roster.len(), 5);
+        assert_eq!(roster.len(), 6);
         let of = |i: u8| {
             let id = node_key(i).verifying_key().to_bytes();
             roster
@@ -802,6 +1148,247 @@ mod tests {
         assert_eq!(entry.inclusion, Inclusion::NotInPublished);
         let json = serde_json::to_string(&entry).unwrap();
         assert!(json.contains("\"status\":\"not_in_published\""), "{json}");
+    }
+
+    fn refused(a: &Authority, why: Refusal) -> u64 {
+        a.refusals()
+            .into_iter()
+            .find(|(r, _)| *r == why)
+            .map_or(0, |(_, n)| n)
+    }
+
+    /// Without a certificate, with one from an operator nobody admitted, or with one
+    /// made for another node or role: refused with a reason, counted, not stored.
+    #[test]
+    fn admission_refuses_uncertified_and_unknown_operators() {
+        let now = GENESIS + 30;
+        let mut a = authorities(1, 1).remove(0);
+        let key = node_key(7);
+        let bare = Descriptor {
+            identity: Hex32(key.verifying_key().to_bytes()),
+            role: Role::Relay,
+            link_addr: "127.0.0.1:4007".into(),
+            sphinx_keys: vec![SphinxKeyEntry {
+                epoch: 0,
+                key: sphinx_key(7, 0),
+            }],
+            published_unix: now,
+        }
+        .sign(&key)
+        .unwrap();
+        let err = a.handle_descriptor(bare.clone(), now).unwrap_err();
+        assert!(err.to_string().contains("shoal operator certify"), "{err}");
+        // An operator key nobody admitted.
+        // (Not of the form [b; 32]: every such key is admitted in these tests.)
+        let mut seed = [0x99; 32];
+        seed[0] = 1;
+        let stranger = SigningKey::from_bytes(&seed);
+        let unknown = bare.clone().certified(NodeCertificate::issue(
+            &stranger,
+            key.verifying_key().to_bytes(),
+            Role::Relay,
+        ));
+        let err = a.handle_descriptor(unknown, now).unwrap_err();
+        assert!(err.to_string().contains("not admitted"), "{err}");
+        // An admitted operator's certificate for another node, or for the other role.
+        let other_node = bare.clone().certified(NodeCertificate::issue(
+            &operator_key(7),
+            node_key(8).verifying_key().to_bytes(),
+            Role::Relay,
+        ));
+        let other_role = bare.clone().certified(NodeCertificate::issue(
+            &operator_key(7),
+            key.verifying_key().to_bytes(),
+            Role::Gateway,
+        ));
+        // A certificate whose operator field was swapped to an admitted key.
+        let mut forged =
+            NodeCertificate::issue(&stranger, key.verifying_key().to_bytes(), Role::Relay);
+        forged.operator = operator_id(7);
+        for bad in [other_node, other_role, bare.clone().certified(forged)] {
+            assert!(a.handle_descriptor(bad, now).is_err());
+        }
+        assert_eq!(a.descriptor_count(), 0);
+        assert_eq!(refused(&a, Refusal::NoCertificate), 1);
+        assert_eq!(refused(&a, Refusal::UnknownOperator), 1);
+        assert_eq!(refused(&a, Refusal::BadCertificate), 3);
+        // The right certificate is taken.
+        let good = bare.certified(NodeCertificate::issue(
+            &operator_key(7),
+            key.verifying_key().to_bytes(),
+            Role::Relay,
+        ));
+        assert!(a.handle_descriptor(good, now).unwrap());
+        assert_eq!((a.descriptor_count(), a.accepted()), (1, 1));
+    }
+
+    /// An oversized descriptor is refused before it is parsed, and counted.
+    #[test]
+    fn sybil_oversized_descriptor_is_refused_before_parsing() {
+        let now = GENESIS + 30;
+        let mut a = authorities(1, 1).remove(0);
+        let mut big = node(1, now, &[0]);
+        big.body = format!("{}{}", big.body, " ".repeat(MAX_DESCRIPTOR_BYTES));
+        let bytes = big.to_json();
+        assert!(bytes.len() > MAX_DESCRIPTOR_BYTES);
+        assert!(a.handle_descriptor_bytes(&bytes, now).is_err());
+        assert!(a.handle_descriptor(big, now).is_err());
+        assert_eq!(refused(&a, Refusal::Oversized), 2);
+        assert!(a.handle_descriptor_bytes(b"{not json", now).is_err());
+        assert_eq!(refused(&a, Refusal::Malformed), 1);
+        assert_eq!(a.descriptor_count(), 0);
+        // A real descriptor is far below the limit.
+        assert!(node(1, now, &[0, 1, 2]).to_json().len() < MAX_DESCRIPTOR_BYTES / 2);
+        assert!(
+            a.handle_descriptor_bytes(&node(1, now, &[0]).to_json(), now)
+                .unwrap()
+        );
+    }
+
+    /// A hostile admitted operator posting far more nodes than its cap: the authority
+    /// holds `max_nodes` of them, the same ones whatever the order they came in.
+    #[test]
+    fn sybil_admitted_operator_is_held_to_its_cap_in_any_order() {
+        let now = GENESIS + 30;
+        let posts: Vec<SignedDescriptor> = (1..=40).map(|i| node_of(200, i, now, &[0])).collect();
+        let mut a = authorities(2, 2);
+        feed_lenient(&mut a[0], &posts, now);
+        let mut reversed = posts.clone();
+        reversed.reverse();
+        feed_lenient(&mut a[1], &reversed, now);
+        assert_eq!(a[0].descriptor_count(), 4);
+        assert_eq!(a[0].descriptors(), a[1].descriptors());
+        assert!(refused(&a[0], Refusal::OperatorCap) > 0);
+        // Gossip between them changes nothing.
+        exchange_descriptors_lenient(&mut a, now);
+        assert_eq!(a[0].descriptors(), a[1].descriptors());
+        assert_eq!(a[1].descriptor_count(), 4);
+    }
+
+    fn feed_lenient(a: &mut Authority, descriptors: &[SignedDescriptor], now: u64) {
+        for d in descriptors {
+            let _ = a.handle_descriptor(d.clone(), now);
+        }
+    }
+
+    fn exchange_descriptors_lenient(auths: &mut [Authority], now: u64) {
+        let all: Vec<Vec<SignedDescriptor>> = auths.iter().map(Authority::descriptors).collect();
+        for a in auths.iter_mut() {
+            for ds in &all {
+                feed_lenient(a, ds, now);
+            }
+        }
+    }
+
+    /// Bounded state under a flood of 10^5 descriptor posts: 99,000 from operators
+    /// nobody admitted (each a fresh key: a Sybil costs the attacker nothing but a
+    /// key) and 1,000 distinct nodes from one admitted hostile operator. The authority
+    /// holds the hostile operator's cap and the honest network, nothing else; every
+    /// refusal is counted.
+    #[test]
+    fn sybil_flood_of_1e5_posts_leaves_state_bounded() {
+        let now = GENESIS + 30;
+        let mut a = authorities(1, 1).remove(0);
+        feed(&mut a, &network(now, &[0, 1]), now);
+        let template = node(9, now, &[0, 1]);
+        let mut rng_state = 0x1234_5678_u64;
+        for i in 0..99_000u32 {
+            // Any 32 bytes will do for an unadmitted operator: it is refused on lookup.
+            let mut op = [0u8; 32];
+            for chunk in op.chunks_mut(8) {
+                rng_state ^= rng_state << 13;
+                rng_state ^= rng_state >> 7;
+                rng_state ^= rng_state << 17;
+                chunk.copy_from_slice(&rng_state.to_le_bytes());
+            }
+            let mut d = template.clone();
+            let mut cert = d.certificate.clone().unwrap();
+            cert.operator = Hex32(op);
+            d.certificate = Some(cert);
+            let bytes = d.to_json();
+            assert!(
+                a.handle_descriptor_bytes(&bytes, now + u64::from(i % 2))
+                    .is_err()
+            );
+        }
+        let hostile = operator_key(250);
+        for i in 0..1000u32 {
+            let mut seed = [0x77u8; 32];
+            seed[..4].copy_from_slice(&i.to_be_bytes());
+            let key = SigningKey::from_bytes(&seed);
+            let d = Descriptor {
+                identity: Hex32(key.verifying_key().to_bytes()),
+                role: Role::Relay,
+                link_addr: format!("10.{}.{}.1:4000", i / 256, i % 256),
+                sphinx_keys: vec![SphinxKeyEntry {
+                    epoch: 0,
+                    key: Hex32([1; 32]),
+                }],
+                published_unix: now,
+            }
+            .sign(&key)
+            .unwrap()
+            .certified(NodeCertificate::issue(
+                &hostile,
+                key.verifying_key().to_bytes(),
+                Role::Relay,
+            ));
+            let _ = a.handle_descriptor_bytes(&d.to_json(), now);
+        }
+        assert_eq!(a.descriptor_count(), 4 + 4);
+        assert_eq!(refused(&a, Refusal::UnknownOperator), 99_000);
+        assert_eq!(refused(&a, Refusal::OperatorCap) + a.accepted(), 1000 + 4);
+        assert!(a.descriptor_count() <= a.config().admission.max_descriptors());
+        // The document lists the honest network and at most the hostile cap.
+        a.vote(0).unwrap();
+        let body = a.document_body(0).unwrap();
+        let hostile_id = Hex32(hostile.verifying_key().to_bytes());
+        let listed = body
+            .nodes
+            .iter()
+            .filter(|n| n.operator == hostile_id)
+            .count();
+        assert!(listed <= 4, "{listed}");
+        for l in 0..3u8 {
+            let per_layer = body
+                .nodes
+                .iter()
+                .filter(|n| n.operator == hostile_id && n.layer == Some(l))
+                .count();
+            assert!(per_layer <= 2, "layer {l}: {per_layer}");
+        }
+    }
+
+    /// An operator removed from the admission list loses its nodes at once; a cap
+    /// lowered trims the held ones.
+    #[test]
+    fn admission_removal_forgets_the_operators_nodes() {
+        let now = GENESIS + 30;
+        let mut a = authorities(1, 1).remove(0);
+        feed(&mut a, &network(now, &[0, 1]), now);
+        feed(
+            &mut a,
+            &[
+                node_of(200, 110, now, &[0, 1]),
+                node_of(200, 111, now, &[0, 1]),
+            ],
+            now,
+        );
+        assert_eq!(a.descriptor_count(), 6);
+        let mut ops: Vec<AdmittedOperator> = a
+            .config()
+            .admission
+            .operators()
+            .filter(|o| o.key != operator_id(1))
+            .cloned()
+            .collect();
+        for o in ops.iter_mut().filter(|o| o.key == operator_id(200)) {
+            o.max_nodes = 1;
+        }
+        a.set_admission(Admission::new(ops).unwrap());
+        assert_eq!(a.descriptor_count(), 4);
+        assert!(a.handle_descriptor(node(1, now + 1, &[0, 1]), now).is_err());
+        assert!(a.vote(0).is_err(), "relay 1 was the only one of its layer");
     }
 
     #[test]
@@ -862,7 +1449,7 @@ mod tests {
     fn one_of_two_needed_signatures_never_publishes() {
         let now = GENESIS + 30;
         let mut auths = authorities(3, 2);
-        feed(&mut auths[0], &[node(1, now, &[0, 1])], now);
+        feed(&mut auths[0], &network(now, &[0, 1]), now);
         let sig = auths[0].vote(0).unwrap();
         assert!(auths[0].document(0).is_none());
         assert!(auths[0].current_document(now).is_none());
@@ -981,7 +1568,7 @@ mod tests {
         let now = GENESIS + 30;
         let mut auths = authorities(3, 2);
         for a in auths.iter_mut() {
-            feed(a, &[node(1, now, &[0, 1]), node(101, now, &[0, 1])], now);
+            feed(a, &network(now, &[0, 1]), now);
         }
         let sa = auths[0].vote(0).unwrap();
         let sb = auths[1].vote(0).unwrap();
@@ -1061,7 +1648,7 @@ mod tests {
         assert!(a.epochs_to_vote(GENESIS + 86, late).is_empty());
         assert!(a.epochs_to_vote(GENESIS + 94, late).is_empty());
         assert_eq!(a.epochs_to_vote(GENESIS + 95, late), vec![0, 1]);
-        feed(&mut a, &[node(1, GENESIS, &[0, 1])], GENESIS + 80);
+        feed(&mut a, &network(GENESIS, &[0, 1]), GENESIS + 80);
         a.vote(0).unwrap();
         assert_eq!(a.published_epochs(), vec![0]);
         assert!(a.epochs_to_vote(GENESIS + 79, started).is_empty());
@@ -1084,16 +1671,39 @@ mod tests {
         );
     }
 
+    /// Regression (issue 18, defect 12): an authority published a final document with
+    /// one relay and no gateway when the other nodes were a few seconds late, and every
+    /// late node then waited a whole epoch. No document is voted until every layer has
+    /// a relay and there is a gateway.
     #[test]
-    fn no_vote_without_nodes() {
+    fn no_vote_without_a_usable_network() {
         let mut a = authorities(1, 1).remove(0);
         assert!(a.vote(0).is_err());
         assert!(a.signature_for(0).is_none());
+        // One relay and a gateway: two layers empty.
+        feed(
+            &mut a,
+            &[node(1, GENESIS, &[0, 1]), node(101, GENESIS, &[0, 1])],
+            GENESIS,
+        );
+        let err = a.vote(0).unwrap_err().to_string();
+        assert!(err.contains("no relay in layer"), "{err}");
+        assert!(a.document(0).is_none());
+        // Three relays and no gateway.
+        let mut b = authorities(1, 1).remove(0);
+        feed(&mut b, &network(GENESIS, &[0, 1])[..3], GENESIS);
+        let err = b.vote(0).unwrap_err().to_string();
+        assert!(err.contains("no gateway"), "{err}");
+        // The late ones arrive: now it publishes, with all of them.
+        feed(&mut a, &network(GENESIS + 5, &[0, 1]), GENESIS + 5);
+        a.vote(0).unwrap();
+        assert_eq!(a.document_body(0).unwrap().nodes.len(), 4);
         // A node with no key for the epoch does not count.
-        feed(&mut a, &[node(1, GENESIS, &[1])], GENESIS);
-        assert!(a.vote(0).is_err());
-        a.vote(1).unwrap();
-        assert!(a.document(1).is_some());
+        let mut c = authorities(1, 1).remove(0);
+        feed(&mut c, &network(GENESIS, &[1]), GENESIS);
+        assert!(c.vote(0).is_err());
+        c.vote(1).unwrap();
+        assert!(c.document(1).is_some());
     }
 
     #[test]
@@ -1246,69 +1856,99 @@ mod tests {
             .and_then(|n| n.layer)
     }
 
+    fn own_operators(ids: &[NodeId]) -> Vec<(NodeId, Hex32)> {
+        ids.iter().map(|id| (*id, Hex32(*id))).collect()
+    }
+
+    fn no_cap(_: &Hex32) -> usize {
+        usize::MAX
+    }
+
     #[test]
     fn relays_keep_their_layer_across_epochs() {
         let mut a = authorities(1, 1).remove(0);
         let t = GENESIS + 10;
-        // Epoch 0: relays 1..=9. Relay 2 publishes no key for epoch 1, so it leaves.
+        // Epoch 0: relays 1..=9 and a gateway. Relay 2 publishes no key for epoch 1.
         let mut ds: Vec<SignedDescriptor> = (1..=9)
             .filter(|&i| i != 2)
             .map(|i| node(i, t, &[0, 1, 2]))
             .collect();
         ds.push(node(2, t, &[0]));
+        ds.push(node(101, t, &[0, 1, 2]));
         feed(&mut a, &ds, t);
         a.vote(0).unwrap();
         let before: Vec<Option<u8>> = (1..=9).map(|i| layer_of(&a, 0, i)).collect();
         assert!(before.iter().all(Option::is_some));
-        let gone_layer = before[1].unwrap();
-        // Epoch 1: relays 10 joins.
+        // Epoch 1: relay 2 left, relay 10 joins. At most one kept relay moves (to
+        // rebalance), and the layers stay within one of each other.
         feed(&mut a, &[node(10, t, &[1, 2])], t);
         a.vote(1).unwrap();
-        for i in (1..=9).filter(|&i| i != 2) {
-            assert_eq!(
-                layer_of(&a, 1, i),
-                before[usize::from(i - 1)],
-                "relay {i} moved"
-            );
-        }
+        let moved = (1..=9)
+            .filter(|&i| i != 2 && layer_of(&a, 1, i) != before[usize::from(i - 1)])
+            .count();
+        assert!(moved <= 1, "{moved} relays moved");
         assert_eq!(layer_of(&a, 1, 2), None);
-        // Layers were 3/3/3; relay 2 left, so its layer was the smallest.
-        assert_eq!(layer_of(&a, 1, 10), Some(gone_layer));
-        // Epoch 2: relays 11 and 12 join, spread over the two smallest layers.
-        feed(&mut a, &[node(11, t, &[2]), node(12, t, &[2])], t);
-        a.vote(2).unwrap();
+        let mut counts = [0; 3];
         for i in (1..=10).filter(|&i| i != 2) {
-            assert_eq!(layer_of(&a, 2, i), layer_of(&a, 1, i), "relay {i} moved");
+            counts[usize::from(layer_of(&a, 1, i).unwrap())] += 1;
         }
-        assert_ne!(layer_of(&a, 2, 11), layer_of(&a, 2, 12));
+        assert_eq!(counts, [3, 3, 3]);
     }
 
+    /// The attack of a relay that times its join: layers stand at 3/3/1 (two relays of
+    /// layer 2 just left). The old rule put every newcomer in the smallest layer, so a
+    /// relay joining now was certain to become one of two in layer 2. Now a newcomer
+    /// lands where its rank says and only a rebalance moves anyone, picking among all
+    /// relays of the largest layer: the newcomer ends in the small layer with
+    /// probability 1/3 + 2/3 * 1/4 = 1/2, and choosing when to join does not raise it.
+    /// (Grinding identities still can; `max_per_layer` bounds what that buys.)
     #[test]
-    fn new_relays_fill_the_smallest_layer() {
-        let id = |i: u8| [i; 32];
-        let prior: BTreeMap<NodeId, u8> = [
-            (id(1), 0),
-            (id(2), 0),
-            (id(3), 0),
-            (id(4), 1),
-            (id(5), 2),
-            (id(6), 2),
-        ]
-        .into_iter()
-        .collect();
-        let relays: Vec<NodeId> = (1..=8).map(id).collect();
-        let out = assign_layers(&relays, &prior, 3, &[7; 32]);
-        for (k, v) in &prior {
-            assert_eq!(out[k], *v);
+    fn sybil_late_join_cannot_target_the_small_layer() {
+        let id = |i: u16| {
+            let mut b = [0u8; 32];
+            b[..2].copy_from_slice(&i.to_be_bytes());
+            b
+        };
+        let mut prior = BTreeMap::new();
+        for i in 0..3 {
+            prior.insert(id(i), 0u8);
         }
-        // 3/1/2: the first newcomer goes to layer 1 (3/2/2), and so does the second,
-        // because ties go to the lower layer (3/3/2).
-        let mut new: Vec<u8> = [out[&id(7)], out[&id(8)]].to_vec();
-        new.sort();
-        assert_eq!(new, vec![1, 1]);
-        // A prior layer beyond the count is treated as new.
-        let odd: BTreeMap<NodeId, u8> = [(id(1), 9)].into_iter().collect();
-        assert_eq!(assign_layers(&[id(1)], &odd, 3, &[0; 32])[&id(1)], 0);
+        for i in 3..6 {
+            prior.insert(id(i), 1u8);
+        }
+        prior.insert(id(6), 2u8);
+        let honest: Vec<NodeId> = (0..7).map(id).collect();
+        let trials = 600u16;
+        let mut in_small = 0;
+        let mut old_rule_in_small = 0;
+        for t in 0..trials {
+            let attacker = id(1000 + t);
+            let mut relays = honest.clone();
+            relays.push(attacker);
+            let seed = Sha256::digest(t.to_be_bytes()).into();
+            let out = assign_layers(&own_operators(&relays), &prior, 3, &seed, &no_cap);
+            if out[&attacker] == 2 {
+                in_small += 1;
+            }
+            // The old rule: the newcomer to the smallest layer.
+            let smallest = (0..3u8)
+                .min_by_key(|l| prior.values().filter(|v| *v == l).count())
+                .unwrap();
+            if smallest == 2 {
+                old_rule_in_small += 1;
+            }
+            // Balanced either way.
+            let mut counts = [0usize; 3];
+            for l in out.values() {
+                counts[usize::from(*l)] += 1;
+            }
+            assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1);
+        }
+        assert_eq!(old_rule_in_small, trials);
+        // 3/3/1 + 1 must become 3/3/2: the small layer gets one relay, the newcomer
+        // with probability 1/3 (it hashed there) + 2/3 * 1/4 (moved from a layer of 4).
+        let share = f64::from(in_small) / f64::from(trials);
+        assert!((0.38..0.62).contains(&share), "{share}");
     }
 
     #[test]
@@ -1320,7 +1960,7 @@ mod tests {
                 .into_iter()
                 .collect();
         let relays: Vec<NodeId> = [1, 2, 3, 5, 6].map(id).to_vec();
-        let out = assign_layers(&relays, &prior, 3, &[7; 32]);
+        let out = assign_layers(&own_operators(&relays), &prior, 3, &[7; 32], &no_cap);
         let mut counts = [0; 3];
         for l in out.values() {
             counts[usize::from(*l)] += 1;
@@ -1331,8 +1971,37 @@ mod tests {
         assert_eq!(moved.len(), 1);
         assert_eq!(prior[moved[0].0], 0);
         // Too few relays to fill every layer: nothing moves.
-        let out = assign_layers(&[id(1)], &[(id(1), 2)].into_iter().collect(), 3, &[7; 32]);
+        let out = assign_layers(
+            &own_operators(&[id(1)]),
+            &[(id(1), 2)].into_iter().collect(),
+            3,
+            &[7; 32],
+            &no_cap,
+        );
         assert_eq!(out[&id(1)], 2);
+    }
+
+    /// One family may hold at most `max_per_layer` relays of a layer, however its
+    /// relays hash: the rest go to other layers, and what fits nowhere is left out.
+    #[test]
+    fn family_per_layer_cap_holds_in_assignment() {
+        let id = |i: u8| [i; 32];
+        let family = Hex32([0xee; 32]);
+        let mut relays: Vec<(NodeId, Hex32)> = (1..=7).map(|i| (id(i), family)).collect();
+        relays.extend((20..26).map(|i| (id(i), Hex32(id(i)))));
+        let cap = |op: &Hex32| if *op == family { 2 } else { usize::MAX };
+        for seed in 0..50u8 {
+            let out = assign_layers(&relays, &BTreeMap::new(), 3, &[seed; 32], &cap);
+            let mut per_layer = [0; 3];
+            for (id, l) in &out {
+                if relays.iter().any(|(r, op)| r == id && *op == family) {
+                    per_layer[usize::from(*l)] += 1;
+                }
+            }
+            assert!(per_layer.iter().all(|&n| n <= 2), "{per_layer:?}");
+            // 7 family relays, room for 6.
+            assert_eq!(per_layer.iter().sum::<usize>(), 6);
+        }
     }
 
     proptest! {
@@ -1340,7 +2009,7 @@ mod tests {
         fn layers_from_empty_are_balanced(ids in proptest::collection::btree_set(any::<[u8; 32]>(), 0..80),
                                           seed in any::<[u8; 32]>()) {
             let relays: Vec<NodeId> = ids.into_iter().collect();
-            let out = assign_layers(&relays, &BTreeMap::new(), 3, &seed);
+            let out = assign_layers(&own_operators(&relays), &BTreeMap::new(), 3, &seed, &no_cap);
             prop_assert_eq!(out.len(), relays.len());
             let mut counts = [0usize; 3];
             for l in out.values() {
@@ -1355,21 +2024,25 @@ mod tests {
                                         leave in proptest::collection::vec(any::<bool>(), 60),
                                         joiners in proptest::collection::btree_set(any::<[u8; 32]>(), 0..20)) {
             let relays: Vec<NodeId> = ids.iter().copied().collect();
-            let first = assign_layers(&relays, &BTreeMap::new(), 3, &[1; 32]);
+            let first = assign_layers(&own_operators(&relays), &BTreeMap::new(), 3, &[1; 32], &no_cap);
             let mut next: Vec<NodeId> = relays.iter().zip(&leave).filter(|(_, l)| !**l).map(|(id, _)| *id).collect();
             next.extend(joiners.iter().filter(|j| !ids.contains(*j)));
-            let second = assign_layers(&next, &first, 3, &[2; 32]);
+            let second = assign_layers(&own_operators(&next), &first, 3, &[2; 32], &no_cap);
             let mut counts = [0usize; 3];
             for l in second.values() {
                 counts[usize::from(*l)] += 1;
             }
-            // Unless a layer had to be refilled, no kept relay moved.
-            let refilled = next.iter().filter(|id| first.contains_key(*id)).map(|id| first[id]).collect::<std::collections::BTreeSet<_>>().len() < 3;
-            if !refilled {
-                for id in next.iter().filter(|id| first.contains_key(*id)) {
-                    prop_assert_eq!(second[id], first[id]);
-                }
+            // Kept relays move only to rebalance: no more of them than it takes to
+            // bring the kept relays' own layers within one of each other.
+            let mut kept = [0usize; 3];
+            for id in next.iter().filter(|id| first.contains_key(*id)) {
+                kept[usize::from(first[id])] += 1;
             }
+            let joiners = next.len() - kept.iter().sum::<usize>();
+            let needed = (kept.iter().max().unwrap() - kept.iter().min().unwrap()) * 2 / 3 + 1 + joiners;
+            let moved = next.iter().filter(|id| first.contains_key(*id) && second[*id] != first[*id]).count();
+            prop_assert!(moved <= needed, "{} moved, {:?} kept, {} joined", moved, kept, joiners);
+            prop_assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "{:?}", counts);
             if next.len() >= 3 {
                 prop_assert!(counts.iter().all(|&c| c > 0), "{:?}", counts);
             }

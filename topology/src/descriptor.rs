@@ -3,7 +3,11 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::{Hex32, Hex64, NodeId, Role, TopologyError};
+use crate::{Hex32, Hex64, NodeCertificate, NodeId, Role, TopologyError};
+
+/// Longest descriptor (its JSON as posted) an authority takes. A real one, with its
+/// certificate and eight keys, is about 1.6 KiB.
+pub const MAX_DESCRIPTOR_BYTES: usize = 4096;
 
 /// A Sphinx public key and the epoch it unwraps packets for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,16 +87,27 @@ impl Descriptor {
             reason: e.to_string(),
         })?;
         let signature = Hex64(identity.sign(body.as_bytes()).to_bytes());
-        Ok(SignedDescriptor { body, signature })
+        Ok(SignedDescriptor {
+            body,
+            signature,
+            certificate: None,
+        })
     }
 }
 
-/// A descriptor as it travels: the exact signed bytes and the signature over them.
+/// A descriptor as it travels: the exact signed bytes, the signature over them, and
+/// the operator's certificate for the node.
+///
+/// The certificate rides beside the node-signed bytes rather than inside them: it is
+/// itself signed by the operator over the node's identity and role, so moving it to
+/// another descriptor of the same node changes nothing, and no other node can use it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignedDescriptor {
     pub body: String,
     pub signature: Hex64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<NodeCertificate>,
 }
 
 const DESCRIPTOR_DOMAIN: &str = "descriptor";
@@ -108,6 +123,12 @@ impl SignedDescriptor {
 
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The same descriptor carrying the operator's certificate for the node.
+    pub fn certified(mut self, certificate: NodeCertificate) -> Self {
+        self.certificate = Some(certificate);
+        self
     }
 
     /// Checks the self-signature and returns the content.
@@ -194,6 +215,7 @@ pub(crate) mod tests {
         let sign_raw = |body: String| SignedDescriptor {
             signature: Hex64(key.sign(body.as_bytes()).to_bytes()),
             body,
+            certificate: None,
         };
         let too_many = {
             let mut t = d.clone();
@@ -231,6 +253,7 @@ pub(crate) mod tests {
         let forged = SignedDescriptor {
             body: good.body.clone(),
             signature: Hex64(other.sign(good.body.as_bytes()).to_bytes()),
+            certificate: None,
         };
         assert!(matches!(
             forged.check(),

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::{Hex32, Hex64, NetworkParams, NodeId, Role, SphinxKeyEntry, TopologyError};
+use crate::{
+    EpochSchedule, Hex32, Hex64, NetworkParams, NodeId, Role, SphinxKeyEntry, TopologyError,
+};
 
 /// One node as the directory lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +24,9 @@ pub struct NodeEntry {
     /// Keys for this document's epoch and the next, so packets built at an epoch
     /// edge with either key are accepted.
     pub sphinx_keys: Vec<SphinxKeyEntry>,
+    /// The admitted operator that certified this node: its family. A route holds at
+    /// most one node of a family.
+    pub operator: Hex32,
 }
 
 /// What the authorities agree on and sign for one epoch.
@@ -31,6 +36,9 @@ pub struct DocumentBody {
     pub epoch: u64,
     pub valid_after: u64,
     pub valid_until: u64,
+    /// The epoch schedule, signed with everything else, so that no one on the path
+    /// to an authority can shift a node's idea of when epochs start.
+    pub schedule: EpochSchedule,
     pub layers: u8,
     pub params: NetworkParams,
     /// Randomness every node agrees on; seeds the layer assignment of new relays.
@@ -115,6 +123,60 @@ impl AuthoritySignature {
             k.verify(body.as_bytes(), &Signature::from_bytes(&self.signature.0))
                 .is_ok()
         })
+    }
+}
+
+/// What an authority's `/v1/network` says: the schedule and parameters a node needs
+/// before it holds any document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkBody {
+    pub schedule: crate::EpochSchedule,
+    pub params: NetworkParams,
+    pub authorities: AuthoritySet,
+}
+
+/// A [`NetworkBody`] signed by the authority that serves it, so that no one on the
+/// path can shift a node's epoch schedule: a node takes it only with the signature of
+/// the authority it asked, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedNetwork {
+    pub body: String,
+    pub signature: AuthoritySignature,
+}
+
+impl SignedNetwork {
+    pub fn sign(key: &SigningKey, body: &NetworkBody) -> Result<Self, TopologyError> {
+        let body = serde_json::to_string(body).map_err(|e| TopologyError::Malformed {
+            what: "network body",
+            reason: e.to_string(),
+        })?;
+        Ok(SignedNetwork {
+            signature: AuthoritySignature::sign(key, &body),
+            body,
+        })
+    }
+
+    /// The body, if `authority` signed it.
+    pub fn check(&self, authority: &[u8; 32]) -> Result<NetworkBody, TopologyError> {
+        if self.signature.authority.0 != *authority || !self.signature.verify(&self.body) {
+            return Err(TopologyError::BadSignature {
+                what: "network description",
+            });
+        }
+        let body: NetworkBody =
+            serde_json::from_str(&self.body).map_err(|e| TopologyError::Malformed {
+                what: "network body",
+                reason: e.to_string(),
+            })?;
+        if body.schedule.length_secs == 0 {
+            return Err(TopologyError::Invalid {
+                what: "network schedule",
+                reason: "zero epoch length".into(),
+            });
+        }
+        Ok(body)
     }
 }
 
@@ -232,6 +294,10 @@ pub struct RoutingNode {
     pub addr: SocketAddr,
     /// Sphinx keys by epoch.
     pub sphinx_keys: BTreeMap<u64, [u8; 32]>,
+    /// Its operator (family).
+    pub operator: NodeId,
+    /// Its network (/16 for IPv4), see [`crate::operator::network_group`].
+    pub group: [u8; 5],
 }
 
 /// A verified, timely directory: the pure view every component routes with.
@@ -247,6 +313,17 @@ pub struct Topology {
 impl Topology {
     fn from_body(body: DocumentBody, signed: SignedDocument) -> Result<Self, TopologyError> {
         body.params.validate()?;
+        let start = body.schedule.start_of(body.epoch);
+        if body.schedule.length_secs == 0
+            || start < body.valid_after
+            || start > body.valid_until
+            || body.schedule.epoch_at(start) != body.epoch
+        {
+            return Err(TopologyError::Invalid {
+                what: "document schedule",
+                reason: "the epoch does not start inside the validity window".into(),
+            });
+        }
         if body.layers == 0 || usize::from(body.layers) != shoal_packet::MIX_LAYERS {
             return Err(TopologyError::Invalid {
                 what: "document layers",
@@ -283,6 +360,8 @@ impl Topology {
                 layer: n.layer,
                 addr,
                 sphinx_keys: n.sphinx_keys.iter().map(|k| (k.epoch, k.key.0)).collect(),
+                operator: n.operator.0,
+                group: crate::operator::network_group(&addr),
             };
             if nodes.insert(n.identity.0, routing).is_some() {
                 return Err(TopologyError::Invalid {
@@ -306,6 +385,16 @@ impl Topology {
 
     pub fn params(&self) -> &NetworkParams {
         &self.body.params
+    }
+
+    /// The epoch schedule the authorities signed.
+    pub fn schedule(&self) -> &EpochSchedule {
+        &self.body.schedule
+    }
+
+    /// Whether clients can route with it: every mix layer and at least one gateway.
+    pub fn is_usable(&self) -> bool {
+        !self.gateways.is_empty() && self.layers.iter().all(|l| !l.is_empty())
     }
 
     pub fn body(&self) -> &DocumentBody {
@@ -367,6 +456,16 @@ pub(crate) mod tests {
         SigningKey::from_bytes(&[i; 32])
     }
 
+    /// The operator of node `i` in the sample: each node its own operator.
+    pub(crate) fn operator_id(i: u8) -> Hex32 {
+        Hex32(operator_key(i).verifying_key().to_bytes())
+    }
+
+    /// Operator key `i`, from a fixed seed.
+    pub(crate) fn operator_key(i: u8) -> SigningKey {
+        SigningKey::from_bytes(&[0x40 ^ i; 32])
+    }
+
     /// The Sphinx public key node `i` publishes for `epoch`, from a fixed secret.
     pub(crate) fn sphinx_key(i: u8, epoch: u64) -> Hex32 {
         let mut secret = [i; 32];
@@ -397,6 +496,7 @@ pub(crate) mod tests {
                             key: sphinx_key(i, e),
                         })
                         .collect(),
+                    operator: operator_id(i),
                 }
             })
             .collect();
@@ -405,6 +505,10 @@ pub(crate) mod tests {
             epoch,
             valid_after: 1600,
             valid_until: 1860,
+            schedule: EpochSchedule {
+                genesis_unix: 1000,
+                length_secs: 100,
+            },
             layers: 3,
             params: NetworkParams::default(),
             shared_random: Hex32([0x5a; 32]),
@@ -628,6 +732,39 @@ pub(crate) mod tests {
         );
     }
 
+    /// A man in the middle of `/v1/network` shifts the schedule (so the node would make
+    /// keys for the wrong epochs): the signature no longer checks, and a body signed by
+    /// another key (even another authority's) is not taken either.
+    #[test]
+    fn admission_network_description_resists_a_man_in_the_middle() {
+        let key = authority_key(0);
+        let me = key.verifying_key().to_bytes();
+        let body = NetworkBody {
+            schedule: EpochSchedule {
+                genesis_unix: 1000,
+                length_secs: 100,
+            },
+            params: NetworkParams::default(),
+            authorities: authority_set(3, 2),
+        };
+        let signed = SignedNetwork::sign(&key, &body).unwrap();
+        assert_eq!(signed.check(&me).unwrap(), body);
+        let mut shifted = signed.clone();
+        shifted.body = shifted
+            .body
+            .replace("\"genesis_unix\":1000", "\"genesis_unix\":1050");
+        assert_ne!(shifted.body, signed.body);
+        assert!(shifted.check(&me).is_err());
+        // Re-signed by the attacker's own key, claiming to be the authority.
+        let mut resigned = SignedNetwork::sign(&authority_key(9), &body).unwrap();
+        assert!(resigned.check(&me).is_err());
+        resigned.signature.authority = Hex32(me);
+        assert!(resigned.check(&me).is_err());
+        // Another authority's genuine signature is not the one asked.
+        let other = SignedNetwork::sign(&authority_key(1), &body).unwrap();
+        assert!(other.check(&me).is_err());
+    }
+
     /// Fixed keys → exact bytes; decode → re-encode gives the same bytes, and the
     /// signature of authority 0 over them is fixed (Ed25519 is deterministic).
     #[test]
@@ -659,23 +796,26 @@ pub(crate) mod tests {
     }
 
     const TESTVEC_BODY: &str = concat!(
-        r#"{"epoch":7,"valid_after":1600,"valid_until":1860,"layers":3,"#,
+        r#"{"epoch":7,"valid_after":1600,"valid_until":1860,"#,
+        r#""schedule":{"genesis_unix":1000,"length_secs":100},"layers":3,"#,
         r#""params":{"mean_hop_delay_ms":50.0,"max_hop_delay_ms":1000.0,"lambda_p":2.0,"lambda_l":0.5,"#,
         r#""lambda_d":0.5,"lambda_m":0.5,"frame_size":2400,"key_grace_secs":60},"#,
         r#""shared_random":"5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a","nodes":["#,
         r#"{"identity":"43a72e714401762df66b68c26dfbdf2682aaec9f2474eca4613e424a0fbafd3c","#,
         r#""role":"gateway","layer":null,"link_addr":"127.0.0.1:4010","sphinx_keys":["#,
         r#"{"epoch":7,"key":"6c01eb150e9d00778728c5ab4416da158dc2e33078a52e8ed28be8b710b98156"},"#,
-        r#"{"epoch":8,"key":"f77ff4b10788bfdca62ca0bb160d427cf5762d85f2b5cad6807ec9c3febbde09"}]},"#,
+        r#"{"epoch":8,"key":"f77ff4b10788bfdca62ca0bb160d427cf5762d85f2b5cad6807ec9c3febbde09"}],"#,
+        r#""operator":"353c8a7feeca38b2c4536e0bd2586fdb18d070e50e059f1d43f8bfefb97a7ce1"},"#,
         r#"{"identity":"8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c","#,
         r#""role":"relay","layer":0,"link_addr":"127.0.0.1:4001","sphinx_keys":["#,
         r#"{"epoch":7,"key":"a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209"},"#,
-        r#"{"epoch":8,"key":"0fd16a33e45c8c8fc31462cc57cf2e7bdf997e5fa9d3bfc731f3120398751633"}]}]}"#,
+        r#"{"epoch":8,"key":"0fd16a33e45c8c8fc31462cc57cf2e7bdf997e5fa9d3bfc731f3120398751633"}],"#,
+        r#""operator":"db995fe25169d141cab9bbba92baa01f9f2e1ece7df4cb2ac05190f37fcc1f9d"}]}"#,
     );
     const TESTVEC_AUTHORITY: &str =
         "b533d8ad9fcfbdde0b481c1b334ddc3c53412fd614564e7e5afd020368d382c3";
     const TESTVEC_SIGNATURE: &str = concat!(
-        "74d29ac292b085e100dae31fb6f864464d63057d35fe51d23375e37ddc1ca04e",
-        "857c3581f142d1f7c8b5c1836bbff09b3dbf2f76128af1a92af8fa8bd980df0e",
+        "eddd6ad88c5c05a7d194bee04a12019b6bc28f4fb95ffed4ac3debf6d405f297",
+        "776f26370e422887dc8e8036a4ca9a84e8956008517fea5ebb247b9262d9cb04",
     );
 }

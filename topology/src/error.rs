@@ -28,6 +28,12 @@ pub enum TopologyError {
     /// A parameter or field is out of range.
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+    /// An authority refused a node's descriptor (see `authority::Refusal`).
+    #[error("descriptor refused ({reason}): {detail}")]
+    Refused {
+        reason: &'static str,
+        detail: &'static str,
+    },
     /// A route could not be built from this topology.
     #[error("no route: {0}")]
     NoRoute(String),

@@ -5,6 +5,7 @@ pub mod authority;
 pub mod descriptor;
 pub mod document;
 pub mod epoch;
+pub mod operator;
 pub mod params;
 pub mod route;
 
@@ -16,14 +17,15 @@ pub use authority::{
     Authority, AuthorityConfig, Inclusion, LIVENESS_PERIODS, RosterEntry,
     default_descriptor_max_age_secs,
 };
-pub use descriptor::{Descriptor, SignedDescriptor, SphinxKeyEntry};
+pub use descriptor::{Descriptor, MAX_DESCRIPTOR_BYTES, SignedDescriptor, SphinxKeyEntry};
 pub use document::{
-    AuthoritySet, AuthoritySignature, DocumentBody, NodeEntry, SignatureChecked, SignedDocument,
-    Topology, UncheckedDocument,
+    AuthoritySet, AuthoritySignature, DocumentBody, NetworkBody, NodeEntry, SignatureChecked,
+    SignedDocument, SignedNetwork, Topology, UncheckedDocument,
 };
 pub use encoding::{AuthorityAddr, Hex32, Hex64};
 pub use epoch::EpochSchedule;
 pub use error::TopologyError;
+pub use operator::{Admission, AdmittedOperator, NodeCertificate};
 pub use params::NetworkParams;
 
 /// A node's identity: its Ed25519 public key. Also its Sphinx address and the key

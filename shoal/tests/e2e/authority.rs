@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use authorities::{Authorities, descriptor, free_addr, get, now_unix, shoal_trimmed as shoal};
+use authorities::{
+    Authorities, descriptor, free_addr, get, now_unix, operator_key, shoal_trimmed as shoal,
+};
 use ed25519_dalek::SigningKey;
 use shoal_link::http;
 use shoal_topology::{
@@ -139,6 +141,11 @@ async fn three_authorities_publish_one_document() {
         }
         .sign(&key)
         .unwrap()
+        .certified(shoal_topology::NodeCertificate::issue(
+            &operator_key(77),
+            key.verifying_key().to_bytes(),
+            Role::Relay,
+        ))
     };
     post_all(addrs[0], &[keyless]).await;
     let status = shoal(&["authority", "status", "--addr", &addrs[0].to_string()]);

@@ -78,10 +78,33 @@ pub fn edit_toml(path: &Path, values: &[(&str, String)]) {
     std::fs::write(path, out).unwrap();
 }
 
+/// The operator of made-up node `i`: every node its own operator.
+pub fn operator_key(i: u8) -> SigningKey {
+    SigningKey::from_bytes(&[0xc0 ^ i; 32])
+}
+
+/// Admits the operators of every made-up node (`operators.toml` in `dir`), as
+/// `shoal authority operator admit` would.
+pub fn admit_test_operators(dir: &Path) {
+    let mut text = String::new();
+    for i in 0..=255u8 {
+        text.push_str(&format!(
+            "[[operators]]\nkey = \"{}\"\nname = \"node {i}\"\nmax_nodes = 1\nmax_per_layer = 1\n\n",
+            hex::encode(operator_key(i).verifying_key().to_bytes())
+        ));
+    }
+    std::fs::write(dir.join("operators.toml"), text).unwrap();
+}
+
 /// A self-signed descriptor of a made-up node `i` with Sphinx keys for `epochs`, as a
-/// relay or gateway uploads it.
+/// relay or gateway uploads it, with its operator's certificate.
 pub fn descriptor(i: u8, role: Role, now: u64, epochs: Range<u64>) -> SignedDescriptor {
     let key = SigningKey::from_bytes(&[i; 32]);
+    let cert = shoal_topology::NodeCertificate::issue(
+        &operator_key(i),
+        key.verifying_key().to_bytes(),
+        role,
+    );
     Descriptor {
         identity: Hex32(key.verifying_key().to_bytes()),
         role,
@@ -96,6 +119,7 @@ pub fn descriptor(i: u8, role: Role, now: u64, epochs: Range<u64>) -> SignedDesc
     }
     .sign(&key)
     .unwrap()
+    .certified(cert)
 }
 
 /// Authorities set up with `shoal authority init`, each started on demand; every
@@ -151,6 +175,7 @@ impl Authorities {
             }
             assert_eq!(init(i, &more), keys[i], "re-init must keep the key");
             edit_toml(&dirs[i].join("authority.toml"), edits);
+            admit_test_operators(&dirs[i]);
         }
         let set = AuthoritySet {
             threshold,
