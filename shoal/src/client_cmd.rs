@@ -580,6 +580,14 @@ struct SpooledBytes {
     bytes: String,
 }
 
+impl SpooledBytes {
+    /// Where to and what, or `None` for a damaged file.
+    fn decode(&self) -> Option<(shoal_client::Contact, Vec<u8>)> {
+        let card = ContactCard::parse(&self.card).ok()?;
+        Some((card.contact, hex::decode(&self.bytes).ok()?))
+    }
+}
+
 /// Writes one outbox file atomically (a running client never sees half of one).
 fn write_spool(dir: &Path, spooled: &Spooled) -> anyhow::Result<PathBuf> {
     let outbox = dir.join(OUTBOX_DIR);
@@ -929,18 +937,14 @@ async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHa
                     continue;
                 }
             },
-            Spooled::Bytes(b) => {
-                let card = ContactCard::parse(&b.card);
-                let bytes = hex::decode(&b.bytes);
-                match (card, bytes) {
-                    (Ok(card), Ok(bytes)) => (card.contact, bytes, "a member".to_string()),
-                    _ => {
-                        eprintln!("outbox: a damaged file; discarded");
-                        let _ = std::fs::remove_file(&path);
-                        continue;
-                    }
+            Spooled::Bytes(b) => match b.decode() {
+                Some((contact, bytes)) => (contact, bytes, "a member".to_string()),
+                None => {
+                    eprintln!("outbox: a damaged file; discarded");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
                 }
-            }
+            },
         };
         match handle.send(contact, bytes).await {
             // Durable in the store now, so the spool file can go.
@@ -1078,6 +1082,25 @@ pub(crate) async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) -> V
         let Some(s) = spooled else {
             tracing::warn!(file = %path.display(), "unreadable outbox file; left in place");
             continue;
+        };
+        let s = match s {
+            Spooled::Text(t) => t,
+            // Prepared bytes (the admin's policy updates) go out as they are.
+            Spooled::Bytes(b) => {
+                let Some((contact, bytes)) = b.decode() else {
+                    notes.push("outbox: a damaged file; discarded".to_string());
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                };
+                match handle.client().send(contact, bytes).await {
+                    Ok(_) => {
+                        let _ = std::fs::remove_file(&path);
+                        notes.push("queued an update to a member".to_string());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
+                }
+                continue;
+            }
         };
         let to = s.to.clone();
         let options = MessageOptions {

@@ -48,12 +48,9 @@ pub struct DocumentBody {
 }
 
 impl DocumentBody {
-    /// Unix second at which this document's epoch starts. The authorities date a
-    /// document from one epoch length before that start to the epoch's end plus the key
-    /// grace period, so the start is the middle of `valid_after ..= valid_until - grace`.
+    /// Unix second at which this document's epoch starts, by its signed schedule.
     pub fn epoch_start(&self) -> u64 {
-        let end = self.valid_until.saturating_sub(self.params.key_grace_secs);
-        self.valid_after + end.saturating_sub(self.valid_after) / 2
+        self.schedule.start_of(self.epoch)
     }
 
     /// The canonical bytes authorities sign.

@@ -671,6 +671,7 @@ pub fn policy_deliveries<'a>(
             to,
             what: OutgoingWhat::Policy,
             bytes: update.clone(),
+            send: None,
         });
     }
     (out, unreachable)
