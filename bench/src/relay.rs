@@ -401,6 +401,7 @@ pub async fn run(
     };
     let mut net = Testnet::start(shoal, dir, &cfg)?;
     let info = network_info_retry(net.authority_addr).await?;
+    let _fillers = crate::standin::layer_fillers(net.authority_addr, &info, &[13, 14]).await?;
     let mut loadgen = StandIn::bind(11)?;
     let mut sink = StandIn::bind(12)?;
     loadgen.register(&[net.authority_addr], &info).await?;

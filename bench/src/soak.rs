@@ -27,7 +27,7 @@ use serde::Serialize;
 use shoal_packet::sphinx;
 use shoal_packet::{FRAME_SIZE, Frame, PLAINTEXT_SIZE};
 use shoal_topology::route::sample_delays;
-use shoal_topology::{EpochSchedule, NodeId, Topology};
+use shoal_topology::{EpochSchedule, NodeId, Role, Topology};
 use tokio::sync::mpsc;
 
 use crate::relay::cpu_seconds_of;
@@ -222,6 +222,7 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
             }
         }
     };
+    let mut fillers = crate::standin::layer_fillers(net.authority_addr, &info, &[23, 24]).await?;
     let mut loadgen = StandIn::bind(21)?;
     let mut sink = StandIn::bind(22)?;
     loadgen.register(&[net.authority_addr], &info).await?;
@@ -266,6 +267,14 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
                         failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                for f in &mut fillers {
+                    if f.register_as(&[authority], &info, Role::Relay)
+                        .await
+                        .is_err()
+                    {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 if let Ok(t) = fetch_topology(authority, &auths, None).await
                     && t.node(&relay_id).is_some()
                     && t.node(&sink_id).is_some()
@@ -274,8 +283,9 @@ pub async fn run(shoal: &Path, dir: &Path, opts: &SoakOptions) -> anyhow::Result
                     *c = Some(Arc::new(t));
                 }
             }
-            // Keeps the sink's endpoint alive until the end.
+            // Keeps the sink's and the fillers' endpoints alive until the end.
             drop(sink);
+            drop(fillers);
         }
     });
     let (tx, mut rx) = mpsc::channel::<Bytes>((opts.rate as usize).max(64));

@@ -94,6 +94,25 @@ impl std::fmt::Debug for StandIn {
     }
 }
 
+/// Relay stand-ins (seeds below 64, admitted in advance) that fill the mix layers a
+/// measurement's own nodes leave empty: authorities publish no document until every
+/// layer has a relay. They only sink what reaches them. Re-register them with
+/// [`StandIn::register_as`] like any stand-in when a run spans epochs.
+pub async fn layer_fillers(
+    authority: SocketAddr,
+    info: &NetworkInfo,
+    seeds: &[u64],
+) -> anyhow::Result<Vec<StandIn>> {
+    let mut fillers = Vec::new();
+    for &seed in seeds {
+        let mut s = StandIn::bind(seed)?;
+        s.register_as(&[authority], info, Role::Relay).await?;
+        s.spawn_sink(false, false);
+        fillers.push(s);
+    }
+    Ok(fillers)
+}
+
 impl StandIn {
     /// Binds a QUIC endpoint on loopback that accepts links from anyone (it is a sink).
     pub fn bind(seed: u64) -> anyhow::Result<Self> {
@@ -123,6 +142,17 @@ impl StandIn {
         authorities: &[SocketAddr],
         info: &NetworkInfo,
     ) -> anyhow::Result<()> {
+        self.register_as(authorities, info, Role::Gateway).await
+    }
+
+    /// [`Self::register`] in `role`. A relay stand-in fills a mix layer: authorities
+    /// publish no document until every layer has a relay.
+    pub async fn register_as(
+        &mut self,
+        authorities: &[SocketAddr],
+        info: &NetworkInfo,
+        role: Role,
+    ) -> anyhow::Result<()> {
         let mut rng = StdRng::seed_from_u64(u64::from_le_bytes(self.id()[..8].try_into()?));
         let now = info.schedule.epoch_at(unix_now());
         // Keys of retired epochs go, or after a few epochs the descriptor carries more
@@ -131,7 +161,7 @@ impl StandIn {
         self.keys.ensure(&mut rng, now..=now + 2);
         let descriptor = Descriptor {
             identity: Hex32(self.id()),
-            role: Role::Gateway,
+            role,
             link_addr: self.endpoint.local_addr()?.to_string(),
             sphinx_keys: self
                 .keys
@@ -144,7 +174,7 @@ impl StandIn {
             published_unix: unix_now(),
         };
         let operator = shoal_topology::operator::solo_operator_key(&self.identity);
-        let cert = shoal_topology::NodeCertificate::issue(&operator, self.id(), Role::Gateway);
+        let cert = shoal_topology::NodeCertificate::issue(&operator, self.id(), role);
         let signed = descriptor.sign(&self.identity)?.certified(cert);
         for a in authorities {
             // The authority re-reads its admitted operators once per sync round: an

@@ -1095,7 +1095,7 @@ pub(crate) async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) -> V
                 match handle.client().send(contact, bytes).await {
                     Ok(_) => {
                         let _ = std::fs::remove_file(&path);
-                        notes.push("queued an update to a member".to_string());
+                        notes.push("queued a message to a member".to_string());
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
                 }

@@ -230,8 +230,10 @@ fn rotate(config_path: &std::path::Path, force: bool) -> anyhow::Result<()> {
     }
     println!("old Sphinx keys deleted; mailboxes and accounts kept");
     println!(
-        "start the gateway: it publishes the new identity and is in the next document (the \
-         old one ages out of the directory)"
+        "have your operator certify the new identity (shoal operator certify --node <it> \
+         --role gateway --out {}), then start the gateway: it publishes the new identity \
+         and is in the next document (the old one ages out of the directory)",
+        config.data_dir().join("operator.cert").display()
     );
     if accounts > 0 {
         println!(

@@ -191,6 +191,56 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         .map(|(i, h)| init_node("gateway", h, i))
         .collect();
 
+    // run-a-node "Admit operators": every node here has its own operator (a route holds
+    // at most one node per operator), who makes a key, is admitted by every authority,
+    // and certifies its node into the node's directory.
+    for (i, (node, role)) in relays
+        .iter()
+        .map(|n| (n, "relay"))
+        .chain(gateways.iter().map(|n| (n, "gateway")))
+        .enumerate()
+    {
+        let op_dir = base
+            .join(format!("operator{i}"))
+            .to_string_lossy()
+            .into_owned();
+        let op_key = hosts
+            .run(&node.host, &["operator", "keygen", "--dir", &op_dir])
+            .trim()
+            .to_string();
+        for (a, h) in auth_hosts.iter().enumerate() {
+            let config = auths.dirs[a].join("authority.toml");
+            let config = config.to_string_lossy();
+            let name = format!("operator {i}");
+            hosts.run(
+                h,
+                &[
+                    "authority",
+                    "operator",
+                    "admit",
+                    "--config",
+                    &config,
+                    "--key",
+                    &op_key,
+                    "--name",
+                    &name,
+                ],
+            );
+        }
+        let cert = node
+            .dir
+            .join("operator.cert")
+            .to_string_lossy()
+            .into_owned();
+        hosts.run(
+            &node.host,
+            &[
+                "operator", "certify", "--dir", &op_dir, "--node", &node.id, "--role", role,
+                "--out", &cert,
+            ],
+        );
+    }
+
     // run-a-subnet §1-2: the admin creates the subnet; each gateway operator lists its
     // id under `subnets` in gateway.toml.
     let admin_dir = base.join("acme-admin");

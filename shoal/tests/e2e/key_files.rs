@@ -228,7 +228,23 @@ fn gateway_keys_rotate_replaces_the_identity_and_the_gateway_runs_with_it() {
     assert!(out.contains("client.toml"), "{out}");
     assert_eq!(mode(&id_file), 0o600);
 
-    // The gateway starts with the new key.
+    // The operator certifies the new key, as the output says; then the gateway starts
+    // with it (a certificate for the old key would be refused).
+    assert!(out.contains("shoal operator certify"), "{out}");
+    let operator = tmp.path().join("operator");
+    shoal(&["operator", "keygen", "--dir", operator.to_str().unwrap()]);
+    shoal(&[
+        "operator",
+        "certify",
+        "--dir",
+        operator.to_str().unwrap(),
+        "--node",
+        &third,
+        "--role",
+        "gateway",
+        "--out",
+        dir.join("operator.cert").to_str().unwrap(),
+    ]);
     let (mut gateway, identity) = start_and_read(
         &["gateway", "run", "--config", config],
         "gateway identity: ",

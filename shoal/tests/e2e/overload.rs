@@ -29,7 +29,7 @@ use ed25519_dalek::SigningKey;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use shoal_bench::relay::{build_packets, build_route_packets};
-use shoal_bench::standin::{StandIn, network_info, wait_for_topology};
+use shoal_bench::standin::{StandIn, layer_fillers, network_info, wait_for_topology};
 use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig, sum_metric};
 use shoal_client::driver::{self, ClientHandle, DriverConfig, DriverEvent};
 use shoal_client::{ClientStore, Identity};
@@ -493,6 +493,9 @@ async fn a_relay_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     };
     let mut net = Testnet::start(shoal, &dir.path().join("net"), &cfg).unwrap();
     let info = info_of(&net).await;
+    let _fillers = layer_fillers(net.authority_addr, &info, &[45, 46])
+        .await
+        .unwrap();
     let mut standins = Vec::new();
     for seed in [41, 42, 43, 44] {
         let mut s = StandIn::bind(seed).unwrap();
@@ -752,7 +755,8 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
 
     let dir = tempfile::tempdir().unwrap();
     let shoal = Path::new(env!("CARGO_BIN_EXE_shoal"));
-    // No relays: the gateway alone in the document, reached by a stand-in node.
+    // No relay processes: the gateway reached by a stand-in node (relay stand-ins fill
+    // the layers, since no document is published without them).
     let cfg = TestnetConfig {
         relays_per_layer: 0,
         mean_hop_delay_ms: 5.0,
@@ -798,6 +802,9 @@ async fn a_gateway_at_twice_its_capacity_sheds_explicitly_and_recovers() {
     .unwrap();
     net.run_gateway(shoal, gw.clone()).unwrap();
     let info = info_of(&net).await;
+    let _fillers = layer_fillers(net.authority_addr, &info, &[52, 53, 54])
+        .await
+        .unwrap();
     let mut node = StandIn::bind(51).unwrap();
     node.register(&[net.authority_addr], &info).await.unwrap();
     let topo = wait_for_topology(
