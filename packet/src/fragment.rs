@@ -147,12 +147,12 @@ pub fn fragment(message_id: MessageId, message: &[u8]) -> Result<Vec<Fragment>, 
 /// first fragments and never the rest.
 #[derive(Debug, Clone, Copy)]
 pub struct ReassemblyLimits {
-    /// Incomplete messages held at once; beyond this the one that made progress
-    /// least recently is dropped.
+    /// Incomplete messages held at once; beyond this one is dropped (see
+    /// [`Reassembler`] for which).
     pub max_pending: usize,
-    /// Message bytes held across all incomplete messages; beyond this the one that
-    /// made progress least recently is dropped. A message that could never fit (its
-    /// fragment count says it is larger) is refused at its first fragment.
+    /// Message bytes held across all incomplete messages; beyond this one is dropped.
+    /// A message that could never fit (its fragment count says it is larger) is
+    /// refused at its first fragment.
     pub max_bytes: usize,
     /// An incomplete message is dropped once no new fragment of it arrived for this long.
     pub timeout: Duration,
@@ -201,10 +201,11 @@ pub enum Reassembled {
 }
 
 /// Collects fragments into messages, de-duplicating on the way. Memory is bounded by
-/// [`ReassemblyLimits`] whatever the network sends: incomplete messages are dropped
-/// least-recently-progressed first, so a flood of junk first fragments displaces a
-/// legitimate message only if that message has made no progress for longer than the
-/// flood took to fill the limits.
+/// [`ReassemblyLimits`] whatever the network sends. When it is full, the incomplete
+/// message with the fewest fragments received goes first, the least recently
+/// progressed among equals: junk costs its sender one packet per fragment, so to push
+/// out a message that already has k fragments an attacker must send more than k
+/// fragments for every message the limit holds, however long the real sender pauses.
 ///
 /// Every message dropped incomplete (evicted or expired) is reported once by
 /// [`Self::take_dropped`], so a caller that persists partial messages can forget it.
@@ -212,8 +213,11 @@ pub enum Reassembled {
 pub struct Reassembler {
     limits: ReassemblyLimits,
     pending: HashMap<MessageId, Partial>,
-    /// Pending messages by (last progress, insertion counter): the front goes first.
+    /// Pending messages by (last progress, insertion counter): the front expires first.
     lru: BTreeSet<((Instant, u64), MessageId)>,
+    /// Pending messages by (fragments received, last progress): the front is evicted
+    /// first when a limit is reached.
+    victims: BTreeSet<(usize, (Instant, u64), MessageId)>,
     next_seq: u64,
     bytes: usize,
     completed: HashSet<MessageId>,
@@ -227,6 +231,7 @@ impl Reassembler {
             limits,
             pending: HashMap::new(),
             lru: BTreeSet::new(),
+            victims: BTreeSet::new(),
             next_seq: 0,
             bytes: 0,
             completed: HashSet::new(),
@@ -277,6 +282,8 @@ impl Reassembler {
             Some(p) if p.parts.contains_key(&h.index) => return Reassembled::Duplicate,
             Some(p) => {
                 self.lru.remove(&(p.progress, h.message_id));
+                self.victims
+                    .remove(&(p.parts.len(), p.progress, h.message_id));
                 p.progress = progress;
                 self.lru.insert((progress, h.message_id));
             }
@@ -297,14 +304,16 @@ impl Reassembler {
         if let Some(p) = self.pending.get_mut(&h.message_id) {
             p.bytes += len;
             p.parts.insert(h.index, fragment.data);
+            self.victims
+                .insert((p.parts.len(), p.progress, h.message_id));
         }
         self.bytes += len;
-        // Make room: least recently progressed first, never the message just fed.
+        // Make room: fewest fragments first, never the message just fed.
         while self.pending.len() > self.limits.max_pending || self.bytes > self.limits.max_bytes {
             let victim = self
-                .lru
+                .victims
                 .iter()
-                .map(|(_, id)| *id)
+                .map(|(_, _, id)| *id)
                 .find(|id| *id != h.message_id);
             let Some(victim) = victim else { break };
             self.drop_partial(&victim);
@@ -329,6 +338,7 @@ impl Reassembler {
     fn remove(&mut self, id: &MessageId) -> Option<Partial> {
         let p = self.pending.remove(id)?;
         self.lru.remove(&(p.progress, *id));
+        self.victims.remove(&(p.parts.len(), p.progress, *id));
         self.bytes -= p.bytes;
         Some(p)
     }
@@ -517,6 +527,38 @@ mod tests {
         }
         assert_eq!(out, Some(msg));
         assert!(dropped >= 4_900, "the junk was evicted instead: {dropped}");
+    }
+
+    /// Review finding: the real sender pauses (a phone asleep) for longer than a junk
+    /// flood of one fragment per message takes to fill the limit. Evicting least
+    /// recently progressed first lost the real message, whose fragments the gateway had
+    /// already forgotten; evicting fewest-fragments first keeps it.
+    #[test]
+    fn rogue_junk_flood_does_not_evict_a_message_whose_sender_paused() {
+        let mut r = Reassembler::new(ReassemblyLimits {
+            max_pending: 64,
+            max_bytes: 1 << 20,
+            ..ReassemblyLimits::default()
+        });
+        let t0 = Instant::now();
+        let msg = vec![9u8; FRAGMENT_DATA_SIZE * 5];
+        let mut frags = fragment([0xbb; 16], &msg).unwrap().into_iter();
+        for f in frags.by_ref().take(2) {
+            assert_eq!(r.insert(f, t0), Reassembled::Pending);
+        }
+        // The pause: 10,000 junk first fragments, 150 times the limit.
+        for n in 0..10_000 {
+            let _ = r.insert(junk(n, 2, 0), t0 + Duration::from_millis(u64::from(n)));
+        }
+        assert!(r.pending() <= 64);
+        let later = t0 + Duration::from_secs(3600);
+        let mut out = None;
+        for f in frags {
+            if let Reassembled::Complete { message, .. } = r.insert(f, later) {
+                out = Some(message);
+            }
+        }
+        assert_eq!(out, Some(msg), "the paused message was evicted by junk");
     }
 
     proptest! {

@@ -64,6 +64,10 @@ impl DropReason {
     }
 }
 
+/// The replay-filter share key of frames injected at this node (no honestly made node
+/// key is all zeros).
+const INJECTED: [u8; 32] = [0; 32];
+
 /// The shared, thread-safe unwrapping half: keys by epoch and the replay filter.
 #[derive(Debug)]
 pub struct Unwrapper {
@@ -134,6 +138,7 @@ impl Unwrapper {
     }
 
     /// Unwraps one frame. All the public-key work of a hop happens here.
+    /// Its replay tag counts against the share of frames injected at this node.
     pub fn unwrap_frame(&self, bytes: &[u8]) -> Result<Processed, DropReason> {
         self.unwrap_frame_from(bytes, None)
     }
@@ -159,12 +164,15 @@ impl Unwrapper {
         let shares = self
             .upstream_shares
             .load(std::sync::atomic::Ordering::Relaxed);
+        // Frames injected here (a gateway's clients, a node's own loops) share one
+        // upstream's part, the "+ 1" of the shares: many accounts sending at once fill
+        // that part only, never the part of the mix layer that brings the mail in.
         let out = sphinx::unwrap_from(
             &secret,
             epoch,
             &self.replay,
             frame.body(),
-            upstream.map(|u| (u, shares)),
+            Some((upstream.unwrap_or(&INJECTED), shares)),
         )
         .map_err(|e| match e {
             PacketError::Replayed => DropReason::Replay,

@@ -773,3 +773,50 @@ async fn loops_return_through_three_layers() {
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
+
+/// Review finding: frames injected at a node (a gateway's clients) had no share of the
+/// replay filter, so many accounts sending at once could fill it and force
+/// `ReplayFilterFull` on the mail the last mix layer brings in, for the whole epoch.
+#[test]
+fn sybil_injected_frames_are_held_to_their_share() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let secret = StaticSecret::from([7u8; 32]);
+    let route = [Hop {
+        address: [1; 32],
+        sphinx_key: x25519_dalek::PublicKey::from(&secret),
+    }];
+    let mut ring = crate::KeyRing::new();
+    ring.insert(0, secret);
+    let unwrapper = crate::Unwrapper::new(ring, 40);
+    // One upstream node precedes this one, plus the share of injected frames.
+    unwrapper.set_upstream_shares(2);
+    let mut frame = || {
+        let (p, _) = sphinx::build_forward(
+            &mut rng,
+            &route,
+            &[Duration::ZERO],
+            &[7; 32],
+            &[0; PLAINTEXT_SIZE],
+        )
+        .unwrap();
+        Frame::sphinx(0, &p.packet).unwrap()
+    };
+    let full = (0..40)
+        .filter(|_| {
+            matches!(
+                unwrapper.unwrap_frame(frame().as_bytes()),
+                Err(DropReason::ReplayFilterFull)
+            )
+        })
+        .count();
+    assert_eq!(full, 20, "injected frames fill their share only");
+    let upstream = [3u8; 32];
+    for _ in 0..20 {
+        assert!(
+            unwrapper
+                .unwrap_frame_from(frame().as_bytes(), Some(&upstream))
+                .is_ok(),
+            "the mix layer's frames still get in"
+        );
+    }
+}

@@ -1112,8 +1112,9 @@ impl Messenger {
         safety_number(&self.card().identity_key(), &key.0)
     }
 
-    /// Pins `card` on first use; a second key for a pinned (subnet, handle) is pinned
-    /// apart, unconfirmed, with a [`MessengerEvent::KeyChanged`]. Returns whether the
+    /// Pins `card` on first use; a second key for a pinned (subnet, handle), or for a
+    /// name shown the same way, is pinned apart, unconfirmed, with a
+    /// [`MessengerEvent::KeyChanged`]. Returns whether the
     /// key is an unconfirmed key change (its messages carry an alert).
     fn observe(&mut self, card: &MemberCard, now_ms: u64) -> bool {
         let subnet = card.subnet();
@@ -1134,10 +1135,17 @@ impl Messenger {
             }
             return c.alert();
         }
+        // A name already shown for another key: the same (subnet, handle), or one that
+        // only looks the same (a subnet id ground to share the shown prefix, a handle
+        // that differs in characters the terminal cannot show).
+        let shown = display_name(card.handle(), &subnet);
         let old = self
             .contacts
             .iter()
-            .find(|c| c.subnet == subnet && c.handle == card.handle() && c.replaces.is_none())
+            .find(|c| {
+                c.replaces.is_none()
+                    && ((c.subnet == subnet && c.handle == card.handle()) || c.display() == shown)
+            })
             .map(|c| c.identity_key);
         if let Some(old_key) = old {
             self.stats.key_changes += 1;

@@ -772,3 +772,47 @@ fn own_messages_survive_a_restart_until_they_expire() {
     back.handle_timeout(later);
     assert!(back.own_messages().is_empty());
 }
+
+/// Review finding: a federated admin grinds a subnet id whose shown prefix equals a
+/// contact's subnet (about 2^32 tries) and mints the same handle. Keyed only by what is
+/// shown, its messages landed in the real contact's conversation with no alert. The
+/// look-alike is now pinned as a key change of the name it imitates.
+#[test]
+fn rogue_look_alike_subnet_prefix_is_flagged_as_a_key_change() {
+    let mut w = world();
+    let real = cred(&w.ms, 3);
+    // The real "bo" is pinned first, under a subnet that differs from the look-alike's
+    // only past the shown prefix (as ground), with another key.
+    let mut ground = real.subnet();
+    ground.0[31] ^= 1;
+    let mut pinned = PinnedContact {
+        subnet: ground,
+        identity_key: Hex32([0x77; 32]),
+        handle: real.handle().to_string(),
+        confirmed: true,
+        replaces: None,
+        card: Vec::new(),
+        first_seen_ms: 0,
+    };
+    assert_eq!(
+        pinned.display(),
+        display_name(real.handle(), &real.subnet())
+    );
+    let ana = &mut w.ms[0];
+    ana.contacts.push(pinned.clone());
+    assert!(
+        ana.observe(&real, 1),
+        "a look-alike name must raise an alert"
+    );
+    assert!(
+        events(ana)
+            .iter()
+            .any(|e| matches!(e, MessengerEvent::KeyChanged { .. }))
+    );
+    // A different shown name is no key change.
+    let ana = &mut w.ms[0];
+    ana.contacts.clear();
+    pinned.handle = "someone-else".into();
+    ana.contacts.push(pinned);
+    assert!(!ana.observe(&real, 2));
+}
