@@ -11,9 +11,9 @@ use crate::support::cli_net;
 use std::time::{Duration, Instant};
 
 use cli_net::{
-    ClientDir, field, run_client, run_output, shoal, shoal_output, sigterm, start_subnet, temp_dir,
+    ClientDir, field, run_client, run_output, shoal, shoal_output, start_subnet, stop, temp_dir,
+    wait_run_line,
 };
-use shoal_bench::testnet::Proc;
 
 /// `shoal ARGS` that must fail; returns its stderr.
 fn shoal_fails(args: &[&str]) -> String {
@@ -25,32 +25,6 @@ fn shoal_fails(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Waits until `c`'s background `run` printed a line satisfying `pred`.
-fn wait_run_line(c: &ClientDir, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if run_output(c).lines().any(&pred) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!(
-        "{}: no {what} within {timeout:?}; run printed:\n{}\n--- log ---\n{}",
-        c.name,
-        run_output(c),
-        std::fs::read_to_string(c.dir.join("run.log")).unwrap_or_default()
-    );
-}
-
-fn stop(p: &mut Proc) {
-    sigterm(p.pid());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while p.alive() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!p.alive(), "client run ignored SIGTERM");
 }
 
 #[test]

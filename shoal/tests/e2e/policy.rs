@@ -13,36 +13,8 @@ use crate::support::cli_net;
 use std::time::{Duration, Instant};
 
 use cli_net::{
-    ClientDir, field, run_client, run_output, shoal, shoal_output, sigterm, start_subnet, temp_dir,
+    ClientDir, field, run_client, shoal, shoal_output, start_subnet, stop, temp_dir, wait_run_line,
 };
-use shoal_bench::testnet::Proc;
-
-/// Waits until `c`'s background `run` printed a line satisfying `pred`.
-fn wait_run_line(c: &ClientDir, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if run_output(c).lines().any(&pred) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!(
-        "{}: no {what} within {timeout:?}; run printed:\n{}\n--- log ---\n{}",
-        c.name,
-        run_output(c),
-        std::fs::read_to_string(c.dir.join("run.log")).unwrap_or_default()
-    );
-}
-
-/// Stops a background run (it may have ended already: Carol's, once her account is cut).
-fn stop(p: &mut Proc) {
-    sigterm(p.pid());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while p.alive() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!p.alive(), "client run ignored SIGTERM");
-}
 
 #[test]
 fn deprovisioned_member_is_removed_from_groups_by_the_published_policy() {

@@ -288,3 +288,31 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Waits until `c`'s background `run` printed a line satisfying `pred`.
+pub fn wait_run_line(c: &ClientDir, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if run_output(c).lines().any(&pred) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{}: no {what} within {timeout:?}; run printed:\n{}\n--- log ---\n{}",
+        c.name,
+        run_output(c),
+        std::fs::read_to_string(c.dir.join("run.log")).unwrap_or_default()
+    );
+}
+
+/// SIGTERM to a background `client run` (it may have ended already), then waits until
+/// it is gone (at most 10 s).
+pub fn stop(p: &mut Proc) {
+    sigterm(p.pid());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!p.alive(), "client run ignored SIGTERM");
+}
