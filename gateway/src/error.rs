@@ -9,13 +9,6 @@ use shoal_packet::PacketError;
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GatewayError {
-    /// A control message ended before one of its fields. Peer misbehaviour.
-    #[error("{what}: truncated, needed {need} bytes, had {got}")]
-    Truncated {
-        what: &'static str,
-        need: usize,
-        got: usize,
-    },
     /// A length (of a message, list or string) exceeds what the format allows.
     #[error("{what}: length {len} exceeds the maximum of {max}")]
     TooLong {
@@ -26,12 +19,6 @@ pub enum GatewayError {
     /// A field held a value the format does not allow. Peer misbehaviour.
     #[error("{what}: invalid value {value}")]
     Field { what: &'static str, value: u64 },
-    /// Bytes after the end of a control message were not zero padding.
-    #[error("{what}: non-zero bytes after the message")]
-    TrailingBytes { what: &'static str },
-    /// A Sphinx frame was handed to the control-message decoder.
-    #[error("expected a control frame")]
-    NotControl,
     /// Building or checking a frame failed.
     #[error("frame: {0}")]
     Frame(PacketError),

@@ -912,10 +912,13 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
 }
 
 /// Moves messages from `outbox/` into the client's durable queue.
-async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHandle) {
+/// The readable files of `dir`'s outbox, each with its path (to remove once queued).
+/// An unreadable one is left in place and logged.
+fn spooled_files(dir: &Path) -> Vec<(PathBuf, Spooled)> {
     let Ok(entries) = std::fs::read_dir(dir.join(OUTBOX_DIR)) else {
-        return;
+        return Vec::new();
     };
+    let mut files = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_none_or(|e| e != "json") {
@@ -924,10 +927,18 @@ async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHa
         let spooled = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<Spooled>(&b).ok());
-        let Some(s) = spooled else {
-            tracing::warn!(file = %path.display(), "unreadable outbox file; left in place");
-            continue;
-        };
+        match spooled {
+            Some(s) => files.push((path, s)),
+            None => {
+                tracing::warn!(file = %path.display(), "unreadable outbox file; left in place")
+            }
+        }
+    }
+    files
+}
+
+async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHandle) {
+    for (path, s) in spooled_files(dir) {
         let (contact, bytes, to) = match s {
             Spooled::Text(t) => match find_contact(store, &t.to) {
                 Ok(c) => (c.contact, t.message.into_bytes(), clean(t.to.as_bytes())),
@@ -1068,21 +1079,7 @@ async fn send_member_online(
 /// the user (the chat shows them on its status line, `run` prints them).
 pub(crate) async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) -> Vec<String> {
     let mut notes = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir.join(OUTBOX_DIR)) else {
-        return notes;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
-        let spooled = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Spooled>(&b).ok());
-        let Some(s) = spooled else {
-            tracing::warn!(file = %path.display(), "unreadable outbox file; left in place");
-            continue;
-        };
+    for (path, s) in spooled_files(dir) {
         let s = match s {
             Spooled::Text(t) => t,
             // Prepared bytes (the admin's policy updates) go out as they are.

@@ -63,9 +63,7 @@ pub fn run(cmd: OperatorCommand) -> anyhow::Result<()> {
 fn certify(dir: &Path, node: &str, role: &str, out: Option<&Path>) -> anyhow::Result<()> {
     let key = shoal_relay::keystore::load_identity(&dir.join(KEY_FILE))
         .with_context(|| format!("no operator key in {}", dir.display()))?;
-    let mut id = [0u8; 32];
-    hex::decode_to_slice(node.trim(), &mut id)
-        .with_context(|| format!("--node {node:?} is not 64 hex digits"))?;
+    let id = crate::parse_hex32(node).map_err(|e| anyhow::anyhow!("--node: {e}"))?;
     ed25519_dalek::VerifyingKey::from_bytes(&id)
         .with_context(|| format!("--node {node:?} is not an Ed25519 public key"))?;
     let role = match role {
