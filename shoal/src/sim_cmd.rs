@@ -103,7 +103,11 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 eprintln!(
                     "shoal sim routes ({} selection, {} hostile operators): {:.4} fully hostile, \
                      {:.4} with a corrupt relay; by corrupt relays {:?}",
-                    r.selection, r.hostile_operators, r.fully_hostile, r.any_hostile, r.corrupt_hops
+                    r.selection,
+                    r.hostile_operators,
+                    r.fully_hostile,
+                    r.any_hostile,
+                    r.corrupt_hops
                 );
             }
             if let Some(report) = attacks::run(&cfg)? {
