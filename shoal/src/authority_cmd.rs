@@ -293,9 +293,10 @@ fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
                 shoal_topology::Role::Gateway => "gateway",
             };
             println!(
-                "  {role:<7} {} {:<21} {why}",
+                "  {role:<7} {} {:<21} {:<8} {why}",
                 hex::encode(n.identity.0),
-                n.link_addr
+                n.link_addr,
+                n.version.as_deref().unwrap_or("-")
             );
         }
     }

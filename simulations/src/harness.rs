@@ -336,6 +336,7 @@ impl Node {
             link_addr: self.link_addr.clone(),
             sphinx_keys,
             published_unix: now_unix,
+            version: None,
         }
         .sign(&self.identity)
         .map(|d| {

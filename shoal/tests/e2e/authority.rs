@@ -138,6 +138,7 @@ async fn three_authorities_publish_one_document() {
                 key: Hex32([77; 32]),
             }],
             published_unix: now,
+            version: None,
         }
         .sign(&key)
         .unwrap()
@@ -227,6 +228,7 @@ fn sybil_descriptor(n: u32, operator: &SigningKey, now: u64) -> Vec<u8> {
             key: Hex32(seed),
         }],
         published_unix: now,
+        version: None,
     }
     .sign(&key)
     .unwrap()
