@@ -444,6 +444,8 @@ pub struct ClientCore {
     public_key: PublicKey,
     config: ClientConfig,
     topology: Option<Arc<Topology>>,
+    /// The epoch of the wall clock, once the driver has said (see [`Self::set_wall_epoch`]).
+    wall_epoch: Option<u64>,
     schedule: Schedule,
 
     messages: HashMap<MessageId, OutMessage>,
@@ -518,6 +520,7 @@ impl ClientCore {
             partial_ops: Vec::new(),
             config,
             topology: None,
+            wall_epoch: None,
             schedule: Schedule::new(seed),
             messages: HashMap::new(),
             fragments: BTreeMap::new(),
@@ -544,6 +547,11 @@ impl ClientCore {
 
     pub fn contact(&self) -> Contact {
         self.identity.contact()
+    }
+
+    /// The directory in use, once one is set.
+    pub fn topology(&self) -> Option<&Topology> {
+        self.topology.as_deref()
     }
 
     /// Installs a verified directory. The cover rates come from its parameters; a stream
@@ -831,8 +839,17 @@ impl ClientCore {
         ok
     }
 
-    fn epoch(topo: &Topology) -> (u64, u16) {
-        (topo.epoch(), EpochSchedule::frame_label(topo.epoch()))
+    /// The key epoch (and its frame label) to build with: the document's, or the next
+    /// one's while the wall clock is past the document's epoch ([`Topology::key_epoch_at`]).
+    fn epoch(&self, topo: &Topology) -> (u64, u16) {
+        let epoch = topo.key_epoch_at(self.wall_epoch.unwrap_or(topo.epoch()));
+        (epoch, EpochSchedule::frame_label(epoch))
+    }
+
+    /// The epoch the wall clock is in, as the driver reads it from the document's schedule.
+    /// The core keeps no clock of its own (its `Instant`s do not map to epochs).
+    pub fn set_wall_epoch(&mut self, epoch: u64) {
+        self.wall_epoch = Some(epoch);
     }
 
     /// A SURB from the layers back to our mailbox: `[L1, L2, L3, our gateway]`. The
@@ -845,7 +862,7 @@ impl ClientCore {
         now: Instant,
         rng: &mut R,
     ) -> Option<(AckSlot, Duration)> {
-        let (epoch, _) = Self::epoch(topo);
+        let (epoch, _) = self.epoch(topo);
         let gw = self.identity.gateway;
         let route: Vec<Hop> = topo.client_route(rng, epoch, &gw, &gw).ok()?.split_off(1);
         let delays = sample_delays(rng, topo.params(), route.len());
@@ -881,7 +898,7 @@ impl ClientCore {
         sealed: &[u8],
         rng: &mut R,
     ) -> Option<(Frame, Duration, Duration)> {
-        let (epoch, label) = Self::epoch(topo);
+        let (epoch, label) = self.epoch(topo);
         let route = topo
             .client_route(rng, epoch, &self.identity.gateway, exit)
             .ok()?;

@@ -380,6 +380,15 @@ impl Topology {
         self.body.epoch
     }
 
+    /// The key epoch to build packets with while the wall clock is in `wall_epoch`: this
+    /// document's own, or, when its successor is late, the next epoch's keys, which this
+    /// document carries too. So a missed or late vote is not a dead epoch: traffic goes on
+    /// with the last valid document for one epoch, and never falls back to older keys
+    /// (the nodes retire those after their grace period).
+    pub fn key_epoch_at(&self, wall_epoch: u64) -> u64 {
+        wall_epoch.clamp(self.epoch(), self.epoch() + 1)
+    }
+
     pub fn params(&self) -> &NetworkParams {
         &self.body.params
     }
