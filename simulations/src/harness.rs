@@ -320,10 +320,15 @@ struct Node {
     wake: Option<Duration>,
 }
 
+/// Epochs past the current one a node holds keys for, as the relay's directory task
+/// does: so the document voted ahead of an epoch carries its successor's keys too.
+pub const KEYS_AHEAD: u64 = 2;
+
 impl Node {
-    /// The descriptor a node publishes at the start of `epoch`: keys for it and the next.
+    /// The descriptor a node publishes at the start of `epoch`: keys for it and the
+    /// [`KEYS_AHEAD`] after it, as relays do.
     fn descriptor(&self, epoch: u64, now_unix: u64) -> Result<SignedDescriptor, SimError> {
-        let sphinx_keys = (epoch..=epoch + 1)
+        let sphinx_keys = (epoch..=epoch + KEYS_AHEAD)
             .filter_map(|e| {
                 self.keys.public(e).map(|k| SphinxKeyEntry {
                     epoch: e,
@@ -929,11 +934,11 @@ impl Network {
     }
 
     /// At the start of `epoch` every node makes sure it holds keys for `epoch` and the
-    /// next, keeps the previous one for the grace period, and re-publishes its descriptor.
+    /// [`KEYS_AHEAD`] after it, keeps the previous one for the grace period, and re-publishes its descriptor.
     fn rotate(&mut self, epoch: u64) -> Result<(), SimError> {
         let now_unix = self.now_unix();
         for node in &mut self.nodes {
-            node.keys.ensure(&mut node.rng, epoch..=epoch + 1);
+            node.keys.ensure(&mut node.rng, epoch..=epoch + KEYS_AHEAD);
             node.core.unwrapper().set_keys(node.keys.clone());
             let descriptor = node.descriptor(epoch, now_unix)?;
             self.authority

@@ -159,12 +159,12 @@ fn epoch_edge(vote_lead_secs: u64) {
         match *t {
             4100 => assert_eq!(
                 held,
-                vec![0, 1, 2],
+                vec![0, 1, 2, 3],
                 "previous key held during its grace period"
             ),
             6500 => assert_eq!(
                 held,
-                vec![1, 2],
+                vec![1, 2, 3],
                 "previous key retired after its grace period"
             ),
             _ => {}
@@ -260,11 +260,13 @@ fn admission_a_missed_vote_is_not_a_dead_epoch() {
     assert_eq!(held, vec![0, 2, 3], "epoch 1 never got a document");
     assert_eq!((delivered, dropped), (sent, 0));
     let (sent, delivered, dropped, _) = through_a_late_vote(None, true);
-    assert_eq!(
-        dropped, 10,
-        "control: 6.0-6.9 s keyed for the retired epoch 0"
+    // Sent from 6.0 s (grace over) until document 2 at 7 s, and any sent just before
+    // 6 s that reach a hop after it.
+    assert!(
+        (10..=14).contains(&dropped),
+        "control: packets keyed for the retired epoch 0: {dropped}"
     );
-    assert_eq!(delivered, sent - 10);
+    assert_eq!(delivered as u64 + dropped, sent as u64);
 }
 
 /// Issue 20: a vote that arrives 2.5 s late (into its epoch) loses nothing: until it
