@@ -551,8 +551,12 @@ pub(crate) mod tests {
         seq: u64,
         now: SystemTime,
     ) -> UsageReport {
+        let unix = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
         let bytes = admin
-            .issue_command(body(seq, AccountAction::AccountUsage))
+            .issue_command(CommandBody {
+                expires_at: unix + 600,
+                ..body(seq, AccountAction::AccountUsage)
+            })
             .unwrap()
             .to_bytes();
         let applied = m
@@ -566,12 +570,91 @@ pub(crate) mod tests {
             .expect("a usage query is answered with a report")
     }
 
+    /// Hole 7: an admin polling account usage to watch who receives mail when. Reports
+    /// are refused more often than every 15 minutes, and a few items in a mailbox with an
+    /// ordinary quota show as none; only mailboxes filling up show.
+    #[test]
+    fn rogue_admin_cannot_watch_activity_through_usage_reports() {
+        use crate::mailbox::{USAGE_MIN_INTERVAL, USAGE_STEPS};
+        let a = SubnetAdmin::from_secret([1; 32]);
+        let hosted = [a.subnet()];
+        let mut m = Mailbox::new(cfg(), Salt::from_bytes([3; 32])).unwrap();
+        let big = AccountAction::CreateAccount {
+            account: key(10),
+            mailbox: Hex32([0xa0; 32]),
+            quota: 10_000,
+        };
+        apply(&mut m, &a, &hosted, body(1, big), at(0)).unwrap();
+        let id = shoal_subnet::usage_id(&a.subnet(), &key(10));
+        let items = |r: &UsageReport| r.accounts.iter().find(|u| u.id == id).unwrap().items;
+        assert_eq!(items(&usage(&mut m, &a, &hosted, 2, at(1))), 0);
+        for _ in 0..5 {
+            m.deliver(&[0xa0; 32], [1; 16], &[0; SPHINX_PAYLOAD_SIZE], at(2));
+        }
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        // Asked again a minute later: refused, nothing learnt.
+        let again = a
+            .issue_command(body(3, AccountAction::AccountUsage))
+            .unwrap()
+            .to_bytes();
+        let refused = m
+            .apply_admin(check_command(&again, &hosted).unwrap(), &GW, at(61))
+            .unwrap_err();
+        assert_eq!(refused.0, AdminRefusal::Rejected);
+        // Once allowed again, five items of a 10,000 quota still read as none...
+        let later = at(1 + USAGE_MIN_INTERVAL.as_secs());
+        let report = usage(&mut m, &a, &hosted, 4, later);
+        assert_eq!(items(&report), 0);
+        assert_eq!(report.accounts[0].bytes, 0);
+        // ...while a mailbox an eighth full shows it, in whole steps.
+        let step = 10_000 / USAGE_STEPS as usize;
+        for _ in 0..step + 3 {
+            m.deliver(&[0xa0; 32], [1; 16], &[0; SPHINX_PAYLOAD_SIZE], later);
+        }
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        let much_later = later + USAGE_MIN_INTERVAL;
+        assert_eq!(
+            items(&usage(&mut m, &a, &hosted, 5, much_later)),
+            step as u32
+        );
+        // A tiny quota does not buy item-exact counts: steps are never below
+        // USAGE_MIN_STEP items.
+        let tiny = AccountAction::CreateAccount {
+            account: key(11),
+            mailbox: Hex32([0xa1; 32]),
+            quota: 8,
+        };
+        apply(&mut m, &a, &hosted, body(6, tiny), much_later).unwrap();
+        for _ in 0..5 {
+            m.deliver(&[0xa1; 32], [2; 16], &[0; SPHINX_PAYLOAD_SIZE], much_later);
+        }
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        let id11 = shoal_subnet::usage_id(&a.subnet(), &key(11));
+        let report = usage(&mut m, &a, &hosted, 7, much_later + USAGE_MIN_INTERVAL);
+        let row = report.accounts.iter().find(|u| u.id == id11).unwrap();
+        assert_eq!((row.items, row.bytes), (0, 0), "5 items of a quota of 8");
+    }
+
+    /// Usage in whole steps (here 64 items: a quota of 512) goes up when mail is
+    /// stored and down after pull and ack; each subnet sees its own accounts only.
     #[test]
     fn usage_goes_up_when_mail_is_stored_and_down_after_pull_and_ack() {
+        use crate::mailbox::USAGE_MIN_STEP;
         let a = SubnetAdmin::from_secret([1; 32]);
         let b = SubnetAdmin::from_secret([2; 32]);
         let hosted = [a.subnet(), b.subnet()];
         let mut m = Mailbox::new(cfg(), Salt::from_bytes([3; 32])).unwrap();
+        let create = |account, mailbox| AccountAction::CreateAccount {
+            account: key(account),
+            mailbox: Hex32([mailbox; 32]),
+            quota: 8 * USAGE_MIN_STEP,
+        };
         apply(&mut m, &a, &hosted, body(1, create(10, 0xa0)), at(0)).unwrap();
         apply(&mut m, &a, &hosted, body(2, create(11, 0xa1)), at(0)).unwrap();
         apply(&mut m, &b, &hosted, body(1, create(12, 0xb0)), at(0)).unwrap();
@@ -589,19 +672,26 @@ pub(crate) mod tests {
                 row(&empty, id10).bytes,
                 row(&empty, id10).quota
             ),
-            (0, 0, 10)
+            (0, 0, 8 * USAGE_MIN_STEP)
         );
 
-        for mb in [0xa0, 0xa0, 0xa0, 0xa1, 0xb0, 0xee] {
-            m.deliver(&[mb; 32], [mb; 16], &[0; SPHINX_PAYLOAD_SIZE], at(2));
+        let step = USAGE_MIN_STEP as usize;
+        for (mb, n) in [(0xa0, 2 * step + 1), (0xa1, step), (0xb0, step), (0xee, 1)] {
+            for i in 0..n {
+                let tag = [mb, (i % 256) as u8, (i / 256) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                m.deliver(&[mb; 32], tag, &[0; SPHINX_PAYLOAD_SIZE], at(2));
+            }
         }
         while let Some(batch) = m.poll_write() {
             let _ = m.on_committed(Committed::dangerously_assume_durable(&batch));
         }
-        let full = usage(&mut m, &a, &hosted, 4, at(3));
-        assert_eq!(row(&full, id10).items, 3);
-        assert_eq!(row(&full, id10).bytes, 3 * SPHINX_PAYLOAD_SIZE as u64);
-        assert_eq!(row(&full, id11).items, 1);
+        let full = usage(&mut m, &a, &hosted, 4, at(1000));
+        assert_eq!(row(&full, id10).items, 2 * USAGE_MIN_STEP);
+        assert_eq!(
+            row(&full, id10).bytes,
+            2 * u64::from(USAGE_MIN_STEP) * SPHINX_PAYLOAD_SIZE as u64
+        );
+        assert_eq!(row(&full, id11).items, USAGE_MIN_STEP);
         // B sees its own account only, under its own id.
         let of_b = usage(&mut m, &b, &hosted, 2, at(3));
         assert_eq!(of_b.total_accounts, 1);
@@ -609,9 +699,9 @@ pub(crate) mod tests {
             of_b.accounts[0].id,
             shoal_subnet::usage_id(&b.subnet(), &key(12))
         );
-        assert_eq!(of_b.accounts[0].items, 1);
+        assert_eq!(of_b.accounts[0].items, USAGE_MIN_STEP);
 
-        // Pull and ack two of the three: usage goes down by exactly those.
+        // Pull and ack two: 2 steps + 1 becomes 2 steps - 1, one step down.
         let plan = m.pull(&key(10).0, at(4)).unwrap();
         let ids: Vec<u64> = plan
             .items()
@@ -627,18 +717,24 @@ pub(crate) mod tests {
         while let Some(batch) = m.poll_write() {
             let _ = m.on_committed(Committed::dangerously_assume_durable(&batch));
         }
-        let after = usage(&mut m, &a, &hosted, 5, at(5));
-        assert_eq!(row(&after, id10).items, 1);
-        assert_eq!(row(&after, id10).bytes, SPHINX_PAYLOAD_SIZE as u64);
-        assert_eq!(row(&after, id11).items, 1);
+        let after = usage(&mut m, &a, &hosted, 5, at(2000));
+        assert_eq!(row(&after, id10).items, USAGE_MIN_STEP);
+        assert_eq!(
+            row(&after, id10).bytes,
+            u64::from(USAGE_MIN_STEP) * SPHINX_PAYLOAD_SIZE as u64
+        );
+        assert_eq!(row(&after, id11).items, USAGE_MIN_STEP);
 
         // A usage query is a command like the others: a replay is refused.
         let replay = a
-            .issue_command(body(5, AccountAction::AccountUsage))
+            .issue_command(CommandBody {
+                expires_at: NOW + 2600,
+                ..body(5, AccountAction::AccountUsage)
+            })
             .unwrap()
             .to_bytes();
         assert_eq!(
-            m.apply_admin(check_command(&replay, &hosted).unwrap(), &GW, at(5))
+            m.apply_admin(check_command(&replay, &hosted).unwrap(), &GW, at(2000))
                 .unwrap_err()
                 .0,
             AdminRefusal::Replayed

@@ -1553,6 +1553,15 @@ enum Use {
     /// The gateway answered but does not have this account.
     Missing,
     Unreachable,
+    /// The gateway refused to answer (asked again within its interval).
+    Refused,
+}
+
+/// What one gateway said to the usage query.
+enum Asked {
+    Report(UsageReport),
+    Refused,
+    Unreachable,
 }
 
 /// The account table: configuration the admin holds and, unless `offline`, each
@@ -1587,11 +1596,26 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
     let mut notes = Vec::new();
     if !offline {
         for (addr, key) in &gateways {
-            let report = s.usage(*addr, *key).await;
-            if let Err(e) = &report {
-                notes.push(format!("gateway {addr} unreachable: {e:#}"));
-            }
-            reports.insert(*addr, report.ok());
+            let report = match s.usage(*addr, *key).await {
+                Ok(r) => Asked::Report(r),
+                Err(e) => {
+                    let refused = matches!(
+                        e.downcast_ref::<shoal_gateway::GatewayError>(),
+                        Some(shoal_gateway::GatewayError::AdminRefused { .. })
+                    );
+                    if refused {
+                        // Gateways answer once per 15 minutes per subnet.
+                        notes.push(format!(
+                            "gateway {addr} refused the usage query (a gateway answers it once per 15 minutes): {e:#}"
+                        ));
+                        Asked::Refused
+                    } else {
+                        notes.push(format!("gateway {addr} unreachable: {e:#}"));
+                        Asked::Unreachable
+                    }
+                }
+            };
+            reports.insert(*addr, report);
         }
     }
     let mut known = BTreeSet::new();
@@ -1601,8 +1625,9 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
         }
         match reports.get(&m.gateway_addr) {
             None => Use::NotAsked,
-            Some(None) => Use::Unreachable,
-            Some(Some(report)) => {
+            Some(Asked::Unreachable) => Use::Unreachable,
+            Some(Asked::Refused) => Use::Refused,
+            Some(Asked::Report(report)) => {
                 let id = usage_id(&s.id(), &m.account_key);
                 known.insert(id);
                 match report.accounts.iter().find(|u| u.id == id) {
@@ -1647,6 +1672,7 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
                 "unreachable".into(),
                 "-".into(),
             ),
+            Use::Refused => (opt(m.quota.map(u64::from)), "refused".into(), "-".into()),
         };
         out.push_str(&line(
             &m.handle,
@@ -1679,7 +1705,9 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
         ));
     }
     for (addr, report) in &reports {
-        let Some(report) = report else { continue };
+        let Asked::Report(report) = report else {
+            continue;
+        };
         let unknown = report
             .accounts
             .iter()

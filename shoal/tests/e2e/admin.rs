@@ -860,13 +860,14 @@ fn list_row(bin: &Path, admin: &str, handle: &str) -> (Vec<String>, String) {
 }
 
 /// Quota use in `admin list`, asked of a real gateway process by a signed read-only
-/// command: bob's stored items go up once alice's real client has a message durable in
-/// his mailbox (it crossed the mixnet), and back to zero after bob pulls and acks; with
-/// the gateway gone, `list` still works and says the gateway is unreachable.
+/// command. The gateway answers coarsely (items in steps of an eighth of the quota) and
+/// once per 15 minutes per subnet: asked again after alice's real client has a message
+/// durable in bob's mailbox (it crossed the mixnet), it refuses, and `list` says so and
+/// still shows the admin's records; with the gateway gone, `list` still works and says
+/// the gateway is unreachable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_list_shows_mailbox_use_going_up_and_down() {
+async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
     use shoal_client::{Contact, ContactCard};
-    use shoal_packet::SPHINX_PAYLOAD_SIZE;
 
     let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_shoal"));
     let tmp = tempfile::tempdir().unwrap();
@@ -1022,14 +1023,15 @@ async fn admin_list_shows_mailbox_use_going_up_and_down() {
     );
     assert!(sent.contains("delivered to bob's mailbox"), "{sent}");
 
+    // Asked again within 15 minutes: the gateway refuses, so polling cannot time who
+    // gets mail when; the listing still shows the admin's own records.
     let (row, list) = list_row(&bin, &admin, "bob");
     println!("{list}");
-    let stored: u64 = row[6].parse().unwrap();
-    assert!(stored >= 1, "the message is counted:\n{list}");
-    assert_eq!(
-        row[7],
-        (stored * SPHINX_PAYLOAD_SIZE as u64).to_string(),
-        "bytes of the stored items:\n{list}"
+    assert_eq!(row[3], "active", "{list}");
+    assert_eq!(row[6], "refused", "{list}");
+    assert!(
+        list.contains(&format!("gateway {gw} refused the usage query")),
+        "{list}"
     );
     assert!(
         !list.contains(&hex::encode(bob_box))
@@ -1037,38 +1039,18 @@ async fn admin_list_shows_mailbox_use_going_up_and_down() {
         "no mailbox or key in the listing:\n{list}"
     );
 
-    // Bob pulls and acks everything; his use goes back to zero.
+    // The refusal hid nothing from bob: alice's message waits in his mailbox.
     let mut bob = Member::connect(&bob_key, gw_addr, gw_key).await;
-    let mut pulled = 0;
-    loop {
-        let ids = bob.pull_item_ids().await;
-        if ids.is_empty() {
-            break;
-        }
-        pulled += ids.len() as u64;
-        ack(&mut bob, ids).await;
-    }
-    // More than counted if a retransmitted copy landed after the listing.
-    assert!(
-        pulled >= stored,
-        "bob pulled {pulled}, the listing counted {stored}"
-    );
-    let mut row = Vec::new();
-    let mut list = String::new();
+    let mut pulled = Vec::new();
     for _ in 0..50 {
-        (row, list) = list_row(&bin, &admin, "bob");
-        if row[6] == "0" {
+        pulled = bob.pull_item_ids().await;
+        if !pulled.is_empty() {
             break;
-        }
-        // A copy still arriving is pulled and acked like the rest.
-        let late = bob.pull_item_ids().await;
-        if !late.is_empty() {
-            ack(&mut bob, late).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("{list}");
-    assert_eq!(row[5..], ["10000", "0", "0"], "after pull and ack:\n{list}");
+    assert!(!pulled.is_empty(), "alice's message is in bob's mailbox");
+    ack(&mut bob, pulled).await;
 
     // The gateway gone: the listing still works, and says so.
     for g in &mut net.gateways {
