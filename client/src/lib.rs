@@ -4,6 +4,7 @@ pub mod contact;
 pub mod core;
 pub mod driver;
 pub mod group;
+pub mod keys;
 pub mod managed;
 pub mod messenger;
 pub mod receipts;
@@ -16,6 +17,7 @@ pub mod store;
 mod testnet;
 
 pub use contact::{CardError, Contact, ContactCard};
+pub use keys::MemberKeys;
 pub use core::{
     ClientConfig, ClientCore, ClientError, ClientSnapshot, ClientStats, Event, Identity,
     OutgoingFragment, OutgoingMessage, PartialOp, RetransmitPolicy, SendRecord,

@@ -468,9 +468,9 @@ impl std::fmt::Debug for Mailbox {
     }
 }
 
-/// What the gateway takes from a subnet's policy, and all it keeps of it: the version,
-/// the TTL bound and the revoked account keys, which it enforces. Roles, rules and
-/// federation partners are checked with the signature and then forgotten, never stored.
+/// What the gateway is given of a subnet's policy, and all it keeps of it: the version,
+/// the TTL bound and the revoked account (link) keys, which it enforces. Roles, rules,
+/// federation partners and members' identity keys are never sent to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HostedPolicy {
     version: u64,
@@ -482,7 +482,8 @@ struct HostedPolicy {
 const HOSTED_POLICY_TAG: u8 = 1;
 
 impl HostedPolicy {
-    fn new(policy: &Policy) -> Self {
+    /// From a legacy store's signed policy, whose revoked keys were link keys then.
+    fn legacy(policy: &Policy) -> Self {
         let b = policy.body();
         HostedPolicy {
             version: b.version,
@@ -512,7 +513,7 @@ impl HostedPolicy {
         if bytes.first() == Some(&b'{') {
             return Policy::verify(bytes, subnet)
                 .ok()
-                .map(|p| HostedPolicy::new(&p));
+                .map(|p| HostedPolicy::legacy(&p));
         }
         let (&tag, rest) = bytes.split_first()?;
         if tag != HOSTED_POLICY_TAG || rest.len() < 20 {
@@ -1106,7 +1107,7 @@ impl Mailbox {
         gateway: &Hex32,
         now: SystemTime,
     ) -> Result<AdminApplied, Refusal> {
-        let CheckedAdmin { command, policy } = checked;
+        let CheckedAdmin { command } = checked;
         let mut guard = self.guard.clone();
         let now_unix = unix_ms(now) / 1000;
         let command = command
@@ -1180,14 +1181,21 @@ impl Mailbox {
                 self.usage_asked.insert(subnet, now_ms);
                 applied.usage = Some(self.usage_report(&subnet));
             }
-            AccountAction::PublishPolicy { .. } => {
-                let policy = policy.ok_or((AdminRefusal::Internal, "policy was not checked"))?;
+            AccountAction::PublishPolicy {
+                version,
+                ttl_max_secs,
+                revoked_accounts,
+            } => {
                 if let Some(held) = self.policies.get(&subnet)
-                    && policy.version() <= held.version
+                    && *version <= held.version
                 {
                     return Err(rejected("policy version is not newer than the one held"));
                 }
-                let hosted = HostedPolicy::new(&policy);
+                let hosted = HostedPolicy {
+                    version: *version,
+                    ttl_max: Duration::from_secs(*ttl_max_secs),
+                    revoked: revoked_accounts.iter().map(|k| k.0).collect(),
+                };
                 applied.cut = self
                     .boxes
                     .values()

@@ -3,8 +3,8 @@
 //! The admin dials the gateway's client endpoint with its subnet key as the link
 //! identity, sends one signed command as fixed-size `AdminChunk` frames and reads one
 //! `AdminResult` frame ([`execute`]). The gateway accepts such a link only from the admin
-//! key of a subnet in its config, checks the command's signature (and, for a policy, the
-//! policy's signature) off the mailbox task with [`check_command`], and hands the
+//! key of a subnet in its config, checks the command's signature off the mailbox task
+//! with [`check_command`], and hands the
 //! resulting [`CheckedAdmin`] to [`crate::Mailbox::apply_admin`], which checks target,
 //! expiry and sequence against the persisted guard and applies it. The answer goes out
 //! only after the store reports the batch durable.
@@ -20,8 +20,7 @@ use ed25519_dalek::SigningKey;
 use shoal_link::{LinkEndpoint, NodeKey, PeerSet};
 use shoal_packet::{FRAME_SIZE, Frame};
 use shoal_subnet::{
-    AccountAction, Policy, SignedCheckedCommand, SignedCommand, SubnetError, SubnetId,
-    UncheckedCommand, UncheckedPolicy, UsageReport,
+    SignedCheckedCommand, SignedCommand, SubnetError, SubnetId, UncheckedCommand, UsageReport,
 };
 
 use crate::GatewayError;
@@ -33,13 +32,11 @@ use shoal_packet::protocol::{
 /// chunks carry (about 4,700 accounts; a longer report is cut and says so).
 pub const MAX_REPORT_BYTES: usize = MAX_CHUNK_BYTES * MAX_ADMIN_CHUNKS as usize;
 
-/// A command whose admin signature verified against a hosted subnet (and whose policy,
-/// if it carries one, verified against the same subnet). Freshness and replay are
-/// checked when the mailbox core applies it.
+/// A command whose admin signature verified against a hosted subnet. Freshness and
+/// replay are checked when the mailbox core applies it.
 #[derive(Debug, Clone)]
 pub struct CheckedAdmin {
     pub(crate) command: SignedCheckedCommand,
-    pub(crate) policy: Option<Policy>,
 }
 
 impl CheckedAdmin {
@@ -67,28 +64,7 @@ pub fn check_command(bytes: &[u8], hosted: &[SubnetId]) -> Result<CheckedAdmin, 
             "command signature does not verify",
         ),
     })?;
-    let policy = match command.action() {
-        AccountAction::PublishPolicy { policy } => {
-            let parsed = UncheckedPolicy::parse(policy.as_bytes())
-                .map_err(|_| (AdminRefusal::Malformed, "policy does not parse"))?;
-            Some(
-                parsed
-                    .check_signature(&command.subnet())
-                    .map_err(|e| match e {
-                        SubnetError::WrongSubnet { .. } => (
-                            AdminRefusal::Rejected,
-                            "policy is of another subnet than the command",
-                        ),
-                        _ => (
-                            AdminRefusal::BadSignature,
-                            "policy signature does not verify",
-                        ),
-                    })?,
-            )
-        }
-        _ => None,
-    };
-    Ok(CheckedAdmin { command, policy })
+    Ok(CheckedAdmin { command })
 }
 
 /// The frames that answer one admin command: the usage report's `AdminReport` chunks
@@ -284,7 +260,9 @@ pub(crate) mod tests {
     use std::time::{SystemTime, UNIX_EPOCH};
 
     use shoal_packet::SPHINX_PAYLOAD_SIZE;
-    use shoal_subnet::{BurnOnRead, CommandBody, PolicyBody, RoleRule, SubnetAdmin};
+    use shoal_subnet::{
+        AccountAction, BurnOnRead, CommandBody, Policy, PolicyBody, RoleRule, SubnetAdmin,
+    };
     use shoal_topology::Hex32;
 
     use super::*;
@@ -324,12 +302,17 @@ pub(crate) mod tests {
         }
     }
 
+    /// What the admin tells its gateways of its policy `version`.
     pub(crate) fn policy(
         admin: &SubnetAdmin,
         version: u64,
         ttl_max: u64,
         revoked: Vec<Hex32>,
-    ) -> String {
+    ) -> AccountAction {
+        AccountAction::publish_policy(&policy_body(admin, version, ttl_max), revoked)
+    }
+
+    fn policy_body(admin: &SubnetAdmin, version: u64, ttl_max: u64) -> Policy {
         let body = PolicyBody {
             subnet: admin.subnet(),
             version,
@@ -343,10 +326,10 @@ pub(crate) mod tests {
             ttl_min_secs: 0,
             ttl_max_secs: ttl_max,
             burn_on_read: BurnOnRead::Allowed,
-            revoked_keys: revoked,
+            revoked_keys: vec![],
             revoked_handles: vec![],
         };
-        String::from_utf8(admin.issue_policy(body).unwrap().to_bytes()).unwrap()
+        Policy::verify(&admin.issue_policy(body).unwrap().to_bytes(), &admin.subnet()).unwrap()
     }
 
     fn cfg() -> MailboxConfig {
@@ -497,7 +480,7 @@ pub(crate) mod tests {
             &mut m,
             &a,
             &hosted,
-            body(3, AccountAction::PublishPolicy { policy: p1.clone() }),
+            body(3, p1.clone()),
             at(1),
         )
         .unwrap();
@@ -524,21 +507,10 @@ pub(crate) mod tests {
                 &mut m,
                 &a,
                 &hosted,
-                body(5, AccountAction::PublishPolicy { policy: p1 }),
+                body(5, p1),
                 at(2)
             ),
             Err(AdminRefusal::Rejected)
-        );
-        // A policy signed by another admin does not verify for this subnet.
-        let other = SubnetAdmin::from_secret([2; 32]);
-        let foreign = policy(&other, 9, 60, vec![]);
-        let bytes = a
-            .issue_command(body(6, AccountAction::PublishPolicy { policy: foreign }))
-            .unwrap()
-            .to_bytes();
-        assert_eq!(
-            check_command(&bytes, &hosted).unwrap_err().0,
-            AdminRefusal::Rejected
         );
     }
 
@@ -881,9 +853,10 @@ pub(crate) mod tests {
         assert_eq!(report.accounts[..], many.accounts[..report.accounts.len()]);
     }
 
-    /// Hole 6: a gateway's store keeps only what it enforces of a policy (version, TTL
-    /// bound, revoked keys): whoever holds its database learns no federation partner,
-    /// role or rule, and the enforcement survives a restart.
+    /// Hole 6: a gateway is given, and keeps, only what it enforces of a policy (version,
+    /// TTL bound, revoked link keys): whoever holds its database learns no federation
+    /// partner, role, rule or revoked member identity key, and the enforcement survives
+    /// a restart.
     #[test]
     fn rogue_gateway_store_keeps_no_federation_partners() {
         let dir = tempfile::tempdir().unwrap();
@@ -891,16 +864,17 @@ pub(crate) mod tests {
         let a = SubnetAdmin::from_secret([1; 32]);
         let partner = SubnetAdmin::from_secret([0x77; 32]).subnet();
         let hosted = [a.subnet()];
-        let signed = policy(&a, 1, 60, vec![key(11)]);
-        let envelope: serde_json::Value = serde_json::from_str(&signed).unwrap();
-        let mut pb: PolicyBody = serde_json::from_str(envelope["body"].as_str().unwrap()).unwrap();
+        let mut pb = policy_body(&a, 1, 60).body().clone();
         pb.federation.push(shoal_subnet::Federation {
             subnet: partner,
             local_roles: vec!["staff".into()],
             remote_roles: vec!["staff".into()],
         });
         pb.roles.push("secretrole".into());
-        let p1 = String::from_utf8(a.issue_policy(pb).unwrap().to_bytes()).unwrap();
+        // A member identity key the policy revokes, whose account's link key is key(11).
+        pb.revoked_keys.push(Hex32([0x1d; 32]));
+        let full = Policy::verify(&a.issue_policy(pb).unwrap().to_bytes(), &a.subnet()).unwrap();
+        let p1 = AccountAction::publish_policy(&full, vec![key(11)]);
         {
             let (store, rec) =
                 Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
@@ -908,7 +882,7 @@ pub(crate) mod tests {
             for (seq, action) in [
                 (1, create(10, 0xa0)),
                 (2, create(11, 0xa1)),
-                (3, AccountAction::PublishPolicy { policy: p1 }),
+                (3, p1),
             ] {
                 let c = a.issue_command(body(seq, action)).unwrap().to_bytes();
                 m.apply_admin(check_command(&c, &hosted).unwrap(), &GW, at(0))
@@ -924,6 +898,7 @@ pub(crate) mod tests {
         assert!(!has(&partner.0), "partner's id, raw");
         assert!(!has(hex::encode(partner.0).as_bytes()), "partner's id, hex");
         assert!(!has(b"secretrole"), "roles");
+        assert!(!has(&[0x1d; 32]), "revoked member identity key");
         let (_store, rec) = Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
         let mut m = Mailbox::restore(cfg(), rec).unwrap();
         assert_eq!(m.policy_version(&a.subnet()), Some(1));
@@ -932,9 +907,7 @@ pub(crate) mod tests {
         let old = a
             .issue_command(body(
                 4,
-                AccountAction::PublishPolicy {
-                    policy: policy(&a, 1, 60, vec![]),
-                },
+                policy(&a, 1, 60, vec![]),
             ))
             .unwrap()
             .to_bytes();
@@ -963,7 +936,7 @@ pub(crate) mod tests {
             m.apply_admin(check_command(&create1, &hosted).unwrap(), &GW, at(0))
                 .unwrap();
             let pub1 = a
-                .issue_command(body(8, AccountAction::PublishPolicy { policy: p1.clone() }))
+                .issue_command(body(8, p1.clone()))
                 .unwrap()
                 .to_bytes();
             m.apply_admin(check_command(&pub1, &hosted).unwrap(), &GW, at(0))

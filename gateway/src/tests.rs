@@ -780,7 +780,7 @@ async fn admin_commands_over_the_network() {
         &a_key,
         gw.client_addr(),
         gw_key,
-        &cmd(&a, 12, AccountAction::PublishPolicy { policy }),
+        &cmd(&a, 12, policy),
         t,
     )
     .await

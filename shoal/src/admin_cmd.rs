@@ -103,9 +103,12 @@ pub enum AdminCommand {
         /// The mailbox address the member's mail arrives for.
         #[arg(long, value_parser = parse_hex32)]
         mailbox: [u8; 32],
-        /// The member's Ed25519 signing key for groups (default: the account key).
+        /// The member's Ed25519 identity key (`identity key:` from `shoal client init`):
+        /// it signs the member's MLS leaf, direct messages and address binding, and the
+        /// credential names it. Never the account key: a gateway sees only that one, and
+        /// must not be able to tie an account to a member.
         #[arg(long, value_parser = parse_hex32)]
-        signing_key: Option<[u8; 32]>,
+        identity_key: [u8; 32],
         /// The member's seal key (`seal key:` from `shoal client init`). Senders never use
         /// it (they seal to the key the member's client signs itself, and the member's
         /// client refuses a credential naming a key that is not its own); the admin's
@@ -374,7 +377,9 @@ struct Member {
     role: String,
     gateway_addr: SocketAddr,
     gateway_key: Hex32,
+    /// The link key: what the gateway knows the account by.
     account_key: Hex32,
+    /// The member's identity key, which the credential names (never sent to a gateway).
     signing_key: Hex32,
     mailbox: Hex32,
     /// The configured mailbox quota (absent in records written before it was kept).
@@ -645,7 +650,12 @@ impl Subnet {
         if members.join(format!("{}.json", e.handle)).exists() {
             bail!("{:?} is already enrolled; de-provision it first", e.handle);
         }
-        let signing_key = Hex32(e.signing_key.unwrap_or(e.account_key));
+        if e.identity_key == e.account_key {
+            bail!(
+                "the identity key is the account key: a gateway would see the key that signs the member's messages; give the `identity key:` line of `shoal client init`"
+            );
+        }
+        let signing_key = Hex32(e.identity_key);
         let now = unix_now();
         let not_after = now + e.valid_days * 24 * 3600;
         let credential = self.admin.issue_credential(CredentialBody {
@@ -707,7 +717,7 @@ impl Subnet {
 
     /// Publishes `new` (replacing `old`): to every member through the mixnet, and to
     /// every gateway hosting an enrolled member if what gateways enforce changed (or
-    /// `gateways` is `Always`). Gateways are told first, so a de-provisioned account is
+    /// `gateways` is `Revoking`). Gateways are told first, so a de-provisioned account is
     /// cut there before members hear of it.
     async fn publish(
         &self,
@@ -716,34 +726,54 @@ impl Subnet {
         gateways: ToGateways,
     ) -> anyhow::Result<Published> {
         let enforced = |p: &Policy| (p.body().ttl_max_secs, p.body().revoked_keys.clone());
-        let tell_gateways =
-            matches!(gateways, ToGateways::Always) || enforced(old) != enforced(new);
+        let revoking = match gateways {
+            ToGateways::Revoking(account) => Some(account),
+            ToGateways::IfEnforcedChanged => None,
+        };
+        let tell_gateways = revoking.is_some() || enforced(old) != enforced(new);
         let mut published = Published::default();
         if tell_gateways {
-            published.gateways = Some(self.publish_to_gateways(new).await?);
+            let mut revoked = self.revoked_accounts()?;
+            revoked.extend(revoking);
+            published.gateways = Some(self.publish_to_gateways(new, revoked).await?);
         }
         self.publish_to_members(new, &mut published)?;
         Ok(published)
     }
 
-    /// Gives `policy` to every gateway hosting an enrolled member (they bound mailbox
-    /// TTLs by it and cut revoked accounts).
-    async fn publish_to_gateways(&self, policy: &Policy) -> anyhow::Result<usize> {
+    /// The link keys of de-provisioned members' accounts (from their kept records).
+    fn revoked_accounts(&self) -> anyhow::Result<Vec<Hex32>> {
+        let mut keys = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.join(MEMBERS_DIR)) else {
+            return Ok(keys);
+        };
+        for e in entries {
+            let path = e?.path();
+            if path.to_string_lossy().ends_with(".json.revoked") {
+                keys.push(read_json::<Member>(&path)?.account_key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Tells every gateway hosting an enrolled member what it enforces of `policy`
+    /// (they bound mailbox TTLs by it) and which account link keys to refuse. Never the
+    /// policy itself: its roles, federation and revoked member identity keys stay
+    /// between the admin and the members.
+    async fn publish_to_gateways(
+        &self,
+        policy: &Policy,
+        revoked_accounts: Vec<Hex32>,
+    ) -> anyhow::Result<usize> {
         let gateways: BTreeSet<(SocketAddr, [u8; 32])> = self
             .members()?
             .iter()
             .map(|m| (m.gateway_addr, m.gateway_key.0))
             .collect();
-        let text = String::from_utf8(policy.signed().to_bytes())?;
+        let action = AccountAction::publish_policy(policy, revoked_accounts);
         for (addr, key) in &gateways {
-            self.send(
-                *addr,
-                *key,
-                AccountAction::PublishPolicy {
-                    policy: text.clone(),
-                },
-            )
-            .await?;
+            self.send(*addr, *key, action.clone()).await?;
         }
         Ok(gateways.len())
     }
@@ -794,7 +824,8 @@ impl Subnet {
 enum ToGateways {
     /// Only if what they enforce changed.
     IfEnforcedChanged,
-    Always,
+    /// Always, adding this de-provisioned account's link key to those refused.
+    Revoking(Hex32),
 }
 
 /// Where a policy version went.
@@ -861,7 +892,8 @@ struct Enrolment {
     role: String,
     account_key: [u8; 32],
     mailbox: [u8; 32],
-    signing_key: Option<[u8; 32]>,
+    /// The member's identity key (the credential's `signing_key`).
+    identity_key: [u8; 32],
     seal_key: Option<[u8; 32]>,
     quota: u32,
     valid_days: u64,
@@ -976,7 +1008,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             role,
             account_key,
             mailbox,
-            signing_key,
+            identity_key,
             seal_key,
             quota,
             valid_days,
@@ -990,7 +1022,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     role,
                     account_key,
                     mailbox,
-                    signing_key,
+                    identity_key,
                     seal_key: Some(seal_key),
                     quota,
                     valid_days,
@@ -1113,6 +1145,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 );
             }
             let account_key = field_hex32(&text, "account key")?;
+            let identity_key = field_hex32(&text, "identity key")?;
             let card = field(&text, "contact card")
                 .context("the redeem file has no \"contact card\" line")?;
             let card =
@@ -1133,7 +1166,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     role: invite.role.clone(),
                     account_key,
                     mailbox: card.contact.mailbox,
-                    signing_key: None,
+                    identity_key,
                     seal_key: Some(card.contact.public_key),
                     quota: invite.quota,
                     valid_days: invite.valid_days,
@@ -1171,14 +1204,15 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             .await?;
             let cut = started.elapsed();
             let mut body = s.policy()?.body().clone();
-            for k in [m.signing_key, m.account_key] {
-                if !body.revoked_keys.contains(&k) {
-                    body.revoked_keys.push(k);
-                }
+            // Members learn the identity key only; gateways the link key only.
+            if !body.revoked_keys.contains(&m.signing_key) {
+                body.revoked_keys.push(m.signing_key);
             }
             let (old, new) = s.next_policy(body)?;
             // Publish while the member's record still names its gateway; forget it after.
-            let published = s.publish(&old, &new, ToGateways::Always).await?;
+            let published = s
+                .publish(&old, &new, ToGateways::Revoking(m.account_key))
+                .await?;
             s.save_policy(&new)?;
             let members = dir.join(MEMBERS_DIR);
             // Kept (outside *.json) so `list` still shows the account as de-provisioned.

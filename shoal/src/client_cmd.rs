@@ -51,7 +51,8 @@ const DEFAULT_COMMIT_SETTLE_SECS: u64 = 30;
 
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
-    /// Create an identity (account key, X25519 key, mailbox address) and DIR/client.toml.
+    /// Create an identity (account key for the gateway link, identity key for the
+    /// subnet, X25519 seal key, mailbox address) and DIR/client.toml.
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -391,7 +392,10 @@ pub fn load_identity(store: &ClientStore) -> anyhow::Result<(Identity, SigningKe
 /// What a fresh client directory's owner gives an admin or a gateway operator.
 #[derive(Debug)]
 pub struct NewClient {
+    /// The link key: all a gateway sees of this client.
     pub account_key: [u8; 32],
+    /// The identity key a credential names (MLS, direct messages, address binding).
+    pub identity_key: [u8; 32],
     pub mailbox: [u8; 32],
     pub seal_key: [u8; 32],
     pub card: String,
@@ -417,18 +421,20 @@ pub fn init_dir(
         bail!("{} already holds a client", dir.display());
     }
     let mut rng = rand::rng();
-    let account = SigningKey::generate(&mut rng);
-    let identity = Identity::generate(&mut rng, gateway_key);
+    // One key per purpose: the link key the gateway knows the account by, the identity
+    // key that signs as the member, and the X25519 seal key.
+    let keys = shoal_client::MemberKeys::generate(&mut rng, gateway_key);
     let store = ClientStore::open(&store_path)?;
-    store.save_identity(&identity)?;
-    store.save_account_key(&account.to_bytes())?;
+    keys.save(&store)?;
+    let identity = &keys.identity;
     let card = ContactCard::new(client_file.name.clone(), identity.contact())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let text = render_config(client_file);
     std::fs::write(&config_path, text)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     Ok(NewClient {
-        account_key: account.verifying_key().to_bytes(),
+        account_key: keys.account_key(),
+        identity_key: keys.identity_key(),
         mailbox: identity.mailbox,
         seal_key: identity.contact().public_key,
         card: card.to_text(),
@@ -682,11 +688,13 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             };
             let NewClient {
                 account_key: account,
+                identity_key,
                 mailbox,
                 seal_key,
                 card,
             } = init_dir(&dir, gateway.key, &file)?;
             println!("account key: {}", hex::encode(account));
+            println!("identity key: {}", hex::encode(identity_key));
             println!("mailbox: {}", hex::encode(mailbox));
             println!("seal key: {}", hex::encode(seal_key));
             println!("contact card: {card}");
@@ -703,7 +711,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Contact(ContactCommand::Show { dir }) => {
             let loaded = load_config(&dir.join(CONFIG_FILE))?;
             let store = open_store(&dir)?;
-            let (identity, account) = load_identity(&store)?;
+            let (identity, _) = load_identity(&store)?;
             if store.load_messenger()?.is_some() || dir.join("credential").exists() {
                 // A member's card: the signed member card the chat's `/card` gives.
                 let files = MemberFiles {
@@ -711,7 +719,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     policy: None,
                     commit_settle_secs: 30,
                 };
-                let mut m = open_messenger(&dir, &files, &store, &account, identity.contact())?;
+                let mut m = open_messenger(&dir, &files, &store, identity.contact())?;
                 let card = invite_to_text(&m.invite()?);
                 // The card's one-time key is now part of the state: keep it.
                 store.save_messenger(&m.snapshot()?, &[])?;
@@ -871,7 +879,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     commit_settle_secs: DEFAULT_COMMIT_SETTLE_SECS,
                 };
                 let messenger =
-                    open_messenger(&loaded.dir, &files, &store, &account, identity.contact())?;
+                    open_messenger(&loaded.dir, &files, &store, identity.contact())?;
                 return run_member(loaded, store, identity, account, messenger);
             }
             let store = Arc::new(store);
@@ -1140,13 +1148,13 @@ fn add_member_card(dir: &Path, store: &ClientStore, name: &str, card: &str) -> a
         );
     }
     // On first use this reads the admin's files in DIR, like the chat.
-    let (identity, account) = load_identity(store)?;
+    let (identity, _) = load_identity(store)?;
     let files = MemberFiles {
         credential: None,
         policy: None,
         commit_settle_secs: 30,
     };
-    let mut m = open_messenger(dir, &files, store, &account, identity.contact())?;
+    let mut m = open_messenger(dir, &files, store, identity.contact())?;
     let pinned = m.confirm_card(&member, unix_ms());
     store.save_messenger(&m.snapshot()?, &[])?;
     let mut file = ChatFile::load(dir)?;
@@ -1210,7 +1218,7 @@ impl Member {
             policy: opts.policy.clone(),
             commit_settle_secs: opts.commit_settle_secs,
         };
-        let messenger = open_messenger(&dir, &files, &store, &account, identity.contact())?;
+        let messenger = open_messenger(&dir, &files, &store, identity.contact())?;
         let file = ChatFile::load(&dir)?;
         Ok(Member {
             dir,

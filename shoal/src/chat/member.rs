@@ -181,7 +181,6 @@ pub(crate) fn open_messenger(
     dir: &Path,
     files: &MemberFiles,
     store: &ClientStore,
-    account: &SigningKey,
     own: Contact,
 ) -> anyhow::Result<Messenger> {
     let now = unix_ms();
@@ -206,9 +205,11 @@ pub(crate) fn open_messenger(
         .and_then(UncheckedCredential::check_signature)
         .and_then(|c| c.check_valid_at(now / 1000))
         .context("your membership credential")?;
-    if cred.signing_key() != account.verifying_key().to_bytes() {
+    let signing = identity_key(store)?;
+    if cred.signing_key() != signing.verifying_key().to_bytes() {
         bail!(
-            "this credential was issued for another device's key; give your admin the account key `shoal client init` printed"
+            "this credential names another key than this client's identity key {}; give your admin the `identity key:` line `shoal client init` printed (never the account key: that one is your gateway's to see)",
+            hex::encode(signing.verifying_key().to_bytes())
         );
     }
     let policy = Policy::verify(&read(&policy_path, "policy")?, &cred.subnet())
@@ -219,10 +220,21 @@ pub(crate) fn open_messenger(
         },
         ..MessengerConfig::default()
     };
-    let m = Messenger::new(account.to_bytes(), own, cred.signed(), policy, config, now)
+    let m = Messenger::new(signing.to_bytes(), own, cred.signed(), policy, config, now)
         .context("your membership credential is not for this client")?;
     store.save_messenger(&m.snapshot()?, &[])?;
     Ok(m)
+}
+
+/// The member's identity key from `store`. A client made before keys were separate has
+/// none: it gets its own now (its admin must enrol it; the account key stays the link's).
+fn identity_key(store: &ClientStore) -> anyhow::Result<SigningKey> {
+    if let Some(k) = store.load_signing_key()? {
+        return Ok(SigningKey::from_bytes(&k));
+    }
+    let k = SigningKey::generate(&mut rand::rng());
+    store.save_signing_key(&k.to_bytes())?;
+    Ok(k)
 }
 
 /// The invite to add the contact `query` names (`handle` or `handle@subnet`) with. The

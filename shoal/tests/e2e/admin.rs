@@ -166,6 +166,8 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
         "member",
         "--account-key",
         &account_hex,
+        "--identity-key",
+        &"ef".repeat(32),
         "--mailbox",
         &"ab".repeat(32),
         "--seal-key",
@@ -436,7 +438,12 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
         .as_secs();
     let cred = shoal_subnet::MemberCredential::verify(&cred, now).unwrap();
     assert_eq!((cred.handle(), cred.role()), ("ana", "staff"));
-    assert_eq!(hex::encode(cred.signing_key()), account_hex);
+    // The credential names the identity key, never the account (link) key.
+    assert_eq!(
+        hex::encode(cred.signing_key()),
+        line_value(&client_out, "identity key:")
+    );
+    assert_ne!(hex::encode(cred.signing_key()), account_hex);
     assert_eq!(hex::encode(cred.body().mailbox.0), mailbox_hex);
 
     // The same code a second time is refused, clearly, and enrols nothing.
@@ -924,7 +931,7 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
     let bob_key = SigningKey::from_bytes(&[0x51; 32]);
     let bob_box = [0x5b; 32];
     let bob_seal = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([0x52; 32]));
-    let enroll = |handle: &str, account: &str, mailbox: &str, seal: &str| {
+    let enroll = |handle: &str, account: &str, identity: &str, mailbox: &str, seal: &str| {
         [
             "admin",
             "enroll",
@@ -940,6 +947,8 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
             "member",
             "--account-key",
             account,
+            "--identity-key",
+            identity,
             "--mailbox",
             mailbox,
             "--seal-key",
@@ -950,6 +959,7 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
     let alice_args = enroll(
         "alice",
         line_value(&alice_out, "account key:"),
+        line_value(&alice_out, "identity key:"),
         line_value(&alice_out, "mailbox:"),
         &"cd".repeat(32),
     );
@@ -976,6 +986,7 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
     let bob_args = enroll(
         "bob",
         &hex::encode(bob_key.verifying_key().to_bytes()),
+        &"b1".repeat(32),
         &hex::encode(bob_box),
         &hex::encode(bob_seal.to_bytes()),
     );
