@@ -16,9 +16,9 @@ use ed25519_dalek::SigningKey;
 use rand::CryptoRng;
 use shoal_topology::NodeId;
 
+use crate::ClientError;
 use crate::core::Identity;
 use crate::store::ClientStore;
-use crate::ClientError;
 
 /// The keys `shoal client init` makes. `Debug` shows none of them.
 pub struct MemberKeys {
@@ -94,8 +94,14 @@ mod tests {
         assert_ne!(k.identity_key(), seal);
         let store = ClientStore::in_memory().unwrap();
         k.save(&store).unwrap();
-        assert_eq!(store.load_account_key().unwrap(), Some(k.account.to_bytes()));
-        assert_eq!(store.load_signing_key().unwrap(), Some(k.signing.to_bytes()));
+        assert_eq!(
+            store.load_account_key().unwrap(),
+            Some(k.account.to_bytes())
+        );
+        assert_eq!(
+            store.load_signing_key().unwrap(),
+            Some(k.signing.to_bytes())
+        );
         let one = k.dangerously_one_key_for_everything();
         assert_eq!(one.account_key(), one.identity_key());
     }

@@ -17,11 +17,11 @@ pub mod store;
 mod testnet;
 
 pub use contact::{CardError, Contact, ContactCard};
-pub use keys::MemberKeys;
 pub use core::{
     ClientConfig, ClientCore, ClientError, ClientSnapshot, ClientStats, Event, Identity,
     OutgoingFragment, OutgoingMessage, PartialOp, RetransmitPolicy, SendRecord,
 };
+pub use keys::MemberKeys;
 pub use schedule::Stream;
 pub use seal::SealError;
 pub use store::{ClientStore, ReceivedMessage};

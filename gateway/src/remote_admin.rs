@@ -329,7 +329,11 @@ pub(crate) mod tests {
             revoked_keys: vec![],
             revoked_handles: vec![],
         };
-        Policy::verify(&admin.issue_policy(body).unwrap().to_bytes(), &admin.subnet()).unwrap()
+        Policy::verify(
+            &admin.issue_policy(body).unwrap().to_bytes(),
+            &admin.subnet(),
+        )
+        .unwrap()
     }
 
     fn cfg() -> MailboxConfig {
@@ -476,14 +480,7 @@ pub(crate) mod tests {
         }
         // Policy v1: max TTL 60 s (the gateway's own is an hour), revokes key 11.
         let p1 = policy(&a, 1, 60, vec![key(11)]);
-        let cut = apply(
-            &mut m,
-            &a,
-            &hosted,
-            body(3, p1.clone()),
-            at(1),
-        )
-        .unwrap();
+        let cut = apply(&mut m, &a, &hosted, body(3, p1.clone()), at(1)).unwrap();
         assert_eq!(cut, vec![key(11).0]);
         assert!(!m.is_account(&key(11).0), "revoked key refused");
         assert!(m.is_account(&key(10).0));
@@ -503,13 +500,7 @@ pub(crate) mod tests {
             Err(AdminRefusal::Rejected)
         );
         assert_eq!(
-            apply(
-                &mut m,
-                &a,
-                &hosted,
-                body(5, p1),
-                at(2)
-            ),
+            apply(&mut m, &a, &hosted, body(5, p1), at(2)),
             Err(AdminRefusal::Rejected)
         );
     }
@@ -650,7 +641,24 @@ pub(crate) mod tests {
         let step = USAGE_MIN_STEP as usize;
         for (mb, n) in [(0xa0, 2 * step + 1), (0xa1, step), (0xb0, step), (0xee, 1)] {
             for i in 0..n {
-                let tag = [mb, (i % 256) as u8, (i / 256) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                let tag = [
+                    mb,
+                    (i % 256) as u8,
+                    (i / 256) as u8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ];
                 m.deliver(&[mb; 32], tag, &[0; SPHINX_PAYLOAD_SIZE], at(2));
             }
         }
@@ -879,11 +887,7 @@ pub(crate) mod tests {
             let (store, rec) =
                 Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
             let mut m = Mailbox::restore(cfg(), rec).unwrap();
-            for (seq, action) in [
-                (1, create(10, 0xa0)),
-                (2, create(11, 0xa1)),
-                (3, p1),
-            ] {
+            for (seq, action) in [(1, create(10, 0xa0)), (2, create(11, 0xa1)), (3, p1)] {
                 let c = a.issue_command(body(seq, action)).unwrap().to_bytes();
                 m.apply_admin(check_command(&c, &hosted).unwrap(), &GW, at(0))
                     .unwrap();
@@ -905,10 +909,7 @@ pub(crate) mod tests {
         assert!(m.is_account(&key(10).0));
         assert!(!m.is_account(&key(11).0), "the revocation is kept");
         let old = a
-            .issue_command(body(
-                4,
-                policy(&a, 1, 60, vec![]),
-            ))
+            .issue_command(body(4, policy(&a, 1, 60, vec![])))
             .unwrap()
             .to_bytes();
         assert!(
@@ -935,10 +936,7 @@ pub(crate) mod tests {
             let mut m = Mailbox::restore(cfg(), rec).unwrap();
             m.apply_admin(check_command(&create1, &hosted).unwrap(), &GW, at(0))
                 .unwrap();
-            let pub1 = a
-                .issue_command(body(8, p1.clone()))
-                .unwrap()
-                .to_bytes();
+            let pub1 = a.issue_command(body(8, p1.clone())).unwrap().to_bytes();
             m.apply_admin(check_command(&pub1, &hosted).unwrap(), &GW, at(0))
                 .unwrap();
             while let Some(b) = m.poll_write() {

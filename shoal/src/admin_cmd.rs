@@ -134,12 +134,15 @@ pub enum AdminCommand {
         /// The gateway's node link address, printed in the invite for `shoal client init`.
         #[arg(long)]
         gateway_node: Option<SocketAddr>,
-        /// A directory authority as ADDR=HEXKEY (repeatable), written into the invite's
-        /// `shoal client init` line so the user can run it as is.
+        /// The network file from the network's operators: the invite names the network
+        /// by its fingerprint (never its authorities: the user's client takes those from
+        /// the operators' file and refuses an invite for another network).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["authorities", "threshold"], required_unless_present = "authorities")]
+        network: Option<PathBuf>,
+        /// Instead of --network: a directory authority as ADDR=HEXKEY (repeatable).
         #[arg(long = "authority", value_name = "ADDR=HEXKEY")]
         authorities: Vec<AuthorityAddr>,
-        /// Authority signatures a document needs, for the same line (default: the
-        /// client's, a majority).
+        /// With --authority: signatures a document needs (default: a majority).
         #[arg(long, requires = "authorities")]
         threshold: Option<usize>,
         /// Where to write the invite file for the user (default: ./HANDLE.invite).
@@ -1037,6 +1040,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             handle,
             role,
             gateway_node,
+            network,
             authorities,
             threshold,
             out,
@@ -1045,6 +1049,10 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             valid_days,
         } => {
             let s = Subnet::open(&gateway.dir)?;
+            let network = match network {
+                Some(path) => crate::network_file::Network::load(&path)?,
+                None => crate::network_file::Network::from_flags(authorities, threshold)?,
+            };
             check_handle(&handle)?;
             if !s.policy()?.body().roles.contains(&role) {
                 bail!("role {role:?} is not in the policy");
@@ -1085,22 +1093,14 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             )?;
             let node =
                 gateway_node.map_or_else(|| "<GATEWAY_NODE_ADDR>".to_owned(), |a| a.to_string());
-            let directory = if authorities.is_empty() {
-                " --authority <ADDR=HEXKEY>".to_owned()
-            } else {
-                let mut d: String = (authorities.iter())
-                    .map(|a| format!(" --authority {}={}", a.addr, hex::encode(a.key)))
-                    .collect();
-                if let Some(t) = threshold {
-                    d.push_str(&format!(" --threshold {t}"));
-                }
-                d
-            };
             let text = format!(
                 "# Shoal invite: one use, expires at {expires_human} (unix time {expires_at}).\n\
-                 # 1. Run (one --authority per directory authority):\n\
-                 #    shoal client init --dir <YOUR_DIR> --gateway {node}={gw_key} --gateway-client-addr {gw}{directory}\n\
+                 # 1. Get the network file from the network's operators (not from your admin) and\n\
+                 #    check its fingerprint with them: it should read {fingerprint}. Then run:\n\
+                 #    shoal client init --dir <YOUR_DIR> --network <NETWORK_FILE> --invite <THIS_FILE> --gateway {node}={gw_key} --gateway-client-addr {gw}\n\
+                 #    (it refuses this invite if it is for another network than your network file's).\n\
                  # 2. Append that command's output to this file and give the file back to your admin.\n\
+                 network: {fingerprint}\n\
                  subnet: {subnet}\n\
                  handle: {handle}\n\
                  role: {role}\n\
@@ -1112,6 +1112,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 subnet = hex::encode(s.id().0),
                 code = hex::encode(code),
                 expires_human = human_time(expires_at),
+                fingerprint = network.fingerprint(),
             );
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{handle}.invite")));
             write_file(&out, text.as_bytes())?;

@@ -62,12 +62,22 @@ pub enum ClientCommand {
         /// The gateway's client endpoint.
         #[arg(long)]
         gateway_client_addr: SocketAddr,
-        /// A directory authority as ADDR=HEXKEY (repeatable).
-        #[arg(long = "authority", value_name = "ADDR=HEXKEY", required = true)]
+        /// The network's trust root: the network file its operators publish (the
+        /// directory authorities and how many must sign). Check the fingerprint this
+        /// prints with them.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["authorities", "threshold"], required_unless_present = "authorities")]
+        network: Option<PathBuf>,
+        /// Instead of --network: a directory authority as ADDR=HEXKEY (repeatable), as
+        /// the network's operators announce them.
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY")]
         authorities: Vec<AuthorityAddr>,
-        /// Authority signatures a document needs (default: a majority).
+        /// With --authority: signatures a document needs (default: a majority).
         #[arg(long)]
         threshold: Option<usize>,
+        /// Your admin's invite file: refused if it is for another network than the one
+        /// you trust (an admin cannot choose your directory authorities).
+        #[arg(long, value_name = "FILE")]
+        invite: Option<PathBuf>,
         /// The name your contact card carries.
         #[arg(long, default_value = "me")]
         name: String,
@@ -662,16 +672,21 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             dir,
             gateway,
             gateway_client_addr,
+            network,
             authorities,
             threshold,
+            invite,
             name,
         } => {
-            let threshold = threshold.unwrap_or(authorities.len() / 2 + 1);
-            if threshold == 0 || threshold > authorities.len() {
-                bail!(
-                    "--threshold {threshold} must be between 1 and the number of --authority ({})",
-                    authorities.len()
-                );
+            let network = match network {
+                Some(path) => crate::network_file::Network::load(&path)?,
+                None => crate::network_file::Network::from_flags(authorities, threshold)?,
+            };
+            if let Some(path) = &invite {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the invite {}", path.display()))?;
+                crate::network_file::check_invite(&text, &network)
+                    .with_context(|| format!("the invite {}", path.display()))?;
             }
             let file = ClientFile {
                 name,
@@ -680,8 +695,10 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     client_addr: gateway_client_addr,
                 },
                 directory: DirectorySection {
-                    authority_keys: authorities.iter().map(|a| hex::encode(a.key)).collect(),
-                    threshold,
+                    authority_keys: (network.authorities.iter())
+                        .map(|a| hex::encode(a.key))
+                        .collect(),
+                    threshold: network.set.threshold,
                 },
                 timing: TimingSection::default(),
                 testing: TestingSection::default(),
@@ -697,8 +714,12 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             println!("identity key: {}", hex::encode(identity_key));
             println!("mailbox: {}", hex::encode(mailbox));
             println!("seal key: {}", hex::encode(seal_key));
+            println!("network: {}", network.fingerprint());
             println!("contact card: {card}");
             println!("config written: {}", dir.join(CONFIG_FILE).display());
+            println!(
+                "check the network fingerprint with your network's operators (their network file shows it): it names the directory authorities this client trusts"
+            );
             println!(
                 "to enrol in a subnet: give your admin these lines with your invite code \
                  (`shoal admin redeem`); without a subnet, ask the gateway operator to run: \
@@ -878,8 +899,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     policy: None,
                     commit_settle_secs: DEFAULT_COMMIT_SETTLE_SECS,
                 };
-                let messenger =
-                    open_messenger(&loaded.dir, &files, &store, identity.contact())?;
+                let messenger = open_messenger(&loaded.dir, &files, &store, identity.contact())?;
                 return run_member(loaded, store, identity, account, messenger);
             }
             let store = Arc::new(store);

@@ -253,8 +253,8 @@ fn gateway_view(one_key: bool) -> GatewayView {
     use shoal_gateway::remote_admin::check_command;
     use shoal_gateway::{Store, StoreConfig};
     use shoal_subnet::{
-        AccountAction, BurnOnRead, CommandBody, CredentialBody, MessageOptions, Policy,
-        PolicyBody, RoleRule, SubnetAdmin,
+        AccountAction, BurnOnRead, CommandBody, CredentialBody, MessageOptions, Policy, PolicyBody,
+        RoleRule, SubnetAdmin,
     };
     use shoal_topology::Hex32;
 
@@ -379,7 +379,8 @@ fn gateway_view(one_key: bool) -> GatewayView {
     let mut next_id = 0u64;
     let mut carry = |members: &mut Vec<Messenger>, gw: &mut Mailbox, seen: &mut Vec<_>, t: u64| {
         for from in 0..members.len() {
-            let outs: Vec<Outgoing> = std::iter::from_fn(|| members[from].poll_outgoing()).collect();
+            let outs: Vec<Outgoing> =
+                std::iter::from_fn(|| members[from].poll_outgoing()).collect();
             for o in outs {
                 let to = keys
                     .iter()
@@ -402,9 +403,7 @@ fn gateway_view(one_key: bool) -> GatewayView {
     };
     let g = members[0].create_group(NOW * 1000).unwrap();
     let invite = members[1].invite().unwrap();
-    members[0]
-        .add_members(&g, &[invite], NOW * 1000)
-        .unwrap();
+    members[0].add_members(&g, &[invite], NOW * 1000).unwrap();
     for t in 0..4 {
         carry(&mut members, &mut gw, &mut seen, t);
     }

@@ -384,6 +384,19 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
         invite_text.contains(&format!("127.0.0.1:9={gw_key_hex}")),
         "{invite_text}"
     );
+    // The invite names the network by fingerprint only, never its authorities.
+    assert!(!invite_text.contains(&"11".repeat(32)), "{invite_text}");
+    // The network file Ana got from the network's operators (not from the admin).
+    let network_path = tmp.path().join("network.toml");
+    std::fs::write(
+        &network_path,
+        format!(
+            "threshold = 1\nauthorities = [\"127.0.0.1:8={}\"]\n",
+            "11".repeat(32)
+        ),
+    )
+    .unwrap();
+    let network = network_path.to_string_lossy().into_owned();
     // The user runs the invite's `shoal client init` line as written, with a directory.
     let client_dir = tmp.path().join("ana-client");
     let client_dir_s = client_dir.to_string_lossy().into_owned();
@@ -395,14 +408,54 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
         })
         .unwrap_or_else(|| panic!("no client init line in the invite:\n{invite_text}"));
     let mut init_args = vec!["client", "init"];
-    init_args.extend(init_line.split_whitespace().map(|a| {
-        if a == "<YOUR_DIR>" {
-            client_dir_s.as_str()
-        } else {
-            a
-        }
+    init_args.extend(init_line.split_whitespace().map(|a| match a {
+        "<YOUR_DIR>" => client_dir_s.as_str(),
+        "<NETWORK_FILE>" => network.as_str(),
+        "<THIS_FILE>" => invite.as_str(),
+        a => a,
     }));
     init_args.extend(["--name", "ana"]);
+    // Hole 8: an invite for another network (a rogue admin's private authorities) is
+    // refused by the client, whose trust root is the operators' network file.
+    let rogue_path = tmp.path().join("rogue.invite");
+    let rogue_network = shoal(
+        &bin,
+        &[
+            "admin",
+            "invite",
+            "--dir",
+            &admin,
+            "--gateway",
+            &gw,
+            "--gateway-key",
+            &gw_key_hex,
+            "--handle",
+            "eve",
+            "--role",
+            "staff",
+            "--out",
+            &rogue_path.to_string_lossy(),
+            "--authority",
+            &format!("127.0.0.1:8={}", "ee".repeat(32)),
+        ],
+    );
+    assert!(rogue_network.contains("invite written"), "{rogue_network}");
+    let rogue_dir = tmp.path().join("ana-rogue").to_string_lossy().into_owned();
+    let rogue_args: Vec<&str> = init_args
+        .iter()
+        .map(|a| {
+            if *a == invite.as_str() {
+                rogue_path.to_str().unwrap()
+            } else if *a == client_dir_s.as_str() {
+                rogue_dir.as_str()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let err = shoal_fails(&bin, &rogue_args);
+    assert!(err.contains("another network"), "{err}");
+    assert!(!tmp.path().join("ana-rogue/client.toml").exists());
     let client_out = shoal(&bin, &init_args);
     let client_toml = std::fs::read_to_string(client_dir.join("client.toml")).unwrap();
     assert!(
