@@ -591,7 +591,12 @@ pub(crate) mod tests {
             mailbox: Hex32([0xa1; 32]),
             quota: 8,
         };
-        apply(&mut m, &a, &hosted, body(6, tiny), much_later).unwrap();
+        let unix = much_later.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let create_tiny = CommandBody {
+            expires_at: unix + 600,
+            ..body(6, tiny)
+        };
+        apply(&mut m, &a, &hosted, create_tiny, much_later).unwrap();
         for _ in 0..5 {
             m.deliver(&[0xa1; 32], [2; 16], &[0; SPHINX_PAYLOAD_SIZE], much_later);
         }

@@ -237,6 +237,7 @@ impl GatewayView {
             })
             .map(|(what, _)| *what)
             .collect();
+        found.sort();
         found.dedup();
         found
     }
@@ -324,7 +325,12 @@ fn gateway_view(one_key: bool) -> GatewayView {
                 k.identity.contact(),
                 &cred,
                 v1.clone(),
-                MessengerConfig::default(),
+                MessengerConfig {
+                    groups: shoal_client::group::GroupConfig {
+                        commit_settle_ms: 1000,
+                    },
+                    ..MessengerConfig::default()
+                },
                 NOW * 1000,
             )
             .unwrap()
@@ -462,7 +468,27 @@ fn gateway_view(one_key: bool) -> GatewayView {
 #[test]
 fn rogue_gateway_view_holds_no_member_identity_key() {
     let view = gateway_view(false);
-    assert!(view.seen.len() > 20, "the gateway saw the subnet's life");
+    let mut kinds: Vec<&str> = view.seen.iter().map(|(what, _)| *what).collect();
+    kinds.sort();
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        [
+            "a link key",
+            "a stored message payload",
+            "an admin command",
+            "its database",
+            "the usage report"
+        ],
+        "the gateway saw the subnet's life"
+    );
+    let payloads = view
+        .seen
+        .iter()
+        .filter(|(what, _)| *what == "a stored message payload")
+        .count();
+    println!("{} things seen, {payloads} stored payloads", view.seen.len());
+    assert!(payloads >= 4, "a welcome, a commit, a group and a direct message");
     assert_eq!(view.linked(), Vec::<&str>::new());
 }
 

@@ -436,7 +436,14 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
             "--out",
             &rogue_path.to_string_lossy(),
             "--authority",
-            &format!("127.0.0.1:8={}", "ee".repeat(32)),
+            &format!(
+                "127.0.0.1:8={}",
+                hex::encode(
+                    SigningKey::from_bytes(&[0xee; 32])
+                        .verifying_key()
+                        .to_bytes()
+                )
+            ),
         ],
     );
     assert!(rogue_network.contains("invite written"), "{rogue_network}");
