@@ -487,8 +487,14 @@ fn rogue_gateway_view_holds_no_member_identity_key() {
         .iter()
         .filter(|(what, _)| *what == "a stored message payload")
         .count();
-    println!("{} things seen, {payloads} stored payloads", view.seen.len());
-    assert!(payloads >= 4, "a welcome, a commit, a group and a direct message");
+    println!(
+        "{} things seen, {payloads} stored payloads",
+        view.seen.len()
+    );
+    assert!(
+        payloads >= 4,
+        "a welcome, a commit, a group and a direct message"
+    );
     assert_eq!(view.linked(), Vec::<&str>::new());
 }
 

@@ -281,9 +281,10 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
     );
     let shown = shoal(&bin, &["admin", "policy", "show", "--dir", &admin]);
     assert!(shown.contains("\"version\": 2"), "{shown}");
+    // Members are told the identity key; the account (link) key is the gateway's alone.
     assert!(
-        shown.contains(&account_hex),
-        "the account key is revoked:\n{shown}"
+        shown.contains(&"ef".repeat(32)) && !shown.contains(&account_hex),
+        "the identity key is revoked:\n{shown}"
     );
 
     // The gateway counted what it applied: create, quota, de-provision, policy.
@@ -549,6 +550,8 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
             "1",
             "--out",
             &bob_invite.to_string_lossy(),
+            "--network",
+            &network,
         ],
     );
     let bob_client = shoal(
