@@ -97,7 +97,7 @@ pub(crate) fn answer_frames(
     Ok(frames)
 }
 
-/// Sends an [`AccountAction::AccountUsage`] `command` (see [`execute`]) and returns the
+/// Sends an [`shoal_subnet::AccountAction::AccountUsage`] `command` (see [`execute`]) and returns the
 /// gateway's report on the subnet's accounts there.
 pub async fn query_usage(
     admin: &SigningKey,
