@@ -274,6 +274,76 @@ mod tests {
         }
     }
 
+    /// A credential naming the account (link) key, or any key but this client's
+    /// identity key, is refused: the member signs only with a key its gateway never sees.
+    #[test]
+    fn a_credential_must_name_the_identity_key_not_the_account_key() {
+        use shoal_subnet::{BurnOnRead, CredentialBody, PolicyBody, RoleRule, SubnetAdmin};
+        let dir = tempfile::tempdir().unwrap();
+        let store = ClientStore::in_memory().unwrap();
+        let keys = shoal_client::MemberKeys::generate(&mut rand::rng(), [9; 32]);
+        keys.save(&store).unwrap();
+        let admin = SubnetAdmin::from_secret([0xad; 32]);
+        let policy = admin
+            .issue_policy(PolicyBody {
+                subnet: admin.subnet(),
+                version: 1,
+                issued_at: 0,
+                roles: vec!["member".into()],
+                rules: vec![RoleRule {
+                    from: "member".into(),
+                    to: "member".into(),
+                }],
+                federation: vec![],
+                ttl_min_secs: 0,
+                ttl_max_secs: 3600,
+                burn_on_read: BurnOnRead::Allowed,
+                revoked_keys: vec![],
+                revoked_handles: vec![],
+            })
+            .unwrap();
+        std::fs::write(dir.path().join("policy"), policy.to_bytes()).unwrap();
+        let now = unix_ms() / 1000;
+        let credential = |key: [u8; 32]| {
+            admin
+                .issue_credential(CredentialBody {
+                    subnet: admin.subnet(),
+                    handle: "ana".into(),
+                    role: "member".into(),
+                    signing_key: shoal_topology::Hex32(key),
+                    seal_key: shoal_topology::Hex32([0; 32]),
+                    mailbox: shoal_topology::Hex32([0; 32]),
+                    gateway: shoal_topology::Hex32([0; 32]),
+                    not_before: now - 60,
+                    not_after: now + 3600,
+                })
+                .unwrap()
+                .to_bytes()
+        };
+        let files = MemberFiles {
+            credential: None,
+            policy: None,
+            commit_settle_secs: 1,
+        };
+        std::fs::write(
+            dir.path().join("credential"),
+            credential(keys.account_key()),
+        )
+        .unwrap();
+        let err = open_messenger(dir.path(), &files, &store, keys.identity.contact())
+            .err()
+            .expect("a credential for the account key is refused")
+            .to_string();
+        assert!(err.contains("identity key"), "{err}");
+        std::fs::write(
+            dir.path().join("credential"),
+            credential(keys.identity_key()),
+        )
+        .unwrap();
+        let m = open_messenger(dir.path(), &files, &store, keys.identity.contact()).unwrap();
+        assert_eq!(m.card().identity_key(), keys.identity_key());
+    }
+
     #[test]
     fn groups_are_found_by_name_or_id_start() {
         let mut file = ChatFile::default();

@@ -173,6 +173,13 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
         "--seal-key",
         &"cd".repeat(32),
     ];
+    // One key for link and identity is refused before anything is sent: the gateway
+    // would see the key that signs as the member.
+    let mut one_key = enroll;
+    one_key[15] = account_hex.as_str();
+    assert_eq!(one_key[14], "--identity-key");
+    let err = shoal_fails(&bin, &one_key);
+    assert!(err.contains("the identity key is the account key"), "{err}");
     // A subnet the gateway does not host: its admin is refused once the gateway answers.
     let mut refusal = String::new();
     for _ in 0..100 {
