@@ -330,10 +330,10 @@ mod tests {
             credential(keys.account_key()),
         )
         .unwrap();
-        let err = open_messenger(dir.path(), &files, &store, keys.identity.contact())
-            .err()
-            .expect("a credential for the account key is refused")
-            .to_string();
+        let Err(err) = open_messenger(dir.path(), &files, &store, keys.identity.contact()) else {
+            panic!("a credential for the account key is refused");
+        };
+        let err = err.to_string();
         assert!(err.contains("identity key"), "{err}");
         std::fs::write(
             dir.path().join("credential"),
