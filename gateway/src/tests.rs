@@ -776,15 +776,9 @@ async fn admin_commands_over_the_network() {
     let mut alice_c = TestClient::connect(&alice, &gw).await;
     assert!(alice_c.pull().await.is_empty());
     let policy = crate::remote_admin::tests::policy(&a, 1, 60, vec![Hex32(node_key(&alice))]);
-    execute(
-        &a_key,
-        gw.client_addr(),
-        gw_key,
-        &cmd(&a, 12, AccountAction::PublishPolicy { policy }),
-        t,
-    )
-    .await
-    .unwrap();
+    execute(&a_key, gw.client_addr(), gw_key, &cmd(&a, 12, policy), t)
+        .await
+        .unwrap();
     within("revoked link closes", alice_c.link.connection().closed()).await;
     let mut again = TestClient::connect(&alice, &gw).await;
     assert!(matches!(
