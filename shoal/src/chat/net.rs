@@ -98,6 +98,8 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
     let reader = std::thread::spawn(move || read_keys(key_tx));
 
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // `shoal client send` and the group commands hand their requests over here.
+    let mut spooler = crate::client_spool::MemberSpooler::new(&ui.dir, handle);
     let signal = crate::runtime::wait_for_signal();
     tokio::pin!(signal);
     let result: anyhow::Result<()> = async {
@@ -139,7 +141,7 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                     ui.on_tick().await;
                     ui.flush_invites().await;
                     // `shoal client send` while the chat holds the store spools here.
-                    for note in crate::client_cmd::drain_member_outbox(&ui.dir, handle).await {
+                    for note in spooler.tick(handle).await {
                         ui.status(note);
                     }
                 }

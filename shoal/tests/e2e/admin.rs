@@ -988,8 +988,8 @@ async fn admin_list_shows_mailbox_use_going_up_and_down() {
         "quota, stored, bytes:\n{list}"
     );
 
-    // Alice's real client sends to bob's card; `send` returns once the SURB-ack says the
-    // message is durable in bob's mailbox.
+    // Alice's real client sends to bob's card; `send --wait` returns once the SURB-ack
+    // says the message is durable in bob's mailbox.
     let card = ContactCard::new(
         "bob",
         Contact {
@@ -1006,6 +1006,8 @@ async fn admin_list_shows_mailbox_use_going_up_and_down() {
             "client", "contact", "add", "--dir", &alice_dir, "bob", &card,
         ],
     );
+    // Only her running client sends; `send --wait` returns with its receipt.
+    let alice_bg = crate::support::cli_net::start_background(Path::new(&alice_dir));
     let sent = shoal(
         &bin,
         &[
@@ -1015,12 +1017,14 @@ async fn admin_list_shows_mailbox_use_going_up_and_down() {
             &alice_dir,
             "--to",
             "bob",
+            "--wait",
             "--timeout-secs",
             "60",
             "hello bob",
         ],
     );
     assert!(sent.contains("delivered to bob's mailbox"), "{sent}");
+    alice_bg.stop();
 
     let (row, list) = list_row(&bin, &admin, "bob");
     println!("{list}");

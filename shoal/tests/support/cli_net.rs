@@ -316,3 +316,54 @@ pub fn stop(p: &mut Proc) {
     }
     assert!(!p.alive(), "client run ignored SIGTERM");
 }
+
+/// A client started in the background with `shoal client start`, the way a person
+/// runs one; `shoal client stop` when dropped (also when a test fails).
+#[derive(Debug)]
+pub struct Background {
+    dir: PathBuf,
+    stopped: bool,
+}
+
+/// `shoal client start --dir DIR`: returns once the client holds its store.
+pub fn start_background(dir: &Path) -> Background {
+    let out = shoal(&["client", "start", "--dir", &dir.to_string_lossy()]);
+    assert!(out.contains("running in the background"), "{out}");
+    Background {
+        dir: dir.to_path_buf(),
+        stopped: false,
+    }
+}
+
+impl Background {
+    /// `shoal client stop`; returns once the store is free again.
+    pub fn stop(mut self) {
+        self.stopped = true;
+        let out = shoal(&["client", "stop", "--dir", &self.dir.to_string_lossy()]);
+        assert!(out.contains("the client stopped"), "{out}");
+    }
+
+    /// What the background client wrote to `DIR/client.log`.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("client.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = shoal_output(&["client", "stop", "--dir", &self.dir.to_string_lossy()]);
+        }
+    }
+}
+
+/// Requests waiting in a client's outbox for its running client.
+pub fn outbox_len(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("outbox"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
