@@ -60,15 +60,19 @@ const DEFAULT_COMMIT_SETTLE_SECS: u64 = 30;
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
     /// Create an identity (account key, X25519 key, mailbox address) and DIR/client.toml.
+    /// The account key comes first; the gateway is then the one the public rule gives it
+    /// among the gateways named (give all the directory's gateways: a member's client
+    /// refuses any other than the rule's choice over the directory).
     Init {
         #[arg(long)]
         dir: PathBuf,
-        /// The gateway's node key, as ADDR=HEXKEY (ADDR is its node link address).
-        #[arg(long, value_name = "ADDR=HEXKEY")]
-        gateway: AuthorityAddr,
-        /// The gateway's client endpoint.
-        #[arg(long)]
-        gateway_client_addr: SocketAddr,
+        /// A gateway's node key, as ADDR=HEXKEY (ADDR is its node link address);
+        /// repeatable, in the same order as --gateway-client-addr.
+        #[arg(long = "gateway", value_name = "ADDR=HEXKEY", required = true)]
+        gateways: Vec<AuthorityAddr>,
+        /// That gateway's client endpoint (repeatable, one per --gateway).
+        #[arg(long = "gateway-client-addr", required = true)]
+        gateway_client_addrs: Vec<SocketAddr>,
         /// A directory authority as ADDR=HEXKEY (repeatable).
         #[arg(long = "authority", value_name = "ADDR=HEXKEY", required = true)]
         authorities: Vec<AuthorityAddr>,
@@ -429,6 +433,7 @@ pub struct NewClient {
 /// Writes a fresh identity into `dir`.
 pub fn init_dir(
     dir: &Path,
+    account: SigningKey,
     gateway_key: [u8; 32],
     client_file: &ClientFile,
 ) -> anyhow::Result<NewClient> {
@@ -446,7 +451,6 @@ pub fn init_dir(
         bail!("{} already holds a client", dir.display());
     }
     let mut rng = rand::rng();
-    let account = SigningKey::generate(&mut rng);
     let identity = Identity::generate(&mut rng, gateway_key);
     let store = ClientStore::open(&store_path)?;
     store.save_identity(&identity)?;
@@ -621,8 +625,8 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
     match cmd {
         ClientCommand::Init {
             dir,
-            gateway,
-            gateway_client_addr,
+            gateways,
+            gateway_client_addrs,
             authorities,
             threshold,
             name,
@@ -634,6 +638,21 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     authorities.len()
                 );
             }
+            if gateways.len() != gateway_client_addrs.len() {
+                bail!(
+                    "give one --gateway-client-addr per --gateway ({} and {})",
+                    gateway_client_addrs.len(),
+                    gateways.len()
+                );
+            }
+            // Keys first: the gateway follows from the account key by the public rule,
+            // so neither the person nor an admin picks it.
+            let account = SigningKey::generate(&mut rand::rng());
+            let ids: Vec<[u8; 32]> = gateways.iter().map(|g| g.key).collect();
+            let chosen = shoal_topology::gateway_for_member(&ids, &account.verifying_key().to_bytes())
+                .context("no --gateway given")?;
+            let at = ids.iter().position(|g| *g == chosen).context("chosen gateway")?;
+            let (gateway, gateway_client_addr) = (&gateways[at], gateway_client_addrs[at]);
             let file = ClientFile {
                 name,
                 gateway: GatewaySection {
@@ -652,8 +671,14 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 mailbox,
                 seal_key,
                 card,
-            } = init_dir(&dir, gateway.key, &file)?;
+            } = init_dir(&dir, account, gateway.key, &file)?;
             println!("account key: {}", hex::encode(account));
+            println!(
+                "gateway: {}={} (client endpoint {gateway_client_addr}; the rule's choice for your key among {} named)",
+                gateway.addr,
+                hex::encode(gateway.key),
+                gateways.len()
+            );
             println!("mailbox: {}", hex::encode(mailbox));
             println!("seal key: {}", hex::encode(seal_key));
             println!("contact card: {card}");
@@ -779,6 +804,9 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 };
                 let messenger =
                     open_messenger(&loaded.dir, &files, &store, &account, identity.contact())?;
+                let mut loaded = loaded;
+                // A member uses the gateway the public rule gives its key, or none.
+                loaded.driver.assigned_to = Some(account.verifying_key().to_bytes());
                 return run_member(loaded, store, identity, account, messenger);
             }
             let store = Arc::new(store);
@@ -1175,7 +1203,11 @@ fn check_offline(
     if op.sends() {
         // A copy: the running client makes the change (an own commit kept but never
         // sent would fork its group).
-        return Ok(Some(text.strip_prefix("queued: ").unwrap_or(&text).to_string()));
+        let what = ["queued: ", "done: "]
+            .iter()
+            .find_map(|p| text.strip_prefix(p))
+            .unwrap_or(&text);
+        return Ok(Some(what.to_string()));
     }
     if m.poll_outgoing().is_some() {
         bail!(

@@ -76,7 +76,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
+        let mut config = loaded.driver;
+        // A member uses the gateway the public rule gives its key, or none.
+        config.assigned_to = Some(account.verifying_key().to_bytes());
+        let client = driver::spawn(config, identity, &account, store.clone())?;
         let handle = managed::spawn(client, messenger, store)?;
         let result = run_terminal(&handle, args.dir, file).await;
         handle.shutdown().await;

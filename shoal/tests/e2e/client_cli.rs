@@ -145,8 +145,7 @@ fn sending_with_no_client_running_opens_no_connection() {
     let eve = dir.join("eve");
     let eve_s = eve.to_string_lossy().into_owned();
     shoal(&["client", "contact", "add", "--dir", &eve_s, "bob", card]);
-    let mut buf = [0u8; 2048];
-    let nothing_arrived = |what: &str| match gateway.recv_from(&mut buf) {
+    let nothing_arrived = |what: &str| match gateway.recv_from(&mut [0u8; 2048]) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("{what} sent a datagram to the gateway: {other:?}"),
     };
@@ -182,6 +181,7 @@ fn sending_with_no_client_running_opens_no_connection() {
 
     // The control: the long-running client does connect, and takes the queue in.
     let bg = start_background(&eve);
+    let mut buf = [0u8; 2048];
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = 0;
     while (seen == 0 || outbox_len(&eve) > 0) && Instant::now() < deadline {

@@ -144,10 +144,18 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
         hex::encode(net.authorities.keys[0].0)
     );
     let mut made = Vec::new();
-    for &(name, g) in people {
-        let gw = &gateways[g];
+    // The gateway index asked for is ignored: a member's gateway is the public rule's
+    // choice for its key (`client init` picks it among all of them; its client refuses
+    // any other), so subnets share gateways.
+    for &(name, _) in people {
         let cdir = dir.join(name);
-        let out = client_init(&cdir, name, gw, &authority);
+        let out = client_init_member(&cdir, name, &gateways, &authority);
+        let chosen = field(&out, "gateway: ");
+        let g = gateways
+            .iter()
+            .position(|gw| chosen.starts_with(&format!("{}={}", gw.link_addr, hex::encode(gw.id))))
+            .expect("the chosen gateway is one of those given");
+        let gw = &gateways[g];
         let card = field(&out, "contact card: ");
         // What `shoal client init` prints for the admin, and nothing else (the guide's
         // path). The seal key is for the admin's policy updates only: members sign
@@ -221,6 +229,28 @@ pub fn client_init(cdir: &Path, name: &str, gw: &GatewayInit, authority: &str) -
         "--name",
         name,
     ])
+}
+
+/// `shoal client init` for a member: every gateway is named, and the rule picks one.
+pub fn client_init_member(
+    cdir: &Path,
+    name: &str,
+    gateways: &[GatewayInit],
+    authority: &str,
+) -> String {
+    let mut args: Vec<String> = ["client", "init", "--dir", &cdir.to_string_lossy()]
+        .map(str::to_owned)
+        .to_vec();
+    for gw in gateways {
+        args.push("--gateway".into());
+        args.push(format!("{}={}", gw.link_addr, hex::encode(gw.id)));
+        args.push("--gateway-client-addr".into());
+        args.push(gw.client_addr.to_string());
+    }
+    for a in ["--authority", authority, "--threshold", "1", "--name", name] {
+        args.push(a.into());
+    }
+    shoal(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Rewrites `pull_interval_ms` in a client's config.
