@@ -410,6 +410,22 @@ fn open_store(dir: &Path) -> anyhow::Result<ClientStore> {
     })
 }
 
+/// `open_store` for the long-running client: a command that checks a request against
+/// the store holds it for a moment, so a client started just then waits (bounded) for it.
+fn open_store_waiting(dir: &Path) -> anyhow::Result<ClientStore> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ClientStore::open(dir.join(STORE_FILE)) {
+            Ok(store) => return Ok(store),
+            Err(ClientError::StoreInUse) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Says why, in the usual words.
+            Err(_) => return open_store(dir),
+        }
+    }
+}
+
 /// The identity and account key of the client in `store`.
 pub fn load_identity(store: &ClientStore) -> anyhow::Result<(Identity, SigningKey)> {
     let identity = store
@@ -790,7 +806,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Group(cmd) => run_group(cmd),
         ClientCommand::Run { config } => {
             let loaded = load_config(&config)?;
-            let store = open_store(&loaded.dir)?;
+            let store = open_store_waiting(&loaded.dir)?;
             let (identity, account) = load_identity(&store)?;
             // Holding the store now: say so to `client start` and `client stop`.
             let _pid = PidFile::write(&loaded.dir)?;

@@ -291,7 +291,23 @@ pub fn run_client(client: &ClientDir) -> Proc {
         .stderr(err)
         .spawn()
         .expect("client run");
-    Proc::from_child(&client.name, child)
+    let pid = child.id();
+    let proc = Proc::from_child(&client.name, child);
+    // Returns once it holds the store (it writes DIR/client.pid then), so a command run
+    // next hands its work to it rather than finding the store free.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(client.dir.join("client.pid"))
+        .map_or(true, |p| p.trim() != pid.to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}'s client never took its store: {}",
+            client.name,
+            std::fs::read_to_string(client.dir.join("run.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
 }
 
 /// Asks a process to stop as a person would (Ctrl-C / SIGTERM).
