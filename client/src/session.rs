@@ -546,10 +546,16 @@ mod tests {
             }
         }
         // Two gateways: the rule gives each about half (5 binomial SDs = 50).
-        assert!((150..=250).contains(&kept), "kept {kept}, refused {refused}");
+        assert!(
+            (150..=250).contains(&kept),
+            "kept {kept}, refused {refused}"
+        );
         // The control: with no check, all `members` would have used the rogue gateway.
         assert!(kept < members, "the check has no power");
-        assert!(!check_assigned_gateway(&net.topo, &[0; 32], &[0xee; 32]), "an unknown gateway");
+        assert!(
+            !check_assigned_gateway(&net.topo, &[0; 32], &[0xee; 32]),
+            "an unknown gateway"
+        );
     }
 
     #[test]

@@ -22,8 +22,8 @@
 //! for scripts. Its state (MLS groups, inbox) is the chat's, in the same store, and
 //! `chat.json` holds the same contacts' membership cards and group names.
 
-use std::net::SocketAddr;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -665,9 +665,13 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             // so neither the person nor an admin picks it.
             let account = SigningKey::generate(&mut rand::rng());
             let ids: Vec<[u8; 32]> = gateways.iter().map(|g| g.key).collect();
-            let chosen = shoal_topology::gateway_for_member(&ids, &account.verifying_key().to_bytes())
-                .context("no --gateway given")?;
-            let at = ids.iter().position(|g| *g == chosen).context("chosen gateway")?;
+            let chosen =
+                shoal_topology::gateway_for_member(&ids, &account.verifying_key().to_bytes())
+                    .context("no --gateway given")?;
+            let at = ids
+                .iter()
+                .position(|g| *g == chosen)
+                .context("chosen gateway")?;
             let (gateway, gateway_client_addr) = (&gateways[at], gateway_client_addrs[at]);
             let file = ClientFile {
                 name,
@@ -896,7 +900,9 @@ async fn drain_outbox(
                 }
             },
             Spooled::Bytes(b) => match b.decode() {
-                Some((contact, bytes)) => (contact, bytes, "a member".to_string(), ReplyLevel::None),
+                Some((contact, bytes)) => {
+                    (contact, bytes, "a member".to_string(), ReplyLevel::None)
+                }
                 None => {
                     eprintln!("outbox: a damaged file; discarded");
                     let _ = std::fs::remove_file(&path);
@@ -1239,12 +1245,7 @@ fn check_offline(
 /// Hands `op` to the long-running client through the outbox: this command opens no
 /// connection, whatever it asks for. With no client running, the request is checked
 /// against the store and waits in the outbox for the next start.
-fn hand_over_with(
-    dir: &Path,
-    op: Op,
-    wait: &WaitOpts,
-    files: &MemberFiles,
-) -> anyhow::Result<()> {
+fn hand_over_with(dir: &Path, op: Op, wait: &WaitOpts, files: &MemberFiles) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(wait.timeout_secs);
     let sends = op.sends();
     let offline = match store_or_running(dir)? {

@@ -104,20 +104,35 @@ pub(crate) enum ReplyLevel {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Op {
     /// A message to a contact (a saved card; for a member, a pinned member key).
-    Direct { to: String, message: String },
+    Direct {
+        to: String,
+        message: String,
+    },
     GroupSend {
         group: String,
         message: String,
         ttl_secs: u64,
         burn_on_read: bool,
     },
-    GroupInvite { group: String, contacts: Vec<String> },
-    GroupRemove { group: String, handle: String },
-    GroupUpdate { group: String },
-    GroupLeave { group: String },
+    GroupInvite {
+        group: String,
+        contacts: Vec<String>,
+    },
+    GroupRemove {
+        group: String,
+        handle: String,
+    },
+    GroupUpdate {
+        group: String,
+    },
+    GroupLeave {
+        group: String,
+    },
     /// The rest change or read only the member's own state, but that state is the
     /// running client's while it runs.
-    GroupCreate { name: String },
+    GroupCreate {
+        name: String,
+    },
     GroupCard,
     GroupList,
 }
@@ -125,10 +140,7 @@ pub(crate) enum Op {
 impl Op {
     /// Whether it sends anything (the others are answered at once).
     pub(crate) fn sends(&self) -> bool {
-        !matches!(
-            self,
-            Op::GroupCreate { .. } | Op::GroupCard | Op::GroupList
-        )
+        !matches!(self, Op::GroupCreate { .. } | Op::GroupCard | Op::GroupList)
     }
 }
 
@@ -214,7 +226,11 @@ pub(crate) fn spooled_files(dir: &Path) -> Vec<(String, PathBuf, Spooled)> {
         if path.extension().is_none_or(|e| e != "json") || !path.is_file() {
             continue;
         }
-        let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+        let Some(id) = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+        else {
             continue;
         };
         let modified = entry.metadata().and_then(|m| m.modified()).ok();
@@ -456,9 +472,7 @@ pub(crate) fn apply_member_op(
             let what = format!("asking to leave {label}");
             m.leave(&g, now).map_err(|e| refused(&what, e))?;
             Applied {
-                text: format!(
-                    "done: {what}; the next change by another member removes you"
-                ),
+                text: format!("done: {what}; the next change by another member removes you"),
                 track: Track::Nothing,
             }
         }
@@ -828,14 +842,26 @@ mod tests {
             text: String::new(),
         };
         write_reply(dir.path(), "a", &reply(ReplyState::Accepted));
-        let got = wait_reply(dir.path(), "a", ReplyLevel::Accepted, Instant::now(), |_| {});
+        let got = wait_reply(
+            dir.path(),
+            "a",
+            ReplyLevel::Accepted,
+            Instant::now(),
+            |_| {},
+        );
         assert_eq!(got.unwrap().state, ReplyState::Accepted);
-        assert!(read_reply(dir.path(), "a").is_none(), "read replies are removed");
+        assert!(
+            read_reply(dir.path(), "a").is_none(),
+            "read replies are removed"
+        );
         // Not final yet: the wait ends at its deadline with what it saw.
         write_reply(dir.path(), "b", &reply(ReplyState::Accepted));
         let got = wait_reply(dir.path(), "b", ReplyLevel::Final, Instant::now(), |_| {});
         assert_eq!(got.unwrap().state, ReplyState::Accepted);
-        assert!(read_reply(dir.path(), "b").is_some(), "kept for a later wait");
+        assert!(
+            read_reply(dir.path(), "b").is_some(),
+            "kept for a later wait"
+        );
         assert!(ReplyState::Failed.reaches(ReplyLevel::Final));
     }
 }

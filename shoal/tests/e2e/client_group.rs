@@ -13,9 +13,10 @@ use crate::support::cli_net;
 use std::time::{Duration, Instant};
 
 use cli_net::{
-    ClientDir, field, outbox_len, run_client, run_output, shoal, shoal_output, start_background,
-    start_subnet, stop, temp_dir, wait_run_line,
+    ClientDir, client_init, client_init_member, enroll_member, field, outbox_len, run_client,
+    run_output, shoal, shoal_output, start_background, start_subnet, stop, temp_dir, wait_run_line,
 };
+use shoal_bench::testnet::GatewayInit;
 
 /// `shoal ARGS` that must fail; returns its stderr.
 fn shoal_fails(args: &[&str]) -> String {
@@ -305,6 +306,61 @@ fn three_members_use_a_group_from_the_cli() {
     assert!(list.contains("no groups"), "{list}");
 
     alice_bg.stop();
+
+    // Leak 1, the rogue admin: it names a gateway of its choosing for a member, to
+    // gather its subnet where an observer can read it off. The member's client refuses.
+    let gws: Vec<GatewayInit> = net.gateways.iter().map(|g| g.init.clone()).collect();
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let named = |out: &str, g: &GatewayInit| {
+        field(out, "gateway: ").starts_with(&format!("{}={}", g.link_addr, hex::encode(g.id)))
+    };
+    let admin = dir.join("admin");
+    // (a) Dave's client chose its gateway by the rule; the credential names the other.
+    let dave = dir.join("dave");
+    let out = client_init_member(&dave, "dave", &gws, &authority);
+    let other = gws.iter().find(|g| !named(&out, g)).unwrap();
+    enroll_member(&admin, &dave, "dave", other, &out);
+    let err = shoal_fails(&["client", "group", "card", "--dir", &dave.to_string_lossy()]);
+    assert!(err.contains("names another gateway"), "{err}");
+    // (b) Erin's client was set up with the admin's gateway alone (the old way), one the
+    // rule does not give her key: config and credential agree, and the running client
+    // refuses at the first directory.
+    let (erin, erin_out, pinned) = (0..32)
+        .find_map(|i| {
+            let d = dir.join(format!("erin{i}"));
+            let g = &gws[0];
+            let out = client_init(&d, "erin", g, &authority);
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(field(&out, "account key: "), &mut key).unwrap();
+            let ids: Vec<[u8; 32]> = gws.iter().map(|g| g.id).collect();
+            (shoal_topology::gateway_for_member(&ids, &key) != Some(g.id)).then(|| (d, out, g))
+        })
+        .unwrap();
+    enroll_member(&admin, &erin, "erin", pinned, &erin_out);
+    let erin_dir = ClientDir {
+        name: "erin".into(),
+        dir: erin.clone(),
+        card: String::new(),
+        gateway: 0,
+    };
+    let mut erin_run = run_client(&erin_dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while erin_run.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(erin.join("run.log")).unwrap_or_default();
+    assert!(
+        !erin_run.alive(),
+        "erin's client went on with the admin's gateway: {log}"
+    );
+    assert!(
+        log.contains("assigns your account key to another gateway"),
+        "{log}"
+    );
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
     let took = started.elapsed();

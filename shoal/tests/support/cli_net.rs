@@ -157,50 +157,7 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
             .expect("the chosen gateway is one of those given");
         let gw = &gateways[g];
         let card = field(&out, "contact card: ");
-        // What `shoal client init` prints for the admin, and nothing else (the guide's
-        // path). The seal key is for the admin's policy updates only: members sign
-        // their own into their cards.
-        let enroll = [
-            "admin",
-            "enroll",
-            "--dir",
-            &admin_s,
-            "--gateway",
-            &gw.client_addr.to_string(),
-            "--gateway-key",
-            &hex::encode(gw.id),
-            "--handle",
-            name,
-            "--role",
-            "member",
-            "--account-key",
-            &field(&out, "account key: "),
-            "--mailbox",
-            &field(&out, "mailbox: "),
-            "--seal-key",
-            &field(&out, "seal key: "),
-        ];
-        // The gateway process may still be starting: retry until it answers.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = shoal_output(&enroll);
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "admin enroll {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // What the admin hands the person.
-        std::fs::copy(
-            admin.join("members").join(format!("{name}.cred")),
-            cdir.join("credential"),
-        )
-        .unwrap();
-        std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
+        enroll_member(&admin, &cdir, name, gw, &out);
         made.push(ClientDir {
             name: name.to_string(),
             dir: cdir,
@@ -209,6 +166,56 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
         });
     }
     (net, made)
+}
+
+/// `shoal admin enroll` of the client at `cdir` (`init_out`: what its `client init`
+/// printed) at gateway `gw`, and the admin's files copied into its directory.
+pub fn enroll_member(admin: &Path, cdir: &Path, name: &str, gw: &GatewayInit, init_out: &str) {
+    let admin_s = admin.to_string_lossy().into_owned();
+    // What `shoal client init` prints for the admin, and nothing else (the guide's
+    // path). The seal key is for the admin's policy updates only: members sign
+    // their own into their cards.
+    let enroll = [
+        "admin",
+        "enroll",
+        "--dir",
+        &admin_s,
+        "--gateway",
+        &gw.client_addr.to_string(),
+        "--gateway-key",
+        &hex::encode(gw.id),
+        "--handle",
+        name,
+        "--role",
+        "member",
+        "--account-key",
+        &field(init_out, "account key: "),
+        "--mailbox",
+        &field(init_out, "mailbox: "),
+        "--seal-key",
+        &field(init_out, "seal key: "),
+    ];
+    // The gateway process may still be starting: retry until it answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = shoal_output(&enroll);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "admin enroll {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What the admin hands the person.
+    std::fs::copy(
+        admin.join("members").join(format!("{name}.cred")),
+        cdir.join("credential"),
+    )
+    .unwrap();
+    std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
 }
 
 /// `shoal client init` for `name` on `gw`, as a person runs it; returns its output.
