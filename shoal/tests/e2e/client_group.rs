@@ -337,7 +337,7 @@ fn three_members_use_a_group_from_the_cli() {
             let mut key = [0u8; 32];
             hex::decode_to_slice(field(&out, "account key: "), &mut key).unwrap();
             let ids: Vec<[u8; 32]> = gws.iter().map(|g| g.id).collect();
-            (shoal_topology::gateway_for_member(&ids, &key) != Some(g.id)).then(|| (d, out, g))
+            (shoal_topology::gateway_for_member(&ids, &key) != Some(g.id)).then_some((d, out, g))
         })
         .unwrap();
     enroll_member(&admin, &erin, "erin", pinned, &erin_out);
