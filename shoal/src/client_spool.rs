@@ -27,10 +27,10 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use shoal_client::ContactCard;
 use shoal_client::driver::DriverEvent;
-use shoal_client::group::GroupId;
+use shoal_client::group::{GroupEvent, GroupId};
 use shoal_client::managed::{EnvelopeSent, ManagedHandle};
 use shoal_client::messenger::{
-    Messenger, MessengerError, SendId, SendTicket, display_name, invite_to_text,
+    Messenger, MessengerError, MessengerEvent, SendId, SendTicket, display_name, invite_to_text,
 };
 use shoal_client::receipts::{Delivery, Receipts};
 use shoal_subnet::{MemberCard, MessageOptions};
@@ -587,6 +587,7 @@ pub(crate) struct MemberSpooler {
     changes: Vec<Following>,
     sent: broadcast::Receiver<EnvelopeSent>,
     raw: broadcast::Receiver<DriverEvent>,
+    events: broadcast::Receiver<MessengerEvent>,
 }
 
 impl MemberSpooler {
@@ -599,6 +600,7 @@ impl MemberSpooler {
             changes: Vec::new(),
             sent: handle.subscribe_sent(),
             raw: handle.client().subscribe(),
+            events: handle.subscribe(),
         }
     }
 
@@ -726,13 +728,42 @@ impl MemberSpooler {
                 Err(_) => break,
             }
         }
+        // A change another member's beat is not done: say so rather than "settled".
+        let mut lost = Vec::new();
+        loop {
+            match self.events.try_recv() {
+                Ok(MessengerEvent::Group(GroupEvent::OwnCommitLost { group, .. })) => {
+                    lost.push(group)
+                }
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        let dir = self.dir.clone();
+        self.changes.retain(|f| {
+            let Track::Change { group, what } = &f.what else {
+                return false;
+            };
+            if !lost.contains(group) {
+                return true;
+            }
+            if f.reply {
+                let reply = Reply {
+                    state: ReplyState::Failed,
+                    text: format!(
+                        "not done ({what}): another member changed the group at the same time and their change won; run the command again"
+                    ),
+                };
+                write_reply(&dir, &f.id, &reply);
+            }
+            false
+        });
         if self.changes.is_empty() {
             return;
         }
         let Ok(groups) = handle.with(|m, _| m.groups()).await else {
             return;
         };
-        let dir = self.dir.clone();
         self.changes.retain(|f| {
             let Track::Change { group, what } = &f.what else {
                 return false;
