@@ -154,7 +154,8 @@ pub struct WaitOpts {
     /// recipient's mailbox (or the group change settled).
     #[arg(long)]
     wait: bool,
-    /// Accepted for old scripts: queuing without waiting is the default now.
+    /// Do not even wait for the running client to take it in (for scripts that queue
+    /// many); errors then show only in the running client's output.
     #[arg(long, hide = true)]
     no_wait: bool,
     /// Give up waiting after this many seconds (what is queued stays queued).
@@ -1257,8 +1258,10 @@ fn hand_over_with(dir: &Path, op: Op, wait: &WaitOpts, files: &MemberFiles) -> a
         None => None,
     };
     // Running: hear at least that it was taken in (errors are reported then).
+    // (`--no-wait`, for old scripts: not even that; they spool at their own pace.)
     let level = match (&offline, wait.wait || !sends) {
         (_, true) => ReplyLevel::Final,
+        (None, false) if wait.no_wait => ReplyLevel::None,
         (None, false) => ReplyLevel::Accepted,
         (Some(_), false) => ReplyLevel::None,
     };
@@ -1278,6 +1281,9 @@ fn hand_over_with(dir: &Path, op: Op, wait: &WaitOpts, files: &MemberFiles) -> a
         if level == ReplyLevel::None {
             return Ok(());
         }
+    } else if level == ReplyLevel::None {
+        println!("queued in {}; the running client sends it", path.display());
+        return Ok(());
     }
     let mut failed = None;
     let last = wait_reply(dir, &id, level, deadline, |r| match r.state {
