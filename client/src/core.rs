@@ -322,6 +322,9 @@ pub enum ClientError {
     SnapshotVersion(u32),
     #[error("snapshot: {0}")]
     Snapshot(&'static str),
+    /// Another process (the running client, or the chat) has the store open.
+    #[error("store: in use by another process")]
+    StoreInUse,
     /// The local store failed (disk, permissions, a damaged file).
     #[error("store: {op}: {reason}")]
     Store { op: &'static str, reason: String },

@@ -112,6 +112,11 @@ pub struct DriverConfig {
     /// right after each save instead of in the next pull, as clients did before. The
     /// observer's control runs use it to show the timing leak that closes.
     pub legacy_leaks: bool,
+    /// A subnet member's account key: every directory is checked to give this key
+    /// `gateway_key` by the public rule ([`crate::session::check_assigned_gateway`]),
+    /// and the driver stops for good if it does not. `None` for a client without a
+    /// subnet, which may use any gateway that keeps an account for it.
+    pub assigned_to: Option<[u8; 32]>,
     pub client: ClientConfig,
 }
 
@@ -137,6 +142,7 @@ impl DriverConfig {
             receive_records: 0,
             build_ahead: Duration::from_millis(4),
             legacy_leaks: false,
+            assigned_to: None,
             client: ClientConfig::default(),
         }
     }
@@ -934,7 +940,11 @@ impl Driver {
                 count,
                 bytes,
             } => match c.assembler.push(index, count, &bytes) {
-                Ok(Some(document)) => self.install_directory(&document),
+                Ok(Some(document)) => {
+                    if !self.install_directory(&document) {
+                        return Err(LinkError::StreamClosed);
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.counters.directory_rejected += 1;
@@ -1040,12 +1050,27 @@ impl Driver {
         std::mem::take(&mut self.unacked)
     }
 
-    fn install_directory(&mut self, document: &[u8]) {
+    /// Checks and installs a directory; `false` if it shows that this member must not use
+    /// its gateway (then the driver has stopped connecting).
+    fn install_directory(&mut self, document: &[u8]) -> bool {
         let checked = UncheckedDocument::parse(document)
             .and_then(|d| d.check_signatures(&self.config.authorities))
             .and_then(|d| d.check_valid_at(unix_now()));
         match checked {
             Ok(topology) => {
+                if let Some(account) = self.config.assigned_to
+                    && !crate::session::check_assigned_gateway(
+                        &topology,
+                        &account,
+                        &self.config.gateway_key,
+                    )
+                {
+                    self.access_removed = true;
+                    self.report(LinkProblem::GatewayNotAssigned {
+                        gateway: self.config.gateway_addr,
+                    });
+                    return false;
+                }
                 let valid_until = topology.body().valid_until;
                 self.directory_valid_until = self.directory_valid_until.max(Some(valid_until));
                 if matches!(
@@ -1077,6 +1102,7 @@ impl Driver {
                 }
             }
         }
+        true
     }
 
     /// Puts a verified document in use (at its epoch's edge; see [`EpochEdge`]).

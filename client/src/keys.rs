@@ -42,6 +42,18 @@ impl MemberKeys {
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         let account = SigningKey::from_bytes(&secret);
+        secret.fill(0);
+        Self::with_account(rng, account, gateway)
+    }
+
+    /// Fresh identity and seal keys beside an account key made earlier (the gateway
+    /// follows from the account key by the public rule, so it comes first).
+    pub fn with_account<R: CryptoRng + ?Sized>(
+        rng: &mut R,
+        account: SigningKey,
+        gateway: NodeId,
+    ) -> Self {
+        let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         let signing = SigningKey::from_bytes(&secret);
         secret.fill(0);

@@ -193,6 +193,20 @@ impl Backoff {
     }
 }
 
+/// Whether `gateway` is the one `topology`'s public rule gives the member with account
+/// key `account` (rendezvous hashing, [`shoal_topology::gateway_for_member`]). A member's
+/// client checks every directory it accepts with this, so a credential or a config that
+/// pins it to another gateway (a rogue admin's own) is refused, not used.
+pub fn check_assigned_gateway(
+    topology: &shoal_topology::Topology,
+    account: &[u8; 32],
+    gateway: &[u8; 32],
+) -> bool {
+    topology
+        .gateway_for_member(account)
+        .is_ok_and(|g| &g == gateway)
+}
+
 /// Why the link to the gateway cannot work, in words for the person at the client.
 /// No keys and no client addresses; the gateway's address is the user's own config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,12 +221,20 @@ pub enum LinkProblem {
     DirectoryNotTrusted { gateway: SocketAddr },
     /// The gateway's directory is signed, but not valid now (check the clock).
     DirectoryOutOfDate { gateway: SocketAddr },
+    /// A subnet member's configured gateway is not the one the directory's public rule
+    /// gives its account key ([`shoal_topology::gateway_for_member`]). Final: a gateway
+    /// an admin picked could gather a whole subnet, and whoever watches it would learn
+    /// who belongs to that subnet.
+    GatewayNotAssigned { gateway: SocketAddr },
 }
 
 impl LinkProblem {
     /// Whether the driver gives up (it does only when the gateway refused the account).
     pub fn is_final(&self) -> bool {
-        matches!(self, LinkProblem::AccessRemoved)
+        matches!(
+            self,
+            LinkProblem::AccessRemoved | LinkProblem::GatewayNotAssigned { .. }
+        )
     }
 }
 
@@ -237,6 +259,13 @@ impl std::fmt::Display for LinkProblem {
                 f,
                 "the directory from {gateway} is not valid at this computer's time: \
                  check the clock"
+            ),
+            LinkProblem::GatewayNotAssigned { gateway } => write!(
+                f,
+                "the directory assigns your account key to another gateway than {gateway}: \
+                 members are spread over gateways by a public rule, so that no gateway \
+                 gathers a subnet; the client stopped connecting. Ask your admin to enrol \
+                 you at the gateway `shoal client init` chose"
             ),
         }
     }
@@ -490,6 +519,45 @@ mod tests {
         assert!(b.next_delay(&mut rng) <= Duration::from_millis(200));
     }
 
+    /// The rogue admin's attack (issue 16, leak 1): name its own gateway in every
+    /// credential of its subnet, so that gateway's address tells an observer who belongs
+    /// to the subnet. A member's client checks each directory against the public rule:
+    /// the rogue gateway keeps only the members the rule gives it anyway (a share that
+    /// does not depend on the subnet), every other member refuses it. Without the check
+    /// (the control) the rogue gateway would hold the whole subnet.
+    #[test]
+    fn a_member_refuses_a_gateway_the_rule_did_not_choose() {
+        let mut rng = StdRng::seed_from_u64(16);
+        let net = crate::testnet::TestNet::new(&mut rng, shoal_topology::NetworkParams::default());
+        let rogue = net.gateways[0];
+        let members = 400;
+        let (mut kept, mut refused) = (0, 0);
+        for _ in 0..members {
+            let account = ed25519_dalek::SigningKey::generate(&mut rng)
+                .verifying_key()
+                .to_bytes();
+            let assigned = net.topo.gateway_for_member(&account).unwrap();
+            assert!(check_assigned_gateway(&net.topo, &account, &assigned));
+            if check_assigned_gateway(&net.topo, &account, &rogue) {
+                assert_eq!(assigned, rogue);
+                kept += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        // Two gateways: the rule gives each about half (5 binomial SDs = 50).
+        assert!(
+            (150..=250).contains(&kept),
+            "kept {kept}, refused {refused}"
+        );
+        // The control: with no check, all `members` would have used the rogue gateway.
+        assert!(kept < members, "the check has no power");
+        assert!(
+            !check_assigned_gateway(&net.topo, &[0; 32], &[0xee; 32]),
+            "an unknown gateway"
+        );
+    }
+
     #[test]
     fn problems_say_what_is_wrong_and_where_it_is_configured() {
         let gateway: SocketAddr = "192.0.2.1:7102".parse().unwrap();
@@ -503,6 +571,7 @@ mod tests {
                 .contains("removed by its admin")
         );
         assert!(LinkProblem::AccessRemoved.is_final());
+        assert!(LinkProblem::GatewayNotAssigned { gateway }.is_final());
         assert!(!LinkProblem::GatewayKeyMismatch { gateway }.is_final());
     }
 

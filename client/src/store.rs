@@ -94,7 +94,12 @@ impl ClientStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ClientError> {
         let path = path.as_ref();
         restrict_to_owner(path).map_err(|e| store_err("create")(e.into()))?;
-        let db = Database::create(path).map_err(|e| store_err("open")(e.into()))?;
+        let db = Database::create(path).map_err(|e| match e {
+            // redb locks the file: one process at a time, which is how the CLI tells
+            // that a long-running client holds it.
+            redb::DatabaseError::DatabaseAlreadyOpen => ClientError::StoreInUse,
+            e => store_err("open")(e.into()),
+        })?;
         Self::init(db)
     }
 

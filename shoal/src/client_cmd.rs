@@ -2,22 +2,27 @@
 //!
 //! Everything lives in one directory: `client.toml` (gateway, authorities, timings),
 //! `client.redb` (identity, account key, outgoing queue, received messages, contacts)
-//! and `outbox/` (messages handed over by `send` while `run` holds the store).
+//! and `outbox/` (requests waiting for the running client, see [`crate::client_spool`]).
 //!
-//! `send` queues durably and then, by default, runs the client until the message is
-//! acked (`--no-wait` just queues; the next `run` sends it). While `shoal client run`
-//! is running, the store is locked by it, so `send` drops the message into `outbox/`
-//! instead and the running client picks it up within a second. `read` needs the store,
-//! so it works while the client is stopped; a running client prints messages as they
-//! arrive.
+//! Only the long-running client touches the network: `shoal client run` (or `shoal
+//! chat`), started in the background with `shoal client start`. It stays connected
+//! with its constant streams whether its owner sends or not. Every other command works
+//! on the store or the outbox and returns: `send` and the group commands that send
+//! queue a request that the running client takes in within a second (`--wait` then
+//! waits for its receipt). A command that connected to send would show an observer of
+//! the client's link when its owner sends.
+//!
+//! The running client holds the store (redb locks it), which is how a command tells
+//! whether one runs. While it runs, commands that read or change the member state
+//! (`group card`, `create`, `list`) are answered by it through the outbox too; `read`
+//! and the `contact` commands need the store, so they work while it is stopped.
 //!
 //! A member of a subnet (the admin's `credential` and `policy` files in the directory,
 //! read on first use) also has groups: `shoal client group ...` does what the chat does,
 //! for scripts. Its state (MLS groups, inbox) is the chat's, in the same store, and
-//! `chat.json` holds the same contacts' membership cards and group names. Commands that
-//! change a group run the client until the change has settled and what it sent is
-//! acked (`--no-wait` only queues), so they too need the store: stop `run` first.
+//! `chat.json` holds the same contacts' membership cards and group names.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,37 +36,44 @@ use shoal_client::driver::{self, DriverConfig, DriverEvent};
 use shoal_client::group::GroupEvent;
 use shoal_client::managed::{self, ManagedHandle, unix_ms};
 use shoal_client::messenger::{
-    Messenger, MessengerError, MessengerEvent, OutgoingWhat, PinnedContact, StoredMessage,
-    display_name, invite_to_text,
+    Messenger, MessengerEvent, PinnedContact, StoredMessage, display_name, invite_to_text,
 };
-use shoal_client::{ClientStore, ContactCard, Identity};
-use shoal_subnet::{MemberCard, MessageOptions};
+use shoal_client::{ClientError, ClientStore, ContactCard, Identity};
 
-use crate::chat::member::{
-    ChatFile, MemberFiles, card_credential, clean, invite_for, open_messenger,
+use crate::chat::member::{ChatFile, MemberFiles, card_credential, clean, open_messenger};
+use crate::client_spool::{
+    Applied, MemberSpooler, Op, Reply, ReplyLevel, ReplyState, Request, Spooled, SpooledBytes,
+    apply_member_op, spooled_files, wait_reply, waiting, write_reply, write_spool,
 };
 use shoal_topology::AuthorityAddr;
 use shoal_topology::{AuthoritySet, Hex32};
 
 pub const CONFIG_FILE: &str = "client.toml";
 pub const STORE_FILE: &str = "client.redb";
-const OUTBOX_DIR: &str = "outbox";
+/// Written by the running `shoal client run` once it holds the store: its process id.
+pub const PID_FILE: &str = "client.pid";
+/// Where `shoal client start` sends the background client's output.
+pub const LOG_FILE: &str = "client.log";
 /// How long group changes are collected before they take effect, unless set on first use.
 const DEFAULT_COMMIT_SETTLE_SECS: u64 = 30;
 
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
     /// Create an identity (account key for the gateway link, identity key for the
-    /// subnet, X25519 seal key, mailbox address) and DIR/client.toml.
+    /// subnet, X25519 seal key, mailbox address) and DIR/client.toml. The account key
+    /// comes first; the gateway is then the one the public rule gives it among the
+    /// gateways named (give all the directory's gateways: a member's client refuses any
+    /// other than the rule's choice over the directory).
     Init {
         #[arg(long)]
         dir: PathBuf,
-        /// The gateway's node key, as ADDR=HEXKEY (ADDR is its node link address).
-        #[arg(long, value_name = "ADDR=HEXKEY")]
-        gateway: AuthorityAddr,
-        /// The gateway's client endpoint.
-        #[arg(long)]
-        gateway_client_addr: SocketAddr,
+        /// A gateway's node key, as ADDR=HEXKEY (ADDR is its node link address);
+        /// repeatable, in the same order as --gateway-client-addr.
+        #[arg(long = "gateway", value_name = "ADDR=HEXKEY", required = true)]
+        gateways: Vec<AuthorityAddr>,
+        /// That gateway's client endpoint (repeatable, one per --gateway).
+        #[arg(long = "gateway-client-addr", required = true)]
+        gateway_client_addrs: Vec<SocketAddr>,
         /// The network's trust root: the network file its operators publish (the
         /// directory authorities and how many must sign). Check the fingerprint this
         /// prints with them.
@@ -85,30 +97,45 @@ pub enum ClientCommand {
     /// Contact cards.
     #[command(subcommand)]
     Contact(ContactCommand),
-    /// Queue a message to a contact (and by default run until it is acked).
+    /// Queue a message to a contact in the outbox; the running client sends it.
     Send {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
         #[arg(long)]
         to: String,
         message: String,
-        /// Only queue it; a later `shoal client run` sends it.
-        #[arg(long)]
-        no_wait: bool,
-        /// Give up waiting for the ack after this many seconds.
-        #[arg(long, default_value_t = 120)]
-        timeout_secs: u64,
+        #[command(flatten)]
+        wait: WaitOpts,
     },
     /// Print received messages.
     Read {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Run the client until SIGINT or SIGTERM; prints messages as they arrive.
+    /// Run the client until SIGINT or SIGTERM; prints messages as they arrive. The only
+    /// command (with `shoal chat`) that connects to the network.
     Run {
         /// The client's config file (DIR/client.toml).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Start `shoal client run` in the background (log in DIR/client.log); returns once
+    /// it holds the client's store.
+    Start {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
+    /// Stop the background client `start` started (SIGTERM); returns once it has let go
+    /// of the store.
+    Stop {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
     },
     /// Groups (for a member of a subnet): create, invite, list, send, remove, update, leave.
     #[command(subcommand)]
@@ -134,8 +161,13 @@ pub struct MemberOpts {
 
 #[derive(Args, Debug)]
 pub struct WaitOpts {
-    /// Only queue it; the next `shoal client run` (or group command) sends it.
+    /// Wait until the running client reports the message durable in every
+    /// recipient's mailbox (or the group change settled).
     #[arg(long)]
+    wait: bool,
+    /// Do not even wait for the running client to take it in (for scripts that queue
+    /// many); errors then show only in the running client's output.
+    #[arg(long, hide = true)]
     no_wait: bool,
     /// Give up waiting after this many seconds (what is queued stays queued).
     #[arg(long, default_value_t = 120)]
@@ -173,7 +205,7 @@ pub enum GroupCommand {
         #[command(flatten)]
         member: MemberOpts,
     },
-    /// Send MESSAGE to every other member of GROUP (waits for every ack).
+    /// Send MESSAGE to every other member of GROUP.
     Send {
         #[command(flatten)]
         member: MemberOpts,
@@ -380,12 +412,30 @@ fn open_store(dir: &Path) -> anyhow::Result<ClientStore> {
             dir.display()
         );
     }
-    ClientStore::open(&path).with_context(|| {
-        format!(
-            "cannot open {} (is `shoal client run` using it?)",
-            path.display()
-        )
+    ClientStore::open(&path).map_err(|e| match e {
+        ClientError::StoreInUse => anyhow::anyhow!(
+            "the client is running and holds {}: `shoal client stop --dir {}` first",
+            path.display(),
+            dir.display()
+        ),
+        e => anyhow::Error::from(e).context(format!("cannot open {}", path.display())),
     })
+}
+
+/// `open_store` for the long-running client: a command that checks a request against
+/// the store holds it for a moment, so a client started just then waits (bounded) for it.
+fn open_store_waiting(dir: &Path) -> anyhow::Result<ClientStore> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ClientStore::open(dir.join(STORE_FILE)) {
+            Ok(store) => return Ok(store),
+            Err(ClientError::StoreInUse) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Says why, in the usual words.
+            Err(_) => return open_store(dir),
+        }
+    }
 }
 
 /// The identity and account key of the client in `store`.
@@ -414,6 +464,7 @@ pub struct NewClient {
 /// Writes a fresh identity into `dir`.
 pub fn init_dir(
     dir: &Path,
+    account: SigningKey,
     gateway_key: [u8; 32],
     client_file: &ClientFile,
 ) -> anyhow::Result<NewClient> {
@@ -431,9 +482,10 @@ pub fn init_dir(
         bail!("{} already holds a client", dir.display());
     }
     let mut rng = rand::rng();
-    // One key per purpose: the link key the gateway knows the account by, the identity
-    // key that signs as the member, and the X25519 seal key.
-    let keys = shoal_client::MemberKeys::generate(&mut rng, gateway_key);
+    // One key per purpose: the link key the gateway knows the account by (made first,
+    // since it chose the gateway), the identity key that signs as the member, and the
+    // X25519 seal key.
+    let keys = shoal_client::MemberKeys::with_account(&mut rng, account, gateway_key);
     let store = ClientStore::open(&store_path)?;
     keys.save(&store)?;
     let identity = &keys.identity;
@@ -571,80 +623,18 @@ directory_refresh_secs = {dir}
     )
 }
 
-/// A message waiting in `outbox/` for a running client.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-enum Spooled {
-    Text(SpooledText),
-    Bytes(SpooledBytes),
-}
-
-/// `shoal client send` while `run` holds the store: a text to a saved contact.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpooledText {
-    to: String,
-    message: String,
-}
-
-/// Bytes another command prepared (an admin's policy update), to a contact card.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpooledBytes {
-    card: String,
-    /// Hex.
-    bytes: String,
-}
-
-impl SpooledBytes {
-    /// Where to and what, or `None` for a damaged file.
-    fn decode(&self) -> Option<(shoal_client::Contact, Vec<u8>)> {
-        let card = ContactCard::parse(&self.card).ok()?;
-        Some((card.contact, hex::decode(&self.bytes).ok()?))
-    }
-}
-
-/// Writes one outbox file atomically (a running client never sees half of one).
-fn write_spool(dir: &Path, spooled: &Spooled) -> anyhow::Result<PathBuf> {
-    let outbox = dir.join(OUTBOX_DIR);
-    std::fs::create_dir_all(&outbox)?;
-    let mut id = [0u8; 8];
-    rand::RngExt::fill(&mut rand::rng(), &mut id);
-    let name = format!("{}.json", hex::encode(id));
-    let tmp = outbox.join(format!(".{name}.tmp"));
-    let body = serde_json::to_vec(spooled)?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-    }
-    let path = outbox.join(name);
-    std::fs::rename(&tmp, &path)?;
-    Ok(path)
-}
-
-fn spool(dir: &Path, to: &str, message: &str) -> anyhow::Result<PathBuf> {
-    write_spool(
-        dir,
-        &Spooled::Text(SpooledText {
-            to: to.to_string(),
-            message: message.to_string(),
-        }),
-    )
-}
-
 /// Queues `bytes` for the contact of `card` (a contact card's text) in the outbox of
 /// the client at `dir`: its running client (`shoal client run`) sends it as an ordinary
 /// message. Used by `shoal admin` for policy updates.
 pub(crate) fn spool_bytes(dir: &Path, card: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
-    write_spool(
+    let (_, path) = write_spool(
         dir,
         &Spooled::Bytes(SpooledBytes {
             card: card.to_string(),
             bytes: hex::encode(bytes),
         }),
-    )
+    )?;
+    Ok(path)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -670,8 +660,8 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
     match cmd {
         ClientCommand::Init {
             dir,
-            gateway,
-            gateway_client_addr,
+            gateways,
+            gateway_client_addrs,
             network,
             authorities,
             threshold,
@@ -688,6 +678,25 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 crate::network_file::check_invite(&text, &network)
                     .with_context(|| format!("the invite {}", path.display()))?;
             }
+            if gateways.len() != gateway_client_addrs.len() {
+                bail!(
+                    "give one --gateway-client-addr per --gateway ({} and {})",
+                    gateway_client_addrs.len(),
+                    gateways.len()
+                );
+            }
+            // Keys first: the gateway follows from the account key by the public rule,
+            // so neither the person nor an admin picks it.
+            let account = SigningKey::generate(&mut rand::rng());
+            let ids: Vec<[u8; 32]> = gateways.iter().map(|g| g.key).collect();
+            let chosen =
+                shoal_topology::gateway_for_member(&ids, &account.verifying_key().to_bytes())
+                    .context("no --gateway given")?;
+            let at = ids
+                .iter()
+                .position(|g| *g == chosen)
+                .context("chosen gateway")?;
+            let (gateway, gateway_client_addr) = (&gateways[at], gateway_client_addrs[at]);
             let file = ClientFile {
                 name,
                 gateway: GatewaySection {
@@ -709,9 +718,15 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 mailbox,
                 seal_key,
                 card,
-            } = init_dir(&dir, gateway.key, &file)?;
+            } = init_dir(&dir, account, gateway.key, &file)?;
             println!("account key: {}", hex::encode(account));
             println!("identity key: {}", hex::encode(identity_key));
+            println!(
+                "gateway: {}={} (client endpoint {gateway_client_addr}; the rule's choice for your key among {} named)",
+                gateway.addr,
+                hex::encode(gateway.key),
+                gateways.len()
+            );
             println!("mailbox: {}", hex::encode(mailbox));
             println!("seal key: {}", hex::encode(seal_key));
             println!("network: {}", network.fingerprint());
@@ -820,77 +835,17 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             dir,
             to,
             message,
-            no_wait,
-            timeout_secs,
-        } => {
-            let loaded = load_config(&dir.join(CONFIG_FILE))?;
-            let store = match ClientStore::open(dir.join(STORE_FILE)) {
-                Ok(s) => s,
-                Err(_) if dir.join(STORE_FILE).exists() => {
-                    // Most likely `shoal client run` holds the store: hand it over.
-                    let path = spool(&dir, &to, &message)?;
-                    println!(
-                        "the client (or the chat) is running; queued in {}",
-                        path.display()
-                    );
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if let Some(snapshot) = store.load_messenger()? {
-                // A member writes signed direct messages, the one format the chat reads.
-                return send_member(
-                    loaded,
-                    store,
-                    &snapshot,
-                    &to,
-                    message,
-                    no_wait,
-                    timeout_secs,
-                );
-            }
-            let card = find_contact(&store, &to)?;
-            let (identity, account) = load_identity(&store)?;
-            let store = Arc::new(store);
-            runtime()?.block_on(async move {
-                let handle = driver::spawn(loaded.driver, identity, &account, store)?;
-                let mut events = handle.subscribe();
-                let id = handle.send(card.contact, message.into_bytes()).await?;
-                println!("queued");
-                if no_wait {
-                    handle.shutdown().await;
-                    return Ok(());
-                }
-                let wait = async {
-                    loop {
-                        match events.recv().await {
-                            Ok(DriverEvent::Acked { message_id }) if message_id == id => return Ok(true),
-                            // Waiting out the timeout cannot help: say what is wrong.
-                            Ok(DriverEvent::Problem(p)) => return Err(p),
-                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                            Err(_) => return Ok(false),
-                        }
-                    }
-                };
-                let acked = tokio::time::timeout(Duration::from_secs(timeout_secs), wait)
-                    .await
-                    .unwrap_or(Ok(false));
-                handle.shutdown().await;
-                match acked {
-                    Ok(true) => {
-                        println!("delivered to {to}'s mailbox");
-                        Ok(())
-                    }
-                    Ok(false) => bail!("no ack within {timeout_secs} s; the message stays queued and `shoal client run` keeps sending it"),
-                    Err(p) => bail!("{p}; the message stays queued"),
-                }
-            })
-        }
+            wait,
+        } => hand_over(&dir, Op::Direct { to, message }, &wait),
+        ClientCommand::Start { dir, timeout_secs } => start_background(&dir, timeout_secs),
+        ClientCommand::Stop { dir, timeout_secs } => stop_background(&dir, timeout_secs),
         ClientCommand::Group(cmd) => run_group(cmd),
         ClientCommand::Run { config } => {
             let loaded = load_config(&config)?;
-            let store = open_store(&loaded.dir)?;
+            let store = open_store_waiting(&loaded.dir)?;
             let (identity, account) = load_identity(&store)?;
+            // Holding the store now: say so to `client start` and `client stop`.
+            let _pid = PidFile::write(&loaded.dir)?;
             // A member (its state in the store, or the admin's files in the directory on
             // first use) runs the messenger: policy updates, groups, checked messages.
             if store.load_messenger()?.is_some() || loaded.dir.join("credential").exists() {
@@ -900,6 +855,9 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     commit_settle_secs: DEFAULT_COMMIT_SETTLE_SECS,
                 };
                 let messenger = open_messenger(&loaded.dir, &files, &store, identity.contact())?;
+                let mut loaded = loaded;
+                // A member uses the gateway the public rule gives its key, or none.
+                loaded.driver.assigned_to = Some(account.verifying_key().to_bytes());
                 return run_member(loaded, store, identity, account, messenger);
             }
             let store = Arc::new(store);
@@ -908,17 +866,29 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                 let handle = driver::spawn(loaded.driver, identity, &account, store.clone())?;
                 let mut events = handle.subscribe();
                 let mut outbox_tick = tokio::time::interval(Duration::from_millis(500));
+                let mut following = HashMap::new();
                 let signal = crate::runtime::wait_for_signal();
                 tokio::pin!(signal);
                 loop {
                     tokio::select! {
                         r = &mut signal => { r?; break; }
-                        _ = outbox_tick.tick() => drain_outbox(&dir, &store, &handle).await,
+                        _ = outbox_tick.tick() => {
+                            drain_outbox(&dir, &store, &handle, &mut following).await;
+                        }
                         ev = events.recv() => match ev {
                             Ok(DriverEvent::Message { bytes, received_unix_ms, .. }) => {
                                 println!("[{}] {}", format_ms(received_unix_ms), clean(&bytes));
                             }
-                            Ok(DriverEvent::Acked { .. }) => println!("a sent message was acked"),
+                            Ok(DriverEvent::Acked { message_id }) => {
+                                println!("a sent message was acked");
+                                if let Some((id, to)) = following.remove(&message_id) {
+                                    let reply = Reply {
+                                        state: ReplyState::Done,
+                                        text: format!("delivered to {to}'s mailbox"),
+                                    };
+                                    write_reply(&dir, &id, &reply);
+                                }
+                            }
                             // The driver has logged it; only the final one ends the run.
                             Ok(DriverEvent::Problem(p)) => {
                                 if p.is_final() {
@@ -939,37 +909,21 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Moves messages from `outbox/` into the client's durable queue.
-/// The readable files of `dir`'s outbox, each with its path (to remove once queued).
-/// An unreadable one is left in place and logged.
-fn spooled_files(dir: &Path) -> Vec<(PathBuf, Spooled)> {
-    let Ok(entries) = std::fs::read_dir(dir.join(OUTBOX_DIR)) else {
-        return Vec::new();
-    };
-    let mut files = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "json") {
-            continue;
-        }
-        let spooled = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Spooled>(&b).ok());
-        match spooled {
-            Some(s) => files.push((path, s)),
-            None => {
-                tracing::warn!(file = %path.display(), "unreadable outbox file; left in place")
-            }
-        }
-    }
-    files
-}
+/// Sends whose final reply a command asked for: the request's id and who to.
+type Following = HashMap<shoal_packet::MessageId, (String, String)>;
 
-async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHandle) {
-    for (path, s) in spooled_files(dir) {
-        let (contact, bytes, to) = match s {
+/// The outbox of a client without a subnet: texts to saved contacts and prepared
+/// bytes go into the client's durable queue; each file is removed once it is there.
+async fn drain_outbox(
+    dir: &Path,
+    store: &ClientStore,
+    handle: &driver::ClientHandle,
+    following: &mut Following,
+) {
+    for (id, path, s) in spooled_files(dir) {
+        let (contact, bytes, to, reply) = match s {
             Spooled::Text(t) => match find_contact(store, &t.to) {
-                Ok(c) => (c.contact, t.message.into_bytes(), clean(t.to.as_bytes())),
+                Ok(c) => (c.contact, t.message.into_bytes(), t.to, ReplyLevel::None),
                 Err(e) => {
                     eprintln!("outbox: {e:#}; message discarded");
                     let _ = std::fs::remove_file(&path);
@@ -977,182 +931,64 @@ async fn drain_outbox(dir: &Path, store: &ClientStore, handle: &driver::ClientHa
                 }
             },
             Spooled::Bytes(b) => match b.decode() {
-                Some((contact, bytes)) => (contact, bytes, "a member".to_string()),
+                Some((contact, bytes)) => {
+                    (contact, bytes, "a member".to_string(), ReplyLevel::None)
+                }
                 None => {
                     eprintln!("outbox: a damaged file; discarded");
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
             },
-        };
-        match handle.send(contact, bytes).await {
-            // Durable in the store now, so the spool file can go.
-            Ok(_) => {
-                let _ = std::fs::remove_file(&path);
-                println!("queued a message to {to}");
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
-        }
-    }
-}
-
-/// The member card to write to the contact `to` (`handle` or `handle@subnet`): a key
-/// pinned on first use or confirmed, never an unaccepted key change.
-fn member_card_for(m: &Messenger, to: &str) -> anyhow::Result<MemberCard> {
-    let c = m.find_contact(to).map_err(|e| match e {
-        MessengerError::UnknownContact(_) => anyhow::anyhow!(
-            "no member {:?} among your contacts: save their member card with `shoal client contact add {} CARD` (they print it with `shoal client contact show`)",
-            clean(to.as_bytes()),
-            clean(to.as_bytes())
-        ),
-        e => anyhow::anyhow!("{e}"),
-    })?;
-    m.reply_card(&c.subnet, &c.identity_key).map_err(|e| match e {
-        MessengerError::NotConfirmed(who) => anyhow::anyhow!(
-            "{who} has a new key you have not accepted: compare the safety number (`shoal client contact list`) with theirs, then `shoal client contact accept {who}`"
-        ),
-        e => anyhow::anyhow!("{e}"),
-    })
-}
-
-/// `client send` for a member: a signed direct message through the messenger (the
-/// format `shoal chat` and `shoal client read` show), then, unless `no_wait`, the
-/// client runs until the recipient's mailbox has acked that message.
-fn send_member(
-    loaded: Loaded,
-    store: ClientStore,
-    snapshot: &shoal_client::messenger::MessengerSnapshot,
-    to: &str,
-    message: String,
-    no_wait: bool,
-    timeout_secs: u64,
-) -> anyhow::Result<()> {
-    let messenger =
-        Messenger::restore(snapshot, unix_ms()).context("cannot restore the member state")?;
-    let card = member_card_for(&messenger, to)?;
-    let shown = display_name(card.handle(), &card.subnet());
-    let (identity, account) = load_identity(&store)?;
-    let store = Arc::new(store);
-    runtime()?.block_on(async move {
-        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
-        let handle = managed::spawn(client, messenger, store)?;
-        let result =
-            send_member_online(&handle, card, &shown, message, no_wait, timeout_secs).await;
-        handle.shutdown().await;
-        result
-    })
-}
-
-async fn send_member_online(
-    handle: &ManagedHandle,
-    card: MemberCard,
-    shown: &str,
-    message: String,
-    no_wait: bool,
-    timeout_secs: u64,
-) -> anyhow::Result<()> {
-    use shoal_client::receipts::{Delivery, Receipts};
-    // Subscribed before the send, so nothing it causes is missed.
-    let mut sent = handle.subscribe_sent();
-    let mut raw = handle.client().subscribe();
-    let options = MessageOptions {
-        ttl_secs: crate::chat::DEFAULT_TTL_SECS,
-        burn_on_read: false,
-    };
-    let ticket = handle
-        .with(move |m, now| m.send_direct(&card, options, message.as_bytes(), now))
-        .await?
-        .map_err(|e| anyhow::anyhow!("not sent: {e}"))?;
-    println!("queued");
-    if no_wait {
-        return Ok(());
-    }
-    let mut receipts = Receipts::new();
-    let mut outcome = receipts.expect(ticket);
-    let wait = async {
-        loop {
-            match outcome.take().map(|(_, d)| d) {
-                Some(Delivery::Delivered) => return Ok(()),
-                Some(Delivery::Failed(why)) => bail!("not sent: {why}"),
-                _ => {}
-            }
-            tokio::select! {
-                s = sent.recv() => if let Ok(s) = s && let Some(id) = s.send {
-                    outcome = receipts.on_envelope(id, s.result);
-                },
-                d = raw.recv() => match d {
-                    Ok(DriverEvent::Acked { message_id }) => outcome = receipts.on_acked(&message_id),
-                    // Waiting out the timeout cannot help: say what is wrong.
-                    Ok(DriverEvent::Problem(p)) => bail!("{p}; the message stays queued"),
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => bail!("the client stopped"),
-                },
-            }
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(timeout_secs), wait).await {
-        Ok(Ok(())) => {
-            println!("delivered to {shown}'s mailbox");
-            Ok(())
-        }
-        Ok(Err(e)) => Err(e),
-        Err(_) => bail!(
-            "no ack within {timeout_secs} s; the message stays queued and `shoal client run` keeps sending it"
-        ),
-    }
-}
-
-/// `drain_outbox` for a member: spooled messages (from `client send` while `run` or the
-/// chat holds the store) become signed direct messages. Returns a line per message for
-/// the user (the chat shows them on its status line, `run` prints them).
-pub(crate) async fn drain_member_outbox(dir: &Path, handle: &ManagedHandle) -> Vec<String> {
-    let mut notes = Vec::new();
-    for (path, s) in spooled_files(dir) {
-        let s = match s {
-            Spooled::Text(t) => t,
-            // Prepared bytes (the admin's policy updates) go out as they are.
-            Spooled::Bytes(b) => {
-                let Some((contact, bytes)) = b.decode() else {
-                    notes.push("outbox: a damaged file; discarded".to_string());
-                    let _ = std::fs::remove_file(&path);
+            Spooled::Request(Request {
+                request: Op::Direct { to, message },
+                reply,
+            }) => match find_contact(store, &to) {
+                Ok(c) => (c.contact, message.into_bytes(), to, reply),
+                Err(e) => {
+                    refuse(dir, &id, &path, reply, &format!("{e:#}"));
                     continue;
-                };
-                match handle.client().send(contact, bytes).await {
-                    Ok(_) => {
-                        let _ = std::fs::remove_file(&path);
-                        notes.push("queued a message to a member".to_string());
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
                 }
+            },
+            Spooled::Request(r) => {
+                let why = "group commands are for members of a subnet (this client has no membership credential)";
+                refuse(dir, &id, &path, r.reply, why);
                 continue;
             }
         };
-        let to = s.to.clone();
-        let options = MessageOptions {
-            ttl_secs: crate::chat::DEFAULT_TTL_SECS,
-            burn_on_read: false,
-        };
-        let done = handle
-            .with(move |m, now| {
-                let card = member_card_for(m, &s.to)?;
-                m.send_direct(&card, options, s.message.as_bytes(), now)
-                    .map_err(|e| anyhow::anyhow!("{e}"))
-            })
-            .await;
-        match done {
-            // In the messenger's state, saved before it is handed on: the file can go.
-            Ok(Ok(_)) => {
+        let to = clean(to.as_bytes());
+        match handle.send(contact, bytes).await {
+            // Durable in the store now, so the spool file can go.
+            Ok(message_id) => {
                 let _ = std::fs::remove_file(&path);
-                notes.push(format!("queued a message to {}", clean(to.as_bytes())));
-            }
-            Ok(Err(e)) => {
-                notes.push(format!("outbox: {e:#}; message discarded"));
-                let _ = std::fs::remove_file(&path);
+                println!("queued a message to {to}");
+                if reply >= ReplyLevel::Accepted {
+                    let r = Reply {
+                        state: ReplyState::Accepted,
+                        text: format!("queued: message to {to}"),
+                    };
+                    write_reply(dir, &id, &r);
+                }
+                if reply >= ReplyLevel::Final {
+                    following.insert(message_id, (id, to));
+                }
             }
             Err(e) => tracing::warn!(error = %e, "cannot queue an outbox message"),
         }
     }
-    notes
+}
+
+/// A request the running client cannot do: removed, and the reason given if asked for.
+fn refuse(dir: &Path, id: &str, path: &Path, reply: ReplyLevel, why: &str) {
+    eprintln!("outbox: {why}; request discarded");
+    let _ = std::fs::remove_file(path);
+    if reply >= ReplyLevel::Accepted {
+        let r = Reply {
+            state: ReplyState::Failed,
+            text: why.to_string(),
+        };
+        write_reply(dir, id, &r);
+    }
 }
 
 /// Saves a membership card in `chat.json` (shared with the chat) and pins its key as
@@ -1204,394 +1040,6 @@ fn pinned_line(m: &Messenger, c: &PinnedContact) -> String {
     )
 }
 
-/// A member's client opened for a group command: the store (held until the command
-/// ends), its identity and the messenger.
-struct Member {
-    dir: PathBuf,
-    store: ClientStore,
-    identity: Identity,
-    account: SigningKey,
-    messenger: Messenger,
-    file: ChatFile,
-}
-
-impl Member {
-    fn open(opts: &MemberOpts) -> anyhow::Result<Member> {
-        let dir = opts.dir.clone();
-        let path = dir.join(STORE_FILE);
-        if !path.exists() {
-            bail!(
-                "{} has no client; run `shoal client init --dir {}` first",
-                dir.display(),
-                dir.display()
-            );
-        }
-        let store = ClientStore::open(&path).with_context(|| {
-            format!(
-                "cannot open {}: is `shoal client run` or `shoal chat` using it? Group commands need the store: stop it first",
-                path.display()
-            )
-        })?;
-        let (identity, account) = load_identity(&store)?;
-        let files = MemberFiles {
-            credential: opts.credential.clone(),
-            policy: opts.policy.clone(),
-            commit_settle_secs: opts.commit_settle_secs,
-        };
-        let messenger = open_messenger(&dir, &files, &store, identity.contact())?;
-        let file = ChatFile::load(&dir)?;
-        Ok(Member {
-            dir,
-            store,
-            identity,
-            account,
-            messenger,
-            file,
-        })
-    }
-
-    /// Keeps what an offline command changed. An offline command must not produce
-    /// anything to send: an own commit kept but never sent would fork its group.
-    fn save(&mut self) -> anyhow::Result<()> {
-        if self.messenger.poll_outgoing().is_some() {
-            bail!(
-                "your client has group changes to send first (your policy now refuses a member): run `shoal client run` for a while, then try again"
-            );
-        }
-        self.store
-            .save_messenger(&self.messenger.snapshot()?, &[])?;
-        Ok(())
-    }
-
-    fn group(&self, query: &str) -> anyhow::Result<Vec<u8>> {
-        self.file.find_group(&self.messenger.groups(), query)
-    }
-}
-
-/// What a group command that needs the network does, and what it waits for.
-enum Change {
-    Invite(Vec<String>),
-    Send(MessageOptions, String),
-    Remove(String),
-    Update,
-    Leave,
-}
-
-fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
-    let (opts, group, change, wait) = match cmd {
-        GroupCommand::Card { member } => {
-            let mut m = Member::open(&member)?;
-            let card = invite_to_text(&m.messenger.invite()?);
-            // The card's one-time key is now part of the state: keep it.
-            m.save()?;
-            println!("{card}");
-            return Ok(());
-        }
-        GroupCommand::Create { member, name } => {
-            let mut m = Member::open(&member)?;
-            if m.file.groups.iter().any(|g| g.name == name) {
-                bail!("you already have a group named {name:?}");
-            }
-            let id = m.messenger.create_group(unix_ms())?;
-            m.save()?;
-            m.file.groups.push(crate::chat::member::SavedGroup {
-                id: hex::encode(&id),
-                name: name.clone(),
-            });
-            m.file.save(&m.dir)?;
-            println!("group {name:?} created (id {})", hex::encode(&id));
-            println!("add people with `shoal client group invite {name} HANDLE`");
-            return Ok(());
-        }
-        GroupCommand::List { member } => {
-            let m = Member::open(&member)?;
-            print_groups(&m);
-            return Ok(());
-        }
-        GroupCommand::Invite {
-            member,
-            group,
-            contacts,
-            wait,
-        } => (member, group, Change::Invite(contacts), wait),
-        GroupCommand::Send {
-            member,
-            group,
-            message,
-            ttl,
-            burn_on_read,
-            wait,
-        } => {
-            let options = MessageOptions {
-                ttl_secs: ttl,
-                burn_on_read,
-            };
-            (member, group, Change::Send(options, message), wait)
-        }
-        GroupCommand::Remove {
-            member,
-            group,
-            handle,
-            wait,
-        } => (member, group, Change::Remove(handle), wait),
-        GroupCommand::Update {
-            member,
-            group,
-            wait,
-        } => (member, group, Change::Update, wait),
-        GroupCommand::Leave {
-            member,
-            group,
-            wait,
-        } => (member, group, Change::Leave, wait),
-    };
-    let m = Member::open(&opts)?;
-    let id = m.group(&group)?;
-    let label = clean(m.file.group_label(&id).as_bytes());
-    // Contacts are looked up before anything runs, so a typo costs nothing.
-    let invites = match &change {
-        Change::Invite(handles) => {
-            let mut out = Vec::new();
-            for h in handles {
-                let invite = invite_for(&m.messenger, &m.file, h).with_context(|| {
-                    format!(
-                        "no card for {:?}: save their membership card (their `shoal client group card`) with `shoal client contact add {} CARD`",
-                        clean(h.as_bytes()),
-                        clean(h.as_bytes())
-                    )
-                })?;
-                out.push(invite);
-            }
-            out
-        }
-        _ => Vec::new(),
-    };
-    let loaded = load_config(&m.dir.join(CONFIG_FILE))?;
-    let Member {
-        store,
-        identity,
-        account,
-        messenger,
-        ..
-    } = m;
-    let store = Arc::new(store);
-    runtime()?.block_on(async move {
-        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
-        let handle = managed::spawn(client, messenger, store)?;
-        let result = change_online(&handle, &id, &label, change, invites, &wait).await;
-        handle.shutdown().await;
-        result
-    })
-}
-
-/// Makes `change` on the running messenger and, unless `--no-wait`, waits until it has
-/// settled and every envelope it sent is acked.
-async fn change_online(
-    handle: &ManagedHandle,
-    id: &[u8],
-    label: &str,
-    change: Change,
-    invites: Vec<shoal_client::messenger::Invite>,
-    wait: &WaitOpts,
-) -> anyhow::Result<()> {
-    // Subscribed before the change, so nothing it causes is missed.
-    let mut sent = handle.subscribe_sent();
-    let mut raw = handle.client().subscribe();
-    let mut events = handle.subscribe();
-    let g = id.to_vec();
-    let (what, commits) = match &change {
-        Change::Invite(h) => (format!("adding {} to {label}", h.join(", ")), true),
-        Change::Send(..) => (format!("message to {label}"), false),
-        Change::Remove(h) => (format!("removing {h} from {label}"), true),
-        Change::Update => (format!("new keys in {label}"), true),
-        Change::Leave => (format!("asking to leave {label}"), false),
-    };
-    let done: Result<usize, MessengerError> = handle
-        .with(move |m, now| {
-            let others = m
-                .groups()
-                .iter()
-                .find(|s| s.id == g)
-                .map_or(0, |s| s.members.len().saturating_sub(1));
-            match change {
-                Change::Invite(_) => m.add_members(&g, &invites, now),
-                Change::Send(options, body) => {
-                    m.send_group(&g, options, body.as_bytes(), now).map(|_| ())
-                }
-                Change::Remove(h) => m.remove_member(&g, &h, now),
-                Change::Update => m.self_update(&g, now),
-                Change::Leave => m.leave(&g, now),
-            }
-            .map(|()| others)
-        })
-        .await?;
-    let others = match done {
-        Ok(n) => n,
-        Err(e @ MessengerError::Refused { .. }) => bail!("not done ({what}): {e}"),
-        Err(e) => bail!("cannot do it ({what}): {e}"),
-    };
-    println!("queued: {what}");
-    if wait.no_wait {
-        return Ok(());
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.timeout_secs);
-    let mut outstanding = std::collections::HashSet::new();
-    let mut acked = std::collections::HashSet::new();
-    let mut handed = 0usize;
-    loop {
-        // Answered after the flush that sent what the change (or a settle) produced, so
-        // those envelopes are in `sent` by now.
-        let g = id.to_vec();
-        let state = handle
-            .with(move |m, _| {
-                m.groups()
-                    .into_iter()
-                    .find(|s| s.id == g)
-                    .map(|s| (s.settling_until_ms, s.epoch, s.members.len()))
-            })
-            .await?;
-        loop {
-            match sent.try_recv() {
-                Ok(s) => {
-                    if matches!(s.what, OutgoingWhat::Group(_)) {
-                        handed += 1;
-                        match s.result {
-                            Ok(id) => {
-                                if !acked.remove(&id) {
-                                    outstanding.insert(id);
-                                }
-                            }
-                            Err(e) => bail!("not done ({what}): the client refused a copy: {e}"),
-                        }
-                    }
-                }
-                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
-            }
-        }
-        loop {
-            match raw.try_recv() {
-                Ok(DriverEvent::Acked { message_id }) => {
-                    if !outstanding.remove(&message_id) {
-                        acked.insert(message_id);
-                    }
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
-            }
-        }
-        loop {
-            match events.try_recv() {
-                Ok(MessengerEvent::Group(GroupEvent::OwnCommitLost { group, .. }))
-                    if group == id =>
-                {
-                    bail!(
-                        "another member changed {label} at the same time and their change won; run the command again"
-                    )
-                }
-                Ok(MessengerEvent::Group(GroupEvent::Removed { group })) if group == id => {
-                    println!("you are no longer in {label}");
-                    return Ok(());
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
-            }
-        }
-        let Some((settling, epoch, members)) = state else {
-            bail!("you are no longer in {label}");
-        };
-        let settled = !commits || settling.is_none();
-        // A send hands one envelope per other member; a change's commit and Welcome
-        // are counted as they come (a group of one sends no commit).
-        let all_handed = commits || handed >= others;
-        if settled && all_handed && outstanding.is_empty() {
-            match (commits, handed) {
-                (true, _) => println!(
-                    "done: {what} (epoch {epoch}, {members} members); {handed} envelopes acked"
-                ),
-                (false, 0) => println!("done: {what} (nobody else is in {label})"),
-                (false, n) => println!("delivered: {what}, to the mailboxes of {n} members"),
-            }
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let left = if settled {
-                format!(
-                    "{} of {handed} envelopes are not acked yet",
-                    outstanding.len()
-                )
-            } else {
-                "the change has not settled yet".to_string()
-            };
-            bail!(
-                "{left} after {} s; it stays queued and `shoal client run` goes on with it",
-                wait.timeout_secs
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn print_groups(m: &Member) {
-    let me = m.messenger.credential();
-    let now = unix_ms();
-    let groups = m.messenger.groups();
-    if groups.is_empty() {
-        println!("no groups; make one with `shoal client group create NAME`");
-    }
-    for s in groups {
-        let mut skipped_me = false;
-        let members: Vec<String> = s
-            .members
-            .iter()
-            .map(|(h, subnet)| {
-                let shown = display_name(h, subnet);
-                if !skipped_me && h == me.handle() && *subnet == me.subnet() {
-                    skipped_me = true;
-                    format!("{shown} (you)")
-                } else {
-                    shown
-                }
-            })
-            .collect();
-        println!(
-            "{}\tid {}\tepoch {}\tmembers: {}",
-            clean(m.file.group_label(&s.id).as_bytes()),
-            hex::encode(&s.id[..s.id.len().min(4)]),
-            s.epoch,
-            members.join(", ")
-        );
-        if let Some(t) = s.settling_until_ms {
-            println!(
-                "\tpending: a change settles in {} s (run the client to apply it)",
-                t.saturating_sub(now).div_ceil(1000)
-            );
-        }
-        if s.leaving {
-            println!(
-                "\tpending: you asked to leave; the next change by another member removes you"
-            );
-        }
-    }
-    for i in m.messenger.received_invites() {
-        let name = display_name(&i.handle, &i.subnet);
-        let confirmed = m
-            .messenger
-            .contact(&i.subnet, &i.identity_key)
-            .is_some_and(|c| c.confirmed);
-        if confirmed {
-            println!(
-                "card received from {name}: `shoal client group invite GROUP {name}` adds them"
-            );
-        } else {
-            println!(
-                "card received from {name} (key {}, not confirmed): check the safety number with `shoal client contact list`, then `shoal client contact accept {name}`",
-                hex::encode(&i.identity_key.0[..4])
-            );
-        }
-    }
-}
-
 /// `run` for a member: the messenger on the client, printing messages and group news.
 fn run_member(
     loaded: Loaded,
@@ -1608,6 +1056,7 @@ fn run_member(
         let handle = managed::spawn(client, messenger, store.clone())?;
         let mut events = handle.subscribe();
         let mut outbox_tick = tokio::time::interval(Duration::from_millis(500));
+        let mut spooler = MemberSpooler::new(&dir, &handle);
         let signal = crate::runtime::wait_for_signal();
         tokio::pin!(signal);
         let result: anyhow::Result<()> = async {
@@ -1615,7 +1064,7 @@ fn run_member(
                 tokio::select! {
                     r = &mut signal => { r?; return Ok(()); }
                     _ = outbox_tick.tick() => {
-                        for note in drain_member_outbox(&dir, &handle).await {
+                        for note in spooler.tick(&handle).await {
                             println!("{note}");
                         }
                     }
@@ -1643,8 +1092,7 @@ fn run_member(
 /// One line per message or group change, as `run` prints them.
 async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
     use std::io::Write;
-    // Names may have been given since the start (`group create` needs the store, so
-    // not while this runs, but the chat file can be edited).
+    // Names may have been given since the start (`group create`, through the outbox).
     let file = ChatFile::load(dir).unwrap_or_default();
     let group_label = |g: &[u8]| clean(file.group_label(g).as_bytes());
     let line = match e {
@@ -1755,6 +1203,349 @@ async fn member_event(handle: &ManagedHandle, dir: &Path, e: MessengerEvent) {
     };
     println!("{line}");
     let _ = std::io::stdout().flush();
+}
+
+/// Whether a long-running client (`run`, or the chat) holds the store in `dir`; if
+/// not, the store, opened.
+fn store_or_running(dir: &Path) -> anyhow::Result<Option<ClientStore>> {
+    let path = dir.join(STORE_FILE);
+    if !path.exists() {
+        bail!(
+            "{} has no client; run `shoal client init --dir {}` first",
+            dir.display(),
+            dir.display()
+        );
+    }
+    match ClientStore::open(&path) {
+        Ok(store) => Ok(Some(store)),
+        Err(ClientError::StoreInUse) => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot open {}", path.display()))),
+    }
+}
+
+/// Whether the client in `dir` is a member of a subnet (it runs the messenger).
+fn is_member(dir: &Path, store: &ClientStore) -> anyhow::Result<bool> {
+    Ok(store.load_messenger()?.is_some() || dir.join("credential").exists())
+}
+
+/// With no client running: what `op` would do, checked on the store's state without
+/// keeping anything (`None` for an op that sends nothing, which is then done for real
+/// and printed). A bad request is refused here, before it is queued.
+fn check_offline(
+    dir: &Path,
+    store: &ClientStore,
+    op: &Op,
+    files: &MemberFiles,
+) -> anyhow::Result<Option<String>> {
+    if !is_member(dir, store)? {
+        return match op {
+            Op::Direct { to, .. } => {
+                find_contact(store, to)?;
+                Ok(Some(format!("message to {}", clean(to.as_bytes()))))
+            }
+            _ => bail!(
+                "group commands are for members of a subnet: {} holds no membership credential",
+                dir.display()
+            ),
+        };
+    }
+    let (identity, _) = load_identity(store)?;
+    let mut m = open_messenger(dir, files, store, identity.contact())?;
+    let mut file = ChatFile::load(dir)?;
+    let Applied { text, .. } = apply_member_op(&mut m, &mut file, dir, op.clone(), unix_ms())?;
+    if op.sends() {
+        // A copy: the running client makes the change (an own commit kept but never
+        // sent would fork its group).
+        let what = ["queued: ", "done: "]
+            .iter()
+            .find_map(|p| text.strip_prefix(p))
+            .unwrap_or(&text);
+        return Ok(Some(what.to_string()));
+    }
+    if m.poll_outgoing().is_some() {
+        bail!(
+            "your client has group changes to send first: start it (`shoal client start --dir {}`), then try again",
+            dir.display()
+        );
+    }
+    store.save_messenger(&m.snapshot()?, &[])?;
+    println!("{text}");
+    Ok(None)
+}
+
+/// Hands `op` to the long-running client through the outbox: this command opens no
+/// connection, whatever it asks for. With no client running, the request is checked
+/// against the store and waits in the outbox for the next start.
+fn hand_over_with(dir: &Path, op: Op, wait: &WaitOpts, files: &MemberFiles) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(wait.timeout_secs);
+    let sends = op.sends();
+    let offline = match store_or_running(dir)? {
+        Some(store) => match check_offline(dir, &store, &op, files)? {
+            Some(what) => Some(what),
+            // Done already (an op that sends nothing).
+            None => return Ok(()),
+        },
+        None => None,
+    };
+    // Running: hear at least that it was taken in (errors are reported then).
+    // (`--no-wait`, for old scripts: not even that; they spool at their own pace.)
+    let level = match (&offline, wait.wait || !sends) {
+        (_, true) => ReplyLevel::Final,
+        (None, false) if wait.no_wait => ReplyLevel::None,
+        (None, false) => ReplyLevel::Accepted,
+        (Some(_), false) => ReplyLevel::None,
+    };
+    let (id, path) = write_spool(
+        dir,
+        &Spooled::Request(Request {
+            request: op,
+            reply: level,
+        }),
+    )?;
+    if let Some(what) = &offline {
+        println!(
+            "queued: {what}; no client is running, so it waits in {} until one starts: `shoal client start --dir {}`",
+            path.display(),
+            dir.display()
+        );
+        if level == ReplyLevel::None {
+            return Ok(());
+        }
+    } else if level == ReplyLevel::None {
+        println!("queued in {}; the running client sends it", path.display());
+        return Ok(());
+    }
+    let mut failed = None;
+    let last = wait_reply(dir, &id, level, deadline, |r| match r.state {
+        ReplyState::Failed => failed = Some(r.text.clone()),
+        _ if offline.is_some() && r.state == ReplyState::Accepted => {}
+        _ => println!("{}", r.text),
+    });
+    if let Some(why) = failed {
+        bail!("{why}");
+    }
+    match last {
+        Some(r) if r.state == ReplyState::Done || level == ReplyLevel::Accepted => Ok(()),
+        Some(_) => bail!(
+            "no receipt within {} s; it stays queued and the running client goes on with it",
+            wait.timeout_secs
+        ),
+        None if offline.is_some() => bail!(
+            "no client started within {} s; the request stays queued in {}",
+            wait.timeout_secs,
+            path.display()
+        ),
+        None => bail!(
+            "the running client did not take the request in within {} s; it stays queued in {}",
+            wait.timeout_secs,
+            path.display()
+        ),
+    }
+}
+
+fn hand_over(dir: &Path, op: Op, wait: &WaitOpts) -> anyhow::Result<()> {
+    let files = MemberFiles {
+        credential: None,
+        policy: None,
+        commit_settle_secs: DEFAULT_COMMIT_SETTLE_SECS,
+    };
+    hand_over_with(dir, op, wait, &files)
+}
+
+fn run_group(cmd: GroupCommand) -> anyhow::Result<()> {
+    let answer = WaitOpts {
+        wait: true,
+        no_wait: false,
+        timeout_secs: 30,
+    };
+    let (member, op, wait) = match cmd {
+        GroupCommand::Card { member } => (member, Op::GroupCard, answer),
+        GroupCommand::Create { member, name } => (member, Op::GroupCreate { name }, answer),
+        GroupCommand::List { member } => (member, Op::GroupList, answer),
+        GroupCommand::Invite {
+            member,
+            group,
+            contacts,
+            wait,
+        } => (member, Op::GroupInvite { group, contacts }, wait),
+        GroupCommand::Send {
+            member,
+            group,
+            message,
+            ttl,
+            burn_on_read,
+            wait,
+        } => (
+            member,
+            Op::GroupSend {
+                group,
+                message,
+                ttl_secs: ttl,
+                burn_on_read,
+            },
+            wait,
+        ),
+        GroupCommand::Remove {
+            member,
+            group,
+            handle,
+            wait,
+        } => (member, Op::GroupRemove { group, handle }, wait),
+        GroupCommand::Update {
+            member,
+            group,
+            wait,
+        } => (member, Op::GroupUpdate { group }, wait),
+        GroupCommand::Leave {
+            member,
+            group,
+            wait,
+        } => (member, Op::GroupLeave { group }, wait),
+    };
+    let files = MemberFiles {
+        credential: member.credential,
+        policy: member.policy,
+        commit_settle_secs: member.commit_settle_secs,
+    };
+    hand_over_with(&member.dir, op, &wait, &files)
+}
+
+/// `DIR/client.pid` while `run` holds the store; removed when it ends.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(dir: &Path) -> anyhow::Result<PidFile> {
+        let path = dir.join(PID_FILE);
+        crate::chat::member::write_private(&path, format!("{}\n", std::process::id()).as_bytes())?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|s| s.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn read_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `client start`: `shoal client run` detached from this terminal (its own process
+/// group, so Ctrl-C here does not reach it), output in `DIR/client.log` (owner-only).
+/// Returns once the new process holds the store, or fails with the end of its log.
+fn start_background(dir: &Path, timeout_secs: u64) -> anyhow::Result<()> {
+    let config = dir.join(CONFIG_FILE);
+    load_config(&config)?;
+    if store_or_running(dir)?.is_none() {
+        match read_pid(dir) {
+            Some(pid) => println!("the client is already running (pid {pid})"),
+            None => println!("the client is already running (the chat, or `client run`)"),
+        }
+        return Ok(());
+    }
+    let log_path = dir.join(LOG_FILE);
+    let log = {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        opts.open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?
+    };
+    #[cfg(unix)]
+    std::fs::set_permissions(
+        &log_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    let exe = std::env::current_exe().context("cannot find the shoal binary")?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(["client", "run", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn().context("cannot start the client")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_secs);
+    loop {
+        if read_pid(dir) == Some(child.id()) {
+            let queued = waiting(dir);
+            if queued > 0 {
+                println!("{queued} queued requests leave with it");
+            }
+            println!(
+                "the client is running in the background (pid {}, log {}); `shoal client stop --dir {}` stops it",
+                child.id(),
+                log_path.display(),
+                dir.display()
+            );
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the client stopped at once ({status}); the end of {}:\n{}",
+                log_path.display(),
+                log_tail(&log_path)
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the client did not get going within {timeout_secs} s (pid {}, log {})",
+                child.id(),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// `client stop`: SIGTERM to the client `run` wrote into `DIR/client.pid` (only while
+/// the store is held, so a stale file never names another process), then waits until
+/// the store is free.
+fn stop_background(dir: &Path, timeout_secs: u64) -> anyhow::Result<()> {
+    if store_or_running(dir)?.is_some() {
+        println!("no client is running");
+        return Ok(());
+    }
+    let Some(pid) = read_pid(dir) else {
+        bail!("the store is held by a client `start` did not start (the chat?): stop that one");
+    };
+    // `kill` keeps this crate free of unsafe code.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .context("cannot run kill")?;
+    if !status.success() {
+        bail!("cannot signal pid {pid}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_secs);
+    loop {
+        if store_or_running(dir)?.is_some() {
+            println!("the client stopped");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("the client (pid {pid}) is still running after {timeout_secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn format_ms(ms: u64) -> String {

@@ -10,6 +10,7 @@ mod authority_cmd;
 mod bench_cmd;
 mod chat;
 mod client_cmd;
+mod client_spool;
 mod demo_cmd;
 mod gateway_cmd;
 mod human_time;

@@ -212,6 +212,14 @@ pub(crate) fn open_messenger(
             hex::encode(signing.verifying_key().to_bytes())
         );
     }
+    // The admin records the member's gateway in the credential; it must be the one this
+    // client chose by the public rule (`client init`), which the running client checks
+    // against every directory. A credential naming another is an admin picking it.
+    if cred.body().gateway.0 != own.gateway {
+        bail!(
+            "this credential names another gateway than the one your client uses (the rule's choice for your key): ask your admin to enrol you at the gateway `shoal client init` printed"
+        );
+    }
     let policy = Policy::verify(&read(&policy_path, "policy")?, &cred.subnet())
         .context("your subnet's policy")?;
     let config = MessengerConfig {

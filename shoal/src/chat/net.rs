@@ -75,7 +75,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let client = driver::spawn(loaded.driver, identity, &account, store.clone())?;
+        let mut config = loaded.driver;
+        // A member uses the gateway the public rule gives its key, or none.
+        config.assigned_to = Some(account.verifying_key().to_bytes());
+        let client = driver::spawn(config, identity, &account, store.clone())?;
         let handle = managed::spawn(client, messenger, store)?;
         let result = run_terminal(&handle, args.dir, file).await;
         handle.shutdown().await;
@@ -97,6 +100,8 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
     let reader = std::thread::spawn(move || read_keys(key_tx));
 
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // `shoal client send` and the group commands hand their requests over here.
+    let mut spooler = crate::client_spool::MemberSpooler::new(&ui.dir, handle);
     let signal = crate::runtime::wait_for_signal();
     tokio::pin!(signal);
     let result: anyhow::Result<()> = async {
@@ -138,7 +143,7 @@ async fn run_terminal(handle: &ManagedHandle, dir: PathBuf, file: ChatFile) -> a
                     ui.on_tick().await;
                     ui.flush_invites().await;
                     // `shoal client send` while the chat holds the store spools here.
-                    for note in crate::client_cmd::drain_member_outbox(&ui.dir, handle).await {
+                    for note in spooler.tick(handle).await {
                         ui.status(note);
                     }
                 }

@@ -1070,8 +1070,8 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
         "quota, stored, bytes:\n{list}"
     );
 
-    // Alice's real client sends to bob's card; `send` returns once the SURB-ack says the
-    // message is durable in bob's mailbox.
+    // Alice's real client sends to bob's card; `send --wait` returns once the SURB-ack
+    // says the message is durable in bob's mailbox.
     let card = ContactCard::new(
         "bob",
         Contact {
@@ -1088,6 +1088,8 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
             "client", "contact", "add", "--dir", &alice_dir, "bob", &card,
         ],
     );
+    // Only her running client sends; `send --wait` returns with its receipt.
+    let alice_bg = crate::support::cli_net::start_background(Path::new(&alice_dir));
     let sent = shoal(
         &bin,
         &[
@@ -1097,12 +1099,14 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
             &alice_dir,
             "--to",
             "bob",
+            "--wait",
             "--timeout-secs",
             "60",
             "hello bob",
         ],
     );
     assert!(sent.contains("delivered to bob's mailbox"), "{sent}");
+    alice_bg.stop();
 
     // Asked again within 15 minutes: the gateway refuses, so polling cannot time who
     // gets mail when; the listing still shows the admin's own records.

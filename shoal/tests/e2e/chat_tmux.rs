@@ -355,6 +355,8 @@ fn two_people_chat_in_a_group_through_tmux() {
 
     // Carol, from a script: a signed direct message (before this change, a plain one
     // Bob's chat acked at the gateway and then dropped unseen).
+    // Her script starts her client in the background: only it sends.
+    let carol_bg = cli_net::start_background(&carol.dir);
     let sent = shoal(&[
         "client",
         "send",
@@ -362,11 +364,13 @@ fn two_people_chat_in_a_group_through_tmux() {
         &carol_s,
         "--to",
         "bob",
+        "--wait",
         "--timeout-secs",
         "60",
         "from carol's script",
     ]);
     assert!(sent.contains("delivered to bob@"), "{sent}");
+    carol_bg.stop();
     tmux.wait_for(
         "bob",
         "carol's conversation",
@@ -390,7 +394,7 @@ fn two_people_chat_in_a_group_through_tmux() {
         "bob",
         "from alice's script",
     ]);
-    assert!(spooled.contains("queued in"), "{spooled}");
+    assert!(spooled.contains("queued: message to bob@"), "{spooled}");
     tmux.wait_for(
         "bob",
         "alice's scripted message",

@@ -1,9 +1,11 @@
 //! Groups from scripts: `shoal client group ...` on a live testnet of real processes.
 //! Three members of one subnet (set up by `shoal admin` only); Alice makes a group,
-//! invites Bob and Carol by their saved membership cards, and sends; Bob and Carol,
-//! each running `shoal client run`, join and get it; `read` shows the group, sender,
-//! TTL and burn flag. Alice removes Carol, who then receives nothing more. Errors for
-//! unknown groups and contacts and for policy refusals are checked on the way.
+//! invites Bob and Carol by their saved membership cards (queued while her client is
+//! stopped, sent by `shoal client start`'s background client), and sends; Bob and
+//! Carol, each running `shoal client run`, join and get it; `read` shows the group,
+//! sender, TTL and burn flag. Alice removes Carol, who then receives nothing more.
+//! Errors for unknown groups and contacts and for policy refusals are checked on the
+//! way, both before a client runs and through a running one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::support::cli_net;
@@ -11,9 +13,10 @@ use crate::support::cli_net;
 use std::time::{Duration, Instant};
 
 use cli_net::{
-    ClientDir, field, run_client, run_output, shoal, shoal_output, start_subnet, stop, temp_dir,
-    wait_run_line,
+    ClientDir, client_init, client_init_member, enroll_member, field, outbox_len, run_client,
+    run_output, shoal, shoal_output, start_background, start_subnet, stop, temp_dir, wait_run_line,
 };
+use shoal_bench::testnet::GatewayInit;
 
 /// `shoal ARGS` that must fail; returns its stderr.
 fn shoal_fails(args: &[&str]) -> String {
@@ -93,26 +96,34 @@ fn three_members_use_a_group_from_the_cli() {
     let mut bob_run = run_client(bob);
     let mut carol_run = run_client(carol);
 
-    let out = shoal_output(&[
-        "client",
-        "group",
-        "invite",
-        "--dir",
-        &a,
-        "--timeout-secs",
-        "60",
-        "friends",
-        "bob",
-        "carol",
+    // Alice's client is stopped: the invite is checked, queued, and goes nowhere yet.
+    let out = shoal(&[
+        "client", "group", "invite", "--dir", &a, "friends", "bob", "carol",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success()
-            && stdout.contains("done: adding bob, carol to friends (epoch 1, 3 members)"),
-        "invite: {stdout}\n{}\n--- gateway0 ---\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        net.log_tail("gateway0"),
+        out.contains("queued: adding bob, carol to friends; no client is running"),
+        "{out}"
     );
+    assert_eq!(outbox_len(&alice.dir), 1);
+    // Her background client takes it in and commits it once it has settled (8 s);
+    // `group list`, answered by the running client, shows when.
+    let alice_bg = start_background(&alice.dir);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let want = format!("epoch 1\tmembers: alice@{sub} (you), bob@{sub}, carol@{sub}");
+    loop {
+        let list = shoal(&["client", "group", "list", "--dir", &a]);
+        if list.contains(&want) && !list.contains("pending") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "invite: {list}\n--- alice ---\n{}\n--- gateway0 ---\n{}",
+            alice_bg.log(),
+            net.log_tail("gateway0"),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(outbox_len(&alice.dir), 0);
     let long = Duration::from_secs(40);
     for p in [bob, carol] {
         wait_run_line(p, "join", long, |l| l == format!("you joined group {id}"));
@@ -144,6 +155,7 @@ fn three_members_use_a_group_from_the_cli() {
         &a,
         "--ttl",
         "7200",
+        "--wait",
         "--timeout-secs",
         "60",
         "friends",
@@ -160,6 +172,7 @@ fn three_members_use_a_group_from_the_cli() {
         "--dir",
         &a,
         "--burn-on-read",
+        "--wait",
         "--timeout-secs",
         "60",
         "friends",
@@ -187,6 +200,7 @@ fn three_members_use_a_group_from_the_cli() {
         "remove",
         "--dir",
         &a,
+        "--wait",
         "--timeout-secs",
         "60",
         "friends",
@@ -212,6 +226,7 @@ fn three_members_use_a_group_from_the_cli() {
         "send",
         "--dir",
         &a,
+        "--wait",
         "--timeout-secs",
         "60",
         "friends",
@@ -229,6 +244,7 @@ fn three_members_use_a_group_from_the_cli() {
         "update",
         "--dir",
         &a,
+        "--wait",
         "--timeout-secs",
         "60",
         "friends",
@@ -240,9 +256,12 @@ fn three_members_use_a_group_from_the_cli() {
     wait_run_line(bob, "the update", long, |l| {
         l == format!("group {id} is at epoch 3")
     });
-    // While `run` holds Bob's store, group commands say so.
-    let err = shoal_fails(&["client", "group", "list", "--dir", &b]);
-    assert!(err.contains("Group commands need the store"), "{err}");
+    // While `run` holds Bob's store, his running client answers group commands.
+    let list = shoal(&["client", "group", "list", "--dir", &b]);
+    assert!(
+        list.contains(&format!("epoch 3\tmembers: alice@{sub}, bob@{sub} (you)")),
+        "{list}"
+    );
     stop(&mut bob_run);
     stop(&mut carol_run);
 
@@ -269,25 +288,15 @@ fn three_members_use_a_group_from_the_cli() {
         list.contains(&format!("epoch 3\tmembers: alice@{sub}, bob@{sub} (you)")),
         "{list}"
     );
-    // Bob asks to leave: the request reaches Alice's mailbox, and waits for her commit.
-    let out = shoal(&[
-        "client",
-        "group",
-        "leave",
-        "--dir",
-        &b,
-        "--timeout-secs",
-        "60",
-        &id,
-    ]);
+    // Bob asks to leave with his client stopped: queued for his next start.
+    let out = shoal(&["client", "group", "leave", "--dir", &b, &id]);
     assert!(
         out.contains(&format!(
-            "delivered: asking to leave {id}, to the mailboxes of 1 members"
+            "queued: asking to leave {id}; the next change by another member removes you; no client is running"
         )),
         "{out}"
     );
-    let list = shoal(&["client", "group", "list", "--dir", &b]);
-    assert!(list.contains("pending: you asked to leave"), "{list}");
+    assert_eq!(outbox_len(&bob.dir), 1);
 
     // Carol got what was sent while she was in, and nothing after.
     let read = shoal(&["client", "read", "--dir", &c]);
@@ -296,6 +305,62 @@ fn three_members_use_a_group_from_the_cli() {
     let list = shoal(&["client", "group", "list", "--dir", &c]);
     assert!(list.contains("no groups"), "{list}");
 
+    alice_bg.stop();
+
+    // Leak 1, the rogue admin: it names a gateway of its choosing for a member, to
+    // gather its subnet where an observer can read it off. The member's client refuses.
+    let gws: Vec<GatewayInit> = net.gateways.iter().map(|g| g.init.clone()).collect();
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let named = |out: &str, g: &GatewayInit| {
+        field(out, "gateway: ").starts_with(&format!("{}={}", g.link_addr, hex::encode(g.id)))
+    };
+    let admin = dir.join("admin");
+    // (a) Dave's client chose its gateway by the rule; the credential names the other.
+    let dave = dir.join("dave");
+    let out = client_init_member(&dave, "dave", &gws, &authority);
+    let other = gws.iter().find(|g| !named(&out, g)).unwrap();
+    enroll_member(&admin, &dave, "dave", other, &out);
+    let err = shoal_fails(&["client", "group", "card", "--dir", &dave.to_string_lossy()]);
+    assert!(err.contains("names another gateway"), "{err}");
+    // (b) Erin's client was set up with the admin's gateway alone (the old way), one the
+    // rule does not give her key: config and credential agree, and the running client
+    // refuses at the first directory.
+    let (erin, erin_out, pinned) = (0..32)
+        .find_map(|i| {
+            let d = dir.join(format!("erin{i}"));
+            let g = &gws[0];
+            let out = client_init(&d, "erin", g, &authority);
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(field(&out, "account key: "), &mut key).unwrap();
+            let ids: Vec<[u8; 32]> = gws.iter().map(|g| g.id).collect();
+            (shoal_topology::gateway_for_member(&ids, &key) != Some(g.id)).then_some((d, out, g))
+        })
+        .unwrap();
+    enroll_member(&admin, &erin, "erin", pinned, &erin_out);
+    let erin_dir = ClientDir {
+        name: "erin".into(),
+        dir: erin.clone(),
+        card: String::new(),
+        gateway: 0,
+    };
+    let mut erin_run = run_client(&erin_dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while erin_run.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(erin.join("run.log")).unwrap_or_default();
+    assert!(
+        !erin_run.alive(),
+        "erin's client went on with the admin's gateway: {log}"
+    );
+    assert!(
+        log.contains("assigns your account key to another gateway"),
+        "{log}"
+    );
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
     let took = started.elapsed();

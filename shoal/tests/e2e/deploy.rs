@@ -385,7 +385,7 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         );
     }
 
-    // Both ways: the recipient's client runs; the sender's `send` waits for the ack
+    // Both ways: both clients run; the sender's `send --wait` waits for the ack
     // (durable in the recipient's mailbox); the recipient's client prints it; stopped,
     // `read` shows it.
     let mut first_delivery = None;
@@ -399,6 +399,14 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
             &out,
             &Path::new(&user_dirs[to]).join("run.log"),
         );
+        // Only the sender's running client touches the network.
+        let from_config = format!("{}/client.toml", user_dirs[from]);
+        let mut from_run = hosts.spawn(
+            &users[from],
+            &["client", "run", "--config", &from_config],
+            &Path::new(&user_dirs[from]).join("run.out"),
+            &Path::new(&user_dirs[from]).join("run.log"),
+        );
         let t = Instant::now();
         let sent = hosts.run(
             &users[from],
@@ -409,6 +417,7 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
                 &user_dirs[from],
                 "--to",
                 to_name,
+                "--wait",
                 "--timeout-secs",
                 "60",
                 &body,
@@ -434,6 +443,7 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
             shown.as_secs_f64()
         );
         stop(&mut run);
+        stop(&mut from_run);
         let read = hosts.run(&users[to], &["client", "read", "--dir", &user_dirs[to]]);
         assert_eq!(
             read.lines().filter(|l| l.contains(&body)).count(),

@@ -61,12 +61,15 @@ fn deprovisioned_member_is_removed_from_groups_by_the_published_policy() {
     let mut bob_run = run_client(bob);
     let mut carol_run = run_client(carol);
     let mut office_run = run_client(office);
+    // Only a running client sends: Alice's takes her invite in.
+    let mut alice_run = run_client(alice);
     let out = shoal_output(&[
         "client",
         "group",
         "invite",
         "--dir",
         &a,
+        "--wait",
         "--timeout-secs",
         "60",
         "friends",
@@ -83,7 +86,6 @@ fn deprovisioned_member_is_removed_from_groups_by_the_published_policy() {
     for p in [bob, carol] {
         wait_run_line(p, "join", long, |l| l == format!("you joined group {id}"));
     }
-    let mut alice_run = run_client(alice);
 
     // De-provision Carol: cut at her gateway, and policy v2 queued for the others.
     let out = shoal(&["admin", "deprovision", "--dir", &admin, "--handle", "carol"]);
@@ -123,18 +125,21 @@ fn deprovisioned_member_is_removed_from_groups_by_the_published_policy() {
 
     // A message sent now goes to Alice alone; Carol's store never gets it.
     let after = "carol is no longer with us";
+    let mut bob_run = run_client(bob);
     let out = shoal(&[
         "client",
         "group",
         "send",
         "--dir",
         &b,
+        "--wait",
         "--timeout-secs",
         "60",
         &id,
         after,
     ]);
     assert!(out.contains("to the mailboxes of 1 members"), "{out}");
+    stop(&mut bob_run);
     let mut alice_run = run_client(alice);
     wait_run_line(alice, "the message after the removal", long, |l| {
         l.contains(&format!("bob@{sub}: {after}"))

@@ -144,57 +144,20 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
         hex::encode(net.authorities.keys[0].0)
     );
     let mut made = Vec::new();
-    for &(name, g) in people {
-        let gw = &gateways[g];
+    // The gateway index asked for is ignored: a member's gateway is the public rule's
+    // choice for its key (`client init` picks it among all of them; its client refuses
+    // any other), so subnets share gateways.
+    for &(name, _) in people {
         let cdir = dir.join(name);
-        let out = client_init(&cdir, name, gw, &authority);
+        let out = client_init_member(&cdir, name, &gateways, &authority);
+        let chosen = field(&out, "gateway: ");
+        let g = gateways
+            .iter()
+            .position(|gw| chosen.starts_with(&format!("{}={}", gw.link_addr, hex::encode(gw.id))))
+            .expect("the chosen gateway is one of those given");
+        let gw = &gateways[g];
         let card = field(&out, "contact card: ");
-        // What `shoal client init` prints for the admin, and nothing else (the guide's
-        // path). The seal key is for the admin's policy updates only: members sign
-        // their own into their cards.
-        let enroll = [
-            "admin",
-            "enroll",
-            "--dir",
-            &admin_s,
-            "--gateway",
-            &gw.client_addr.to_string(),
-            "--gateway-key",
-            &hex::encode(gw.id),
-            "--handle",
-            name,
-            "--role",
-            "member",
-            "--account-key",
-            &field(&out, "account key: "),
-            "--identity-key",
-            &field(&out, "identity key: "),
-            "--mailbox",
-            &field(&out, "mailbox: "),
-            "--seal-key",
-            &field(&out, "seal key: "),
-        ];
-        // The gateway process may still be starting: retry until it answers.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = shoal_output(&enroll);
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "admin enroll {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // What the admin hands the person.
-        std::fs::copy(
-            admin.join("members").join(format!("{name}.cred")),
-            cdir.join("credential"),
-        )
-        .unwrap();
-        std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
+        enroll_member(&admin, &cdir, name, gw, &out);
         made.push(ClientDir {
             name: name.to_string(),
             dir: cdir,
@@ -203,6 +166,58 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
         });
     }
     (net, made)
+}
+
+/// `shoal admin enroll` of the client at `cdir` (`init_out`: what its `client init`
+/// printed) at gateway `gw`, and the admin's files copied into its directory.
+pub fn enroll_member(admin: &Path, cdir: &Path, name: &str, gw: &GatewayInit, init_out: &str) {
+    let admin_s = admin.to_string_lossy().into_owned();
+    // What `shoal client init` prints for the admin, and nothing else (the guide's
+    // path). The seal key is for the admin's policy updates only: members sign
+    // their own into their cards.
+    let enroll = [
+        "admin",
+        "enroll",
+        "--dir",
+        &admin_s,
+        "--gateway",
+        &gw.client_addr.to_string(),
+        "--gateway-key",
+        &hex::encode(gw.id),
+        "--handle",
+        name,
+        "--role",
+        "member",
+        "--account-key",
+        &field(init_out, "account key: "),
+        "--identity-key",
+        &field(init_out, "identity key: "),
+        "--mailbox",
+        &field(init_out, "mailbox: "),
+        "--seal-key",
+        &field(init_out, "seal key: "),
+    ];
+    // The gateway process may still be starting: retry until it answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = shoal_output(&enroll);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "admin enroll {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What the admin hands the person.
+    std::fs::copy(
+        admin.join("members").join(format!("{name}.cred")),
+        cdir.join("credential"),
+    )
+    .unwrap();
+    std::fs::copy(admin.join("policy.json"), cdir.join("policy")).unwrap();
 }
 
 /// `shoal client init` for `name` on `gw`, as a person runs it; returns its output.
@@ -223,6 +238,28 @@ pub fn client_init(cdir: &Path, name: &str, gw: &GatewayInit, authority: &str) -
         "--name",
         name,
     ])
+}
+
+/// `shoal client init` for a member: every gateway is named, and the rule picks one.
+pub fn client_init_member(
+    cdir: &Path,
+    name: &str,
+    gateways: &[GatewayInit],
+    authority: &str,
+) -> String {
+    let mut args: Vec<String> = ["client", "init", "--dir", &cdir.to_string_lossy()]
+        .map(str::to_owned)
+        .to_vec();
+    for gw in gateways {
+        args.push("--gateway".into());
+        args.push(format!("{}={}", gw.link_addr, hex::encode(gw.id)));
+        args.push("--gateway-client-addr".into());
+        args.push(gw.client_addr.to_string());
+    }
+    for a in ["--authority", authority, "--threshold", "1", "--name", name] {
+        args.push(a.into());
+    }
+    shoal(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Rewrites `pull_interval_ms` in a client's config.
@@ -263,7 +300,23 @@ pub fn run_client(client: &ClientDir) -> Proc {
         .stderr(err)
         .spawn()
         .expect("client run");
-    Proc::from_child(&client.name, child)
+    let pid = child.id();
+    let proc = Proc::from_child(&client.name, child);
+    // Returns once it holds the store (it writes DIR/client.pid then), so a command run
+    // next hands its work to it rather than finding the store free.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(client.dir.join("client.pid"))
+        .map_or(true, |p| p.trim() != pid.to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}'s client never took its store: {}",
+            client.name,
+            std::fs::read_to_string(client.dir.join("run.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc
 }
 
 /// Asks a process to stop as a person would (Ctrl-C / SIGTERM).
@@ -317,4 +370,55 @@ pub fn stop(p: &mut Proc) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!p.alive(), "client run ignored SIGTERM");
+}
+
+/// A client started in the background with `shoal client start`, the way a person
+/// runs one; `shoal client stop` when dropped (also when a test fails).
+#[derive(Debug)]
+pub struct Background {
+    dir: PathBuf,
+    stopped: bool,
+}
+
+/// `shoal client start --dir DIR`: returns once the client holds its store.
+pub fn start_background(dir: &Path) -> Background {
+    let out = shoal(&["client", "start", "--dir", &dir.to_string_lossy()]);
+    assert!(out.contains("running in the background"), "{out}");
+    Background {
+        dir: dir.to_path_buf(),
+        stopped: false,
+    }
+}
+
+impl Background {
+    /// `shoal client stop`; returns once the store is free again.
+    pub fn stop(mut self) {
+        self.stopped = true;
+        let out = shoal(&["client", "stop", "--dir", &self.dir.to_string_lossy()]);
+        assert!(out.contains("the client stopped"), "{out}");
+    }
+
+    /// What the background client wrote to `DIR/client.log`.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("client.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = shoal_output(&["client", "stop", "--dir", &self.dir.to_string_lossy()]);
+        }
+    }
+}
+
+/// Requests waiting in a client's outbox for its running client.
+pub fn outbox_len(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("outbox"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
 }
