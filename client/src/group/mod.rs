@@ -626,6 +626,22 @@ impl GroupManager {
         Ok(())
     }
 
+    /// Test only: takes back this member's held commit for `group` and its queued copy,
+    /// as an attacker does between candidates when grinding (openmls forgets its pending
+    /// commit, so another can be made).
+    #[cfg(test)]
+    pub(crate) fn dangerously_withdraw_own_commit(&mut self, group: &[u8]) {
+        if let Some((g, meta)) = self.groups.get_mut(group) {
+            let _ = g.clear_pending_commit(self.provider.storage());
+            meta.held.retain(|c| !c.own);
+            if meta.held.is_empty() {
+                meta.settle_at = None;
+            }
+        }
+        self.outgoing
+            .retain(|o| !(o.group == group && o.kind == OutgoingKind::Commit));
+    }
+
     /// Invites the owners of `key_packages` (from their invites), in one commit. The
     /// commit goes out at once; the Welcome only once the commit has won its epoch.
     pub fn add_members(
