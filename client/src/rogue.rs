@@ -16,7 +16,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::Contact;
 use crate::group::{
-    GroupConfig, GroupError, GroupEvent, GroupManager, GroupOutgoing, OutgoingKind,
+    GroupConfig, GroupError, GroupEvent, GroupManager, GroupOutgoing, OutgoingKind, commit_rank,
 };
 use crate::messenger::*;
 use crate::seal;
@@ -1000,4 +1000,70 @@ fn rogue_member_cannot_grind_past_its_own_removal() {
             "{counter:?}: mal was not removed: {mal_events:?}"
         );
     }
+}
+
+/// Hole 10, censorship: each epoch vic commits (an update), and mal, having seen vic's
+/// commit, grinds one of its own against it. Each epoch's winner must be the one the
+/// order fixed before the epoch names (vic whenever vic's leaf ranks before mal's),
+/// whatever mal ground, and so vic gets through within a few epochs. Under "lowest
+/// hash wins" mal wins each epoch with probability GRIND / (GRIND + 1).
+#[test]
+fn rogue_member_cannot_grind_to_censor_another() {
+    let admin = SubnetAdmin::from_secret([0xa1; 32]);
+    let v1 = policy(&admin, &[]);
+    let mut ms = [
+        group_member(&admin, &v1, "ana", 1),
+        group_member(&admin, &v1, "vic", 2),
+        group_member(&admin, &v1, "mal", 3),
+    ];
+    let g = form_group(&mut ms, NOW);
+    let leaf = |m: &GroupManager| {
+        m.members(&g)
+            .iter()
+            .find(|x| x.credential.signing_key() == m.credential().signing_key())
+            .unwrap()
+            .leaf
+    };
+    let (vic_leaf, mal_leaf) = (leaf(&ms[1]), leaf(&ms[2]));
+    let mut t = NOW + 10 * SETTLE_MS;
+    // Vic's leaf ranks first in about half the epochs; 40 epochs without one happen
+    // with probability 2^-40.
+    let mut vic_landed = None;
+    for round in 0..40 {
+        let epoch = ms[0].epoch(&g).unwrap();
+        ms[1].self_update(&g, t).unwrap();
+        let vic_commit = ms[1].poll_outgoing().unwrap();
+        for i in [0, 2] {
+            ms[i].handle_message(&vic_commit.bytes, t).unwrap();
+        }
+        let mal_commit = grind(&mut ms[2], &g, sha256(&vic_commit.bytes), &|m| {
+            m.self_update(&g, t)
+        });
+        for i in [0, 1] {
+            ms[i].handle_message(&mal_commit.bytes, t + 1).unwrap();
+        }
+        for m in ms.iter_mut() {
+            m.handle_timeout(t + SETTLE_MS + 1);
+        }
+        let vic_lost = std::iter::from_fn(|| ms[1].poll_event())
+            .any(|e| matches!(e, GroupEvent::OwnCommitLost { .. }));
+        let vic_first = commit_rank(&g, epoch, vic_leaf) < commit_rank(&g, epoch, mal_leaf);
+        assert_eq!(
+            !vic_lost, vic_first,
+            "round {round}: the winner is not the one the order names"
+        );
+        for m in &ms {
+            assert_eq!(m.epoch(&g), Some(epoch + 1));
+            assert_eq!(m.epoch_authenticator(&g), ms[0].epoch_authenticator(&g));
+        }
+        for m in ms.iter_mut() {
+            while m.poll_event().is_some() {}
+        }
+        t += 2 * SETTLE_MS;
+        if !vic_lost {
+            vic_landed = Some(round);
+            break;
+        }
+    }
+    assert!(vic_landed.is_some(), "mal censored vic for 40 epochs");
 }
