@@ -981,8 +981,8 @@ fn rogue_member_cannot_grind_past_its_own_removal() {
         for m in ms.iter_mut() {
             m.handle_timeout(t + SETTLE_MS + 1);
         }
-        for i in 0..2 {
-            let handles: Vec<String> = ms[i]
+        for (i, m) in ms[..2].iter().enumerate() {
+            let handles: Vec<String> = m
                 .members(&g)
                 .iter()
                 .map(|m| m.credential.handle().to_string())

@@ -657,13 +657,19 @@ impl GroupManager {
     }
 
     /// Sets the claim (see `order.rs`) of the commit about to be made in `group`, which
-    /// removes `removed`: with this member's policy as the proof if that policy revokes
-    /// one of them.
+    /// removes `removed` and, as every openmls commit here carries the pending
+    /// proposals, the leaves whose leave requests are pending; with this member's policy
+    /// as the proof if that policy revokes one of them.
     fn claim_next_commit(
         &mut self,
         group: &[u8],
-        removed: Vec<u32>,
+        mut removed: Vec<u32>,
     ) -> Result<CommitClaim, GroupError> {
+        let (g, _) = self.groups.get(group).ok_or(GroupError::UnknownGroup)?;
+        removed.extend(g.pending_proposals().filter_map(|p| match p.proposal() {
+            Proposal::Remove(r) => Some(r.removed().u32()),
+            _ => None,
+        }));
         let revokes = self
             .members(group)
             .iter()
@@ -866,17 +872,10 @@ impl GroupManager {
             return Err(GroupError::CommitPending);
         }
         let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
-        let removed: Vec<u32> = g
-            .pending_proposals()
-            .filter_map(|p| match p.proposal() {
-                Proposal::Remove(r) => Some(r.removed().u32()),
-                _ => None,
-            })
-            .collect();
         if g.pending_proposals().next().is_none() {
             return Ok(false);
         }
-        let claim = self.claim_next_commit(group, removed)?;
+        let claim = self.claim_next_commit(group, Vec::new())?;
         let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
         let provider = &self.provider;
         let (commit, _, _) = g
@@ -1191,7 +1190,7 @@ impl GroupManager {
             .map(|(claim, _)| (claim.author, claim.removed.clone()))
             .collect();
         let mut ranked: Vec<_> = keys.into_iter().zip(held).collect();
-        ranked.sort_by(|a, b| a.0.cmp(&b.0));
+        ranked.sort_by_key(|a| a.0);
         // The first that verifies wins; verification is the same for every member.
         let mut winner = None;
         for (key, (claim, c)) in ranked {

@@ -71,9 +71,11 @@ impl CommitClaim {
         let mut out = Vec::with_capacity(11 + 4 * self.removed.len() + proof.len());
         out.push(CLAIM_TAG);
         out.extend_from_slice(&self.author.to_be_bytes());
-        // Bounded by MAX_REMOVED when made (`decode` refuses more), so it fits.
-        out.extend_from_slice(&(self.removed.len().min(u16::MAX.into()) as u16).to_be_bytes());
-        for l in &self.removed {
+        // A group never has u16::MAX leaves to remove (and `decode` refuses more than
+        // MAX_REMOVED); the count and the list agree whatever happens.
+        let count = u16::try_from(self.removed.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&count.to_be_bytes());
+        for l in self.removed.iter().take(usize::from(count)) {
             out.extend_from_slice(&l.to_be_bytes());
         }
         out.extend_from_slice(&(proof.len() as u32).to_be_bytes());

@@ -304,6 +304,28 @@ fn concurrent_commits_converge_on_the_authors_rank() {
     }
 }
 
+/// Every openmls commit here carries the pending leave requests, whatever it was made
+/// for; its claim must list them, or the other members drop it as false and fork.
+#[test]
+fn a_leave_request_riding_on_another_commit_is_claimed() {
+    let (a, _, _) = admins();
+    let pa = policy(&a, &[]);
+    let mut ms: Vec<_> = (0..3)
+        .map(|i| member(&a, &pa, &format!("m{i}"), "staff", 40 + i))
+        .collect();
+    let g = form_group(&mut ms, NOW);
+    let t = NOW + 10 * SETTLE;
+    ms[2].leave(&g).unwrap();
+    pump(2, &mut ms, t);
+    ms[1].self_update(&g, t).unwrap();
+    pump(1, &mut ms, t);
+    settle_all(&mut ms, t + SETTLE);
+    assert!(events(&mut ms[2]).contains(&GroupEvent::Removed { group: g.clone() }));
+    assert_eq!(ms[0].members(&g).len(), 2);
+    assert_eq!(ms[0].epoch_authenticator(&g), ms[1].epoch_authenticator(&g));
+    assert_eq!(ms[0].stats().malformed, 0);
+}
+
 #[test]
 fn late_commit_and_mismatched_epoch_are_loud() {
     let (a, _, _) = admins();
