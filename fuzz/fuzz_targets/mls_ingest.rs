@@ -8,6 +8,7 @@
 //!
 //! The group's keys come from openmls's own OS-seeded RNG, so they differ per process:
 //! a crash found here may need the whole run's log to reproduce, not only the input.
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
@@ -167,17 +168,42 @@ fn mutate(template: &[u8], edits: &[u8]) -> Vec<u8> {
     out
 }
 
-fn ingest(snapshot: &MessengerSnapshot, bytes: &[&[u8]]) {
-    let Ok(mut bob) = Messenger::restore(snapshot, NOW + 3 * SETTLE) else {
-        return;
-    };
+/// Inputs one restored bob takes before he is restored again.
+const REUSE: u32 = 256;
+
+thread_local! {
+    /// Bob restored from each snapshot (fresh, joined) and the inputs he took since.
+    /// Restoring costs far more than an input (about a second under the sanitizer), so
+    /// he is reused, state and all, unless he dropped out of the group.
+    static BOBS: RefCell<[(Option<Messenger>, u32); 2]> = const { RefCell::new([(None, 0), (None, 0)]) };
+}
+
+fn ingest(joined: bool, bytes: &[&[u8]]) {
+    let w = world();
     let t = NOW + 3 * SETTLE;
-    for b in bytes {
-        bob.handle_incoming(b, t);
-    }
-    bob.handle_timeout(t + 10 * SETTLE);
-    while bob.poll_event().is_some() {}
-    while bob.poll_outgoing().is_some() {}
+    BOBS.with(|bobs| {
+        let mut bobs = bobs.borrow_mut();
+        let (slot, uses) = &mut bobs[usize::from(joined)];
+        if slot.is_none() || *uses >= REUSE {
+            let snapshot = if joined { &w.joined } else { &w.fresh };
+            *slot = Messenger::restore(snapshot, t).ok();
+            *uses = 0;
+        }
+        *uses += 1;
+        let Some(bob) = slot.as_mut() else {
+            return;
+        };
+        for b in bytes {
+            bob.handle_incoming(b, t);
+        }
+        bob.handle_timeout(t + 10 * SETTLE);
+        while bob.poll_event().is_some() {}
+        while bob.poll_outgoing().is_some() {}
+        // Out of the group (or, fresh, in one): nothing more to learn from him.
+        if bob.groups().is_empty() == joined {
+            *slot = None;
+        }
+    });
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -188,10 +214,10 @@ fuzz_target!(|data: &[u8]| {
     let pick = usize::from(pick) % (w.templates.len() + 1);
     if let Some((joined, template)) = w.templates.get(pick) {
         let bytes = mutate(template, rest);
-        ingest(if *joined { &w.joined } else { &w.fresh }, &[&bytes]);
+        ingest(*joined, &[&bytes]);
     } else {
         let wrapped = Envelope::Mls(rest.to_vec()).encode();
-        ingest(&w.joined, &[rest, &wrapped]);
-        ingest(&w.fresh, &[&wrapped]);
+        ingest(true, &[rest, &wrapped]);
+        ingest(false, &[&wrapped]);
     }
 });
