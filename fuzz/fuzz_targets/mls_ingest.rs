@@ -126,15 +126,32 @@ fn world() -> &'static World {
         let joined = bob.snapshot().expect("snapshot");
         let t = NOW + 2 * SETTLE;
         ana.send_group(&g, OPTS, b"hello", t).expect("send");
-        templates.extend(deliver(&mut ana, &mut bob, t).into_iter().map(|b| (true, b)));
+        templates.extend(
+            deliver(&mut ana, &mut bob, t)
+                .into_iter()
+                .map(|b| (true, b)),
+        );
         ana.self_update(&g, t).expect("update");
-        templates.extend(deliver(&mut ana, &mut bob, t).into_iter().map(|b| (true, b)));
+        templates.extend(
+            deliver(&mut ana, &mut bob, t)
+                .into_iter()
+                .map(|b| (true, b)),
+        );
         cy.leave(&g, t).expect("leave");
         templates.extend(deliver(&mut cy, &mut bob, t).into_iter().map(|b| (true, b)));
         let bob_card = bob.card().clone();
-        ana.send_direct(&bob_card, OPTS, b"direct", t).expect("direct");
-        templates.extend(deliver(&mut ana, &mut bob, t).into_iter().map(|b| (true, b)));
-        assert!(templates.len() >= 5, "every template made: {}", templates.len());
+        ana.send_direct(&bob_card, OPTS, b"direct", t)
+            .expect("direct");
+        templates.extend(
+            deliver(&mut ana, &mut bob, t)
+                .into_iter()
+                .map(|b| (true, b)),
+        );
+        assert!(
+            templates.len() >= 5,
+            "every template made: {}",
+            templates.len()
+        );
         World {
             fresh,
             joined,
