@@ -15,7 +15,9 @@ use shoal_topology::Hex32;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::Contact;
-use crate::group::{GroupConfig, GroupError, GroupEvent};
+use crate::group::{
+    GroupConfig, GroupError, GroupEvent, GroupManager, GroupOutgoing, OutgoingKind, commit_rank,
+};
 use crate::messenger::*;
 use crate::seal;
 
@@ -846,4 +848,222 @@ fn federation_update_takes_effect_at_members() {
     deliver(&mut cy, &mut ana, NOW + 3);
     assert_eq!(cy.peek()[0].body, b"hello C");
     assert_eq!(ana.peek()[0].body, b"hello A");
+}
+
+// Hole 10: the order of concurrent commits. The attacker is a member; it sees the other
+// members' commits for the epoch (they are sent to it too) and makes as many candidate
+// commits of its own as it likes before sending one.
+
+const SETTLE_MS: u64 = 1000;
+/// Candidate commits the grinder makes per epoch: under "lowest hash wins" it beats a
+/// given commit with probability GRIND / (GRIND + 1).
+const GRIND: usize = 64;
+
+fn group_member(admin: &SubnetAdmin, pol: &Policy, handle: &str, seed: u8) -> GroupManager {
+    let cred = credential(admin, handle, seed, Some(own(seed)));
+    GroupManager::new(
+        [seed; 32],
+        own(seed),
+        cred.signed(),
+        pol.clone(),
+        GroupConfig {
+            commit_settle_ms: SETTLE_MS,
+        },
+        NOW,
+    )
+    .unwrap()
+}
+
+/// Delivers what `ms[from]` has queued to every member it names.
+fn pump_group(from: usize, ms: &mut [GroupManager], now: u64) {
+    while let Some(out) = ms[from].poll_outgoing() {
+        for r in &out.recipients {
+            if let Some(m) = ms
+                .iter_mut()
+                .find(|m| m.credential().signing_key() == r.identity_key())
+            {
+                let _ = m.handle_message(&out.bytes, now);
+            }
+        }
+    }
+}
+
+/// `ms[0]` creates a group and adds the others in one commit.
+fn form_group(ms: &mut [GroupManager], now: u64) -> Vec<u8> {
+    let g = ms[0].create_group(now).unwrap();
+    let kps: Vec<Vec<u8>> = ms[1..]
+        .iter_mut()
+        .map(|m| m.key_package().unwrap())
+        .collect();
+    let refs: Vec<&[u8]> = kps.iter().map(Vec::as_slice).collect();
+    ms[0].add_members(&g, &refs, now).unwrap();
+    pump_group(0, ms, now);
+    ms[0].handle_timeout(now + SETTLE_MS);
+    pump_group(0, ms, now + SETTLE_MS);
+    for m in ms.iter_mut() {
+        while m.poll_event().is_some() {}
+    }
+    g
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2_0_11::Digest;
+    sha2_0_11::Sha256::digest(bytes).into()
+}
+
+/// The grinder's best effort against "lowest hash wins": candidates from `make` until
+/// one hashes below `target`, at most GRIND of them. The last candidate stays held
+/// (and is returned to be sent) if none did.
+fn grind(
+    m: &mut GroupManager,
+    g: &[u8],
+    target: [u8; 32],
+    make: &dyn Fn(&mut GroupManager) -> Result<(), GroupError>,
+) -> GroupOutgoing {
+    for i in 0..GRIND {
+        make(m).unwrap();
+        let out = std::iter::from_fn(|| m.poll_outgoing())
+            .find(|o| o.kind == OutgoingKind::Commit)
+            .unwrap();
+        if sha256(&out.bytes) < target || i + 1 == GRIND {
+            return out;
+        }
+        m.dangerously_withdraw_own_commit(g);
+    }
+    unreachable!("GRIND > 0")
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    /// Any commit of its own (an update), ground to win.
+    SelfUpdate,
+    /// Removing the member who removes it, ground to win.
+    RemoveRemover,
+}
+
+/// Hole 10, own removal: the admin de-provisions mal; ana (holding the new policy)
+/// commits mal's removal; mal sees it and grinds a counter-commit. Passes only if mal
+/// is out at every other member, who agree on the group, and mal learns it was removed.
+#[test]
+fn rogue_member_cannot_grind_past_its_own_removal() {
+    for counter in [Counter::SelfUpdate, Counter::RemoveRemover] {
+        let admin = SubnetAdmin::from_secret([0xa1; 32]);
+        let v1 = policy(&admin, &[]);
+        let mut ms = [
+            group_member(&admin, &v1, "ana", 1),
+            group_member(&admin, &v1, "vic", 2),
+            group_member(&admin, &v1, "mal", 3),
+        ];
+        let g = form_group(&mut ms, NOW);
+        let (ana_key, mal_key) = (
+            ms[0].credential().signing_key(),
+            ms[2].credential().signing_key(),
+        );
+        let v2 = policy_version(&admin, 2, &[], &[mal_key]);
+        ms[0].update_policy(v2.clone()).unwrap();
+        ms[1].update_policy(v2).unwrap();
+        let t = NOW + 10 * SETTLE_MS;
+        assert!(ms[0].remove_refused(&g, t).unwrap());
+        let removal = ms[0].poll_outgoing().unwrap();
+        assert_eq!(removal.kind, OutgoingKind::Commit);
+        for m in &mut ms[1..] {
+            m.handle_message(&removal.bytes, t).unwrap();
+        }
+        let target = sha256(&removal.bytes);
+        let make: &dyn Fn(&mut GroupManager) -> Result<(), GroupError> = match counter {
+            Counter::SelfUpdate => &|m| m.self_update(&g, t),
+            Counter::RemoveRemover => &|m| m.remove_key(&g, &ana_key, t),
+        };
+        let counter_commit = grind(&mut ms[2], &g, target, make);
+        for m in &mut ms[..2] {
+            let _ = m.handle_message(&counter_commit.bytes, t + 1);
+        }
+        for m in ms.iter_mut() {
+            m.handle_timeout(t + SETTLE_MS + 1);
+        }
+        for (i, m) in ms[..2].iter().enumerate() {
+            let handles: Vec<String> = m
+                .members(&g)
+                .iter()
+                .map(|m| m.credential.handle().to_string())
+                .collect();
+            assert_eq!(
+                handles,
+                ["ana", "vic"],
+                "{counter:?}: member {i} after the race (mal ground {GRIND} candidates)"
+            );
+        }
+        assert_eq!(ms[0].epoch_authenticator(&g), ms[1].epoch_authenticator(&g));
+        let mal_events: Vec<GroupEvent> = std::iter::from_fn(|| ms[2].poll_event()).collect();
+        assert!(
+            mal_events.contains(&GroupEvent::Removed { group: g.clone() }),
+            "{counter:?}: mal was not removed: {mal_events:?}"
+        );
+    }
+}
+
+/// Hole 10, censorship: each epoch vic commits (an update), and mal, having seen vic's
+/// commit, grinds one of its own against it. Each epoch's winner must be the one the
+/// order fixed before the epoch names (vic whenever vic's leaf ranks before mal's),
+/// whatever mal ground, and so vic gets through within a few epochs. Under "lowest
+/// hash wins" mal wins each epoch with probability GRIND / (GRIND + 1).
+#[test]
+fn rogue_member_cannot_grind_to_censor_another() {
+    let admin = SubnetAdmin::from_secret([0xa1; 32]);
+    let v1 = policy(&admin, &[]);
+    let mut ms = [
+        group_member(&admin, &v1, "ana", 1),
+        group_member(&admin, &v1, "vic", 2),
+        group_member(&admin, &v1, "mal", 3),
+    ];
+    let g = form_group(&mut ms, NOW);
+    let leaf = |m: &GroupManager| {
+        m.members(&g)
+            .iter()
+            .find(|x| x.credential.signing_key() == m.credential().signing_key())
+            .unwrap()
+            .leaf
+    };
+    let (vic_leaf, mal_leaf) = (leaf(&ms[1]), leaf(&ms[2]));
+    let mut t = NOW + 10 * SETTLE_MS;
+    // Vic's leaf ranks first in about half the epochs; 40 epochs without one happen
+    // with probability 2^-40.
+    let mut vic_landed = None;
+    for round in 0..40 {
+        let epoch = ms[0].epoch(&g).unwrap();
+        ms[1].self_update(&g, t).unwrap();
+        let vic_commit = ms[1].poll_outgoing().unwrap();
+        for i in [0, 2] {
+            ms[i].handle_message(&vic_commit.bytes, t).unwrap();
+        }
+        let mal_commit = grind(&mut ms[2], &g, sha256(&vic_commit.bytes), &|m| {
+            m.self_update(&g, t)
+        });
+        for i in [0, 1] {
+            ms[i].handle_message(&mal_commit.bytes, t + 1).unwrap();
+        }
+        for m in ms.iter_mut() {
+            m.handle_timeout(t + SETTLE_MS + 1);
+        }
+        let vic_lost = std::iter::from_fn(|| ms[1].poll_event())
+            .any(|e| matches!(e, GroupEvent::OwnCommitLost { .. }));
+        let vic_first = commit_rank(&g, epoch, vic_leaf) < commit_rank(&g, epoch, mal_leaf);
+        assert_eq!(
+            !vic_lost, vic_first,
+            "round {round}: the winner is not the one the order names"
+        );
+        for m in &ms {
+            assert_eq!(m.epoch(&g), Some(epoch + 1));
+            assert_eq!(m.epoch_authenticator(&g), ms[0].epoch_authenticator(&g));
+        }
+        for m in ms.iter_mut() {
+            while m.poll_event().is_some() {}
+        }
+        t += 2 * SETTLE_MS;
+        if !vic_lost {
+            vic_landed = Some(round);
+            break;
+        }
+    }
+    assert!(vic_landed.is_some(), "mal censored vic for 40 epochs");
 }

@@ -652,7 +652,7 @@ fn print_summary(r: &Report) {
         m.deprovision_path
     );
     println!(
-        "  MLS commits          {} applied, {} lost to a concurrent commit (lowest hash wins)",
+        "  MLS commits          {} applied, {} lost to a concurrent commit (ranked by author)",
         m.commits_applied, m.commits_lost
     );
     println!("  took                 {:.1} s", r.elapsed_secs);

@@ -22,21 +22,25 @@
 //! existing person, or a look-alike of another subnet) is reported as
 //! [`GroupEvent::DuplicateHandle`], never merged silently into the known identity.
 //!
-//! # Concurrent commits: lowest hash wins, after a settle window
+//! # Concurrent commits: an order nobody can grind, after a settle window
 //! Shoal has no delivery service to order commits, so two members may commit in the
 //! same epoch. The rule:
 //! 1. A commit (own or received) for the current epoch is not applied at once. It is
-//!    held, with the SHA-256 of its exact bytes, until `commit_settle_ms` after the
-//!    first commit for that epoch was seen.
-//! 2. At the deadline, the held commit with the **lowest hash** among those that
-//!    verify is applied by every member; the others are dropped. A member's own commit
+//!    held until `commit_settle_ms` after the first commit for that epoch was seen.
+//! 2. At the deadline, every member ranks the held commits the same way and applies
+//!    the first that verifies; the others are dropped. The rank (see `order.rs`) puts
+//!    an admin-proven de-provisioning first and the commits of a proven-revoked author
+//!    last, then a removal before the commits of the member it removes, then a per-epoch
+//!    order of the authors' leaves ([`commit_rank`]) that was fixed before the epoch
+//!    began. No part of it depends on the commit's bytes, so making many candidate
+//!    commits (the old rule was "lowest hash wins") gains nothing. A member's own commit
 //!    that lost yields [`GroupEvent::OwnCommitLost`], and its author re-issues the
 //!    change in the next epoch. A Welcome is released only when its commit wins, so an
 //!    invitee never joins a losing branch.
 //! 3. Every application message carries, in its authenticated data, an 8-byte check of
 //!    the sender's epoch authenticator. A receiver whose authenticator for that epoch
 //!    differs reports [`GroupEvent::Diverged`] and delivers nothing. A commit for an
-//!    epoch already decided with a hash lower than the applied one means this member
+//!    epoch already decided that would have beaten the applied one means this member
 //!    decided too early (the settle window was shorter than the delivery spread); that
 //!    is reported as [`GroupEvent::Diverged`] too. So a fork is never silent.
 //!
@@ -66,6 +70,10 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::Contact;
 
+mod order;
+pub use order::commit_rank;
+use order::{CommitClaim, Decided, MAX_HELD, MAX_PROOF};
+
 const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 const EPOCH_CHECK_DOMAIN: &[u8] = b"shoal group epoch check";
 /// Epochs whose secrets are kept, so messages sent just before a commit still open.
@@ -77,7 +85,7 @@ pub type GroupId = Vec<u8>;
 /// Settings for all groups of one member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupConfig {
-    /// How long commits for one epoch are collected before the lowest hash is applied.
+    /// How long commits for one epoch are collected before the winner is applied.
     pub commit_settle_ms: u64,
 }
 
@@ -284,14 +292,18 @@ struct HeldCommit {
     welcome: Option<Vec<u8>>,
     /// Members to send the Welcome to.
     invitees: Vec<Vec<u8>>,
+    /// What the commit states about itself (see `order.rs`).
+    #[serde(default)]
+    claim: Option<CommitClaim>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct GroupMeta {
     held: Vec<HeldCommit>,
     settle_at: Option<u64>,
-    /// Hash of the commit applied to leave each recent epoch.
-    applied: BTreeMap<u64, [u8; 32]>,
+    /// How each recent epoch was decided.
+    #[serde(default)]
+    decided: BTreeMap<u64, Decided>,
     /// Epoch check of recent epochs.
     checks: BTreeMap<u64, [u8; 8]>,
     /// Leaf index → member card bytes, as last validated.
@@ -604,6 +616,7 @@ impl GroupManager {
         commit: Vec<u8>,
         welcome: Option<Vec<u8>>,
         invitees: Vec<Vec<u8>>,
+        claim: CommitClaim,
         now_ms: u64,
     ) -> Result<(), GroupError> {
         let recipients = self.others(group);
@@ -615,6 +628,7 @@ impl GroupManager {
             own: true,
             welcome,
             invitees,
+            claim: Some(claim),
         });
         meta.settle_at.get_or_insert(now_ms + settle);
         self.outgoing.push_back(GroupOutgoing {
@@ -624,6 +638,48 @@ impl GroupManager {
             recipients,
         });
         Ok(())
+    }
+
+    /// Test only: takes back this member's held commit for `group` and its queued copy,
+    /// as an attacker does between candidates when grinding (openmls forgets its pending
+    /// commit, so another can be made).
+    #[cfg(test)]
+    pub(crate) fn dangerously_withdraw_own_commit(&mut self, group: &[u8]) {
+        if let Some((g, meta)) = self.groups.get_mut(group) {
+            let _ = g.clear_pending_commit(self.provider.storage());
+            meta.held.retain(|c| !c.own);
+            if meta.held.is_empty() {
+                meta.settle_at = None;
+            }
+        }
+        self.outgoing
+            .retain(|o| !(o.group == group && o.kind == OutgoingKind::Commit));
+    }
+
+    /// Sets the claim (see `order.rs`) of the commit about to be made in `group`, which
+    /// removes `removed` and, as every openmls commit here carries the pending
+    /// proposals, the leaves whose leave requests are pending; with this member's policy
+    /// as the proof if that policy revokes one of them.
+    fn claim_next_commit(
+        &mut self,
+        group: &[u8],
+        mut removed: Vec<u32>,
+    ) -> Result<CommitClaim, GroupError> {
+        let (g, _) = self.groups.get(group).ok_or(GroupError::UnknownGroup)?;
+        removed.extend(g.pending_proposals().filter_map(|p| match p.proposal() {
+            Proposal::Remove(r) => Some(r.removed().u32()),
+            _ => None,
+        }));
+        let revokes = self
+            .members(group)
+            .iter()
+            .any(|m| removed.contains(&m.leaf) && self.policy.is_revoked(&m.credential));
+        let proof = self.policy.signed().to_bytes();
+        let proof = (revokes && proof.len() <= MAX_PROOF).then_some(proof);
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
+        let claim = CommitClaim::new(g.own_leaf_index().u32(), removed, proof);
+        g.set_aad(claim.encode());
+        Ok(claim)
     }
 
     /// Invites the owners of `key_packages` (from their invites), in one commit. The
@@ -644,12 +700,13 @@ impl GroupManager {
             invitees.push(card.to_bytes());
             kps.push(kp);
         }
+        let claim = self.claim_next_commit(group, Vec::new())?;
         let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
         let (commit, welcome, _) = g
             .add_members(&self.provider, &self.signer, &kps)
-            .map_err(mls)?;
+            .map_err(|e| unclaim(g, e))?;
         let (commit, welcome) = (ser(&commit)?, ser(&welcome)?);
-        self.hold_own_commit(group, commit, Some(welcome), invitees, now_ms)
+        self.hold_own_commit(group, commit, Some(welcome), invitees, claim, now_ms)
     }
 
     /// The card a KeyPackage's leaf carries, checked as a leaf would be (signatures,
@@ -708,14 +765,15 @@ impl GroupManager {
         if self.own_commit_held(group) {
             return Err(GroupError::CommitPending);
         }
+        let claim = self.claim_next_commit(group, leaves.to_vec())?;
         let leaves: Vec<_> = leaves.iter().map(|l| LeafNodeIndex::new(*l)).collect();
         let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
         let provider = &self.provider;
         let (commit, _, _) = g
             .remove_members(provider, &self.signer, &leaves)
-            .map_err(mls)?;
+            .map_err(|e| unclaim(g, e))?;
         let commit = ser(&commit)?;
-        self.hold_own_commit(group, commit, None, Vec::new(), now_ms)
+        self.hold_own_commit(group, commit, None, Vec::new(), claim, now_ms)
     }
 
     /// Removes the member with `handle` (every leaf but this member's own is looked at).
@@ -780,13 +838,14 @@ impl GroupManager {
         if self.own_commit_held(group) {
             return Err(GroupError::CommitPending);
         }
+        let claim = self.claim_next_commit(group, Vec::new())?;
         let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
         let provider = &self.provider;
         let bundle = g
             .self_update(provider, &self.signer, LeafNodeParameters::default())
-            .map_err(mls)?;
+            .map_err(|e| unclaim(g, e))?;
         let commit = ser(bundle.commit())?;
-        self.hold_own_commit(group, commit, None, Vec::new(), now_ms)
+        self.hold_own_commit(group, commit, None, Vec::new(), claim, now_ms)
     }
 
     /// Asks to leave: sends a remove proposal that the next commit by any other member
@@ -795,6 +854,7 @@ impl GroupManager {
         let recipients = self.others(group);
         let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
         let provider = &self.provider;
+        g.set_aad(Vec::new());
         let proposal = g.leave_group(provider, &self.signer).map_err(mls)?;
         let bytes = ser(&proposal)?;
         self.outgoing.push_back(GroupOutgoing {
@@ -815,12 +875,14 @@ impl GroupManager {
         if g.pending_proposals().next().is_none() {
             return Ok(false);
         }
+        let claim = self.claim_next_commit(group, Vec::new())?;
+        let (g, _) = self.groups.get_mut(group).ok_or(GroupError::UnknownGroup)?;
         let provider = &self.provider;
         let (commit, _, _) = g
             .commit_to_pending_proposals(provider, &self.signer)
-            .map_err(mls)?;
+            .map_err(|e| unclaim(g, e))?;
         let commit = ser(&commit)?;
-        self.hold_own_commit(group, commit, None, Vec::new(), now_ms)?;
+        self.hold_own_commit(group, commit, None, Vec::new(), claim, now_ms)?;
         Ok(true)
     }
 
@@ -892,9 +954,14 @@ impl GroupManager {
                         return Err(GroupError::Diverged { epoch });
                     }
                 }
-                self.handle_protocol(m.into(), bytes, now_ms)
+                let aad = m.aad().to_vec();
+                self.handle_protocol(m.into(), &aad, bytes, now_ms)
             }
-            MlsMessageBodyIn::PublicMessage(m) => self.handle_protocol(m.into(), bytes, now_ms),
+            // Shoal's groups send handshakes encrypted; a plaintext one carries no
+            // claim that can be read here, so a commit among them is refused.
+            MlsMessageBodyIn::PublicMessage(m) => {
+                self.handle_protocol(m.into(), &[], bytes, now_ms)
+            }
             _ => {
                 self.stats.malformed += 1;
                 Err(GroupError::Malformed {
@@ -943,6 +1010,7 @@ impl GroupManager {
     fn handle_protocol(
         &mut self,
         msg: ProtocolMessage,
+        aad: &[u8],
         bytes: &[u8],
         now_ms: u64,
     ) -> Result<(), GroupError> {
@@ -953,9 +1021,20 @@ impl GroupManager {
         let current = g.epoch().as_u64();
         if msg.content_type() == ContentType::Commit {
             let h = hash(bytes);
+            let claim = match CommitClaim::decode(aad) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    return Err(e);
+                }
+            };
             if epoch < current {
                 // A commit for an epoch already decided.
-                if meta.applied.get(&epoch).is_some_and(|applied| h < *applied) {
+                if meta
+                    .decided
+                    .get(&epoch)
+                    .is_some_and(|d| d.beaten_by(&id, epoch, &claim, h))
+                {
                     self.stats.divergences += 1;
                     self.events
                         .push_back(GroupEvent::Diverged { group: id, epoch });
@@ -972,12 +1051,20 @@ impl GroupManager {
                 return Err(GroupError::Diverged { epoch });
             }
             if !meta.held.iter().any(|c| c.hash == h) {
+                if meta.held.len() >= MAX_HELD {
+                    self.stats.malformed += 1;
+                    return Err(GroupError::Malformed {
+                        what: "commit",
+                        reason: "too many commits held for this epoch".into(),
+                    });
+                }
                 meta.held.push(HeldCommit {
                     hash: h,
                     bytes: bytes.to_vec(),
                     own: false,
                     welcome: None,
                     invitees: Vec::new(),
+                    claim: Some(claim),
                 });
             }
             meta.settle_at.get_or_insert(now_ms + settle);
@@ -1085,22 +1172,31 @@ impl GroupManager {
             return;
         };
         let epoch = g.epoch().as_u64();
-        let mut held = std::mem::take(&mut meta.held);
+        let held = std::mem::take(&mut meta.held);
         meta.settle_at = None;
-        held.sort_by_key(|c| c.hash);
         let had_own = held.iter().any(|c| c.own);
-        // The lowest hash that verifies wins; verification is the same for every member.
+        // A held commit without a claim (restored from before the claims) cannot be
+        // ranked by every member alike: it is dropped.
+        let held: Vec<(CommitClaim, HeldCommit)> = held
+            .into_iter()
+            .filter_map(|c| Some((c.claim.clone()?, c)))
+            .collect();
+        let members = leaf_credentials(g);
+        let claims: Vec<(&CommitClaim, [u8; 32])> =
+            held.iter().map(|(claim, c)| (claim, c.hash)).collect();
+        let (keys, revoked) = order::order(id, epoch, &members, &claims);
+        let removals = held
+            .iter()
+            .map(|(claim, _)| (claim.author, claim.removed.clone()))
+            .collect();
+        let mut ranked: Vec<_> = keys.into_iter().zip(held).collect();
+        ranked.sort_by_key(|a| a.0);
+        // The first that verifies wins; verification is the same for every member.
         let mut winner = None;
-        for c in held {
+        for (key, (claim, c)) in ranked {
             if c.own {
-                winner = Some(c);
+                winner = Some((key, claim, c));
                 break;
-            }
-            if g.pending_commit().is_some() {
-                // Our own (higher-hash) commit must go before another can be staged.
-                if g.clear_pending_commit(self.provider.storage()).is_err() {
-                    continue;
-                }
             }
             let Ok(msg) = MlsMessageIn::tls_deserialize_exact(&c.bytes) else {
                 continue;
@@ -1108,29 +1204,47 @@ impl GroupManager {
             let Ok(pm) = msg.try_into_protocol_message() else {
                 continue;
             };
-            match g.process_message(&self.provider, pm) {
-                Ok(p) => {
-                    if let ProcessedMessageContent::StagedCommitMessage(staged) = p.into_content() {
-                        winner = Some(c);
-                        let hash = winner.as_ref().map(|c| c.hash).unwrap_or_default();
-                        if g.merge_staged_commit(&self.provider, *staged).is_err() {
-                            return;
-                        }
-                        meta.applied.insert(epoch, hash);
-                        break;
-                    }
-                }
-                Err(_) => self.stats.malformed += 1,
+            let Ok(p) = g.process_message(&self.provider, pm) else {
+                self.stats.malformed += 1;
+                continue;
+            };
+            let sender = p.sender().clone();
+            let ProcessedMessageContent::StagedCommitMessage(staged) = p.into_content() else {
+                continue;
+            };
+            if !claim_holds(&claim, &sender, &staged) {
+                // A false claim: dropped by every member alike.
+                self.stats.malformed += 1;
+                continue;
             }
-        }
-        let Some(w) = winner else {
-            return;
-        };
-        if w.own {
-            if g.merge_pending_commit(&self.provider).is_err() {
+            // Our own (lower-ranked) commit must go before another is merged.
+            if g.pending_commit().is_some()
+                && g.clear_pending_commit(self.provider.storage()).is_err()
+            {
                 return;
             }
-            meta.applied.insert(epoch, w.hash);
+            if g.merge_staged_commit(&self.provider, *staged).is_err() {
+                return;
+            }
+            winner = Some((key, claim, c));
+            break;
+        }
+        let Some((key, claim, w)) = winner else {
+            return;
+        };
+        if w.own && g.merge_pending_commit(&self.provider).is_err() {
+            return;
+        }
+        meta.decided.insert(
+            epoch,
+            Decided {
+                winner: key,
+                winner_author: claim.author,
+                revoked,
+                removals,
+            },
+        );
+        if w.own {
             if let Some(welcome) = w.welcome {
                 let recipients = w
                     .invitees
@@ -1151,13 +1265,12 @@ impl GroupManager {
                 epoch,
             });
         }
-        while meta.applied.len() > MAX_PAST_EPOCHS {
-            meta.applied.pop_first();
+        while meta.decided.len() > MAX_PAST_EPOCHS {
+            meta.decided.pop_first();
         }
         self.stats.commits_applied += 1;
         self.after_epoch_change(id, now_ms);
     }
-
     /// After any epoch change: record the epoch check, diff and validate the members.
     fn after_epoch_change(&mut self, id: &[u8], now_ms: u64) {
         let Some((g, meta)) = self.groups.get_mut(id) else {
@@ -1360,6 +1473,37 @@ impl GroupManager {
             stats: snap.stats,
         })
     }
+}
+
+/// Undoes a claim set for a commit that could not be made, so it does not ride on the
+/// next message.
+fn unclaim<E: std::fmt::Debug>(g: &mut MlsGroup, e: E) -> GroupError {
+    g.set_aad(Vec::new());
+    mls(e)
+}
+
+/// Every current leaf's membership credential (leaves without a readable card are
+/// skipped: they prove and are proven nothing).
+fn leaf_credentials(g: &MlsGroup) -> Vec<(u32, MemberCredential)> {
+    g.members()
+        .filter_map(|m| {
+            let basic = BasicCredential::try_from(m.credential).ok()?;
+            let card = MemberCard::parse(basic.identity()).ok()?;
+            Some((m.index.u32(), card.credential().clone()))
+        })
+        .collect()
+}
+
+/// Does an opened commit do what its claim said: sent by the claimed author, removing
+/// exactly the claimed leaves?
+fn claim_holds(claim: &CommitClaim, sender: &Sender, staged: &StagedCommit) -> bool {
+    let mut removed: Vec<u32> = staged
+        .remove_proposals()
+        .map(|p| p.remove_proposal().removed().u32())
+        .collect();
+    removed.sort_unstable();
+    removed.dedup();
+    *sender == Sender::Member(LeafNodeIndex::new(claim.author)) && removed == claim.removed
 }
 
 /// The first 4 bytes of a key in hex: enough for a person to tell keys apart in a

@@ -144,6 +144,17 @@ fn form_group(ms: &mut [GroupManager], now: u64) -> GroupId {
     g
 }
 
+/// Where `m`'s commits rank in `epoch` of `group`.
+fn rank_of(m: &GroupManager, group: &[u8], epoch: u64) -> [u8; 32] {
+    let leaf = m
+        .members(group)
+        .iter()
+        .find(|x| x.credential.signing_key() == m.credential().signing_key())
+        .unwrap()
+        .leaf;
+    commit_rank(group, epoch, leaf)
+}
+
 fn admins() -> (SubnetAdmin, SubnetAdmin, SubnetAdmin) {
     (
         SubnetAdmin::from_secret([0xa1; 32]),
@@ -230,7 +241,7 @@ fn lifecycle_create_invite_message_update_remove_leave() {
 }
 
 #[test]
-fn concurrent_commits_converge_on_lowest_hash() {
+fn concurrent_commits_converge_on_the_authors_rank() {
     let (a, _, _) = admins();
     let pa = policy(&a, &[]);
     let mut ms: Vec<_> = (0..4)
@@ -261,7 +272,7 @@ fn concurrent_commits_converge_on_lowest_hash() {
             "a member forked"
         );
     }
-    // Exactly one author lost, and it was the higher hash.
+    // Exactly one author lost: the one whose leaf ranks later in this epoch.
     let lost: Vec<usize> = (1..3)
         .filter(|&i| {
             events(&mut ms[i])
@@ -270,7 +281,7 @@ fn concurrent_commits_converge_on_lowest_hash() {
         })
         .collect();
     assert_eq!(lost.len(), 1);
-    let loser = if hash(&c1.bytes) < hash(&c2.bytes) {
+    let loser = if rank_of(&ms[1], &g, e0) < rank_of(&ms[2], &g, e0) {
         2
     } else {
         1
@@ -293,6 +304,28 @@ fn concurrent_commits_converge_on_lowest_hash() {
     }
 }
 
+/// Every openmls commit here carries the pending leave requests, whatever it was made
+/// for; its claim must list them, or the other members drop it as false and fork.
+#[test]
+fn a_leave_request_riding_on_another_commit_is_claimed() {
+    let (a, _, _) = admins();
+    let pa = policy(&a, &[]);
+    let mut ms: Vec<_> = (0..3)
+        .map(|i| member(&a, &pa, &format!("m{i}"), "staff", 40 + i))
+        .collect();
+    let g = form_group(&mut ms, NOW);
+    let t = NOW + 10 * SETTLE;
+    ms[2].leave(&g).unwrap();
+    pump(2, &mut ms, t);
+    ms[1].self_update(&g, t).unwrap();
+    pump(1, &mut ms, t);
+    settle_all(&mut ms, t + SETTLE);
+    assert!(events(&mut ms[2]).contains(&GroupEvent::Removed { group: g.clone() }));
+    assert_eq!(ms[0].members(&g).len(), 2);
+    assert_eq!(ms[0].epoch_authenticator(&g), ms[1].epoch_authenticator(&g));
+    assert_eq!(ms[0].stats().malformed, 0);
+}
+
 #[test]
 fn late_commit_and_mismatched_epoch_are_loud() {
     let (a, _, _) = admins();
@@ -306,7 +339,8 @@ fn late_commit_and_mismatched_epoch_are_loud() {
     ms[1].self_update(&g, t).unwrap();
     let c0 = ms[0].poll_outgoing().unwrap();
     let c1 = ms[1].poll_outgoing().unwrap();
-    let (low, high) = if hash(&c0.bytes) < hash(&c1.bytes) {
+    let e = ms[0].epoch(&g).unwrap();
+    let (low, high) = if rank_of(&ms[0], &g, e) < rank_of(&ms[1], &g, e) {
         (c0.clone(), c1.clone())
     } else {
         (c1.clone(), c0.clone())
@@ -320,7 +354,7 @@ fn late_commit_and_mismatched_epoch_are_loud() {
     ms[1].handle_timeout(t + SETTLE);
     assert_ne!(ms[0].epoch_authenticator(&g), ms[2].epoch_authenticator(&g));
     events(&mut ms[2]);
-    // The late, lower commit tells m2 it decided wrongly.
+    // The late, winning commit tells m2 it decided wrongly.
     ms[2].handle_message(&low.bytes, t + 2 * SETTLE).unwrap();
     assert!(events(&mut ms[2]).contains(&GroupEvent::Diverged {
         group: g.clone(),

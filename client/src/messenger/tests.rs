@@ -386,7 +386,7 @@ fn revocation_removes_the_member_at_the_next_commit() {
     ms[0].handle_incoming(&update, t);
     assert_eq!(ms[3].stats().policies_rejected, 1);
     assert_eq!(ms[0].stats().policies_rejected, 1);
-    // Both A members commit the removal at once; lowest hash wins, no fork.
+    // Both A members commit the removal at once; one wins by rank, no fork.
     assert_eq!(ms[0].stats().removals_committed, 1);
     assert_eq!(ms[1].stats().removals_committed, 1);
     deliver(&mut ms, t);
