@@ -74,6 +74,7 @@ fn run(legacy: bool) -> Run {
     let scenario = Scenario {
         assignment,
         bursts: Some(bursts()),
+        sends: None,
         legacy_leaks: legacy,
         observe: true,
     };
