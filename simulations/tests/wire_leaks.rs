@@ -21,6 +21,7 @@ use std::sync::OnceLock;
 use shoal_sim::attacks::organisation::nmi;
 use shoal_sim::faithful::{self, Assignment, Bursts, ClientRun, Observed, Scenario};
 use shoal_sim::model::ModelConfig;
+use shoal_sim::observe::score::{lagged, residual};
 
 const CONFIG: &str = r#"
 [sim]
@@ -162,16 +163,49 @@ fn fisher_ci(r: f64, n: usize) -> (f64, f64) {
     ((z - h).tanh(), (z + h).tanh())
 }
 
-/// The global observer's statistic per window: frames into gateway 1 (the recipients')
-/// minus frames into gateway 0 (the senders') from the last layer.
-fn inbound_difference(seen: &Observed) -> Vec<f64> {
+/// Frames of `times` per window.
+fn per_window(times: impl Iterator<Item = f64>) -> Vec<f64> {
     let mut x = vec![0.0; windows()];
-    for &(t, g) in &seen.gateway_inbound {
+    for t in times {
         if let Some(w) = window_of(t) {
-            x[w] += if g == 1 { 1.0 } else { -1.0 };
+            x[w] += 1.0;
         }
     }
     x
+}
+
+/// The global observer's statistic per window: frames into gateway 1 (the recipients')
+/// minus frames into gateway 0 (the senders') from the last layer, each less what the
+/// uploads of its own clients and of everyone explain (least squares on this window's
+/// and the last one's; `observe::score::residual`): the cover a client sends comes back
+/// to the gateways in a way the client links predict, and taking it out leaves what
+/// real traffic moved.
+fn inbound_difference(seen: &Observed) -> Vec<f64> {
+    let uploads = |g: Option<usize>| {
+        per_window(
+            seen.client_up
+                .iter()
+                .enumerate()
+                .filter(|(c, _)| g.is_none_or(|g| seen.gateway_of[*c] == g))
+                .flat_map(|(_, u)| u.iter().copied()),
+        )
+    };
+    let all = uploads(None);
+    let unexplained = |g: usize| {
+        let own = uploads(Some(g));
+        let inbound = per_window(
+            seen.gateway_inbound
+                .iter()
+                .filter(|x| x.1 == g)
+                .map(|x| x.0),
+        );
+        residual(
+            &inbound,
+            &[own.clone(), lagged(&own, 1), all.clone(), lagged(&all, 1)],
+        )
+    };
+    let (g0, g1) = (unexplained(0), unexplained(1));
+    g1.iter().zip(&g0).map(|(a, b)| a - b).collect()
 }
 
 /// Slow (two 160 s faithful runs: ~100 s on a loaded 2-core machine) and, as measured on

@@ -59,17 +59,17 @@ fn observer_finds_the_control_leaks_and_nothing_in_the_current_design() {
     eprintln!("control: {control:#}\ncurrent: {report:#}");
 
     // Power: with the leaks on and a gateway per subnet, the observer learns membership
-    // or federation.
+    // from the gateway addresses, and federation from the two gateways whose volumes
+    // move against each other (one's clients send what the other's receive).
     let membership = metric(control, "gateway_membership", "nmi");
-    let federation = metric(control, "federation_pairs", "auc");
-    assert!(
-        f(membership, "value") >= 0.5 || f(federation, "value") >= 0.9,
-        "control shows no leak: membership {membership}, federation {federation}"
-    );
+    assert!(f(membership, "value") >= 0.5, "{membership}");
     assert!(
         f(membership, "ci_low") > f(membership, "chance"),
         "{membership}"
     );
+    let federation = metric(control, "federation_pairs", "auc");
+    assert!(f(federation, "value") >= 0.9, "{federation}");
+    assert!(f(federation, "ci_low") > 0.5, "{federation}");
 
     // The current design: at chance. Only meaningful once the leak fixes (which bring the
     // `legacy_leaks` knob the control sets) are on this branch.
@@ -80,15 +80,19 @@ fn observer_finds_the_control_leaks_and_nothing_in_the_current_design() {
         );
         return;
     }
+    // Every subnet has the same number of members on each gateway, so the gateway says
+    // nothing of the subnet (NMI 0), and every subnet pair's client pairs see the same
+    // gateway pairs: federation's AUC is 0.5 unless gateway volumes follow real traffic.
     let membership = metric(&report, "gateway_membership", "nmi");
     assert!(f(membership, "value") <= 0.1, "{membership}");
     assert!(
         f(membership, "ci_low") <= f(membership, "chance"),
         "{membership}"
     );
-    // One minute and 12 clients give an interval about ±0.17 wide, so a point value
-    // above 0.6 happens by chance on a design with no leak; what is asserted is that
-    // chance lies inside the interval. The full-length run (`--minutes`) narrows it.
     let federation = metric(&report, "federation_pairs", "auc");
-    assert!(f(federation, "ci_low") <= 0.5, "{federation}");
+    assert!(f(federation, "value") <= 0.6, "{federation}");
+    assert!(
+        f(federation, "ci_low") <= 0.5 && 0.5 <= f(federation, "ci_high"),
+        "{federation}"
+    );
 }

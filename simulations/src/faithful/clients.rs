@@ -757,8 +757,7 @@ pub fn run_scenario(
             return Err(bad("scenario", "give bursts or sends, not both"));
         }
         for &(t, from, to) in given {
-            if !(t.is_finite() && t >= 0.0) || from >= v.clients || to >= v.clients || from == to
-            {
+            if !(t.is_finite() && t >= 0.0) || from >= v.clients || to >= v.clients || from == to {
                 return Err(bad("scenario", "a send names a bad time or client"));
             }
         }
@@ -974,7 +973,9 @@ pub fn run_scenario(
                     if scenario.observe {
                         let frames = v.pull_batch + 1;
                         observed.client_down[i].extend(
-                            (0..frames).map(|k| now_s - control_link.as_secs_f64() + k as f64 * FRAME_GAP_S),
+                            (0..frames).map(|k| {
+                                now_s - control_link.as_secs_f64() + k as f64 * FRAME_GAP_S
+                            }),
                         );
                     }
                     let mut ids = Vec::with_capacity(items.len());

@@ -175,8 +175,8 @@ pub fn agreement_scored(
         })
         .collect();
     let mean = loo.iter().sum::<f64>() / n as f64;
-    let se = ((n - 1) as f64 / n as f64 * loo.iter().map(|x| (x - mean).powi(2)).sum::<f64>())
-        .sqrt();
+    let se =
+        ((n - 1) as f64 / n as f64 * loo.iter().map(|x| (x - mean).powi(2)).sum::<f64>()).sqrt();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut shuffled = predicted.to_vec();
     let mut chance = 0.0;
@@ -260,7 +260,13 @@ pub fn residual(y: &[f64], predictors: &[Vec<f64>]) -> Vec<f64> {
         }
     }
     let beta: Vec<f64> = (0..k)
-        .map(|r| if a[r][r].abs() < 1e-12 { 0.0 } else { a[r][k] / a[r][r] })
+        .map(|r| {
+            if a[r][r].abs() < 1e-12 {
+                0.0
+            } else {
+                a[r][k] / a[r][r]
+            }
+        })
         .collect();
     let res: Vec<f64> = (0..n)
         .map(|i| y[i] - row(i).iter().zip(&beta).map(|(x, b)| x * b).sum::<f64>())
@@ -365,7 +371,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let p = normal(&mut rng, 10.0, 300);
         let planted = normal(&mut rng, 0.0, 300);
-        let y: Vec<f64> = (0..300).map(|i| 3.0 * p[i] + 0.2 * planted[i] + 5.0).collect();
+        let y: Vec<f64> = (0..300)
+            .map(|i| 3.0 * p[i] + 0.2 * planted[i] + 5.0)
+            .collect();
         assert!(pearson(&y, &planted) < 0.2);
         let r = residual(&y, &[p.clone(), vec![1.0; 300]]);
         assert!(pearson(&r, &planted) > 0.99, "{}", pearson(&r, &planted));

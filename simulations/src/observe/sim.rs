@@ -27,10 +27,13 @@ fn link_addr(g: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 2, 1], 10_000 + g as u16))
 }
 
-fn datagrams(frames: impl IntoIterator<Item = f64>) -> Vec<f64> {
+/// The datagrams of frames sent at `frames`, up to `end` (the drain after the traffic
+/// window is not part of the capture).
+fn datagrams(frames: impl IntoIterator<Item = f64>, end: f64) -> Vec<f64> {
     let mut out: Vec<f64> = frames
         .into_iter()
         .flat_map(|t| [t, t + DATAGRAM_GAP_S])
+        .filter(|t| *t < end)
         .collect();
     out.sort_by(f64::total_cmp);
     out
@@ -46,14 +49,21 @@ pub fn view_and_truth(
     federated: &[(u32, u32)],
 ) -> (View, Truth) {
     let n = seen.client_up.len();
-    let gateways = seen.gateway_of.iter().copied().max().map_or(0, |g| g + 1).max(
-        seen.gateway_inbound
-            .iter()
-            .chain(&seen.gateway_outbound)
-            .map(|x| x.1 + 1)
-            .max()
-            .unwrap_or(0),
-    );
+    let end = seen.duration_s;
+    let gateways = seen
+        .gateway_of
+        .iter()
+        .copied()
+        .max()
+        .map_or(0, |g| g + 1)
+        .max(
+            seen.gateway_inbound
+                .iter()
+                .chain(&seen.gateway_outbound)
+                .map(|x| x.1 + 1)
+                .max()
+                .unwrap_or(0),
+        );
     let mut gw_in = vec![Vec::new(); gateways];
     for &(t, g) in &seen.gateway_inbound {
         gw_in[g].push(t);
@@ -73,15 +83,15 @@ pub fn view_and_truth(
         up: seen
             .client_up
             .iter()
-            .map(|u| datagrams(u.iter().copied()))
+            .map(|u| datagrams(u.iter().copied(), end))
             .collect(),
         down: seen
             .client_down
             .iter()
-            .map(|d| datagrams(d.iter().copied()))
+            .map(|d| datagrams(d.iter().copied(), end))
             .collect(),
-        gw_in: gw_in.into_iter().map(datagrams).collect(),
-        gw_out: gw_out.into_iter().map(datagrams).collect(),
+        gw_in: gw_in.into_iter().map(|g| datagrams(g, end)).collect(),
+        gw_out: gw_out.into_iter().map(|g| datagrams(g, end)).collect(),
     };
     let name = |s: u32| format!("s{s}");
     let truth = Truth {

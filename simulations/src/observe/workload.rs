@@ -118,7 +118,14 @@ mod tests {
         let w = Workload::standard(12, 4, 600.0, 3);
         let s = w.schedule();
         assert_eq!(s, w.schedule());
-        assert_ne!(s, Workload { seed: 4, ..w.clone() }.schedule());
+        assert_ne!(
+            s,
+            Workload {
+                seed: 4,
+                ..w.clone()
+            }
+            .schedule()
+        );
         let sub = |c: u32| w.subnet_of[c as usize];
         let mut across = 0;
         for &(t, a, b) in &s {
