@@ -320,8 +320,13 @@ fn experiment(
 ) -> anyhow::Result<(Report, bool)> {
     let shoal = shoal_binary()?;
     eprintln!("observe: {} run: starting the network", design.name());
+    // The first document is voted once, `bootstrap_secs` after the authority starts, and
+    // the next only at the next epoch (an hour on): every gateway must have posted its
+    // descriptor by then. The gateways start only after every client's account is on
+    // them, which took 6 s on a loaded 2-core machine, and at 6 s a run lost the race
+    // (two gateways missing, their clients never acked).
     let cfg = TestnetConfig {
-        bootstrap_secs: 6,
+        bootstrap_secs: 30,
         workers: Some(1),
         lambda_m: 1.0,
         ..TestnetConfig::default()
