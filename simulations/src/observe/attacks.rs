@@ -651,7 +651,7 @@ mod tests {
         // sender's gateway to the recipient's, as a λP slot that would have looped home
         // carries it away.
         let mut moved: Vec<(f64, usize, usize)> = Vec::new();
-        for a in 0..n {
+        for (a, up_a) in up.iter_mut().enumerate() {
             let s = a / PER_SUBNET;
             for at in poisson_times(&mut rng, 0.1, start, start + SECONDS - 5.0) {
                 let cross = s < 2 && rng.random_range(0..3) == 0;
@@ -666,7 +666,7 @@ mod tests {
                     at,
                 });
                 if leaky {
-                    up[a].extend([at + 0.0005, at + 0.001, at + 0.0015, at + 0.002]);
+                    up_a.extend([at + 0.0005, at + 0.001, at + 0.0015, at + 0.002]);
                     if gw_of(a) != gw_of(b) {
                         moved.push((at, gw_of(a), gw_of(b)));
                     }

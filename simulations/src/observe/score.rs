@@ -229,13 +229,13 @@ pub fn residual(y: &[f64], predictors: &[Vec<f64>]) -> Vec<f64> {
     };
     // Normal equations (X'X + εI) β = X'y, solved by Gaussian elimination.
     let mut a = vec![vec![0.0; k + 1]; k];
-    for i in 0..n {
+    for (i, &yi) in y.iter().enumerate() {
         let x = row(i);
-        for r in 0..k {
-            for c in 0..k {
-                a[r][c] += x[r] * x[c];
+        for (r, line) in a.iter_mut().enumerate() {
+            for (c, v) in line[..k].iter_mut().enumerate() {
+                *v += x[r] * x[c];
             }
-            a[r][k] += x[r] * y[i];
+            line[k] += x[r] * yi;
         }
     }
     for (r, line) in a.iter_mut().enumerate() {
@@ -250,11 +250,12 @@ pub fn residual(y: &[f64], predictors: &[Vec<f64>]) -> Vec<f64> {
         if d.abs() < 1e-12 {
             continue;
         }
-        for r in 0..k {
+        let pivot_row = a[col].clone();
+        for (r, line) in a.iter_mut().enumerate() {
             if r != col {
-                let f = a[r][col] / d;
-                for c in col..=k {
-                    a[r][c] -= f * a[col][c];
+                let f = line[col] / d;
+                for (v, p) in line[col..=k].iter_mut().zip(&pivot_row[col..=k]) {
+                    *v -= f * p;
                 }
             }
         }
