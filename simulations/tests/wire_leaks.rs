@@ -262,8 +262,8 @@ fn leak2_gateway_inbound_volume_does_not_follow_bursts() {
 }
 
 /// Slow (shares leak 2's two faithful runs, ~100 s on a loaded 2-core machine): run with
-/// `--ignored`. Measured 2026-12-07: control r = 0.904 (burst AUC 0.846 ± 0.050), fixed
-/// burst AUC 0.516 ± 0.073, r = 0.215 (the public slot count, see below).
+/// `--ignored`. Measured 2026-12-08: control r = 0.902 (burst AUC 0.824 ± 0.053), fixed
+/// burst AUC 0.525 ± 0.073, r = 0.226 (the public slot count, see below).
 #[test]
 #[ignore = "slow (~100 s): run with --ignored"]
 fn leak3_exit_gateway_counts_do_not_reveal_outgoing_traffic() {
