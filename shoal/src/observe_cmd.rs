@@ -12,15 +12,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use shoal_bench::testnet::{
     GatewayInit, GatewayOptions, Proc, SegmentedLoopback, Tcpdump, Testnet, TestnetConfig,
     shoal_binary, udp_addrs_of,
 };
 use shoal_sim::observe::{
-    Knowledge, Options, Report, Truth, TruthClient, TruthSend, View, read_pcap,
+    Knowledge, Options, Report, Truth, TruthClient, TruthSend, View, Workload, read_pcap,
 };
 
 #[derive(clap::Args, Debug)]
@@ -144,8 +142,6 @@ const GATEWAYS: usize = 4;
 const SHARED_GATEWAYS: usize = 2;
 /// The subnets that federate (and message each other); the others do not.
 const FEDERATED: (usize, usize) = (0, 1);
-/// Mean seconds between bursts of real messages.
-const BURST_EVERY_S: f64 = 6.0;
 
 /// Which run of the experiment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,8 +320,13 @@ fn experiment(
 ) -> anyhow::Result<(Report, bool)> {
     let shoal = shoal_binary()?;
     eprintln!("observe: {} run: starting the network", design.name());
+    // The first document is voted once, `bootstrap_secs` after the authority starts, and
+    // the next only at the next epoch (an hour on): every gateway must have posted its
+    // descriptor by then. The gateways start only after every client's account is on
+    // them, which took 6 s on a loaded 2-core machine, and at 6 s a run lost the race
+    // (two gateways missing, their clients never acked).
     let cfg = TestnetConfig {
-        bootstrap_secs: 6,
+        bootstrap_secs: 30,
         workers: Some(1),
         lambda_m: 1.0,
         ..TestnetConfig::default()
@@ -505,43 +506,42 @@ fn experiment(
         design.name(),
         args.minutes
     );
-    // Bursts of real messages at exponential intervals: a 1:1 burst (three messages to
-    // one partner) or a group send (one message to each partner).
-    let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x0b5e);
-    let end = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
-    let mut next = Instant::now();
+    // Conversations (see `shoal_sim::observe::Workload`): bursts at half of λP, 1:1 and
+    // group sends, half of the federated subnets' across the federation. The schedule
+    // is the same one faithful mode replays; a send whose time has passed (a slow
+    // `client send` before it) goes at once.
+    let work = Workload::standard(
+        members.len() as u32,
+        SUBNETS as u32,
+        args.minutes * 60.0,
+        opts.seed,
+    );
+    debug_assert!(
+        members
+            .iter()
+            .enumerate()
+            .all(|(i, m)| work.subnet_of[i] as usize == m.subnet)
+    );
+    let began = Instant::now();
     let mut n = 0u64;
-    while Instant::now() < end {
-        if Instant::now() < next {
-            std::thread::sleep(Duration::from_millis(50).min(next - Instant::now()));
-            continue;
+    for (at, from, to) in work.schedule() {
+        let due = began + Duration::from_secs_f64(at);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
         }
-        let from = rng.random_range(0..members.len());
-        let ps = partners(&members, from);
-        if rng.random_range(0..2) == 0 {
-            let to = ps[rng.random_range(0..ps.len())];
-            for _ in 0..3 {
-                n += 1;
-                let at = send(from, to, &format!("m{n}"))?;
-                truth.sends.push(TruthSend {
-                    from: addr[from],
-                    to: addr[to],
-                    at,
-                });
-            }
-        } else {
-            n += 1;
-            for &to in &ps {
-                let at = send(from, to, &format!("g{n}"))?;
-                truth.sends.push(TruthSend {
-                    from: addr[from],
-                    to: addr[to],
-                    at,
-                });
-            }
-        }
-        let wait: f64 = -BURST_EVERY_S * (1.0 - rng.random_range(0.0..1.0f64)).ln();
-        next = Instant::now() + Duration::from_secs_f64(wait);
+        n += 1;
+        let (from, to) = (from as usize, to as usize);
+        let at = send(from, to, &format!("m{n}"))?;
+        truth.sends.push(TruthSend {
+            from: addr[from],
+            to: addr[to],
+            at,
+        });
+    }
+    if let Some(rest) = (began + Duration::from_secs_f64(args.minutes * 60.0))
+        .checked_duration_since(Instant::now())
+    {
+        std::thread::sleep(rest);
     }
     tcpdump.stop();
     // Public knowledge: the directory, and which front belongs to which gateway.

@@ -59,13 +59,12 @@ fn observer_finds_the_control_leaks_and_nothing_in_the_current_design() {
     eprintln!("control: {control:#}\ncurrent: {report:#}");
 
     // Power: with the leaks on and a gateway per subnet, the observer learns membership
-    // or federation.
+    // from the gateway addresses. (Federation, read from the two gateways whose volumes
+    // move against each other, needs more than this minute: at the default 2.5 minutes
+    // the control scored AUC 1.0, at one minute 0.8, the federated pair second of six.
+    // So its power is shown by the full run and the simulator, not asserted here.)
     let membership = metric(control, "gateway_membership", "nmi");
-    let federation = metric(control, "federation_pairs", "auc");
-    assert!(
-        f(membership, "value") >= 0.5 || f(federation, "value") >= 0.9,
-        "control shows no leak: membership {membership}, federation {federation}"
-    );
+    assert!(f(membership, "value") >= 0.5, "{membership}");
     assert!(
         f(membership, "ci_low") > f(membership, "chance"),
         "{membership}"
@@ -80,15 +79,22 @@ fn observer_finds_the_control_leaks_and_nothing_in_the_current_design() {
         );
         return;
     }
+    // Every subnet has the same number of members on each gateway, so the gateway says
+    // nothing of the subnet (NMI 0). That layout also gives every subnet pair's client
+    // pairs the same gateway pairs, so federation_pairs is 0.5 here by construction:
+    // whether gateway volumes follow real traffic in the current design is checked by
+    // the simulator (simulations/tests/observer.rs: gateways by key, every attack's
+    // interval covers chance), deterministically, rather than on a minute of capture.
     let membership = metric(&report, "gateway_membership", "nmi");
     assert!(f(membership, "value") <= 0.1, "{membership}");
     assert!(
         f(membership, "ci_low") <= f(membership, "chance"),
         "{membership}"
     );
-    // One minute and 12 clients give an interval about ±0.17 wide, so a point value
-    // above 0.6 happens by chance on a design with no leak; what is asserted is that
-    // chance lies inside the interval. The full-length run (`--minutes`) narrows it.
     let federation = metric(&report, "federation_pairs", "auc");
-    assert!(f(federation, "ci_low") <= 0.5, "{federation}");
+    assert!(f(federation, "value") <= 0.6, "{federation}");
+    assert!(
+        f(federation, "ci_low") <= 0.5 && 0.5 <= f(federation, "ci_high"),
+        "{federation}"
+    );
 }

@@ -489,6 +489,10 @@ impl Gateway {
     }
 }
 
+/// Spacing of frames written back to back on a client link (a pull answer's), as a
+/// link observer sees them.
+const FRAME_GAP_S: f64 = 50e-6;
+
 /// Client-to-gateway control traffic (QUIC streams: reliable, one link latency each way).
 enum Control {
     /// A client's pull timer fired.
@@ -541,6 +545,10 @@ pub struct Scenario {
     /// On/off bursts between clients of different gateways, replacing the config's
     /// Poisson workload (`rate_per_client` then only sets λP's default).
     pub bursts: Option<Bursts>,
+    /// Real messages as (time s, sender, recipient), replacing the config's Poisson
+    /// workload like `bursts` (which it excludes): `shoal_sim::observe::workload` writes
+    /// the observer experiment's.
+    pub sends: Option<Vec<(f64, u32, u32)>>,
     /// Runs every client core with `ClientConfig::legacy_leaks` (the control).
     pub legacy_leaks: bool,
     /// Record what a link observer and each exit gateway see ([`Observed`]).
@@ -579,6 +587,17 @@ pub struct Observed {
     /// that ended in one of its clients' mailboxes. A gateway tells forward packets from
     /// SURB replies (acks) by whether the payload opens.
     pub mailbox_arrivals: Vec<(f64, u32, bool)>,
+    /// A link observer, per client: times (s) of the frames it writes to its gateway
+    /// (Sphinx packets, pull requests and, with `legacy_leaks`, `Ack` frames).
+    pub client_up: Vec<Vec<f64>>,
+    /// Per client: times of the frames its gateway writes to it (pull answers, each
+    /// `pull_batch` items or dummies and a `PullDone`).
+    pub client_down: Vec<Vec<f64>>,
+    /// (time s, gateway index) of every frame a gateway puts towards the mix (client
+    /// packets it forwards and the SURB-acks it releases).
+    pub gateway_outbound: Vec<(f64, usize)>,
+    /// Length of the traffic window (`run.duration_s`).
+    pub duration_s: f64,
 }
 
 /// [`run_clients`] with a [`Scenario`]: also returns what the observers saw.
@@ -733,6 +752,17 @@ pub fn run_scenario(
     // scenario brings its own.
     let mut sends: Vec<(f64, u32, u32)> = Vec::new();
     let mut pairs = Vec::new();
+    if let Some(given) = &scenario.sends {
+        if scenario.bursts.is_some() {
+            return Err(bad("scenario", "give bursts or sends, not both"));
+        }
+        for &(t, from, to) in given {
+            if !(t.is_finite() && t >= 0.0) || from >= v.clients || to >= v.clients || from == to {
+                return Err(bad("scenario", "a send names a bad time or client"));
+            }
+        }
+        sends.extend(given.iter().filter(|s| s.0 < v.duration_s));
+    }
     if let Some(b) = &scenario.bursts {
         if !(b.period_s > 0.0 && b.rate_on > 0.0 && b.rate_on.is_finite()) {
             return Err(bad("scenario", "bursts need a positive period and rate"));
@@ -764,7 +794,8 @@ pub fn run_scenario(
             }
         }
     }
-    for client in (0..v.clients).filter(|_| scenario.bursts.is_none()) {
+    let own_workload = scenario.bursts.is_none() && scenario.sends.is_none();
+    for client in (0..v.clients).filter(|_| own_workload) {
         let mut t = 0.0;
         loop {
             let gap: f64 = Exp1.sample(&mut rng);
@@ -785,8 +816,14 @@ pub fn run_scenario(
     let mut observed = Observed {
         gateway_of: gateway_of.clone(),
         pairs,
+        duration_s: v.duration_s,
         ..Observed::default()
     };
+    if scenario.observe {
+        observed.client_up = vec![Vec::new(); n_clients];
+        observed.client_down = vec![Vec::new(); n_clients];
+    }
+    let first_layer: std::collections::HashSet<NodeId> = net.layer(0).into_iter().collect();
     let last_layer: std::collections::HashSet<NodeId> = net
         .layer(shoal_packet::MIX_LAYERS - 1)
         .into_iter()
@@ -825,13 +862,18 @@ pub fn run_scenario(
             {
                 observed.gateway_inbound.push((a.at.as_secs_f64(), gi));
             }
+            if let Some(gi) = a.from.and_then(|f| by_node.get(&f))
+                && first_layer.contains(&a.to)
+            {
+                observed.gateway_outbound.push((a.at.as_secs_f64(), *gi));
+            }
         }
         let now = net.now_instant();
         let now_s = secs(now);
         let sys = sys_origin + t;
 
         // Group commits that finished: only now are their acks released.
-        for g in gws.iter_mut() {
+        for (gi, g) in gws.iter_mut().enumerate() {
             if g.done_at.is_some_and(|d| d <= t) {
                 for ack in g.finish_commit(now_s) {
                     let label = ack.key_epoch_label();
@@ -850,6 +892,11 @@ pub fn run_scenario(
                         Some((first_hop, frame)) => {
                             net.inject(&first_hop, frame)?;
                             acks_sent += 1;
+                            // Seen on the gateway's link to a relay (an ack whose
+                            // first hop is a gateway goes gateway to gateway).
+                            if scenario.observe && first_layer.contains(&first_hop) {
+                                observed.gateway_outbound.push((now_s, gi));
+                            }
                         }
                         None => acks_unroutable += 1,
                     }
@@ -894,6 +941,9 @@ pub fn run_scenario(
             }
             match entry.remove() {
                 Control::Tick(i) => {
+                    if scenario.observe {
+                        observed.client_up[i].push(now_s);
+                    }
                     push(&mut control, t + control_link, Control::Pull(i));
                     push(&mut control, t + pull_every, Control::Tick(i));
                 }
@@ -920,13 +970,23 @@ pub fn run_scenario(
                     push(&mut control, t + control_link, Control::Answer(i, items));
                 }
                 Control::Answer(i, items) => {
+                    if scenario.observe {
+                        let frames = v.pull_batch + 1;
+                        observed.client_down[i].extend(
+                            (0..frames).map(|k| {
+                                now_s - control_link.as_secs_f64() + k as f64 * FRAME_GAP_S
+                            }),
+                        );
+                    }
                     let mut ids = Vec::with_capacity(items.len());
+                    let mut saved_mail = false;
                     for p in items {
                         clients[i].handle_mailbox_item(p.surb_id, &p.payload, now);
                         ids.push(p.id);
                         while let Some(e) = clients[i].poll_event() {
                             match e {
                                 Event::Message { message_id, .. } => {
+                                    saved_mail = true;
                                     if let Some(&k) = by_id.get(&message_id) {
                                         let r = &mut msgs[k];
                                         if r.pulled_s.is_none() {
@@ -945,6 +1005,16 @@ pub fn run_scenario(
                                 _ => {}
                             }
                         }
+                    }
+                    // With `legacy_leaks` the client acks in `Ack` frames of its own as
+                    // soon as its store has saved what the answer carried: at once for
+                    // loops and acks, after a commit for a message (the driver's fsync).
+                    // Today the ids ride in the next pull, which is on the wire anyway.
+                    if scenario.observe && scenario.legacy_leaks && !ids.is_empty() {
+                        let at = now_s + if saved_mail { v.commit_s } else { 0.0 };
+                        let frames = ids.len().div_ceil(shoal_packet::protocol::MAX_ACK_IDS);
+                        observed.client_up[i]
+                            .extend((0..frames).map(|k| at + k as f64 * FRAME_GAP_S));
                     }
                     // The client acks what it stored, after the answer's end (`PullDone`).
                     if !ids.is_empty() {
@@ -995,13 +1065,16 @@ pub fn run_scenario(
             });
             next_send += 1;
         }
-        for c in clients.iter_mut() {
+        for (ci, c) in clients.iter_mut().enumerate() {
             if c.poll_timeout().is_some_and(|due| due <= now) {
                 c.handle_timeout(now, &mut rng);
             }
             let entry = c.identity().gateway;
             while let Some(frame) = c.poll_transmit() {
                 net.inject(&entry, frame)?;
+                if scenario.observe {
+                    observed.client_up[ci].push(now_s);
+                }
             }
             // Events come from pulled items (handled above); timers raise none today, but
             // drain them so none is left queued.

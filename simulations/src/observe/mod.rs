@@ -11,6 +11,8 @@
 pub mod attacks;
 pub mod capture;
 pub mod score;
+pub mod sim;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use attacks::{AttackResult, Options, run_attacks};
 pub use capture::{Datagram, Knowledge, View, read_pcap};
+pub use workload::Workload;
 
 /// Why a capture, directory or truth file could not be used.
 #[derive(Debug, thiserror::Error)]
