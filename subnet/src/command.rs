@@ -126,6 +126,12 @@ impl SignedCheckedCommand {
     pub fn action(&self) -> &AccountAction {
         &self.body.action
     }
+
+    /// Its sequence number (signed; not yet checked against the last accepted), which
+    /// an answer names.
+    pub fn sequence(&self) -> u64 {
+        self.body.sequence
+    }
 }
 
 /// The last sequence number accepted per subnet. A gateway persists it.

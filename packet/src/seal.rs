@@ -10,14 +10,17 @@
 //! sealed body from being re-targeted at another recipient with the same shared secret.
 //!
 //! The seal is anonymous: it says nothing about the sender. Sender authentication is
-//! the job of the layer above (MLS credentials).
+//! the job of the layer above (MLS credentials, a gateway's signed admin answer).
+//! It lives in this crate, not the client's, because gateways open bodies too: their
+//! admin endpoint takes subnet commands as sealed messages (`shoal-gateway`).
 
 use chacha20poly1305::aead::AeadInOut;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
 use rand::CryptoRng;
 use sha2_0_11::Sha256;
-use shoal_packet::payload::{BODY_SIZE, INNER_BODY_SIZE};
+
+use crate::payload::{BODY_SIZE, INNER_BODY_SIZE};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Bytes of the ephemeral public key at the front of a sealed body.
@@ -132,10 +135,10 @@ pub fn open(secret: &StaticSecret, sealed: &[u8]) -> Result<Vec<u8>, SealError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload::SEAL_OVERHEAD;
     use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use shoal_packet::payload::SEAL_OVERHEAD;
 
     /// The per-message cipher wipes its key on drop (fails to compile without the
     /// `zeroize` feature of chacha20poly1305).
