@@ -9,12 +9,12 @@
 //! [`AdminInbox::handle_payload`], which opens and reassembles it (within
 //! [`MAX_REQUEST_BYTES`] and [`MAX_PENDING`] requests). The command inside goes through
 //! the one gate it always had: [`crate::remote_admin::check_command`] (signature, hosted
-//! subnet) then [`crate::Mailbox::apply_admin`] (target, expiry, sequence). Requests whose
-//! command does not verify get no answer, so the endpoint cannot be used to make the
-//! gateway send packets anywhere. A verified one is answered, once its change is durable
-//! (or refused), by a [`SignedAnswer`] sealed to the request's `reply_to` and sent as
-//! forward packets from this gateway through the mix layers ([`answer_plaintexts`],
-//! [`route_answer`]), without ack slots.
+//! subnet) then [`crate::Mailbox::apply_admin`] (target, expiry, sequence). Each request
+//! whose command parses is answered once its change is durable, or refused, by a
+//! [`SignedAnswer`] sealed to the request's `reply_to` and sent as forward packets from
+//! this gateway through the mix layers ([`answer_plaintexts`], [`route_answer`]), without
+//! ack slots. A refusal is one fragment of fixed content naming only what the request
+//! claimed, so the endpoint sends no more than it was sent.
 //!
 //! The X25519 key is the Ed25519 identity converted (RFC 7748 birational map); using
 //! one key pair for Ed25519 signatures and an X25519-based hybrid encryption is shown
@@ -312,11 +312,18 @@ pub(crate) mod tests {
             DeliverOutcome::Admin { ack: true }
         );
         let request = inbox.handle_payload(payload, Instant::now()).ok()??;
-        let checked = check_command(request.command.as_bytes(), hosted).ok()?;
-        let (subnet, seq) = (checked.subnet(), checked.command.sequence());
-        let outcome = m
-            .apply_admin(checked, &Hex32(gw.verifying_key().to_bytes()), now)
-            .map(|a| a.usage);
+        let (subnet, seq, outcome) = match check_command(request.command.as_bytes(), hosted) {
+            Ok(checked) => (
+                checked.subnet(),
+                checked.command.sequence(),
+                m.apply_admin(checked, &Hex32(gw.verifying_key().to_bytes()), now)
+                    .map(|a| a.usage),
+            ),
+            Err(refusal) => {
+                let (subnet, seq) = crate::remote_admin::claimed(request.command.as_bytes())?;
+                (subnet, seq, Err(refusal))
+            }
+        };
         // The packet's ack rides the same batch as the change.
         let mut acks = 0;
         while let Some(b) = m.poll_write() {
@@ -367,8 +374,8 @@ pub(crate) mod tests {
     }
 
     /// A command arriving as delivered mixnet packets is applied once and answered; its
-    /// replay, a forged signature and another subnet's command change nothing, and only
-    /// the replay (a verified command) is answered.
+    /// replay, a forged signature and another subnet's command change nothing and are
+    /// answered as refused; a request whose command does not parse gets no answer.
     #[test]
     fn a_command_through_the_mixnet_is_applied_once_and_answered() {
         let gw = gateway_key();
@@ -410,12 +417,27 @@ pub(crate) mod tests {
             .replace("\\\\\\\"quota\\\\\\\":10", "\\\\\\\"quota\\\\\\\":99");
         assert!(forged.contains("99"), "the forgery changed the command");
         let p = request_payloads(&mut net, &gw, forged.as_bytes());
-        assert_eq!(deliver(&mut m, &mut inbox, &gw, &hosted, &p[0]), None);
+        let got = deliver(&mut m, &mut inbox, &gw, &hosted, &p[0]).unwrap();
+        assert_eq!(
+            (got.refusal.as_deref(), got.sequence),
+            (Some(AdminRefusal::BadSignature.label()), 2)
+        );
         let p = request_payloads(&mut net, &gw, &command(&b, &gw, 3, create(13)));
+        let got = deliver(&mut m, &mut inbox, &gw, &hosted, &p[0]).unwrap();
+        assert_eq!(
+            (got.refusal.as_deref(), got.subnet),
+            (Some(AdminRefusal::UnknownSubnet.label()), b.subnet())
+        );
+        let garbage = AdminRequest {
+            command: "not a command".into(),
+            reply_to: admin_client().1,
+        };
+        let p = request_payloads(&mut net, &gw, &garbage.to_bytes());
         assert_eq!(deliver(&mut m, &mut inbox, &gw, &hosted, &p[0]), None);
         assert_eq!(m.last_sequence(&a.subnet()), Some(1));
         assert_eq!(m.stats().admin_applied, 1);
-        assert_eq!(m.stats().admin_packets, 4);
+        assert_eq!(m.stats().admin_packets, 5);
+        assert!(!m.is_account(&SigningKey::from_bytes(&[12; 32]).verifying_key().to_bytes()));
     }
 
     /// A request of several fragments (a policy with many revoked keys) is reassembled

@@ -882,8 +882,8 @@ async fn client_task(link: Link, clients: Arc<Clients>) {
 /// The admin endpoint: opens and reassembles what was delivered to [`crate::admin_inbox::ADMIN_MAILBOX`],
 /// checks each request's command (on a blocking thread: public-key work), has the
 /// mailbox task apply it, and once that is durable (or refused) sends the signed answer
-/// into the mixnet towards the request's `reply_to`. A command that does not verify is
-/// counted and not answered.
+/// into the mixnet towards the request's `reply_to`. A command that does not even parse
+/// is counted and not answered.
 async fn admin_endpoint(
     mut payloads: mpsc::Receiver<Vec<u8>>,
     identity: ed25519_dalek::SigningKey,
@@ -903,21 +903,27 @@ async fn admin_endpoint(
         };
         let hosted = clients.hosted.get();
         let command = request.command.into_bytes();
-        let checked =
-            match tokio::task::spawn_blocking(move || check_command(&command, &hosted)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err((cause, _))) => {
-                    m.admin_refused(cause);
-                    info!(
-                        cause = cause.label(),
-                        "admin command refused (not answered)"
-                    );
+        let claimed = crate::remote_admin::claimed(&command);
+        let checked = tokio::task::spawn_blocking(move || check_command(&command, &hosted))
+            .await
+            .unwrap_or(Err((AdminRefusal::Internal, "check task failed")));
+        let (subnet, sequence, outcome) = match checked {
+            Ok(c) => (
+                c.subnet(),
+                c.command.sequence(),
+                admin_command(c, &clients).await,
+            ),
+            // A refusal names only what the request claimed: one answer per request, of
+            // fixed content, so the endpoint amplifies nothing.
+            Err(refusal) => match claimed {
+                Some((subnet, sequence)) => (subnet, sequence, Err(refusal)),
+                None => {
+                    m.admin_refused(refusal.0);
+                    info!(cause = refusal.0.label(), "admin command refused");
                     continue;
                 }
-                Err(_) => continue,
-            };
-        let (subnet, sequence) = (checked.subnet(), checked.command.sequence());
-        let outcome = admin_command(checked, &clients).await;
+            },
+        };
         match &outcome {
             Ok(_) => {
                 m.admin_applied.fetch_add(1, Ordering::Relaxed);

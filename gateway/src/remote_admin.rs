@@ -40,6 +40,12 @@ impl CheckedAdmin {
 /// without keys or addresses.
 pub type Refusal = (AdminRefusal, &'static str);
 
+/// The subnet and sequence number a command claims (unchecked), to address the answer
+/// refusing it; `None` if it does not even parse (then no answer can name it).
+pub fn claimed(bytes: &[u8]) -> Option<(SubnetId, u64)> {
+    UncheckedCommand::parse(bytes).ok().map(|c| c.claimed())
+}
+
 /// Parses `bytes` as a signed command and checks its signature against the `hosted`
 /// subnets. Public-key work: the driver runs it on a blocking thread.
 pub fn check_command(bytes: &[u8], hosted: &[SubnetId]) -> Result<CheckedAdmin, Refusal> {

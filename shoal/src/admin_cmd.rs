@@ -87,7 +87,7 @@ pub const ANSWERS_DIR: &str = "admin-answers";
 /// How long a command waits for its gateway's answer: a round trip through the mixnet
 /// (the admin client's λP slots, the mix delays, the pull interval) with room to spare.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long `list` waits for the gateways' usage reports before calling one unreachable.
+/// How long `list` waits for the gateways' usage reports unless told.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a signed command stays valid: long enough to reach the gateway, short
 /// enough that a captured one is useless soon.
@@ -193,6 +193,10 @@ pub enum AdminCommand {
         /// Do not ask the gateways (shows what this directory holds only).
         #[arg(long)]
         offline: bool,
+        /// How long to wait for the gateways' reports, which come back through the
+        /// mixnet; a gateway silent for this long is listed as unreachable.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
     },
     /// De-provision a member: its gateway stops its mailbox access at once, and a new
     /// policy version revokes its keys (published to the gateway, written to DIR).
@@ -577,16 +581,17 @@ impl Subnet {
 
     /// Asks gateways for the usage of this subnet's accounts there (a signed,
     /// read-only command each, all queued at once: different gateways keep their own
-    /// sequence), and waits up to [`USAGE_TIMEOUT`] for the reports.
+    /// sequence), and waits up to `wait` for the reports.
     async fn usage(
         &self,
         gateways: &[[u8; 32]],
+        wait: Duration,
     ) -> anyhow::Result<Vec<anyhow::Result<UsageReport>>> {
         let mut sent = Vec::new();
         for key in gateways {
             sent.push(self.queue(*key, AccountAction::AccountUsage)?);
         }
-        let deadline = std::time::Instant::now() + USAGE_TIMEOUT;
+        let deadline = std::time::Instant::now() + wait;
         let mut out = Vec::new();
         for (key, sequence) in gateways.iter().zip(sent) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -1265,9 +1270,14 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             println!("credential written: {}", cred_path.display());
             Ok(())
         }
-        AdminCommand::List { dir, offline } => {
+        AdminCommand::List {
+            dir,
+            offline,
+            timeout_secs,
+        } => {
             let s = Subnet::open(&dir)?;
-            print!("{}", list(&s, offline).await?);
+            let wait = (!offline).then_some(Duration::from_secs(timeout_secs));
+            print!("{}", list(&s, wait).await?);
             Ok(())
         }
         AdminCommand::Deprovision { dir, handle } => {
@@ -1673,7 +1683,8 @@ enum Use {
 /// The account table: configuration the admin holds and, unless `offline`, each
 /// active account's use as its gateway reports it (items, bytes, quota). Never keys,
 /// mailboxes, message content or contacts.
-async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
+async fn list(s: &Subnet, wait: Option<Duration>) -> anyhow::Result<String> {
+    let offline = wait.is_none();
     let mut rows: Vec<(Member, &str)> = s.members()?.into_iter().map(|m| (m, "active")).collect();
     let members = s.dir.join(MEMBERS_DIR);
     if let Ok(entries) = std::fs::read_dir(&members) {
@@ -1702,7 +1713,7 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
     let mut notes = Vec::new();
     if !offline && !gateways.is_empty() {
         let keys: Vec<[u8; 32]> = gateways.iter().map(|(_, k)| *k).collect();
-        match s.usage(&keys).await {
+        match s.usage(&keys, wait.unwrap_or(USAGE_TIMEOUT)).await {
             Ok(got) => {
                 for ((addr, _), report) in gateways.iter().zip(got) {
                     if let Err(e) = &report {

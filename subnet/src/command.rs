@@ -97,6 +97,12 @@ impl UncheckedCommand {
         Ok(UncheckedCommand { envelope, body })
     }
 
+    /// The subnet and sequence number it claims, unchecked: enough to address an answer
+    /// that refuses it (which then says nothing the sender did not write).
+    pub fn claimed(&self) -> (SubnetId, u64) {
+        (self.body.subnet, self.body.sequence)
+    }
+
     /// Accepts a command only from the admin of a subnet this gateway hosts.
     pub fn check_signature(self, hosted: &[SubnetId]) -> Result<SignedCheckedCommand, SubnetError> {
         if !hosted.contains(&self.body.subnet) {
