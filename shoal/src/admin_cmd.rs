@@ -661,8 +661,9 @@ impl Subnet {
             action,
         })?;
         let request = AdminRequest::new(&command, reply_to).to_bytes();
-        let card = shoal_client::ContactCard::new("gateway admin", gateway_admin_contact(gateway_key)?)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let card =
+            shoal_client::ContactCard::new("gateway admin", gateway_admin_contact(gateway_key)?)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         crate::client_cmd::spool_bytes(&client, &card.to_text(), &request)?;
         Ok(sequence)
     }
@@ -1873,7 +1874,9 @@ fn usage_of(answer: &AnswerBody) -> anyhow::Result<UsageReport> {
 
 /// The contact of a gateway's admin endpoint: its [`ADMIN_MAILBOX`], sealed to its
 /// identity key (`gateway_key`) on the Montgomery curve.
-pub(crate) fn gateway_admin_contact(gateway_key: [u8; 32]) -> anyhow::Result<shoal_client::Contact> {
+pub(crate) fn gateway_admin_contact(
+    gateway_key: [u8; 32],
+) -> anyhow::Result<shoal_client::Contact> {
     let key = admin_seal_key(&gateway_key).context("the gateway key is not an Ed25519 key")?;
     Ok(shoal_client::Contact {
         mailbox: ADMIN_MAILBOX,

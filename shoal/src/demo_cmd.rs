@@ -45,8 +45,8 @@ use shoal_client::managed::{self, ManagedHandle};
 use shoal_client::messenger::{Messenger, MessengerConfig, MessengerEvent, policy_deliveries};
 use shoal_client::{ClientStore, ContactCard, Identity};
 use shoal_subnet::{
-    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCard, MessageOptions,
-    AdminRequest, Policy, PolicyBody, ReplyTo, RoleRule, SignedAnswer, SignedPolicy, SubnetAdmin,
+    AccountAction, AdminRequest, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCard,
+    MessageOptions, Policy, PolicyBody, ReplyTo, RoleRule, SignedAnswer, SignedPolicy, SubnetAdmin,
     SubnetId,
 };
 use shoal_topology::{Hex32, NodeId};
@@ -349,9 +349,8 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
     // The admin's own client starts first: members' accounts are created by their
     // subnet's admin, a signed command it carries through the mixnet to the gateway.
     let mut managed = Vec::new();
-    let (admins, members): (Vec<_>, Vec<_>) = managed_setup
-        .into_iter()
-        .partition(|s| s.1.subnet == ADMIN);
+    let (admins, members): (Vec<_>, Vec<_>) =
+        managed_setup.into_iter().partition(|s| s.1.subnet == ADMIN);
     for (m, spec, account, identity) in admins.into_iter().chain(members) {
         let init = &inits[spec.gateway];
         let mut config = client_config(args, init, &net);

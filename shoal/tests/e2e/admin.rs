@@ -188,7 +188,10 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
         "enrolled at a gateway not hosting the subnet"
     );
     let refusal = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(refusal.contains("refused the command (unknown_subnet)"), "{refusal}");
+    assert!(
+        refusal.contains("refused the command (unknown_subnet)"),
+        "{refusal}"
+    );
     // The operator adds the subnet to `subnets` and sends SIGHUP: no restart.
     Testnet::host_subnet(&init, &subnet).unwrap();
     let hup = Command::new("kill")
