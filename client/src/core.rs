@@ -1732,7 +1732,8 @@ mod tests {
                     }],
                     federation: (0..partners)
                         .map(|i| Federation {
-                            subnet: SubnetAdmin::from_secret([i; 32]).subnet(),
+                            subnet: SubnetAdmin::from_secret([i.wrapping_add(100); 32])
+                                .subnet(),
                             local_roles: vec!["staff".into()],
                             remote_roles: vec!["staff".into()],
                         })
