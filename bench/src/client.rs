@@ -161,6 +161,7 @@ pub fn topology(
                 key: Hex32(public.to_bytes()),
             }],
             published_unix: 100,
+            version: None,
         };
         if role == Role::Gateway {
             gateways.push(d.id());

@@ -172,6 +172,7 @@ impl StandIn {
                 })
                 .collect(),
             published_unix: unix_now(),
+            version: None,
         };
         let operator = shoal_topology::operator::solo_operator_key(&self.identity);
         let cert = shoal_topology::NodeCertificate::issue(&operator, self.id(), role);

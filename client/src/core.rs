@@ -444,6 +444,8 @@ pub struct ClientCore {
     public_key: PublicKey,
     config: ClientConfig,
     topology: Option<Arc<Topology>>,
+    /// The epoch of the wall clock, once the driver has said (see [`Self::set_wall_epoch`]).
+    wall_epoch: Option<u64>,
     schedule: Schedule,
 
     messages: HashMap<MessageId, OutMessage>,
@@ -518,6 +520,7 @@ impl ClientCore {
             partial_ops: Vec::new(),
             config,
             topology: None,
+            wall_epoch: None,
             schedule: Schedule::new(seed),
             messages: HashMap::new(),
             fragments: BTreeMap::new(),
@@ -544,6 +547,11 @@ impl ClientCore {
 
     pub fn contact(&self) -> Contact {
         self.identity.contact()
+    }
+
+    /// The directory in use, once one is set.
+    pub fn topology(&self) -> Option<&Topology> {
+        self.topology.as_deref()
     }
 
     /// Installs a verified directory. The cover rates come from its parameters; a stream
@@ -831,8 +839,17 @@ impl ClientCore {
         ok
     }
 
-    fn epoch(topo: &Topology) -> (u64, u16) {
-        (topo.epoch(), EpochSchedule::frame_label(topo.epoch()))
+    /// The key epoch (and its frame label) to build with: the document's, or the next
+    /// one's while the wall clock is past the document's epoch ([`Topology::key_epoch_at`]).
+    fn epoch(&self, topo: &Topology) -> (u64, u16) {
+        let epoch = topo.key_epoch_at(self.wall_epoch.unwrap_or(topo.epoch()));
+        (epoch, EpochSchedule::frame_label(epoch))
+    }
+
+    /// The epoch the wall clock is in, as the driver reads it from the document's schedule.
+    /// The core keeps no clock of its own (its `Instant`s do not map to epochs).
+    pub fn set_wall_epoch(&mut self, epoch: u64) {
+        self.wall_epoch = Some(epoch);
     }
 
     /// A SURB from the layers back to our mailbox: `[L1, L2, L3, our gateway]`. The
@@ -845,7 +862,7 @@ impl ClientCore {
         now: Instant,
         rng: &mut R,
     ) -> Option<(AckSlot, Duration)> {
-        let (epoch, _) = Self::epoch(topo);
+        let (epoch, _) = self.epoch(topo);
         let gw = self.identity.gateway;
         let route: Vec<Hop> = topo.client_route(rng, epoch, &gw, &gw).ok()?.split_off(1);
         let delays = sample_delays(rng, topo.params(), route.len());
@@ -881,7 +898,7 @@ impl ClientCore {
         sealed: &[u8],
         rng: &mut R,
     ) -> Option<(Frame, Duration, Duration)> {
-        let (epoch, label) = Self::epoch(topo);
+        let (epoch, label) = self.epoch(topo);
         let route = topo
             .client_route(rng, epoch, &self.identity.gateway, exit)
             .ok()?;
@@ -1694,7 +1711,7 @@ mod tests {
     /// `shoal admin` does: an ordinary message to the gateway's admin endpoint) leaves the
     /// admin's link exactly as it was. The observer's whole view of that link, every
     /// frame's (time, size), is the same with no command, a short one (create an
-    /// account) and a long one (a policy naming 60 federation partners), while the
+    /// account) and a long one (a policy revoking 200 accounts), while the
     /// command's fragments do reach the endpoint. The control replays what the old path
     /// put on the wire (the admin dialling the gateway with its subnet key and sending the
     /// command as `AdminChunk` frames, encoded by the real `admin_chunks`): a burst on a
@@ -1704,48 +1721,26 @@ mod tests {
         use shoal_packet::FRAME_SIZE;
         use shoal_packet::protocol::admin_chunks;
         use shoal_packet::sphinx::ADMIN_MAILBOX;
-        use shoal_subnet::{
-            AccountAction, AdminRequest, BurnOnRead, CommandBody, Federation, PolicyBody, ReplyTo,
-            RoleRule, SubnetAdmin,
-        };
+        use shoal_subnet::{AccountAction, AdminRequest, CommandBody, ReplyTo, SubnetAdmin};
         use shoal_topology::Hex32;
 
         /// (time since start, frame size, link: 0 = the client's, 1 = the old admin link)
         type Trace = Vec<(Duration, usize, u8)>;
         let admin = SubnetAdmin::from_secret([9; 32]);
-        let command = |partners: u8| {
-            let action = if partners == 0 {
+        let command = |revoked: u8| {
+            let action = if revoked == 0 {
                 AccountAction::CreateAccount {
                     account: Hex32([1; 32]),
                     mailbox: Hex32([2; 32]),
                     quota: 10,
                 }
             } else {
-                let body = PolicyBody {
-                    subnet: admin.subnet(),
-                    version: 2,
-                    issued_at: 0,
-                    roles: vec!["staff".into()],
-                    rules: vec![RoleRule {
-                        from: "staff".into(),
-                        to: "staff".into(),
-                    }],
-                    federation: (0..partners)
-                        .map(|i| Federation {
-                            subnet: SubnetAdmin::from_secret([i.wrapping_add(100); 32]).subnet(),
-                            local_roles: vec!["staff".into()],
-                            remote_roles: vec!["staff".into()],
-                        })
-                        .collect(),
-                    ttl_min_secs: 0,
-                    ttl_max_secs: 60,
-                    burn_on_read: BurnOnRead::Allowed,
-                    revoked_keys: vec![],
-                    revoked_handles: vec![],
-                };
-                let policy = admin.issue_policy(body).unwrap().to_bytes();
+                // What a gateway is told of a policy: its version, TTL bound and the
+                // link keys of the accounts it revokes.
                 AccountAction::PublishPolicy {
-                    policy: String::from_utf8(policy).unwrap(),
+                    version: 2,
+                    ttl_max_secs: 60,
+                    revoked_accounts: (0..revoked).map(|i| Hex32([i; 32])).collect(),
                 }
             };
             admin
@@ -1809,7 +1804,7 @@ mod tests {
                 .iter()
                 .all(|(_, size, link)| *size == FRAME_SIZE && *link == 0)
         );
-        for partners in [0, 60] {
+        for partners in [0, 200] {
             let (busy, at_endpoint) = observe(Some(partners), false);
             let fragments = AdminRequest::new(
                 &command(partners),
@@ -1825,17 +1820,17 @@ mod tests {
             assert!(at_endpoint >= fragments, "{at_endpoint} < {fragments}");
             assert_eq!(
                 busy, quiet,
-                "{partners} partners: the link shows the command"
+                "{partners} revoked: the link shows the command"
             );
         }
         // The control: the old path's burst is on a link of its own, and its size says
         // how long the command is.
         let burst = |t: &Trace| t.iter().filter(|(_, _, link)| *link == 1).count();
         let (short, _) = observe(Some(0), true);
-        let (long, _) = observe(Some(60), true);
+        let (long, _) = observe(Some(200), true);
         assert_ne!(short, quiet);
         println!(
-            "old admin link: {} frame(s) for a create, {} for a 60-partner policy; \
+            "old admin link: {} frame(s) for a create, {} for a policy revoking 200; \
              through the client: {} frames either way, the same trace",
             burst(&short),
             burst(&long),

@@ -737,6 +737,9 @@ impl Driver {
             Some(due) if due > now => due,
             _ => now,
         };
+        if let Some(schedule) = self.core.topology().map(|t| *t.schedule()) {
+            self.core.set_wall_epoch(schedule.epoch_at(unix_now()));
+        }
         self.core.handle_timeout(at, &mut self.rng);
         wait_until_precisely(at).await;
         let flushed = self.flush(conn).await;

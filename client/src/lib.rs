@@ -4,6 +4,7 @@ pub mod contact;
 pub mod core;
 pub mod driver;
 pub mod group;
+pub mod keys;
 pub mod managed;
 pub mod messenger;
 pub mod receipts;
@@ -21,6 +22,7 @@ pub use core::{
     ClientConfig, ClientCore, ClientError, ClientSnapshot, ClientStats, Event, Identity,
     OutgoingFragment, OutgoingMessage, PartialOp, RetransmitPolicy, SendRecord,
 };
+pub use keys::MemberKeys;
 pub use schedule::Stream;
 pub use seal::SealError;
 pub use store::{ClientStore, ReceivedMessage};

@@ -370,6 +370,17 @@ impl ClientStore {
         self.get("account_key")
     }
 
+    /// The member's Ed25519 identity key: it signs MLS leaves, direct messages and
+    /// address bindings, and a credential names it. Never the account key, which is
+    /// all a gateway sees.
+    pub fn save_signing_key(&self, secret: &[u8; 32]) -> Result<(), ClientError> {
+        self.put("signing_key", secret)
+    }
+
+    pub fn load_signing_key(&self) -> Result<Option<[u8; 32]>, ClientError> {
+        self.get("signing_key")
+    }
+
     /// Adds or replaces the contact stored under the card's name.
     pub fn put_contact(&self, card: &ContactCard) -> Result<(), ClientError> {
         let txn = self
@@ -503,6 +514,10 @@ mod tests {
         assert_eq!(store.received_messages().unwrap(), vec![b, a]);
         assert_eq!(store.load_snapshot().unwrap().unwrap(), snapshot);
         store.save_account_key(&[9; 32]).unwrap();
+        assert_eq!(store.load_account_key().unwrap(), Some([9; 32]));
+        assert_eq!(store.load_signing_key().unwrap(), None);
+        store.save_signing_key(&[8; 32]).unwrap();
+        assert_eq!(store.load_signing_key().unwrap(), Some([8; 32]));
         assert_eq!(store.load_account_key().unwrap(), Some([9; 32]));
     }
 

@@ -72,6 +72,7 @@ impl TestNet {
                     key: Hex32(public.to_bytes()),
                 }],
                 published_unix: 100,
+                version: None,
             };
             secrets.insert(d.id(), secret);
             if role == Role::Gateway {

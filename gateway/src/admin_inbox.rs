@@ -454,7 +454,7 @@ pub(crate) mod tests {
             60,
             (0..200u8).map(|i| Hex32([i; 32])).collect(),
         );
-        let req = command(&a, &gw, 4, AccountAction::PublishPolicy { policy });
+        let req = command(&a, &gw, 4, policy);
         let payloads = request_payloads(&mut net, &gw, &req);
         assert!(payloads.len() > 5, "{}", payloads.len());
         let mut done = None;

@@ -454,6 +454,8 @@ pub struct Mailbox {
     guard: CommandGuard,
     /// Newest policy per subnet, as published by its admin.
     policies: HashMap<SubnetId, HostedPolicy>,
+    /// When each subnet's admin last got a usage report (unix ms).
+    usage_asked: HashMap<SubnetId, u64>,
     next_id: ItemId,
     next_batch: u64,
     open_ops: Vec<WriteOp>,
@@ -472,9 +474,9 @@ impl std::fmt::Debug for Mailbox {
     }
 }
 
-/// What the gateway takes from a subnet's policy, and all it keeps of it: the version,
-/// the TTL bound and the revoked account keys, which it enforces. Roles, rules and
-/// federation partners are checked with the signature and then forgotten, never stored.
+/// What the gateway is given of a subnet's policy, and all it keeps of it: the version,
+/// the TTL bound and the revoked account (link) keys, which it enforces. Roles, rules,
+/// federation partners and members' identity keys are never sent to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HostedPolicy {
     version: u64,
@@ -486,7 +488,8 @@ struct HostedPolicy {
 const HOSTED_POLICY_TAG: u8 = 1;
 
 impl HostedPolicy {
-    fn new(policy: &Policy) -> Self {
+    /// From a legacy store's signed policy, whose revoked keys were link keys then.
+    fn legacy(policy: &Policy) -> Self {
         let b = policy.body();
         HostedPolicy {
             version: b.version,
@@ -516,7 +519,7 @@ impl HostedPolicy {
         if bytes.first() == Some(&b'{') {
             return Policy::verify(bytes, subnet)
                 .ok()
-                .map(|p| HostedPolicy::new(&p));
+                .map(|p| HostedPolicy::legacy(&p));
         }
         let (&tag, rest) = bytes.split_first()?;
         if tag != HOSTED_POLICY_TAG || rest.len() < 20 {
@@ -551,6 +554,22 @@ pub struct AdminApplied {
     pub cut: Vec<AccountKey>,
     /// The answer to a read-only query (account usage), for the admin only.
     pub usage: Option<UsageReport>,
+}
+
+/// How often a subnet's admin may ask for its accounts' usage (not persisted: a
+/// restart allows one more).
+pub const USAGE_MIN_INTERVAL: Duration = Duration::from_secs(15 * 60);
+/// Usage reports count items in steps of `quota / USAGE_STEPS`...
+pub const USAGE_STEPS: u32 = 8;
+/// ...but never in steps smaller than this: the admin sets the quota, and a tiny quota
+/// must not buy it item-exact counts.
+pub const USAGE_MIN_STEP: u32 = 64;
+
+/// `items` rounded down to a step of an eighth of `quota`, at least [`USAGE_MIN_STEP`].
+fn coarse_items(items: usize, quota: u32) -> u32 {
+    let step = (quota / USAGE_STEPS).max(USAGE_MIN_STEP);
+    let items = u32::try_from(items).unwrap_or(u32::MAX);
+    items / step * step
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -588,6 +607,7 @@ impl Mailbox {
             expiry: BTreeSet::new(),
             guard: CommandGuard::default(),
             policies: HashMap::new(),
+            usage_asked: HashMap::new(),
             next_id: 1,
             next_batch: 1,
             open_ops: Vec::new(),
@@ -1104,7 +1124,7 @@ impl Mailbox {
         gateway: &Hex32,
         now: SystemTime,
     ) -> Result<AdminApplied, Refusal> {
-        let CheckedAdmin { command, policy } = checked;
+        let CheckedAdmin { command } = checked;
         let mut guard = self.guard.clone();
         let now_unix = unix_ms(now) / 1000;
         let command = command
@@ -1163,15 +1183,36 @@ impl Mailbox {
                 self.set_quota(&account.0, *quota)
                     .map_err(|_| rejected("unknown account"))?;
             }
-            AccountAction::AccountUsage => applied.usage = Some(self.usage_report(&subnet)),
-            AccountAction::PublishPolicy { .. } => {
-                let policy = policy.ok_or((AdminRefusal::Internal, "policy was not checked"))?;
+            AccountAction::AccountUsage => {
+                // Rate-limited, so polling cannot time who receives mail when.
+                let now_ms = unix_ms(now);
+                if self
+                    .usage_asked
+                    .get(&subnet)
+                    .is_some_and(|t| now_ms < t.saturating_add(ms(USAGE_MIN_INTERVAL)))
+                {
+                    return Err(rejected(
+                        "account usage was asked for less than 15 minutes ago",
+                    ));
+                }
+                self.usage_asked.insert(subnet, now_ms);
+                applied.usage = Some(self.usage_report(&subnet));
+            }
+            AccountAction::PublishPolicy {
+                version,
+                ttl_max_secs,
+                revoked_accounts,
+            } => {
                 if let Some(held) = self.policies.get(&subnet)
-                    && policy.version() <= held.version
+                    && *version <= held.version
                 {
                     return Err(rejected("policy version is not newer than the one held"));
                 }
-                let hosted = HostedPolicy::new(&policy);
+                let hosted = HostedPolicy {
+                    version: *version,
+                    ttl_max: Duration::from_secs(*ttl_max_secs),
+                    revoked: revoked_accounts.iter().map(|k| k.0).collect(),
+                };
                 applied.cut = self
                     .boxes
                     .values()
@@ -1193,9 +1234,11 @@ impl Mailbox {
         Ok(applied)
     }
 
-    /// Per account of `subnet`: items held (durable or being written), their payload
-    /// bytes and the quota, named by [`shoal_subnet::usage_id`]; sorted by that id so the
-    /// order says nothing about when accounts were made.
+    /// Per account of `subnet`: items held (durable or being written), rounded down to
+    /// a step of an eighth of its quota (so a few messages show as none: the admin sees
+    /// how full mailboxes are, not who got mail), their payload bytes and the quota,
+    /// named by [`shoal_subnet::usage_id`]; sorted by that id so the order says nothing
+    /// about when accounts were made.
     pub fn usage_report(&self, subnet: &SubnetId) -> UsageReport {
         let mut accounts: Vec<AccountUsage> = self
             .boxes
@@ -1203,9 +1246,10 @@ impl Mailbox {
             .filter(|b| b.subnet == Some(*subnet))
             .map(|b| AccountUsage {
                 id: shoal_subnet::usage_id(subnet, &Hex32(b.key)),
-                items: u32::try_from(b.items.len()).unwrap_or(u32::MAX),
+                items: coarse_items(b.items.len(), b.quota),
                 quota: b.quota,
-                bytes: (b.items.len() as u64).saturating_mul(SPHINX_PAYLOAD_SIZE as u64),
+                bytes: u64::from(coarse_items(b.items.len(), b.quota))
+                    .saturating_mul(SPHINX_PAYLOAD_SIZE as u64),
             })
             .collect();
         accounts.sort_by_key(|a| a.id);

@@ -3,31 +3,25 @@
 //!
 //! Commands reach a gateway through the mixnet ([`crate::admin_inbox`]): the admin's own
 //! client sends them as ordinary messages to the gateway's admin endpoint. The gateway
-//! checks the command's signature (and, for a policy, the policy's signature) off the
-//! mailbox task with [`check_command`], and hands the resulting [`CheckedAdmin`] to
-//! [`crate::Mailbox::apply_admin`], which checks target, expiry and sequence against the
-//! persisted guard and applies it. The answer goes out only after the store reports the
-//! batch durable. The one read-only command, account usage, goes the same way (signed,
-//! fresh, sequenced, answered once its sequence number is durable) and is answered with
-//! a [`shoal_subnet::UsageReport`].
+//! checks the command's signature off the mailbox task with [`check_command`], and hands
+//! the resulting [`CheckedAdmin`] to [`crate::Mailbox::apply_admin`], which checks target,
+//! expiry and sequence against the persisted guard and applies it. The answer goes out
+//! only after the store reports the batch durable. The one read-only command, account
+//! usage, goes the same way (signed, fresh, sequenced, answered once its sequence number
+//! is durable) and is answered with a [`shoal_subnet::UsageReport`].
 //!
 //! (Admins used to dial the gateway's client port with their subnet key and send the
 //! command as a burst of `AdminChunk` frames: a link of its own whose frame count grew
 //! with the command. That path is gone; gateways refuse such frames.)
 
 use shoal_packet::protocol::AdminRefusal;
-use shoal_subnet::{
-    AccountAction, Policy, SignedCheckedCommand, SubnetError, SubnetId, UncheckedCommand,
-    UncheckedPolicy,
-};
+use shoal_subnet::{SignedCheckedCommand, SubnetError, SubnetId, UncheckedCommand};
 
-/// A command whose admin signature verified against a hosted subnet (and whose policy,
-/// if it carries one, verified against the same subnet). Freshness and replay are
-/// checked when the mailbox core applies it.
+/// A command whose admin signature verified against a hosted subnet. Freshness and
+/// replay are checked when the mailbox core applies it.
 #[derive(Debug, Clone)]
 pub struct CheckedAdmin {
     pub(crate) command: SignedCheckedCommand,
-    pub(crate) policy: Option<Policy>,
 }
 
 impl CheckedAdmin {
@@ -61,28 +55,7 @@ pub fn check_command(bytes: &[u8], hosted: &[SubnetId]) -> Result<CheckedAdmin, 
             "command signature does not verify",
         ),
     })?;
-    let policy = match command.action() {
-        AccountAction::PublishPolicy { policy } => {
-            let parsed = UncheckedPolicy::parse(policy.as_bytes())
-                .map_err(|_| (AdminRefusal::Malformed, "policy does not parse"))?;
-            Some(
-                parsed
-                    .check_signature(&command.subnet())
-                    .map_err(|e| match e {
-                        SubnetError::WrongSubnet { .. } => (
-                            AdminRefusal::Rejected,
-                            "policy is of another subnet than the command",
-                        ),
-                        _ => (
-                            AdminRefusal::BadSignature,
-                            "policy signature does not verify",
-                        ),
-                    })?,
-            )
-        }
-        _ => None,
-    };
-    Ok(CheckedAdmin { command, policy })
+    Ok(CheckedAdmin { command })
 }
 
 #[cfg(test)]
@@ -93,7 +66,9 @@ pub(crate) mod tests {
     use ed25519_dalek::SigningKey;
     use shoal_packet::SPHINX_PAYLOAD_SIZE;
     use shoal_subnet::UsageReport;
-    use shoal_subnet::{BurnOnRead, CommandBody, PolicyBody, RoleRule, SubnetAdmin};
+    use shoal_subnet::{
+        AccountAction, BurnOnRead, CommandBody, Policy, PolicyBody, RoleRule, SubnetAdmin,
+    };
     use shoal_topology::Hex32;
 
     use super::*;
@@ -134,12 +109,17 @@ pub(crate) mod tests {
         }
     }
 
+    /// What the admin tells its gateways of its policy `version`.
     pub(crate) fn policy(
         admin: &SubnetAdmin,
         version: u64,
         ttl_max: u64,
         revoked: Vec<Hex32>,
-    ) -> String {
+    ) -> AccountAction {
+        AccountAction::publish_policy(&policy_body(admin, version, ttl_max), revoked)
+    }
+
+    fn policy_body(admin: &SubnetAdmin, version: u64, ttl_max: u64) -> Policy {
         let body = PolicyBody {
             subnet: admin.subnet(),
             version,
@@ -153,10 +133,14 @@ pub(crate) mod tests {
             ttl_min_secs: 0,
             ttl_max_secs: ttl_max,
             burn_on_read: BurnOnRead::Allowed,
-            revoked_keys: revoked,
+            revoked_keys: vec![],
             revoked_handles: vec![],
         };
-        String::from_utf8(admin.issue_policy(body).unwrap().to_bytes()).unwrap()
+        Policy::verify(
+            &admin.issue_policy(body).unwrap().to_bytes(),
+            &admin.subnet(),
+        )
+        .unwrap()
     }
 
     fn cfg() -> MailboxConfig {
@@ -303,14 +287,7 @@ pub(crate) mod tests {
         }
         // Policy v1: max TTL 60 s (the gateway's own is an hour), revokes key 11.
         let p1 = policy(&a, 1, 60, vec![key(11)]);
-        let cut = apply(
-            &mut m,
-            &a,
-            &hosted,
-            body(3, AccountAction::PublishPolicy { policy: p1.clone() }),
-            at(1),
-        )
-        .unwrap();
+        let cut = apply(&mut m, &a, &hosted, body(3, p1.clone()), at(1)).unwrap();
         assert_eq!(cut, vec![key(11).0]);
         assert!(!m.is_account(&key(11).0), "revoked key refused");
         assert!(m.is_account(&key(10).0));
@@ -330,25 +307,8 @@ pub(crate) mod tests {
             Err(AdminRefusal::Rejected)
         );
         assert_eq!(
-            apply(
-                &mut m,
-                &a,
-                &hosted,
-                body(5, AccountAction::PublishPolicy { policy: p1 }),
-                at(2)
-            ),
+            apply(&mut m, &a, &hosted, body(5, p1), at(2)),
             Err(AdminRefusal::Rejected)
-        );
-        // A policy signed by another admin does not verify for this subnet.
-        let other = SubnetAdmin::from_secret([2; 32]);
-        let foreign = policy(&other, 9, 60, vec![]);
-        let bytes = a
-            .issue_command(body(6, AccountAction::PublishPolicy { policy: foreign }))
-            .unwrap()
-            .to_bytes();
-        assert_eq!(
-            check_command(&bytes, &hosted).unwrap_err().0,
-            AdminRefusal::Rejected
         );
     }
 
@@ -361,8 +321,12 @@ pub(crate) mod tests {
         seq: u64,
         now: SystemTime,
     ) -> UsageReport {
+        let unix = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
         let bytes = admin
-            .issue_command(body(seq, AccountAction::AccountUsage))
+            .issue_command(CommandBody {
+                expires_at: unix + 600,
+                ..body(seq, AccountAction::AccountUsage)
+            })
             .unwrap()
             .to_bytes();
         let applied = m
@@ -376,12 +340,96 @@ pub(crate) mod tests {
             .expect("a usage query is answered with a report")
     }
 
+    /// Hole 7: an admin polling account usage to watch who receives mail when. Reports
+    /// are refused more often than every 15 minutes, and a few items in a mailbox with an
+    /// ordinary quota show as none; only mailboxes filling up show.
+    #[test]
+    fn rogue_admin_cannot_watch_activity_through_usage_reports() {
+        use crate::mailbox::{USAGE_MIN_INTERVAL, USAGE_STEPS};
+        let a = SubnetAdmin::from_secret([1; 32]);
+        let hosted = [a.subnet()];
+        let mut m = Mailbox::new(cfg(), Salt::from_bytes([3; 32])).unwrap();
+        let big = AccountAction::CreateAccount {
+            account: key(10),
+            mailbox: Hex32([0xa0; 32]),
+            quota: 10_000,
+        };
+        apply(&mut m, &a, &hosted, body(1, big), at(0)).unwrap();
+        let id = shoal_subnet::usage_id(&a.subnet(), &key(10));
+        let items = |r: &UsageReport| r.accounts.iter().find(|u| u.id == id).unwrap().items;
+        assert_eq!(items(&usage(&mut m, &a, &hosted, 2, at(1))), 0);
+        for _ in 0..5 {
+            m.deliver(&[0xa0; 32], [1; 16], &[0; SPHINX_PAYLOAD_SIZE], at(2));
+        }
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        // Asked again a minute later: refused, nothing learnt.
+        let again = a
+            .issue_command(body(3, AccountAction::AccountUsage))
+            .unwrap()
+            .to_bytes();
+        let refused = m
+            .apply_admin(check_command(&again, &hosted).unwrap(), &GW, at(61))
+            .unwrap_err();
+        assert_eq!(refused.0, AdminRefusal::Rejected);
+        // Once allowed again, five items of a 10,000 quota still read as none...
+        let later = at(1 + USAGE_MIN_INTERVAL.as_secs());
+        let report = usage(&mut m, &a, &hosted, 4, later);
+        assert_eq!(items(&report), 0);
+        assert_eq!(report.accounts[0].bytes, 0);
+        // ...while a mailbox an eighth full shows it, in whole steps.
+        let step = 10_000 / USAGE_STEPS as usize;
+        for _ in 0..step + 3 {
+            m.deliver(&[0xa0; 32], [1; 16], &[0; SPHINX_PAYLOAD_SIZE], later);
+        }
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        let much_later = later + USAGE_MIN_INTERVAL;
+        assert_eq!(
+            items(&usage(&mut m, &a, &hosted, 5, much_later)),
+            step as u32
+        );
+        // A tiny quota does not buy item-exact counts: steps are never below
+        // USAGE_MIN_STEP items.
+        let tiny = AccountAction::CreateAccount {
+            account: key(11),
+            mailbox: Hex32([0xa1; 32]),
+            quota: 8,
+        };
+        let unix = much_later.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let create_tiny = CommandBody {
+            expires_at: unix + 600,
+            ..body(6, tiny)
+        };
+        apply(&mut m, &a, &hosted, create_tiny, much_later).unwrap();
+        for _ in 0..5 {
+            m.deliver(&[0xa1; 32], [2; 16], &[0; SPHINX_PAYLOAD_SIZE], much_later);
+        }
+        while let Some(b) = m.poll_write() {
+            let _ = m.on_committed(Committed::dangerously_assume_durable(&b));
+        }
+        let id11 = shoal_subnet::usage_id(&a.subnet(), &key(11));
+        let report = usage(&mut m, &a, &hosted, 7, much_later + USAGE_MIN_INTERVAL);
+        let row = report.accounts.iter().find(|u| u.id == id11).unwrap();
+        assert_eq!((row.items, row.bytes), (0, 0), "5 items of a quota of 8");
+    }
+
+    /// Usage in whole steps (here 64 items: a quota of 512) goes up when mail is
+    /// stored and down after pull and ack; each subnet sees its own accounts only.
     #[test]
     fn usage_goes_up_when_mail_is_stored_and_down_after_pull_and_ack() {
+        use crate::mailbox::USAGE_MIN_STEP;
         let a = SubnetAdmin::from_secret([1; 32]);
         let b = SubnetAdmin::from_secret([2; 32]);
         let hosted = [a.subnet(), b.subnet()];
         let mut m = Mailbox::new(cfg(), Salt::from_bytes([3; 32])).unwrap();
+        let create = |account, mailbox| AccountAction::CreateAccount {
+            account: key(account),
+            mailbox: Hex32([mailbox; 32]),
+            quota: 8 * USAGE_MIN_STEP,
+        };
         apply(&mut m, &a, &hosted, body(1, create(10, 0xa0)), at(0)).unwrap();
         apply(&mut m, &a, &hosted, body(2, create(11, 0xa1)), at(0)).unwrap();
         apply(&mut m, &b, &hosted, body(1, create(12, 0xb0)), at(0)).unwrap();
@@ -399,19 +447,43 @@ pub(crate) mod tests {
                 row(&empty, id10).bytes,
                 row(&empty, id10).quota
             ),
-            (0, 0, 10)
+            (0, 0, 8 * USAGE_MIN_STEP)
         );
 
-        for mb in [0xa0, 0xa0, 0xa0, 0xa1, 0xb0, 0xee] {
-            m.deliver(&[mb; 32], [mb; 16], &[0; SPHINX_PAYLOAD_SIZE], at(2));
+        let step = USAGE_MIN_STEP as usize;
+        for (mb, n) in [(0xa0, 2 * step + 1), (0xa1, step), (0xb0, step), (0xee, 1)] {
+            for i in 0..n {
+                let tag = [
+                    mb,
+                    (i % 256) as u8,
+                    (i / 256) as u8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ];
+                m.deliver(&[mb; 32], tag, &[0; SPHINX_PAYLOAD_SIZE], at(2));
+            }
         }
         while let Some(batch) = m.poll_write() {
             let _ = m.on_committed(Committed::dangerously_assume_durable(&batch));
         }
-        let full = usage(&mut m, &a, &hosted, 4, at(3));
-        assert_eq!(row(&full, id10).items, 3);
-        assert_eq!(row(&full, id10).bytes, 3 * SPHINX_PAYLOAD_SIZE as u64);
-        assert_eq!(row(&full, id11).items, 1);
+        let full = usage(&mut m, &a, &hosted, 4, at(1000));
+        assert_eq!(row(&full, id10).items, 2 * USAGE_MIN_STEP);
+        assert_eq!(
+            row(&full, id10).bytes,
+            2 * u64::from(USAGE_MIN_STEP) * SPHINX_PAYLOAD_SIZE as u64
+        );
+        assert_eq!(row(&full, id11).items, USAGE_MIN_STEP);
         // B sees its own account only, under its own id.
         let of_b = usage(&mut m, &b, &hosted, 2, at(3));
         assert_eq!(of_b.total_accounts, 1);
@@ -419,9 +491,9 @@ pub(crate) mod tests {
             of_b.accounts[0].id,
             shoal_subnet::usage_id(&b.subnet(), &key(12))
         );
-        assert_eq!(of_b.accounts[0].items, 1);
+        assert_eq!(of_b.accounts[0].items, USAGE_MIN_STEP);
 
-        // Pull and ack two of the three: usage goes down by exactly those.
+        // Pull and ack two: 2 steps + 1 becomes 2 steps - 1, one step down.
         let plan = m.pull(&key(10).0, at(4)).unwrap();
         let ids: Vec<u64> = plan
             .items()
@@ -437,27 +509,30 @@ pub(crate) mod tests {
         while let Some(batch) = m.poll_write() {
             let _ = m.on_committed(Committed::dangerously_assume_durable(&batch));
         }
-        let after = usage(&mut m, &a, &hosted, 5, at(5));
-        assert_eq!(row(&after, id10).items, 1);
-        assert_eq!(row(&after, id10).bytes, SPHINX_PAYLOAD_SIZE as u64);
-        assert_eq!(row(&after, id11).items, 1);
+        let after = usage(&mut m, &a, &hosted, 5, at(2000));
+        assert_eq!(row(&after, id10).items, USAGE_MIN_STEP);
+        assert_eq!(
+            row(&after, id10).bytes,
+            u64::from(USAGE_MIN_STEP) * SPHINX_PAYLOAD_SIZE as u64
+        );
+        assert_eq!(row(&after, id11).items, USAGE_MIN_STEP);
 
         // A usage query is a command like the others: a replay is refused.
         let replay = a
-            .issue_command(body(5, AccountAction::AccountUsage))
+            .issue_command(CommandBody {
+                expires_at: NOW + 2600,
+                ..body(5, AccountAction::AccountUsage)
+            })
             .unwrap()
             .to_bytes();
         assert_eq!(
-            m.apply_admin(check_command(&replay, &hosted).unwrap(), &GW, at(5))
+            m.apply_admin(check_command(&replay, &hosted).unwrap(), &GW, at(2000))
                 .unwrap_err()
                 .0,
             AdminRefusal::Replayed
         );
     }
 
-    /// Hole 6: a gateway's store keeps only what it enforces of a policy (version, TTL
-    /// bound, revoked keys): whoever holds its database learns no federation partner,
-    /// role or rule, and the enforcement survives a restart.
     #[test]
     fn rogue_gateway_store_keeps_no_federation_partners() {
         let dir = tempfile::tempdir().unwrap();
@@ -465,25 +540,22 @@ pub(crate) mod tests {
         let a = SubnetAdmin::from_secret([1; 32]);
         let partner = SubnetAdmin::from_secret([0x77; 32]).subnet();
         let hosted = [a.subnet()];
-        let signed = policy(&a, 1, 60, vec![key(11)]);
-        let envelope: serde_json::Value = serde_json::from_str(&signed).unwrap();
-        let mut pb: PolicyBody = serde_json::from_str(envelope["body"].as_str().unwrap()).unwrap();
+        let mut pb = policy_body(&a, 1, 60).body().clone();
         pb.federation.push(shoal_subnet::Federation {
             subnet: partner,
             local_roles: vec!["staff".into()],
             remote_roles: vec!["staff".into()],
         });
         pb.roles.push("secretrole".into());
-        let p1 = String::from_utf8(a.issue_policy(pb).unwrap().to_bytes()).unwrap();
+        // A member identity key the policy revokes, whose account's link key is key(11).
+        pb.revoked_keys.push(Hex32([0x1d; 32]));
+        let full = Policy::verify(&a.issue_policy(pb).unwrap().to_bytes(), &a.subnet()).unwrap();
+        let p1 = AccountAction::publish_policy(&full, vec![key(11)]);
         {
             let (store, rec) =
                 Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
             let mut m = Mailbox::restore(cfg(), rec).unwrap();
-            for (seq, action) in [
-                (1, create(10, 0xa0)),
-                (2, create(11, 0xa1)),
-                (3, AccountAction::PublishPolicy { policy: p1 }),
-            ] {
+            for (seq, action) in [(1, create(10, 0xa0)), (2, create(11, 0xa1)), (3, p1)] {
                 let c = a.issue_command(body(seq, action)).unwrap().to_bytes();
                 m.apply_admin(check_command(&c, &hosted).unwrap(), &GW, at(0))
                     .unwrap();
@@ -498,18 +570,14 @@ pub(crate) mod tests {
         assert!(!has(&partner.0), "partner's id, raw");
         assert!(!has(hex::encode(partner.0).as_bytes()), "partner's id, hex");
         assert!(!has(b"secretrole"), "roles");
+        assert!(!has(&[0x1d; 32]), "revoked member identity key");
         let (_store, rec) = Store::open(&path, &StoreConfig::default(), &mut rand::rng()).unwrap();
         let mut m = Mailbox::restore(cfg(), rec).unwrap();
         assert_eq!(m.policy_version(&a.subnet()), Some(1));
         assert!(m.is_account(&key(10).0));
         assert!(!m.is_account(&key(11).0), "the revocation is kept");
         let old = a
-            .issue_command(body(
-                4,
-                AccountAction::PublishPolicy {
-                    policy: policy(&a, 1, 60, vec![]),
-                },
-            ))
+            .issue_command(body(4, policy(&a, 1, 60, vec![])))
             .unwrap()
             .to_bytes();
         assert!(
@@ -536,10 +604,7 @@ pub(crate) mod tests {
             let mut m = Mailbox::restore(cfg(), rec).unwrap();
             m.apply_admin(check_command(&create1, &hosted).unwrap(), &GW, at(0))
                 .unwrap();
-            let pub1 = a
-                .issue_command(body(8, AccountAction::PublishPolicy { policy: p1.clone() }))
-                .unwrap()
-                .to_bytes();
+            let pub1 = a.issue_command(body(8, p1.clone())).unwrap().to_bytes();
             m.apply_admin(check_command(&pub1, &hosted).unwrap(), &GW, at(0))
                 .unwrap();
             while let Some(b) = m.poll_write() {

@@ -848,14 +848,7 @@ async fn admin_commands_through_the_endpoint() {
     let mut alice_c = TestClient::connect(&alice, &gw).await;
     assert!(alice_c.pull().await.is_empty());
     let policy = crate::remote_admin::tests::policy(&a, 1, 60, vec![Hex32(node_key(&alice))]);
-    send(
-        &gw,
-        packets(
-            &mut net,
-            request(&a, body(12, AccountAction::PublishPolicy { policy })),
-        ),
-    )
-    .await;
+    send(&gw, packets(&mut net, request(&a, body(12, policy)))).await;
     within("revoked link closes", alice_c.link.connection().closed()).await;
     let mut again = TestClient::connect(&alice, &gw).await;
     assert!(matches!(

@@ -105,6 +105,17 @@ pub async fn serve<H>(listener: TcpListener, handler: H)
 where
     H: Fn(Request) -> Response + Send + Sync + 'static,
 {
+    serve_admitting(listener, |_| true, handler).await
+}
+
+/// [`serve`], asking `admit` about each connection's source address as soon as it is
+/// accepted: a refused source gets `429 Too Many Requests` before a byte of its request
+/// is read, so a flood costs the server an accept and a short write, not a body.
+pub async fn serve_admitting<A, H>(listener: TcpListener, admit: A, handler: H)
+where
+    A: Fn(std::net::IpAddr) -> bool + Send + Sync + 'static,
+    H: Fn(Request) -> Response + Send + Sync + 'static,
+{
     let handler = Arc::new(handler);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -122,10 +133,10 @@ where
             continue;
         };
         let handler = handler.clone();
+        let admitted = admit(peer.ip());
         tokio::spawn(async move {
-            match tokio::time::timeout(TIMEOUT, handle_connection(stream, peer.ip(), &*handler))
-                .await
-            {
+            let exchange = handle_connection(stream, peer.ip(), admitted, &*handler);
+            match tokio::time::timeout(TIMEOUT, exchange).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => trace!(%peer, error = %e, "HTTP connection failed"),
                 Err(_) => trace!(%peer, "HTTP connection timed out"),
@@ -146,12 +157,18 @@ enum Refusal {
 async fn handle_connection<H>(
     mut stream: TcpStream,
     peer: std::net::IpAddr,
+    admitted: bool,
     handler: &H,
 ) -> std::io::Result<()>
 where
     H: Fn(Request) -> Response,
 {
-    let response = match read_request(&mut stream).await {
+    let request = if admitted {
+        read_request(&mut stream).await
+    } else {
+        Err(Refusal::Status(429))
+    };
+    let response = match request {
         Ok(mut request) => {
             request.peer = Some(peer);
             handler(request)
@@ -168,7 +185,20 @@ where
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(&response.body).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    if !admitted {
+        // Closing with the request unread would reset the connection and could take the
+        // 429 with it; read (and drop) what a small request sends, never a flood's body.
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_HEADER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn read_request(stream: &mut TcpStream) -> Result<Request, Refusal> {
@@ -422,6 +452,37 @@ mod tests {
         let body: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         assert_eq!(post(addr, "/echo", &body).await.unwrap(), (200, body));
         assert_eq!(post(addr, "/echo", b"").await.unwrap(), (200, vec![]));
+    }
+
+    /// A refused source is answered 429 before its request is read: the handler never
+    /// runs, and a client that sends only a head promising a body still gets its answer
+    /// (without the admission check, the server would wait for the body until TIMEOUT).
+    #[tokio::test]
+    async fn refused_source_gets_429_before_its_request_is_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = reached.clone();
+        tokio::spawn(serve_admitting(
+            listener,
+            |_| false,
+            move |_req: Request| {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                Response::text(200, "served\n")
+            },
+        ));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 4000000\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 429 "),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(!reached.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]

@@ -319,6 +319,8 @@ pub struct MixCore {
     stats: Stats,
     next_loop: Option<Instant>,
     loops: Arc<LoopRegistry>,
+    /// The epoch of the wall clock, once the driver has said ([`Self::set_wall_epoch`]).
+    wall_epoch: Option<u64>,
 }
 
 /// Loops a node sent and awaits, shared by all its workers: a loop returns to
@@ -363,7 +365,15 @@ impl MixCore {
             stats: Stats::default(),
             next_loop: None,
             loops,
+            wall_epoch: None,
         }
+    }
+
+    /// The epoch the wall clock is in, read by the driver from the document's schedule:
+    /// loops are keyed with [`Topology::key_epoch_at`] of it, so they keep working with
+    /// the last valid document while its successor is late.
+    pub fn set_wall_epoch(&mut self, epoch: u64) {
+        self.wall_epoch = Some(epoch);
     }
 
     pub fn id(&self) -> NodeId {
@@ -534,7 +544,7 @@ impl MixCore {
         rng: &mut R,
         topo: &Topology,
     ) -> Result<(NodeId, Frame, SurbId), DropReason> {
-        let epoch = topo.epoch();
+        let epoch = topo.key_epoch_at(self.wall_epoch.unwrap_or(topo.epoch()));
         let route = topo
             .loop_route(rng, epoch, &self.me)
             .map_err(|_| DropReason::NoRoute)?;

@@ -194,6 +194,7 @@ impl DirectoryTask {
                 })
                 .collect(),
             published_unix: now,
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         };
         let signed = match descriptor.sign(&self.identity) {
             Ok(s) => s.certified(self.certificate.clone()).to_json(),

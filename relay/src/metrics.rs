@@ -217,6 +217,13 @@ impl Metrics {
             family(&mut out, name, kind, help, samples)
         };
         let c = |v: u64| v as f64;
+        let version = format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+        metric(
+            "shoal_relay_build_info",
+            "gauge",
+            "Always 1; the software's version is its label.",
+            &[(&version, 1.0)],
+        );
         metric(
             "shoal_relay_frames_received_total",
             "counter",

@@ -79,6 +79,7 @@ impl StandIn {
                 })
                 .collect(),
             published_unix: unix_now(),
+            version: None,
         }
         .sign(&self.key)
         .unwrap()

@@ -135,6 +135,10 @@ impl Worker {
             // With no timer set the core may still need its first call (loop schedule
             // after a directory change); it is cheap when there is nothing to do.
             if self.core.poll_timeout().is_none_or(|t| t <= now) {
+                if let Some(t) = &local.topology {
+                    let wall = t.schedule().epoch_at(crate::directory::unix_now());
+                    self.core.set_wall_epoch(wall);
+                }
                 self.core
                     .handle_timeout(now, &mut self.rng, local.topology.as_deref());
             }

@@ -127,9 +127,12 @@ pub enum AdminCommand {
         /// The mailbox address the member's mail arrives for.
         #[arg(long, value_parser = parse_hex32)]
         mailbox: [u8; 32],
-        /// The member's Ed25519 signing key for groups (default: the account key).
+        /// The member's Ed25519 identity key (`identity key:` from `shoal client init`):
+        /// it signs the member's MLS leaf, direct messages and address binding, and the
+        /// credential names it. Never the account key: a gateway sees only that one, and
+        /// must not be able to tie an account to a member.
         #[arg(long, value_parser = parse_hex32)]
-        signing_key: Option<[u8; 32]>,
+        identity_key: [u8; 32],
         /// The member's seal key (`seal key:` from `shoal client init`). Senders never use
         /// it (they seal to the key the member's client signs itself, and the member's
         /// client refuses a credential naming a key that is not its own); the admin's
@@ -155,12 +158,15 @@ pub enum AdminCommand {
         /// The gateway's node link address, printed in the invite for `shoal client init`.
         #[arg(long)]
         gateway_node: Option<SocketAddr>,
-        /// A directory authority as ADDR=HEXKEY (repeatable), written into the invite's
-        /// `shoal client init` line so the user can run it as is.
+        /// The network file from the network's operators: the invite names the network
+        /// by its fingerprint (never its authorities: the user's client takes those from
+        /// the operators' file and refuses an invite for another network).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["authorities", "threshold"], required_unless_present = "authorities")]
+        network: Option<PathBuf>,
+        /// Instead of --network: a directory authority as ADDR=HEXKEY (repeatable).
         #[arg(long = "authority", value_name = "ADDR=HEXKEY")]
         authorities: Vec<AuthorityAddr>,
-        /// Authority signatures a document needs, for the same line (default: the
-        /// client's, a majority).
+        /// With --authority: signatures a document needs (default: a majority).
         #[arg(long, requires = "authorities")]
         threshold: Option<usize>,
         /// Where to write the invite file for the user (default: ./HANDLE.invite).
@@ -405,7 +411,9 @@ struct Member {
     role: String,
     gateway_addr: SocketAddr,
     gateway_key: Hex32,
+    /// The link key: what the gateway knows the account by.
     account_key: Hex32,
+    /// The member's identity key, which the credential names (never sent to a gateway).
     signing_key: Hex32,
     mailbox: Hex32,
     /// The configured mailbox quota (absent in records written before it was kept).
@@ -581,12 +589,12 @@ impl Subnet {
 
     /// Asks gateways for the usage of this subnet's accounts there (a signed,
     /// read-only command each, all queued at once: different gateways keep their own
-    /// sequence), and waits up to `wait` for the reports.
+    /// sequence), and waits up to `wait` for the answers (a report, or a refusal).
     async fn usage(
         &self,
         gateways: &[[u8; 32]],
         wait: Duration,
-    ) -> anyhow::Result<Vec<anyhow::Result<UsageReport>>> {
+    ) -> anyhow::Result<Vec<anyhow::Result<AnswerBody>>> {
         let mut sent = Vec::new();
         for key in gateways {
             sent.push(self.queue(*key, AccountAction::AccountUsage)?);
@@ -595,11 +603,7 @@ impl Subnet {
         let mut out = Vec::new();
         for (key, sequence) in gateways.iter().zip(sent) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            out.push(
-                self.answer(*key, sequence, left)
-                    .await
-                    .and_then(|a| usage_of(&a)),
-            );
+            out.push(self.answer(*key, sequence, left).await);
         }
         Ok(out)
     }
@@ -763,7 +767,12 @@ impl Subnet {
         if members.join(format!("{}.json", e.handle)).exists() {
             bail!("{:?} is already enrolled; de-provision it first", e.handle);
         }
-        let signing_key = Hex32(e.signing_key.unwrap_or(e.account_key));
+        if e.identity_key == e.account_key {
+            bail!(
+                "the identity key is the account key: a gateway would see the key that signs the member's messages; give the `identity key:` line of `shoal client init`"
+            );
+        }
+        let signing_key = Hex32(e.identity_key);
         let now = unix_now();
         let not_after = now + e.valid_days * 24 * 3600;
         let credential = self.admin.issue_credential(CredentialBody {
@@ -825,7 +834,7 @@ impl Subnet {
 
     /// Publishes `new` (replacing `old`): to every member through the mixnet, and to
     /// every gateway hosting an enrolled member if what gateways enforce changed (or
-    /// `gateways` is `Always`). Gateways are told first, so a de-provisioned account is
+    /// `gateways` is `Revoking`). Gateways are told first, so a de-provisioned account is
     /// cut there before members hear of it.
     async fn publish(
         &self,
@@ -834,34 +843,54 @@ impl Subnet {
         gateways: ToGateways,
     ) -> anyhow::Result<Published> {
         let enforced = |p: &Policy| (p.body().ttl_max_secs, p.body().revoked_keys.clone());
-        let tell_gateways =
-            matches!(gateways, ToGateways::Always) || enforced(old) != enforced(new);
+        let revoking = match gateways {
+            ToGateways::Revoking(account) => Some(account),
+            ToGateways::IfEnforcedChanged => None,
+        };
+        let tell_gateways = revoking.is_some() || enforced(old) != enforced(new);
         let mut published = Published::default();
         if tell_gateways {
-            published.gateways = Some(self.publish_to_gateways(new).await?);
+            let mut revoked = self.revoked_accounts()?;
+            revoked.extend(revoking);
+            published.gateways = Some(self.publish_to_gateways(new, revoked).await?);
         }
         self.publish_to_members(new, &mut published)?;
         Ok(published)
     }
 
-    /// Gives `policy` to every gateway hosting an enrolled member (they bound mailbox
-    /// TTLs by it and cut revoked accounts).
-    async fn publish_to_gateways(&self, policy: &Policy) -> anyhow::Result<usize> {
+    /// The link keys of de-provisioned members' accounts (from their kept records).
+    fn revoked_accounts(&self) -> anyhow::Result<Vec<Hex32>> {
+        let mut keys = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.join(MEMBERS_DIR)) else {
+            return Ok(keys);
+        };
+        for e in entries {
+            let path = e?.path();
+            if path.to_string_lossy().ends_with(".json.revoked") {
+                keys.push(read_json::<Member>(&path)?.account_key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Tells every gateway hosting an enrolled member what it enforces of `policy`
+    /// (they bound mailbox TTLs by it) and which account link keys to refuse. Never the
+    /// policy itself: its roles, federation and revoked member identity keys stay
+    /// between the admin and the members.
+    async fn publish_to_gateways(
+        &self,
+        policy: &Policy,
+        revoked_accounts: Vec<Hex32>,
+    ) -> anyhow::Result<usize> {
         let gateways: BTreeSet<(SocketAddr, [u8; 32])> = self
             .members()?
             .iter()
             .map(|m| (m.gateway_addr, m.gateway_key.0))
             .collect();
-        let text = String::from_utf8(policy.signed().to_bytes())?;
+        let action = AccountAction::publish_policy(policy, revoked_accounts);
         for (addr, key) in &gateways {
-            self.send(
-                *addr,
-                *key,
-                AccountAction::PublishPolicy {
-                    policy: text.clone(),
-                },
-            )
-            .await?;
+            self.send(*addr, *key, action.clone()).await?;
         }
         Ok(gateways.len())
     }
@@ -912,7 +941,8 @@ impl Subnet {
 enum ToGateways {
     /// Only if what they enforce changed.
     IfEnforcedChanged,
-    Always,
+    /// Always, adding this de-provisioned account's link key to those refused.
+    Revoking(Hex32),
 }
 
 /// Where a policy version went.
@@ -979,7 +1009,8 @@ struct Enrolment {
     role: String,
     account_key: [u8; 32],
     mailbox: [u8; 32],
-    signing_key: Option<[u8; 32]>,
+    /// The member's identity key (the credential's `signing_key`).
+    identity_key: [u8; 32],
     seal_key: Option<[u8; 32]>,
     quota: u32,
     valid_days: u64,
@@ -1095,7 +1126,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             role,
             account_key,
             mailbox,
-            signing_key,
+            identity_key,
             seal_key,
             quota,
             valid_days,
@@ -1109,7 +1140,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     role,
                     account_key,
                     mailbox,
-                    signing_key,
+                    identity_key,
                     seal_key: Some(seal_key),
                     quota,
                     valid_days,
@@ -1124,6 +1155,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             handle,
             role,
             gateway_node,
+            network,
             authorities,
             threshold,
             out,
@@ -1132,6 +1164,10 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             valid_days,
         } => {
             let s = Subnet::open(&gateway.dir)?;
+            let network = match network {
+                Some(path) => crate::network_file::Network::load(&path)?,
+                None => crate::network_file::Network::from_flags(authorities, threshold)?,
+            };
             check_handle(&handle)?;
             if !s.policy()?.body().roles.contains(&role) {
                 bail!("role {role:?} is not in the policy");
@@ -1172,22 +1208,14 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             )?;
             let node =
                 gateway_node.map_or_else(|| "<GATEWAY_NODE_ADDR>".to_owned(), |a| a.to_string());
-            let directory = if authorities.is_empty() {
-                " --authority <ADDR=HEXKEY>".to_owned()
-            } else {
-                let mut d: String = (authorities.iter())
-                    .map(|a| format!(" --authority {}={}", a.addr, hex::encode(a.key)))
-                    .collect();
-                if let Some(t) = threshold {
-                    d.push_str(&format!(" --threshold {t}"));
-                }
-                d
-            };
             let text = format!(
                 "# Shoal invite: one use, expires at {expires_human} (unix time {expires_at}).\n\
-                 # 1. Run (one --authority per directory authority):\n\
-                 #    shoal client init --dir <YOUR_DIR> --gateway {node}={gw_key} --gateway-client-addr {gw}{directory}\n\
+                 # 1. Get the network file from the network's operators (not from your admin) and\n\
+                 #    check its fingerprint with them: it should read {fingerprint}. Then run:\n\
+                 #    shoal client init --dir <YOUR_DIR> --network <NETWORK_FILE> --invite <THIS_FILE> --gateway {node}={gw_key} --gateway-client-addr {gw}\n\
+                 #    (it refuses this invite if it is for another network than your network file's).\n\
                  # 2. Append that command's output to this file and give the file back to your admin.\n\
+                 network: {fingerprint}\n\
                  subnet: {subnet}\n\
                  handle: {handle}\n\
                  role: {role}\n\
@@ -1199,6 +1227,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 subnet = hex::encode(s.id().0),
                 code = hex::encode(code),
                 expires_human = human_time(expires_at),
+                fingerprint = network.fingerprint(),
             );
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{handle}.invite")));
             write_file(&out, text.as_bytes())?;
@@ -1232,6 +1261,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 );
             }
             let account_key = field_hex32(&text, "account key")?;
+            let identity_key = field_hex32(&text, "identity key")?;
             let card = field(&text, "contact card")
                 .context("the redeem file has no \"contact card\" line")?;
             let card =
@@ -1252,7 +1282,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     role: invite.role.clone(),
                     account_key,
                     mailbox: card.contact.mailbox,
-                    signing_key: None,
+                    identity_key,
                     seal_key: Some(card.contact.public_key),
                     quota: invite.quota,
                     valid_days: invite.valid_days,
@@ -1295,14 +1325,15 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             .await?;
             let cut = started.elapsed();
             let mut body = s.policy()?.body().clone();
-            for k in [m.signing_key, m.account_key] {
-                if !body.revoked_keys.contains(&k) {
-                    body.revoked_keys.push(k);
-                }
+            // Members learn the identity key only; gateways the link key only.
+            if !body.revoked_keys.contains(&m.signing_key) {
+                body.revoked_keys.push(m.signing_key);
             }
             let (old, new) = s.next_policy(body)?;
             // Publish while the member's record still names its gateway; forget it after.
-            let published = s.publish(&old, &new, ToGateways::Always).await?;
+            let published = s
+                .publish(&old, &new, ToGateways::Revoking(m.account_key))
+                .await?;
             s.save_policy(&new)?;
             let members = dir.join(MEMBERS_DIR);
             // Kept (outside *.json) so `list` still shows the account as de-provisioned.
@@ -1679,6 +1710,15 @@ enum Use {
     /// The gateway answered but does not have this account.
     Missing,
     Unreachable,
+    /// The gateway refused to answer (asked again within its interval).
+    Refused,
+}
+
+/// What one gateway said to the usage query.
+enum Asked {
+    Report(UsageReport),
+    Refused,
+    Unreachable,
 }
 
 /// The account table: configuration the admin holds and, unless `offline`, each
@@ -1714,16 +1754,37 @@ async fn list(s: &Subnet, wait: Option<Duration>) -> anyhow::Result<String> {
     let mut notes = Vec::new();
     if !offline && !gateways.is_empty() {
         let keys: Vec<[u8; 32]> = gateways.iter().map(|(_, k)| *k).collect();
-        match s.usage(&keys, wait.unwrap_or(USAGE_TIMEOUT)).await {
-            Ok(got) => {
-                for ((addr, _), report) in gateways.iter().zip(got) {
-                    if let Err(e) = &report {
-                        notes.push(format!("gateway {addr} unreachable: {e:#}"));
-                    }
-                    reports.insert(*addr, report.ok());
-                }
+        let answers = match s.usage(&keys, wait.unwrap_or(USAGE_TIMEOUT)).await {
+            Ok(got) => got,
+            Err(e) => {
+                notes.push(format!("gateways not asked: {e:#}"));
+                Vec::new()
             }
-            Err(e) => notes.push(format!("gateways not asked: {e:#}")),
+        };
+        for ((addr, _), answer) in gateways.iter().zip(answers) {
+            let report = match answer {
+                Err(e) => {
+                    notes.push(format!("gateway {addr} unreachable: {e:#}"));
+                    Asked::Unreachable
+                }
+                // Gateways answer once per 15 minutes per subnet.
+                Ok(a) if a.refusal.is_some() => {
+                    notes.push(format!(
+                        "gateway {addr} refused the usage query (a gateway answers it once per 15 minutes): ({}) {}",
+                        a.refusal.as_deref().unwrap_or("?"),
+                        a.message
+                    ));
+                    Asked::Refused
+                }
+                Ok(a) => match usage_of(&a) {
+                    Ok(r) => Asked::Report(r),
+                    Err(e) => {
+                        notes.push(format!("gateway {addr} unreachable: {e:#}"));
+                        Asked::Unreachable
+                    }
+                },
+            };
+            reports.insert(*addr, report);
         }
     }
     let mut known = BTreeSet::new();
@@ -1733,8 +1794,9 @@ async fn list(s: &Subnet, wait: Option<Duration>) -> anyhow::Result<String> {
         }
         match reports.get(&m.gateway_addr) {
             None => Use::NotAsked,
-            Some(None) => Use::Unreachable,
-            Some(Some(report)) => {
+            Some(Asked::Unreachable) => Use::Unreachable,
+            Some(Asked::Refused) => Use::Refused,
+            Some(Asked::Report(report)) => {
                 let id = usage_id(&s.id(), &m.account_key);
                 known.insert(id);
                 match report.accounts.iter().find(|u| u.id == id) {
@@ -1779,6 +1841,7 @@ async fn list(s: &Subnet, wait: Option<Duration>) -> anyhow::Result<String> {
                 "unreachable".into(),
                 "-".into(),
             ),
+            Use::Refused => (opt(m.quota.map(u64::from)), "refused".into(), "-".into()),
         };
         out.push_str(&line(
             &m.handle,
@@ -1811,7 +1874,9 @@ async fn list(s: &Subnet, wait: Option<Duration>) -> anyhow::Result<String> {
         ));
     }
     for (addr, report) in &reports {
-        let Some(report) = report else { continue };
+        let Asked::Report(report) = report else {
+            continue;
+        };
         let unknown = report
             .accounts
             .iter()

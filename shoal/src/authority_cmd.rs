@@ -71,6 +71,18 @@ pub enum AuthorityCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write the network file clients trust: every authority's address and key and the
+    /// threshold, with its fingerprint. Publish it (and the fingerprint) for the
+    /// network's users; `shoal client init --network FILE` reads it, and a subnet
+    /// admin's invite cannot replace it.
+    NetworkFile {
+        /// Path of authority.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write it (default: print it).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +159,7 @@ pub fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
         }
         AuthorityCommand::Keys(KeysCommand::Rotate { config, force }) => rotate(&config, force),
         AuthorityCommand::Status { addr, json } => status(addr, json),
+        AuthorityCommand::NetworkFile { config, out } => network_file(&config, out.as_deref()),
         AuthorityCommand::Operator(cmd) => operator(cmd),
     }
 }
@@ -293,9 +306,10 @@ fn status(addr: SocketAddr, json: bool) -> anyhow::Result<()> {
                 shoal_topology::Role::Gateway => "gateway",
             };
             println!(
-                "  {role:<7} {} {:<21} {why}",
+                "  {role:<7} {} {:<21} {:<8} {why}",
                 hex::encode(n.identity.0),
-                n.link_addr
+                n.link_addr,
+                n.version.as_deref().unwrap_or("-")
             );
         }
     }
@@ -514,5 +528,34 @@ fn rotate(config_path: &Path, force: bool) -> anyhow::Result<()> {
                 .to_owned()
         }
     );
+    Ok(())
+}
+
+/// `shoal authority network-file`: the trust root clients take from the operators.
+fn network_file(config: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let c = authority_config::load(config)?;
+    let own = shoal_topology::AuthorityAddr {
+        addr: c.listen,
+        key: c.key.verifying_key().to_bytes(),
+    };
+    let mut authorities = vec![own];
+    authorities.extend(c.peers.iter().map(|p| shoal_topology::AuthorityAddr {
+        addr: p.addr,
+        key: p.key,
+    }));
+    let network = crate::network_file::Network::from_flags(
+        authorities,
+        Some(c.authority.authorities.threshold),
+    )?;
+    let text = network.render();
+    match out {
+        Some(path) => {
+            std::fs::write(path, &text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("network file written: {}", path.display());
+            println!("network: {}", network.fingerprint());
+        }
+        None => print!("{text}"),
+    }
     Ok(())
 }

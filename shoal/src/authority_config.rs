@@ -72,7 +72,7 @@ pub struct RawConfig {
     pub limits: RawLimits,
 }
 
-/// `[limits]`: what one source address may ask of the API.
+/// `[limits]`: what one source network (an IPv4 /24 or IPv6 /64) may ask of the API.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
@@ -117,7 +117,7 @@ pub struct AuthorityFileConfig {
     pub authority: AuthorityConfig,
     /// Where the admitted operators are (re-read while running).
     pub operators_path: PathBuf,
-    /// Requests per second one source address may sustain, and its burst.
+    /// Requests per second one source network (/24 or /64) may sustain, and its burst.
     pub rate_per_source: f64,
     pub burst_per_source: f64,
 }

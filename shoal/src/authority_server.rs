@@ -32,8 +32,9 @@ pub const MAX_REQUEST_BYTES: usize = shoal_topology::MAX_DESCRIPTOR_BYTES;
 /// Sources whose request rate is tracked; beyond it the idlest are forgotten.
 pub const MAX_SOURCES: usize = 4096;
 
-/// Per-source request rate limits (a token bucket per IP address), with a bounded
-/// table. Pure: time comes in as an argument.
+/// Per-source request rate limits, with a bounded table. Pure: time comes in as an
+/// argument. A source is a network, not an address: an IPv4 /24 or an IPv6 /64, since
+/// whoever holds one address of those usually holds them all.
 #[derive(Debug)]
 pub struct Limits {
     /// Requests per second a source may sustain.
@@ -57,7 +58,9 @@ impl Limits {
 
     /// Whether `source` may make a request at `now_ms`.
     pub fn allow(&mut self, source: Option<std::net::IpAddr>, now_ms: u64) -> bool {
-        let Some(source) = source else { return true };
+        let Some(source) = source.map(source_network) else {
+            return true;
+        };
         if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_SOURCES {
             // Forget the sources with the fullest buckets (the idlest): a full bucket
             // is what a forgotten source starts with anyway.
@@ -88,6 +91,15 @@ impl Limits {
 
     pub fn sources(&self) -> usize {
         self.buckets.len()
+    }
+}
+
+/// The network a request's address is counted under: its /24 (IPv4) or /64 (IPv6).
+pub fn source_network(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from_bits(v4.to_bits() & !0xff)),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
     }
 }
 
@@ -145,14 +157,16 @@ pub async fn run(cfg: AuthorityFileConfig) -> anyhow::Result<()> {
     );
 
     let handler_state = state.clone();
-    let server = tokio::spawn(http::serve(listener, move |req| {
-        let mut state = lock(&handler_state);
-        let State { auth, limits } = &mut *state;
-        if !limits.allow(req.peer, now_ms()) {
-            return Response::text(429, "too many requests from this address\n");
-        }
-        respond(auth, limits, &network, &req, now_unix())
-    }));
+    let admit_state = state.clone();
+    let server = tokio::spawn(http::serve_admitting(
+        listener,
+        move |peer| lock(&admit_state).limits.allow(Some(peer), now_ms()),
+        move |req| {
+            let mut state = lock(&handler_state);
+            let State { auth, limits } = &mut *state;
+            respond(auth, limits, &network, &req, now_unix())
+        },
+    ));
 
     let sync = async {
         let mut sync = Sync::new(cfg.peers.clone(), started, cfg.operators_path.clone());
@@ -505,6 +519,20 @@ mod tests {
             .count();
         assert_eq!(allowed, 10);
         assert_eq!(limits.limited, 980 + 990);
+        // A flooder that rotates its address inside its /24, or its IPv6 /64, is still
+        // one source.
+        let mut limits = Limits::new(10.0, 20.0);
+        let v4 = (0..=255u8)
+            .filter(|&i| limits.allow(Some([192, 0, 2, i].into()), 8_000))
+            .count();
+        let v6 = (0..1000u128)
+            .filter(|&i| {
+                let ip = std::net::Ipv6Addr::from_bits(0x2001_0db8_0000_0001 << 64 | i * 7919);
+                limits.allow(Some(ip.into()), 8_000)
+            })
+            .count();
+        assert_eq!((v4, v6), (20, 20));
+        assert!(limits.allow(Some([192, 0, 3, 1].into()), 8_000));
         // 10^5 distinct sources: the table never grows past its bound.
         for i in 0..100_000u32 {
             let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));

@@ -51,7 +51,8 @@ const DEFAULT_COMMIT_SETTLE_SECS: u64 = 30;
 
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
-    /// Create an identity (account key, X25519 key, mailbox address) and DIR/client.toml.
+    /// Create an identity (account key for the gateway link, identity key for the
+    /// subnet, X25519 seal key, mailbox address) and DIR/client.toml.
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -61,12 +62,22 @@ pub enum ClientCommand {
         /// The gateway's client endpoint.
         #[arg(long)]
         gateway_client_addr: SocketAddr,
-        /// A directory authority as ADDR=HEXKEY (repeatable).
-        #[arg(long = "authority", value_name = "ADDR=HEXKEY", required = true)]
+        /// The network's trust root: the network file its operators publish (the
+        /// directory authorities and how many must sign). Check the fingerprint this
+        /// prints with them.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["authorities", "threshold"], required_unless_present = "authorities")]
+        network: Option<PathBuf>,
+        /// Instead of --network: a directory authority as ADDR=HEXKEY (repeatable), as
+        /// the network's operators announce them.
+        #[arg(long = "authority", value_name = "ADDR=HEXKEY")]
         authorities: Vec<AuthorityAddr>,
-        /// Authority signatures a document needs (default: a majority).
+        /// With --authority: signatures a document needs (default: a majority).
         #[arg(long)]
         threshold: Option<usize>,
+        /// Your admin's invite file: refused if it is for another network than the one
+        /// you trust (an admin cannot choose your directory authorities).
+        #[arg(long, value_name = "FILE")]
+        invite: Option<PathBuf>,
         /// The name your contact card carries.
         #[arg(long, default_value = "me")]
         name: String,
@@ -391,7 +402,10 @@ pub fn load_identity(store: &ClientStore) -> anyhow::Result<(Identity, SigningKe
 /// What a fresh client directory's owner gives an admin or a gateway operator.
 #[derive(Debug)]
 pub struct NewClient {
+    /// The link key: all a gateway sees of this client.
     pub account_key: [u8; 32],
+    /// The identity key a credential names (MLS, direct messages, address binding).
+    pub identity_key: [u8; 32],
     pub mailbox: [u8; 32],
     pub seal_key: [u8; 32],
     pub card: String,
@@ -417,18 +431,20 @@ pub fn init_dir(
         bail!("{} already holds a client", dir.display());
     }
     let mut rng = rand::rng();
-    let account = SigningKey::generate(&mut rng);
-    let identity = Identity::generate(&mut rng, gateway_key);
+    // One key per purpose: the link key the gateway knows the account by, the identity
+    // key that signs as the member, and the X25519 seal key.
+    let keys = shoal_client::MemberKeys::generate(&mut rng, gateway_key);
     let store = ClientStore::open(&store_path)?;
-    store.save_identity(&identity)?;
-    store.save_account_key(&account.to_bytes())?;
+    keys.save(&store)?;
+    let identity = &keys.identity;
     let card = ContactCard::new(client_file.name.clone(), identity.contact())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let text = render_config(client_file);
     std::fs::write(&config_path, text)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     Ok(NewClient {
-        account_key: account.verifying_key().to_bytes(),
+        account_key: keys.account_key(),
+        identity_key: keys.identity_key(),
         mailbox: identity.mailbox,
         seal_key: identity.contact().public_key,
         card: card.to_text(),
@@ -656,16 +672,21 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             dir,
             gateway,
             gateway_client_addr,
+            network,
             authorities,
             threshold,
+            invite,
             name,
         } => {
-            let threshold = threshold.unwrap_or(authorities.len() / 2 + 1);
-            if threshold == 0 || threshold > authorities.len() {
-                bail!(
-                    "--threshold {threshold} must be between 1 and the number of --authority ({})",
-                    authorities.len()
-                );
+            let network = match network {
+                Some(path) => crate::network_file::Network::load(&path)?,
+                None => crate::network_file::Network::from_flags(authorities, threshold)?,
+            };
+            if let Some(path) = &invite {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the invite {}", path.display()))?;
+                crate::network_file::check_invite(&text, &network)
+                    .with_context(|| format!("the invite {}", path.display()))?;
             }
             let file = ClientFile {
                 name,
@@ -674,23 +695,31 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     client_addr: gateway_client_addr,
                 },
                 directory: DirectorySection {
-                    authority_keys: authorities.iter().map(|a| hex::encode(a.key)).collect(),
-                    threshold,
+                    authority_keys: (network.authorities.iter())
+                        .map(|a| hex::encode(a.key))
+                        .collect(),
+                    threshold: network.set.threshold,
                 },
                 timing: TimingSection::default(),
                 testing: TestingSection::default(),
             };
             let NewClient {
                 account_key: account,
+                identity_key,
                 mailbox,
                 seal_key,
                 card,
             } = init_dir(&dir, gateway.key, &file)?;
             println!("account key: {}", hex::encode(account));
+            println!("identity key: {}", hex::encode(identity_key));
             println!("mailbox: {}", hex::encode(mailbox));
             println!("seal key: {}", hex::encode(seal_key));
+            println!("network: {}", network.fingerprint());
             println!("contact card: {card}");
             println!("config written: {}", dir.join(CONFIG_FILE).display());
+            println!(
+                "check the network fingerprint with your network's operators (their network file shows it): it names the directory authorities this client trusts"
+            );
             println!(
                 "to enrol in a subnet: give your admin these lines with your invite code \
                  (`shoal admin redeem`); without a subnet, ask the gateway operator to run: \
@@ -703,7 +732,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Contact(ContactCommand::Show { dir }) => {
             let loaded = load_config(&dir.join(CONFIG_FILE))?;
             let store = open_store(&dir)?;
-            let (identity, account) = load_identity(&store)?;
+            let (identity, _) = load_identity(&store)?;
             if store.load_messenger()?.is_some() || dir.join("credential").exists() {
                 // A member's card: the signed member card the chat's `/card` gives.
                 let files = MemberFiles {
@@ -711,7 +740,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     policy: None,
                     commit_settle_secs: 30,
                 };
-                let mut m = open_messenger(&dir, &files, &store, &account, identity.contact())?;
+                let mut m = open_messenger(&dir, &files, &store, identity.contact())?;
                 let card = invite_to_text(&m.invite()?);
                 // The card's one-time key is now part of the state: keep it.
                 store.save_messenger(&m.snapshot()?, &[])?;
@@ -870,8 +899,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                     policy: None,
                     commit_settle_secs: DEFAULT_COMMIT_SETTLE_SECS,
                 };
-                let messenger =
-                    open_messenger(&loaded.dir, &files, &store, &account, identity.contact())?;
+                let messenger = open_messenger(&loaded.dir, &files, &store, identity.contact())?;
                 return run_member(loaded, store, identity, account, messenger);
             }
             let store = Arc::new(store);
@@ -1143,13 +1171,13 @@ fn add_member_card(dir: &Path, store: &ClientStore, name: &str, card: &str) -> a
         );
     }
     // On first use this reads the admin's files in DIR, like the chat.
-    let (identity, account) = load_identity(store)?;
+    let (identity, _) = load_identity(store)?;
     let files = MemberFiles {
         credential: None,
         policy: None,
         commit_settle_secs: 30,
     };
-    let mut m = open_messenger(dir, &files, store, &account, identity.contact())?;
+    let mut m = open_messenger(dir, &files, store, identity.contact())?;
     let pinned = m.confirm_card(&member, unix_ms());
     store.save_messenger(&m.snapshot()?, &[])?;
     let mut file = ChatFile::load(dir)?;
@@ -1213,7 +1241,7 @@ impl Member {
             policy: opts.policy.clone(),
             commit_settle_secs: opts.commit_settle_secs,
         };
-        let messenger = open_messenger(&dir, &files, &store, &account, identity.contact())?;
+        let messenger = open_messenger(&dir, &files, &store, identity.contact())?;
         let file = ChatFile::load(&dir)?;
         Ok(Member {
             dir,

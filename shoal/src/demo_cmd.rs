@@ -1240,14 +1240,14 @@ async fn story_steps(
         .await
         .context("de-provisioning command")?;
     let policy = subnets.policy(A, 2, vec![Hex32(revoked_key)])?;
-    // The gateway keeps the newest policy too (it bounds mailbox TTLs by it).
+    let policy = Policy::verify(&policy.to_bytes(), &subnets.id(A))?;
+    // The gateway is told what it enforces (TTL bound, the revoked account's link key),
+    // never the members' policy or the revoked identity key.
     subnets
         .command(
             A,
             gw,
-            AccountAction::PublishPolicy {
-                policy: String::from_utf8_lossy(&policy.to_bytes()).into_owned(),
-            },
+            AccountAction::publish_policy(&policy, vec![Hex32(managed[revoked].account)]),
             admin_client,
         )
         .await
@@ -1259,7 +1259,6 @@ async fn story_steps(
     for c in managed.iter().filter(|c| c.spec.subnet == A) {
         records.push(c.member()?.with(|m, _| m.credential().clone()).await?);
     }
-    let policy = Policy::verify(&policy.to_bytes(), &subnets.id(A))?;
     let (deliveries, unreachable) = policy_deliveries(&policy, records.iter());
     if !unreachable.is_empty() {
         bail!("members without a seal key in their credential: {unreachable:?}");

@@ -13,6 +13,7 @@ mod client_cmd;
 mod demo_cmd;
 mod gateway_cmd;
 mod human_time;
+mod network_file;
 mod observe_cmd;
 mod operator_cmd;
 mod relay_cmd;

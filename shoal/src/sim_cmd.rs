@@ -98,6 +98,18 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
                 raw.counters.events as f64 / raw.wall_s.max(1e-9) / 1e6,
                 out.display()
             );
+            if !summary.corrupt_relays.is_empty() {
+                let r = &summary.routes;
+                eprintln!(
+                    "shoal sim routes ({} selection, {} hostile operators): {:.4} fully hostile, \
+                     {:.4} with a corrupt relay; by corrupt relays {:?}",
+                    r.selection,
+                    r.hostile_operators,
+                    r.fully_hostile,
+                    r.any_hostile,
+                    r.corrupt_hops
+                );
+            }
             if let Some(report) = attacks::run(&cfg)? {
                 attacks::write_attacks(&out, &report, cfg.output.plots)?;
                 for l in &report.levels {

@@ -62,6 +62,16 @@ fn print(metrics: Option<SocketAddr>, role: &str) -> anyhow::Result<Vec<String>>
     let get = |n: &str| total(&s, n).unwrap_or(0.0);
     let mut problems = Vec::new();
 
+    let version = s
+        .get("shoal_relay_build_info")
+        .and_then(|m| m.keys().next())
+        .and_then(|l| l.strip_prefix("version=\""))
+        .map(|v| v.trim_end_matches('"').to_owned());
+    println!(
+        "version        {} (this command: {})",
+        version.as_deref().unwrap_or("unknown"),
+        env!("CARGO_PKG_VERSION")
+    );
     let epoch = total(&s, "shoal_relay_directory_epoch").unwrap_or(-1.0);
     if epoch < 0.0 {
         problems.push("no valid directory document yet".to_owned());

@@ -124,7 +124,8 @@ pub struct ClientPacket {
     pub route: Vec<NodeId>,
     /// The sampled per-hop delays, one per hop.
     pub delays: Vec<Duration>,
-    /// The key epoch the packet was built for: the epoch of the client's document.
+    /// The key epoch the packet was built for: its document's epoch, or the next one while
+    /// the clock is past it.
     pub key_epoch: u64,
     /// What the exit hop will see next to the payload.
     pub surb_id: SurbId,
@@ -319,10 +320,15 @@ struct Node {
     wake: Option<Duration>,
 }
 
+/// Epochs past the current one a node holds keys for, as the relay's directory task
+/// does: so the document voted ahead of an epoch carries its successor's keys too.
+pub const KEYS_AHEAD: u64 = 2;
+
 impl Node {
-    /// The descriptor a node publishes at the start of `epoch`: keys for it and the next.
+    /// The descriptor a node publishes at the start of `epoch`: keys for it and the
+    /// [`KEYS_AHEAD`] after it, as relays do.
     fn descriptor(&self, epoch: u64, now_unix: u64) -> Result<SignedDescriptor, SimError> {
-        let sphinx_keys = (epoch..=epoch + 1)
+        let sphinx_keys = (epoch..=epoch + KEYS_AHEAD)
             .filter_map(|e| {
                 self.keys.public(e).map(|k| SphinxKeyEntry {
                     epoch: e,
@@ -336,6 +342,7 @@ impl Node {
             link_addr: self.link_addr.clone(),
             sphinx_keys,
             published_unix: now_unix,
+            version: None,
         }
         .sign(&self.identity)
         .map(|d| {
@@ -378,6 +385,11 @@ pub struct Network {
     frames: Vec<FrameRecord>,
     record_arrivals: bool,
     arrivals: Vec<Arrival>,
+    /// Votes that come late (by this much) or never (`None`), by epoch.
+    late_votes: HashMap<u64, Option<Duration>>,
+    /// Test-only: clients key packets by their document's epoch alone, as before the
+    /// fallback to the next epoch's keys (the dead-epoch control).
+    key_by_document: bool,
 }
 
 /// A frame's arrival at a node as a link observer sees it: when, from where, to where;
@@ -499,6 +511,8 @@ impl Network {
             frames: Vec::new(),
             record_arrivals: false,
             arrivals: Vec::new(),
+            late_votes: HashMap::new(),
+            key_by_document: false,
         };
         net.rotate(0)?;
         net.publish(0)?;
@@ -531,6 +545,19 @@ impl Network {
     /// Virtual time at which `epoch` starts.
     pub fn epoch_start(&self, epoch: u64) -> Duration {
         Duration::from_secs(self.schedule.start_of(epoch) - self.schedule.genesis_unix)
+    }
+
+    /// The authority's vote on `epoch` comes `by` later than scheduled, or never with
+    /// `None` (as when too few authorities are reachable to reach the threshold).
+    pub fn delay_vote(&mut self, epoch: u64, by: Option<Duration>) {
+        self.late_votes.insert(epoch, by);
+    }
+
+    /// Test-only: clients key every packet with their document's own epoch, as before a
+    /// late document fell back to the next epoch's keys. The control of the dead-epoch
+    /// tests.
+    pub fn dangerously_key_by_document(&mut self, on: bool) {
+        self.key_by_document = on;
     }
 
     /// The epoch the virtual clock is in.
@@ -661,7 +688,8 @@ impl Network {
     // ---- clients ----
 
     /// Builds a client packet the way a client holding the document of `doc_epoch`
-    /// would: a route from that document, keys of that epoch, Exp(μ) delays.
+    /// would: a route from that document, keyed for the epoch
+    /// [`Topology::key_epoch_at`] gives for the virtual clock's, Exp(μ) delays.
     /// `plaintext` is zero-padded to the full payload size.
     pub fn build_packet(
         &mut self,
@@ -678,12 +706,18 @@ impl Network {
                 reason: format!("{} bytes; at most {PLAINTEXT_SIZE} fit", plaintext.len()),
             });
         }
+        let wall = self.epoch();
         let topo = self
             .documents
             .get(&doc_epoch)
             .ok_or(SimError::NoDocument { epoch: doc_epoch })?;
+        let key_epoch = if self.key_by_document {
+            doc_epoch
+        } else {
+            topo.key_epoch_at(wall)
+        };
         let route = topo
-            .client_route(&mut self.client_rng, doc_epoch, entry, exit)
+            .client_route(&mut self.client_rng, key_epoch, entry, exit)
             .map_err(|source| SimError::Topology {
                 doing: "choosing a client route",
                 source,
@@ -694,7 +728,7 @@ impl Network {
         let (built, surb_id) =
             sphinx::build_forward(&mut self.client_rng, &route, &delays, &mailbox, &padded)
                 .map_err(pkt_err("building a client packet"))?;
-        let frame = Frame::sphinx(EpochSchedule::frame_label(doc_epoch), &built.packet)
+        let frame = Frame::sphinx(EpochSchedule::frame_label(key_epoch), &built.packet)
             .map_err(pkt_err("framing a client packet"))?;
         Ok(ClientPacket {
             entry: *entry,
@@ -702,7 +736,7 @@ impl Network {
             mailbox,
             route: route.iter().map(|h| h.address).collect(),
             delays,
-            key_epoch: doc_epoch,
+            key_epoch,
             surb_id,
             frame,
         })
@@ -847,8 +881,10 @@ impl Network {
 
     fn wake(&mut self, i: usize) {
         let now = self.now_instant();
+        let wall = self.epoch();
         let topo = self.documents.get(&self.doc_epoch);
         let node = &mut self.nodes[i];
+        node.core.set_wall_epoch(wall);
         node.core.handle_timeout(now, &mut node.rng, topo);
         self.flush(i);
     }
@@ -898,11 +934,11 @@ impl Network {
     }
 
     /// At the start of `epoch` every node makes sure it holds keys for `epoch` and the
-    /// next, keeps the previous one for the grace period, and re-publishes its descriptor.
+    /// [`KEYS_AHEAD`] after it, keeps the previous one for the grace period, and re-publishes its descriptor.
     fn rotate(&mut self, epoch: u64) -> Result<(), SimError> {
         let now_unix = self.now_unix();
         for node in &mut self.nodes {
-            node.keys.ensure(&mut node.rng, epoch..=epoch + 1);
+            node.keys.ensure(&mut node.rng, epoch..=epoch + KEYS_AHEAD);
             node.core.unwrapper().set_keys(node.keys.clone());
             let descriptor = node.descriptor(epoch, now_unix)?;
             self.authority
@@ -927,6 +963,19 @@ impl Network {
     /// document goes through the whole checking chain before anyone uses it.
     fn publish(&mut self, epoch: u64) -> Result<(), SimError> {
         let topo_err = |doing| move |source| SimError::Topology { doing, source };
+        let lead = Duration::from_secs(self.authority.config().vote_lead_secs);
+        match self.late_votes.remove(&epoch) {
+            Some(Some(by)) => {
+                self.push(self.now + by, Action::Publish { epoch });
+                return Ok(());
+            }
+            Some(None) => {
+                let next = self.epoch_start(epoch + 1).saturating_sub(lead);
+                self.push(next, Action::Publish { epoch: epoch + 1 });
+                return Ok(());
+            }
+            None => {}
+        }
         let now_unix = self.now_unix();
         self.authority
             .vote(epoch)
@@ -944,7 +993,6 @@ impl Network {
             .map_err(topo_err("checking a document's validity window"))?;
         self.documents.insert(epoch, topology);
         self.doc_epoch = epoch;
-        let lead = Duration::from_secs(self.authority.config().vote_lead_secs);
         let next = self.epoch_start(epoch + 1).saturating_sub(lead);
         self.push(next, Action::Publish { epoch: epoch + 1 });
         Ok(())

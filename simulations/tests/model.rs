@@ -302,3 +302,47 @@ fn unlinkability_epsilon_matches_single_mix_and_corruption() {
     assert_eq!(u.infinite_fraction, 1.0);
     assert!(u.epsilon.is_none() && u.epsilon_at.iter().all(|e| e.epsilon.is_none()));
 }
+
+/// One hostile operator runs 20 % of the relays (issue 20). Under the production rule (no two
+/// relays of one operator on a route) it never holds a whole route, so it links no message by
+/// itself, and senders keep more anonymity than under uniform selection, where it does hold
+/// whole routes (the power check: the same network and seed with families ignored).
+#[test]
+fn family_selection_denies_a_hostile_operator_whole_routes() {
+    let mut c = config(SMALL);
+    c.network.width = 10;
+    c.traffic.clients = 60;
+    c.adversary.corrupt_fraction = 0.2;
+    c.adversary.hostile_operators = 1;
+    let (family, _) = run_config(&c).unwrap();
+    c.adversary.route_selection = "uniform".into();
+    let (uniform, _) = run_config(&c).unwrap();
+    let (f, u) = (&family.routes, &uniform.routes);
+    assert!(f.corrupt_hops.iter().sum::<u64>() > 5_000, "{f:?}");
+    assert_eq!(f.corrupt_hops[2..], [0, 0], "{f:?}");
+    assert_eq!(f.fully_hostile, 0.0);
+    assert!(f.any_hostile > 0.4, "{f:?}");
+    assert!(u.fully_hostile > 0.002, "uniform baseline: {u:?}");
+    assert!(
+        family.entropy_bits.mean > uniform.entropy_bits.mean,
+        "family {} vs uniform {}",
+        family.entropy_bits.mean,
+        uniform.entropy_bits.mean
+    );
+}
+
+/// A layer whose every relay the hostile operator runs leaves no family-diverse route: the
+/// run is refused, as the network itself would refuse to route.
+#[test]
+fn family_selection_refuses_a_layer_held_by_one_operator() {
+    let mut c = config(SMALL);
+    c.adversary.corrupt_fraction = 0.0;
+    c.adversary.corrupt_relays = vec![3, 4, 5];
+    c.adversary.hostile_operators = 1;
+    let err = run_config(&c).unwrap_err().to_string();
+    assert!(err.contains("layer 1"), "{err}");
+    c.adversary.route_selection = "uniform".into();
+    run_config(&c).unwrap();
+    c.adversary.route_selection = "shortest".into();
+    assert!(run_config(&c).is_err());
+}

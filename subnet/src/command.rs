@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use shoal_topology::Hex32;
 
 use crate::envelope::Envelope;
-use crate::{SubnetAdmin, SubnetError, SubnetId};
+use crate::{Policy, SubnetAdmin, SubnetError, SubnetId};
 
 const DOMAIN: &str = "shoal subnet gateway command v1";
 const WHAT: &str = "admin command";
@@ -35,18 +35,34 @@ pub enum AccountAction {
         account: Hex32,
         quota: u32,
     },
-    /// The subnet's newest signed policy (its JSON text, as [`crate::SignedPolicy`]
-    /// serializes it). The gateway keeps the newest version, expires the subnet's
-    /// mailbox items no later than its `ttl_max_secs`, and refuses links of accounts
-    /// whose key is in its `revoked_keys`.
+    /// What the gateway enforces of the subnet's policy `version`, and nothing else:
+    /// it expires the subnet's mailbox items no later than `ttl_max_secs` and refuses
+    /// links (and new accounts) of the `revoked_accounts` link keys. The members' policy
+    /// itself (roles, federation, revoked member identity keys) never goes to a gateway:
+    /// nothing a gateway receives names a member's identity key.
     PublishPolicy {
-        policy: String,
+        version: u64,
+        ttl_max_secs: u64,
+        revoked_accounts: Vec<Hex32>,
     },
     /// Read-only: the gateway answers with a [`crate::UsageReport`] of the subnet's
     /// accounts (items, bytes, quota; no keys, mailboxes or content). Signed, fresh and
     /// sequenced like every command, so only the admin can ask and a captured query is
     /// useless.
     AccountUsage,
+}
+
+impl AccountAction {
+    /// What a gateway is told of `policy`: its version and TTL bound, and the link keys
+    /// of the accounts it must refuse (the admin's records map the member identity keys
+    /// the policy revokes to them). Nothing else of the policy goes to a gateway.
+    pub fn publish_policy(policy: &Policy, revoked_accounts: Vec<Hex32>) -> Self {
+        AccountAction::PublishPolicy {
+            version: policy.version(),
+            ttl_max_secs: policy.body().ttl_max_secs,
+            revoked_accounts,
+        }
+    }
 }
 
 /// What the admin signs.
@@ -262,7 +278,9 @@ mod tests {
         let admin = SubnetAdmin::from_secret([1; 32]);
         let mut b = body(3);
         b.action = AccountAction::PublishPolicy {
-            policy: "{\"body\":\"{}\"}".into(),
+            version: 2,
+            ttl_max_secs: 3600,
+            revoked_accounts: vec![Hex32([7; 32])],
         };
         let bytes = admin.issue_command(b.clone()).unwrap().to_bytes();
         let checked = UncheckedCommand::parse(&bytes)

@@ -149,6 +149,9 @@ pub struct RosterEntry {
     pub identity: Hex32,
     pub role: Role,
     pub link_addr: String,
+    /// The version its descriptor states, when it states one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     #[serde(flatten)]
     pub inclusion: Inclusion,
 }
@@ -473,6 +476,7 @@ impl Authority {
                     identity: d.identity,
                     role: d.role,
                     link_addr: d.link_addr.clone(),
+                    version: d.version.clone(),
                     inclusion,
                 },
             );
@@ -482,6 +486,7 @@ impl Authority {
                 identity: n.identity,
                 role: n.role,
                 link_addr: n.link_addr.clone(),
+                version: None,
                 inclusion: Inclusion::Included { layer: n.layer },
             });
         }
@@ -1039,6 +1044,7 @@ mod tests {
                 })
                 .collect(),
             published_unix,
+            version: None,
         }
         .sign(&key)
         .unwrap()
@@ -1173,6 +1179,7 @@ mod tests {
                 key: sphinx_key(7, 0),
             }],
             published_unix: now,
+            version: None,
         }
         .sign(&key)
         .unwrap();
@@ -1325,6 +1332,7 @@ mod tests {
                     key: Hex32([1; 32]),
                 }],
                 published_unix: now,
+                version: None,
             }
             .sign(&key)
             .unwrap()

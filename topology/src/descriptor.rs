@@ -29,7 +29,14 @@ pub struct Descriptor {
     pub sphinx_keys: Vec<SphinxKeyEntry>,
     /// Unix seconds at signing; a newer descriptor replaces an older one.
     pub published_unix: u64,
+    /// The software's version, for operators (`shoal authority status`); never used to
+    /// route. Absent from older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
+
+/// Longest `version` a descriptor may carry.
+pub const MAX_VERSION_BYTES: usize = 32;
 
 impl Descriptor {
     pub fn id(&self) -> NodeId {
@@ -45,6 +52,18 @@ impl Descriptor {
     }
 
     fn validate(&self) -> Result<(), TopologyError> {
+        if let Some(v) = &self.version
+            && (v.is_empty()
+                || v.len() > MAX_VERSION_BYTES
+                || !v.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(TopologyError::Invalid {
+                what: "descriptor version",
+                reason: format!(
+                    "1 to {MAX_VERSION_BYTES} printable ASCII characters without spaces"
+                ),
+            });
+        }
         self.link_addr
             .parse::<std::net::SocketAddr>()
             .map_err(|e| TopologyError::Invalid {
@@ -180,6 +199,7 @@ pub(crate) mod tests {
                 })
                 .collect(),
             published_unix: 100,
+            version: None,
         };
         (key, d)
     }
@@ -235,7 +255,22 @@ pub(crate) mod tests {
             link_addr: "localhost:4000".into(),
             ..d.clone()
         };
-        for bad in [too_many, no_keys, bad_addr] {
+        // A version is for operators' eyes: short and printable, or refused.
+        let bad_version = Descriptor {
+            version: Some("1.0\x1b[2J".into()),
+            ..d.clone()
+        };
+        let long_version = Descriptor {
+            version: Some("9".repeat(MAX_VERSION_BYTES + 1)),
+            ..d.clone()
+        };
+        let versioned = Descriptor {
+            version: Some("0.1.0".into()),
+            ..d.clone()
+        };
+        let signed = versioned.sign(&key).unwrap();
+        assert_eq!(signed.check().unwrap().version.as_deref(), Some("0.1.0"));
+        for bad in [too_many, no_keys, bad_addr, bad_version, long_version] {
             let err = sign_raw(serde_json::to_string(&bad).unwrap())
                 .check()
                 .unwrap_err();
@@ -288,6 +323,7 @@ pub(crate) mod tests {
                 },
             ],
             published_unix: 1650,
+            version: None,
         };
         let signed = d.sign(&key).unwrap();
         let wire = String::from_utf8(signed.to_json()).unwrap();

@@ -90,6 +90,25 @@ impl AuthoritySet {
         Ok(())
     }
 
+    /// A short name for this trust root that people compare out of band (as the
+    /// network's operators publish it, and as `shoal client init` shows it): SHA-256 over
+    /// a domain, the threshold and the keys in sorted order, its first 16 bytes in hex
+    /// groups of four. Key order does not matter; any other change gives another name.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut keys: Vec<&Hex32> = self.keys.iter().collect();
+        keys.sort();
+        let mut h = Sha256::new();
+        h.update(b"shoal network trust root v1");
+        h.update((self.threshold as u64).to_be_bytes());
+        for k in keys {
+            h.update(k.0);
+        }
+        let hex = hex::encode(&h.finalize()[..16]);
+        let groups: Vec<&str> = (0..hex.len()).step_by(4).map(|i| &hex[i..i + 4]).collect();
+        groups.join("-")
+    }
+
     /// Threshold for a majority of `n`: more than half.
     pub fn majority(keys: Vec<Hex32>) -> Self {
         AuthoritySet {
@@ -380,6 +399,15 @@ impl Topology {
         self.body.epoch
     }
 
+    /// The key epoch to build packets with while the wall clock is in `wall_epoch`: this
+    /// document's own, or, when its successor is late, the next epoch's keys, which this
+    /// document carries too. So a missed or late vote is not a dead epoch: traffic goes on
+    /// with the last valid document for one epoch, and never falls back to older keys
+    /// (the nodes retire those after their grace period).
+    pub fn key_epoch_at(&self, wall_epoch: u64) -> u64 {
+        wall_epoch.clamp(self.epoch(), self.epoch() + 1)
+    }
+
     pub fn params(&self) -> &NetworkParams {
         &self.body.params
     }
@@ -446,6 +474,21 @@ pub(crate) mod tests {
                 .map(|i| Hex32(authority_key(i).verifying_key().to_bytes()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn fingerprint_names_keys_and_threshold_not_their_order() {
+        let set = authority_set(3, 2);
+        let fp = set.fingerprint();
+        assert_eq!(fp.len(), 16 * 2 + 7, "{fp}");
+        let mut reordered = set.clone();
+        reordered.keys.reverse();
+        assert_eq!(reordered.fingerprint(), fp);
+        let mut rogue = set.clone();
+        rogue.keys[2] = Hex32([0xee; 32]);
+        assert_ne!(rogue.fingerprint(), fp);
+        assert_ne!(authority_set(3, 1).fingerprint(), fp);
+        assert_ne!(authority_set(2, 2).fingerprint(), fp);
     }
 
     /// Node key `i`, from a fixed seed.

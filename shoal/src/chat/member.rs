@@ -181,7 +181,6 @@ pub(crate) fn open_messenger(
     dir: &Path,
     files: &MemberFiles,
     store: &ClientStore,
-    account: &SigningKey,
     own: Contact,
 ) -> anyhow::Result<Messenger> {
     let now = unix_ms();
@@ -206,9 +205,11 @@ pub(crate) fn open_messenger(
         .and_then(UncheckedCredential::check_signature)
         .and_then(|c| c.check_valid_at(now / 1000))
         .context("your membership credential")?;
-    if cred.signing_key() != account.verifying_key().to_bytes() {
+    let signing = identity_key(store)?;
+    if cred.signing_key() != signing.verifying_key().to_bytes() {
         bail!(
-            "this credential was issued for another device's key; give your admin the account key `shoal client init` printed"
+            "this credential names another key than this client's identity key {}; give your admin the `identity key:` line `shoal client init` printed (never the account key: that one is your gateway's to see)",
+            hex::encode(signing.verifying_key().to_bytes())
         );
     }
     let policy = Policy::verify(&read(&policy_path, "policy")?, &cred.subnet())
@@ -219,10 +220,21 @@ pub(crate) fn open_messenger(
         },
         ..MessengerConfig::default()
     };
-    let m = Messenger::new(account.to_bytes(), own, cred.signed(), policy, config, now)
+    let m = Messenger::new(signing.to_bytes(), own, cred.signed(), policy, config, now)
         .context("your membership credential is not for this client")?;
     store.save_messenger(&m.snapshot()?, &[])?;
     Ok(m)
+}
+
+/// The member's identity key from `store`. A client made before keys were separate has
+/// none: it gets its own now (its admin must enrol it; the account key stays the link's).
+fn identity_key(store: &ClientStore) -> anyhow::Result<SigningKey> {
+    if let Some(k) = store.load_signing_key()? {
+        return Ok(SigningKey::from_bytes(&k));
+    }
+    let k = SigningKey::generate(&mut rand::rng());
+    store.save_signing_key(&k.to_bytes())?;
+    Ok(k)
 }
 
 /// The invite to add the contact `query` names (`handle` or `handle@subnet`) with. The
@@ -260,6 +272,76 @@ mod tests {
             settling_until_ms: None,
             leaving: false,
         }
+    }
+
+    /// A credential naming the account (link) key, or any key but this client's
+    /// identity key, is refused: the member signs only with a key its gateway never sees.
+    #[test]
+    fn a_credential_must_name_the_identity_key_not_the_account_key() {
+        use shoal_subnet::{BurnOnRead, CredentialBody, PolicyBody, RoleRule, SubnetAdmin};
+        let dir = tempfile::tempdir().unwrap();
+        let store = ClientStore::in_memory().unwrap();
+        let keys = shoal_client::MemberKeys::generate(&mut rand::rng(), [9; 32]);
+        keys.save(&store).unwrap();
+        let admin = SubnetAdmin::from_secret([0xad; 32]);
+        let policy = admin
+            .issue_policy(PolicyBody {
+                subnet: admin.subnet(),
+                version: 1,
+                issued_at: 0,
+                roles: vec!["member".into()],
+                rules: vec![RoleRule {
+                    from: "member".into(),
+                    to: "member".into(),
+                }],
+                federation: vec![],
+                ttl_min_secs: 0,
+                ttl_max_secs: 3600,
+                burn_on_read: BurnOnRead::Allowed,
+                revoked_keys: vec![],
+                revoked_handles: vec![],
+            })
+            .unwrap();
+        std::fs::write(dir.path().join("policy"), policy.to_bytes()).unwrap();
+        let now = unix_ms() / 1000;
+        let credential = |key: [u8; 32]| {
+            admin
+                .issue_credential(CredentialBody {
+                    subnet: admin.subnet(),
+                    handle: "ana".into(),
+                    role: "member".into(),
+                    signing_key: shoal_topology::Hex32(key),
+                    seal_key: shoal_topology::Hex32([0; 32]),
+                    mailbox: shoal_topology::Hex32([0; 32]),
+                    gateway: shoal_topology::Hex32([0; 32]),
+                    not_before: now - 60,
+                    not_after: now + 3600,
+                })
+                .unwrap()
+                .to_bytes()
+        };
+        let files = MemberFiles {
+            credential: None,
+            policy: None,
+            commit_settle_secs: 1,
+        };
+        std::fs::write(
+            dir.path().join("credential"),
+            credential(keys.account_key()),
+        )
+        .unwrap();
+        let Err(err) = open_messenger(dir.path(), &files, &store, keys.identity.contact()) else {
+            panic!("a credential for the account key is refused");
+        };
+        let err = err.to_string();
+        assert!(err.contains("identity key"), "{err}");
+        std::fs::write(
+            dir.path().join("credential"),
+            credential(keys.identity_key()),
+        )
+        .unwrap();
+        let m = open_messenger(dir.path(), &files, &store, keys.identity.contact()).unwrap();
+        assert_eq!(m.card().identity_key(), keys.identity_key());
     }
 
     #[test]

@@ -57,7 +57,6 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             commit_settle_secs: args.commit_settle_secs,
         },
         &store,
-        &account,
         identity.contact(),
     )?;
     if args.print_card {

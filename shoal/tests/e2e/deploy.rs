@@ -349,14 +349,30 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         assert_eq!(n, RELAYS / 3, "relays in layer {layer}:\n{status}");
     }
 
-    // run-a-subnet §3: an invite per user (naming the authorities), `shoal client init`
-    // exactly as the invite says, the output appended, and `shoal admin redeem`.
+    // run-a-subnet §3: the network file the authorities' operators publish (users and
+    // the admin take the trust root from it), an invite per user (naming the network by
+    // fingerprint), `shoal client init` exactly as the invite says, the output appended,
+    // and `shoal admin redeem`.
+    let network = base.join("network.toml");
+    let network_s = network.to_string_lossy().into_owned();
+    let a0_config = auths.dirs[0].join("authority.toml");
+    hosts.run(
+        &auth_hosts[0],
+        &[
+            "authority",
+            "network-file",
+            "--config",
+            &a0_config.to_string_lossy(),
+            "--out",
+            &network_s,
+        ],
+    );
     let mut user_dirs = Vec::new();
     for (user, (host, g)) in ["ana", "ben"].iter().zip(users.iter().zip(&gateways)) {
         let invite = base.join(format!("{user}.invite"));
         let invite_s = invite.to_string_lossy().into_owned();
         let (gw_client, gw_link) = (g.client.unwrap().to_string(), g.link.to_string());
-        let mut invite_args = vec![
+        let invite_args = vec![
             "admin",
             "invite",
             "--dir",
@@ -373,14 +389,18 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
             &gw_link,
             "--out",
             &invite_s,
+            "--network",
+            &network_s,
         ];
-        invite_args.extend(authority_args.iter().map(String::as_str));
         hosts.run(&admin, &invite_args);
         let text = std::fs::read_to_string(&invite).unwrap();
         let command = field(&text, "#    shoal client init ");
         let dir = base.join(format!("{user}-client"));
         let dir_s = dir.to_string_lossy().into_owned();
-        let command = command.replace("<YOUR_DIR>", &dir_s);
+        let command = command
+            .replace("<YOUR_DIR>", &dir_s)
+            .replace("<NETWORK_FILE>", &network_s)
+            .replace("<THIS_FILE>", &invite_s);
         let mut args: Vec<&str> = vec!["client", "init"];
         args.extend(command.split_whitespace());
         args.extend(["--name", user]);

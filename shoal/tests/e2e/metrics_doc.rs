@@ -133,6 +133,7 @@ async fn running_gateway_exports_exactly_the_documented_metrics() {
     let status = last.unwrap_or_else(|| panic!("the relay never reported healthy:\n{failing}"));
     for line in [
         "directory      epoch",
+        concat!("version        ", env!("CARGO_PKG_VERSION")),
         "links",
         "loop cover",
         "health         ok",

@@ -116,6 +116,7 @@ pub fn descriptor(i: u8, role: Role, now: u64, epochs: Range<u64>) -> SignedDesc
             })
             .collect(),
         published_unix: now,
+        version: None,
     }
     .sign(&key)
     .unwrap()

@@ -220,6 +220,8 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
             "member",
             "--account-key",
             &field(&out, "account key: "),
+            "--identity-key",
+            &field(&out, "identity key: "),
             "--mailbox",
             &field(&out, "mailbox: "),
             "--seal-key",

@@ -139,14 +139,35 @@ impl Default for TrafficSection {
     }
 }
 
+/// Hostile operators a route remembers (one bit each).
+pub const MAX_HOSTILE_OPERATORS: u32 = 64;
+
 /// `[adversary]`: a global passive observer plus corrupt relays.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdversarySection {
     /// Fraction of relays (rounded to the nearest count) chosen at random to be corrupt.
     pub corrupt_fraction: f64,
     /// Explicit corrupt relays as global indices `layer * width + position`; added to the fraction's picks.
     pub corrupt_relays: Vec<u32>,
+    /// How many hostile operators run the corrupt relays between them (round-robin in
+    /// relay order). 0: each corrupt relay is an operator of its own. Honest relays are
+    /// always each their own operator.
+    pub hostile_operators: u32,
+    /// "family" (the production rule: a route never takes two relays of one operator) or
+    /// "uniform" (every hop uniform in its layer, the baseline without families).
+    pub route_selection: String,
+}
+
+impl Default for AdversarySection {
+    fn default() -> Self {
+        Self {
+            corrupt_fraction: 0.0,
+            corrupt_relays: Vec::new(),
+            hostile_operators: 0,
+            route_selection: "family".into(),
+        }
+    }
 }
 
 /// `[run]`: time window and seed.
@@ -325,6 +346,22 @@ impl ModelConfig {
                 format!("relay {r} out of range (0..{relays})"),
             ));
         }
+        if a.hostile_operators > MAX_HOSTILE_OPERATORS {
+            return Err(bad(
+                "adversary.hostile_operators",
+                format!("at most {MAX_HOSTILE_OPERATORS}"),
+            ));
+        }
+        let family = match a.route_selection.as_str() {
+            "family" => true,
+            "uniform" => false,
+            other => {
+                return Err(bad(
+                    "adversary.route_selection",
+                    format!("\"{other}\" is not \"family\" or \"uniform\""),
+                ));
+            }
+        };
         let m = &self.metrics;
         let sender_exact = match m.sender_entropy.as_str() {
             "auto" => t.clients <= m.sender_exact_max_clients,
@@ -370,6 +407,8 @@ impl ModelConfig {
             seed: r.seed,
             corrupt_fraction: a.corrupt_fraction,
             corrupt_relays: a.corrupt_relays.clone(),
+            hostile_operators: a.hostile_operators,
+            family,
             sender_exact,
             receiver_targets: m.receiver_targets,
             target_slots: m.target_slots as usize,
@@ -403,6 +442,9 @@ pub struct Validated {
     pub seed: u64,
     pub corrupt_fraction: f64,
     pub corrupt_relays: Vec<u32>,
+    pub hostile_operators: u32,
+    /// Routes never take two relays of one operator.
+    pub family: bool,
     pub sender_exact: bool,
     pub receiver_targets: u32,
     pub target_slots: usize,

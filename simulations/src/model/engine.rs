@@ -104,6 +104,8 @@ pub struct RawRun {
     pub latency_sum_sq: f64,
     pub latency_max: f64,
     pub counters: Counters,
+    /// Measured delivered messages by how many of their relays were corrupt (index 0..=layers).
+    pub corrupt_hops_hist: Vec<u64>,
     pub corrupt: Vec<u32>,
     pub wall_s: f64,
     pub peak_state_bytes: usize,
@@ -122,6 +124,8 @@ struct Msg {
     t_carrier: u32,
     measured: bool,
     corrupt_hops: u8,
+    /// The hostile operators (bits) whose relays it has passed.
+    hostile_ops: u64,
     /// Target slot + 1, or 0.
     target: u8,
 }
@@ -221,6 +225,23 @@ pub(crate) fn corrupt_set(cfg: &Validated) -> Vec<bool> {
     corrupt
 }
 
+/// The hostile operator of each relay (`None`: an honest operator of its own, or a corrupt
+/// relay that is its own operator when `hostile_operators` is 0): round-robin over the
+/// corrupt relays in relay order.
+pub(crate) fn operators(cfg: &Validated, corrupt: &[bool]) -> Vec<Option<u8>> {
+    let mut next = 0u32;
+    corrupt
+        .iter()
+        .map(|&bad| {
+            (bad && cfg.hostile_operators > 0).then(|| {
+                let op = next % cfg.hostile_operators;
+                next += 1;
+                op as u8
+            })
+        })
+        .collect()
+}
+
 /// The engine's mutable state apart from outputs.
 struct State {
     msgs: Vec<Msg>,
@@ -229,6 +250,7 @@ struct State {
     pools: Vec<Vec<u32>>,
     timers: MinTree,
     corrupt: Vec<bool>,
+    operator: Vec<Option<u8>>,
     smass: Option<SenderMass>,
     tmass: TargetMass,
     mix_rng: StdRng,
@@ -255,12 +277,30 @@ impl State {
         self.timers.set(r, t);
     }
 
-    /// Message `m` reaches its next layer: a uniformly random relay of that layer.
+    /// Message `m` reaches its next layer: a uniformly random relay of that layer, among
+    /// those of no operator already on its route when routes keep families apart.
     fn arrive(&mut self, h: Hot, now: f64, cfg: &Validated) {
-        let relay = usize::from(h.hop) * cfg.width + self.mix_rng.random_range(0..cfg.width);
+        let first = usize::from(h.hop) * cfg.width;
+        let used = self.msgs[h.idx as usize].hostile_ops;
+        let relay = if cfg.family && used != 0 {
+            let operator = &self.operator;
+            let allowed = |r: &usize| operator[*r].is_none_or(|op| used & (1 << op) == 0);
+            let n = (first..first + cfg.width).filter(allowed).count();
+            // `run` checked that every layer keeps a relay of no hostile operator.
+            let k = self.mix_rng.random_range(0..n.max(1));
+            (first..first + cfg.width)
+                .filter(allowed)
+                .nth(k)
+                .unwrap_or(first)
+        } else {
+            first + self.mix_rng.random_range(0..cfg.width)
+        };
         if self.corrupt[relay] {
             let msg = &mut self.msgs[h.idx as usize];
             msg.corrupt_hops += 1;
+            if let Some(op) = self.operator[relay] {
+                msg.hostile_ops |= 1 << op;
+            }
             msg.s_carrier = h.s_carrier;
             msg.t_carrier = h.t_carrier;
         } else {
@@ -305,6 +345,19 @@ pub fn run(cfg: &Validated) -> Result<RawRun, SimError> {
     let relays = l * w;
     let n_clients = cfg.clients;
     let corrupt = corrupt_set(cfg);
+    let operator = operators(cfg, &corrupt);
+    if cfg.family
+        && let Some(layer) =
+            (0..l).find(|&i| operator[i * w..(i + 1) * w].iter().all(Option::is_some))
+    {
+        return Err(SimError::Config {
+            what: "adversary",
+            reason: format!(
+                "every relay of layer {layer} is run by a hostile operator, so no route keeps \
+                 families apart (the network would refuse to route)"
+            ),
+        });
+    }
     let mut gen_rng = StdRng::seed_from_u64(stream_seed(cfg.seed, 1));
     let mut sample_rng = StdRng::seed_from_u64(stream_seed(cfg.seed, 3));
 
@@ -334,6 +387,7 @@ pub fn run(cfg: &Validated) -> Result<RawRun, SimError> {
         pools: vec![Vec::new(); relays],
         timers: MinTree::new(relays),
         corrupt: corrupt.clone(),
+        operator,
         smass: cfg
             .sender_exact
             .then(|| SenderMass::new(relays, n_clients as usize)),
@@ -362,6 +416,7 @@ pub fn run(cfg: &Validated) -> Result<RawRun, SimError> {
         latency_sum_sq: 0.0,
         latency_max: 0.0,
         counters: Counters::default(),
+        corrupt_hops_hist: vec![0; l + 1],
         corrupt: corrupt
             .iter()
             .enumerate()
@@ -450,6 +505,7 @@ pub fn run(cfg: &Validated) -> Result<RawRun, SimError> {
             if msg.measured {
                 measured_in_flight -= 1;
                 c.measured_delivered += 1;
+                out.corrupt_hops_hist[usize::from(msg.corrupt_hops).min(l)] += 1;
                 let lat = delivered_at - msg.sent;
                 out.latency_sum += lat;
                 out.latency_sum_sq += lat * lat;
@@ -529,6 +585,7 @@ pub fn run(cfg: &Validated) -> Result<RawRun, SimError> {
                 t_carrier: NONE,
                 measured,
                 corrupt_hops: 0,
+                hostile_ops: 0,
                 target: 0,
             };
             if measured {

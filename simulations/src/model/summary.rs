@@ -216,7 +216,42 @@ pub struct Summary {
     pub traffic: Traffic,
     pub overhead: Overhead,
     pub corrupt_relays: Vec<u32>,
+    pub routes: Routes,
     pub run: RunInfo,
+}
+
+/// How much of the measured messages' routes the corrupt relays held.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Routes {
+    /// "family" or "uniform" (`[adversary] route_selection`).
+    pub selection: &'static str,
+    pub hostile_operators: u32,
+    /// Measured delivered messages by their number of corrupt relays (0..=layers).
+    pub corrupt_hops: Vec<u64>,
+    /// Share whose every relay was corrupt: the adversary links sender and receiver.
+    pub fully_hostile: f64,
+    /// Share with at least one corrupt relay.
+    pub any_hostile: f64,
+}
+
+impl Routes {
+    fn of(v: &Validated, hist: &[u64]) -> Self {
+        let total: u64 = hist.iter().sum();
+        let share = |n: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                n as f64 / total as f64
+            }
+        };
+        Self {
+            selection: if v.family { "family" } else { "uniform" },
+            hostile_operators: v.hostile_operators,
+            corrupt_hops: hist.to_vec(),
+            fully_hostile: share(hist.last().copied().unwrap_or(0)),
+            any_hostile: share(total - hist.first().copied().unwrap_or(0)),
+        }
+    }
 }
 
 /// Builds the summary of a run.
@@ -315,6 +350,7 @@ pub fn summarize(config: &ModelConfig, v: &Validated, raw: &RawRun) -> Summary {
             },
         },
         corrupt_relays: raw.corrupt.clone(),
+        routes: Routes::of(v, &raw.corrupt_hops_hist),
         run: RunInfo {
             events: c.events,
             end_s: c.end_s,
