@@ -409,6 +409,9 @@ pub struct Testnet {
     pub relays: Vec<RelayProc>,
     /// Gateways started with [`Testnet::run_gateway`].
     pub gateways: Vec<GatewayProc>,
+    /// Other processes that live as long as the network (a subnet admin's running
+    /// client in the CLI tests), killed with it.
+    pub others: Vec<Proc>,
 }
 
 /// Gateway settings the testnet writes into `gateway.toml`.
@@ -660,6 +663,7 @@ impl Testnet {
             },
             relays,
             gateways: Vec::new(),
+            others: Vec::new(),
         })
     }
 

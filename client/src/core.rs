@@ -1710,6 +1710,139 @@ mod tests {
         assert!(share_b(&legacy_busy) > 0.2, "{}", share_b(&legacy_busy));
     }
 
+    /// Issue 16, leak 6: an admin command sent through the admin's own client (as
+    /// `shoal admin` does: an ordinary message to the gateway's admin endpoint) leaves the
+    /// admin's link exactly as it was. The observer's whole view of that link, every
+    /// frame's (time, size), is the same with no command, a short one (create an
+    /// account) and a long one (a policy revoking 200 accounts), while the
+    /// command's fragments do reach the endpoint. The control replays what the old path
+    /// put on the wire (the admin dialling the gateway with its subnet key and sending the
+    /// command as `AdminChunk` frames, encoded by the real `admin_chunks`): a burst on a
+    /// link of its own, whose frame count grows with the command.
+    #[test]
+    fn an_admin_command_leaves_the_admin_link_trace_unchanged() {
+        use shoal_packet::FRAME_SIZE;
+        use shoal_packet::protocol::admin_chunks;
+        use shoal_packet::sphinx::ADMIN_MAILBOX;
+        use shoal_subnet::{AccountAction, AdminRequest, CommandBody, ReplyTo, SubnetAdmin};
+        use shoal_topology::Hex32;
+
+        /// (time since start, frame size, link: 0 = the client's, 1 = the old admin link)
+        type Trace = Vec<(Duration, usize, u8)>;
+        let admin = SubnetAdmin::from_secret([9; 32]);
+        let command = |revoked: u8| {
+            let action = if revoked == 0 {
+                AccountAction::CreateAccount {
+                    account: Hex32([1; 32]),
+                    mailbox: Hex32([2; 32]),
+                    quota: 10,
+                }
+            } else {
+                // What a gateway is told of a policy: its version, TTL bound and the
+                // link keys of the accounts it revokes.
+                AccountAction::PublishPolicy {
+                    version: 2,
+                    ttl_max_secs: 60,
+                    revoked_accounts: (0..revoked).map(|i| Hex32([i; 32])).collect(),
+                }
+            };
+            admin
+                .issue_command(CommandBody {
+                    subnet: Hex32([0; 32]),
+                    gateway: Hex32([3; 32]),
+                    sequence: 1,
+                    expires_at: 99,
+                    action,
+                })
+                .unwrap()
+        };
+        // Returns the trace and how many packets reached the admin endpoint.
+        let observe = |partners: Option<u8>, old_path: bool| -> (Trace, usize) {
+            let mut w = World::new(16);
+            let mut a = w.client(0, 160);
+            let endpoint = Contact {
+                mailbox: ADMIN_MAILBOX,
+                gateway: w.net.gateways[1],
+                public_key: PublicKey::from(&StaticSecret::from([7; 32])).to_bytes(),
+            };
+            let start = w.now;
+            let t0 = start + Duration::from_secs(30);
+            let (mut trace, mut at_endpoint, mut old_link) = (Trace::new(), 0, 0);
+            let World { net, rng, .. } = &mut w;
+            let mut on_frame = |a: &mut ClientCore, t: Instant, f: Frame| {
+                trace.push((t - start, f.as_bytes().len(), 0));
+                let arrival = net.deliver(a.identity().gateway, &f);
+                if arrival.mailbox == ADMIN_MAILBOX {
+                    at_endpoint += 1;
+                    // The gateway acks it like any packet (so it is not sent again).
+                    let ack = net.exit_ack(&arrival).unwrap();
+                    a.handle_mailbox_item(ack.surb_id, &ack.payload, t);
+                }
+            };
+            run_with(&mut a, rng, t0, &mut on_frame);
+            if let Some(p) = partners {
+                let cmd = command(p);
+                let reply = ReplyTo {
+                    mailbox: Hex32(a.identity().mailbox),
+                    gateway: Hex32(a.identity().gateway),
+                    seal_key: Hex32(a.contact().public_key),
+                };
+                let request = AdminRequest::new(&cmd, reply).to_bytes();
+                if old_path {
+                    old_link = admin_chunks(&cmd.to_bytes()).unwrap().len();
+                } else {
+                    a.send_message(rng, endpoint, &request).unwrap();
+                }
+            }
+            run_with(&mut a, rng, start + Duration::from_secs(150), &mut on_frame);
+            trace.extend(std::iter::repeat_n((t0 - start, FRAME_SIZE, 1), old_link));
+            trace.sort();
+            (trace, at_endpoint)
+        };
+        let (quiet, none) = observe(None, false);
+        assert_eq!(none, 0);
+        assert!(quiet.len() > 300, "{}", quiet.len());
+        assert!(
+            quiet
+                .iter()
+                .all(|(_, size, link)| *size == FRAME_SIZE && *link == 0)
+        );
+        for partners in [0, 200] {
+            let (busy, at_endpoint) = observe(Some(partners), false);
+            let fragments = AdminRequest::new(
+                &command(partners),
+                ReplyTo {
+                    mailbox: Hex32([0; 32]),
+                    gateway: Hex32([0; 32]),
+                    seal_key: Hex32([0; 32]),
+                },
+            )
+            .to_bytes()
+            .len()
+            .div_ceil(FRAGMENT_DATA_SIZE);
+            assert!(at_endpoint >= fragments, "{at_endpoint} < {fragments}");
+            assert_eq!(
+                busy, quiet,
+                "{partners} revoked: the link shows the command"
+            );
+        }
+        // The control: the old path's burst is on a link of its own, and its size says
+        // how long the command is.
+        let burst = |t: &Trace| t.iter().filter(|(_, _, link)| *link == 1).count();
+        let (short, _) = observe(Some(0), true);
+        let (long, _) = observe(Some(200), true);
+        assert_ne!(short, quiet);
+        println!(
+            "old admin link: {} frame(s) for a create, {} for a policy revoking 200; \
+             through the client: {} frames either way, the same trace",
+            burst(&short),
+            burst(&long),
+            quiet.len()
+        );
+        assert_eq!(burst(&short), 1);
+        assert!(burst(&long) > 3 * burst(&short), "{}", burst(&long));
+    }
+
     #[test]
     fn idle_client_emits_only_cover() {
         let mut w = World::new(5);

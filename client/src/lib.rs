@@ -9,7 +9,8 @@ pub mod managed;
 pub mod messenger;
 pub mod receipts;
 pub mod schedule;
-pub mod seal;
+/// The end-to-end seal (in `shoal-packet`, which gateways share).
+pub use shoal_packet::seal;
 pub mod session;
 pub mod store;
 

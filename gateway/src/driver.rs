@@ -16,6 +16,11 @@
 //! carries are applied and its answer planned by the mailbox task, loaded from the store
 //! on a blocking thread, and written exactly `pull_answer_delay` after the pull arrived,
 //! whatever it holds (a load that misses that time is answered with dummies).
+//!
+//! Packets for the admin endpoint ([`crate::admin_inbox`]) are acked by the mailbox core
+//! like cover and handed to the admin task, which reassembles requests, checks and
+//! applies their commands through the mailbox task, and sends each verified command's
+//! answer into the mixnet from this gateway once the change is durable.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -36,18 +41,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, trace, warn};
 
+use crate::admin_inbox::{AdminInbox, answer, answer_plaintexts, route_answer};
 use crate::config::Config;
 use crate::limit::{Admit, LimitConfig, SendLimiter};
-use crate::mailbox::{AccountKey, AckToSend, BatchId, ItemId, Mailbox, PullPlan, WriteBatch};
+use crate::mailbox::{
+    AccountKey, AckToSend, BatchId, DeliverOutcome, ItemId, Mailbox, PullPlan, WriteBatch,
+};
 use crate::metrics::{AckDrop, GatewayStats, Metrics};
 use crate::pull::{PullAnswerConfig, PullResponder, PullToken};
 use crate::remote_admin::{CheckedAdmin, Refusal, check_command};
 use crate::store::{Store, TrySubmitError};
 use crate::{CommitResult, GatewayError};
-use shoal_packet::protocol::{
-    AdminRefusal, ChunkAssembler, ClientMsg, ErrorCode, GatewayMsg, MAX_ADMIN_CHUNKS,
-    MAX_CHUNK_BYTES, directory_chunks,
-};
+use shoal_packet::protocol::{AdminRefusal, ClientMsg, ErrorCode, GatewayMsg, directory_chunks};
 
 /// Final-hop packets the mailbox task takes per wake-up (one write batch).
 const DELIVERY_BATCH: usize = 256;
@@ -57,8 +62,9 @@ const CLIENT_QUEUE: usize = 64;
 const EXPIRE_CHECK: Duration = Duration::from_secs(60);
 /// How long a refused client gets to read its `Error` frame before the link closes.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
-/// An admin link with nothing to say for this long is closed.
-const ADMIN_IDLE: Duration = Duration::from_secs(30);
+/// Payloads for the admin endpoint waiting to be opened; beyond this they are shed
+/// (counted as delivery overload), and their senders' retransmissions bring them back.
+const ADMIN_QUEUE: usize = 256;
 /// How often a client stream re-reads the directory's client rate for its bucket.
 const RATE_REFRESH: Duration = Duration::from_secs(1);
 
@@ -121,9 +127,19 @@ pub struct GatewayHandle {
     shutdown: watch::Sender<bool>,
     mailbox_task: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The admin endpoint's queue, for tests that play delivered packets into it.
+    #[cfg(test)]
+    admin_payloads: mpsc::Sender<Vec<u8>>,
 }
 
 impl GatewayHandle {
+    /// Hands `payload` to the admin endpoint as if a packet for it had just been
+    /// delivered (tests without a directory; the mailbox core's ack is skipped).
+    #[cfg(test)]
+    pub(crate) async fn dangerously_deliver_admin(&self, payload: Vec<u8>) {
+        let _ = self.admin_payloads.send(payload).await;
+    }
+
     fn node(&self) -> Option<&RelayHandle> {
         self.node.as_ref()
     }
@@ -259,6 +275,9 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
     let (delivery_tx, delivery_rx) = mpsc::channel::<Delivery>(config.node.queue_capacity);
     let (request_tx, request_rx) = mpsc::channel::<Request>(1024);
     let (commit_tx, commit_rx) = mpsc::unbounded_channel::<Commit>();
+    let (admin_tx, admin_rx) = mpsc::channel::<Vec<u8>>(ADMIN_QUEUE);
+    #[cfg(test)]
+    let admin_tx_test = admin_tx.clone();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let hooks = {
@@ -320,6 +339,7 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
         commit_tx,
         commits: commit_rx,
         pending: VecDeque::new(),
+        admin: admin_tx,
         shutdown: shutdown_rx.clone(),
     };
     let mailbox_task = tokio::spawn(task.run().instrument(tracing::info_span!("mailbox")));
@@ -336,11 +356,17 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
         metrics: metrics.clone(),
     });
     drop(store);
-    let tasks = vec![tokio::spawn(accept_clients(
-        client_endpoint.clone(),
-        clients,
-        shutdown_rx,
-    ))];
+    let tasks = vec![
+        tokio::spawn(accept_clients(
+            client_endpoint.clone(),
+            clients.clone(),
+            shutdown_rx,
+        )),
+        tokio::spawn(
+            admin_endpoint(admin_rx, identity, clients)
+                .instrument(tracing::info_span!("admin endpoint")),
+        ),
+    ];
     info!(
         identity = %hex::encode(me),
         client_listen = %client_addr,
@@ -356,6 +382,8 @@ pub async fn spawn(config: Config) -> Result<GatewayHandle, GatewayError> {
         shutdown: shutdown_tx,
         mailbox_task: Some(mailbox_task),
         tasks,
+        #[cfg(test)]
+        admin_payloads: admin_tx_test,
     })
 }
 
@@ -385,6 +413,8 @@ struct MailboxTask {
     /// Batches taken from the core that the store's queue had no room for yet. Only
     /// admin commands and acks add to it while it is not empty (deliveries wait).
     pending: VecDeque<WriteBatch>,
+    /// Payloads delivered to the admin endpoint, for [`admin_endpoint`].
+    admin: mpsc::Sender<Vec<u8>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -417,7 +447,13 @@ impl MailboxTask {
                     let now = SystemTime::now();
                     for d in batch.drain(..) {
                         // The outcome is in the core's counters; nothing here is logged.
-                        let _ = self.mailbox.deliver(&d.destination, d.surb_id, &d.payload, now);
+                        let outcome =
+                            self.mailbox.deliver(&d.destination, d.surb_id, &d.payload, now);
+                        if matches!(outcome, DeliverOutcome::Admin { .. })
+                            && self.admin.try_send(d.payload).is_err()
+                        {
+                            self.metrics.deliveries_overload.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Some(r) = self.requests.recv() => self.on_request(r),
@@ -666,12 +702,6 @@ impl Hosted {
     fn get(&self) -> Vec<SubnetId> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
-    fn contains(&self, subnet: &SubnetId) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(subnet)
-    }
     fn set(&self, subnets: Vec<SubnetId>) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = subnets;
     }
@@ -683,7 +713,7 @@ struct Clients {
     /// Buckets of connected accounts and of accounts serving a cut penalty. Locked only
     /// when a link opens or closes; frames lock their own account's bucket.
     buckets: std::sync::Mutex<HashMap<AccountKey, Bucket>>,
-    /// Subnets hosted here; their admin keys get admin links.
+    /// Subnets hosted here: only their admins' commands are applied.
     hosted: Arc<Hosted>,
     requests: mpsc::Sender<Request>,
     /// Weak, so a lingering client task cannot keep the store open after shutdown.
@@ -786,10 +816,6 @@ async fn ask<T>(clients: &Clients, make: impl FnOnce(oneshot::Sender<T>) -> Requ
 
 async fn client_task(link: Link, clients: Arc<Clients>) {
     let key = link.peer();
-    if clients.hosted.contains(&Hex32(key)) {
-        admin_task(link, &clients).await;
-        return;
-    }
     // An account that was cut for flooding is refused until its penalty ends.
     if clients
         .buckets
@@ -853,88 +879,94 @@ async fn client_task(link: Link, clients: Arc<Clients>) {
     trace!("client link closed");
 }
 
-/// A link authenticated by a hosted subnet's admin key: reads `AdminChunk`s, and for
-/// each complete command checks its signature (on a blocking thread: public-key work),
-/// has the mailbox task apply it, and answers with one `AdminResult` once it is durable.
-async fn admin_task(link: Link, clients: &Clients) {
+/// The admin endpoint: opens and reassembles what was delivered to [`crate::admin_inbox::ADMIN_MAILBOX`],
+/// checks each request's command (on a blocking thread: public-key work), has the
+/// mailbox task apply it, and once that is durable (or refused) sends the signed answer
+/// into the mixnet towards the request's `reply_to`. A command that does not even parse
+/// is counted and not answered.
+async fn admin_endpoint(
+    mut payloads: mpsc::Receiver<Vec<u8>>,
+    identity: ed25519_dalek::SigningKey,
+    clients: Arc<Clients>,
+) {
     let m = &clients.metrics;
-    let Ok(Ok(mut rx)) = tokio::time::timeout(ADMIN_IDLE, link.accept_frames(FRAME_SIZE)).await
-    else {
-        link.close();
-        return;
-    };
-    let mut out: Option<FrameSender> = None;
-    let mut assembler = ChunkAssembler::new(MAX_CHUNK_BYTES * usize::from(MAX_ADMIN_CHUNKS));
-    loop {
-        let bytes = match tokio::time::timeout(ADMIN_IDLE, rx.recv()).await {
-            Ok(Ok(Some(b))) => b.to_vec(),
-            _ => break,
+    let me = identity.verifying_key().to_bytes();
+    let mut inbox = AdminInbox::new(&identity);
+    while let Some(payload) = payloads.recv().await {
+        let request = match inbox.handle_payload(&payload, Instant::now()) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(why) => {
+                trace!(?why, "admin endpoint packet not used");
+                continue;
+            }
         };
-        let chunk = Frame::decode(&bytes)
-            .map_err(GatewayError::Frame)
-            .and_then(|f| ClientMsg::from_frame(&f).map_err(GatewayError::from));
-        let outcome = match chunk {
-            Ok(ClientMsg::AdminChunk {
-                index,
-                count,
-                bytes,
-            }) if count <= MAX_ADMIN_CHUNKS => match assembler.push(index, count, &bytes) {
-                Ok(None) => continue,
-                Ok(Some(command)) => admin_command(command, clients).await,
-                Err(_) => Err((AdminRefusal::Malformed, "admin command too long")),
+        let hosted = clients.hosted.get();
+        let command = request.command.into_bytes();
+        let claimed = crate::remote_admin::claimed(&command);
+        let checked = tokio::task::spawn_blocking(move || check_command(&command, &hosted))
+            .await
+            .unwrap_or(Err((AdminRefusal::Internal, "check task failed")));
+        let (subnet, sequence, outcome) = match checked {
+            Ok(c) => (
+                c.subnet(),
+                c.command.sequence(),
+                admin_command(c, &clients).await,
+            ),
+            // A refusal names only what the request claimed: one answer per request, of
+            // fixed content, so the endpoint amplifies nothing.
+            Err(refusal) => match claimed {
+                Some((subnet, sequence)) => (subnet, sequence, Err(refusal)),
+                None => {
+                    m.admin_refused(refusal.0);
+                    info!(cause = refusal.0.label(), "admin command refused");
+                    continue;
+                }
             },
-            _ => Err((AdminRefusal::Malformed, "expected an admin chunk")),
         };
-        let (refusal, message, usage) = match outcome {
-            Ok(usage) => {
+        match &outcome {
+            Ok(_) => {
                 m.admin_applied.fetch_add(1, Ordering::Relaxed);
-                (None, "applied".to_owned(), usage)
             }
-            Err((cause, message)) => {
-                m.admin_refused(cause);
+            Err((cause, _)) => {
+                m.admin_refused(*cause);
                 info!(cause = cause.label(), "admin command refused");
-                (Some(cause), message.to_owned(), None)
-            }
-        };
-        // A usage report's chunks (if any), then the result.
-        let Ok(frames) = crate::remote_admin::answer_frames(refusal, message, usage.as_ref())
-        else {
-            break;
-        };
-        if out.is_none() {
-            match link.open_frames(FRAME_SIZE).await {
-                Ok(s) => out = Some(s),
-                Err(_) => break,
             }
         }
-        let Some(tx) = out.as_mut() else { break };
-        let mut sent = true;
-        for frame in &frames {
-            if tx.send(frame.as_bytes()).await.is_err() {
-                sent = false;
-                break;
-            }
-        }
-        if !sent {
-            break;
+        let sent = answer(&identity, subnet, sequence, &outcome)
+            .and_then(|bytes| send_answer(&clients.pipeline, &me, &request.reply_to, &bytes));
+        if let Err(e) = sent {
+            warn!(error = %e, "cannot send an admin answer");
         }
     }
-    if let Some(mut tx) = out {
-        let _ = tx.finish();
-        let _ = tokio::time::timeout(REFUSAL_LINGER, link.connection().closed()).await;
-    }
-    link.close();
 }
 
-/// Checks one assembled command and has the mailbox task apply it.
+/// Builds the answer's packets and puts them into this gateway's own pipeline, where
+/// they start their route as its clients' packets do.
+fn send_answer(
+    pipeline: &Pipeline,
+    me: &NodeKey,
+    to: &shoal_subnet::ReplyTo,
+    bytes: &[u8],
+) -> Result<(), GatewayError> {
+    let topo = pipeline.current_document().ok_or(GatewayError::Internal(
+        "no directory to route an admin answer",
+    ))?;
+    let mut rng = rand::rng();
+    let plaintexts = answer_plaintexts(&mut rng, to, bytes)?;
+    for frame in route_answer(&mut rng, &topo, me, to, &plaintexts)? {
+        if !pipeline.inject(Box::new(*frame.as_bytes()), Instant::now()) {
+            return Err(GatewayError::Internal("pipeline overloaded"));
+        }
+    }
+    Ok(())
+}
+
+/// Has the mailbox task apply one checked command; `Ok` once it is durable.
 async fn admin_command(
-    command: Vec<u8>,
+    checked: CheckedAdmin,
     clients: &Clients,
 ) -> Result<Option<UsageReport>, Refusal> {
-    let hosted = clients.hosted.get();
-    let checked = tokio::task::spawn_blocking(move || check_command(&command, &hosted))
-        .await
-        .map_err(|_| (AdminRefusal::Internal, "check task failed"))??;
     let action = match checked.command.action() {
         AccountAction::CreateAccount { .. } => "create_account",
         AccountAction::Deprovision { .. } => "deprovision",
@@ -1151,11 +1183,11 @@ fn answer_now(c: Control, clients: &Clients) -> (Vec<GatewayMsg>, bool) {
             false,
         ),
         Control::Msg(ClientMsg::GetDirectory, _) => (directory(&clients.pipeline), false),
-        // Only admin links (a hosted subnet's key) may send commands.
+        // Commands come through the mixnet now (`admin_inbox`); no link carries them.
         Control::Msg(ClientMsg::AdminChunk { .. }, _) => (
             vec![GatewayMsg::AdminResult {
                 refusal: Some(AdminRefusal::NotAdmin),
-                message: "this link is not a hosted subnet's admin".into(),
+                message: "admin commands travel through the mixnet, not on a link".into(),
             }],
             false,
         ),

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod admin;
+pub mod admin_inbox;
 pub mod config;
 pub mod driver;
 pub mod limit;

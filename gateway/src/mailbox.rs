@@ -20,8 +20,8 @@ use rand::CryptoRng;
 use sha2::{Digest, Sha256};
 use shoal_packet::SPHINX_PAYLOAD_SIZE;
 use shoal_packet::payload::{ACK_MESSAGE_SIZE, split_plaintext};
-pub use shoal_packet::sphinx::DROP_MAILBOX;
 use shoal_packet::sphinx::{self, ForwardPacket, MailboxAddress, SURB_SIZE, SurbId};
+pub use shoal_packet::sphinx::{ADMIN_MAILBOX, DROP_MAILBOX};
 use shoal_subnet::{
     AccountAction, AccountUsage, CommandGuard, Policy, SubnetError, SubnetId, UsageReport,
 };
@@ -146,6 +146,10 @@ pub enum DeliverOutcome {
     /// released by [`Mailbox::on_committed`] exactly as a real item's, so the acks a
     /// gateway sends count a sender's λP slots, not its real messages.
     Cover { ack: bool },
+    /// For the admin endpoint ([`ADMIN_MAILBOX`]): nothing is stored; the driver hands
+    /// the payload to [`crate::admin_inbox::AdminInbox`]. Its ack rides the current write
+    /// batch like λP cover's, so a command's packets are acked exactly like any other.
+    Admin { ack: bool },
     /// No account has this mailbox: discarded.
     UnknownMailbox,
     /// The mailbox is at its quota: refused, no ack, so the sender retries later.
@@ -408,6 +412,8 @@ pub struct MailboxStats {
     pub orphans: u64,
     /// Admin commands applied (handed to the store).
     pub admin_applied: u64,
+    /// Packets delivered to the admin endpoint ([`ADMIN_MAILBOX`]).
+    pub admin_packets: u64,
     /// Links closed or refused because their account was de-provisioned or revoked.
     pub accounts_cut: u64,
 }
@@ -784,7 +790,7 @@ impl Mailbox {
             return Err(GatewayError::AccountExists);
         }
         let tag = MailboxTag::derive(&self.salt, mailbox);
-        if *mailbox == DROP_MAILBOX {
+        if *mailbox == DROP_MAILBOX || *mailbox == ADMIN_MAILBOX {
             return Err(GatewayError::MailboxTaken);
         }
         if self.boxes.contains_key(&tag) {
@@ -867,6 +873,17 @@ impl Mailbox {
                 self.open.acks.push(a);
             }
             return DeliverOutcome::Cover { ack: has_ack };
+        }
+        if *destination == ADMIN_MAILBOX {
+            // Acked on the same commit as everything beside it; what it carries is the
+            // admin endpoint's business, not the store's.
+            self.stats.admin_packets += 1;
+            let ack = ack_slot(&payload);
+            let has_ack = ack.is_some();
+            if let Some(a) = ack {
+                self.open.acks.push(a);
+            }
+            return DeliverOutcome::Admin { ack: has_ack };
         }
         let tag = MailboxTag::derive(&self.salt, destination);
         let ttl = self.ttl_of(&tag);
@@ -1356,13 +1373,24 @@ pub(crate) mod tests {
             ack_to: &MailboxAddress,
             ack_id: [u8; 16],
         ) -> (SurbId, Vec<u8>, ReplyBlock) {
+            self.forward_with_body(to, ack_to, ack_id, &[0x5a; BODY_SIZE])
+        }
+
+        /// [`Self::forward_with_ack`] with a chosen sealed body.
+        pub(crate) fn forward_with_body(
+            &mut self,
+            to: &MailboxAddress,
+            ack_to: &MailboxAddress,
+            ack_id: [u8; 16],
+            body: &[u8],
+        ) -> (SurbId, Vec<u8>, ReplyBlock) {
             let hops = [self.exit.clone()];
             let block = build_surb(&mut self.rng, &hops, &[Duration::ZERO], ack_to).unwrap();
             let slot = AckSlot {
                 surb: block.surb,
                 message: ack_message(&ack_id, 0),
             };
-            let plaintext = join_plaintext(&slot, &[0x5a; BODY_SIZE]).unwrap();
+            let plaintext = join_plaintext(&slot, body).unwrap();
             let (fwd, _) =
                 build_forward(&mut self.rng, &hops, &[Duration::ZERO], to, &plaintext).unwrap();
             let (dest, surb_id, payload) = self.arrive(&fwd.packet);

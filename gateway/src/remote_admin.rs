@@ -1,36 +1,21 @@
-//! Admin-signed subnet commands over the network, both ends.
+//! Admin-signed subnet commands: the check every command passes before the mailbox
+//! core applies it, whichever way it came.
 //!
-//! The admin dials the gateway's client endpoint with its subnet key as the link
-//! identity, sends one signed command as fixed-size `AdminChunk` frames and reads one
-//! `AdminResult` frame ([`execute`]). The gateway accepts such a link only from the admin
-//! key of a subnet in its config, checks the command's signature off the mailbox task
-//! with [`check_command`], and hands the
-//! resulting [`CheckedAdmin`] to [`crate::Mailbox::apply_admin`], which checks target,
+//! Commands reach a gateway through the mixnet ([`crate::admin_inbox`]): the admin's own
+//! client sends them as ordinary messages to the gateway's admin endpoint. The gateway
+//! checks the command's signature off the mailbox task with [`check_command`], and hands
+//! the resulting [`CheckedAdmin`] to [`crate::Mailbox::apply_admin`], which checks target,
 //! expiry and sequence against the persisted guard and applies it. The answer goes out
-//! only after the store reports the batch durable.
+//! only after the store reports the batch durable. The one read-only command, account
+//! usage, goes the same way (signed, fresh, sequenced, answered once its sequence number
+//! is durable) and is answered with a [`shoal_subnet::UsageReport`].
 //!
-//! The one read-only command, account usage ([`query_usage`]), goes the same way (signed,
-//! fresh, sequenced, answered once its sequence number is durable); its answer is a
-//! [`UsageReport`] in `AdminReport` chunks before the `AdminResult`.
+//! (Admins used to dial the gateway's client port with their subnet key and send the
+//! command as a burst of `AdminChunk` frames: a link of its own whose frame count grew
+//! with the command. That path is gone; gateways refuse such frames.)
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use ed25519_dalek::SigningKey;
-use shoal_link::{LinkEndpoint, NodeKey, PeerSet};
-use shoal_packet::{FRAME_SIZE, Frame};
-use shoal_subnet::{
-    SignedCheckedCommand, SignedCommand, SubnetError, SubnetId, UncheckedCommand, UsageReport,
-};
-
-use crate::GatewayError;
-use shoal_packet::protocol::{
-    AdminRefusal, ChunkAssembler, GatewayMsg, MAX_ADMIN_CHUNKS, MAX_CHUNK_BYTES, admin_chunks,
-};
-
-/// The longest report an admin command is answered with: what `MAX_ADMIN_CHUNKS`
-/// chunks carry (about 4,700 accounts; a longer report is cut and says so).
-pub const MAX_REPORT_BYTES: usize = MAX_CHUNK_BYTES * MAX_ADMIN_CHUNKS as usize;
+use shoal_packet::protocol::AdminRefusal;
+use shoal_subnet::{SignedCheckedCommand, SubnetError, SubnetId, UncheckedCommand};
 
 /// A command whose admin signature verified against a hosted subnet. Freshness and
 /// replay are checked when the mailbox core applies it.
@@ -49,8 +34,14 @@ impl CheckedAdmin {
 /// without keys or addresses.
 pub type Refusal = (AdminRefusal, &'static str);
 
+/// The subnet and sequence number a command claims (unchecked), to address the answer
+/// refusing it; `None` if it does not even parse (then no answer can name it).
+pub fn claimed(bytes: &[u8]) -> Option<(SubnetId, u64)> {
+    UncheckedCommand::parse(bytes).ok().map(|c| c.claimed())
+}
+
 /// Parses `bytes` as a signed command and checks its signature against the `hosted`
-/// subnets. Public-key work: the driver runs it on the admin link's task.
+/// subnets. Public-key work: the driver runs it on a blocking thread.
 pub fn check_command(bytes: &[u8], hosted: &[SubnetId]) -> Result<CheckedAdmin, Refusal> {
     let unchecked = UncheckedCommand::parse(bytes)
         .map_err(|_| (AdminRefusal::Malformed, "command does not parse"))?;
@@ -67,205 +58,21 @@ pub fn check_command(bytes: &[u8], hosted: &[SubnetId]) -> Result<CheckedAdmin, 
     Ok(CheckedAdmin { command })
 }
 
-/// The frames that answer one admin command: the usage report's `AdminReport` chunks
-/// if there is one, then the `AdminResult`. Every one is a full-size frame.
-pub(crate) fn answer_frames(
-    refusal: Option<AdminRefusal>,
-    message: String,
-    usage: Option<&UsageReport>,
-) -> Result<Vec<Frame>, GatewayError> {
-    let mut frames = Vec::new();
-    if let Some(report) = usage {
-        let bytes = report.encode(MAX_REPORT_BYTES);
-        let chunks: Vec<&[u8]> = bytes.chunks(MAX_CHUNK_BYTES).collect();
-        // At most MAX_ADMIN_CHUNKS: the encoding is cut to MAX_REPORT_BYTES.
-        let count = u16::try_from(chunks.len()).map_err(|_| GatewayError::TooLong {
-            what: "usage report",
-            len: bytes.len(),
-            max: MAX_REPORT_BYTES,
-        })?;
-        for (index, chunk) in (0..count).zip(chunks) {
-            let msg = GatewayMsg::AdminReport {
-                index,
-                count,
-                bytes: chunk.to_vec(),
-            };
-            frames.push(msg.to_frame()?);
-        }
-    }
-    frames.push(GatewayMsg::AdminResult { refusal, message }.to_frame()?);
-    Ok(frames)
-}
-
-/// Sends an [`shoal_subnet::AccountAction::AccountUsage`] `command` (see [`execute`]) and returns the
-/// gateway's report on the subnet's accounts there.
-pub async fn query_usage(
-    admin: &SigningKey,
-    gateway_addr: SocketAddr,
-    gateway_key: NodeKey,
-    command: &SignedCommand,
-    timeout: Duration,
-) -> Result<UsageReport, GatewayError> {
-    let report = exchange(
-        admin,
-        gateway_addr,
-        gateway_key,
-        &command.to_bytes(),
-        timeout,
-    )
-    .await?
-    .ok_or_else(|| GatewayError::AdminLink {
-        detail: "the gateway answered without a usage report".into(),
-    })?;
-    UsageReport::decode(&report).map_err(|e| GatewayError::AdminLink {
-        detail: format!("the gateway's usage report: {e}"),
-    })
-}
-
-/// Sends `command` to the gateway at `gateway_addr` (its client endpoint, pinned to
-/// `gateway_key`) over a link authenticated by `admin`, and waits for the answer.
-///
-/// `Ok(())` only once the gateway has applied the command and made it durable.
-/// A refusal is [`GatewayError::AdminRefused`] (nothing changed); a link failure or
-/// `timeout` is [`GatewayError::AdminLink`] (the command may or may not have been
-/// applied; re-sending it is safe, a replay is refused).
-pub async fn execute(
-    admin: &SigningKey,
-    gateway_addr: SocketAddr,
-    gateway_key: NodeKey,
-    command: &SignedCommand,
-    timeout: Duration,
-) -> Result<(), GatewayError> {
-    execute_bytes(
-        admin,
-        gateway_addr,
-        gateway_key,
-        &command.to_bytes(),
-        timeout,
-    )
-    .await
-}
-
-/// [`execute`] with the command as bytes (tests send malformed or forged ones).
-pub(crate) async fn execute_bytes(
-    admin: &SigningKey,
-    gateway_addr: SocketAddr,
-    gateway_key: NodeKey,
-    command: &[u8],
-    timeout: Duration,
-) -> Result<(), GatewayError> {
-    exchange(admin, gateway_addr, gateway_key, command, timeout)
-        .await
-        .map(drop)
-}
-
-/// Sends one command and reads its answer: the report that came with it, if any.
-async fn exchange(
-    admin: &SigningKey,
-    gateway_addr: SocketAddr,
-    gateway_key: NodeKey,
-    command: &[u8],
-    timeout: Duration,
-) -> Result<Option<Vec<u8>>, GatewayError> {
-    let chunks = admin_chunks(command)?;
-    let mut frames = Vec::with_capacity(chunks.len());
-    for c in &chunks {
-        frames.push(c.to_frame()?);
-    }
-    let bind = if gateway_addr.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let link_err = |what: &'static str, e: &dyn std::fmt::Display| GatewayError::AdminLink {
-        detail: format!("{what}: {e}"),
-    };
-    let endpoint =
-        LinkEndpoint::bind(bind, admin, PeerSet::new()).map_err(|e| link_err("bind", &e))?;
-    let exchange = async {
-        let link = endpoint
-            .connect(gateway_addr, gateway_key)
-            .await
-            .map_err(|e| link_err("connect", &e))?;
-        let mut tx = link
-            .open_frames(FRAME_SIZE)
-            .await
-            .map_err(|e| link_err("open stream", &e))?;
-        for f in &frames {
-            tx.send(f.as_bytes())
-                .await
-                .map_err(|e| link_err("send", &e))?;
-        }
-        let mut rx = link
-            .accept_frames(FRAME_SIZE)
-            .await
-            .map_err(|e| link_err("gateway stream", &e))?;
-        let mut report = ChunkAssembler::new(MAX_REPORT_BYTES);
-        let mut report_done = None;
-        let answer = loop {
-            let bytes = rx
-                .recv()
-                .await
-                .map_err(|e| link_err("read", &e))?
-                .ok_or_else(|| GatewayError::AdminLink {
-                    detail: "gateway closed the link without answering".into(),
-                })?;
-            let msg = Frame::decode(bytes)
-                .map_err(GatewayError::Frame)
-                .and_then(|f| GatewayMsg::from_frame(&f).map_err(GatewayError::from))?;
-            match msg {
-                GatewayMsg::AdminResult { refusal, message } => break (refusal, message),
-                GatewayMsg::AdminReport {
-                    index,
-                    count,
-                    bytes,
-                } if count <= MAX_ADMIN_CHUNKS => {
-                    if let Some(done) = report.push(index, count, &bytes)? {
-                        report_done = Some(done);
-                    }
-                }
-                GatewayMsg::Error { code, message } => {
-                    let refusal = if code == crate::ErrorCode::Unauthenticated {
-                        AdminRefusal::NotAdmin
-                    } else {
-                        AdminRefusal::Internal
-                    };
-                    break (Some(refusal), message);
-                }
-                // Nothing else is sent on an admin link; skip rather than guess.
-                _ => continue,
-            }
-        };
-        let _ = tx.finish();
-        link.close();
-        Ok::<_, GatewayError>((answer, report_done))
-    };
-    let result = tokio::time::timeout(timeout, exchange).await;
-    endpoint.close();
-    match result {
-        Err(_) => Err(GatewayError::AdminLink {
-            detail: format!("no answer within {timeout:?}"),
-        }),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(((None, _), report))) => Ok(report),
-        Ok(Ok(((Some(refusal), message), _))) => {
-            Err(GatewayError::AdminRefused { refusal, message })
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub(crate) mod tests {
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+    use ed25519_dalek::SigningKey;
     use shoal_packet::SPHINX_PAYLOAD_SIZE;
+    use shoal_subnet::UsageReport;
     use shoal_subnet::{
         AccountAction, BurnOnRead, CommandBody, Policy, PolicyBody, RoleRule, SubnetAdmin,
     };
     use shoal_topology::Hex32;
 
     use super::*;
+    use crate::GatewayError;
     use crate::mailbox::{Committed, Mailbox, MailboxConfig, Salt};
     use crate::store::{Store, StoreConfig};
 
@@ -726,150 +533,6 @@ pub(crate) mod tests {
         );
     }
 
-    /// The usage query over a real admin link to a running gateway: answered with a
-    /// report of the subnet's accounts only, refused when replayed or on a client link.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn usage_query_over_the_network() {
-        use rand::SeedableRng;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(78);
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("gw");
-        shoal_relay::keystore::create_identity(&dir, &mut rng).unwrap();
-        shoal_relay::keystore::self_certify(&dir, shoal_topology::Role::Gateway).unwrap();
-        let a_key = SigningKey::generate(&mut rng);
-        let a = SubnetAdmin::new(a_key.clone());
-        let mut config =
-            crate::tests::gateway_config(&dir, "127.0.0.1:9".parse().unwrap(), [1; 32]);
-        config.subnets = vec![a.subnet()];
-        let gw = crate::spawn(config).await.unwrap();
-        let (addr, gw_key) = (gw.client_addr(), gw.identity());
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let cmd = |seq: u64, action: AccountAction| {
-            a.issue_command(CommandBody {
-                subnet: Hex32([0; 32]),
-                gateway: Hex32(gw_key),
-                sequence: seq,
-                expires_at: now + 300,
-                action,
-            })
-            .unwrap()
-        };
-        let t = Duration::from_secs(10);
-        for (seq, (k, mb, quota)) in [(10u8, 0xa0u8, 5u32), (11, 0xa1, 9)]
-            .into_iter()
-            .enumerate()
-        {
-            let action = AccountAction::CreateAccount {
-                account: key(k),
-                mailbox: Hex32([mb; 32]),
-                quota,
-            };
-            execute(&a_key, addr, gw_key, &cmd(seq as u64 + 1, action), t)
-                .await
-                .unwrap();
-        }
-        let query = cmd(3, AccountAction::AccountUsage);
-        let report = query_usage(&a_key, addr, gw_key, &query, t).await.unwrap();
-        assert_eq!(report.total_accounts, 2);
-        let mut got: Vec<_> = report
-            .accounts
-            .iter()
-            .map(|u| (u.id, u.items, u.bytes, u.quota))
-            .collect();
-        got.sort();
-        let mut want = vec![
-            (shoal_subnet::usage_id(&a.subnet(), &key(10)), 0, 0, 5),
-            (shoal_subnet::usage_id(&a.subnet(), &key(11)), 0, 0, 9),
-        ];
-        want.sort();
-        assert_eq!(got, want);
-        // The same signed query again is a replay: refused, no report.
-        assert!(matches!(
-            query_usage(&a_key, addr, gw_key, &query, t).await,
-            Err(GatewayError::AdminRefused {
-                refusal: AdminRefusal::Replayed,
-                ..
-            })
-        ));
-        // A plain command is answered without a report; asking for one from it is an error.
-        let err = query_usage(
-            &a_key,
-            addr,
-            gw_key,
-            &cmd(
-                4,
-                AccountAction::SetQuota {
-                    account: key(10),
-                    quota: 6,
-                },
-            ),
-            t,
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(err, GatewayError::AdminLink { .. }), "{err}");
-        gw.shutdown().await;
-    }
-
-    #[test]
-    fn a_usage_report_travels_in_full_size_frames_and_is_cut_to_fit() {
-        use shoal_subnet::AccountUsage;
-        let decode = |frames: &[Frame]| {
-            let mut asm = ChunkAssembler::new(MAX_REPORT_BYTES);
-            let mut report = None;
-            let mut result = None;
-            for f in frames {
-                assert_eq!(f.as_bytes().len(), FRAME_SIZE);
-                match GatewayMsg::from_frame(f).unwrap() {
-                    GatewayMsg::AdminReport {
-                        index,
-                        count,
-                        bytes,
-                    } => {
-                        assert!(result.is_none(), "the report comes before the result");
-                        if let Some(done) = asm.push(index, count, &bytes).unwrap() {
-                            report = Some(UsageReport::decode(&done).unwrap());
-                        }
-                    }
-                    GatewayMsg::AdminResult { refusal, .. } => result = Some(refusal),
-                    other => panic!("{other:?}"),
-                }
-            }
-            (report, result.expect("a result frame"))
-        };
-        // No report: one result frame, as before.
-        let frames = answer_frames(None, "applied".into(), None).unwrap();
-        assert_eq!(frames.len(), 1);
-        assert_eq!(decode(&frames), (None, None));
-        // A report longer than the answer can carry: cut, and it says how many exist.
-        let many = UsageReport {
-            total_accounts: 6000,
-            accounts: (0..6000u32)
-                .map(|i| AccountUsage {
-                    id: [(i % 251) as u8; 16],
-                    items: i,
-                    quota: 10_000,
-                    bytes: u64::from(i) * SPHINX_PAYLOAD_SIZE as u64,
-                })
-                .collect(),
-        };
-        let frames = answer_frames(None, "applied".into(), Some(&many)).unwrap();
-        assert_eq!(frames.len(), usize::from(MAX_ADMIN_CHUNKS) + 1);
-        let (report, refusal) = decode(&frames);
-        let report = report.unwrap();
-        assert_eq!(refusal, None);
-        assert_eq!(report.total_accounts, 6000);
-        assert!(report.accounts.len() > 4000 && report.accounts.len() < 6000);
-        assert_eq!(report.accounts[..], many.accounts[..report.accounts.len()]);
-    }
-
-    /// Hole 6: a gateway is given, and keeps, only what it enforces of a policy (version,
-    /// TTL bound, revoked link keys): whoever holds its database learns no federation
-    /// partner, role, rule or revoked member identity key, and the enforcement survives
-    /// a restart.
     #[test]
     fn rogue_gateway_store_keeps_no_federation_partners() {
         let dir = tempfile::tempdir().unwrap();

@@ -262,6 +262,20 @@ fn real_packet(
     ack_box: &MailboxAddress,
     ack_id: [u8; 16],
 ) -> (Frame, ReplyBlock, Vec<u8>) {
+    let body = vec![ack_id[0]; BODY_SIZE];
+    real_packet_with_body(rng, topo, (entry, exit), mailbox, ack_box, ack_id, body)
+}
+
+/// [`real_packet`] with a chosen sealed body.
+fn real_packet_with_body(
+    rng: &mut StdRng,
+    topo: &Topology,
+    (entry, exit): (&NodeId, &NodeId),
+    mailbox: &MailboxAddress,
+    ack_box: &MailboxAddress,
+    ack_id: [u8; 16],
+    body: Vec<u8>,
+) -> (Frame, ReplyBlock, Vec<u8>) {
     let epoch = topo.epoch();
     let delays = |n| vec![Duration::from_millis(1); n];
     let ack_route: Vec<Hop> = topo
@@ -273,7 +287,6 @@ fn real_packet(
         surb: block.surb,
         message: ack_message(&ack_id, EpochSchedule::frame_label(epoch)),
     };
-    let body = vec![ack_id[0]; BODY_SIZE];
     let plaintext = join_plaintext(&slot, &body).unwrap();
     let route = topo.client_route(rng, epoch, entry, exit).unwrap();
     let (fwd, _) =
@@ -349,6 +362,7 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
     let alice = SigningKey::generate(&mut rng);
     let bob = SigningKey::generate(&mut rng);
     let (dir_a, dir_b) = (tmp.path().join("gw-a"), tmp.path().join("gw-b"));
+    let subnet_admin = shoal_subnet::SubnetAdmin::from_secret([0x5b; 32]);
     let mut configs = Vec::new();
     for (dir, key, mailbox) in [(&dir_a, &alice, ALICE_BOX), (&dir_b, &bob, BOB_BOX)] {
         shoal_relay::keystore::create_identity(dir, &mut rng).unwrap();
@@ -358,6 +372,7 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
         admin::add_account(&config, node_key(key), &mailbox, None).unwrap();
         configs.push(config);
     }
+    configs[1].subnets = vec![subnet_admin.subnet()];
     let gw_a = crate::spawn(configs[0].clone()).await.unwrap();
     let mut gw_b = crate::spawn(configs[1].clone()).await.unwrap();
     for r in &relays {
@@ -473,6 +488,92 @@ async fn packet_crosses_the_mixnet_into_a_mailbox_and_its_ack_comes_back() {
     assert!(text.contains("shoal_gateway_pulls_total "), "{text}");
     assert!(gw_b.stats().mailbox.pulls >= 2);
 
+    // An admin command through the mixnet: Alice (standing in for the admin's client)
+    // sends a signed CreateAccount to B's admin endpoint, sealed to B's identity, in an
+    // ordinary packet with a SURB-ack; B applies it, acks the packet and answers Alice
+    // through the mix layers with an answer B signs.
+    let alice_x = x25519_dalek::StaticSecret::from([0x3a; 32]);
+    let carol = SigningKey::generate(&mut rng);
+    let command = subnet_admin
+        .issue_command(shoal_subnet::CommandBody {
+            subnet: Hex32([0; 32]),
+            gateway: Hex32(b_id),
+            sequence: 1,
+            expires_at: unix_now() + 300,
+            action: shoal_subnet::AccountAction::CreateAccount {
+                account: Hex32(node_key(&carol)),
+                mailbox: Hex32([0xc1; 32]),
+                quota: 3,
+            },
+        })
+        .unwrap();
+    let request = shoal_subnet::AdminRequest::new(
+        &command,
+        shoal_subnet::ReplyTo {
+            mailbox: Hex32(ALICE_BOX),
+            gateway: Hex32(a_id),
+            seal_key: Hex32(x25519_dalek::PublicKey::from(&alice_x).to_bytes()),
+        },
+    )
+    .to_bytes();
+    let fragments = shoal_packet::fragment::fragment([0x42; 16], &request).unwrap();
+    assert_eq!(fragments.len(), 1, "a create command is one packet");
+    let seal_to = crate::admin_inbox::admin_seal_key(&b_id).unwrap();
+    let body = shoal_packet::seal::seal(&mut rng, &seal_to, &fragments[0].encode()).unwrap();
+    let (frame, surb, _) = real_packet_with_body(
+        &mut rng,
+        &topo,
+        (&a_id, &b_id),
+        &crate::admin_inbox::ADMIN_MAILBOX,
+        &ALICE_BOX,
+        [3; 16],
+        body,
+    );
+    alice_c.send(&frame).await;
+    let (mut acked, mut answer, mut acks) = (false, None, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !acked || answer.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "acked {acked}, answer {answer:?}: {:#?}",
+            gw_b.stats()
+        );
+        for item in alice_c.pull_acking(std::mem::take(&mut acks)).await {
+            let GatewayMsg::Item {
+                id,
+                surb_id,
+                payload,
+            } = item
+            else {
+                unreachable!()
+            };
+            acks.push(id);
+            if &surb_id == surb.recovery.identifier() {
+                let reply = sphinx::open_reply(&surb.recovery, &payload[..]).unwrap();
+                assert_eq!(parse_ack_message(&reply).unwrap(), [3; 16]);
+                acked = true;
+            } else {
+                let plaintext = sphinx::open_forward(&payload[..]).unwrap();
+                let (slot, sealed) = split_plaintext(&plaintext).unwrap();
+                assert!(slot.surb.iter().all(|b| *b == 0), "the answer asks no ack");
+                let inner = shoal_packet::seal::open(&alice_x, sealed).unwrap();
+                let f = shoal_packet::Fragment::decode(&inner).unwrap();
+                assert_eq!(f.header.count, 1);
+                answer = Some(shoal_subnet::SignedAnswer::verify(&f.data, &Hex32(b_id)).unwrap());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = answer.unwrap();
+    assert_eq!(
+        (answer.subnet, answer.sequence, answer.refusal),
+        (subnet_admin.subnet(), 1, None)
+    );
+    let b = gw_b.stats();
+    assert_eq!(b.admin_applied, 1);
+    assert_eq!(b.mailbox.admin_packets, 1);
+    assert_eq!(b.accounts, 2, "Bob and now Carol");
+
     // A second message is acked (so durable at B), B restarts, and Bob still gets it.
     let (frame, surb, body) =
         real_packet(&mut rng, &topo, &a_id, &b_id, &BOB_BOX, &ALICE_BOX, [2; 16]);
@@ -528,14 +629,17 @@ fn admin_adds_and_removes_accounts_and_refuses_bad_keys() {
     );
 }
 
-/// Admin commands over the network: each command, each refusal, the live link of a
-/// de-provisioned account cut at once, a revoked key refused, a replay after a restart.
-/// No directory is needed: admin and client links do not route packets.
+/// Admin commands as the gateway's admin endpoint receives them (delivered packets of
+/// a sealed request): each command, each refusal, the live link of a de-provisioned
+/// account cut at once, a revoked key refused, a replay after a restart, and the old
+/// admin link refused. No directory is needed for the commands to apply (their answers
+/// need one to be routed; the mixnet test sends one all the way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_commands_over_the_network() {
-    use crate::remote_admin::execute;
+async fn admin_commands_through_the_endpoint() {
+    use crate::admin_inbox::tests::request_payloads;
+    use crate::mailbox::tests::Net;
     use shoal_packet::protocol::AdminRefusal;
-    use shoal_subnet::{AccountAction, CommandBody, SignedCommand, SubnetAdmin};
+    use shoal_subnet::{AccountAction, AdminRequest, CommandBody, ReplyTo, SubnetAdmin};
 
     let mut rng = StdRng::seed_from_u64(77);
     let tmp = tempfile::tempdir().unwrap();
@@ -550,131 +654,108 @@ async fn admin_commands_over_the_network() {
     );
     let mut config = gateway_config(&dir, "127.0.0.1:9".parse().unwrap(), [1; 32]);
     config.subnets = vec![a.subnet()];
+    let identity = shoal_relay::keystore::load_identity(&config.node.identity_path()).unwrap();
     let gw = crate::spawn(config.clone()).await.unwrap();
     let gw_key = gw.identity();
     let alice = SigningKey::generate(&mut rng);
     let now = unix_now();
-    let cmd = |admin: &SubnetAdmin, seq: u64, action: AccountAction| -> SignedCommand {
-        admin
-            .issue_command(CommandBody {
-                subnet: Hex32([0; 32]),
-                gateway: Hex32(gw_key),
-                sequence: seq,
-                expires_at: now + 300,
-                action,
-            })
-            .unwrap()
+    let mut net = Net::new(78);
+    let reply = ReplyTo {
+        mailbox: Hex32([0x55; 32]),
+        gateway: Hex32([0x56; 32]),
+        seal_key: Hex32([0x57; 32]),
+    };
+    let request = |admin: &SubnetAdmin, body: CommandBody| {
+        AdminRequest::new(&admin.issue_command(body).unwrap(), reply.clone()).to_bytes()
+    };
+    let body = |seq: u64, action: AccountAction| CommandBody {
+        subnet: Hex32([0; 32]),
+        gateway: Hex32(gw_key),
+        sequence: seq,
+        expires_at: now + 300,
+        action,
     };
     let create = AccountAction::CreateAccount {
         account: Hex32(node_key(&alice)),
         mailbox: Hex32(ALICE_BOX),
         quota: 5,
     };
-    let t = Duration::from_secs(10);
-    let refused = |r: Result<(), crate::GatewayError>| match r {
-        Err(crate::GatewayError::AdminRefused { refusal, .. }) => refusal,
-        other => panic!("expected a refusal, got {other:?}"),
+    // Plays a request's packets into the endpoint as the mixnet would deliver them.
+    async fn send(gw: &GatewayHandle, payloads: Vec<Vec<u8>>) {
+        for p in payloads {
+            gw.dangerously_deliver_admin(p).await;
+        }
+    }
+    let packets = |net: &mut Net, bytes: Vec<u8>| request_payloads(net, &identity, &bytes);
+    let settled = |gw: &GatewayHandle, applied: u64, refused: Option<(AdminRefusal, u64)>| {
+        let s = gw.stats();
+        s.admin_applied == applied && refused.is_none_or(|(c, n)| s.admin_refused(c) == n)
     };
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
-    // Before the account exists, Alice is refused; after Ok, she is served at once.
-    let create1 = cmd(&a, 1, create.clone());
-    execute(&a_key, gw.client_addr(), gw_key, &create1, t)
-        .await
-        .unwrap();
+    // Before the account exists, Alice is refused; once applied, she is served at once.
+    let create1 = request(&a, body(1, create.clone()));
+    send(&gw, packets(&mut net, create1.clone())).await;
+    until("create", || settled(&gw, 1, None)).await;
     let mut alice_c = TestClient::connect(&alice, &gw).await;
     assert!(alice_c.pull().await.is_empty());
 
     // Refusals, each counted by cause; none changes anything.
-    assert_eq!(
-        refused(execute(&a_key, gw.client_addr(), gw_key, &create1, t).await),
-        AdminRefusal::Replayed
-    );
-    assert_eq!(
-        refused(
-            execute(
-                &b_key,
-                gw.client_addr(),
-                gw_key,
-                &cmd(&b, 5, create.clone()),
-                t
-            )
-            .await
-        ),
-        AdminRefusal::NotAdmin
-    );
-    let mut elsewhere = CommandBody {
-        subnet: Hex32([0; 32]),
-        gateway: Hex32([9; 32]),
-        sequence: 6,
-        expires_at: now + 300,
-        action: create.clone(),
-    };
-    assert_eq!(
-        refused(
-            execute(
-                &a_key,
-                gw.client_addr(),
-                gw_key,
-                &a.issue_command(elsewhere.clone()).unwrap(),
-                t
-            )
-            .await
-        ),
-        AdminRefusal::WrongGateway
-    );
-    elsewhere.gateway = Hex32(gw_key);
-    elsewhere.expires_at = now - 10;
-    assert_eq!(
-        refused(
-            execute(
-                &a_key,
-                gw.client_addr(),
-                gw_key,
-                &a.issue_command(elsewhere).unwrap(),
-                t
-            )
-            .await
-        ),
-        AdminRefusal::Expired
-    );
-    // B's command carried over A's admin link: B is not hosted here.
-    assert_eq!(
-        refused(
-            crate::remote_admin::execute_bytes(
-                &a_key,
-                gw.client_addr(),
-                gw_key,
-                &cmd(&b, 7, create.clone()).to_bytes(),
-                t
-            )
-            .await
-        ),
-        AdminRefusal::UnknownSubnet
-    );
-    let forged = String::from_utf8(cmd(&a, 8, create.clone()).to_bytes())
+    send(&gw, packets(&mut net, create1.clone())).await;
+    until("replay", || {
+        settled(&gw, 1, Some((AdminRefusal::Replayed, 1)))
+    })
+    .await;
+    let mut elsewhere = body(6, create.clone());
+    elsewhere.gateway = Hex32([9; 32]);
+    send(&gw, packets(&mut net, request(&a, elsewhere))).await;
+    until("wrong gateway", || {
+        settled(&gw, 1, Some((AdminRefusal::WrongGateway, 1)))
+    })
+    .await;
+    let mut expired = body(7, create.clone());
+    expired.expires_at = now - 10;
+    send(&gw, packets(&mut net, request(&a, expired))).await;
+    until("expired", || {
+        settled(&gw, 1, Some((AdminRefusal::Expired, 1)))
+    })
+    .await;
+    // B is not hosted here.
+    send(&gw, packets(&mut net, request(&b, body(7, create.clone())))).await;
+    until("unknown subnet", || {
+        settled(&gw, 1, Some((AdminRefusal::UnknownSubnet, 1)))
+    })
+    .await;
+    let forged = String::from_utf8(request(&a, body(8, create.clone())))
         .unwrap()
-        .replace("\\\"quota\\\":5", "\\\"quota\\\":500");
-    assert_eq!(
-        refused(
-            crate::remote_admin::execute_bytes(
-                &a_key,
-                gw.client_addr(),
-                gw_key,
-                forged.as_bytes(),
-                t
-            )
-            .await
-        ),
-        AdminRefusal::BadSignature
-    );
-    // A client key sending admin chunks on its own link gets NotAdmin, no change.
-    alice_c
-        .send(
-            &shoal_packet::protocol::admin_chunks(&create1.to_bytes()).unwrap()[0]
-                .to_frame()
-                .unwrap(),
-        )
-        .await;
+        .replace("\\\\\\\"quota\\\\\\\":5", "\\\\\\\"quota\\\\\\\":500");
+    assert!(forged.contains("500"));
+    send(&gw, packets(&mut net, forged.into_bytes())).await;
+    until("forged", || {
+        settled(&gw, 1, Some((AdminRefusal::BadSignature, 1)))
+    })
+    .await;
+    // The old admin link is gone: the subnet key is refused like a stranger, and a
+    // client sending admin chunks on its own link gets NotAdmin, no change.
+    let mut old = TestClient::connect(&a_key, &gw).await;
+    assert!(matches!(
+        old.recv().await,
+        Some(GatewayMsg::Error {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+    let chunk = &shoal_packet::protocol::admin_chunks(
+        &a.issue_command(body(9, create.clone())).unwrap().to_bytes(),
+    )
+    .unwrap()[0];
+    alice_c.send(&chunk.to_frame().unwrap()).await;
     assert!(matches!(
         alice_c.recv().await,
         Some(GatewayMsg::AdminResult {
@@ -682,36 +763,28 @@ async fn admin_commands_over_the_network() {
             ..
         })
     ));
-    execute(
-        &a_key,
-        gw.client_addr(),
-        gw_key,
-        &cmd(
-            &a,
-            9,
-            AccountAction::SetQuota {
-                account: Hex32(node_key(&alice)),
-                quota: 7,
-            },
+    send(
+        &gw,
+        packets(
+            &mut net,
+            request(
+                &a,
+                body(
+                    9,
+                    AccountAction::SetQuota {
+                        account: Hex32(node_key(&alice)),
+                        quota: 7,
+                    },
+                ),
+            ),
         ),
-        t,
     )
-    .await
-    .unwrap();
+    .await;
+    until("quota", || settled(&gw, 2, None)).await;
     let s = gw.stats();
-    assert_eq!(s.admin_applied, 2);
-    for (cause, n) in [
-        (AdminRefusal::Replayed, 1),
-        (AdminRefusal::WrongGateway, 1),
-        (AdminRefusal::Expired, 1),
-        (AdminRefusal::UnknownSubnet, 1),
-        (AdminRefusal::BadSignature, 1),
-    ] {
-        assert_eq!(s.admin_refused(cause), n, "{cause}");
-    }
     assert_eq!(
         s.clients_refused, 1,
-        "B's admin key is refused like a stranger"
+        "the admin key is refused like a stranger"
     );
     let text = gw.metrics_text();
     assert!(
@@ -724,21 +797,22 @@ async fn admin_commands_over_the_network() {
 
     // De-provision: Alice's live link is closed at once and she cannot come back.
     let started = Instant::now();
-    execute(
-        &a_key,
-        gw.client_addr(),
-        gw_key,
-        &cmd(
-            &a,
-            10,
-            AccountAction::Deprovision {
-                account: Hex32(node_key(&alice)),
-            },
+    send(
+        &gw,
+        packets(
+            &mut net,
+            request(
+                &a,
+                body(
+                    10,
+                    AccountAction::Deprovision {
+                        account: Hex32(node_key(&alice)),
+                    },
+                ),
+            ),
         ),
-        t,
     )
-    .await
-    .unwrap();
+    .await;
     within(
         "de-provisioned link closes",
         alice_c.link.connection().closed(),
@@ -760,25 +834,21 @@ async fn admin_commands_over_the_network() {
     // works again (Alice re-enrolled), until a published policy revokes her key.
     gw.shutdown().await;
     let gw = crate::spawn(config.clone()).await.unwrap();
-    assert_eq!(
-        refused(execute(&a_key, gw.client_addr(), gw_key, &create1, t).await),
-        AdminRefusal::Replayed
-    );
-    execute(
-        &a_key,
-        gw.client_addr(),
-        gw_key,
-        &cmd(&a, 11, create.clone()),
-        t,
+    send(&gw, packets(&mut net, create1)).await;
+    until("replay after restart", || {
+        settled(&gw, 0, Some((AdminRefusal::Replayed, 1)))
+    })
+    .await;
+    send(
+        &gw,
+        packets(&mut net, request(&a, body(11, create.clone()))),
     )
-    .await
-    .unwrap();
+    .await;
+    until("re-create", || settled(&gw, 1, None)).await;
     let mut alice_c = TestClient::connect(&alice, &gw).await;
     assert!(alice_c.pull().await.is_empty());
     let policy = crate::remote_admin::tests::policy(&a, 1, 60, vec![Hex32(node_key(&alice))]);
-    execute(&a_key, gw.client_addr(), gw_key, &cmd(&a, 12, policy), t)
-        .await
-        .unwrap();
+    send(&gw, packets(&mut net, request(&a, body(12, policy)))).await;
     within("revoked link closes", alice_c.link.connection().closed()).await;
     let mut again = TestClient::connect(&alice, &gw).await;
     assert!(matches!(

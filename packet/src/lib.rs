@@ -5,6 +5,7 @@ pub mod frame;
 pub mod payload;
 pub mod protocol;
 pub mod replay;
+pub mod seal;
 pub mod sphinx;
 
 mod error;

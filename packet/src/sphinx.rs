@@ -31,6 +31,10 @@ pub type MailboxAddress = [u8; 32];
 /// forward packet for it that carries a usable SURB-ack (λP cover) is acked like a real
 /// one; one whose ack slot's SURB is all zero (λD drops) is not.
 pub const DROP_MAILBOX: MailboxAddress = [0u8; 32];
+/// The admin endpoint every gateway has: a message sealed to the gateway (its identity
+/// key on the Montgomery curve) and sent here is a subnet admin's signed command. It is
+/// acked like λP cover and never stored in a mailbox (see `shoal-gateway`).
+pub const ADMIN_MAILBOX: MailboxAddress = [0xad; 32];
 /// Identifier the exit hop receives with the payload; for SURB replies it names the
 /// recovery material, for forward packets it is random.
 pub type SurbId = [u8; 16];

@@ -13,7 +13,8 @@
 //! D/federation.json    federation offers made (nonce → expiry) and the replay guard over
 //!                      offers accepted
 //! D/client/            the admin's own `shoal client` directory (or the one state.json
-//!                      names, `use-client`): its running client carries policy updates
+//!                      names, `use-client`): its running client carries gateway commands
+//!                      and policy updates, and files answers in its admin-answers/
 //! ```
 //!
 //! Policy distribution: every new version is queued, one ordinary message per member it
@@ -23,6 +24,22 @@
 //! client applies a version only if this key signed it and it is newer than its own.
 //! Gateways get the version too, but only when what they enforce changes (TTL bound,
 //! revoked account keys).
+//!
+//! Gateway commands (create an account, de-provision, quota, publish the policy to a
+//! gateway, account usage) go the same way: each is signed, wrapped in an
+//! [`shoal_subnet::AdminRequest`] that names the admin client as where to answer, and
+//! queued in the admin client's `outbox/` for the gateway's admin endpoint (its
+//! [`ADMIN_MAILBOX`], sealed to its identity key). The running client sends it in its λP
+//! slots like any message, so the admin's link looks like any member's; no link ever
+//! carries the subnet key. The gateway answers through the mixnet with a signed
+//! [`SignedAnswer`]; the admin's running client files it in `admin-answers/`
+//! ([`keep_answer`]), where this command waits for it ([`ANSWER_TIMEOUT`]). Commands to
+//! one gateway go one at a time: the mixnet reorders, and a gateway takes each subnet's
+//! sequence numbers in order only.
+//!
+//! Bootstrap: the admin's client needs an account before it can send anything; the
+//! gateway operator adds it like any account outside a subnet
+//! (`shoal gateway account add`, gateway stopped).
 //!
 //! Federation: `federate offer` writes an offer signed by D/admin.key; the other admin's
 //! `federate accept` checks it (signature, expiry, not ours, not replayed), shows the
@@ -47,10 +64,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
+use shoal_gateway::admin_inbox::{ADMIN_MAILBOX, admin_seal_key};
 use shoal_subnet::{
-    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, OfferBody, OfferGuard,
-    Policy, PolicyBody, RoleRule, SubnetAdmin, SubnetError, SubnetId, UncheckedCredential,
-    UncheckedOffer, UsageReport, VerifiedCredential, usage_id,
+    AccountAction, AdminRequest, AnswerBody, BurnOnRead, CommandBody, CredentialBody, Federation,
+    OfferBody, OfferGuard, Policy, PolicyBody, ReplyTo, RoleRule, SignedAnswer, SubnetAdmin,
+    SubnetError, SubnetId, UncheckedCredential, UncheckedOffer, UsageReport, VerifiedCredential,
+    usage_id,
 };
 use shoal_topology::AuthorityAddr;
 use shoal_topology::Hex32;
@@ -63,8 +82,13 @@ const INVITES_DIR: &str = "invites";
 const FEDERATION_FILE: &str = "federation.json";
 /// The admin's own client directory unless state.json names another.
 const ADMIN_CLIENT_DIR: &str = "client";
-/// How long `list` waits for each gateway's usage report before calling it unreachable.
-const USAGE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Where the admin's running client files the gateways' answers.
+pub const ANSWERS_DIR: &str = "admin-answers";
+/// How long a command waits for its gateway's answer: a round trip through the mixnet
+/// (the admin client's λP slots, the mix delays, the pull interval) with room to spare.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `list` waits for the gateways' usage reports unless told.
+const USAGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a signed command stays valid: long enough to reach the gateway, short
 /// enough that a captured one is useless soon.
 const COMMAND_LIFETIME_SECS: u64 = 300;
@@ -175,6 +199,10 @@ pub enum AdminCommand {
         /// Do not ask the gateways (shows what this directory holds only).
         #[arg(long)]
         offline: bool,
+        /// How long to wait for the gateways' reports, which come back through the
+        /// mixnet; a gateway silent for this long is listed as unreachable.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
     },
     /// De-provision a member: its gateway stops its mailbox access at once, and a new
     /// policy version revokes its keys (published to the gateway, written to DIR).
@@ -370,6 +398,9 @@ struct State {
     /// updates to members through the mixnet (default: DIR/client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     client: Option<PathBuf>,
+    /// That client's contact card: where gateways send their answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_card: Option<String>,
 }
 
 /// DIR/members/HANDLE.json: what the admin needs to manage the account later.
@@ -453,7 +484,6 @@ fn field_hex32(text: &str, label: &str) -> anyhow::Result<[u8; 32]> {
 struct Subnet {
     dir: PathBuf,
     admin: SubnetAdmin,
-    key: SigningKey,
 }
 
 use crate::human_time::{human_date, human_time};
@@ -519,8 +549,7 @@ impl Subnet {
             .with_context(|| format!("{} is not an admin directory", dir.display()))?;
         Ok(Subnet {
             dir: dir.to_owned(),
-            admin: SubnetAdmin::new(key.clone()),
-            key,
+            admin: SubnetAdmin::new(key),
         })
     }
 
@@ -558,28 +587,25 @@ impl Subnet {
         )
     }
 
-    /// Asks one gateway for the usage of this subnet's accounts there (a signed,
-    /// read-only command).
+    /// Asks gateways for the usage of this subnet's accounts there (a signed,
+    /// read-only command each, all queued at once: different gateways keep their own
+    /// sequence), and waits up to `wait` for the answers (a report, or a refusal).
     async fn usage(
         &self,
-        gateway: SocketAddr,
-        gateway_key: [u8; 32],
-    ) -> anyhow::Result<UsageReport> {
-        let command = self.admin.issue_command(CommandBody {
-            subnet: self.id(),
-            gateway: Hex32(gateway_key),
-            sequence: self.next_sequence()?,
-            expires_at: unix_now() + COMMAND_LIFETIME_SECS,
-            action: AccountAction::AccountUsage,
-        })?;
-        Ok(shoal_gateway::remote_admin::query_usage(
-            &self.key,
-            gateway,
-            gateway_key,
-            &command,
-            USAGE_TIMEOUT,
-        )
-        .await?)
+        gateways: &[[u8; 32]],
+        wait: Duration,
+    ) -> anyhow::Result<Vec<anyhow::Result<AnswerBody>>> {
+        let mut sent = Vec::new();
+        for key in gateways {
+            sent.push(self.queue(*key, AccountAction::AccountUsage)?);
+        }
+        let deadline = std::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        for (key, sequence) in gateways.iter().zip(sent) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            out.push(self.answer(*key, sequence, left).await);
+        }
+        Ok(out)
     }
 
     fn save_policy(&self, policy: &Policy) -> anyhow::Result<()> {
@@ -600,28 +626,116 @@ impl Subnet {
         Ok(state.sequence)
     }
 
+    /// Sends `action` to the gateway `gateway_key` through the admin's client and the
+    /// mixnet, and returns once the gateway's signed answer says it is applied and
+    /// durable. A refusal, or no answer within [`ANSWER_TIMEOUT`], is an error (the
+    /// command may still be applied later: re-running it is safe, a replay is refused).
     async fn send(
         &self,
         gateway: SocketAddr,
         gateway_key: [u8; 32],
         action: AccountAction,
     ) -> anyhow::Result<()> {
+        let sequence = self.queue(gateway_key, action)?;
+        let answer = self
+            .answer(gateway_key, sequence, ANSWER_TIMEOUT)
+            .await
+            .with_context(|| format!("gateway {gateway}"))?;
+        match answer.refusal {
+            None => Ok(()),
+            Some(cause) => bail!(
+                "gateway {gateway} refused the command ({cause}): {}",
+                answer.message
+            ),
+        }
+    }
+
+    /// Signs `action` for `gateway_key` with the next sequence number and queues it in
+    /// the admin client's outbox, addressed to that gateway's admin endpoint. Returns
+    /// the sequence number, which the answer names.
+    fn queue(&self, gateway_key: [u8; 32], action: AccountAction) -> anyhow::Result<u64> {
+        let client = self.client_dir()?;
+        let reply_to = self.reply_to(&client)?;
+        let sequence = self.next_sequence()?;
         let command = self.admin.issue_command(CommandBody {
             subnet: self.id(),
             gateway: Hex32(gateway_key),
-            sequence: self.next_sequence()?,
+            sequence,
             expires_at: unix_now() + COMMAND_LIFETIME_SECS,
             action,
         })?;
-        shoal_gateway::remote_admin::execute(
-            &self.key,
-            gateway,
-            gateway_key,
-            &command,
-            Duration::from_secs(15),
-        )
-        .await
-        .with_context(|| format!("gateway {gateway}"))
+        let request = AdminRequest::new(&command, reply_to).to_bytes();
+        let card =
+            shoal_client::ContactCard::new("gateway admin", gateway_admin_contact(gateway_key)?)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::client_cmd::spool_bytes(&client, &card.to_text(), &request)?;
+        Ok(sequence)
+    }
+
+    /// Waits for the answer of `gateway_key` to command `sequence` in the admin client's
+    /// `admin-answers/`, checks the gateway's signature, and removes it.
+    async fn answer(
+        &self,
+        gateway_key: [u8; 32],
+        sequence: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<AnswerBody> {
+        let client = self.client_dir()?;
+        let path = client
+            .join(ANSWERS_DIR)
+            .join(answer_file(&gateway_key, sequence));
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(bytes) = std::fs::read(&path) {
+                let _ = std::fs::remove_file(&path);
+                let body = SignedAnswer::verify(&bytes, &Hex32(gateway_key))
+                    .context("the gateway's answer does not verify")?;
+                if body.subnet != self.id() || body.sequence != sequence {
+                    bail!("the gateway's answer is for another command");
+                }
+                return Ok(body);
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "no answer within {} s: is the admin's client running (`shoal client run --config {}`)? \
+                     The command stays queued until it expires; running it again is safe (a replay is refused)",
+                    timeout.as_secs(),
+                    client.join(crate::client_cmd::CONFIG_FILE).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Where gateways answer: the admin client's contact, from state.json or (saved
+    /// there) read from the client's store, which needs the client stopped once.
+    fn reply_to(&self, client: &Path) -> anyhow::Result<ReplyTo> {
+        if !client.join(crate::client_cmd::CONFIG_FILE).exists() {
+            bail!(
+                "the admin has no client at {}: make one with `shoal client init --dir {} ...`, \
+                 have the gateway operator add its account (`shoal gateway account add`), \
+                 or name another with `shoal admin use-client`",
+                client.display(),
+                client.display()
+            );
+        }
+        let path = self.dir.join(STATE_FILE);
+        let mut state: State = read_json(&path)?;
+        let card = match state.client_card.clone() {
+            Some(c) => c,
+            None => {
+                let card = client_card(client)?;
+                state.client_card = Some(card.clone());
+                write_file(&path, serde_json::to_string_pretty(&state)?.as_bytes())?;
+                card
+            }
+        };
+        let card = shoal_client::ContactCard::parse(&card).context("the admin client's card")?;
+        Ok(ReplyTo {
+            mailbox: Hex32(card.contact.mailbox),
+            gateway: Hex32(card.contact.gateway),
+            seal_key: Hex32(card.contact.public_key),
+        })
     }
 
     fn member(&self, handle: &str) -> anyhow::Result<Member> {
@@ -995,6 +1109,7 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                 name,
                 sequence: 0,
                 client: None,
+                client_card: None,
             };
             write_file(
                 &dir.join(STATE_FILE),
@@ -1186,9 +1301,14 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
             println!("credential written: {}", cred_path.display());
             Ok(())
         }
-        AdminCommand::List { dir, offline } => {
+        AdminCommand::List {
+            dir,
+            offline,
+            timeout_secs,
+        } => {
             let s = Subnet::open(&dir)?;
-            print!("{}", list(&s, offline).await?);
+            let wait = (!offline).then_some(Duration::from_secs(timeout_secs));
+            print!("{}", list(&s, wait).await?);
             Ok(())
         }
         AdminCommand::Deprovision { dir, handle } => {
@@ -1270,12 +1390,14 @@ async fn run_async(cmd: AdminCommand) -> anyhow::Result<()> {
                     client.display()
                 );
             }
+            let card = client_card(&client)?;
             let path = s.dir.join(STATE_FILE);
             let mut state: State = read_json(&path)?;
             state.client = Some(std::path::absolute(&client)?);
+            state.client_card = Some(card);
             write_file(&path, serde_json::to_string_pretty(&state)?.as_bytes())?;
             println!(
-                "policy updates go through the client at {}; keep `shoal client run --config {}` running",
+                "gateway commands and policy updates go through the client at {}; keep `shoal client run --config {}` running",
                 client.display(),
                 client.join(crate::client_cmd::CONFIG_FILE).display()
             );
@@ -1602,7 +1724,8 @@ enum Asked {
 /// The account table: configuration the admin holds and, unless `offline`, each
 /// active account's use as its gateway reports it (items, bytes, quota). Never keys,
 /// mailboxes, message content or contacts.
-async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
+async fn list(s: &Subnet, wait: Option<Duration>) -> anyhow::Result<String> {
+    let offline = wait.is_none();
     let mut rows: Vec<(Member, &str)> = s.members()?.into_iter().map(|m| (m, "active")).collect();
     let members = s.dir.join(MEMBERS_DIR);
     if let Ok(entries) = std::fs::read_dir(&members) {
@@ -1629,26 +1752,37 @@ async fn list(s: &Subnet, offline: bool) -> anyhow::Result<String> {
         .collect();
     let mut reports = std::collections::BTreeMap::new();
     let mut notes = Vec::new();
-    if !offline {
-        for (addr, key) in &gateways {
-            let report = match s.usage(*addr, *key).await {
-                Ok(r) => Asked::Report(r),
+    if !offline && !gateways.is_empty() {
+        let keys: Vec<[u8; 32]> = gateways.iter().map(|(_, k)| *k).collect();
+        let answers = match s.usage(&keys, wait.unwrap_or(USAGE_TIMEOUT)).await {
+            Ok(got) => got,
+            Err(e) => {
+                notes.push(format!("gateways not asked: {e:#}"));
+                Vec::new()
+            }
+        };
+        for ((addr, _), answer) in gateways.iter().zip(answers) {
+            let report = match answer {
                 Err(e) => {
-                    let refused = matches!(
-                        e.downcast_ref::<shoal_gateway::GatewayError>(),
-                        Some(shoal_gateway::GatewayError::AdminRefused { .. })
-                    );
-                    if refused {
-                        // Gateways answer once per 15 minutes per subnet.
-                        notes.push(format!(
-                            "gateway {addr} refused the usage query (a gateway answers it once per 15 minutes): {e:#}"
-                        ));
-                        Asked::Refused
-                    } else {
+                    notes.push(format!("gateway {addr} unreachable: {e:#}"));
+                    Asked::Unreachable
+                }
+                // Gateways answer once per 15 minutes per subnet.
+                Ok(a) if a.refusal.is_some() => {
+                    notes.push(format!(
+                        "gateway {addr} refused the usage query (a gateway answers it once per 15 minutes): ({}) {}",
+                        a.refusal.as_deref().unwrap_or("?"),
+                        a.message
+                    ));
+                    Asked::Refused
+                }
+                Ok(a) => match usage_of(&a) {
+                    Ok(r) => Asked::Report(r),
+                    Err(e) => {
                         notes.push(format!("gateway {addr} unreachable: {e:#}"));
                         Asked::Unreachable
                     }
-                }
+                },
             };
             reports.insert(*addr, report);
         }
@@ -1788,6 +1922,76 @@ async fn update_policy(s: &Subnet, body: PolicyBody, dry_run: bool) -> anyhow::R
     s.save_policy(&new)?;
     print!("{}", published.report(new.version()));
     Ok(())
+}
+
+/// The usage report an answer carries.
+fn usage_of(answer: &AnswerBody) -> anyhow::Result<UsageReport> {
+    if let Some(cause) = &answer.refusal {
+        bail!("refused ({cause}): {}", answer.message);
+    }
+    let hex = answer
+        .usage
+        .as_deref()
+        .context("the gateway answered without a usage report")?;
+    let bytes = hex::decode(hex).context("the gateway's usage report")?;
+    UsageReport::decode(&bytes).map_err(|e| anyhow::anyhow!("the gateway's usage report: {e}"))
+}
+
+/// The contact of a gateway's admin endpoint: its [`ADMIN_MAILBOX`], sealed to its
+/// identity key (`gateway_key`) on the Montgomery curve.
+pub(crate) fn gateway_admin_contact(
+    gateway_key: [u8; 32],
+) -> anyhow::Result<shoal_client::Contact> {
+    let key = admin_seal_key(&gateway_key).context("the gateway key is not an Ed25519 key")?;
+    Ok(shoal_client::Contact {
+        mailbox: ADMIN_MAILBOX,
+        gateway: gateway_key,
+        public_key: key.to_bytes(),
+    })
+}
+
+/// The contact card of the client at `dir`, read from its store (which the running
+/// client holds locked).
+fn client_card(dir: &Path) -> anyhow::Result<String> {
+    let store = shoal_client::ClientStore::open(dir.join(crate::client_cmd::STORE_FILE))
+        .with_context(|| {
+            format!(
+                "cannot read the client at {} (stop its `shoal client run` for this once)",
+                dir.display()
+            )
+        })?;
+    let (identity, _) = crate::client_cmd::load_identity(&store)?;
+    let card = shoal_client::ContactCard::new("admin", identity.contact())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(card.to_text())
+}
+
+/// The file an answer is kept in: the gateway (its key's first 8 bytes) and the sequence.
+fn answer_file(gateway: &[u8; 32], sequence: u64) -> String {
+    format!("{}-{sequence}.answer", hex::encode(&gateway[..8]))
+}
+
+/// For the admin's running client: if `bytes` (a message it received) is a gateway's
+/// answer to an admin command, files it in DIR/admin-answers/ for the `shoal admin`
+/// command waiting on it, and returns `true` (the caller does not show it as mail).
+/// Nothing is trusted here; the waiting command checks the gateway's signature.
+pub(crate) fn keep_answer(dir: &Path, bytes: &[u8]) -> bool {
+    if !SignedAnswer::looks_like(bytes) {
+        return false;
+    }
+    let Some(body) = SignedAnswer::peek(bytes) else {
+        return true;
+    };
+    let answers = dir.join(ANSWERS_DIR);
+    let name = answer_file(&body.gateway.0, body.sequence);
+    let tmp = answers.join(format!(".{name}.tmp"));
+    let written = std::fs::create_dir_all(&answers)
+        .and_then(|()| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, answers.join(&name)));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot keep a gateway's admin answer");
+    }
+    true
 }
 
 #[cfg(test)]

@@ -527,7 +527,7 @@ mod tests {
             .count();
         let v6 = (0..1000u128)
             .filter(|&i| {
-                let ip = std::net::Ipv6Addr::from_bits(0x2001_0db8_0000_0001 << 64 | i * 7919);
+                let ip = std::net::Ipv6Addr::from_bits((0x2001_0db8_0000_0001 << 64) | (i * 7919));
                 limits.allow(Some(ip.into()), 8_000)
             })
             .count();

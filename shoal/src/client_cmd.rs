@@ -877,7 +877,10 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
                         }
                         ev = events.recv() => match ev {
                             Ok(DriverEvent::Message { bytes, received_unix_ms, .. }) => {
-                                println!("[{}] {}", format_ms(received_unix_ms), clean(&bytes));
+                                // A gateway's answer to an admin command is filed, not shown.
+                                if !crate::admin_cmd::keep_answer(&dir, &bytes) {
+                                    println!("[{}] {}", format_ms(received_unix_ms), clean(&bytes));
+                                }
                             }
                             Ok(DriverEvent::Acked { message_id }) => {
                                 println!("a sent message was acked");
@@ -1073,11 +1076,14 @@ fn run_member(
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(_) => return Ok(()),
                     },
-                    // The driver logs problems; only the final one ends the run.
-                    ev = problems.recv() => if let Ok(DriverEvent::Problem(p)) = ev
-                        && p.is_final()
-                    {
-                        bail!("{p}");
+                    // The driver logs problems; only the final one ends the run. A
+                    // gateway's answer to an admin command is filed for `shoal admin`.
+                    ev = problems.recv() => match ev {
+                        Ok(DriverEvent::Problem(p)) if p.is_final() => bail!("{p}"),
+                        Ok(DriverEvent::Message { bytes, .. }) => {
+                            crate::admin_cmd::keep_answer(&dir, &bytes);
+                        }
+                        _ => {}
                     },
                 }
             }

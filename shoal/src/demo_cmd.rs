@@ -18,7 +18,8 @@
 //! - a member of C tries to message a member of A: its own client refuses (the error
 //!   names the rule); a modified client sends anyway, and A's client drops and counts it;
 //! - A's admin de-provisions one of A's group members: one signed command to the
-//!   gateway over the network (`shoal_gateway::remote_admin::execute`), and the new
+//!   gateway through the mixnet (sent by the admin's own client to the gateway's admin
+//!   endpoint, answered the same way, as `shoal admin` does), and the new
 //!   policy version with the revocation, sent to A's members through the mixnet as
 //!   ordinary messages. `deprovision_removal_ms` runs from the admin action until every
 //!   remaining member has applied the commit that removes the revoked member.
@@ -44,8 +45,9 @@ use shoal_client::managed::{self, ManagedHandle};
 use shoal_client::messenger::{Messenger, MessengerConfig, MessengerEvent, policy_deliveries};
 use shoal_client::{ClientStore, ContactCard, Identity};
 use shoal_subnet::{
-    AccountAction, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCard, MessageOptions,
-    Policy, PolicyBody, RoleRule, SignedPolicy, SubnetAdmin, SubnetId,
+    AccountAction, AdminRequest, BurnOnRead, CommandBody, CredentialBody, Federation, MemberCard,
+    MessageOptions, Policy, PolicyBody, ReplyTo, RoleRule, SignedAnswer, SignedPolicy, SubnetAdmin,
+    SubnetId,
 };
 use shoal_topology::{Hex32, NodeId};
 
@@ -344,24 +346,12 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
             handle,
         });
     }
-    // Members' accounts are created by their subnet's admin: a signed command to the
-    // gateway over the network.
-    for (_, spec, account, identity) in managed_setup.iter().filter(|s| s.1.subnet != ADMIN) {
-        subnets
-            .command(
-                spec.subnet,
-                &inits[spec.gateway],
-                AccountAction::CreateAccount {
-                    account: Hex32(account.verifying_key().to_bytes()),
-                    mailbox: Hex32(identity.mailbox),
-                    quota: MEMBER_QUOTA,
-                },
-            )
-            .await
-            .with_context(|| format!("creating the account of {}", spec.name))?;
-    }
+    // The admin's own client starts first: members' accounts are created by their
+    // subnet's admin, a signed command it carries through the mixnet to the gateway.
     let mut managed = Vec::new();
-    for (m, spec, account, identity) in managed_setup {
+    let (admins, members): (Vec<_>, Vec<_>) =
+        managed_setup.into_iter().partition(|s| s.1.subnet == ADMIN);
+    for (m, spec, account, identity) in admins.into_iter().chain(members) {
         let init = &inits[spec.gateway];
         let mut config = client_config(args, init, &net);
         let cdir = dir.join(format!("member-{}", spec.name));
@@ -369,14 +359,34 @@ async fn demo(args: &DemoArgs, dir: &Path) -> anyhow::Result<Report> {
         let store = Arc::new(ClientStore::open(cdir.join("client.redb"))?);
         store.save_identity(&identity)?;
         store.save_account_key(&account.to_bytes())?;
-        // Plain clients keep the default; the admin's client only sends policy.
+        // Plain clients keep the default; the admin's client only sends commands and policy.
         config.client.retransmit.max_timeout = Duration::from_secs(5);
         let member = if spec.subnet == ADMIN {
             None
         } else {
+            let via = managed
+                .first()
+                .map(ManagedClient::client)
+                .context("no admin client")?;
+            subnets
+                .command(
+                    spec.subnet,
+                    init,
+                    AccountAction::CreateAccount {
+                        account: Hex32(account.verifying_key().to_bytes()),
+                        mailbox: Hex32(identity.mailbox),
+                        quota: MEMBER_QUOTA,
+                    },
+                    via,
+                )
+                .await
+                .with_context(|| format!("creating the account of {}", spec.name))?;
             Some(subnets.messenger(&spec, &identity, args.commit_settle_ms)?)
         };
         let handle = driver::spawn(config, identity, &account, store.clone())?;
+        if spec.subnet == ADMIN && !handle.wait_for_directory(Duration::from_secs(20)).await {
+            bail!("the admin's client got no directory from its gateway");
+        }
         let account_pub = account.verifying_key().to_bytes();
         managed.push(ManagedClient::new(
             m,
@@ -800,13 +810,17 @@ impl Subnets {
         }
     }
 
-    /// Signs `action` for `gateway` with the next sequence number and sends it over the
-    /// network; returns once the gateway has applied it durably.
+    /// Signs `action` for `gateway` with the next sequence number and sends it through
+    /// the mixnet from the admin's client `via` to the gateway's admin endpoint; returns
+    /// once the gateway's signed answer says it is applied durably. (One client carries
+    /// all three admins' commands here: a command's authority is its signature, not
+    /// who carries it.) Commands to one gateway go one at a time, in sequence order.
     async fn command(
         &self,
         subnet: usize,
         gateway: &shoal_bench::testnet::GatewayInit,
         action: AccountAction,
+        via: &ClientHandle,
     ) -> anyhow::Result<()> {
         let sequence = {
             let mut seqs = self.sequences.lock().unwrap_or_else(|e| e.into_inner());
@@ -821,15 +835,43 @@ impl Subnets {
             expires_at: unix_secs() + 300,
             action,
         })?;
-        shoal_gateway::remote_admin::execute(
-            &self.keys[subnet],
-            gateway.client_addr,
-            gateway.id,
+        let me = via.contact();
+        let request = AdminRequest::new(
             &command,
-            Duration::from_secs(10),
+            ReplyTo {
+                mailbox: Hex32(me.mailbox),
+                gateway: Hex32(me.gateway),
+                seal_key: Hex32(me.public_key),
+            },
+        );
+        // Subscribed before sending, so the answer cannot be missed.
+        let mut events = via.subscribe();
+        via.send(
+            crate::admin_cmd::gateway_admin_contact(gateway.id)?,
+            request.to_bytes(),
         )
         .await?;
-        Ok(())
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(DriverEvent::Message { bytes, .. }) if SignedAnswer::looks_like(&bytes) => {
+                        let body = SignedAnswer::verify(&bytes, &Hex32(gateway.id))?;
+                        if body.subnet != self.id(subnet) || body.sequence != sequence {
+                            continue;
+                        }
+                        return match body.refusal {
+                            None => Ok(()),
+                            Some(cause) => bail!("the gateway refused ({cause}): {}", body.message),
+                        };
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => bail!("the admin's client stopped"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .context("no answer from the gateway within 60 s")?
     }
 
     fn admin(&self, i: usize) -> SubnetAdmin {
@@ -1185,6 +1227,7 @@ async fn story_steps(
         .await?;
     let started = Instant::now();
     let gw = &inits[managed[revoked].spec.gateway];
+    let admin_client = managed[find("admin-a")?].client();
     subnets
         .command(
             A,
@@ -1192,6 +1235,7 @@ async fn story_steps(
             AccountAction::Deprovision {
                 account: Hex32(managed[revoked].account),
             },
+            admin_client,
         )
         .await
         .context("de-provisioning command")?;
@@ -1204,13 +1248,13 @@ async fn story_steps(
             A,
             gw,
             AccountAction::publish_policy(&policy, vec![Hex32(managed[revoked].account)]),
+            admin_client,
         )
         .await
         .context("publishing policy v2 to the gateway")?;
     // To members the way `shoal admin` does it: from the admin's records (each
     // member's credential), to every member the policy does not revoke, sent by the
     // admin's own client as ordinary messages (`policy_deliveries`).
-    let admin_client = managed[find("admin-a")?].client();
     let mut records = Vec::new();
     for c in managed.iter().filter(|c| c.spec.subnet == A) {
         records.push(c.member()?.with(|m, _| m.credential().clone()).await?);
@@ -1266,7 +1310,7 @@ async fn story_steps(
             sender_refusals,
             recipient_policy_drops,
             sender_refusal_error,
-            deprovision_path: "signed command over the network (shoal_gateway::remote_admin::execute)",
+            deprovision_path: "signed command through the mixnet, from the admin's client to the gateway's admin endpoint",
             removal_seen_by: remaining
                 .iter()
                 .filter(|i| tally.removal_seen.contains(i))

@@ -113,6 +113,12 @@ impl UncheckedCommand {
         Ok(UncheckedCommand { envelope, body })
     }
 
+    /// The subnet and sequence number it claims, unchecked: enough to address an answer
+    /// that refuses it (which then says nothing the sender did not write).
+    pub fn claimed(&self) -> (SubnetId, u64) {
+        (self.body.subnet, self.body.sequence)
+    }
+
     /// Accepts a command only from the admin of a subnet this gateway hosts.
     pub fn check_signature(self, hosted: &[SubnetId]) -> Result<SignedCheckedCommand, SubnetError> {
         if !hosted.contains(&self.body.subnet) {
@@ -141,6 +147,12 @@ impl SignedCheckedCommand {
     /// What it asks for; signed, but not yet checked for freshness or replay.
     pub fn action(&self) -> &AccountAction {
         &self.body.action
+    }
+
+    /// Its sequence number (signed; not yet checked against the last accepted), which
+    /// an answer names.
+    pub fn sequence(&self) -> u64 {
+        self.body.sequence
     }
 }
 

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod admin_mail;
 pub mod binding;
 pub mod command;
 pub mod credential;
@@ -10,6 +11,7 @@ pub mod usage;
 mod envelope;
 mod error;
 
+pub use admin_mail::{AdminRequest, AnswerBody, ReplyTo, SignedAnswer};
 pub use binding::{AddressBinding, BindingBody, MemberCard};
 pub use command::{
     AccountAction, AdminCommand, CommandBody, CommandGuard, SignedCheckedCommand, SignedCommand,

@@ -1,7 +1,9 @@
 //! `shoal admin` against a real gateway process: init a subnet, host it, enroll a
 //! member (its client then authenticates and pulls), change its quota, preview a policy
 //! change, de-provision it (its live link is cut, it can no longer pull, and the new
-//! policy revokes its keys).
+//! policy revokes its keys). Every gateway command travels through the mixnet from the
+//! admin's own client (`prepare_admin_client`: an account the gateway operator adds,
+//! named by `shoal admin use-client`) and waits for the gateway's signed answer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,6 +16,8 @@ use shoal_bench::testnet::{GatewayOptions, Testnet, TestnetConfig};
 use shoal_link::{FrameReceiver, FrameSender, Link, LinkEndpoint, PeerSet};
 use shoal_packet::protocol::{ClientMsg, ErrorCode, GatewayMsg};
 use shoal_packet::{FRAME_SIZE, Frame};
+
+use crate::support::cli_net::{prepare_admin_client, run_client};
 
 fn shoal(bin: &Path, args: &[&str]) -> String {
     let out = Command::new(bin).args(args).output().unwrap();
@@ -134,18 +138,23 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
             .success()
     );
 
+    // The gateway is made before the authority's first document, so routes reach it.
     let cfg = TestnetConfig {
         relays_per_layer: 1,
-        bootstrap_secs: 1,
+        bootstrap_secs: 6,
+        workers: Some(1),
+        lambda_m: 1.0,
         ..TestnetConfig::default()
     };
     let mut net = Testnet::start(&bin, tmp.path(), &cfg).unwrap();
     let init = net
         .init_gateway(&bin, 0, &GatewayOptions::default())
         .unwrap();
+    let office = prepare_admin_client(&net, &init, &admin, tmp.path());
     // The gateway starts without the subnet; it is added to the running gateway below.
     let (gw_addr, gw_key, metrics) = (init.client_addr, init.id, init.metrics_addr);
     net.run_gateway(&bin, init.clone()).unwrap();
+    net.others.push(run_client(&office));
 
     let member = SigningKey::from_bytes(&[0x42; 32]);
     let account_hex = hex::encode(member.verifying_key().to_bytes());
@@ -180,21 +189,18 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
     assert_eq!(one_key[14], "--identity-key");
     let err = shoal_fails(&bin, &one_key);
     assert!(err.contains("the identity key is the account key"), "{err}");
-    // A subnet the gateway does not host: its admin is refused once the gateway answers.
-    let mut refusal = String::new();
-    for _ in 0..100 {
-        let out = Command::new(&bin).args(enroll).output().unwrap();
-        assert!(
-            !out.status.success(),
-            "enrolled at a gateway not hosting the subnet"
-        );
-        refusal = String::from_utf8_lossy(&out.stderr).into_owned();
-        if refusal.contains("refused the admin command (not_admin)") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(refusal.contains("(not_admin)"), "{refusal}");
+    // A subnet the gateway does not host: its command is refused, and the gateway says
+    // so through the mixnet.
+    let out = Command::new(&bin).args(enroll).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "enrolled at a gateway not hosting the subnet"
+    );
+    let refusal = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        refusal.contains("refused the command (unknown_subnet)"),
+        "{refusal}"
+    );
     // The operator adds the subnet to `subnets` and sends SIGHUP: no restart.
     Testnet::host_subnet(&init, &subnet).unwrap();
     let hup = Command::new("kill")
@@ -202,14 +208,15 @@ async fn admin_enrolls_and_deprovisions_a_member_at_a_real_gateway() {
         .status()
         .unwrap();
     assert!(hup.success());
+    // SIGHUP is asynchronous: until the gateway re-read its config, it still refuses.
     let mut enrolled = None;
-    for _ in 0..100 {
+    for _ in 0..10 {
         let out = Command::new(&bin).args(enroll).output().unwrap();
         if out.status.success() {
             enrolled = Some(String::from_utf8_lossy(&out.stdout).into_owned());
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let enrolled =
         enrolled.unwrap_or_else(|| panic!("enroll never succeeded:\n{}", net.log_tail("gateway0")));
@@ -339,7 +346,9 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
 
     let cfg = TestnetConfig {
         relays_per_layer: 1,
-        bootstrap_secs: 1,
+        bootstrap_secs: 6,
+        workers: Some(1),
+        lambda_m: 1.0,
         ..TestnetConfig::default()
     };
     let mut net = Testnet::start(&bin, tmp.path(), &cfg).unwrap();
@@ -347,8 +356,10 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
         .init_gateway(&bin, 0, &GatewayOptions::default())
         .unwrap();
     Testnet::host_subnet(&init, &subnet).unwrap();
+    let office = prepare_admin_client(&net, &init, &admin, tmp.path());
     let (gw_addr, gw_key) = (init.client_addr, init.id);
     net.run_gateway(&bin, init).unwrap();
+    net.others.push(run_client(&office));
     let gw = gw_addr.to_string();
     let gw_key_hex = hex::encode(gw_key);
 
@@ -483,21 +494,8 @@ async fn invite_is_redeemed_once_expires_and_list_shows_account_states() {
     std::fs::write(&redeem_path, format!("{invite_text}{client_out}")).unwrap();
     let redeem = redeem_path.to_string_lossy().into_owned();
 
-    // The gateway process may still be starting: retry until it answers.
-    let mut redeemed = None;
-    for _ in 0..100 {
-        let out = Command::new(&bin)
-            .args(["admin", "redeem", "--dir", &admin, &redeem])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            redeemed = Some(String::from_utf8_lossy(&out.stdout).into_owned());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let redeemed =
-        redeemed.unwrap_or_else(|| panic!("redeem never succeeded:\n{}", net.log_tail("gateway0")));
+    // Through the admin's client and the mixnet; it waits for the gateway's answer.
+    let redeemed = shoal(&bin, &["admin", "redeem", "--dir", &admin, &redeem]);
     assert!(redeemed.contains("redeemed"), "{redeemed}");
     let cred = std::fs::read(admin_dir.join("members/ana.cred")).unwrap();
     let now = std::time::SystemTime::now()
@@ -925,7 +923,15 @@ async fn ack(m: &mut Member, ids: Vec<u64>) {
 
 /// `admin list`'s row for `handle`, split into columns.
 fn list_row(bin: &Path, admin: &str, handle: &str) -> (Vec<String>, String) {
-    let list = shoal(bin, &["admin", "list", "--dir", admin]);
+    list_row_within(bin, admin, handle, "60")
+}
+
+/// [`list_row`] waiting at most `secs` for the gateways' reports.
+fn list_row_within(bin: &Path, admin: &str, handle: &str, secs: &str) -> (Vec<String>, String) {
+    let list = shoal(
+        bin,
+        &["admin", "list", "--dir", admin, "--timeout-secs", secs],
+    );
     let row = list
         .lines()
         .find(|l| l.split_whitespace().next() == Some(handle))
@@ -995,7 +1001,9 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
             "alice",
         ],
     );
+    let office = prepare_admin_client(&net, &init, &admin, tmp.path());
     net.run_gateway(&bin, init).unwrap();
+    net.others.push(run_client(&office));
 
     // Bob is the test's own raw client: a link key, a mailbox, a seal key.
     let bob_key = SigningKey::from_bytes(&[0x51; 32]);
@@ -1033,26 +1041,8 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
         line_value(&alice_out, "mailbox:"),
         &"cd".repeat(32),
     );
-    // The gateway process may still be starting: retry until it answers.
-    let mut enrolled = false;
-    for _ in 0..100 {
-        if Command::new(&bin)
-            .args(&alice_args)
-            .output()
-            .unwrap()
-            .status
-            .success()
-        {
-            enrolled = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        enrolled,
-        "enroll never succeeded:\n{}",
-        net.log_tail("gateway0")
-    );
+    // Through the admin's client and the mixnet: it waits for the gateway's answer.
+    shoal(&bin, &alice_args.each_ref().map(String::as_str));
     let bob_args = enroll(
         "bob",
         &hex::encode(bob_key.verifying_key().to_bytes()),
@@ -1142,7 +1132,7 @@ async fn admin_list_shows_coarse_mailbox_use_once_per_interval() {
         g.proc.kill();
     }
     let started = std::time::Instant::now();
-    let (row, list) = list_row(&bin, &admin, "bob");
+    let (row, list) = list_row_within(&bin, &admin, "bob", "5");
     println!("{list}");
     assert_eq!(row[6], "unreachable", "{list}");
     assert!(

@@ -2,7 +2,9 @@
 //! and docs/guides/run-a-subnet.md step by step with the real binary: three authorities
 //! (k = 2), three layers of two relays and two gateways, each made with `init`, its TOML
 //! edited as an operator would and started with `run --config`; then a subnet admin
-//! (`shoal admin init`, `invite`, `redeem`, `list`) enrols two users whose clients
+//! (`shoal admin init`, its own client with an account the gateway operator adds,
+//! `use-client`, `invite`, `redeem`, `list`, every command through that client and the
+//! mixnet) enrols two users whose clients
 //! (`shoal client init`, `contact`, `send`, `run`, `read`) message each other both ways.
 //!
 //! Every node, the admin and each user is its own host: a network namespace with its own
@@ -262,6 +264,46 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
     for g in &gateways {
         edit_toml(&g.config, &[("subnets", format!("[\"{subnet}\"]"))]);
     }
+    // run-a-subnet §2-3: the admin's own client, its account added by gateway 0's
+    // operator while the gateway is stopped, named with `use-client`.
+    let admin_client = admin_dir.join("client");
+    let admin_client_s = admin_client.to_string_lossy().into_owned();
+    let (g0_link, g0_client) = (
+        format!("{}={}", gateways[0].link, gateways[0].id),
+        gateways[0].client.unwrap().to_string(),
+    );
+    let mut args = vec![
+        "client",
+        "init",
+        "--dir",
+        &admin_client_s,
+        "--gateway",
+        &g0_link,
+    ];
+    args.extend(["--gateway-client-addr", &g0_client]);
+    args.extend(authority_args.iter().map(String::as_str));
+    args.extend(["--threshold", "2", "--name", "acme-admin"]);
+    let out = hosts.run(&admin, &args);
+    let g0_config = gateways[0].config.to_string_lossy().into_owned();
+    let (key, mailbox) = (field(&out, "account key: "), field(&out, "mailbox: "));
+    hosts.run(
+        &gateways[0].host,
+        &[
+            "gateway",
+            "account",
+            "add",
+            "--config",
+            &g0_config,
+            "--key",
+            &key,
+            "--mailbox",
+            &mailbox,
+        ],
+    );
+    hosts.run(
+        &admin,
+        &["admin", "use-client", "--dir", &admin_s, &admin_client_s],
+    );
     let configured = started.elapsed();
 
     // Start everything: `shoal <kind> run --config FILE`, each on its own host.
@@ -288,6 +330,18 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         &auths,
     );
     let first_document = started.elapsed();
+    let admin_client_toml = admin_client.join("client.toml");
+    procs.push(hosts.spawn(
+        &admin,
+        &[
+            "client",
+            "run",
+            "--config",
+            &admin_client_toml.to_string_lossy(),
+        ],
+        &admin_client.join("run.out"),
+        &admin_client.join("run.log"),
+    ));
     println!("shoal authority status:\n{status}");
     let current = status.split("next epoch").next().unwrap_or("");
     for layer in 0..3 {
@@ -452,11 +506,16 @@ fn a_network_deployed_from_config_files_carries_messages_between_enrolled_users(
         );
     }
 
-    // The operators' view: every node healthy, each gateway with its one account.
-    for g in &gateways {
+    // The operators' view: every node healthy, each gateway with its user's account, and
+    // gateway 0 with the admin's client's too.
+    for (i, g) in gateways.iter().enumerate() {
         let config = g.config.to_string_lossy().into_owned();
         let out = hosts.run(&g.host, &["gateway", "status", "--config", &config]);
-        assert!(out.contains("mailboxes      1 accounts"), "{out}");
+        let accounts = if i == 0 { 2 } else { 1 };
+        assert!(
+            out.contains(&format!("mailboxes      {accounts} accounts")),
+            "{out}"
+        );
     }
 
     let total = started.elapsed();

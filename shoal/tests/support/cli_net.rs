@@ -110,8 +110,59 @@ pub fn field(out: &str, prefix: &str) -> String {
         .to_string()
 }
 
+/// The admin's own client of [`start_subnet`] (`DIR/admin-client`, at gateway 0): it
+/// carries the admin's gateway commands and policy updates through the mixnet.
+pub fn admin_client(dir: &Path) -> ClientDir {
+    ClientDir {
+        name: "admin-client".into(),
+        dir: dir.join("admin-client"),
+        card: String::new(),
+        gateway: 0,
+    }
+}
+
+/// Sets up a subnet admin's own client ([`admin_client`]) at `gw`, which must not run
+/// yet: `shoal client init`, the gateway operator's `shoal gateway account add` (an
+/// account outside any subnet: the bootstrap), and `shoal admin use-client` for the
+/// admin directory `admin`. Start it with [`run_client`] once the gateway runs.
+pub fn prepare_admin_client(net: &Testnet, gw: &GatewayInit, admin: &str, dir: &Path) -> ClientDir {
+    let authority = format!(
+        "{}={}",
+        net.authority_addr,
+        hex::encode(net.authorities.keys[0].0)
+    );
+    let office = admin_client(dir);
+    let out = client_init(&office.dir, "admin", gw, &authority);
+    let hex32 = |s: String| {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(&s, &mut b).unwrap();
+        b
+    };
+    Testnet::add_account(
+        Path::new(SHOAL),
+        gw,
+        &hex32(field(&out, "account key: ")),
+        &hex32(field(&out, "mailbox: ")),
+    )
+    .expect("admin client account");
+    let used = shoal(&[
+        "admin",
+        "use-client",
+        "--dir",
+        admin,
+        &office.dir.to_string_lossy(),
+    ]);
+    assert!(used.contains("go through the client at"), "{used}");
+    office
+}
+
 /// The network with two gateways hosting a fresh subnet, and `people` (name, gateway)
 /// enrolled in it by `shoal admin`, each with the admin's files in their directory.
+///
+/// As the guide does it: the admin's own client ([`admin_client`]) gets its account
+/// from the gateway operator (`shoal gateway account add`, before the gateway runs),
+/// `shoal admin use-client` names it, and its `shoal client run` (kept running in
+/// `net.others`) carries every `shoal admin enroll` to the gateway through the mixnet.
 pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<ClientDir>) {
     let cfg = TestnetConfig {
         bootstrap_secs: 6,
@@ -135,14 +186,16 @@ pub fn start_subnet(dir: &Path, people: &[(&str, usize)]) -> (Testnet, Vec<Clien
             init
         })
         .collect();
-    for gw in &gateways {
-        net.run_gateway(bin, gw.clone()).expect("gateway run");
-    }
     let authority = format!(
         "{}={}",
         net.authority_addr,
         hex::encode(net.authorities.keys[0].0)
     );
+    let office = prepare_admin_client(&net, &gateways[0], &admin_s, dir);
+    for gw in &gateways {
+        net.run_gateway(bin, gw.clone()).expect("gateway run");
+    }
+    net.others.push(run_client(&office));
     let mut made = Vec::new();
     // The gateway index asked for is ignored: a member's gateway is the public rule's
     // choice for its key (`client init` picks it among all of them; its client refuses

@@ -20,7 +20,10 @@
 //! RFC's test vector A.2.1 and opened by hpke-rs's decapsulation in every test.
 //!
 //! The seal is anonymous: it says nothing about the sender. Sender authentication is
-//! the job of the layer above (MLS credentials, signed direct messages).
+//! the job of the layer above (MLS credentials, signed direct messages, a gateway's
+//! signed admin answer). It lives in this crate, not the client's, because gateways
+//! open bodies too: their admin endpoint takes subnet commands as sealed messages
+//! (`shoal-gateway`).
 //!
 //! Version 1 (a hand-rolled ECIES with the same layout) is refused: a body that opens
 //! only under it yields [`SealError::OldFormat`], so a mixed-version pair learns why.
@@ -30,7 +33,7 @@ use hpke_rs::{Hpke, HpkePrivateKey, Mode};
 use hpke_rs_crypto::HpkeCrypto;
 use hpke_rs_rust_crypto::HpkeRustCrypto;
 use rand::CryptoRng;
-use shoal_packet::payload::{BODY_SIZE, INNER_BODY_SIZE};
+use crate::payload::{BODY_SIZE, INNER_BODY_SIZE};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
@@ -280,7 +283,7 @@ mod tests {
     use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use shoal_packet::payload::SEAL_OVERHEAD;
+    use crate::payload::SEAL_OVERHEAD;
 
     /// The HPKE context (AEAD key, nonce, exporter secret) wipes itself on drop
     /// (fails to compile if hpke-rs stops doing so). Its private-key type wipes on drop
