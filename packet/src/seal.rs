@@ -28,12 +28,12 @@
 //! Version 1 (a hand-rolled ECIES with the same layout) is refused: a body that opens
 //! only under it yields [`SealError::OldFormat`], so a mixed-version pair learns why.
 
+use crate::payload::{BODY_SIZE, INNER_BODY_SIZE};
 use hpke_rs::hpke_types::{AeadAlgorithm, KdfAlgorithm, KemAlgorithm};
 use hpke_rs::{Hpke, HpkePrivateKey, Mode};
 use hpke_rs_crypto::HpkeCrypto;
 use hpke_rs_rust_crypto::HpkeRustCrypto;
 use rand::CryptoRng;
-use crate::payload::{BODY_SIZE, INNER_BODY_SIZE};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
@@ -280,10 +280,10 @@ mod v1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload::SEAL_OVERHEAD;
     use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use crate::payload::SEAL_OVERHEAD;
 
     /// The HPKE context (AEAD key, nonce, exporter secret) wipes itself on drop
     /// (fails to compile if hpke-rs stops doing so). Its private-key type wipes on drop
