@@ -129,9 +129,12 @@ impl ChatFile {
     }
 }
 
-/// Writes `bytes` readable by this user only, replacing the file atomically.
+/// Writes `bytes` readable by this user only, replacing the file atomically. The
+/// temporary file is hidden (`.NAME.tmp`), so a reader scanning the directory (the
+/// running client's outbox) never takes it for one of its files.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     {
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create(true).truncate(true);
