@@ -1976,7 +1976,7 @@ fn answer_file(gateway: &[u8; 32], sequence: u64) -> String {
 /// command waiting on it, and returns `true` (the caller does not show it as mail).
 /// Nothing is trusted here; the waiting command checks the gateway's signature.
 pub(crate) fn keep_answer(dir: &Path, bytes: &[u8]) -> bool {
-    if !SignedAnswer::looks_like(bytes) {
+    if !is_answer(bytes) {
         return false;
     }
     let Some(body) = SignedAnswer::peek(bytes) else {
@@ -1984,14 +1984,20 @@ pub(crate) fn keep_answer(dir: &Path, bytes: &[u8]) -> bool {
     };
     let answers = dir.join(ANSWERS_DIR);
     let name = answer_file(&body.gateway.0, body.sequence);
-    let tmp = answers.join(format!(".{name}.tmp"));
     let written = std::fs::create_dir_all(&answers)
-        .and_then(|()| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, answers.join(&name)));
+        .map_err(anyhow::Error::from)
+        .and_then(|()| crate::chat::member::write_private(&answers.join(&name), bytes));
     if let Err(e) = written {
-        tracing::warn!(error = %e, "cannot keep a gateway's admin answer");
+        // The root cause only: the path names the gateway.
+        tracing::warn!(error = %e.root_cause(), "cannot keep a gateway's admin answer");
     }
     true
+}
+
+/// Whether received `bytes` are a gateway's answer to an admin command (filed, never
+/// shown as mail).
+pub(crate) fn is_answer(bytes: &[u8]) -> bool {
+    SignedAnswer::looks_like(bytes)
 }
 
 #[cfg(test)]

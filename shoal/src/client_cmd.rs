@@ -826,8 +826,12 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             if let Some(snapshot) = store.load_messenger()? {
                 return read_managed(&dir, &store, &snapshot);
             }
+            // A gateway's answers to an admin's commands are filed by the running client
+            // (`admin-answers/`), not mail to show.
             for m in store.received_messages()? {
-                println!("[{}] {}", format_ms(m.received_unix_ms), clean(&m.bytes));
+                if !crate::admin_cmd::is_answer(&m.bytes) {
+                    println!("[{}] {}", format_ms(m.received_unix_ms), clean(&m.bytes));
+                }
             }
             Ok(())
         }
