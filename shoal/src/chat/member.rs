@@ -324,7 +324,8 @@ mod tests {
                     signing_key: shoal_topology::Hex32(key),
                     seal_key: shoal_topology::Hex32([0; 32]),
                     mailbox: shoal_topology::Hex32([0; 32]),
-                    gateway: shoal_topology::Hex32([0; 32]),
+                    // The gateway the keys were made for: only the key is under test.
+                    gateway: shoal_topology::Hex32([9; 32]),
                     not_before: now - 60,
                     not_after: now + 3600,
                 })
