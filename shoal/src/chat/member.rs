@@ -133,7 +133,10 @@ impl ChatFile {
 /// temporary file is hidden (`.NAME.tmp`), so a reader scanning the directory (the
 /// running client's outbox) never takes it for one of its files.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     {
         let mut opts = std::fs::OpenOptions::new();

@@ -82,8 +82,7 @@ fn deprovisioned_member_is_removed_from_groups_by_the_published_policy() {
     let out = shoal(&["admin", "deprovision", "--dir", &admin, "--handle", "carol"]);
     assert!(out.contains("policy v2 revokes its keys"), "{out}");
     // To every gateway that holds a member: the public rule placed them, by key.
-    let hosting: std::collections::BTreeSet<usize> =
-        people.iter().map(|p| p.gateway).collect();
+    let hosting: std::collections::BTreeSet<usize> = people.iter().map(|p| p.gateway).collect();
     assert!(
         out.contains(&format!("published to {} gateway(s)", hosting.len())),
         "{out}"
