@@ -518,15 +518,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    // A bare file name has an empty parent, which the keystore cannot sync.
-    let path = if path.parent() == Some(Path::new("")) {
-        Path::new(".").join(path)
-    } else {
-        path.to_owned()
-    };
-    let path = path.as_path();
-    shoal_relay::keystore::write_private(path, bytes, false)
-        .with_context(|| format!("cannot write {}", path.display()))
+    crate::chat::member::write_private(path, bytes)
 }
 
 fn check_handle(handle: &str) -> anyhow::Result<()> {
@@ -1984,9 +1976,9 @@ pub(crate) fn keep_answer(dir: &Path, bytes: &[u8]) -> bool {
     };
     let answers = dir.join(ANSWERS_DIR);
     let name = answer_file(&body.gateway.0, body.sequence);
-    let written = std::fs::create_dir_all(&answers)
+    let written = shoal_relay::keystore::create_private_dir(&answers)
         .map_err(anyhow::Error::from)
-        .and_then(|()| crate::chat::member::write_private(&answers.join(&name), bytes));
+        .and_then(|()| write_file(&answers.join(&name), bytes));
     if let Err(e) = written {
         // The root cause only: the path names the gateway.
         tracing::warn!(error = %e.root_cause(), "cannot keep a gateway's admin answer");

@@ -469,13 +469,7 @@ pub fn init_dir(
     client_file: &ClientFile,
 ) -> anyhow::Result<NewClient> {
     // Owner-only: the store in it holds the identity's secrets.
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    shoal_relay::keystore::create_private_dir(dir)?;
     let config_path = dir.join(CONFIG_FILE);
     let store_path = dir.join(STORE_FILE);
     if config_path.exists() || store_path.exists() {

@@ -172,19 +172,9 @@ impl ReplyState {
 
 /// Writes `bytes` to `dir/name` atomically and durably (a reader never sees half).
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    shoal_relay::keystore::create_private_dir(dir)?;
     let path = dir.join(name);
     crate::chat::member::write_private(&path, bytes)?;
-    // The rename itself is durable once the directory is synced.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
     Ok(path)
 }
 

@@ -3,7 +3,6 @@
 //! cards of contacts, names of groups) and how a group or contact is looked up by what
 //! a person types.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -129,27 +128,19 @@ impl ChatFile {
     }
 }
 
-/// Writes `bytes` readable by this user only, replacing the file atomically. The
-/// temporary file is hidden (`.NAME.tmp`), so a reader scanning the directory (the
-/// running client's outbox) never takes it for one of its files.
+/// Writes `bytes` readable by this user only, replacing the file atomically and
+/// durably (the relay keystore's write; its temporary file is hidden, so a reader
+/// scanning the directory, like the running client's outbox, never takes it for one of
+/// its files).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    // A bare file name has an empty parent, which the keystore cannot sync.
+    let path = if path.parent() == Some(Path::new("")) {
+        Path::new(".").join(path)
+    } else {
+        path.to_owned()
+    };
+    shoal_relay::keystore::write_private(&path, bytes, false)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The member card inside a card text (an invite text): the admin's signature on the
